@@ -1,0 +1,295 @@
+"""Configuration: pydantic models for ``config.toml``. The only place defaults live.
+
+Every section except ``[agent]`` and ``[mqtt]`` is optional. Unknown keys are rejected. Errors name the
+key path and the file, e.g. ``mqtt.port: Input should be a valid integer, got "abc" (config.toml)``.
+Secrets never live in the file: the MQTT password comes from ``mqtt.password_file`` or the environment
+variable ``HOME_AGENT_MQTT_PASSWORD``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+
+PASSWORD_ENV = "HOME_AGENT_MQTT_PASSWORD"
+STATE_DIR_ENV = "STATE_DIRECTORY"  # set by systemd's StateDirectory=
+
+AgentId = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
+ObjectName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AgentSection(Section):
+    id: AgentId
+    name: str | None = None  # defaults to the id
+    # Where persistent state lives (mute switch, anomaly state, outbox). $STATE_DIRECTORY wins when set.
+    state_dir: Path = Path("/var/lib/home-agent")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        env = os.environ.get(STATE_DIR_ENV)
+        return Path(env.split(":")[0]) if env else self.state_dir
+
+
+class TlsSection(Section):
+    ca_file: Path | None = None  # CA bundle to verify the broker; system store when omitted
+    cert_file: Path | None = None  # client certificate (mutual TLS)
+    key_file: Path | None = None
+    # Never disable in production: turns off the broker hostname check.
+    insecure_skip_hostname_check: bool = False
+
+
+class MqttSection(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsSection | None = None
+    client_id: str | None = None  # defaults to home-agent-<agent id>
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    topic_prefix: str = "home-agent"  # our topics: <topic_prefix>/<agent id>/...
+    reconnect_min_delay: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_delay: float = Field(default=10.0, gt=0, le=600)  # capped backoff
+    max_queued_messages: int = Field(default=1000, ge=10, le=1_000_000)  # outgoing queue bound
+    max_payload_bytes: int = Field(default=65536, ge=256, le=16 * 1024 * 1024)  # larger inbound is rejected
+
+    def password(self) -> str | None:
+        """The password from ``password_file`` or $HOME_AGENT_MQTT_PASSWORD; never stored in the config."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {err.strerror}") from err
+        return os.environ.get(PASSWORD_ENV)
+
+
+class HomeAssistantSection(Section):
+    enabled: bool = True
+    discovery_prefix: ObjectName = "homeassistant"
+    # Re-announce discovery this many seconds (at most, random) after HA's birth message.
+    announce_jitter: float = Field(default=1.0, ge=0, le=60)
+    diagnostics_interval: float = Field(default=60.0, ge=1, le=3600)  # how often diagnostic sensors update
+
+    @property
+    def status_topic(self) -> str:
+        return f"{self.discovery_prefix}/status"
+
+
+class TelemetryStream(Section):
+    topic: str  # MQTT topic filter, wildcards allowed
+    field: str | None = None  # dotted JSON path ("ENERGY.Power"); omit for plain-number payloads
+    sensor: ObjectName
+    name: str | None = None  # friendly name in Home Assistant; defaults to the sensor id
+    unit: str | None = None  # unit_of_measurement for Home Assistant, e.g. "°C"
+    device_class: str | None = None  # Home Assistant sensor device_class, e.g. "temperature"
+    min: float | None = None  # readings below are rejected and counted
+    max: float | None = None  # readings above are rejected and counted
+    # Retained messages older than this (by their own timestamp, when they carry one) are ignored.
+    max_age: float = Field(default=3600.0, gt=0)
+    anomaly: bool = True  # score this stream with the anomaly detector
+    on_anomaly: str | None = None  # an [actions.*] name fired when an anomaly starts
+
+    @model_validator(mode="after")
+    def _range(self) -> TelemetryStream:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+ActionProfile = Literal["template", "zigbee2mqtt", "tasmota", "shelly_gen2", "esphome"]
+
+
+class ActionSection(Section):
+    """A named action: a topic + payload template, or a device profile that renders both."""
+
+    profile: ActionProfile = "template"
+    topic: str | None = None  # template profile: where to publish
+    payload: str | None = None  # template profile: safe template, e.g. '{"x": {{ setpoint + 1 }}}'
+    device: str | None = None  # profiles: device name / topic part (z2m friendly name, Tasmota topic, ...)
+    command: str | None = None  # profiles: "on" | "off" | "toggle" | "setpoint" ...
+    value: float | None = None  # absolute setpoint for command = "setpoint"
+    delta: float | None = None  # relative setpoint change (needs the current setpoint)
+    setpoint_key: str = "current_heating_setpoint"  # zigbee2mqtt thermostat key
+    state_topic: str | None = None  # where the device reports its state (for the current setpoint)
+    min_setpoint: float = 5.0  # setpoints are clamped to [min_setpoint, max_setpoint]
+    max_setpoint: float = 30.0
+    prefix: str | None = None  # esphome topic prefix / shelly device id prefix
+    entity_type: str = "switch"  # esphome: switch | light | fan ...
+    switch_id: int = 0  # shelly_gen2: Switch.Set id
+    qos: Literal[0, 1, 2] = 1
+    confirm: bool = False  # voice: needs a spoken "yes" within voice.confirm_window
+    ttl: float = Field(default=5.0, gt=0, le=3600)  # a voice action not sent within this is dropped
+    min_interval: float = Field(default=1.0, ge=0)  # rate limit: at most one firing per interval
+
+
+class VoiceCommand(Section):
+    say: str  # words from the model's labels, after the wake word, e.g. "heat up"
+    action: str  # an [actions.*] name
+
+    @field_validator("say")
+    @classmethod
+    def _words(cls, value: str) -> str:
+        words = value.split()
+        if not words:
+            raise ValueError("must name at least one word")
+        return " ".join(words)
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return tuple(self.say.split())
+
+
+class VoiceSection(Section):
+    enabled: bool = True  # listening also needs [[voice.commands]] or explicit enabled = true
+    model: Path = Path("models/kws.tflite")  # relative paths: config dir, then the shipped models
+    wake_word: str = "computer"
+    wake_window: float = Field(default=3.0, gt=0, le=30)  # seconds after the wake word for a command
+    thresholds: dict[str, float] = Field(default_factory=dict)  # per-word override of the model's own
+    refractory: float | None = Field(default=None, ge=0, le=5)  # override of the model's refractory time
+    confirm_window: float = Field(default=5.0, gt=0, le=30)  # seconds to say "yes" for confirm actions
+    commands: list[VoiceCommand] = Field(default_factory=list)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        for word, threshold in value.items():
+            if not 0.0 < threshold <= 1.0:
+                raise ValueError(f"threshold for {word!r} must be in (0, 1], got {threshold}")
+        return value
+
+
+AudioSourceSpec = Annotated[str, Field(pattern=r"^(mic|stdin|file:.+)$")]
+
+
+class AudioSection(Section):
+    source: AudioSourceSpec = "mic"  # "mic" | "stdin" (raw S16_LE 16 kHz mono) | "file:PATH"
+    device: str | int | None = None  # microphone by name substring or index; default input when omitted
+    realtime: bool = True  # file source: play at real-time pace (False: as fast as possible)
+    buffer_seconds: float = Field(default=2.0, gt=0, le=30)  # bounded audio buffer; oldest audio dropped
+    retry_interval: float = Field(default=5.0, gt=0, le=300)  # wait between microphone reopen attempts
+
+
+class AnomalySection(Section):
+    enabled: bool = True
+    model: Path = Path("models/anomaly.tflite")
+    threshold: float = Field(default=0.99, gt=0, le=1)  # score at which an anomaly starts
+    clear_threshold: float = Field(default=0.9, gt=0, le=1)  # hysteresis: the anomaly ends below this
+    cooldown: float = Field(default=3600.0, ge=0)  # quiet period after an episode (seconds)
+    learning_readings: int = Field(default=300, ge=10)  # readings per stream before any alert
+    save_interval: float = Field(default=300.0, gt=0)  # how often per-stream state is saved
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> AnomalySection:
+        if self.clear_threshold > self.threshold:
+            raise ValueError("clear_threshold must not exceed threshold")
+        return self
+
+
+class OutboxSection(Section):
+    max_messages: int = Field(default=10_000, ge=10, le=10_000_000)  # oldest dropped (and counted) past it
+
+
+class ServiceSection(Section):
+    # READY=1 is sent once the first MQTT connection succeeds, or after this grace period.
+    ready_grace: float = Field(default=15.0, ge=0, le=600)
+    stop_timeout: float = Field(default=4.0, gt=0, le=60)  # seconds to flush and say "offline" on SIGTERM
+
+
+class Config(Section):
+    agent: AgentSection
+    mqtt: MqttSection
+    homeassistant: HomeAssistantSection = Field(default_factory=HomeAssistantSection)
+    telemetry: list[TelemetryStream] = Field(default_factory=list)
+    actions: dict[ObjectName, ActionSection] = Field(default_factory=dict)
+    voice: VoiceSection = Field(default_factory=VoiceSection)
+    audio: AudioSection = Field(default_factory=AudioSection)
+    anomaly: AnomalySection = Field(default_factory=AnomalySection)
+    outbox: OutboxSection = Field(default_factory=OutboxSection)
+    service: ServiceSection = Field(default_factory=ServiceSection)
+
+    # Not part of the file: where it came from (for resolving relative paths and error messages).
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        sensors = [stream.sensor for stream in self.telemetry]
+        duplicates = sorted({s for s in sensors if sensors.count(s) > 1})
+        if duplicates:
+            raise ValueError(f"telemetry: sensor ids must be unique, repeated: {', '.join(duplicates)}")
+        for index, command in enumerate(self.voice.commands):
+            if command.action not in self.actions:
+                raise ValueError(f"voice.commands.{index}.action: no [actions.{command.action}] is configured")
+        for index, stream in enumerate(self.telemetry):
+            if stream.on_anomaly is not None and stream.on_anomaly not in self.actions:
+                raise ValueError(f"telemetry.{index}.on_anomaly: no [actions.{stream.on_anomaly}] is configured")
+        return self
+
+    @property
+    def base_topic(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.agent.id}"
+
+    @property
+    def voice_active(self) -> bool:
+        return self.voice.enabled and bool(self.voice.commands)
+
+    def resolve_path(self, path: Path) -> Path:
+        """Resolve a configured file path: absolute, relative to the config file, or a shipped model."""
+        from agent.paths import resolve_data_path
+
+        return resolve_data_path(path, self.source_path.parent if self.source_path else None)
+
+
+_SUFFIXES = re.compile(r", (unable to parse string as an? \w+|invalid number|input is not .*)$")
+
+
+def _format_error(error: Any, source: str) -> str:
+    loc = ".".join(str(part) for part in error.get("loc", ())) or "(top level)"
+    message = _SUFFIXES.sub("", str(error.get("msg", "invalid")))
+    message = message.removeprefix("Value error, ")
+    got = ""
+    if error.get("type") not in {"missing", "model_type"} and "input" in error:
+        value = error["input"]
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            got = f", got {json.dumps(value)}"
+    return f"{loc}: {message}{got} ({source})"
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>", source_path: Path | None = None) -> Config:
+    """Validate a parsed TOML document. Raises ConfigError with one line per problem."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        lines = [_format_error(e, source) for e in err.errors(include_url=False)]
+        raise ConfigError("\n".join(lines)) from err
+    return config.model_copy(update={"source_path": source_path})
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a TOML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"invalid TOML: {err} ({path.name})") from err
+    return parse_config(data, source=path.name, source_path=path.resolve())

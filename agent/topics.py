@@ -1,0 +1,66 @@
+"""Every MQTT topic the agent itself uses, derived from the config in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    base: str  # <topic_prefix>/<agent id>
+    discovery_prefix: str
+
+    @classmethod
+    def from_config(cls, config: Config) -> Topics:
+        return cls(base=config.base_topic, discovery_prefix=config.homeassistant.discovery_prefix)
+
+    @property
+    def availability(self) -> str:
+        return f"{self.base}/availability"  # "online" / "offline" (retained, last will)
+
+    @property
+    def diagnostics(self) -> str:
+        return f"{self.base}/diagnostics"  # JSON counters, retained
+
+    @property
+    def intent(self) -> str:
+        return f"{self.base}/intent"  # JSON per recognised intent, never retained
+
+    @property
+    def event(self) -> str:
+        return f"{self.base}/event"  # HA event entity state: {"event_type": <action>, ...}, never retained
+
+    @property
+    def mute_state(self) -> str:
+        return f"{self.base}/mute/state"  # "ON" / "OFF", retained
+
+    @property
+    def mute_set(self) -> str:
+        return f"{self.base}/mute/set"  # HA switch command topic: "ON" / "OFF"
+
+    @property
+    def ha_status(self) -> str:
+        return f"{self.discovery_prefix}/status"  # HA birth / last will: "online" / "offline"
+
+    def sensor_state(self, sensor: str) -> str:
+        return f"{self.base}/sensor/{sensor}/state"  # last accepted reading, retained
+
+    def anomaly(self, sensor: str) -> str:
+        return f"{self.base}/anomaly/{sensor}"  # JSON {score, value, kind, time, active, id}, retained
+
+    def discovery_config(self, component: str, object_id: str, node_id: str) -> str:
+        return f"{self.discovery_prefix}/{component}/{node_id}/{object_id}/config"
+
+    @staticmethod
+    def hermes_intent(action: str) -> str:
+        return f"hermes/intent/{action}"  # Rhasspy/Node-RED compatible intent, never retained
+
+    def is_own(self, topic: str) -> bool:
+        """Topics the agent may publish besides configured action topics (the allow-list's fixed part)."""
+        return (
+            topic.startswith(self.base + "/")
+            or topic.startswith(self.discovery_prefix + "/")
+            or topic.startswith("hermes/intent/")
+        )
