@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("action", _action, "fire one configured action once and exit")
     p.add_argument("name", help="an [actions.*] name from the config")
     p.add_argument("--config", type=Path, default=Path("/etc/home-agent/config.toml"))
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the broker connection and acknowledgement (default 10)")
 
     p = add("devices", _devices, "list audio input devices")
 

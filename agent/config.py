@@ -104,6 +104,25 @@ class TelemetryStream(Section):
     anomaly: bool = True  # score this stream with the anomaly detector
     on_anomaly: str | None = None  # an [actions.*] name fired when an anomaly starts
 
+    @field_validator("topic")
+    @classmethod
+    def _topic_filter(cls, value: str) -> str:
+        from agent.telemetry import topic_filter_problem  # noqa: PLC0415 - telemetry imports config
+
+        problem = topic_filter_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("field")
+    @classmethod
+    def _field_path(cls, value: str | None) -> str | None:
+        from agent.payloads import split_path  # noqa: PLC0415 - same rule as the intake's
+
+        if value is not None:
+            split_path(value)  # ValueError names the empty part
+        return value
+
     @model_validator(mode="after")
     def _range(self) -> TelemetryStream:
         if self.min is not None and self.max is not None and self.min > self.max:
@@ -128,13 +147,25 @@ class ActionSection(Section):
     state_topic: str | None = None  # where the device reports its state (for the current setpoint)
     min_setpoint: float = 5.0  # setpoints are clamped to [min_setpoint, max_setpoint]
     max_setpoint: float = 30.0
-    prefix: str | None = None  # esphome topic prefix / shelly device id prefix
-    entity_type: str = "switch"  # esphome: switch | light | fan ...
+    prefix: str | None = None  # topic root: zigbee2mqtt base topic, esphome / shelly_gen2 MQTT topic prefix
+    entity_type: str = "switch"  # esphome: switch | light | fan | climate
+    entity: str | None = None  # esphome: the entity's object id, e.g. "ceiling_fan"
     switch_id: int = 0  # shelly_gen2: Switch.Set id
     qos: Literal[0, 1, 2] = 1
     confirm: bool = False  # voice: needs a spoken "yes" within voice.confirm_window
     ttl: float = Field(default=5.0, gt=0, le=3600)  # a voice action not sent within this is dropped
     min_interval: float = Field(default=1.0, ge=0)  # rate limit: at most one firing per interval
+
+    @model_validator(mode="after")
+    def _renderable(self) -> ActionSection:
+        from agent.actions import check_action  # noqa: PLC0415 - actions imports config; rules live there
+        from agent.errors import ActionError  # noqa: PLC0415
+
+        try:
+            check_action(self)
+        except ActionError as err:
+            raise ValueError(str(err)) from err
+        return self
 
 
 class VoiceCommand(Section):

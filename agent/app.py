@@ -1,0 +1,678 @@
+"""The supervisor: the one place that wires every stage of the daemon together.
+
+Threads, not asyncio: the main thread runs a small loop (timers, signals, a one-second tick); the MQTT
+link owns its own threads; later stages (voice, anomaly) bring their own worker threads and plug in via
+``App.add_stage``. Subscription handlers run on paho's thread and only parse and hand over; anything
+slower (file writes, discovery) is scheduled onto the main thread with ``call_soon``.
+
+Stages never import each other; they exchange records from ``agent.messages`` over bounded queues:
+- telemetry: MQTT -> ``TelemetryIntake.parse`` -> ``Reading`` -> ``App.readings_queue()`` (drop oldest);
+- actions: ``App.request_action(ActionRequest)`` -> ``ActionTable.render`` -> MQTT (never retained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import os
+import queue
+import random
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol, TypeVar
+
+from agent import __version__
+from agent.actions import ActionTable
+from agent.config import Config, load_config
+from agent.discovery import discovery_messages, discovery_topic_filter
+from agent.errors import ActionError, ConfigError, MqttError, PayloadError, StateError
+from agent.logutil import LogThrottle
+from agent.messages import ActionRequest, Reading
+from agent.mqtt_link import InboundMessage, MqttLink, Subscription
+from agent.state import StateStore
+from agent.telemetry import TelemetryIntake
+from agent.topics import Topics
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+TICK_INTERVAL = 1.0  # the main loop's heartbeat (sd_notify watchdog, stage health)
+READINGS_QUEUE_SIZE = 1000  # readings waiting for the anomaly stage; the oldest is dropped beyond
+STALE_SCAN_DELAY = 1.0  # after connecting, collect retained discovery configs this long before cleaning up
+MUTE_KEY = "muted"
+FIRE_STATE_WAIT = 1.5  # `home-agent action`: wait this long for retained device state (current setpoint)
+
+T = TypeVar("T")
+
+
+class Stage(Protocol):
+    """A worker the supervisor starts, stops and asks about its health (voice, anomaly, outbox...)."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def healthy(self, now: float) -> bool: ...
+
+
+class DropOldestQueue(queue.Queue[T]):
+    """A bounded ``queue.Queue`` whose producer never blocks: ``offer`` drops the OLDEST item when full
+    and counts it in ``dropped``. Consumers use the ordinary ``get``."""
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize <= 0:
+            raise ValueError("DropOldestQueue needs a positive maxsize")
+        super().__init__(maxsize)
+        self.dropped = 0
+
+    def offer(self, item: T) -> bool:
+        """Enqueue without blocking. Returns False when an older item had to be dropped for it."""
+        with self.not_full:  # the queue's own mutex, as Queue.put holds it
+            kept_all = True
+            if self._qsize() >= self.maxsize:
+                self._get()
+                self.unfinished_tasks -= 1
+                self.dropped += 1
+                kept_all = False
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+            return kept_all
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """Command-line overrides of ``run`` (voice is a later stage; kept here so it can pick them up)."""
+
+    audio: str | None = None
+    exit_at_end: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    exit_code: int
+    restart_with: Config | None = None  # set when a reload changed what needs a fresh MQTT connection
+
+
+def format_reading(value: float) -> str:
+    """A sensor state payload: the shortest text that round-trips the float (HA parses it as a number)."""
+    return repr(float(value))
+
+
+class App:
+    """Builds the link, the telemetry intake, the action table and Home Assistant discovery, and runs the
+    main loop. One instance per configuration (a reload that touches ``[agent]``/``[mqtt]`` builds a new
+    one)."""
+
+    def __init__(self, config: Config, *, config_path: Path | None = None,
+                 options: RunOptions | None = None) -> None:
+        self.config = config
+        self.config_path = config_path if config_path is not None else config.source_path
+        self.options = options or RunOptions()
+        self.topics = Topics.from_config(config)
+        self.state = StateStore(config.agent.resolved_state_dir)
+        self._intake = TelemetryIntake(list(config.telemetry))
+        self._actions = ActionTable(dict(config.actions))
+        self.link = MqttLink(config, extra_allowed_topics=self._actions.allowed_topics)
+        self._actions_lock = threading.Lock()
+        self._readings: DropOldestQueue[Reading] = DropOldestQueue(READINGS_QUEUE_SIZE)
+        self._readings_consumed = False
+        self._throttle = LogThrottle()
+        self._counts_lock = threading.Lock()
+        self._counts = {"readings": 0, "telemetry_ignored": 0, "actions_sent": 0, "actions_rejected": 0,
+                        "announcements": 0, "stale_configs_removed": 0, "reloads": 0, "reload_failures": 0}
+        self._last_values: dict[str, str] = {}
+        self._stages: list[Stage] = []
+        self._stage_health: dict[str, bool] = {}
+        self._mute_listeners: list[Callable[[bool], None]] = []
+        self._muted = self._load_muted()
+
+        # Discovery bookkeeping: what we announced, and retained configs of ours seen on the broker.
+        self._discovery_lock = threading.Lock()
+        self._announced: set[str] = set()
+        self._seen_configs: set[str] = set()
+
+        # Main-loop plumbing: timers and a self-pipe that also receives signal wake-ups.
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._timers_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop_requested = False
+        self._stop_signal: str | None = None
+        self._reload_requested = False
+        self._restart_with: Config | None = None
+        self._started_mono = time.monotonic()
+        self._first_connect_done = False
+
+        self._subscriptions: list[Subscription] = []
+        self._telemetry_subscriptions: list[Subscription] = []
+        self._action_subscriptions: list[Subscription] = []
+        self.link.add_connect_listener(self._on_link_connected)
+
+    # ----------------------------------------------------------------- extension points
+
+    def add_stage(self, stage: Stage) -> None:
+        """Register a worker; it is started with the app (after MQTT) and stopped before the link."""
+        self._stages.append(stage)
+
+    def readings_queue(self) -> DropOldestQueue[Reading]:
+        """The anomaly stage's input. Readings are only queued once someone asked for this queue."""
+        self._readings_consumed = True
+        return self._readings
+
+    @property
+    def muted(self) -> bool:
+        return self._muted
+
+    def add_mute_listener(self, listener: Callable[[bool], None]) -> None:
+        """``listener(muted)`` runs on the main thread whenever the mute switch changes."""
+        self._mute_listeners.append(listener)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the main thread (thread-safe)."""
+        self.call_later(0.0, callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        with self._timers_lock:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), callback))
+        self._wake()
+
+    def request_action(self, request: ActionRequest) -> int:
+        """Render a named action and queue its commands (never retained). Voice requests expire
+        ``ttl`` seconds (the request's, else the action's) after ``created_mono`` and are dropped rather
+        than sent late. Returns the number of messages queued; raises ActionError when refused."""
+        now = time.monotonic()
+        try:
+            if request.source == "voice" and self._muted:
+                raise ActionError(f"action {request.action!r} refused: listening is muted")
+            section = self.config.actions.get(request.action)
+            ttl = request.ttl
+            if ttl is None and request.source == "voice" and section is not None:
+                ttl = section.ttl
+            expires = request.created_mono + ttl if ttl is not None else None
+            if expires is not None and now >= expires:
+                raise ActionError(f"action {request.action!r} expired {now - expires:.2f} s before it "
+                                  "could be sent")
+            with self._actions_lock:
+                commands = self._actions.render(request.action, now)
+            for command in commands:
+                self.link.publish(command.topic, command.payload, qos=command.qos, retain=False,
+                                  expires_mono=expires)
+        except ActionError as err:
+            self._count("actions_rejected")
+            log.warning("%s (requested by %s)", err, request.source)
+            raise
+        self._count("actions_sent")
+        log.info("action %s (%s): %d message(s) queued", request.action, request.source, len(commands))
+        return len(commands)
+
+    def healthy(self, now: float) -> tuple[bool, list[str]]:
+        """(all stages healthy, names of unhealthy ones); the shape sd_notify's health check expects."""
+        bad = [name for name, ok in self._stage_health.items() if not ok]
+        return (not bad, bad)
+
+    def counters(self) -> dict[str, Any]:
+        """Everything the diagnostics topic reports."""
+        with self._counts_lock:
+            counts = dict(self._counts)
+        return {
+            "uptime": int(time.monotonic() - self._started_mono),
+            **self.link.stats.snapshot(),
+            **counts,
+            "readings_dropped": self._readings.dropped,
+            "queued": self.link.queued,
+            "muted": self._muted,
+            "sw_version": __version__,
+        }
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._subscribe_all()
+        self.link.start()
+        for stage in self._stages:
+            log.info("starting stage %s", stage.name)
+            stage.start()
+            self._stage_health[stage.name] = True
+        self.call_later(self.config.homeassistant.diagnostics_interval, self._diagnostics_timer)
+
+    def stop(self) -> None:
+        self._on_stopping()
+        for stage in reversed(self._stages):
+            try:
+                stage.stop()
+            except Exception:
+                log.exception("stage %s failed to stop cleanly", stage.name)
+        self.link.stop(self.config.service.stop_timeout)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self._wake()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._wake()
+
+    def run(self) -> RunResult:
+        """Start, serve until SIGTERM/SIGINT (or a fatal MQTT error), stop. Installs signal handlers."""
+        previous = self._install_signals()
+        try:
+            self.start()
+            log.info("home-agent %s running as %r (%s)", __version__, self.config.agent.id, self.topics.base)
+            next_tick = time.monotonic()
+            while not self._stop_requested:
+                if self._reload_requested:
+                    self._reload_requested = False
+                    log.info("SIGHUP: reloading the configuration")
+                    self._reload()
+                    if self._restart_with is not None:
+                        break
+                now = time.monotonic()
+                self._run_due_timers(now)
+                if now >= next_tick:
+                    self._on_tick(now)
+                    next_tick = max(next_tick + TICK_INTERVAL, now)
+                if self.link.fatal_error is not None:
+                    break
+                self._wait(min(next_tick, self._next_timer_due()) - time.monotonic())
+        finally:
+            self._restore_signals(previous)
+            if self._stop_signal is not None:
+                log.info("received %s: stopping", self._stop_signal)
+            self.stop()
+        if self.link.fatal_error is not None:
+            raise self.link.fatal_error
+        return RunResult(EXIT_OK, self._restart_with)
+
+    # ----------------------------------------------------------------- hooks for sd_notify (issue: service)
+
+    def _on_tick(self, now: float) -> None:
+        """Runs every TICK_INTERVAL on the main thread. HOOK: send WATCHDOG=1 / STATUS= from here."""
+        for stage in self._stages:
+            try:
+                ok = stage.healthy(now)
+            except Exception:
+                log.exception("health check of stage %s failed", stage.name)
+                ok = False
+            if ok != self._stage_health.get(stage.name, True):
+                if ok:
+                    log.info("stage %s healthy again", stage.name)
+                else:
+                    log.error("stage %s is unhealthy", stage.name)
+            self._stage_health[stage.name] = ok
+
+    def _on_first_connect(self) -> None:
+        """Runs once on the main thread after the first MQTT connection. HOOK: send READY=1 from here."""
+        log.info("online after %.2f s", time.monotonic() - self._started_mono)
+
+    def _on_stopping(self) -> None:
+        """Runs when the app starts shutting down. HOOK: send STOPPING=1 from here."""
+
+    # ----------------------------------------------------------------- main loop plumbing
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed (stopping)
+            self._wake_w.send(b"\0")
+
+    def _wait(self, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        try:
+            readable, _, _ = select.select([self._wake_r], [], [], timeout)
+        except InterruptedError:  # a signal; its handler has run
+            return
+        if readable:
+            with contextlib.suppress(BlockingIOError):
+                while self._wake_r.recv(4096):
+                    pass
+
+    def _next_timer_due(self) -> float:
+        with self._timers_lock:
+            return self._timers[0][0] if self._timers else float("inf")
+
+    def _run_due_timers(self, now: float) -> None:
+        while True:
+            with self._timers_lock:
+                if not self._timers or self._timers[0][0] > now:
+                    return
+                _, _, callback = heapq.heappop(self._timers)
+            try:
+                callback()
+            except Exception:
+                log.exception("scheduled task %s failed", getattr(callback, "__name__", callback))
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous  # tests may run an App in a thread; they call request_stop() instead
+
+        # Handlers only set flags (no logging, no locks); the wake-up fd makes the main loop notice at once.
+        def on_stop(signum: int, _frame: FrameType | None) -> None:
+            self._stop_signal = signal.Signals(signum).name
+            self._stop_requested = True
+
+        def on_reload(_signum: int, _frame: FrameType | None) -> None:
+            self._reload_requested = True
+
+        previous[-1] = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_reload}
+        for signum, handler in handlers.items():
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            if signum == -1:
+                signal.set_wakeup_fd(handler)
+            else:
+                signal.signal(signum, handler)
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[name] = self._counts.get(name, 0) + amount
+
+    # ----------------------------------------------------------------- subscriptions
+
+    def _subscribe_all(self) -> None:
+        self._subscriptions.append(self.link.subscribe(self.topics.mute_set, self._on_mute_set, qos=1))
+        if self.config.homeassistant.enabled:
+            self._subscriptions.append(self.link.subscribe(self.topics.ha_status, self._on_ha_status))
+        self._subscriptions.append(
+            self.link.subscribe(discovery_topic_filter(self.config), self._on_discovery_config)
+        )
+        self._subscribe_telemetry()
+        self._subscribe_action_states()
+
+    def _subscribe_telemetry(self) -> None:
+        for subscription in self._telemetry_subscriptions:
+            self.link.unsubscribe(subscription)
+        self._telemetry_subscriptions = [
+            self.link.subscribe(topic_filter, self._on_telemetry)
+            for topic_filter in self._intake.topic_filters()
+        ]
+
+    def _subscribe_action_states(self) -> None:
+        for subscription in self._action_subscriptions:
+            self.link.unsubscribe(subscription)
+        self._action_subscriptions = [
+            self.link.subscribe(topic, self._on_action_state) for topic in self._actions.state_topics()
+        ]
+
+    # The handlers below run on paho's thread: parse, hand over, return. PayloadError -> bad_payloads.
+
+    def _on_telemetry(self, message: InboundMessage) -> None:
+        readings = self._intake.parse(message.topic, message.payload, message.retained, time.time())
+        if not readings:
+            self._count("telemetry_ignored")
+            return
+        self._count("readings", len(readings))
+        for reading in readings:
+            if self._readings_consumed:
+                self._readings.offer(reading)
+            value = format_reading(reading.value)
+            self._last_values[reading.sensor] = value
+            self.link.publish(self.topics.sensor_state(reading.sensor), value, retain=True)
+
+    def _on_action_state(self, message: InboundMessage) -> None:
+        with self._actions_lock:
+            self._actions.observe_state(message.topic, message.payload)
+
+    def _on_mute_set(self, message: InboundMessage) -> None:
+        if message.payload not in (b"ON", b"OFF"):
+            raise PayloadError(f"mute command must be exactly ON or OFF, got {message.payload[:32]!r}")
+        muted = message.payload == b"ON"
+        self.call_soon(lambda: self._set_muted(muted))
+
+    def _on_ha_status(self, message: InboundMessage) -> None:
+        if message.payload == b"online":
+            delay = random.uniform(0.0, self.config.homeassistant.announce_jitter)
+            log.info("Home Assistant is online: re-announcing in %.2f s", delay)
+            self.call_later(delay, self._announce)
+
+    def _on_discovery_config(self, message: InboundMessage) -> None:
+        with self._discovery_lock:
+            if not message.payload:
+                self._seen_configs.discard(message.topic)
+            elif message.retained:
+                self._seen_configs.add(message.topic)
+
+    def _on_link_connected(self) -> None:  # link thread
+        self.call_soon(self._after_connect)
+
+    def _after_connect(self) -> None:
+        self._announce()
+        self.call_later(STALE_SCAN_DELAY, self._remove_stale_configs)
+        if not self._first_connect_done:
+            self._first_connect_done = True
+            self._on_first_connect()
+
+    # ----------------------------------------------------------------- Home Assistant
+
+    def _event_types(self) -> list[str]:
+        """The voice intent event entity's types: the actions voice commands can fire (none: no entity)."""
+        if not self.config.voice_active:
+            return []
+        return sorted({command.action for command in self.config.voice.commands})
+
+    def _announce(self) -> None:
+        """Publish every discovery config (retained), then the current states HA should show."""
+        if self.config.homeassistant.enabled:
+            messages = discovery_messages(self.config, event_types=self._event_types(),
+                                          sw_version=__version__)
+        else:
+            messages = {}
+        for topic, payload in messages.items():
+            self.link.publish(topic, json.dumps(payload, separators=(",", ":")), qos=1, retain=True)
+        with self._discovery_lock:
+            self._announced = set(messages)
+        self._count("announcements")
+        self._publish_states()
+
+    def _remove_stale_configs(self) -> None:
+        """Delete (empty retained payload) our discovery configs the current config no longer has."""
+        with self._discovery_lock:
+            stale = sorted(self._seen_configs - self._announced)
+            self._seen_configs -= set(stale)
+        for topic in stale:
+            log.info("removing stale Home Assistant entity config %s", topic)
+            self.link.publish(topic, b"", qos=1, retain=True)
+        if stale:
+            self._count("stale_configs_removed", len(stale))
+
+    def _publish_states(self) -> None:
+        self.link.publish(self.topics.mute_state, b"ON" if self._muted else b"OFF", qos=1, retain=True)
+        for sensor, value in list(self._last_values.items()):
+            self.link.publish(self.topics.sensor_state(sensor), value, retain=True)
+        self._publish_diagnostics()
+
+    def _publish_diagnostics(self) -> None:
+        payload = json.dumps(self.counters(), separators=(",", ":"), sort_keys=True)
+        self.link.publish(self.topics.diagnostics, payload, retain=True)
+
+    def _diagnostics_timer(self) -> None:
+        try:
+            self._publish_diagnostics()
+        finally:
+            self.call_later(self.config.homeassistant.diagnostics_interval, self._diagnostics_timer)
+
+    # ----------------------------------------------------------------- mute switch
+
+    def _load_muted(self) -> bool:
+        value = self.state.get(MUTE_KEY, False)
+        if not isinstance(value, bool):
+            log.error("ignoring invalid %r in %s: %r (expected true/false)", MUTE_KEY, self.state.path, value)
+            return False
+        return value
+
+    def _set_muted(self, muted: bool) -> None:
+        changed = muted != self._muted
+        self._muted = muted
+        if changed:
+            log.info("listening %s", "muted" if muted else "unmuted")
+            try:
+                self.state.set(MUTE_KEY, muted)
+            except StateError as err:
+                log.error("mute switch: %s (the new state holds until the daemon restarts)", err)
+        self.link.publish(self.topics.mute_state, b"ON" if muted else b"OFF", qos=1, retain=True)
+        if changed:
+            for listener in self._mute_listeners:
+                try:
+                    listener(muted)
+                except Exception:
+                    log.exception("mute listener failed")
+
+    # ----------------------------------------------------------------- reload (SIGHUP)
+
+    def _reload(self) -> None:
+        self._count("reloads")
+        if self.config_path is None:
+            log.error("configuration reload: no config file to re-read; keeping the running configuration")
+            return
+        try:
+            new = load_config(self.config_path)
+            intake = TelemetryIntake(list(new.telemetry))
+            actions = ActionTable(dict(new.actions))
+        except (ConfigError, ActionError) as err:
+            self._count("reload_failures")
+            log.error("configuration reload failed; keeping the running configuration:\n%s", err)
+            return
+        if _needs_new_app(self.config, new):
+            log.warning("configuration reload changes [agent]/[mqtt]/[service]/voice/audio/anomaly settings: "
+                        "restarting the agent with the new configuration")
+            self._restart_with = new
+            return
+        old_announced = set(self._announced)
+        self.config = new
+        with self._actions_lock:
+            self._intake = intake
+            self._actions = actions
+        self.link.set_extra_allowed_topics(actions.allowed_topics)
+        self._subscribe_telemetry()
+        self._subscribe_action_states()
+        sensors = {stream.sensor for stream in new.telemetry}
+        self._last_values = {k: v for k, v in self._last_values.items() if k in sensors}
+        if self.link.connected:
+            self._announce()
+            with self._discovery_lock:
+                self._seen_configs |= old_announced
+            self._remove_stale_configs()
+        log.info("configuration reloaded from %s", self.config_path)
+
+
+def _needs_new_app(old: Config, new: Config) -> bool:
+    """Telemetry, actions and Home Assistant options apply in place; anything else rebuilds the app."""
+    in_place = {"telemetry", "actions", "homeassistant", "source_path"}
+    for name in type(old).model_fields:
+        if name not in in_place and getattr(old, name) != getattr(new, name):
+            return True
+    return (old.homeassistant.discovery_prefix != new.homeassistant.discovery_prefix
+            or old.homeassistant.enabled != new.homeassistant.enabled)
+
+
+# --------------------------------------------------------------------- CLI entry points
+
+
+def build_app(config: Config, *, config_path: Path | None, options: RunOptions) -> App:
+    """Build the app and its stages. Later stages (voice, anomaly, outbox) are added here."""
+    app = App(config, config_path=config_path, options=options)
+    if config.voice_active or options.audio is not None:
+        from agent.voice import VoiceStage  # noqa: PLC0415 - loads the keyword model only when voice is on
+
+        app.add_stage(VoiceStage.from_app(app))  # ModelError / ConfigError / AudioError surface at startup
+    elif options.exit_at_end:
+        log.info("--exit-at-end ignored: voice is off (no [[voice.commands]] and no --audio)")
+    return app
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    """``home-agent run``: serve until SIGTERM/SIGINT; SIGHUP re-reads the config."""
+    config_path = Path(args.config)
+    config = load_config(config_path)
+    options = RunOptions(audio=getattr(args, "audio", None),
+                         exit_at_end=bool(getattr(args, "exit_at_end", False)))
+    while True:
+        app = build_app(config, config_path=config_path, options=options)
+        result = app.run()
+        if result.restart_with is None:
+            return result.exit_code
+        config = result.restart_with
+
+
+def _needs_device_state(config: Config, name: str) -> bool:
+    section = config.actions[name]
+    return section.delta is not None or (section.payload is not None and "setpoint" in section.payload)
+
+
+def fire_action(args: argparse.Namespace) -> int:
+    """``home-agent action NAME``: publish one configured action once (QoS >= 1), wait for the broker's
+    acknowledgement, exit. Uses its own client id and no availability, so a running daemon is untouched."""
+    config = load_config(Path(args.config))
+    name: str = args.name
+    if name not in config.actions:
+        known = ", ".join(sorted(config.actions)) or "none configured"
+        print(f"home-agent: unknown action {name!r} (configured actions: {known})", file=sys.stderr)
+        return EXIT_USAGE
+    actions = ActionTable(dict(config.actions))
+    client_id = f"{config.mqtt.client_id or 'home-agent-' + config.agent.id}-action-{os.getpid()}"
+    link = MqttLink(config, actions.allowed_topics, availability=False, client_id=client_id)
+    observed: set[str] = set()
+    lock = threading.Lock()
+
+    def on_state(message: InboundMessage) -> None:
+        with lock:
+            actions.observe_state(message.topic, message.payload)
+            observed.add(message.topic)
+
+    state_topics = actions.state_topics() if _needs_device_state(config, name) else []
+    for topic in state_topics:
+        link.subscribe(topic, on_state)
+    timeout = float(getattr(args, "timeout", 10.0))
+    link.start()
+    try:
+        if not link.wait_connected(timeout):
+            if link.fatal_error is not None:
+                raise link.fatal_error
+            raise MqttError(f"cannot connect to the MQTT broker {config.mqtt.host}:{config.mqtt.port} "
+                            f"within {timeout:g} s")
+        deadline = time.monotonic() + FIRE_STATE_WAIT
+        while state_topics and time.monotonic() < deadline:
+            with lock:
+                if observed >= set(state_topics):
+                    break
+            time.sleep(0.05)
+        with lock:
+            commands = actions.render(name, time.monotonic())
+        delivered = threading.Semaphore(0)
+        for command in commands:
+            link.publish(command.topic, command.payload, qos=max(1, command.qos), retain=False,
+                         on_delivered=delivered.release)
+        deadline = time.monotonic() + timeout
+        for command in commands:
+            if not delivered.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise MqttError(f"the broker did not acknowledge the message to {command.topic} in time")
+            print(f"{command.topic} {command.payload.decode('utf-8', 'replace')}")
+    finally:
+        link.stop(2.0)
+    return EXIT_OK

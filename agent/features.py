@@ -1,0 +1,299 @@
+"""MFCC features shared by training and runtime: one frozen parameter set, a whole-window extractor and a
+streaming extractor that computes only the new frames per push.
+
+The default recipe reproduces the MFCC front end of the MLPerf Tiny DS-CNN keyword model (our teacher), built
+from python_speech_features' framing and magnitude spectrum: frames of 480 samples every 320 samples with a
+periodic Hann window, |rfft| with n=512, 40 HTK-mel bands 20-4000 Hz, ``log(x + 1e-6)``, DCT-II scaled by
+``1/sqrt(2*40)``, the first 10 coefficients, 49 frames per 1 s window, and peak normalisation of the window.
+
+Peak normalisation is applied to the mel energies (``mel(x/p) == mel(x)/p``), so the streaming extractor keeps
+the un-normalised per-frame mel energies and per-hop peaks and redoes only ``log`` and the DCT per call; this
+keeps streaming output bit-identical to :func:`window_features` of the same window.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from python_speech_features import base as psf_base
+from python_speech_features import sigproc
+
+INT16_SCALE = 32768.0
+FILTERBANKS = ("tf_htk", "psf")
+
+# The shipped keyword model's labels (a contract with the runtime and the config); the model metadata repeats
+# them and is what the runtime trusts.
+WAKE_WORD = "computer"
+COMMAND_WORDS = ("on", "off", "up", "down", "stop", "go", "yes", "no", "left", "right")
+DEVICE_WORDS = ("light", "heat", "fan")
+SILENCE_LABEL = "_silence_"
+UNKNOWN_LABEL = "_unknown_"
+LABELS = (WAKE_WORD, *COMMAND_WORDS, *DEVICE_WORDS, SILENCE_LABEL, UNKNOWN_LABEL)
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    """Every parameter of the feature front end; stored in the model metadata and checked on load."""
+
+    sample_rate: int = 16000
+    window_seconds: float = 1.0
+    frame_samples: int = 480
+    hop_samples: int = 320
+    fft_size: int = 512
+    num_mel_bands: int = 40
+    lower_hz: float = 20.0
+    upper_hz: float = 4000.0
+    # "tf_htk": the HTK-mel triangles of tf.signal.linear_to_mel_weight_matrix (what the teacher used);
+    # "psf": python_speech_features.get_filterbanks.
+    filterbank: str = "tf_htk"
+    log_offset: float = 1e-6
+    num_coefficients: int = 10
+    # Divide by the window's absolute peak (as the teacher's training did); the floor keeps digital silence
+    # and very faint hiss from being blown up to full scale.
+    peak_normalize: bool = True
+    min_peak: float = 1e-3
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.sample_rate <= 0:
+            problems.append("sample_rate must be positive")
+        if self.frame_samples <= 0 or self.hop_samples <= 0:
+            problems.append("frame_samples and hop_samples must be positive")
+        if self.frame_samples < self.hop_samples:
+            problems.append("frame_samples must be at least hop_samples")
+        if self.frame_samples > self.fft_size:
+            problems.append("frame_samples must not exceed fft_size (python_speech_features would truncate)")
+        if self.window_samples < self.frame_samples:
+            problems.append("the window must hold at least one frame")
+        elif self.window_samples % self.hop_samples != 0:
+            problems.append("window samples must be a multiple of hop_samples (streaming alignment)")
+        if not 0 <= self.lower_hz < self.upper_hz <= self.sample_rate / 2:
+            problems.append("need 0 <= lower_hz < upper_hz <= sample_rate/2")
+        if self.filterbank not in FILTERBANKS:
+            problems.append(f"filterbank must be one of {FILTERBANKS}")
+        if not 0 < self.num_coefficients <= self.num_mel_bands:
+            problems.append("need 0 < num_coefficients <= num_mel_bands")
+        if self.log_offset <= 0 or self.min_peak <= 0:
+            problems.append("log_offset and min_peak must be positive")
+        if problems:
+            raise ValueError("invalid feature parameters: " + "; ".join(problems))
+
+    @property
+    def window_samples(self) -> int:
+        return round(self.sample_rate * self.window_seconds)
+
+    @property
+    def num_frames(self) -> int:
+        return 1 + (self.window_samples - self.frame_samples) // self.hop_samples
+
+    @property
+    def num_features(self) -> int:
+        return self.num_coefficients
+
+    @property
+    def hop_seconds(self) -> float:
+        return self.hop_samples / self.sample_rate
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_frames, self.num_features)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureParams:
+        """Build from metadata. Unknown or missing keys are errors: a silent default could mismatch."""
+        names = {field.name for field in fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(names - set(data))
+        if unknown or missing:
+            raise ValueError(f"feature parameters: unknown keys {unknown}, missing keys {missing}")
+        return cls(**data)
+
+
+def _hann_periodic(length: int) -> npt.NDArray[np.float64]:
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(length) / length)
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_matrix(params: FeatureParams) -> npt.NDArray[np.float64]:
+    """(fft_size//2+1, num_mel_bands) weights; cached because python_speech_features rebuilds it per call."""
+    num_bins = params.fft_size // 2 + 1
+    if params.filterbank == "psf":
+        bank = psf_base.get_filterbanks(
+            params.num_mel_bands, params.fft_size, params.sample_rate, params.lower_hz, params.upper_hz
+        )
+        matrix = np.ascontiguousarray(np.asarray(bank, dtype=np.float64).T)
+    else:
+
+        def hz_to_mel(hz: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+            mel: npt.NDArray[np.float64] = 1127.0 * np.log1p(hz / 700.0)
+            return mel
+
+        # Same construction as tf.signal.linear_to_mel_weight_matrix (the DC bin gets no weight).
+        bin_mel = hz_to_mel(np.linspace(0.0, params.sample_rate / 2.0, num_bins)[1:])[:, None]
+        edges = np.linspace(
+            float(hz_to_mel(np.array(params.lower_hz))),
+            float(hz_to_mel(np.array(params.upper_hz))),
+            params.num_mel_bands + 2,
+        )
+        lower, center, upper = edges[:-2][None, :], edges[1:-1][None, :], edges[2:][None, :]
+        rising = (bin_mel - lower) / (center - lower)
+        falling = (upper - bin_mel) / (upper - center)
+        weights = np.maximum(0.0, np.minimum(rising, falling))
+        matrix = np.concatenate([np.zeros((1, params.num_mel_bands)), weights], axis=0)
+    matrix.setflags(write=False)
+    return matrix
+
+
+@functools.lru_cache(maxsize=8)
+def _dct_matrix(params: FeatureParams) -> npt.NDArray[np.float64]:
+    """DCT-II as tf.signal.mfccs_from_log_mel_spectrograms computes it: 2*sum(x cos(...)) / sqrt(2N)."""
+    bands = params.num_mel_bands
+    n = np.arange(bands)[:, None]
+    k = np.arange(params.num_coefficients)[None, :]
+    matrix: npt.NDArray[np.float64] = (
+        2.0 * np.cos(np.pi * k * (2 * n + 1) / (2 * bands)) / np.sqrt(2.0 * bands)
+    )
+    matrix.setflags(write=False)
+    return matrix
+
+
+def to_float(samples: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """int16 PCM or float in [-1, 1] as a 1-D float64 array."""
+    array = np.asarray(samples)
+    if array.ndim != 1:
+        raise ValueError(f"expected 1-D mono samples, got shape {array.shape}")
+    if array.dtype == np.int16:
+        return array.astype(np.float64) / INT16_SCALE
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float64)
+    raise ValueError(f"expected int16 or float samples, got {array.dtype}")
+
+
+def _frame_mel_energies(segment: npt.NDArray[np.float64], params: FeatureParams) -> npt.NDArray[np.float64]:
+    """Un-normalised mel energies of every frame in ``segment`` (its length is whole frames on the hop grid).
+
+    Frames are processed one at a time so the result of a frame never depends on how many frames were computed
+    together (BLAS may round differently per matrix shape); that is what keeps streaming bit-identical."""
+    frames = sigproc.framesig(segment, params.frame_samples, params.hop_samples, winfunc=_hann_periodic)
+    spectrum = sigproc.magspec(frames, params.fft_size)
+    mel = _mel_matrix(params)
+    return np.stack([row @ mel for row in spectrum]) if len(spectrum) else np.zeros((0, params.num_mel_bands))
+
+
+def _mfcc(
+    mel_energies: npt.NDArray[np.float64], peak: float, params: FeatureParams
+) -> npt.NDArray[np.float32]:
+    if params.peak_normalize:
+        mel_energies = mel_energies / max(peak, params.min_peak)
+    log_mel = np.log(mel_energies + params.log_offset)
+    return (log_mel @ _dct_matrix(params)).astype(np.float32)
+
+
+def window_features(samples: npt.NDArray[Any], params: FeatureParams) -> npt.NDArray[np.float32]:
+    """(num_frames, num_features) MFCC of one window: the LAST ``window_samples`` samples; shorter input is
+    zero-padded at the front. Accepts int16 PCM or float samples in [-1, 1]."""
+    signal = to_float(samples)
+    size = params.window_samples
+    if len(signal) >= size:
+        signal = signal[len(signal) - size :]
+    else:
+        signal = np.concatenate([np.zeros(size - len(signal)), signal])
+    used = params.frame_samples + (params.num_frames - 1) * params.hop_samples
+    mel = _frame_mel_energies(signal[:used], params)
+    peak = float(np.max(np.abs(signal))) if size else 0.0
+    return _mfcc(mel, peak, params)
+
+
+class StreamingFeatures:
+    """Incremental MFCC of the latest window.
+
+    ``features()`` describes the window that ends at the latest hop boundary (the last
+    ``samples_seen - samples_seen % hop_samples`` samples heard), and equals ``window_features`` of that
+    window exactly. Push whole hops (e.g. 100 ms = 1600 samples at the default 320-sample hop) and it is
+    always the window ending at the newest sample. Before a full window has been heard the front counts as
+    zeros, like ``window_features`` pads it; ``ready()`` says when a full window has been heard.
+    """
+
+    def __init__(self, params: FeatureParams) -> None:
+        self.params = params
+        self._chunks_per_window = params.window_samples // params.hop_samples
+        self.reset()
+
+    def reset(self) -> None:
+        params = self.params
+        self._samples_seen = 0
+        # Samples from the start of the next frame to compute; frames start on the global hop grid and the
+        # history before the first sample counts as zeros (the frame starting one hop early is the next one).
+        self._pending = np.zeros(params.hop_samples)
+        self._next_frame = -1  # global index of the next frame: it starts at _next_frame * hop_samples
+        # The newest num_frames + 1 frames: half a hop past a boundary, one frame beyond the window exists.
+        self._mel = np.zeros((params.num_frames + 1, params.num_mel_bands))
+        self._chunk_peaks = np.zeros(self._chunks_per_window)  # |peak| of each complete hop-sized chunk
+        self._partial_peak = 0.0
+        self._partial_fill = 0
+        self._cached: npt.NDArray[np.float32] | None = None
+
+    @property
+    def samples_seen(self) -> int:
+        return self._samples_seen
+
+    def ready(self) -> bool:
+        return self._samples_seen >= self.params.window_samples
+
+    def push(self, samples: npt.NDArray[np.int16]) -> None:
+        signal = to_float(samples)
+        if len(signal) == 0:
+            return
+        self._samples_seen += len(signal)
+        self._cached = None
+        self._update_peaks(signal)
+        params = self.params
+        pending = np.concatenate([self._pending, signal])
+        if len(pending) >= params.frame_samples:
+            count = 1 + (len(pending) - params.frame_samples) // params.hop_samples
+            used = params.frame_samples + (count - 1) * params.hop_samples
+            new_mel = _frame_mel_energies(pending[:used], params)
+            keep = self._mel.shape[0]
+            self._mel = np.concatenate([self._mel, new_mel])[-keep:]
+            self._next_frame += count
+            pending = pending[count * params.hop_samples :]
+        self._pending = pending
+
+    def _update_peaks(self, signal: npt.NDArray[np.float64]) -> None:
+        hop = self.params.hop_samples
+        magnitude = np.abs(signal)
+        head = min(hop - self._partial_fill, len(magnitude))
+        self._partial_peak = max(self._partial_peak, float(magnitude[:head].max()))
+        self._partial_fill += head
+        completed: list[npt.NDArray[np.float64]] = []
+        if self._partial_fill == hop:
+            completed.append(np.array([self._partial_peak]))
+            self._partial_peak, self._partial_fill = 0.0, 0
+        rest = magnitude[head:]
+        whole = len(rest) // hop * hop
+        if whole:
+            completed.append(rest[:whole].reshape(-1, hop).max(axis=1))
+        tail = rest[whole:]
+        if len(tail):
+            self._partial_peak, self._partial_fill = float(tail.max()), len(tail)
+        if completed:
+            self._chunk_peaks = np.concatenate([self._chunk_peaks, *completed])[-self._chunks_per_window :]
+
+    def features(self) -> npt.NDArray[np.float32]:
+        """(num_frames, num_features) MFCC of the window ending at the latest hop boundary."""
+        if self._cached is None:
+            params = self.params
+            window_end = self._samples_seen // params.hop_samples  # in hops
+            newest_needed = window_end - self._chunks_per_window + params.num_frames - 1
+            extra = (self._next_frame - 1) - newest_needed  # frames computed beyond this window
+            stop = self._mel.shape[0] - extra
+            mel = self._mel[stop - params.num_frames : stop]
+            self._cached = _mfcc(mel, float(self._chunk_peaks.max()), params)
+        return self._cached.copy()

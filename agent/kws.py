@@ -1,0 +1,241 @@
+"""Keyword model wrapper: loads the int8 ``.tflite`` with LiteRT (tflite-runtime as fallback) and its metadata
+JSON, verifies them against each other, and turns one feature window into per-label probabilities.
+
+Metadata (``<model>.json`` beside the model) holds at least: ``labels``, ``feature_params``
+(:class:`agent.features.FeatureParams`), ``thresholds`` (per vocabulary word), ``refractory_seconds``,
+``smoothing_seconds`` and ``sha256`` of the ``.tflite``. Every problem becomes
+:class:`agent.errors.ModelError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import ModelError
+from agent.features import FeatureParams
+
+log = logging.getLogger(__name__)
+
+REQUIRED_METADATA = (
+    "labels",
+    "feature_params",
+    "thresholds",
+    "refractory_seconds",
+    "smoothing_seconds",
+    "sha256",
+)
+NON_WORD_LABELS = ("_silence_", "_unknown_")
+
+
+def _interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415 - optional backend, chosen at load time
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # noqa: PLC0415
+        except ImportError as err:
+            raise ModelError("no TFLite interpreter: install ai-edge-litert (or tflite-runtime)") from err
+    return Interpreter
+
+
+def metadata_path(model_path: Path) -> Path:
+    return model_path.with_suffix(".json")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class KwsModel:
+    """One loaded keyword model. Not thread-safe: use it from one worker thread."""
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        interpreter: Any,
+        metadata: dict[str, Any],
+        labels: tuple[str, ...],
+        params: FeatureParams,
+        thresholds: dict[str, float],
+        refractory_seconds: float,
+        smoothing_seconds: float,
+        size_bytes: int,
+    ) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.labels = labels
+        self.params = params
+        self.thresholds = thresholds
+        self.refractory_seconds = refractory_seconds
+        self.smoothing_seconds = smoothing_seconds
+        self.size_bytes = size_bytes
+        self.sha256: str = metadata["sha256"]
+        self._interpreter = interpreter
+        input_detail = interpreter.get_input_details()[0]
+        output_detail = interpreter.get_output_details()[0]
+        self._input_index: int = input_detail["index"]
+        self._output_index: int = output_detail["index"]
+        self._input_shape = tuple(int(n) for n in input_detail["shape"])
+        self.input_dtype: np.dtype[Any] = np.dtype(input_detail["dtype"])
+        self.output_dtype: np.dtype[Any] = np.dtype(output_detail["dtype"])
+        self._input_scale, self._input_zero = (float(v) for v in input_detail["quantization"])
+        self._output_scale, self._output_zero = (float(v) for v in output_detail["quantization"])
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """The vocabulary words (labels other than ``_silence_`` and ``_unknown_``)."""
+        return tuple(label for label in self.labels if label not in NON_WORD_LABELS)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.input_dtype in (np.dtype(np.int8), np.dtype(np.uint8))
+
+    @classmethod
+    def load(cls, path: Path, num_threads: int = 1) -> KwsModel:
+        path = Path(path)
+        try:
+            model_bytes = path.read_bytes()
+        except OSError as err:
+            raise ModelError(f"cannot read keyword model {path}: {err.strerror or err}") from err
+        metadata = _read_metadata(metadata_path(path))
+        labels, params, thresholds, refractory, smoothing = _parse_metadata(metadata, metadata_path(path))
+        actual_sha = hashlib.sha256(model_bytes).hexdigest()
+        if actual_sha != metadata["sha256"]:
+            raise ModelError(
+                f"keyword model {path} does not match its metadata: sha256 {actual_sha[:12]}..., "
+                f"metadata expects {str(metadata['sha256'])[:12]}... (model or metadata replaced or corrupt)"
+            )
+        interpreter_class = _interpreter_class()
+        try:
+            interpreter = interpreter_class(model_content=model_bytes, num_threads=num_threads)
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            raise ModelError(f"cannot load keyword model {path}: {err}") from err
+        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(
+                f"keyword model {path}: expected 1 input and 1 output, got {len(inputs)}/{len(outputs)}"
+            )
+        in_shape = tuple(int(n) for n in inputs[0]["shape"])
+        out_shape = tuple(int(n) for n in outputs[0]["shape"])
+        if in_shape not in ((1, *params.shape, 1), (1, *params.shape)):
+            raise ModelError(
+                f"keyword model {path}: input shape {in_shape} does not fit the feature parameters "
+                f"({params.num_frames} frames x {params.num_features} features)"
+            )
+        if out_shape != (1, len(labels)):
+            raise ModelError(
+                f"keyword model {path}: output shape {out_shape} does not fit {len(labels)} labels"
+            )
+        for detail in (inputs[0], outputs[0]):
+            dtype = np.dtype(detail["dtype"])
+            if dtype in (np.dtype(np.int8), np.dtype(np.uint8)) and float(detail["quantization"][0]) <= 0:
+                raise ModelError(f"keyword model {path}: quantized tensor {detail['name']} has no scale")
+        model = cls(
+            path=path,
+            interpreter=interpreter,
+            metadata=metadata,
+            labels=labels,
+            params=params,
+            thresholds=thresholds,
+            refractory_seconds=refractory,
+            smoothing_seconds=smoothing,
+            size_bytes=len(model_bytes),
+        )
+        log.info(
+            "loaded keyword model %s (%d bytes, %s input, %d labels)",
+            path,
+            len(model_bytes),
+            model.input_dtype,
+            len(labels),
+        )
+        return model
+
+    def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Per-label probabilities (in ``labels`` order) for one (num_frames, num_features) window."""
+        array = np.asarray(features, dtype=np.float32)
+        if array.shape != self.params.shape:
+            raise ValueError(f"features of shape {array.shape}, the model expects {self.params.shape}")
+        if self.is_quantized:
+            info = np.iinfo(self.input_dtype)
+            quantized = np.round(array / self._input_scale + self._input_zero)
+            model_input = np.clip(quantized, info.min, info.max).astype(self.input_dtype)
+        else:
+            model_input = array.astype(self.input_dtype)
+        self._interpreter.set_tensor(self._input_index, model_input.reshape(self._input_shape))
+        self._interpreter.invoke()
+        output = self._interpreter.get_tensor(self._output_index)[0]
+        if self.output_dtype in (np.dtype(np.int8), np.dtype(np.uint8)):
+            scores: npt.NDArray[np.float32] = (
+                (output.astype(np.float32) - self._output_zero) * self._output_scale
+            ).astype(np.float32)
+            return scores
+        return np.array(output, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"KwsModel({str(self.path)!r}, labels={len(self.labels)}, input={self.input_dtype})"
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ModelError(f"cannot read keyword model metadata {path}: {err.strerror or err}") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelError(f"keyword model metadata {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ModelError(f"keyword model metadata {path} must be a JSON object")
+    missing = [key for key in REQUIRED_METADATA if key not in data]
+    if missing:
+        raise ModelError(f"keyword model metadata {path} lacks {', '.join(missing)}")
+    return data
+
+
+def _parse_metadata(
+    data: dict[str, Any], path: Path
+) -> tuple[tuple[str, ...], FeatureParams, dict[str, float], float, float]:
+    labels = data["labels"]
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise ModelError(f"{path}: labels must be a non-empty list of names")
+    if len(set(labels)) != len(labels):
+        raise ModelError(f"{path}: duplicate labels")
+    if not isinstance(data["feature_params"], dict):
+        raise ModelError(f"{path}: feature_params must be an object")
+    try:
+        params = FeatureParams.from_dict(data["feature_params"])
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{path}: {err}") from err
+    thresholds = data["thresholds"]
+    if not isinstance(thresholds, dict):
+        raise ModelError(f"{path}: thresholds must be an object of word -> score")
+    unknown = sorted(set(thresholds) - set(labels))
+    if unknown:
+        raise ModelError(f"{path}: thresholds for words that are not labels: {', '.join(unknown)}")
+    words = [label for label in labels if label not in NON_WORD_LABELS]
+    without = [word for word in words if word not in thresholds]
+    if without:
+        raise ModelError(f"{path}: no threshold for {', '.join(without)}")
+    checked: dict[str, float] = {}
+    for word, value in thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
+            raise ModelError(f"{path}: threshold of {word!r} must be a number in (0, 1], got {value!r}")
+        checked[word] = float(value)
+    timings: list[float] = []
+    for key in ("refractory_seconds", "smoothing_seconds"):
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 10.0:
+            raise ModelError(f"{path}: {key} must be a number of seconds in [0, 10], got {value!r}")
+        timings.append(float(value))
+    if not isinstance(data["sha256"], str) or len(data["sha256"]) != 64:
+        raise ModelError(f"{path}: sha256 must be a 64-character hex digest")
+    return tuple(labels), params, checked, timings[0], timings[1]

@@ -1,0 +1,169 @@
+"""Strict decoding of incoming MQTT payloads, shared by telemetry intake and action state tracking.
+
+Pure functions. Every problem raises ``PayloadError`` with a message a person can act on; nothing else
+escapes, whatever the bytes (the callers count the error and carry on).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from agent.errors import PayloadError
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 20  # zigbee2mqtt and Tasmota payloads nest 3-4 levels; deeper is garbage or an attack
+# ASCII decimal only: float() alone would also take "1_000", "nan", "infinity" and non-ASCII digits.
+NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+_ASCII_SPACE = " \t\r\n"
+# Epoch numbers above this are milliseconds (zigbee2mqtt last_seen "epoch"); 1e11 s is the year 5138.
+_EPOCH_MS_THRESHOLD = 1e11
+
+
+def preview(value: object, limit: int = 40) -> str:
+    """A short repr for error messages (payloads can be 64 KiB)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def decode_text(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> str:
+    """The payload as text: at most ``limit`` bytes of valid UTF-8."""
+    if len(payload) > limit:
+        raise PayloadError(f"payload too large: {len(payload)} bytes (limit {limit})")
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PayloadError(f"payload is not valid UTF-8 (bad byte at offset {err.start})") from err
+
+
+def _too_deep(text: str, limit: int) -> bool:
+    # Cheap unless the payload has many brackets; brackets inside JSON strings do not count.
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for match in _BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if match.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def load_json(text: str) -> Any:
+    """Parse JSON, refusing NaN/Infinity literals and nesting deeper than MAX_JSON_DEPTH."""
+    if _too_deep(text, MAX_JSON_DEPTH):
+        raise PayloadError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as err:
+        raise PayloadError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from err
+    except ValueError as err:  # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
+        raise PayloadError(f"invalid JSON: {err}") from err
+
+
+def json_type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return "a JSON array"
+    if isinstance(value, str):
+        return "a string"
+    return type(value).__name__
+
+
+def number_from_text(text: str, what: str = "value") -> float:
+    """A finite number from plain text such as ``21.5`` (surrounding whitespace allowed)."""
+    stripped = text.strip(_ASCII_SPACE)
+    if not NUMBER_TEXT.fullmatch(stripped):
+        raise PayloadError(f"{what} is not a number: {preview(stripped)}")
+    number = float(stripped)
+    if not math.isfinite(number):
+        raise PayloadError(f"{what} is not a finite number: {preview(stripped)}")
+    return number
+
+
+def number_from_json(value: object, what: str = "value") -> float:
+    """A finite number from a decoded JSON value: a number or a numeric string; never a boolean."""
+    if isinstance(value, bool):
+        raise PayloadError(f"{what} is a boolean, not a number")
+    if isinstance(value, int):
+        try:
+            number = float(value)
+        except OverflowError as err:
+            raise PayloadError(f"{what} is too large") from err
+    elif isinstance(value, float):
+        number = value
+    elif isinstance(value, str):
+        return number_from_text(value, what)
+    else:
+        raise PayloadError(f"{what} is {json_type_name(value)}, not a number")
+    if not math.isfinite(number):
+        raise PayloadError(f"{what} is not a finite number")
+    return number
+
+
+def split_path(path: str) -> tuple[str, ...]:
+    """Split a dotted JSON path ("ENERGY.Power"); raises ValueError for empty parts."""
+    parts = tuple(path.split("."))
+    if any(not part for part in parts):
+        raise ValueError("JSON path has an empty part (two dots, or a dot at an end)")
+    return parts
+
+
+def get_path(document: object, path: Sequence[str]) -> object:
+    """Follow a split dotted path through JSON objects (and arrays, by decimal index)."""
+    current = document
+    for depth, key in enumerate(path):
+        where = ".".join(path[:depth]) or "payload"
+        if isinstance(current, dict):
+            if key not in current:
+                raise PayloadError(f"missing field {'.'.join(path)!r} (no {key!r} in {where})")
+            current = current[key]
+        elif isinstance(current, list) and key.isascii() and key.isdigit():
+            index = int(key)
+            if index >= len(current):
+                raise PayloadError(f"missing field {'.'.join(path)!r} ({where} has {len(current)} items)")
+            current = current[index]
+        else:
+            raise PayloadError(f"missing field {'.'.join(path)!r} ({where} is {json_type_name(current)})")
+    return current
+
+
+def parse_timestamp(raw: object) -> float | None:
+    """UNIX seconds from a payload's own timestamp, or None when it has no usable one.
+
+    Accepts ISO 8601 text (Tasmota "Time" is local time without offset; zigbee2mqtt "last_seen" has an
+    offset or "Z") and epoch numbers (zigbee2mqtt "epoch": milliseconds).
+    """
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, (int, float)):
+        try:
+            seconds = float(raw)
+        except OverflowError:
+            return None
+        if not math.isfinite(seconds) or seconds <= 0:
+            return None
+        return seconds / 1000.0 if seconds > _EPOCH_MS_THRESHOLD else seconds
+    if isinstance(raw, str) and 0 < len(raw) <= 64:
+        try:
+            return datetime.fromisoformat(raw.strip()).timestamp()  # naive = local time, as Tasmota sends
+        except (ValueError, OverflowError, OSError):
+            return None
+    return None

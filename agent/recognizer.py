@@ -1,0 +1,338 @@
+"""From per-hop model scores to words, and from words to intents. Pure: no I/O, no clocks of its own.
+
+Two small state machines, both driven by *audio time* (seconds of audio since the stream started, passed in),
+so a file processed as fast as possible behaves exactly like the same audio heard live:
+
+- :class:`Recognizer` (after tflite-micro's ``RecognizeCommands``): averages the posteriors of the last
+  ``smoothing_seconds``, takes the best label, and reports a :class:`~agent.messages.Detection` when it is
+  a vocabulary word above that word's threshold. A word is reported once per utterance: it fires again only
+  after its refractory time AND after its smoothed score fell back below the threshold (or another label took
+  over). The detection is reported on the hop where the smoothed score first crosses the threshold, which
+  keeps the command latency low; ``end`` is the end of the first window that scored the word above its
+  threshold (about where the word ended) and ``start`` the beginning of that 1 s window, a bound on where it
+  began.
+- :class:`CommandMatcher`: the wake word opens a window of ``wake_window`` seconds in which the words of a
+  configured phrase must follow in order; a complete phrase becomes an :class:`~agent.messages.Intent`.
+  Actions marked ``confirm`` wait up to ``confirm_window`` seconds for ``yes`` (``no`` cancels).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import ConfigError
+from agent.messages import Detection, Intent, Scores
+
+log = logging.getLogger(__name__)
+
+NON_WORD_LABELS = frozenset({"_silence_", "_unknown_"})
+YES_WORD = "yes"
+NO_WORD = "no"
+# When a complete phrase is also the start of a longer one ("light" and "light on"), wait this long for the
+# next word before firing the shorter one.
+DEFAULT_CONTINUATION_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RecognizerSettings:
+    labels: tuple[str, ...]
+    thresholds: Mapping[str, float]  # per vocabulary word, in (0, 1]
+    smoothing_seconds: float  # posteriors are averaged over this much audio (0: only the newest)
+    refractory_seconds: float  # a word does not fire again within this time of its last detection
+    window_seconds: float = 1.0  # the model's input window, to bound where a detected word began
+
+    def __post_init__(self) -> None:
+        missing = [w for w in self.labels if w not in NON_WORD_LABELS and w not in self.thresholds]
+        if missing:
+            raise ValueError(f"no threshold for {', '.join(missing)}")
+        if self.smoothing_seconds < 0 or self.refractory_seconds < 0 or self.window_seconds <= 0:
+            raise ValueError("smoothing and refractory times must be >= 0 and the window positive")
+
+
+class Recognizer:
+    """Posterior smoothing, per-word thresholds and refractory time over a stream of :class:`Scores`."""
+
+    def __init__(self, settings: RecognizerSettings) -> None:
+        self.settings = settings
+        self._labels = settings.labels
+        self._is_word = np.array([label not in NON_WORD_LABELS for label in self._labels])
+        self._threshold = np.array([settings.thresholds.get(label, 1.0) for label in self._labels])
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new stream starts at audio time 0)."""
+        self._history: collections.deque[tuple[float, npt.NDArray[np.float32]]] = collections.deque()
+        self._last_time: float | None = None
+        self._last_fired: dict[str, float] = {}
+        self._armed: dict[str, bool] = {}
+        self.detections = 0
+
+    def smoothed(self) -> npt.NDArray[np.float64]:
+        """The current averaged posteriors (zeros before the first scores)."""
+        if not self._history:
+            return np.zeros(len(self._labels))
+        average: npt.NDArray[np.float64] = np.mean(np.stack([v for _, v in self._history]), axis=0)
+        return average
+
+    def process(self, scores: Scores) -> Detection | None:
+        """Feed one model invocation; returns the word heard on this hop, if any."""
+        if scores.labels != self._labels:
+            raise ValueError("scores come from a model with different labels")
+        now = scores.t_audio
+        if self._last_time is not None and now <= self._last_time:
+            raise ValueError(f"audio time must increase: {now} after {self._last_time} (call reset() first)")
+        self._last_time = now
+        values = np.asarray(scores.values, dtype=np.float32)
+        self._history.append((now, values))
+        horizon = now - self.settings.smoothing_seconds + 1e-6  # tolerate float drift of summed hop times
+        while len(self._history) > 1 and self._history[0][0] <= horizon:
+            self._history.popleft()
+        average = self.smoothed()
+
+        top = int(np.argmax(average))
+        top_label = self._labels[top]
+        # Re-arm every word that is not (or no longer) confidently on top: the next utterance may fire it.
+        for index, label in enumerate(self._labels):
+            if self._is_word[index] and (index != top or average[index] < self._threshold[index]):
+                self._armed[label] = True
+        if not self._is_word[top] or average[top] < self._threshold[top]:
+            return None
+        if not self._armed.get(top_label, True):
+            return None
+        last = self._last_fired.get(top_label)
+        if last is not None and now - last < self.settings.refractory_seconds:
+            return None
+        self._armed[top_label] = False
+        self._last_fired[top_label] = now
+        self.detections += 1
+        # The first window in the smoothing history that scored the word above its threshold ends about where
+        # the word ended; its start bounds where the word began.
+        threshold = self._threshold[top]
+        end = next((t for t, v in self._history if v[top] >= threshold), now)
+        start = max(0.0, end - self.settings.window_seconds)
+        return Detection(word=top_label, score=round(float(average[top]), 4), start=round(start, 3),
+                         end=round(end, 3))
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A configured phrase and the action it fires."""
+
+    words: tuple[str, ...]
+    action: str
+    confirm: bool = False
+
+
+MatchKind = Literal["wake", "intent", "confirm_pending", "cancelled", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class MatchEvent:
+    """Something the command matcher decided, for the voice stage to act on and log."""
+
+    kind: MatchKind
+    t_audio: float
+    action: str | None = None
+    words: tuple[str, ...] = ()
+    intent: Intent | None = None
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class _Heard:
+    words: list[str]
+    scores: list[float]
+    last_end: float
+
+
+class CommandMatcher:
+    """Wake word, then the words of a configured phrase in order, then (for confirm actions) "yes".
+
+    States: *idle* (only the wake word counts), *listening* (until ``wake_window`` seconds after the wake
+    word; command words accumulate), *confirming* (a matched confirm action waits for yes/no). Words that
+    continue no phrase are ignored rather than aborting (a stray false detection should not eat a command);
+    a word that cannot continue the current phrase but starts another one starts over with it.
+    """
+
+    def __init__(
+        self,
+        wake_word: str,
+        commands: Sequence[Command],
+        *,
+        wake_window: float = 3.0,
+        confirm_window: float = 5.0,
+        continuation_seconds: float = DEFAULT_CONTINUATION_SECONDS,
+    ) -> None:
+        self.wake_word = wake_word
+        self.commands = tuple(commands)
+        self.wake_window = wake_window
+        self.confirm_window = confirm_window
+        self.continuation_seconds = continuation_seconds
+        by_words: dict[tuple[str, ...], Command] = {}
+        for command in self.commands:
+            if command.words in by_words:
+                raise ValueError(f"phrase {' '.join(command.words)!r} is configured twice")
+            by_words[command.words] = command
+        self._by_words = by_words
+        self._prefixes = {command.words[:n] for command in self.commands
+                          for n in range(1, len(command.words) + 1)}
+        self.reset()
+
+    def reset(self) -> None:
+        self._state: Literal["idle", "listening", "confirming"] = "idle"
+        self._deadline = 0.0
+        self._heard: _Heard | None = None
+        self._pending: tuple[Command, _Heard] | None = None  # a complete phrase that a longer one extends
+        self._confirming: tuple[Command, _Heard] | None = None
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def on_detection(self, detection: Detection, *, wall_time: float, mono_time: float) -> list[MatchEvent]:
+        """Feed one detected word (in audio-time order)."""
+        now = detection.end
+        events = self.tick(now, wall_time=wall_time, mono_time=mono_time)
+        word = detection.word
+        if word == self.wake_word:
+            if self._state == "confirming" and self._confirming is not None:
+                events.append(self._cancel(self._confirming[0], now, "a new wake word"))
+            self._state = "listening"
+            self._deadline = now + self.wake_window
+            self._heard = _Heard([], [], now)
+            self._pending = None
+            self._confirming = None
+            events.append(MatchEvent("wake", now, words=(word,)))
+            return events
+        if self._state == "confirming" and self._confirming is not None:
+            command, heard = self._confirming
+            if word == YES_WORD:
+                self._go_idle()
+                words = (*heard.words, word)
+                scores = (*heard.scores, detection.score)
+                events.append(self._intent(command, words, scores, now, wall_time=wall_time,
+                                           mono_time=mono_time))
+            elif word == NO_WORD:
+                self._go_idle()
+                events.append(self._cancel(command, now, 'heard "no"'))
+            return events
+        if self._state != "listening" or self._heard is None:
+            return events
+        heard = self._heard
+        candidate = (*heard.words, word)
+        if candidate not in self._prefixes:
+            if self._pending is not None:
+                # The longer phrase did not come: fire the complete shorter one.
+                command, pending_heard = self._pending
+                events.extend(self._complete(command, pending_heard, wall_time, mono_time))
+                return events
+            if (word,) not in self._prefixes:
+                return events  # continues nothing and starts nothing: ignore it
+            heard.words.clear()
+            heard.scores.clear()
+            candidate = (word,)
+        heard.words.append(word)
+        heard.scores.append(detection.score)
+        heard.last_end = now
+        command_match = self._by_words.get(candidate)
+        if command_match is None:
+            return events  # a longer phrase is under way (a pending shorter one still fires if it stalls)
+        extendable = any(len(p) > len(candidate) and p[: len(candidate)] == candidate for p in self._prefixes)
+        if extendable:
+            self._pending = (command_match, _Heard(list(heard.words), list(heard.scores), now))
+            return events
+        events.extend(self._complete(command_match, heard, wall_time, mono_time))
+        return events
+
+    def tick(self, t_audio: float, *, wall_time: float, mono_time: float) -> list[MatchEvent]:
+        """Advance audio time: fire a pending phrase whose continuation did not come, expire windows."""
+        events: list[MatchEvent] = []
+        if self._state == "listening":
+            if self._pending is not None:
+                command, heard = self._pending
+                if t_audio >= min(heard.last_end + self.continuation_seconds, self._deadline):
+                    events.extend(self._complete(command, heard, wall_time, mono_time))
+                    return events
+            if t_audio > self._deadline:
+                partial = tuple(self._heard.words) if self._heard else ()
+                self._go_idle()
+                events.append(MatchEvent("expired", t_audio, words=partial,
+                                         reason="no command after the wake word"))
+        elif self._state == "confirming" and self._confirming is not None and t_audio > self._deadline:
+            command = self._confirming[0]
+            self._go_idle()
+            events.append(self._cancel(command, t_audio, 'no "yes" in time', kind="expired"))
+        return events
+
+    def _complete(self, command: Command, heard: _Heard, wall_time: float,
+                  mono_time: float) -> list[MatchEvent]:
+        now = heard.last_end
+        if command.confirm:
+            self._state = "confirming"
+            self._deadline = now + self.confirm_window
+            self._confirming = (command, _Heard(list(heard.words), list(heard.scores), now))
+            self._heard = None
+            self._pending = None
+            return [MatchEvent("confirm_pending", now, action=command.action, words=command.words)]
+        self._go_idle()
+        return [self._intent(command, tuple(heard.words), tuple(heard.scores), now, wall_time=wall_time,
+                             mono_time=mono_time)]
+
+    def _intent(self, command: Command, words: tuple[str, ...], scores: tuple[float, ...], t_audio: float, *,
+                wall_time: float, mono_time: float) -> MatchEvent:
+        intent = Intent(action=command.action, words=words, scores=scores, time=wall_time, t_audio=t_audio,
+                        created_mono=mono_time)
+        return MatchEvent("intent", t_audio, action=command.action, words=words, intent=intent)
+
+    def _cancel(self, command: Command, t_audio: float, reason: str,
+                kind: MatchKind = "cancelled") -> MatchEvent:
+        return MatchEvent(kind, t_audio, action=command.action, words=command.words, reason=reason)
+
+    def _go_idle(self) -> None:
+        self._state = "idle"
+        self._heard = None
+        self._pending = None
+        self._confirming = None
+
+
+def effective_thresholds(model_thresholds: Mapping[str, float], labels: Iterable[str],
+                         overrides: Mapping[str, float]) -> dict[str, float]:
+    """The model's per-word thresholds with the config's overrides; an override for a word the model does not
+    know is a ConfigError naming it."""
+    words = [label for label in labels if label not in NON_WORD_LABELS]
+    unknown = sorted(set(overrides) - set(words))
+    if unknown:
+        raise ConfigError(f"voice.thresholds: the model has no word {', '.join(map(repr, unknown))} "
+                          f"(its words: {', '.join(words)})")
+    thresholds = {word: float(model_thresholds[word]) for word in words if word in model_thresholds}
+    thresholds.update({word: float(value) for word, value in overrides.items()})
+    return thresholds
+
+
+def check_vocabulary(labels: Iterable[str], wake_word: str, commands: Sequence[Command]) -> None:
+    """Every word the configuration relies on must be one of the model's labels (ConfigError naming them)."""
+    words = {label for label in labels if label not in NON_WORD_LABELS}
+    problems: list[str] = []
+    if wake_word not in words:
+        problems.append(f"voice.wake_word: {wake_word!r} is not a word of the model")
+    for index, command in enumerate(commands):
+        unknown = [w for w in command.words if w not in words]
+        if unknown:
+            problems.append(f"voice.commands.{index}.say: {', '.join(map(repr, unknown))} "
+                            f"{'is' if len(unknown) == 1 else 'are'} not in the model's labels")
+        if wake_word in command.words:
+            problems.append(f"voice.commands.{index}.say: must not contain the wake word {wake_word!r}")
+    if any(command.confirm for command in commands):
+        missing = [w for w in (YES_WORD, NO_WORD) if w not in words]
+        if missing:
+            problems.append(f"actions with confirm = true need the words {', '.join(missing)} in the model")
+    if problems:
+        problems.append(f"(the model's words: {', '.join(sorted(words))})")
+        raise ConfigError("\n".join(problems))

@@ -1,0 +1,235 @@
+"""Telemetry intake: MQTT payloads of configured sensor topics -> validated ``Reading`` records.
+
+Pure: no MQTT client, no threads; the clock is passed in. Accepted payloads:
+
+- zigbee2mqtt JSON objects (``{"temperature": 21.5, "linkquality": 80}``) with ``field = "temperature"``;
+- Tasmota ``tele/<topic>/SENSOR`` nested JSON with a dotted field (``"ENERGY.Power"``);
+- Home Assistant statestream plain values (``21.5``, also JSON-quoted ``"21.5"``) and plain numbers.
+
+Rejected with ``PayloadError`` (the caller counts it): payloads over 64 KiB, invalid UTF-8, non-JSON where a
+field is needed, a missing field, booleans / "ON" / other non-numbers, NaN and infinities, JSON nested
+deeper than 20 levels, values outside the stream's [min, max], and retained messages whose own timestamp
+(Tasmota "Time", zigbee2mqtt "last_seen") is older than the stream's ``max_age``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from agent.config import TelemetryStream
+from agent.errors import ConfigError, PayloadError
+from agent.messages import Reading
+from agent.payloads import (
+    MAX_PAYLOAD_BYTES,
+    NUMBER_TEXT,
+    decode_text,
+    get_path,
+    json_type_name,
+    load_json,
+    number_from_json,
+    number_from_text,
+    parse_timestamp,
+    preview,
+    split_path,
+)
+
+log = logging.getLogger(__name__)
+
+# Keys under which devices put the time of their measurement: Tasmota, zigbee2mqtt.
+TIMESTAMP_KEYS = ("Time", "last_seen")
+# A payload timestamp this far ahead of our clock is not trusted as the reading's time.
+FUTURE_TOLERANCE = 60.0
+MAX_TOPIC_BYTES = 65535  # MQTT limit
+
+
+def topic_filter_problem(topic_filter: str) -> str | None:
+    """Why ``topic_filter`` is not a valid MQTT subscription filter, or None when it is."""
+    if not topic_filter:
+        return "topic filter is empty"
+    if len(topic_filter.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+        return "topic filter is longer than 65535 bytes"
+    if "\x00" in topic_filter:
+        return "topic filter contains a NUL character"
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return "'#' must be a whole level at the end of the filter"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return None
+
+
+def topic_matches(filter: str, topic: str) -> bool:
+    """Whether ``topic`` matches the subscription ``filter`` (MQTT 3.1.1 / 5 semantics).
+
+    ``+`` matches exactly one level (also an empty one), ``#`` matches the rest including the parent level
+    (``a/#`` matches ``a``). Wildcards at the first level do not match topics starting with ``$``.
+    Invalid filters and topics containing wildcards match nothing.
+    """
+    if not topic or "+" in topic or "#" in topic or topic_filter_problem(filter) is not None:
+        return False
+    filter_levels = filter.split("/")
+    topic_levels = topic.split("/")
+    if topic.startswith("$") and filter_levels[0] in ("+", "#"):
+        return False
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels):
+            return False
+        if level != "+" and level != topic_levels[index]:
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    config: TelemetryStream
+    path: tuple[str, ...] | None  # split ``field``; None for plain-number payloads
+
+
+@dataclass(slots=True)
+class ParseOutcome:
+    """Everything one message produced: readings of the streams it fed, and why the others refused it."""
+
+    readings: list[Reading] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class _Document:
+    """The payload, decoded at most once however many streams read it."""
+
+    __slots__ = ("_json", "_json_error", "_parsed", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._parsed = False
+        self._json: object = None
+        self._json_error: PayloadError | None = None
+
+    def json(self) -> object:
+        if not self._parsed:
+            self._parsed = True
+            try:
+                self._json = load_json(self.text)
+            except PayloadError as err:
+                self._json_error = err
+        if self._json_error is not None:
+            raise PayloadError(str(self._json_error))
+        return self._json
+
+
+class TelemetryIntake:
+    """Routes payloads of the configured telemetry topics to their streams and validates them."""
+
+    def __init__(
+        self, streams: Sequence[TelemetryStream], *, max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> None:
+        compiled: list[_Stream] = []
+        for index, stream in enumerate(streams):
+            problem = topic_filter_problem(stream.topic)
+            if problem is not None:
+                raise ConfigError(f"telemetry.{index}.topic: {problem}: {stream.topic!r}")
+            path: tuple[str, ...] | None = None
+            if stream.field is not None:
+                try:
+                    path = split_path(stream.field)
+                except ValueError as err:
+                    raise ConfigError(f"telemetry.{index}.field: {err}: {stream.field!r}") from err
+            compiled.append(_Stream(stream, path))
+        self._streams = tuple(compiled)
+        self._max_payload_bytes = max_payload_bytes
+        # Messages some streams accepted while others on the same topic refused them (not raised, see parse).
+        self.partial_rejections = 0
+
+    def topic_filters(self) -> list[str]:
+        """The subscription filters, each once, in config order."""
+        return list(dict.fromkeys(stream.config.topic for stream in self._streams))
+
+    def streams_for(self, topic: str) -> list[TelemetryStream]:
+        return [stream.config for stream in self._streams if topic_matches(stream.config.topic, topic)]
+
+    def parse(self, topic: str, payload: bytes, retained: bool, now: float) -> list[Reading]:
+        """Readings for every configured stream fed by this message (``now``: wall-clock seconds).
+
+        Raises PayloadError when the message fed no stream although at least one was configured for its
+        topic. When some streams accept it and others refuse it (a zigbee2mqtt update without one of its
+        fields), the accepted readings are returned, ``partial_rejections`` is incremented and the reasons
+        are logged at DEBUG; use ``parse_detailed`` to see them. A topic no stream listens to gives [].
+        """
+        outcome = self.parse_detailed(topic, payload, retained, now)
+        if outcome.errors and not outcome.readings:
+            raise PayloadError("; ".join(outcome.errors))
+        if outcome.errors:
+            self.partial_rejections += 1
+            log.debug("message on %s fed %d stream(s); refused by others: %s",
+                      topic, len(outcome.readings), "; ".join(outcome.errors))
+        return outcome.readings
+
+    def parse_detailed(self, topic: str, payload: bytes, retained: bool, now: float) -> ParseOutcome:
+        """Like ``parse``, but reports each refusing stream's reason instead of raising."""
+        outcome = ParseOutcome()
+        streams = [stream for stream in self._streams if topic_matches(stream.config.topic, topic)]
+        if not streams:
+            return outcome
+        try:
+            document = _Document(decode_text(payload, self._max_payload_bytes))
+        except PayloadError as err:
+            outcome.errors.append(f"{topic}: {err}")
+            return outcome
+        for stream in streams:
+            try:
+                outcome.readings.append(self._read(stream, document, topic, retained, now))
+            except PayloadError as err:
+                outcome.errors.append(f"{topic} -> {stream.config.sensor}: {err}")
+        return outcome
+
+    def _read(self, stream: _Stream, document: _Document, topic: str, retained: bool, now: float) -> Reading:
+        config = stream.config
+        timestamp: float | None = None
+        if stream.path is None:
+            value = _plain_number(document)
+        else:
+            data = document.json()
+            if not isinstance(data, dict):
+                raise PayloadError(
+                    f"expected a JSON object with field {config.field!r}, got {json_type_name(data)}")
+            value = number_from_json(get_path(data, stream.path), f"field {config.field!r}")
+            timestamp = _own_timestamp(data)
+        if config.min is not None and value < config.min:
+            raise PayloadError(f"value {value:g} is below min {config.min:g}")
+        if config.max is not None and value > config.max:
+            raise PayloadError(f"value {value:g} is above max {config.max:g}")
+        reading_time = now
+        if timestamp is not None:
+            age = now - timestamp
+            if retained and age > config.max_age:
+                raise PayloadError(
+                    f"stale retained value: measured {age:.0f} s ago (max_age {config.max_age:g} s)")
+            if -FUTURE_TOLERANCE <= age <= config.max_age:
+                reading_time = timestamp
+        return Reading(sensor=config.sensor, value=value, time=reading_time, topic=topic)
+
+
+def _plain_number(document: _Document) -> float:
+    text = document.text.strip(" \t\r\n")
+    if NUMBER_TEXT.fullmatch(text):
+        return number_from_text(text)
+    try:
+        data = document.json()  # a JSON-quoted statestream value, or JSON that is not a number
+    except PayloadError as err:
+        raise PayloadError(f"not a number: {preview(text)}") from err
+    if isinstance(data, dict):
+        raise PayloadError("payload is a JSON object but the stream has no field configured")
+    return number_from_json(data)
+
+
+def _own_timestamp(data: dict[str, object]) -> float | None:
+    for key in TIMESTAMP_KEYS:
+        if key in data:
+            timestamp = parse_timestamp(data[key])
+            if timestamp is not None:
+                return timestamp
+    return None

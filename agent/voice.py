@@ -1,0 +1,489 @@
+"""The voice stage: audio source -> streaming features -> keyword model -> recognizer -> intents -> actions.
+
+:class:`VoicePipeline` is the whole recognition path as one synchronous object (samples in, detections and
+intents out); the daemon and ``home-agent transcribe`` both use it, so offline evaluation measures exactly
+what runs live. :class:`VoiceStage` runs it on its own thread, off the audio thread: it reads the source,
+honours the mute switch (a muted microphone is closed), reopens a missing or unplugged microphone every
+``audio.retry_interval`` seconds, and turns each intent into MQTT messages (intent JSON, Hermes intent, Home
+Assistant event; never retained) and then an action request. Everything published for an intent expires
+with the action's ``ttl``: when the broker is down longer than that, the messages are dropped (and counted
+by the MQTT link), never sent late.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.audio import SAMPLE_RATE, AudioSource, EndOfAudio, FileSource, create_source
+from agent.config import Config, VoiceSection
+from agent.errors import ActionError, AudioError, ConfigError
+from agent.features import StreamingFeatures
+from agent.kws import KwsModel
+from agent.messages import ActionRequest, Detection, Intent, Scores
+from agent.recognizer import (
+    Command,
+    CommandMatcher,
+    MatchEvent,
+    Recognizer,
+    RecognizerSettings,
+    check_vocabulary,
+    effective_thresholds,
+)
+from agent.topics import Topics
+
+if TYPE_CHECKING:
+    from agent.app import App
+
+log = logging.getLogger(__name__)
+
+HOP_SECONDS = 0.1  # run the model every 100 ms of audio
+READ_TIMEOUT = 0.25  # the stage loop turns at least this often (stop requests, heartbeats)
+HEARTBEAT_LIMIT = 10.0  # healthy() is False when the loop has not turned for this long
+# Audio fed after the end of a finite stream so that a word at its very end still passes through the whole
+# window and the smoothing. Quiet dither rather than digital zero, like a real room.
+TAIL_SECONDS = 1.2
+TAIL_DITHER = 3.0  # int16 LSB (about -80 dBFS)
+DRAIN_MARGIN = 0.5  # exit-at-end: after the last message's TTL, wait this much longer for the link
+
+
+def tail_padding(seconds: float = TAIL_SECONDS, seed: int = 0) -> npt.NDArray[np.int16]:
+    """Deterministic near-silence appended to finite streams."""
+    rng = np.random.default_rng(seed)
+    return np.round(rng.normal(0.0, TAIL_DITHER, round(seconds * SAMPLE_RATE))).astype(np.int16)
+
+
+def commands_from_config(config: Config) -> list[Command]:
+    """``[[voice.commands]]`` with each action's ``confirm`` flag."""
+    return [Command(command.words, command.action, config.actions[command.action].confirm)
+            for command in config.voice.commands]
+
+
+@dataclass(slots=True)
+class PipelineOutput:
+    detections: list[Detection] = field(default_factory=list)
+    events: list[MatchEvent] = field(default_factory=list)
+
+    @property
+    def intents(self) -> list[Intent]:
+        return [event.intent for event in self.events if event.intent is not None]
+
+
+class VoicePipeline:
+    """Samples -> StreamingFeatures -> KwsModel (every hop) -> Recognizer -> CommandMatcher. Not thread-safe.
+
+    Raises ConfigError when the configuration names words the model does not know."""
+
+    def __init__(self, model: KwsModel, voice: VoiceSection, commands: Sequence[Command] = (),
+                 hop_seconds: float = HOP_SECONDS) -> None:
+        params = model.params
+        if params.sample_rate != SAMPLE_RATE:
+            raise ConfigError(f"the keyword model expects {params.sample_rate} Hz audio; home-agent delivers "
+                              f"{SAMPLE_RATE} Hz")
+        if commands:
+            check_vocabulary(model.labels, voice.wake_word, commands)
+        thresholds = effective_thresholds(model.thresholds, model.labels, voice.thresholds)
+        self.model = model
+        self.voice = voice
+        self.commands = tuple(commands)
+        # A whole number of feature hops, so every model window ends on a hop boundary.
+        per_hop = max(1, round(hop_seconds * SAMPLE_RATE / params.hop_samples))
+        self.hop_samples = per_hop * params.hop_samples
+        self.settings = RecognizerSettings(
+            labels=model.labels,
+            thresholds=thresholds,
+            smoothing_seconds=model.smoothing_seconds,
+            refractory_seconds=voice.refractory if voice.refractory is not None else model.refractory_seconds,
+            window_seconds=params.window_seconds,
+        )
+        self.features = StreamingFeatures(params)
+        self.recognizer = Recognizer(self.settings)
+        self.matcher = CommandMatcher(voice.wake_word, self.commands, wake_window=voice.wake_window,
+                                      confirm_window=voice.confirm_window)
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._samples = 0  # samples pushed into the features (whole hops)
+        self.invocations = 0
+
+    @property
+    def hop_seconds(self) -> float:
+        return self.hop_samples / SAMPLE_RATE
+
+    @property
+    def t_audio(self) -> float:
+        """Seconds of audio processed (whole hops) since the last reset."""
+        return self._samples / SAMPLE_RATE
+
+    def reset(self) -> None:
+        """Start a new stream at audio time 0 (a new file, or after a gap such as mute or a reopened mic)."""
+        self.features.reset()
+        self.recognizer.reset()
+        self.matcher.reset()
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._samples = 0
+
+    def feed(self, samples: npt.NDArray[np.int16], *, mono_end: float | None = None,
+             wall_end: float | None = None) -> PipelineOutput:
+        """Process a block of 16 kHz int16 samples (any length; a partial hop waits for the next block).
+
+        ``mono_end``/``wall_end``: when the block's last sample was captured (monotonic / wall clock); intents
+        get the capture time of the hop that completed them. Without them, audio time stands in."""
+        output = PipelineOutput()
+        buffer = np.concatenate([self._pending, np.asarray(samples, dtype=np.int16)]) if len(self._pending) \
+            else np.asarray(samples, dtype=np.int16)
+        hop = self.hop_samples
+        whole = len(buffer) // hop * hop
+        for offset in range(0, whole, hop):
+            self.features.push(buffer[offset : offset + hop])
+            self._samples += hop
+            behind = (len(buffer) - offset - hop) / SAMPLE_RATE  # audio after this hop in the block
+            t_audio = self.t_audio
+            mono = mono_end - behind if mono_end is not None else t_audio
+            wall = wall_end - behind if wall_end is not None else t_audio
+            if self.features.ready():
+                self._invoke(t_audio, mono, wall, output)
+            output.events.extend(self.matcher.tick(t_audio, wall_time=wall, mono_time=mono))
+        self._pending = buffer[whole:].copy()
+        return output
+
+    def _invoke(self, t_audio: float, mono: float, wall: float, output: PipelineOutput) -> None:
+        probabilities = self.model.predict(self.features.features())
+        self.invocations += 1
+        detection = self.recognizer.process(Scores(self.model.labels, probabilities, round(t_audio, 6)))
+        if detection is None:
+            return
+        output.detections.append(detection)
+        output.events.extend(self.matcher.on_detection(detection, wall_time=wall, mono_time=mono))
+
+    def finish(self, *, mono_end: float | None = None, wall_end: float | None = None) -> PipelineOutput:
+        """End of a finite stream: feed quiet padding so a word at the very end is still recognised."""
+        padding = tail_padding()
+        return self.feed(padding, mono_end=mono_end, wall_end=wall_end)
+
+
+def load_pipeline(config: Config | None, model_path_override: Path | None = None) -> VoicePipeline:
+    """The model named by the config (or the shipped one) and a pipeline for the config's voice settings.
+    Raises ModelError (bad or missing model) or ConfigError (words the model does not know)."""
+    voice = config.voice if config is not None else VoiceSection()
+    if model_path_override is not None:
+        path = model_path_override
+    elif config is not None:
+        path = config.resolve_path(voice.model)
+    else:
+        from agent.paths import resolve_data_path  # noqa: PLC0415
+
+        path = resolve_data_path(voice.model)
+    model = KwsModel.load(path)
+    commands = commands_from_config(config) if config is not None else []
+    return VoicePipeline(model, voice, commands, hop_seconds=model_hop_seconds(model))
+
+
+def model_hop_seconds(model: KwsModel) -> float:
+    """The hop the model's thresholds were calibrated with (metadata ``hop_seconds``), at most 100 ms."""
+    value = model.metadata.get("hop_seconds")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= HOP_SECONDS:
+        return float(value)
+    return HOP_SECONDS
+
+
+# --------------------------------------------------------------------------------------------- payloads
+
+
+def intent_payload(intent: Intent) -> dict[str, Any]:
+    return {"intent": intent.action, "words": list(intent.words),
+            "scores": [round(s, 4) for s in intent.scores], "time": round(intent.time, 3)}
+
+
+def hermes_payload(intent: Intent, site_id: str, wake_word: str) -> dict[str, Any]:
+    """The ``hermes/intent/<name>`` message as Rhasspy 2.5 publishes it."""
+    text = " ".join(intent.words)
+    tokens = []
+    position = 0
+    for word, score in zip(intent.words, intent.scores, strict=True):
+        tokens.append({"value": word, "confidence": round(score, 4), "rangeStart": position,
+                       "rangeEnd": position + len(word)})
+        position += len(word) + 1
+    confidence = round(min(intent.scores), 4) if intent.scores else 1.0
+    return {
+        "input": text,
+        "rawInput": text,
+        "intent": {"intentName": intent.action, "confidenceScore": confidence},
+        "siteId": site_id,
+        "id": None,
+        "slots": [],
+        "sessionId": uuid.uuid4().hex,
+        "customData": None,
+        "asrTokens": [tokens],
+        "asrConfidence": confidence,
+        "wakewordId": wake_word,
+        "lang": None,
+    }
+
+
+def event_payload(intent: Intent) -> dict[str, Any]:
+    """Home Assistant MQTT event entity: ``event_type`` plus attributes."""
+    return {"event_type": intent.action, "words": list(intent.words),
+            "scores": [round(s, 4) for s in intent.scores], "time": round(intent.time, 3)}
+
+
+def _dumps(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+class Publisher(Protocol):
+    def __call__(self, topic: str, payload: bytes | str, *, qos: int = 0, retain: bool = False,
+                 expires_mono: float | None = None) -> bool: ...
+
+
+class VoiceStage:
+    """The voice worker thread. Plugs into ``App`` (``start``/``stop``/``healthy``)."""
+
+    name = "voice"
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        pipeline: VoicePipeline,
+        source: AudioSource,
+        publish: Publisher,
+        request_action: Callable[[ActionRequest], int],
+        is_muted: Callable[[], bool] = lambda: False,
+        queued: Callable[[], int] = lambda: 0,
+        on_end: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.source = source
+        self.topics = Topics.from_config(config)
+        self._publish = publish
+        self._request_action = request_action
+        self._is_muted = is_muted
+        self._queued = queued
+        self._on_end = on_end
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._open = False
+        self._finished = False
+        self._beat = clock()
+        self._last_expiry = 0.0
+        self._retry_logged = False
+        self._lock = threading.Lock()
+        self.counts = {"detections": 0, "intents": 0, "actions_requested": 0, "actions_refused": 0,
+                       "audio_errors": 0, "open_failures": 0, "muted_chunks": 0, "samples": 0}
+
+    @classmethod
+    def from_app(cls, app: App) -> VoiceStage:
+        """Load the model and check the vocabulary now (startup errors are ModelError / ConfigError); a file
+        given with ``--audio`` is opened now too, so a bad file fails at startup rather than in the thread."""
+        config = app.config
+        pipeline = load_pipeline(config)
+        spec = app.options.audio or config.audio.source
+        source = create_source(spec, config.audio,
+                               resolve=None if app.options.audio else config.resolve_path)
+        if source.finite and isinstance(source, FileSource):
+            source.open()
+            source.close()  # reopened by the thread; this only validated it
+        exit_at_end = app.options.exit_at_end
+        if exit_at_end and not source.finite:
+            log.warning("--exit-at-end has no effect with the %s", source.description)
+        return cls(config=config, pipeline=pipeline, source=source, publish=app.link.publish,
+                   request_action=app.request_action, is_muted=lambda: app.muted,
+                   queued=lambda: app.link.queued, on_end=app.request_stop if exit_at_end else None)
+
+    # ----------------------------------------------------------------- Stage interface
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("voice stage already started")
+        self._beat = self._clock()
+        self._thread = threading.Thread(target=self._main, name="voice", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
+            if thread.is_alive():
+                log.warning("the voice thread did not stop within 5 s")
+        self._close_source()
+        log.info("voice stage stopped: %s", self.stats())
+
+    def healthy(self, now: float) -> bool:
+        thread = self._thread
+        if thread is None:
+            return True
+        if not thread.is_alive():
+            return self._finished  # a finite source that ended is fine; a dead thread is not
+        return now - self._beat < HEARTBEAT_LIMIT
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self.counts)
+        return {**counts, **self.source.stats(), "invocations": self.pipeline.invocations}
+
+    # ----------------------------------------------------------------- the thread
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += amount
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # the thread dies; healthy() turns False and the supervisor reports it
+            log.exception("the voice stage failed")
+        finally:
+            self._close_source()
+
+    def _loop(self) -> None:
+        retry_interval = self.config.audio.retry_interval
+        while not self._stop.is_set():
+            self._beat = self._clock()
+            if self._is_muted() and self.source.retry_on_error:
+                self._close_source()  # a muted microphone is closed, not just ignored
+                self._wait(READ_TIMEOUT)
+                continue
+            if not self._open and not self._try_open():
+                if not self.source.retry_on_error:
+                    self._end_of_stream(failed=True)
+                    return
+                self._wait(retry_interval)
+                continue
+            try:
+                chunk = self.source.read(READ_TIMEOUT)
+            except EndOfAudio:
+                self._end_of_stream(failed=False)
+                return
+            except AudioError as err:
+                self._count("audio_errors")
+                if not self.source.retry_on_error:
+                    log.error("%s", err)
+                    self._end_of_stream(failed=True)
+                    return
+                log.warning("%s; reopening in %.0f s", err, retry_interval)
+                self._close_source()
+                self._wait(retry_interval)
+                continue
+            if chunk is None:
+                continue
+            if self._is_muted():
+                self._count("muted_chunks")
+                self.pipeline.reset()  # nothing heard before the mute may complete a command after it
+                continue
+            self._count("samples", len(chunk.samples))
+            wall = time.time() - (self._clock() - chunk.t_mono)
+            self._handle(self.pipeline.feed(chunk.samples, mono_end=chunk.t_mono, wall_end=wall))
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep interruptibly, still beating (a long retry interval is not a hang)."""
+        deadline = self._clock() + seconds
+        while not self._stop.is_set():
+            self._beat = self._clock()
+            remaining = deadline - self._beat
+            if remaining <= 0:
+                return
+            self._stop.wait(min(remaining, READ_TIMEOUT))
+
+    def _try_open(self) -> bool:
+        try:
+            self.source.open()
+        except AudioError as err:
+            self._count("open_failures")
+            if self.source.retry_on_error:
+                # The first failure at WARNING with the reason; repeats quieter so the journal is not flooded.
+                level = logging.DEBUG if self._retry_logged else logging.WARNING
+                log.log(level, "%s; retrying every %.0f s", err, self.config.audio.retry_interval)
+                self._retry_logged = True
+            else:
+                log.error("%s", err)
+            return False
+        if self._retry_logged:
+            log.info("audio source is back: %s", self.source.description)
+        self._retry_logged = False
+        self._open = True
+        self.pipeline.reset()  # a new stream: audio time restarts
+        log.info("voice: listening to %s (model %s, hop %.0f ms)", self.source.description,
+                 self.pipeline.model.path.name, self.pipeline.hop_seconds * 1000)
+        return True
+
+    def _close_source(self) -> None:
+        if self._open:
+            self._open = False
+            self.source.close()
+
+    def _end_of_stream(self, *, failed: bool) -> None:
+        if not failed:
+            now = self._clock()
+            self._handle(self.pipeline.finish(mono_end=now, wall_end=time.time()))
+            log.info("voice: end of %s (%.1f s of audio)", self.source.description, self.pipeline.t_audio)
+        self._close_source()
+        self._finished = True
+        if self._on_end is not None:
+            self._drain()
+            self._on_end()
+
+    def _drain(self) -> None:
+        """Exit-at-end: wait until everything queued was handed to the broker, or has expired."""
+        deadline = max(self._last_expiry, self._clock()) + DRAIN_MARGIN
+        while not self._stop.is_set() and self._clock() < deadline and self._queued() > 0:
+            self._beat = self._clock()
+            self._stop.wait(0.02)
+
+    # ----------------------------------------------------------------- results
+
+    def _handle(self, output: PipelineOutput) -> None:
+        for detection in output.detections:
+            self._count("detections")
+            log.info("voice: heard %r (score %.2f) at %.2f s", detection.word, detection.score, detection.end)
+        for event in output.events:
+            if event.kind == "intent" and event.intent is not None:
+                self._fire(event.intent)
+            elif event.kind == "wake":
+                log.debug("voice: wake word at %.2f s, listening for %.1f s", event.t_audio,
+                          self.config.voice.wake_window)
+            elif event.kind == "confirm_pending":
+                log.info('voice: %s needs confirmation: say "yes" within %.0f s', event.action,
+                         self.config.voice.confirm_window)
+            elif event.kind in ("cancelled", "expired") and event.action is not None:
+                log.info("voice: %s cancelled (%s)", event.action, event.reason)
+
+    def _fire(self, intent: Intent) -> None:
+        self._count("intents")
+        section = self.config.actions[intent.action]
+        expires = intent.created_mono + section.ttl
+        self._last_expiry = max(self._last_expiry, expires)
+        log.info("voice: intent %s from %r at %.2f s", intent.action, " ".join(intent.words), intent.t_audio)
+        topics = self.topics
+        messages = (
+            (topics.intent, intent_payload(intent)),
+            (Topics.hermes_intent(intent.action), hermes_payload(intent, self.config.agent.id,
+                                                                 self.config.voice.wake_word)),
+            (topics.event, event_payload(intent)),
+        )
+        for topic, payload in messages:
+            self._publish(topic, _dumps(payload), qos=1, retain=False, expires_mono=expires)
+        try:
+            self._request_action(ActionRequest(action=intent.action, source="voice",
+                                               created_mono=intent.created_mono, ttl=section.ttl))
+            self._count("actions_requested")
+        except ActionError:
+            self._count("actions_refused")  # the app logged why (rate limit, expired, muted)

@@ -1,0 +1,371 @@
+"""The real daemon (``python -m agent run``) against a real mosquitto: availability, discovery, last will,
+re-announce on HA birth, the mute switch, broker restarts, bad credentials, SIGHUP, a payload flood and
+``home-agent action``."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from conftest import (
+    Daemon,
+    Mosquitto,
+    MqttProbe,
+    base_config,
+    make_password_file,
+    retained_messages,
+    run_cli,
+    wait_until,
+)
+
+from agent import __version__
+from agent.config import load_config
+from agent.discovery import discovery_messages
+
+BASE = "home-agent/testagent"
+AVAILABILITY = f"{BASE}/availability"
+DIAGNOSTICS = f"{BASE}/diagnostics"
+MUTE_SET = f"{BASE}/mute/set"
+MUTE_STATE = f"{BASE}/mute/state"
+TELEMETRY = "zigbee2mqtt/living_room_sensor"
+SENSOR_STATE = f"{BASE}/sensor/living_room_temperature/state"
+DISCOVERY = "homeassistant/+/testagent/+/config"
+
+
+def expected_discovery(config_path: Path) -> dict[str, dict[str, Any]]:
+    config = load_config(config_path)
+    event_types = sorted({c.action for c in config.voice.commands}) if config.voice_active else []
+    return discovery_messages(config, event_types=event_types, sw_version=__version__)
+
+
+def start_online(daemon_factory: Callable[..., Daemon], config: Path, probe: MqttProbe,
+                 **kwargs: Any) -> Daemon:
+    """Start the daemon and wait for its (new) ``online``."""
+    before = len(probe.matching(AVAILABILITY, b"online"))
+    daemon = daemon_factory(config, **kwargs)
+    try:
+        probe.wait_for(AVAILABILITY, b"online", timeout=5, count=before + 1)
+    except AssertionError:
+        raise AssertionError("daemon not online within 5 s; its log:\n" + daemon.log_text()) from None
+    return daemon
+
+
+def diagnostics(probe: MqttProbe) -> dict[str, Any]:
+    payload = probe.last(DIAGNOSTICS)
+    assert payload is not None, "no diagnostics yet"
+    return dict(json.loads(payload))
+
+
+def test_online_within_5s_with_every_discovery_config_retained(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    config = write_config(mosquitto)
+    probe = mqtt_client().subscribe(AVAILABILITY)
+    t0 = time.monotonic()
+    daemon = start_online(daemon_factory, config, probe)
+    startup = probe.matching(AVAILABILITY, b"online")[0].at - t0
+    assert startup < 5.0
+    expected = expected_discovery(config)
+    assert len(expected) >= 8  # 5 diagnostics, mute switch, event, sensor (+ anomaly entities)
+
+    def all_retained() -> dict[str, bytes] | None:
+        found = retained_messages(mosquitto, "homeassistant/#", settle=0.2)
+        return found if set(found) == set(expected) else None
+
+    retained = wait_until(all_retained, 5.0 - (time.monotonic() - t0), interval=0.1)
+    assert retained, f"retained discovery configs {sorted(retained_messages(mosquitto, 'homeassistant/#'))}"
+    for topic, payload in retained.items():
+        assert json.loads(payload) == expected[topic]
+    states = retained_messages(mosquitto, f"{BASE}/#")
+    assert states[AVAILABILITY] == b"online"
+    assert states[MUTE_STATE] == b"OFF"
+    assert set(json.loads(states[DIAGNOSTICS])) >= {"uptime", "messages_in", "messages_out", "dropped",
+                                                    "bad_payloads"}
+    print(f"\nstartup to online: {startup:.2f} s, RSS {daemon.rss_kb() / 1024:.1f} MiB")
+
+
+def test_clean_stop_publishes_offline_and_exits_0(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    probe = mqtt_client().subscribe(AVAILABILITY)
+    daemon = start_online(daemon_factory, write_config(mosquitto), probe)
+    t0 = time.monotonic()
+    assert daemon.terminate(timeout=5) == 0
+    assert time.monotonic() - t0 < 5
+    probe.wait_for(AVAILABILITY, b"offline", timeout=1)
+    assert retained_messages(mosquitto, AVAILABILITY)[AVAILABILITY] == b"offline"
+    # A clean DISCONNECT (not a dropped socket that would fire the last will).
+    assert "Client home-agent-testagent disconnected." in mosquitto.log_text()
+
+
+def test_sigint_also_stops_cleanly(mosquitto: Mosquitto, write_config: Callable[..., Path],
+                                   daemon_factory: Callable[..., Daemon],
+                                   mqtt_client: Callable[..., MqttProbe]) -> None:
+    probe = mqtt_client().subscribe(AVAILABILITY)
+    daemon = start_online(daemon_factory, write_config(mosquitto), probe)
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait(5) == 0
+    probe.wait_for(AVAILABILITY, b"offline", timeout=1)
+
+
+def test_kill_9_leads_to_offline_by_last_will(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    probe = mqtt_client().subscribe(AVAILABILITY)
+    daemon = start_online(daemon_factory, write_config(mosquitto), probe)
+    daemon.kill()
+    message = probe.wait_for(AVAILABILITY, b"offline", timeout=3)
+    assert retained_messages(mosquitto, AVAILABILITY)[AVAILABILITY] == b"offline"
+    assert message.payload == b"offline"
+
+
+def test_reannounces_discovery_when_home_assistant_comes_online(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    config = write_config(mosquitto)
+    probe = mqtt_client().subscribe(AVAILABILITY)
+    start_online(daemon_factory, config, probe)
+    expected = expected_discovery(config)
+    watcher = mqtt_client().subscribe(DISCOVERY, MUTE_STATE)
+    time.sleep(0.3)  # the initial announcement has settled; retained copies arrived on subscribe
+    watcher.clear()
+    probe.publish("homeassistant/status", b"Online")  # case matters: ignored
+    time.sleep(0.5)
+    assert watcher.matching(DISCOVERY) == []
+    probe.publish("homeassistant/status", b"online")
+    for topic in expected:
+        watcher.wait_for(topic, timeout=2)  # announce_jitter is 0.2 s
+    live = [m for m in watcher.matching(DISCOVERY) if not m.retained]
+    assert {m.topic for m in live} == set(expected)
+    watcher.wait_for(MUTE_STATE, b"OFF", timeout=1)  # states are re-published too
+
+
+def test_mute_switch_round_trip_and_persistence(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe], tmp_path: Path) -> None:
+    config = write_config(mosquitto)
+    probe = mqtt_client().subscribe(AVAILABILITY, MUTE_STATE, DIAGNOSTICS)
+    daemon = start_online(daemon_factory, config, probe)
+    probe.wait_for(MUTE_STATE, b"OFF")
+    probe.publish(MUTE_SET, b"on")  # HA payloads are case-sensitive: rejected and counted
+    probe.publish(MUTE_SET, b"ON")
+    probe.wait_for(MUTE_STATE, b"ON", timeout=2)
+    assert wait_until(lambda: diagnostics(probe)["bad_payloads"] >= 1, 3)
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["muted"] is True
+    assert daemon.terminate(5) == 0
+
+    mosquitto.restart()  # no persistence: the retained ON is gone; it must come from the state file
+    probe = mqtt_client().subscribe(AVAILABILITY, MUTE_STATE)
+    start_online(daemon_factory, config, probe)
+    probe.wait_for(MUTE_STATE, b"ON", timeout=2)
+    probe.publish(MUTE_SET, b"OFF")
+    probe.wait_for(MUTE_STATE, b"OFF", timeout=2)
+
+
+def test_corrupt_state_file_is_moved_aside(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe], tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "state.json").write_text('{"muted": tru', encoding="utf-8")
+    probe = mqtt_client().subscribe(AVAILABILITY, MUTE_STATE)
+    daemon = start_online(daemon_factory, write_config(mosquitto), probe)
+    probe.wait_for(MUTE_STATE, b"OFF")
+    aside = list(state_dir.glob("state.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == '{"muted": tru'
+    assert "corrupt" in daemon.log_text()
+
+
+def test_broker_restart_reconnects_and_resubscribes(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    config = write_config(mosquitto)
+    probe = mqtt_client().subscribe(AVAILABILITY)
+    daemon = start_online(daemon_factory, config, probe)
+    mosquitto.kill()
+    time.sleep(0.3)
+    mosquitto.start()  # same port, empty: no retained messages, no sessions
+    probe = mqtt_client().subscribe(AVAILABILITY, SENSOR_STATE, MUTE_STATE)
+    probe.wait_for(AVAILABILITY, b"online", timeout=5)
+    # Discovery is back (re-announced on connect) and telemetry + mute subscriptions work again.
+    assert wait_until(lambda: set(retained_messages(mosquitto, "homeassistant/#", 0.1))
+                      == set(expected_discovery(config)), 3)
+    probe.publish(TELEMETRY, json.dumps({"temperature": 19.25}))
+    assert probe.wait_for(SENSOR_STATE, timeout=2).payload == b"19.25"
+    probe.publish(MUTE_SET, b"ON")
+    probe.wait_for(MUTE_STATE, b"ON", timeout=2)
+    assert daemon.alive()
+
+
+def test_bad_credentials_exit_1_without_retrying_and_password_never_logged(
+        mosquitto_factory: Callable[..., Mosquitto], write_config: Callable[..., Path],
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    password = "s3cret-Pa55word"
+    broker = mosquitto_factory(password_file=make_password_file(tmp_path / "passwd", "agent", password))
+    config = write_config(broker, **{"mqtt.username": "agent"})
+    daemon = daemon_factory(config, env={"HOME_AGENT_MQTT_PASSWORD": "wrong-" + password})
+    assert daemon.wait(5) == 1
+    log = daemon.log_text()
+    assert "refused the connection" in log and ("not authorized" in log.lower() or "bad user" in log.lower())
+    assert password not in log
+    assert broker.log_text().count("New client connected") <= 1
+
+    # The right password from a file: connects; still never logged (DEBUG logging).
+    secret_file = tmp_path / "mqtt-password"
+    secret_file.write_text(password + "\n", encoding="utf-8")
+    config = write_config(broker, **{"mqtt.username": "agent", "mqtt.password_file": str(secret_file)})
+    probe = MqttProbe(broker, username="agent", password=password).subscribe(AVAILABILITY)
+    try:
+        daemon = start_online(daemon_factory, config, probe)
+        assert daemon.terminate(5) == 0
+        assert password not in daemon.log_text()
+    finally:
+        probe.close()
+
+
+def test_sighup_invalid_config_keeps_running_valid_config_applies(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe], tmp_path: Path) -> None:
+    config = write_config(mosquitto)
+    good_text = config.read_text()
+    probe = mqtt_client().subscribe(AVAILABILITY, MUTE_STATE, DISCOVERY)
+    daemon = start_online(daemon_factory, config, probe)
+    old_sensor_topic = "homeassistant/sensor/testagent/sensor_living_room_temperature/config"
+    probe.wait_for(old_sensor_topic)
+
+    config.write_text(good_text.replace("keepalive = 5", 'keepalive = "abc"'))
+    daemon.signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload failed" in daemon.log_text(), 3), daemon.log_text()
+    assert "mqtt.keepalive" in daemon.log_text()
+    probe.publish(MUTE_SET, b"ON")
+    probe.wait_for(MUTE_STATE, b"ON", timeout=2)  # still serving with the old config
+    assert daemon.alive()
+
+    # A valid new config: the telemetry stream is replaced -> new entity announced, the old one removed.
+    new = base_config(mosquitto, tmp_path / "state")
+    new["telemetry"] = [{"topic": "tele/plug/SENSOR", "field": "ENERGY.Power", "sensor": "plug_power",
+                         "unit": "W", "device_class": "power"}]
+    write_config(data=new)
+    daemon.signal(signal.SIGHUP)
+    new_topic = "homeassistant/sensor/testagent/sensor_plug_power/config"
+    probe.wait_for(new_topic, timeout=3)
+    assert wait_until(lambda: old_sensor_topic not in retained_messages(mosquitto, "homeassistant/#", 0.1), 3)
+    assert new_topic in retained_messages(mosquitto, "homeassistant/#", 0.1)
+    probe.subscribe(f"{BASE}/sensor/+/state")
+    probe.publish("tele/plug/SENSOR", json.dumps({"ENERGY": {"Power": 42}}))
+    assert probe.wait_for(f"{BASE}/sensor/plug_power/state", timeout=2).payload == b"42.0"
+    assert daemon.alive()
+    assert daemon.terminate(5) == 0
+
+
+def test_stale_discovery_configs_are_removed_at_startup(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    probe = mqtt_client().subscribe(AVAILABILITY)
+    stale = "homeassistant/sensor/testagent/sensor_removed_stream/config"
+    foreign = "homeassistant/sensor/other_agent/sensor_x/config"
+    probe.publish(stale, b'{"name": "old"}', retain=True)
+    probe.publish(foreign, b'{"name": "not ours"}', retain=True)
+    config = write_config(mosquitto)
+    start_online(daemon_factory, config, probe)
+    assert wait_until(lambda: stale not in retained_messages(mosquitto, "homeassistant/#", 0.1), 4)
+    retained = retained_messages(mosquitto, "homeassistant/#")
+    assert foreign in retained
+    assert set(expected_discovery(config)) <= set(retained)
+
+
+def random_payloads(count: int, seed: int = 1234) -> list[bytes]:
+    """Malformed, hostile and occasionally valid telemetry payloads."""
+    rng = random.Random(seed)
+    fixed = [b"", b"null", b"nan", b"NaN", b"inf", b"-Infinity", b"1e999", b'{"temperature": NaN}',
+             b'{"temperature": "21.5"}', b'{"temperature": true}', b'{"temperature": null}', b"[1,2,3]",
+             b'{"temperature": 1e400}', b'{"temperature": 500}', b"\xff\xfe\x00", b"{" * 10000,
+             b'{"temperature": ' + b"[" * 5000, b"x" * 70000, b'{"temperature": 21.5}', b"21.5",
+             b'{"other": 1}', b'{"temperature": {"nested": 1}}', b"\x00" * 100, "°C".encode()]
+    payloads: list[bytes] = []
+    for index in range(count):
+        kind = index % 4
+        if kind == 0:
+            payloads.append(fixed[rng.randrange(len(fixed))])
+        elif kind == 1:
+            payloads.append(rng.randbytes(rng.randrange(0, 200)))
+        elif kind == 2:
+            value = rng.choice(["1", "-", ".", "e", "{", "}", '"', ":", ",", "temperature", " ", "[", "]"])
+            payloads.append(b'{"temperature": ' + "".join(value for _ in range(rng.randrange(8))).encode())
+        else:
+            payloads.append(json.dumps({"temperature": rng.uniform(-100, 150), "battery": rng.random()}).encode())
+    return payloads
+
+
+def test_ten_thousand_malformed_payloads_are_all_counted(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    config = write_config(mosquitto)
+    probe = mqtt_client().subscribe(AVAILABILITY, DIAGNOSTICS)
+    daemon = start_online(daemon_factory, config, probe)
+    probe.wait_for(DIAGNOSTICS)
+    before = diagnostics(probe)
+    payloads = random_payloads(10_000)
+    for index, payload in enumerate(payloads):
+        probe.client.publish(TELEMETRY, payload, qos=1 if index % 500 == 499 else 0).wait_for_publish(5)
+    total = len(payloads)
+
+    def all_counted() -> bool:
+        d = diagnostics(probe)
+        handled = sum(d[k] - before[k] for k in ("bad_payloads", "readings", "telemetry_ignored"))
+        return handled >= total
+
+    assert wait_until(all_counted, 10, interval=0.2), (diagnostics(probe), daemon.log_text()[-3000:])
+    after = diagnostics(probe)
+    delta = {k: after[k] - before[k] for k in ("bad_payloads", "readings", "telemetry_ignored", "handler_errors")}
+    assert delta["bad_payloads"] + delta["readings"] + delta["telemetry_ignored"] == total, delta
+    assert delta["handler_errors"] == 0
+    assert delta["bad_payloads"] > total / 2
+    assert delta["readings"] > total / 10  # about half of the valid-JSON quarter is within [min, max]
+    assert daemon.alive()
+    # Still fully functional.
+    probe.subscribe(SENSOR_STATE)
+    probe.publish(TELEMETRY, b'{"temperature": 20.5}')
+    probe.wait_for(SENSOR_STATE, b"20.5", timeout=2)
+    print(f"\n10k payloads: {delta}, RSS {daemon.rss_kb() / 1024:.1f} MiB")
+
+
+def test_action_command_publishes_exact_bytes(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], mqtt_client: Callable[..., MqttProbe]) -> None:
+    config = write_config(mosquitto, **{"actions.heat_up": {
+        "topic": "zigbee2mqtt/trv/set", "payload": '{"current_heating_setpoint": {{ setpoint + 1 }}}',
+        "state_topic": "zigbee2mqtt/trv"}})
+    probe = mqtt_client().subscribe("test/lamp/set", "zigbee2mqtt/trv/set", AVAILABILITY)
+    result = run_cli("action", "lamp_on", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    message = probe.wait_for("test/lamp/set", timeout=2)
+    assert message.payload == b'{"state": "ON"}'
+    assert not message.retained
+    assert probe.matching(AVAILABILITY) == []  # the one-shot client never touches availability
+
+    # Relative setpoint: needs the device's current setpoint from its (retained) state topic.
+    probe.publish("zigbee2mqtt/trv", b'{"current_heating_setpoint": 20.5}', retain=True)
+    result = run_cli("action", "heat_up", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert probe.wait_for("zigbee2mqtt/trv/set", timeout=2).payload == b'{"current_heating_setpoint": 21.5}'
+
+    result = run_cli("action", "no_such_action", "--config", str(config))
+    assert result.returncode == 2
+    assert "unknown action 'no_such_action'" in result.stderr and "lamp_on" in result.stderr
+
+
+def test_action_command_without_broker_fails_clearly(write_config: Callable[..., Path],
+                                                    mosquitto_factory: Callable[..., Mosquitto]) -> None:
+    broker = mosquitto_factory(start=False)
+    config = write_config(broker)
+    t0 = time.monotonic()
+    result = run_cli("action", "lamp_on", "--config", str(config), "--timeout", "1", timeout=30)
+    assert result.returncode == 1
+    assert "cannot connect to the MQTT broker" in result.stderr
+    assert time.monotonic() - t0 < 5

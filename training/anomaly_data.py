@@ -1,0 +1,278 @@
+"""Telemetry streams, fault injection and replay validation for the anomaly detector (no TensorFlow here:
+tests and bench import it too).
+
+A *stream* is one numeric column of one file of ``../shared/data/telemetry``: UCI occupancy detection
+(three 1-minute office files: Temperature, Humidity, Light, CO2, HumidityRatio, Occupancy) and UCI
+appliances energy (one 10-minute house file: power, lights, 9 rooms' temperature and humidity, weather,
+two random variables). Timestamps are local wall clock without a zone; they are read as UTC so the time of
+day stays the one written in the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as dt
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.anomaly import KINDS, AnomalyModel, StreamDetector, StreamState
+from agent.config import AnomalySection
+from agent.paths import REPO_ROOT
+
+FloatArray = npt.NDArray[np.float64]
+
+FAULT_KINDS = ("stuck", "dropout", "spike", "drift", "step")
+DAY = 86400.0
+
+
+def default_telemetry_dir() -> Path:
+    """$TELEMETRY_DIR, else ../shared/data/telemetry next to the repository."""
+    env = os.environ.get("TELEMETRY_DIR")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "telemetry"
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    times: FloatArray  # UNIX seconds (wall clock read as UTC)
+    tods: FloatArray  # fraction of the day
+    values: FloatArray
+
+    @property
+    def days(self) -> float:
+        return float(self.times[-1] - self.times[0]) / DAY if len(self.times) > 1 else 0.0
+
+    @property
+    def interval(self) -> float:
+        return float(np.median(np.diff(self.times)))
+
+
+def _epoch_and_tod(stamps: Iterable[dt.datetime]) -> tuple[FloatArray, FloatArray]:
+    items = list(stamps)
+    times = np.array([s.replace(tzinfo=dt.UTC).timestamp() for s in items])
+    tods = np.array([(s.hour * 3600 + s.minute * 60 + s.second) / DAY for s in items])
+    return times, tods
+
+
+def load_streams(data_dir: Path) -> list[Stream]:
+    """Every numeric column of every telemetry file, in a fixed order."""
+    streams: list[Stream] = []
+    occupancy = data_dir / "occupancy_detection"
+    for path in sorted(occupancy.glob("*.txt")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        header = rows[0]  # "date", columns... ; data rows carry a leading row number
+        stamps = [dt.datetime.strptime(r[1], "%Y-%m-%d %H:%M:%S") for r in rows[1:]]
+        times, tods = _epoch_and_tod(stamps)
+        for col, name in enumerate(header[1:]):
+            values = np.array([float(r[col + 2]) for r in rows[1:]])
+            streams.append(Stream(f"occupancy/{path.stem}/{name}", times, tods, values))
+    energy = data_dir / "appliances_energy" / "energydata_complete.csv"
+    if energy.exists():
+        with energy.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        header = rows[0]
+        stamps = [dt.datetime.strptime(r[0], "%d-%m-%Y %H:%M") for r in rows[1:]]
+        times, tods = _epoch_and_tod(stamps)
+        for col, name in enumerate(header[1:]):
+            values = np.array([float(r[col + 1]) for r in rows[1:]])
+            streams.append(Stream(f"appliances/{name}", times, tods, values))
+    if not streams:
+        raise FileNotFoundError(f"no telemetry files under {data_dir}")
+    return streams
+
+
+# ------------------------------------------------------------------------------------------- faults
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    start: int  # index of the first faulty reading
+    magnitude: float = 0.0
+
+
+def inject(stream: Stream, fault: Fault, horizon: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """The stream from ``fault.start`` for ``horizon`` readings with the fault applied: times, tods, values.
+
+    stuck: the value freezes at the last good reading. dropout: no readings for ``horizon`` readings' time
+    (the rows are removed; the returned arrays hold the rows after the gap). spike: one reading off by
+    ``magnitude``. step: every reading from the start off by ``magnitude``. drift: a linear ramp reaching
+    ``magnitude`` after one day.
+    """
+    end = min(len(stream.values), fault.start + horizon)
+    times = stream.times[fault.start:end].copy()
+    tods = stream.tods[fault.start:end].copy()
+    values = stream.values[fault.start:end].copy()
+    if fault.kind == "stuck":
+        values[:] = stream.values[fault.start - 1]
+    elif fault.kind == "spike":
+        values[0] += fault.magnitude
+    elif fault.kind == "step":
+        values += fault.magnitude
+    elif fault.kind == "drift":
+        values += fault.magnitude * (times - times[0] + stream.interval) / DAY
+    elif fault.kind == "dropout":
+        return times[:0], tods[:0], values[:0]
+    else:
+        raise ValueError(f"unknown fault kind {fault.kind!r}")
+    return times, tods, values
+
+
+def plan_faults(stream: Stream, rng: np.random.Generator, per_kind: int, first: int,
+                horizon: int) -> list[Fault]:
+    """``per_kind`` faults of each kind at random starts in [first, len - horizon); magnitudes relative to
+    the stream's spread (spike 5 sigma, step 3 sigma, drift 3 sigma per day), random sign."""
+    sigma = float(np.std(stream.values))
+    last = len(stream.values) - horizon
+    faults: list[Fault] = []
+    if last <= first:
+        return faults
+    for kind in FAULT_KINDS:
+        for _ in range(per_kind):
+            start = int(rng.integers(first, last))
+            sign = 1.0 if rng.random() < 0.5 else -1.0
+            magnitude = {"spike": 5.0, "step": 3.0, "drift": 3.0}.get(kind, 0.0) * sigma * sign
+            if kind == "stuck":
+                # a frozen value is only a fault where the real stream moved: pick a start that changes
+                for _attempt in range(50):
+                    window = stream.values[start:start + horizon]
+                    if np.ptp(window) > 0 and stream.values[start] != stream.values[start - 1]:
+                        break
+                    start = int(rng.integers(first, last))
+            faults.append(Fault(kind, start, magnitude))
+    return faults
+
+
+# ------------------------------------------------------------------------------------------- replay
+
+
+@dataclass
+class Alert:
+    index: int
+    time: float
+    kind: str
+    score: float
+
+
+@dataclass
+class ReplayResult:
+    stream: str
+    days: float
+    alerts: list[Alert]
+    checkpoints: dict[int, StreamState] = field(default_factory=dict)
+    scores: FloatArray | None = None
+
+
+def replay(model: AnomalyModel, config: AnomalySection, stream: Stream, checkpoints: Iterable[int] = (),
+           keep_scores: bool = False) -> ReplayResult:
+    """Fault-free replay; returns its alert starts and copies of the state just before each checkpoint."""
+    detector = StreamDetector(model, config)
+    points = sorted({c for c in checkpoints if 0 < c < len(stream.values)})
+    bounds = [0, *points, len(stream.values)]
+    alerts: list[Alert] = []
+    saved: dict[int, StreamState] = {}
+    scores: list[FloatArray] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        if lo in points:
+            saved[lo] = copy.deepcopy(detector.state)
+        result = detector.process(stream.times[lo:hi], stream.tods[lo:hi], stream.values[lo:hi])
+        if keep_scores:
+            scores.append(result.scores)
+        alerts += [Alert(lo + c.index, c.time, c.kind, c.score) for c in result.changes if c.active]
+    return ReplayResult(stream.name, stream.days, alerts, saved, np.concatenate(scores) if keep_scores else None)
+
+
+@dataclass
+class Detection:
+    stream: str
+    fault: Fault
+    detected: bool
+    delay: float  # seconds from the fault start to the alert (inf when missed)
+    kind: str | None  # the alert's kind
+
+
+def detect(model: AnomalyModel, config: AnomalySection, stream: Stream, fault: Fault, state: StreamState,
+           horizon: int, check_interval: float = 60.0) -> Detection:
+    """Replay ``horizon`` readings with ``fault`` from a clean checkpoint; the first alert start is the
+    detection. For dropouts, the daemon's silence check (``dropout_now``) runs every ``check_interval``
+    seconds over the gap."""
+    state = copy.deepcopy(state)
+    # measure the detector, not the cooldown of an unrelated earlier alert
+    state.active, state.episode_end = False, -math.inf
+    detector = StreamDetector(model, config, state)
+    t0 = float(stream.times[fault.start])
+    if fault.kind == "dropout":
+        end = min(len(stream.times) - 1, fault.start + horizon)
+        t_end = float(stream.times[end])
+        t = float(stream.times[fault.start - 1])
+        while t < t_end:
+            t += check_interval
+            if detector.dropout_now(t) >= config.threshold:
+                return Detection(stream.name, fault, True, max(0.0, t - t0), "dropout")
+        return Detection(stream.name, fault, False, math.inf, None)
+    times, tods, values = inject(stream, fault, horizon)
+    result = detector.process(times, tods, values)
+    for change in result.changes:
+        if change.active:
+            return Detection(stream.name, fault, True, change.time - t0, change.kind)
+    return Detection(stream.name, fault, False, math.inf, None)
+
+
+@dataclass
+class Validation:
+    false_alerts: dict[str, tuple[int, float]]  # stream -> (alerts, days)
+    detections: list[Detection]
+
+    def summary(self) -> dict[str, Any]:
+        per_stream = {name: {"alerts": a, "days": round(d, 2), "per_day": a / d if d else 0.0}
+                      for name, (a, d) in self.false_alerts.items()}
+        total_alerts = sum(a for a, _ in self.false_alerts.values())
+        total_days = sum(d for _, d in self.false_alerts.values())
+        kinds: dict[str, Any] = {}
+        for kind in FAULT_KINDS:
+            rows = [d for d in self.detections if d.fault.kind == kind]
+            hits = [d for d in rows if d.detected]
+            delays = np.array([d.delay for d in hits]) / 60.0
+            kinds[kind] = {
+                "injected": len(rows),
+                "detected": len(hits),
+                "rate": len(hits) / len(rows) if rows else 0.0,
+                "delay_min_median": float(np.median(delays)) if len(hits) else None,
+                "delay_min_p90": float(np.percentile(delays, 90)) if len(hits) else None,
+                "alert_kinds": {k: sum(1 for d in hits if d.kind == k) for k in KINDS if
+                                any(d.kind == k for d in hits)},
+            }
+        return {
+            "false_alerts_total": total_alerts,
+            "stream_days": round(total_days, 1),
+            "false_alerts_per_stream_day": total_alerts / total_days if total_days else 0.0,
+            "worst_stream_per_day": max((v["per_day"] for v in per_stream.values()), default=0.0),
+            "streams": per_stream,
+            "faults": kinds,
+        }
+
+
+def validate(model: AnomalyModel, config: AnomalySection, streams: list[Stream], seed: int = 7,
+             per_kind: int = 2, horizon_days: float = 1.0) -> Validation:
+    rng = np.random.default_rng(seed)
+    false_alerts: dict[str, tuple[int, float]] = {}
+    detections: list[Detection] = []
+    for stream in streams:
+        horizon = max(10, int(round(horizon_days * DAY / stream.interval)))
+        first = 2 * config.learning_readings
+        faults = plan_faults(stream, rng, per_kind, first, horizon)
+        clean = replay(model, config, stream, checkpoints=[f.start for f in faults])
+        false_alerts[stream.name] = (len(clean.alerts), stream.days)
+        for fault in faults:
+            state = clean.checkpoints[fault.start]
+            detections.append(detect(model, config, stream, fault, state, horizon))
+    return Validation(false_alerts, detections)

@@ -1,0 +1,111 @@
+"""Shared helpers of the keyword-model pipeline: paths, seeds, audio reading, progress, TensorFlow import."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import soundfile
+
+from agent.paths import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+SEED = 1234
+SAMPLE_RATE = 16000
+CACHE_DIR = REPO_ROOT / ".cache" / "kws"
+SYNTH_DIR = REPO_ROOT / ".cache" / "synth"
+PEERS_DIR = REPO_ROOT.parent / "shared" / "peers"
+TEACHER_TFLITE = PEERS_DIR / "mlperf_tiny_kws" / "mlperf_kws_ref_model_float32.tflite"
+TEACHER_INT8_TFLITE = PEERS_DIR / "mlperf_tiny_kws" / "mlperf_kws_ref_model_int8.tflite"
+# The MLPerf Tiny reference model's output order.
+TEACHER_LABELS = ("down", "go", "left", "no", "off", "on", "right", "stop", "up", "yes", "_silence_", "_unknown_")
+
+T = TypeVar("T")
+
+
+def default_data_dir() -> Path:
+    """$DATA_DIR, else ../shared/data/speech next to the repository."""
+    env = os.environ.get("DATA_DIR")
+    if env:
+        return Path(env)
+    return REPO_ROOT.parent / "shared" / "data" / "speech"
+
+
+def seed_everything(seed: int = SEED) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def import_tf() -> Any:
+    """TensorFlow with legacy Keras (tf_keras), quiet logs, a fixed seed and at most 2 threads (shared box)."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # noqa: PLC0415 - training-only dependency, imported on demand
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(2)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # already initialised in this process: the first setting stays, which is what we want
+    tf.random.set_seed(SEED)
+    tf.get_logger().setLevel(logging.ERROR)
+    return tf
+
+
+def stable_fraction(key: str) -> float:
+    """A stable pseudo-random number in [0, 1) from a string (speaker hash split, file split)."""
+    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
+    return int(digest[:8], 16) / 2**32
+
+
+def read_audio(path: Path) -> npt.NDArray[np.float32]:
+    """Mono float32 samples at 16 kHz."""
+    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    mono = data.mean(axis=1).astype(np.float32)
+    if rate != SAMPLE_RATE:
+        from scipy.signal import resample_poly  # noqa: PLC0415
+
+        divisor = np.gcd(int(rate), SAMPLE_RATE)
+        mono = resample_poly(mono, SAMPLE_RATE // divisor, int(rate) // divisor).astype(np.float32)
+    return mono
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+    """tqdm when present and on a terminal, else a line every ~10 %."""
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            yield from tqdm(items, total=total, desc=desc, leave=False)
+            return
+        except ImportError:
+            pass
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    step = max(1, (total or 0) // 10)
+    start = time.monotonic()
+    for index, item in enumerate(items):
+        if total and index % step == 0:
+            print(f"  {desc} {index}/{total} ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
+        yield item
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def stage_banner(name: str) -> float:
+    print(f"\n=== {name} ===", file=sys.stderr, flush=True)
+    return time.monotonic()

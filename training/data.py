@@ -1,0 +1,462 @@
+"""Stage 1: clip inventory, speaker-disjoint split, augmentation and cached feature windows.
+
+Splits (all deterministic, computed from file names and audio, so ``training.evaluate`` recomputes them):
+- Speech Commands ``sc_<speaker>_*`` and FSDD ``fsdd_<speaker>_*``: by a hash of the speaker.
+- Picovoice ``computer`` (no speaker ids): clips are clustered into approximate speaker groups (k-means on
+  per-clip cepstral statistics) and whole groups are held out.
+- Other wake words without speaker ids, ``real_long/`` and ``noise/``: by a hash of the file name.
+- Synthetic speech (``.cache/synth/<word>/``): training only; a few voices are held out and reported as
+  synthetic, never as real-speaker accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.features import (
+    COMMAND_WORDS,
+    DEVICE_WORDS,
+    LABELS,
+    SILENCE_LABEL,
+    UNKNOWN_LABEL,
+    WAKE_WORD,
+    FeatureParams,
+    window_features,
+)
+from training.common import CACHE_DIR, SAMPLE_RATE, SEED, SYNTH_DIR, progress, read_audio, stable_fraction
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FRACTION = 0.25  # of speakers (or speaker clusters) held out from training
+WINDOW = SAMPLE_RATE  # 1 s
+CONTEXT = SAMPLE_RATE // 10  # 100 ms either side of a word window, for time-shift augmentation
+VOCABULARY = (WAKE_WORD, *COMMAND_WORDS, *DEVICE_WORDS)
+# Real words whose clips contain one of our words: neither positive (not the whole label) nor negative.
+EXCLUDED_REAL = ("hey_computer",)
+COMPUTER_CLUSTERS = 36
+DATA_VERSION = 3  # bump when the windows or augmentation change (invalidates the cache)
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: str  # absolute
+    label: str
+    group: str  # speaker, speaker cluster, voice or file: what must not straddle the split
+    split: str  # "train" | "validation" (held out, reported) | "tune" (negatives for thresholds)
+    source: str  # "real" | "synth" | "long" | "noise"
+
+
+def speaker_of(name: str) -> str | None:
+    match = re.match(r"^(sc|fsdd|precise)_([^_]+)_", name)
+    return f"{match.group(1)}_{match.group(2)}" if match else None
+
+
+def synth_voice(name: str) -> str:
+    stem = Path(name).stem
+    if re.search(r"-s\d+-p\d+$", stem):
+        return re.sub(r"-s\d+-p\d+$", "", stem)
+    return "_".join(stem.split("_")[:2])
+
+
+def _file_split(key: str) -> str:
+    """Negatives without speakers: half for training, a quarter to tune thresholds, a quarter held out."""
+    fraction = stable_fraction(key)
+    if fraction < 0.5:
+        return "train"
+    return "tune" if fraction < 0.75 else "validation"
+
+
+def best_window_start(samples: npt.NDArray[np.float32], size: int = WINDOW) -> int:
+    """Start of the ``size``-sample window with the most energy (where the word is in a longer clip)."""
+    if len(samples) <= size:
+        return 0
+    step = 160
+    energy = np.convolve(samples.astype(np.float64) ** 2, np.ones(size), mode="valid")[::step]
+    return int(np.argmax(energy)) * step
+
+
+def word_window(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The 1 s evaluation window of a clip: the clip itself if it is 1 s or shorter, else its loudest second."""
+    start = best_window_start(samples)
+    window = samples[start : start + WINDOW]
+    if len(window) < WINDOW:
+        window = np.concatenate([np.zeros(WINDOW - len(window), dtype=np.float32), window])
+    return window
+
+
+def word_context(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.int16]:
+    """The loudest second plus 100 ms either side (zeros past the ends), as int16."""
+    start = best_window_start(samples)
+    padded = np.concatenate([np.zeros(CONTEXT, np.float32), samples, np.zeros(WINDOW + CONTEXT, np.float32)])
+    segment = padded[start : start + WINDOW + 2 * CONTEXT]
+    if len(samples) < WINDOW:  # short clips sit centred in the window, as Speech Commands clips do
+        offset = (WINDOW - len(samples)) // 2
+        segment = np.zeros(WINDOW + 2 * CONTEXT, np.float32)
+        segment[CONTEXT + offset : CONTEXT + offset + len(samples)] = samples
+    return to_int16(segment)
+
+
+def to_int16(samples: npt.NDArray[Any]) -> npt.NDArray[np.int16]:
+    return np.clip(np.round(np.asarray(samples) * 32767.0), -32768, 32767).astype(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------- inventory
+
+
+def _cepstral_signature(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """Mean and spread of 2..20th cepstra over the voiced frames: a cheap, channel-and-timbre speaker cue."""
+    from python_speech_features import mfcc  # noqa: PLC0415
+
+    cepstra = mfcc(samples, SAMPLE_RATE, numcep=20, nfilt=40, nfft=512, winfunc=np.hamming, appendEnergy=True)
+    energy = cepstra[:, 0]
+    voiced = cepstra[energy >= np.percentile(energy, 60)][:, 1:]
+    return np.concatenate([voiced.mean(axis=0), voiced.std(axis=0)])
+
+
+def kmeans(points: npt.NDArray[np.float64], k: int, seed: int = SEED, rounds: int = 50) -> npt.NDArray[np.int64]:
+    """Plain k-means with k-means++ seeding (no scikit-learn in the stack)."""
+    rng = np.random.default_rng(seed)
+    centers = [points[rng.integers(len(points))]]
+    for _ in range(1, k):
+        distance = np.min([np.sum((points - c) ** 2, axis=1) for c in centers], axis=0)
+        centers.append(points[rng.choice(len(points), p=distance / distance.sum())])
+    center_array = np.array(centers)
+    assignment = np.zeros(len(points), dtype=np.int64)
+    for _ in range(rounds):
+        distances = ((points[:, None, :] - center_array[None, :, :]) ** 2).sum(axis=2)
+        new_assignment = distances.argmin(axis=1)
+        if np.array_equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+        for cluster in range(k):
+            members = points[assignment == cluster]
+            if len(members):
+                center_array[cluster] = members.mean(axis=0)
+    return assignment
+
+
+def cluster_speakers(paths: list[Path], k: int = COMPUTER_CLUSTERS) -> dict[str, str]:
+    """{file name: cluster id} for clips without speaker ids (deterministic for a given set of files)."""
+    if not paths:
+        return {}
+    signatures = np.array([_cepstral_signature(read_audio(p)) for p in paths])
+    standardized = (signatures - signatures.mean(axis=0)) / (signatures.std(axis=0) + 1e-9)
+    assignment = kmeans(standardized, min(k, len(paths)))
+    return {p.name: f"cluster{int(c):02d}" for p, c in zip(paths, assignment, strict=True)}
+
+
+def _cluster_validation(groups: dict[str, str]) -> set[str]:
+    """Hold out whole clusters, in a hash order, until about VALIDATION_FRACTION of the clips."""
+    sizes = Counter(groups.values())
+    held: set[str] = set()
+    total = sum(sizes.values())
+    for cluster in sorted(sizes, key=lambda c: stable_fraction("computer-" + c)):
+        if sum(sizes[c] for c in held) >= VALIDATION_FRACTION * total:
+            break
+        held.add(cluster)
+    return held
+
+
+def inventory(data_dir: Path, synth_dir: Path | None = SYNTH_DIR, limit: int | None = None) -> list[Clip]:
+    """Every clip with label, group and split. ``limit`` keeps only a few files per folder (smoke runs)."""
+    clips: list[Clip] = []
+    real = data_dir / "real"
+    if not real.is_dir():
+        raise FileNotFoundError(f"{real} does not exist (is DATA_DIR right?)")
+    for folder in sorted(p for p in real.iterdir() if p.is_dir()):
+        word = folder.name
+        if word in EXCLUDED_REAL or word in DEVICE_WORDS:
+            continue
+        files = sorted(folder.glob("*.flac"))
+        label = word if word in VOCABULARY else UNKNOWN_LABEL
+        if word == WAKE_WORD:
+            groups = cluster_speakers(files)
+            held = _cluster_validation(groups)
+            chosen = _limit(files, limit)
+            for path in chosen:
+                group = groups[path.name]
+                split = "validation" if group in held else "train"
+                clips.append(Clip(str(path), label, f"computer-{group}", split, "real"))
+            continue
+        for path in _limit(files, limit):
+            speaker = speaker_of(path.name)
+            if speaker is not None and not speaker.startswith("precise"):
+                split = "validation" if stable_fraction(speaker) < VALIDATION_FRACTION else "train"
+                group = speaker
+            else:
+                split = "validation" if stable_fraction(path.name) < VALIDATION_FRACTION else "train"
+                group = speaker or path.name
+            clips.append(Clip(str(path), label, group, split, "real"))
+    for path in _limit(sorted((data_dir / "real_long").rglob("*.flac")), limit):
+        clips.append(Clip(str(path), UNKNOWN_LABEL, path.name, _file_split(path.name), "long"))
+    for path in _limit(sorted((data_dir / "noise").rglob("*.flac")), limit):
+        clips.append(Clip(str(path), SILENCE_LABEL, path.name, _file_split(path.name), "noise"))
+    if synth_dir is not None and synth_dir.is_dir():
+        for folder in sorted(p for p in synth_dir.iterdir() if p.is_dir()):
+            label = folder.name if folder.name in VOCABULARY else UNKNOWN_LABEL
+            for path in _limit(sorted(folder.glob("*.wav")), limit):
+                voice = synth_voice(path.name)
+                split = "synth_validation" if stable_fraction("voice-" + voice) < 0.15 else "train"
+                clips.append(Clip(str(path), label, voice, split, "synth"))
+    return clips
+
+
+def _limit(files: list[Path], limit: int | None) -> list[Path]:
+    if limit is None or len(files) <= limit:
+        return files
+    step = len(files) / limit
+    return [files[int(i * step)] for i in range(limit)]
+
+
+def summarize(clips: list[Clip]) -> dict[str, Any]:
+    counts: dict[str, dict[str, int]] = {}
+    for clip in clips:
+        key = f"{clip.source}/{clip.split}"
+        counts.setdefault(key, Counter())[clip.label] += 1  # type: ignore[arg-type]
+    speakers = {
+        split: len({c.group for c in clips if c.split == split and c.group.startswith("sc_")})
+        for split in ("train", "validation")
+    }
+    return {"clips": {k: dict(sorted(v.items())) for k, v in sorted(counts.items())}, "sc_speakers": speakers}
+
+
+# -------------------------------------------------------------------------------------------- augmentation
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    word_copies: int = 6  # augmented windows per real training word clip
+    computer_copies: int = 10  # per real `computer` clip (few speakers: more variety per clip)
+    synth_copies: int = 2
+    unknown_copies: int = 1
+    long_hop_seconds: float = 0.5  # windows cut from real_long/ (unknown) and noise/ (silence)
+    shift_seconds: float = 0.1
+    noise_probability: float = 0.8
+    snr_db: tuple[float, float] = (0.0, 25.0)
+    room_probability: float = 0.3
+    gain_db: tuple[float, float] = (-20.0, 0.0)
+    rooms: int = 40
+    quiet_silence: int = 400  # synthetic near-silence windows (zeros, faint white/pink noise)
+
+
+def room_impulse_responses(count: int, seed: int = SEED) -> list[npt.NDArray[np.float32]]:
+    """Simulated small rooms (pyroomacoustics shoebox, image source method), cached on disk."""
+    cache = CACHE_DIR / f"rirs-{count}-{seed}.npz"
+    if cache.exists():
+        with np.load(cache) as data:
+            return [data[k] for k in sorted(data.files, key=int)]
+    import pyroomacoustics as pra  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    responses: list[npt.NDArray[np.float32]] = []
+    for _ in progress(range(count), total=count, desc="rooms"):
+        size = rng.uniform([3.0, 3.0, 2.4], [8.0, 6.0, 3.2])
+        rt60 = rng.uniform(0.2, 0.7)
+        absorption, max_order = pra.inverse_sabine(rt60, size)
+        room = pra.ShoeBox(
+            size, fs=SAMPLE_RATE, materials=pra.Material(absorption), max_order=min(max_order, 12)
+        )
+        room.add_source(rng.uniform([0.5, 0.5, 1.0], size - 0.5))
+        room.add_microphone(rng.uniform([0.5, 0.5, 0.8], size - 0.5))
+        room.compute_rir()
+        rir = np.asarray(room.rir[0][0], dtype=np.float32)[: SAMPLE_RATE // 2]
+        responses.append(rir / np.abs(rir).max())
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(cache, **{str(i): r for i, r in enumerate(responses)})
+    return responses
+
+
+class Augmenter:
+    def __init__(self, config: AugmentConfig, noise_pool: npt.NDArray[np.float32], seed: int) -> None:
+        self.config = config
+        self.noise = noise_pool
+        self.rng = np.random.default_rng(seed)
+        self.rooms = room_impulse_responses(config.rooms) if config.room_probability > 0 else []
+
+    def noise_window(self, size: int = WINDOW) -> npt.NDArray[np.float32]:
+        start = int(self.rng.integers(0, len(self.noise) - size))
+        return self.noise[start : start + size]
+
+    def word(self, context: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
+        """One augmented 1 s window from a word's 1.2 s context."""
+        config, rng = self.config, self.rng
+        max_shift = round(config.shift_seconds * SAMPLE_RATE)
+        offset = CONTEXT + int(rng.integers(-max_shift, max_shift + 1))
+        speech = context[offset : offset + WINDOW].astype(np.float32) / 32768.0
+        if self.rooms and rng.random() < config.room_probability:
+            rir = self.rooms[int(rng.integers(len(self.rooms)))]
+            from scipy.signal import fftconvolve  # noqa: PLC0415
+
+            wet = fftconvolve(speech, rir)[:WINDOW].astype(np.float32)
+            speech = wet * (np.abs(speech).max() / max(float(np.abs(wet).max()), 1e-9))
+        speech *= np.float32(10 ** (rng.uniform(*config.gain_db) / 20))
+        if rng.random() < config.noise_probability:
+            speech = self._mix(speech, self.noise_window(), rng.uniform(*config.snr_db))
+        return to_int16(speech)
+
+    def negative(self, window: npt.NDArray[np.float32], noisy: bool = True) -> npt.NDArray[np.int16]:
+        rng = self.rng
+        window = window * np.float32(10 ** (rng.uniform(*self.config.gain_db) / 20))
+        if noisy and rng.random() < self.config.noise_probability / 2:
+            window = self._mix(window, self.noise_window(), rng.uniform(5.0, 30.0))
+        return to_int16(window)
+
+    def quiet(self) -> npt.NDArray[np.int16]:
+        """Near-silence: zeros, faint white or pink noise, or faint recorded noise."""
+        rng = self.rng
+        kind = int(rng.integers(4))
+        level = 10 ** rng.uniform(-4.5, -2.0)
+        if kind == 0:
+            return np.zeros(WINDOW, np.int16)
+        if kind == 1:
+            return to_int16(rng.normal(0, level, WINDOW))
+        if kind == 2:
+            white = np.fft.rfft(rng.normal(0, 1, WINDOW))
+            pink = np.fft.irfft(white / np.sqrt(np.arange(1, len(white) + 1)), WINDOW)
+            return to_int16(pink / (np.abs(pink).max() + 1e-9) * level * 3)
+        noise = self.noise_window()
+        return to_int16(noise / (np.abs(noise).max() + 1e-9) * level * 3)
+
+    @staticmethod
+    def _mix(speech: npt.NDArray[np.float32], noise: npt.NDArray[np.float32], snr_db: float) -> Any:
+        speech_power = float(np.mean(speech**2)) + 1e-12
+        noise_power = float(np.mean(noise**2)) + 1e-12
+        scale = np.sqrt(speech_power / (noise_power * 10 ** (snr_db / 10)))
+        mixed = speech + noise * np.float32(scale)
+        peak = float(np.abs(mixed).max())
+        return mixed / peak * 0.99 if peak > 0.99 else mixed
+
+
+# -------------------------------------------------------------------------------------------- the dataset
+
+
+@dataclass
+class Dataset:
+    """Feature windows with integer labels (indices into LABELS) and where each came from."""
+
+    features: npt.NDArray[np.float32]  # (N, frames, features)
+    labels: npt.NDArray[np.int64]
+    sources: npt.NDArray[np.str_]  # "real" | "synth" | "long" | "noise" | "quiet"
+    origin: npt.NDArray[np.str_]  # the clip's file name, for reports
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, mask: npt.NDArray[np.bool_]) -> Dataset:
+        return Dataset(self.features[mask], self.labels[mask], self.sources[mask], self.origin[mask])
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, features=self.features, labels=self.labels, sources=self.sources, origin=self.origin)
+
+    @classmethod
+    def load(cls, path: Path) -> Dataset:
+        with np.load(path) as data:
+            return cls(data["features"], data["labels"], data["sources"], data["origin"])
+
+
+def _long_windows(samples: npt.NDArray[np.float32], hop: int) -> list[tuple[npt.NDArray[np.float32], bool]]:
+    """1 s windows of a long recording and whether each holds sound (vs the pauses between utterances)."""
+    if len(samples) < WINDOW:
+        samples = np.concatenate([np.zeros(WINDOW - len(samples), np.float32), samples])
+    frame_rms = np.sqrt(np.convolve(samples.astype(np.float64) ** 2, np.ones(400) / 400, mode="same"))
+    loudest = float(frame_rms.max()) + 1e-9
+    windows = []
+    for start in range(0, len(samples) - WINDOW + 1, hop):
+        window = samples[start : start + WINDOW]
+        active = float(frame_rms[start : start + WINDOW].max()) > 0.15 * loudest
+        windows.append((window, active))
+    return windows
+
+
+def cache_key(clips: list[Clip], params: FeatureParams, config: AugmentConfig, extra: str = "") -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([asdict(c) for c in clips]).encode())
+    digest.update(json.dumps(params.to_dict(), sort_keys=True).encode())
+    digest.update(json.dumps(asdict(config), sort_keys=True).encode())
+    digest.update(f"{DATA_VERSION}{SEED}{extra}".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_training_set(
+    clips: list[Clip], params: FeatureParams, config: AugmentConfig, cache_dir: Path = CACHE_DIR
+) -> Dataset:
+    """Augmented feature windows of every training clip (cached by inventory + parameters + config)."""
+    key = cache_key(clips, params, config, "train")
+    cache = cache_dir / f"train-{key}.npz"
+    if cache.exists():
+        log.info("training windows from cache %s", cache)
+        return Dataset.load(cache)
+    started = time.monotonic()
+    train = [c for c in clips if c.split == "train"]
+    noise_files = [c for c in train if c.source == "noise"]
+    noise_pool = np.concatenate([read_audio(Path(c.path)) for c in noise_files]).astype(np.float32)
+    noise_pool /= np.float32(max(float(np.abs(noise_pool).max()), 1e-9))
+    augmenter = Augmenter(config, noise_pool, SEED)
+    hop = round(config.long_hop_seconds * SAMPLE_RATE)
+    windows: list[npt.NDArray[np.int16]] = []
+    labels: list[int] = []
+    sources: list[str] = []
+    origins: list[str] = []
+
+    def add(window: npt.NDArray[np.int16], label: str, source: str, origin: str) -> None:
+        windows.append(window)
+        labels.append(LABELS.index(label))
+        sources.append(source)
+        origins.append(origin)
+
+    for clip in progress(train, total=len(train), desc="augment"):
+        samples = read_audio(Path(clip.path))
+        name = Path(clip.path).name
+        if clip.source in ("long", "noise"):
+            for window, active in _long_windows(samples, hop):
+                label = clip.label if (active or clip.source == "noise") else SILENCE_LABEL
+                add(augmenter.negative(window, noisy=clip.source == "long"), label, clip.source, name)
+            continue
+        context = word_context(samples)
+        if clip.label == UNKNOWN_LABEL:
+            copies = config.unknown_copies
+        elif clip.source == "synth":
+            copies = config.synth_copies
+        elif clip.label == WAKE_WORD:
+            copies = config.computer_copies
+        else:
+            copies = config.word_copies
+        for _ in range(copies):
+            add(augmenter.word(context), clip.label, clip.source, name)
+    for index in range(config.quiet_silence):
+        add(augmenter.quiet(), SILENCE_LABEL, "quiet", f"quiet{index}")
+    features = np.stack([window_features(w, params) for w in progress(windows, len(windows), "features")])
+    dataset = Dataset(features, np.array(labels), np.array(sources), np.array(origins))
+    dataset.save(cache)
+    log.info("%d training windows in %.0f s -> %s", len(dataset), time.monotonic() - started, cache)
+    return dataset
+
+
+def build_eval_set(clips: list[Clip], params: FeatureParams, split: str, cache_dir: Path = CACHE_DIR) -> Dataset:
+    """Un-augmented word windows of one split (real and synthetic clips; long recordings are streamed)."""
+    chosen = [c for c in clips if c.split == split and c.source in ("real", "synth")]
+    key = cache_key(chosen, params, AugmentConfig(), split)
+    cache = cache_dir / f"eval-{split}-{key}.npz"
+    if cache.exists():
+        return Dataset.load(cache)
+    features = [window_features(word_window(read_audio(Path(c.path))), params) for c in progress(chosen, desc=split)]
+    dataset = Dataset(
+        np.stack(features) if features else np.zeros((0, *params.shape), np.float32),
+        np.array([LABELS.index(c.label) for c in chosen], dtype=np.int64),
+        np.array([c.source for c in chosen]),
+        np.array([Path(c.path).name for c in chosen]),
+    )
+    dataset.save(cache)
+    return dataset

@@ -1,0 +1,314 @@
+"""Evaluate a keyword model on real recordings: per-word accuracy and confusion matrix, detection rate at the
+shipped thresholds, false detections per hour on long negative speech and noise, size, MACs, invoke time.
+
+    python -m training.evaluate --model models/kws.tflite --data DIR [--json] [--split validation|all]
+
+DIR is laid out like ``../shared/data/speech`` (``real/<word>/*.flac``, ``real_long/``, ``noise/``).
+``--split validation`` uses only speakers (and negative files) the training pipeline held out; ``all`` (the
+default) uses every file. Accuracy is the argmax over all labels of one 1 s window per clip (the clip, or its
+loudest second). Detections replay each file through the streaming path the runtime uses (hop, smoothing,
+thresholds and refractory time from the model metadata). ``false_detections_per_hour`` counts wake-word
+detections (the runtime acts on command words only after the wake word); every word's count is listed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import ModelError
+from agent.features import COMMAND_WORDS, LABELS, WAKE_WORD, StreamingFeatures, window_features
+from agent.kws import NON_WORD_LABELS, KwsModel
+from training.common import SAMPLE_RATE, default_data_dir, read_audio
+from training.data import Clip, inventory, word_window
+
+log = logging.getLogger(__name__)
+
+TRAILING_SILENCE = SAMPLE_RATE // 2  # appended to word clips so the word can pass through the window
+
+
+@dataclass(frozen=True)
+class Detection:
+    word: str
+    time: float  # seconds from the start of the file, at the end of the window that fired
+    score: float
+
+
+# ----------------------------------------------------------------------------------------- streaming path
+
+
+def stream_scores(model: KwsModel, samples: npt.NDArray[np.float32], hop_seconds: float) -> npt.NDArray[np.float32]:
+    """(hops, labels) probabilities: the model run every hop on the latest window, as the runtime does."""
+    hop = round(hop_seconds * model.params.sample_rate)
+    stream = StreamingFeatures(model.params)
+    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
+    scores = []
+    for start in range(0, len(pcm) - hop + 1, hop):
+        stream.push(pcm[start : start + hop])
+        scores.append(model.predict(stream.features()))
+    return np.array(scores, dtype=np.float32).reshape(-1, len(model.labels))
+
+
+def smooth(scores: npt.NDArray[np.float32], hops: int) -> npt.NDArray[np.float32]:
+    """Causal moving mean over the last ``hops`` hops (fewer at the start)."""
+    if hops <= 1 or len(scores) == 0:
+        return scores
+    cumulative = np.cumsum(np.vstack([np.zeros((1, scores.shape[1]), np.float64), scores]), axis=0)
+    ends = np.arange(1, len(scores) + 1)
+    starts = np.maximum(0, ends - hops)
+    return ((cumulative[ends] - cumulative[starts]) / (ends - starts)[:, None]).astype(np.float32)
+
+
+def detect(
+    smoothed: npt.NDArray[np.float32],
+    labels: tuple[str, ...],
+    thresholds: dict[str, float],
+    refractory_seconds: float,
+    hop_seconds: float,
+) -> list[Detection]:
+    """A word fires when its smoothed score reaches its threshold, at most once per refractory time."""
+    detections: list[Detection] = []
+    last_fire: dict[str, float] = {}
+    for hop_index, row in enumerate(smoothed):
+        now = (hop_index + 1) * hop_seconds
+        for column, label in enumerate(labels):
+            threshold = thresholds.get(label)
+            if threshold is None or row[column] < threshold:
+                continue
+            if now - last_fire.get(label, -1e9) >= refractory_seconds:
+                detections.append(Detection(label, round(now, 3), float(row[column])))
+                last_fire[label] = now
+    return detections
+
+
+def timing(model: KwsModel) -> tuple[float, float, int]:
+    hop_seconds = float(model.metadata.get("hop_seconds", 0.1))
+    smoothing_hops = max(1, round(model.smoothing_seconds / hop_seconds))
+    return hop_seconds, model.refractory_seconds, smoothing_hops
+
+
+def file_scores(model: KwsModel, path: Path, trailing: int = 0) -> npt.NDArray[np.float32]:
+    hop_seconds, _, smoothing_hops = timing(model)
+    samples = read_audio(path)
+    if trailing:
+        samples = np.concatenate([samples, np.zeros(trailing, np.float32)])
+    return smooth(stream_scores(model, samples, hop_seconds), smoothing_hops)
+
+
+def false_detections(
+    model: KwsModel, paths: list[Path], thresholds: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Detections of every word on recordings that contain none of them."""
+    hop_seconds, refractory, _ = timing(model)
+    thresholds = thresholds if thresholds is not None else model.thresholds
+    counts = dict.fromkeys(model.words, 0)
+    seconds = 0.0
+    for path in paths:
+        smoothed = file_scores(model, path)
+        seconds += len(smoothed) * hop_seconds
+        for detection in detect(smoothed, model.labels, thresholds, refractory, hop_seconds):
+            counts[detection.word] += 1
+    hours = seconds / 3600
+    per_hour = {word: round(n / hours, 3) if hours else 0.0 for word, n in counts.items()}
+    return {
+        "hours": round(hours, 4),
+        "files": len(paths),
+        "counts": counts,
+        "per_hour": per_hour,
+        "wake_per_hour": per_hour.get(WAKE_WORD, 0.0),
+        "any_word_per_hour": round(sum(counts.values()) / hours, 3) if hours else 0.0,
+    }
+
+
+def peak_scores(model: KwsModel, paths: list[Path]) -> npt.NDArray[np.float32]:
+    """Per file, the highest smoothed score of every label (for choosing thresholds on negatives)."""
+    peaks = [file_scores(model, path).max(axis=0) for path in paths]
+    return np.array(peaks, dtype=np.float32).reshape(-1, len(model.labels))
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def macs_of(path: Path) -> int:
+    """Multiply-accumulates of one inference, from the .tflite graph (conv, depthwise, fully connected)."""
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    shapes = {d["index"]: tuple(int(n) for n in d["shape"]) for d in interpreter.get_tensor_details()}
+    total = 0
+    for op in interpreter._get_ops_details():  # noqa: SLF001 - op graph is not in the public API
+        name = op["op_name"]
+        if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        out_elements = int(np.prod(shapes[int(op["outputs"][0])]))
+        kernel = shapes[int(op["inputs"][1])]
+        if name == "CONV_2D":
+            total += out_elements * kernel[1] * kernel[2] * kernel[3]
+        elif name == "DEPTHWISE_CONV_2D":
+            total += out_elements * kernel[1] * kernel[2]
+        else:
+            total += out_elements * kernel[1]
+    return total
+
+
+def median_invoke_ms(path: Path, repeats: int = 300) -> float:
+    """Median time of one LiteRT invoke (one thread), as the runtime calls it."""
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    rng = np.random.default_rng(0)
+    if np.issubdtype(detail["dtype"], np.integer):
+        info = np.iinfo(detail["dtype"])
+        sample = rng.integers(info.min, info.max, size=detail["shape"]).astype(detail["dtype"])
+    else:
+        sample = rng.normal(size=detail["shape"]).astype(detail["dtype"])
+    interpreter.set_tensor(detail["index"], sample)
+    for _ in range(20):
+        interpreter.invoke()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1000, 4)
+
+
+def word_clips(clips: list[Clip], split: str) -> list[Clip]:
+    return [c for c in clips if c.source == "real" and (split == "all" or c.split == "validation")]
+
+
+def negative_files(clips: list[Clip], split: str) -> list[Path]:
+    """Long negative speech and noise; for ``validation`` only files the training never used."""
+    chosen = [c for c in clips if c.source in ("long", "noise") and (split == "all" or c.split != "train")]
+    return [Path(c.path) for c in chosen]
+
+
+def accuracy_report(
+    true: npt.NDArray[np.int64], predicted: npt.NDArray[np.int64], labels: tuple[str, ...] = LABELS
+) -> dict[str, Any]:
+    per_word = {}
+    for index, label in enumerate(labels):
+        mask = true == index
+        if mask.any():
+            per_word[label] = {"accuracy": round(float((predicted[mask] == index).mean()), 4), "n": int(mask.sum())}
+    command = [per_word[w]["accuracy"] for w in COMMAND_WORDS if w in per_word]
+    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    np.add.at(confusion, (true, predicted), 1)
+    return {
+        "per_word": per_word,
+        "mean_accuracy": round(float(np.mean(command)), 4) if command else None,
+        "confusion": {"labels": list(labels), "matrix": confusion.tolist()},
+    }
+
+
+def evaluate(model_path: Path, data_dir: Path, split: str = "all", streaming: bool = True) -> dict[str, Any]:
+    started = time.monotonic()
+    model = KwsModel.load(model_path)
+    clips = inventory(data_dir, synth_dir=None)
+    words = word_clips(clips, split)
+    label_index = {label: i for i, label in enumerate(model.labels)}
+    true, predicted = [], []
+    detected: dict[str, list[int]] = {}
+    hop_seconds, refractory, _ = timing(model)
+    for clip in words:
+        if clip.label not in label_index:
+            continue
+        samples = read_audio(Path(clip.path))
+        scores = model.predict(window_features(word_window(samples), model.params))
+        true.append(label_index[clip.label])
+        predicted.append(int(np.argmax(scores)))
+        if streaming and clip.label not in NON_WORD_LABELS:
+            smoothed = file_scores(model, Path(clip.path), TRAILING_SILENCE)
+            fired = {d.word for d in detect(smoothed, model.labels, model.thresholds, refractory, hop_seconds)}
+            detected.setdefault(clip.label, []).append(int(clip.label in fired))
+    report = accuracy_report(np.array(true, np.int64), np.array(predicted, np.int64), model.labels)
+    report["detection_rate"] = {w: round(float(np.mean(v)), 4) for w, v in detected.items()}
+    negatives = negative_files(clips, split)
+    fd = false_detections(model, negatives) if streaming else {"wake_per_hour": None}
+    report["false_detections_per_hour"] = fd["wake_per_hour"]
+    report["false_detections"] = fd
+    if split == "validation" and streaming:
+        held_out = [Path(c.path) for c in clips if c.source in ("long", "noise") and c.split == "validation"]
+        report["false_detections_held_out_only"] = false_detections(model, held_out)
+    report.update(
+        {
+            "model": str(model_path),
+            "split": split,
+            "size_bytes": model.size_bytes,
+            "macs": macs_of(model_path),
+            "median_invoke_ms": median_invoke_ms(model_path),
+            "input_dtype": str(model.input_dtype),
+            "thresholds": model.thresholds,
+            "smoothing_seconds": model.smoothing_seconds,
+            "refractory_seconds": model.refractory_seconds,
+            "hop_seconds": hop_seconds,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    )
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"model {report['model']} ({report['size_bytes']} bytes, {report['macs']:,} MACs, "
+             f"median invoke {report['median_invoke_ms']} ms), split {report['split']}"]
+    lines.append(f"{'word':<12}{'acc':>8}{'n':>6}{'detect':>9}{'thresh':>8}")
+    for word, item in report["per_word"].items():
+        rate = report["detection_rate"].get(word)
+        lines.append(
+            f"{word:<12}{item['accuracy']:>8.3f}{item['n']:>6}"
+            f"{'' if rate is None else f'{rate:.3f}':>9}{report['thresholds'].get(word, ''):>8}"
+        )
+    lines.append(f"mean accuracy over the ten command words: {report['mean_accuracy']}")
+    fd = report["false_detections"]
+    if fd.get("hours"):
+        lines.append(
+            f"false detections on {fd['hours']:.2f} h of negatives ({fd['files']} files): wake word "
+            f"{fd['wake_per_hour']}/h, any word {fd['any_word_per_hour']}/h, counts {fd['counts']}"
+        )
+    labels = report["confusion"]["labels"]
+    short = [label[:5] for label in labels]
+    lines.append("confusion (rows: true, columns: predicted)")
+    lines.append(" " * 10 + "".join(f"{s:>6}" for s in short))
+    for label, row in zip(labels, report["confusion"]["matrix"], strict=True):
+        if sum(row):
+            lines.append(f"{label[:10]:<10}" + "".join(f"{n:>6}" for n in row))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=Path("models/kws.tflite"))
+    parser.add_argument("--data", type=Path, default=None, help="default: $DATA_DIR or ../shared/data/speech")
+    parser.add_argument("--split", choices=("validation", "all"), default="all")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-streaming", action="store_true", help="skip detection rates and false detections")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    data_dir = args.data or default_data_dir()
+    if not (data_dir / "real").is_dir():
+        print(f"error: {data_dir} has no real/ folder (set --data or DATA_DIR)", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate(args.model, data_dir, args.split, streaming=not args.no_streaming)
+    except ModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

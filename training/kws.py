@@ -1,0 +1,373 @@
+"""Build the shipped keyword model: data -> teacher -> student -> prune -> quantize -> evaluate.
+
+    python -m training.kws [--data DATA_DIR] [--out models/] [--smoke]
+
+Stages (each cached under .cache/kws/, keyed by its inputs; fixed seed):
+1. data      clip inventory, speaker-disjoint split, augmented feature windows (noise at random SNR, simulated
+             rooms, gain, time shift; SpecAugment happens during training)
+2. teacher   the MLPerf Tiny DS-CNN rebuilt from its float .tflite; its soft labels for every training window
+3. student   the teacher's DS-CNN with our 16-label head, trained on hard labels + distillation (KD) loss
+4. prune     structured channel pruning by importance + fine-tuning (cuts MACs), then tfmot magnitude
+             pruning + fine-tuning (cuts the compressed size)
+5. quantize  full-integer int8 (int8 in and out) with a fixed calibration set; thresholds per word chosen on
+             held-out negative recordings with the runtime's smoothing
+6. evaluate  held-out real speakers; writes <out>/kws.tflite, kws.json, kws.md
+
+``--smoke`` runs every stage on a tiny subset in a few minutes and writes to a temporary folder unless
+``--out`` is given. Without the shared data it prints why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.features import COMMAND_WORDS, DEVICE_WORDS, LABELS, WAKE_WORD, FeatureParams
+from agent.paths import REPO_ROOT
+from training.common import (
+    CACHE_DIR,
+    SEED,
+    SYNTH_DIR,
+    TEACHER_INT8_TFLITE,
+    TEACHER_LABELS,
+    TEACHER_TFLITE,
+    default_data_dir,
+    seed_everything,
+    stage_banner,
+    write_json,
+)
+
+log = logging.getLogger("training.kws")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    limit: int | None = None  # files per folder (smoke runs)
+    student_epochs: int = 24
+    structured_epochs: int = 12
+    magnitude_epochs: int = 8
+    channels: tuple[int, ...] = (48, 48, 48, 48, 48)
+    sparsity: float = 0.5
+    calibration_windows: int = 500
+    smoothing_seconds: float = 0.3
+    refractory_seconds: float = 1.0
+    wake_margin: float = 0.1
+    word_margin: float = 0.05
+    min_threshold: float = 0.5
+    max_threshold: float = 0.97
+    augment: dict[str, Any] = field(default_factory=dict)  # AugmentConfig overrides
+
+
+FULL = RunConfig()
+SMOKE = RunConfig(
+    limit=6,
+    student_epochs=1,
+    structured_epochs=1,
+    magnitude_epochs=1,
+    calibration_windows=50,
+    augment={"word_copies": 1, "computer_copies": 1, "synth_copies": 1, "rooms": 3, "quiet_silence": 20},
+)
+
+
+def _keras_cache(name: str, key: str) -> Path:
+    return CACHE_DIR / f"{name}-{key}.weights.h5"
+
+
+def _save_weights(model: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save_weights(str(path))
+
+
+def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
+    run_started = time.monotonic()
+    seed_everything(SEED)
+    from training import data as data_stage  # noqa: PLC0415 - keep --help fast
+    from training.common import import_tf  # noqa: PLC0415
+
+    tf = import_tf()
+    from training import dscnn, export, prune, train  # noqa: PLC0415
+    from training import evaluate as evaluation  # noqa: PLC0415
+
+    params = FeatureParams()
+    timings: dict[str, float] = {}
+
+    # 1. data -----------------------------------------------------------------------------------------------
+    started = stage_banner("1/6 data: inventory, speaker split, augmentation, features")
+    clips = data_stage.inventory(data_dir, SYNTH_DIR, limit=config.limit)
+    summary = data_stage.summarize(clips)
+    print(json.dumps(summary["sc_speakers"]), file=sys.stderr)
+    augment = data_stage.AugmentConfig(**config.augment)
+    train_set = data_stage.build_training_set(clips, params, augment)
+    validation = data_stage.build_eval_set(clips, params, "validation")
+    validation = validation.subset(validation.sources == "real")
+    synth_validation = data_stage.build_eval_set(clips, params, "synth_validation")
+    counts = {LABELS[i]: int(n) for i, n in enumerate(np.bincount(train_set.labels, minlength=len(LABELS)))}
+    print(f"training windows: {len(train_set)} {counts}", file=sys.stderr)
+    print(f"validation clips (held-out real speakers): {len(validation)}", file=sys.stderr)
+    train_key = data_stage.cache_key(clips, params, augment, "train")
+    timings["data"] = time.monotonic() - started
+
+    # 2. teacher --------------------------------------------------------------------------------------------
+    started = stage_banner("2/6 teacher: MLPerf Tiny DS-CNN from its float .tflite, soft labels")
+    teacher = dscnn.load_teacher(TEACHER_TFLITE)
+    train_config = train.TrainConfig(epochs=config.student_epochs)
+    soft_cache = CACHE_DIR / f"soft-{train_key}-{train_config.temperature}.npz"
+    if soft_cache.exists():
+        with np.load(soft_cache) as cached:
+            soft, mask = cached["soft"], cached["mask"]
+    else:
+        soft, mask = train.soft_targets(teacher, train_set, train_config.temperature)
+        np.savez(soft_cache, soft=soft, mask=mask)
+    teacher_pred = train.teacher_predictions_as_labels(teacher, validation.features)
+    stages: dict[str, dict[str, Any]] = {}
+    stages["float teacher (MLPerf DS-CNN, 12 labels)"] = {
+        **_accuracy(validation.labels, teacher_pred),
+        "size_bytes": TEACHER_TFLITE.stat().st_size,
+        "size_note": "float32 activations, int8 weights (hybrid) as published; int8 version "
+        f"{TEACHER_INT8_TFLITE.stat().st_size if TEACHER_INT8_TFLITE.exists() else '?'} B",
+        "macs": dscnn.teacher_architecture(len(TEACHER_LABELS)).macs(),
+    }
+    _print_stage(stages)
+    timings["teacher"] = time.monotonic() - started
+
+    # 3. student --------------------------------------------------------------------------------------------
+    started = stage_banner(f"3/6 student: teacher DS-CNN + 16-label head, KD, {config.student_epochs} epochs")
+    student = dscnn.extended_from_teacher(TEACHER_TFLITE, TEACHER_LABELS, LABELS, dropout=train_config.dropout)
+    student_key = f"{train_key}-{_hash(asdict(train_config))}"
+    student_weights = _keras_cache("student", student_key)
+    if student_weights.exists():
+        student.load_weights(str(student_weights))
+        print(f"student weights from cache {student_weights.name}", file=sys.stderr)
+    else:
+        train.fit(student, train_set, soft, mask, train_config)
+        _save_weights(student, student_weights)
+    student_arch = dscnn.teacher_architecture(len(LABELS))
+    stages["float student (distilled, 16 labels)"] = _keras_stage(
+        student, validation, synth_validation, export.convert_float(student), student_arch.macs()
+    )
+    _print_stage(stages)
+    timings["student"] = time.monotonic() - started
+
+    # 4. prune ----------------------------------------------------------------------------------------------
+    started = stage_banner(f"4/6 prune: channels {config.channels}, then {config.sparsity:.0%} magnitude")
+    rng = np.random.default_rng(SEED)
+    calibration_index = np.sort(rng.choice(len(train_set), min(2000, len(train_set)), replace=False))
+    narrow = prune.structured_prune(student, train_set.features[calibration_index], config.channels)
+    narrow_arch = dscnn.Architecture(channels=config.channels, num_classes=len(LABELS))
+    structured_config = replace(train_config, epochs=config.structured_epochs, learning_rate=3e-4)
+    narrow_key = f"{student_key}-{_hash([config.channels, asdict(structured_config)])}"
+    narrow_weights = _keras_cache("structured", narrow_key)
+    if narrow_weights.exists():
+        narrow.load_weights(str(narrow_weights))
+    else:
+        train.fit(narrow, train_set, soft, mask, structured_config)
+        _save_weights(narrow, narrow_weights)
+    stages[f"structured pruned {config.channels[0]} ch (float)"] = _keras_stage(
+        narrow, validation, synth_validation, export.convert_float(narrow), narrow_arch.macs()
+    )
+    _print_stage(stages)
+    magnitude_config = replace(train_config, epochs=config.magnitude_epochs, learning_rate=1.5e-4)
+    steps = int(np.ceil(len(train_set) / magnitude_config.batch_size)) * config.magnitude_epochs
+    sparse_key = f"{narrow_key}-{_hash([config.sparsity, asdict(magnitude_config)])}"
+    sparse_weights = _keras_cache("magnitude", sparse_key)
+    wrapped = prune.magnitude_prune_wrap(narrow, config.sparsity, 0, max(1, int(steps * 0.6)))
+    if sparse_weights.exists():
+        sparse = tf.keras.models.clone_model(narrow)
+        sparse.load_weights(str(sparse_weights))
+    else:
+        train.fit(wrapped, train_set, soft, mask, magnitude_config, callbacks=prune.pruning_callbacks())
+        sparse = prune.strip(wrapped)
+        _save_weights(sparse, sparse_weights)
+    sparse_float = export.convert_float(sparse)
+    stages[f"+ magnitude pruned {config.sparsity:.0%} (float)"] = {
+        **_keras_stage(sparse, validation, synth_validation, sparse_float, narrow_arch.macs()),
+        "sparsity": prune.sparsity_report(sparse),
+    }
+    _print_stage(stages)
+    timings["prune"] = time.monotonic() - started
+
+    # 5. quantize -------------------------------------------------------------------------------------------
+    started = stage_banner("5/6 quantize: full int8 with a fixed calibration set; thresholds")
+    calibration = _calibration_set(train_set, config.calibration_windows)
+    int8_bytes = export.convert_int8(sparse, calibration.features)
+    with tempfile.TemporaryDirectory() as scratch:
+        provisional = export.write_model(
+            Path(scratch),
+            int8_bytes,
+            labels=LABELS,
+            params=params,
+            thresholds=dict.fromkeys(LABELS[:-2], 0.9),
+            refractory_seconds=config.refractory_seconds,
+            smoothing_seconds=config.smoothing_seconds,
+        )
+        from agent.kws import KwsModel  # noqa: PLC0415
+
+        int8_model = KwsModel.load(provisional)
+        int8_pred = np.array([int(np.argmax(int8_model.predict(f))) for f in validation.features], np.int64)
+        synth_pred = np.array([int(np.argmax(int8_model.predict(f))) for f in synth_validation.features], np.int64)
+        stages["int8 (shipped)"] = {
+            **_accuracy(validation.labels, int8_pred),
+            "synthetic_heldout_voices": _accuracy(synth_validation.labels, synth_pred, words=DEVICE_WORDS),
+            "size_bytes": len(int8_bytes),
+            "gzip_bytes": export.gzip_size(int8_bytes),
+            "macs": narrow_arch.macs(),
+        }
+        _print_stage(stages)
+        tune_files = [Path(c.path) for c in clips if c.source in ("long", "noise") and c.split == "tune"]
+        peaks = evaluation.peak_scores(int8_model, tune_files)
+    thresholds = _choose_thresholds(peaks, config)
+    print(f"thresholds (from {len(tune_files)} tuning negatives): {thresholds}", file=sys.stderr)
+    calibration_list = sorted(set(calibration.origin.tolist()))
+    model_path = export.write_model(
+        out_dir,
+        int8_bytes,
+        labels=LABELS,
+        params=params,
+        thresholds=thresholds,
+        refractory_seconds=config.refractory_seconds,
+        smoothing_seconds=config.smoothing_seconds,
+        extra={
+            "wake_word": WAKE_WORD,
+            "synthetic_only_words": list(DEVICE_WORDS),
+            "calibration": {
+                "windows": len(calibration),
+                "sha256_of_origins": _hash(calibration_list, full=True),
+            },
+            "training": {"seed": SEED, "smoke": config.limit is not None, "channels": list(config.channels)},
+        },
+    )
+    timings["quantize"] = time.monotonic() - started
+
+    # 6. evaluate -------------------------------------------------------------------------------------------
+    started = stage_banner("6/6 evaluate: held-out real speakers, streaming detections, false detections")
+    report = evaluation.evaluate(model_path, data_dir, "validation", limit=config.limit)
+    print(evaluation.format_report(report), file=sys.stderr)
+    timings["evaluate"] = time.monotonic() - started
+    timings["total"] = time.monotonic() - run_started
+    result = {
+        "stages": stages,
+        "report": report,
+        "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "data": summary,
+        "train_windows": counts,
+        "config": asdict(config),
+    }
+    write_json(CACHE_DIR / ("run-smoke.json" if config.limit else "run.json"), result)
+    from training.model_card import write_model_card  # noqa: PLC0415
+
+    write_model_card(out_dir / "kws.md", result)
+    print(f"\nwrote {model_path} and {out_dir / 'kws.md'} in {timings['total'] / 60:.1f} min", file=sys.stderr)
+    return result
+
+
+def _hash(value: Any, full: bool = False) -> str:
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    return digest if full else digest[:12]
+
+
+def _accuracy(
+    true: npt.NDArray[np.int64], predicted: npt.NDArray[np.int64], words: tuple[str, ...] = COMMAND_WORDS
+) -> dict[str, Any]:
+    per_word = {}
+    for word in (*words, WAKE_WORD) if words == COMMAND_WORDS else words:
+        index = LABELS.index(word)
+        mask = true == index
+        if mask.any():
+            per_word[word] = round(float((predicted[mask] == index).mean()), 4)
+    mean = [per_word[w] for w in words if w in per_word]
+    return {"mean_accuracy": round(float(np.mean(mean)), 4) if mean else None, "per_word": per_word}
+
+
+def _keras_stage(
+    model: Any, validation: Any, synth_validation: Any, float_tflite: bytes, macs: int
+) -> dict[str, Any]:
+    from training import export, train  # noqa: PLC0415
+
+    predicted = train.predict(model, validation.features).argmax(axis=1)
+    synth = train.predict(model, synth_validation.features).argmax(axis=1)
+    return {
+        **_accuracy(validation.labels, predicted),
+        "synthetic_heldout_voices": _accuracy(synth_validation.labels, synth, words=DEVICE_WORDS),
+        "size_bytes": len(float_tflite),
+        "gzip_bytes": export.gzip_size(float_tflite),
+        "macs": macs,
+    }
+
+
+def _print_stage(stages: dict[str, dict[str, Any]]) -> None:
+    name, item = list(stages.items())[-1]
+    computer = item["per_word"].get(WAKE_WORD)
+    print(
+        f"[{name}] mean accuracy (10 words, held-out speakers) {item['mean_accuracy']}, computer {computer}, "
+        f"size {item['size_bytes']} B, MACs {item['macs']:,}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _calibration_set(train_set: Any, count: int) -> Any:
+    """A fixed, label-stratified calibration set (same seed, same windows every run)."""
+    rng = np.random.default_rng(SEED + 1)
+    chosen: list[int] = []
+    per_label = max(1, count // len(LABELS))
+    for index in range(len(LABELS)):
+        members = np.flatnonzero(train_set.labels == index)
+        if len(members):
+            chosen.extend(rng.choice(members, min(per_label, len(members)), replace=False).tolist())
+    mask = np.zeros(len(train_set), dtype=bool)
+    mask[chosen] = True
+    return train_set.subset(mask)
+
+
+def _choose_thresholds(peaks: npt.NDArray[np.float32], config: RunConfig) -> dict[str, float]:
+    """Per word: just above the highest smoothed score it reached on the tuning negatives (no false detection
+    there), with a larger margin for the wake word, within [min_threshold, max_threshold]."""
+    thresholds = {}
+    for index, label in enumerate(LABELS):
+        if label.startswith("_"):
+            continue
+        highest = float(peaks[:, index].max()) if len(peaks) else 0.0
+        margin = config.wake_margin if label == WAKE_WORD else config.word_margin
+        thresholds[label] = round(float(np.clip(highest + margin, config.min_threshold, config.max_threshold)), 3)
+    return thresholds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.kws", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="default: $DATA_DIR or ../shared/data/speech")
+    parser.add_argument("--out", type=Path, default=None, help="default: models/ (smoke: a temporary folder)")
+    parser.add_argument("--smoke", action="store_true", help="tiny subset, one epoch per stage (CI)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir = (args.data or default_data_dir()).resolve()
+    if not (data_dir / "real").is_dir():
+        print(f"training.kws: no speech data at {data_dir} (set --data or DATA_DIR); nothing to do", file=sys.stderr)
+        return 0
+    if not TEACHER_TFLITE.exists():
+        print(f"training.kws: teacher model {TEACHER_TFLITE} is missing; nothing to do", file=sys.stderr)
+        return 0
+    config = SMOKE if args.smoke else FULL
+    if args.out is not None:
+        out_dir = args.out
+    elif args.smoke:
+        out_dir = Path(tempfile.mkdtemp(prefix="kws-smoke-"))
+    else:
+        out_dir = REPO_ROOT / "models"
+    run(data_dir, out_dir, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
