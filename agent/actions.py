@@ -10,7 +10,9 @@ Profiles and what they send (``device`` = the device's name in its own MQTT worl
 ============  =============================================  ==============================================
 profile       topic                                          payload
 ============  =============================================  ==============================================
-template      ``topic``                                      ``payload`` with ``{{ expr }}`` filled in
+template      ``topic``                                      ``payload`` with ``{{ expr }}`` filled in;
+                                                             current setpoint from ``state_topic``, by
+                                                             default ``topic`` without a trailing ``/set``
 zigbee2mqtt   ``<prefix or zigbee2mqtt>/<device>/set``       ``{"state": "ON"}`` / OFF / TOGGLE,
                                                              ``{"<setpoint_key>": 21.5}``
 tasmota       ``cmnd/<device>/POWER``                        ``ON`` / ``OFF`` / ``TOGGLE``
@@ -389,16 +391,20 @@ def _compile_template(section: ActionSection) -> _Plan:
     template = PayloadTemplate(section.payload)
     _check_setpoint_range(section)
     uses = template.variables
-    if "setpoint" in uses and section.state_topic is None:
-        raise ActionError(
-            "payload uses {{ setpoint }}, so state_topic must say where the current setpoint comes from")
-    if "setpoint" not in uses and section.state_topic is not None:
+    state_topic: str | None = None
+    if "setpoint" in uses:
+        # zigbee2mqtt convention: a device commanded on <name>/set reports its state on <name>.
+        state_topic = section.state_topic or (topic.removesuffix("/set") if topic.endswith("/set") else None)
+        if state_topic is None:
+            raise ActionError(
+                "payload uses {{ setpoint }}, so state_topic must say where the current setpoint comes from")
+        state_topic = _require_topic(state_topic, "state_topic")
+    elif section.state_topic is not None:
         raise ActionError("state_topic is only used when the payload contains {{ setpoint }}")
     if "value" in uses and section.value is None:
         raise ActionError("payload uses {{ value }} but no value is configured")
     if "value" not in uses and section.value is not None:
         raise ActionError("value is set but the payload never uses {{ value }}")
-    state_topic = _require_topic(section.state_topic, "state_topic") if section.state_topic else None
     # Render once with in-range numbers so a payload that looks like JSON is known to stay JSON.
     sample = dict.fromkeys(TEMPLATE_VARIABLES, section.min_setpoint)
     low, high = section.min_setpoint, section.max_setpoint
@@ -554,6 +560,14 @@ class ActionTable:
     def state_topics(self) -> list[str]:
         """Topics carrying thermostats' current setpoints: subscribe and feed them to ``observe_state``."""
         return sorted(self._state_keys)
+
+    def needs_current_setpoint(self, name: str) -> bool:
+        """Whether ``render(name)`` fails until the device's current setpoint has been observed."""
+        return self._plan(name).needs_current
+
+    def state_topic_for(self, name: str) -> str | None:
+        """The topic this action's current setpoint comes from (None: the action has no setpoint)."""
+        return self._plan(name).state_topic
 
     def current_setpoint(self, name: str) -> float | None:
         """The setpoint last reported for this action's device (or last commanded), None when unknown."""

@@ -61,8 +61,13 @@ STATE_VERSION = 1
 INPUT_CLIP = 8.0  # normalised differences are clipped to +-INPUT_CLIP (the int8 input range)
 STEP_READINGS = 6  # residuals summed by the step statistic
 MODEL_BATCH = 256  # rows per model invocation when scoring many readings at once
-N_TAILS = 5  # calibrated statistics: spike, model (likelihood), step, drift, stuck (run length)
-TAIL_KINDS = (KIND_SPIKE, KIND_MODEL, KIND_STEP, KIND_DRIFT, KIND_STUCK)
+# calibrated statistics: surprise (this residual), model (likelihood), step, drift (residual bias), stuck
+# (run length), spike (a jump that came straight back), daily (the last hours against the same hours a day
+# before: slow drifts)
+N_TAILS = 7
+TAIL_KINDS = (KIND_SPIKE, KIND_MODEL, KIND_STEP, KIND_DRIFT, KIND_STUCK, KIND_SPIKE, KIND_DRIFT)
+DAILY_HOURS = 6  # hours compared with the same hours one day before
+HOURS_KEPT = 24 + DAILY_HOURS
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +83,7 @@ class Calibration:
     resid_floor: float = 0.1  # residual scale floor, in units of the difference scale
     blend_span: float = 500.0  # model-vs-persistence squared errors
     likelihood_span: float = 8.0  # anomaly likelihood: recent residuals
-    drift_span: float = 60.0  # drift statistic: slow residual bias
+    drift_days: float = 1.0  # drift statistic: the mean normalised change over this many days
     tail_mean_span: float = 1000.0  # each statistic's own running mean
     tail_memory: float = 20000.0  # readings of history behind each tail estimate
     tail_u: float = 3.0  # tail starts at 3x the statistic's mean
@@ -95,6 +100,10 @@ class Calibration:
     bits_step: float = 9.0
     bits_drift: float = 9.0
     bits_stuck: float = 9.0
+    bits_return: float = 9.0
+    bits_daily: float = 9.0
+    envelope_limit: float = 0.5  # out of range by this fraction of the stream's range -> score 1.0
+    envelope_growth: float = 0.0  # > 0: after learning, the range widens at most this fraction per day
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
@@ -243,6 +252,7 @@ class StreamState:
     n: int = 0  # valid readings learnt
     last_time: float = math.nan
     last_value: float = math.nan
+    prev_value: float = math.nan  # the reading before last_value
     log_interval: float = math.nan  # running log of the usual interval (seconds)
     max_gap_ratio: float = 1.0  # longest gap seen (in usual intervals), decays slowly
     history: list[float] = field(default_factory=list)  # the last window + 1 values
@@ -263,6 +273,13 @@ class StreamState:
     sticky: list[list[float]] = field(default_factory=list)  # [value, usual run length, weight]
     low: float = math.inf  # lowest and highest value seen: a sensor rests on its rails (0 lux at night)
     high: float = -math.inf
+    env_low: float = math.inf  # the stream's range, widening at a limited rate after learning
+    env_high: float = -math.inf
+    hours: list[float] = field(default_factory=list)  # hourly means (NaN: no reading), oldest first
+    hour_key: int = -1  # the hour (UNIX time // 3600) being accumulated
+    hour_sum: float = 0.0
+    hour_count: int = 0
+    daily_bits: float = 0.0  # the daily statistic's -log10 p, recomputed each hour
     # episode (alerts)
     score: float = 0.0  # the last score
     kind: int = KIND_MODEL
@@ -307,8 +324,9 @@ class StreamState:
 
 
 def prepare_inputs(state: StreamState, cal: Calibration, window: int, values: FloatArray,
-                   tods: FloatArray) -> tuple[npt.NDArray[np.float32], FloatArray]:
-    """Model inputs for consecutive valid readings and the difference scale each row is normalised with;
+                   tods: FloatArray) -> tuple[npt.NDArray[np.float32], FloatArray, FloatArray]:
+    """Model inputs for consecutive valid readings, the difference scale each row is normalised with and
+    the slow difference scale (jump sizes);
     advances ``state``'s difference history and scales (they never depend on the forecasts, so a whole
     batch can be prepared before one model invocation). Shared with training."""
     st = cal
@@ -326,20 +344,23 @@ def prepare_inputs(state: StreamState, cal: Calibration, window: int, values: Fl
     new_diffs = own
     series = np.concatenate([history, values])
     scales = np.empty(n, dtype=np.float64)
+    slows = np.empty(n, dtype=np.float64)
     fast, slow = state.diff_scale, state.diff_scale_slow
     a_fast, a_slow = _ewma_weight(st.diff_span), _ewma_weight(st.diff_slow_span)
     floor_ratio = st.diff_floor_ratio
     for i, diff in enumerate(new_diffs.tolist()):
         scale = max(fast, floor_ratio * slow)
         scales[i] = scale
+        slows[i] = slow
         if diff != diff:  # NaN: no difference yet
             continue
         size = abs(diff)
         if slow == 0.0:
             fast = slow = size
             continue
-        fast += a_fast * (min(size, 8.0 * max(fast, 1e-300)) - fast)
-        slow += a_slow * (min(size, 8.0 * slow) - slow)
+        if size > 0.0:  # scales measure real changes: a sensor resting on 0 (or saturated) keeps them
+            fast += a_fast * (min(size, 8.0 * max(fast, 1e-300)) - fast)
+            slow += a_slow * (min(size, 8.0 * slow) - slow)
     state.diff_scale, state.diff_scale_slow = fast, slow
     keep = window + 1
     state.history = series[-keep:].tolist()
@@ -347,7 +368,7 @@ def prepare_inputs(state: StreamState, cal: Calibration, window: int, values: Fl
     normed = np.clip(windows / safe[:, None], -INPUT_CLIP, INPUT_CLIP)
     normed[scales <= 0.0] = 0.0
     inputs = np.concatenate([normed.astype(np.float32), time_features(tods)], axis=1)
-    return inputs, scales
+    return inputs, scales, slows
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +388,11 @@ class Scored:
     scores: FloatArray  # one per row, in [0, 1]
     kinds: npt.NDArray[np.int8]  # index into KINDS
     changes: list[EpisodeChange]
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _ewma_weight(span: float) -> float:
@@ -429,6 +455,7 @@ class StreamDetector:
         self.config = config
         self.cal = model.calibration
         self.state = state if state is not None else StreamState()
+        self.trace: list[list[float]] | None = None  # per-row statistic bits, for calibration work
 
     # ---- the whole pipeline over a batch of rows (a batch of 1 in the daemon)
 
@@ -442,15 +469,16 @@ class StreamDetector:
         values_a = np.asarray(values, dtype=np.float64)
         valid = np.isfinite(times_a) & np.isfinite(values_a)
         valid_idx = np.flatnonzero(valid)
-        inputs, scales = self._prepare(values_a[valid_idx], tods_a[valid_idx])
+        inputs, scales, slows = self._prepare(values_a[valid_idx], tods_a[valid_idx])
         forecasts = self.model.predict(inputs)
-        return self._score(times_a, values_a, valid, scales, forecasts)
+        return self._score(times_a, values_a, valid, scales, slows, forecasts)
 
-    def _prepare(self, values: FloatArray, tods: FloatArray) -> tuple[npt.NDArray[np.float32], FloatArray]:
+    def _prepare(self, values: FloatArray, tods: FloatArray) -> tuple[npt.NDArray[np.float32], FloatArray,
+                                                                     FloatArray]:
         return prepare_inputs(self.state, self.cal, self.model.window, values, tods)
 
     def _score(self, times: FloatArray, values: FloatArray, valid: npt.NDArray[np.bool_], scales: FloatArray,
-               forecasts: FloatArray) -> Scored:
+               slows: FloatArray, forecasts: FloatArray) -> Scored:
         cal = self.cal
         cfg = self.config
         s = self.state
@@ -466,12 +494,15 @@ class StreamDetector:
         a_res = _ewma_weight(cal.resid_span)
         a_blend = _ewma_weight(cal.blend_span)
         a_lik = _ewma_weight(cal.likelihood_span)
-        a_drift = _ewma_weight(cal.drift_span)
+        drift_span_s = cal.drift_days * 86400.0
         a_run = _ewma_weight(cal.run_span)
         tail = _TailModel(cal)
         tail_bits, tail_learn = tail.bits, tail.learn
         inv_bits = (1.0 / cal.bits_spike, 1.0 / cal.bits_model, 1.0 / cal.bits_step, 1.0 / cal.bits_drift,
-                    1.0 / cal.bits_stuck)
+                    1.0 / cal.bits_stuck, 1.0 / cal.bits_return, 1.0 / cal.bits_daily)
+        growth = cal.envelope_growth / 86400.0
+        inv_envelope = 1.0 / cal.envelope_limit
+        trace = self.trace
         table_size = int(cal.stuck_table)
         resid_floor = cal.resid_floor
         keep = tail.keep
@@ -479,7 +510,7 @@ class StreamDetector:
         stat_kinds = TAIL_KINDS
 
         n = s.n
-        last_time, last_value = s.last_time, s.last_value
+        last_time, last_value, prev_value = s.last_time, s.last_value, s.prev_value
         log_iv, max_gap = s.log_interval, s.max_gap_ratio
         bias, rscale = s.resid_bias, s.resid_scale
         mse_m, mse_p = s.mse_model, s.mse_persist
@@ -489,12 +520,16 @@ class StreamDetector:
         run_value, run_length, run_mean = s.run_value, s.run_length, s.run_mean
         sticky = s.sticky
         low, high = s.low, s.high
+        env_low, env_high = s.env_low, s.env_high
+        hours = s.hours
+        hour_key, hour_sum, hour_count, daily_bits = s.hour_key, s.hour_sum, s.hour_count, s.daily_bits
         score, kind, active, episode_end = s.score, s.kind, s.active, s.episode_end
 
         valid_list = valid.tolist()
         times_list = times.tolist()
         values_list = values.tolist()
         scales_list = scales.tolist()
+        slows_list = slows.tolist()
         forecast_list = forecasts.tolist()
         stats = [0.0] * N_TAILS
         j = 0  # index into the valid rows
@@ -509,6 +544,7 @@ class StreamDetector:
                 continue
             x = values_list[i]
             scale = scales_list[i]
+            slow = slows_list[i]
             forecast = forecast_list[j]
             j += 1
             best = 0.0
@@ -528,6 +564,12 @@ class StreamDetector:
                     entry = candidate
                     break
             on_rail = run_value <= low or run_value >= high
+            # a jump onto a level the stream habitually rests on (off, 0 lux, a binary state) is no spike
+            at_rest = False
+            for candidate in sticky:
+                if candidate[0] == x:
+                    at_rest = True
+                    break
             if x == run_value:
                 length = run_length + 1
                 usual = entry[1] if entry is not None else (max(run_mean, length) if on_rail else run_mean)
@@ -543,7 +585,9 @@ class StreamDetector:
                 z = (err - bias) / rscale
                 az = abs(z)
                 lik_new = lik + a_lik * (log(1.0 + az) - lik)
-                drift_new = drift + a_drift * (err - drift)
+                # mean normalised slope over about a day: daily cycles cancel, a drift does not
+                a_drift = 2.0 / (drift_span_s / math.exp(log_iv) + 1.0) if log_iv == log_iv else 0.01
+                drift_new = drift + a_drift * (max(-INPUT_CLIP, min(INPUT_CLIP, diff_n)) - drift)
                 step_sum = z
                 for r in recent:
                     step_sum += r
@@ -551,20 +595,68 @@ class StreamDetector:
                 stats[1] = lik_new
                 stats[2] = abs(step_sum) / sqrt_step
                 stats[3] = abs(drift_new)
+                if at_rest:
+                    stats[0] = stats[1] = stats[2] = stats[3] = 0.0
+                    lik_new, drift_new = lik, drift
+                # spike: the previous reading jumped away and this one came straight back
+                jump_out = last_value - prev_value
+                jump_back = x - last_value
+                if jump_out * jump_back < 0.0 and slow > 0.0 and not at_rest:
+                    size = min(abs(jump_out), abs(jump_back)) - abs(x - prev_value)
+                    stats[5] = size / slow if size > 0.0 else 0.0
+                else:
+                    stats[5] = 0.0
                 first = 0
             else:
+                stats[0] = stats[1] = stats[2] = stats[3] = stats[5] = 0.0
                 first = 4
+            # daily: once an hour, the last DAILY_HOURS hourly means against the same hours a day before
+            key = int(t // 3600.0)
+            if key != hour_key:
+                if hour_key >= 0:
+                    hours.append(hour_sum / hour_count if hour_count else math.nan)
+                    for _missing in range(min(key - hour_key - 1, HOURS_KEPT)):
+                        hours.append(math.nan)
+                    if len(hours) > HOURS_KEPT:
+                        del hours[: len(hours) - HOURS_KEPT]
+                    daily_bits = 0.0
+                    if len(hours) == HOURS_KEPT:
+                        recent_mean = _nanmean(hours[-DAILY_HOURS:])
+                        before_mean = _nanmean(hours[:DAILY_HOURS])
+                        if recent_mean == recent_mean and before_mean == before_mean:
+                            change = abs(recent_mean - before_mean)
+                            daily_bits = tail_bits(tails[6], change)
+                            tail_learn(tails[6], change)
+                hour_key, hour_sum, hour_count = key, 0.0, 0
+            hour_sum += x
+            hour_count += 1
+            stats[6] = 0.0
+            bits_row = [tail_bits(tails[k], stats[k]) for k in range(N_TAILS - 1)] if has_residual else \
+                [0.0, 0.0, 0.0, 0.0, tail_bits(tails[4], stats[4]), 0.0]
+            bits_row.append(daily_bits)
             for k in range(first, N_TAILS):
-                value_k = tail_bits(tails[k], stats[k]) * inv_bits[k]
+                value_k = bits_row[k] * inv_bits[k]
                 if value_k > best:
                     best, best_kind = value_k, stat_kinds[k]
+            # drift: beyond everything the stream ever did
+            envelope = 0.0
+            if n >= 2 and env_high > env_low:
+                outside = x - env_high if x > env_high else (env_low - x if x < env_low else 0.0)
+                envelope = outside / (env_high - env_low) * inv_envelope
+                if envelope > best:
+                    # out of range in one jump: a spike (or the start of a step); else a drift
+                    best = envelope
+                    best_kind = KIND_SPIKE if abs(x - last_value) >= outside else KIND_DRIFT
+            if trace is not None:
+                trace.append([*bits_row, envelope])
             if best > 1.0:
                 best = 1.0
 
             # learn (everything below uses this reading; nothing above did)
             if has_residual:
-                for k in range(4):
-                    tail_learn(tails[k], stats[k])
+                if not at_rest:
+                    for k in (0, 1, 2, 3, 5):
+                        tail_learn(tails[k], stats[k])
                 e_c = err - bias
                 capped_e = e_c if abs(e_c) < 6.0 * rscale else math.copysign(6.0 * rscale, e_c)
                 bias += a_res * capped_e
@@ -616,6 +708,14 @@ class StreamDetector:
                     for candidate in sticky:
                         candidate[2] *= keep
                 run_value, run_length = x, 1
+            if n < learning or env_high < env_low or growth <= 0.0:
+                env_low, env_high = min(env_low, x), max(env_high, x)
+            elif x > env_high or x < env_low:
+                widen = (env_high - env_low) * growth * (gap if gap > 0.0 else 0.0)
+                if x > env_high:
+                    env_high = min(x, env_high + widen)
+                else:
+                    env_low = max(x, env_low - widen)
             if x < low:
                 low = x
             if x > high:
@@ -623,7 +723,7 @@ class StreamDetector:
 
             ramp = n / learning if n < learning else 1.0
             n += 1
-            last_time, last_value = t, x
+            last_time, prev_value, last_value = t, last_value, x
             score = best * ramp
             kind = best_kind
             out_scores[i] = score
@@ -639,7 +739,7 @@ class StreamDetector:
                 changes.append(EpisodeChange(i, t, score, x, KINDS[kind], True))
 
         s.n = n
-        s.last_time, s.last_value = last_time, last_value
+        s.last_time, s.last_value, s.prev_value = last_time, last_value, prev_value
         s.log_interval, s.max_gap_ratio = log_iv, max_gap
         s.resid_bias, s.resid_scale = bias, rscale
         s.mse_model, s.mse_persist = mse_m, mse_p
@@ -647,6 +747,8 @@ class StreamDetector:
         s.recent_z = recent
         s.run_value, s.run_length, s.run_mean = run_value, run_length, run_mean
         s.low, s.high = low, high
+        s.env_low, s.env_high = env_low, env_high
+        s.hour_key, s.hour_sum, s.hour_count, s.daily_bits = hour_key, hour_sum, hour_count, daily_bits
         s.score, s.kind, s.active, s.episode_end = score, kind, active, episode_end
         return Scored(out_scores, out_kinds, changes)
 

@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -38,9 +38,13 @@ from agent.actions import ActionTable
 from agent.config import Config, load_config
 from agent.discovery import discovery_messages, discovery_topic_filter
 from agent.errors import ActionError, ConfigError, MqttError, PayloadError, StateError
+from agent.health import CounterWatch, HealthRegistry
 from agent.logutil import LogThrottle
-from agent.messages import ActionRequest, Reading
+from agent.messages import ActionRequest, AnomalyEvent, Reading
 from agent.mqtt_link import InboundMessage, MqttLink, Subscription
+from agent.outbox import FILE_NAME as OUTBOX_FILE
+from agent.outbox import Outbox
+from agent.sdnotify import ServiceNotifier
 from agent.state import StateStore
 from agent.telemetry import TelemetryIntake
 from agent.topics import Topics
@@ -56,6 +60,9 @@ READINGS_QUEUE_SIZE = 1000  # readings waiting for the anomaly stage; the oldest
 STALE_SCAN_DELAY = 1.0  # after connecting, collect retained discovery configs this long before cleaning up
 MUTE_KEY = "muted"
 FIRE_STATE_WAIT = 1.5  # `home-agent action`: wait this long for retained device state (current setpoint)
+# Watchdog health (WATCHDOG=1 is withheld while any limit is exceeded; systemd restarts after WatchdogSec=):
+AUDIO_MAX_SILENCE = 2.0  # an open, unmuted audio source must deliver frames at least this often
+READINGS_MAX_FULL = 60.0  # the anomaly stage's input queue may stay full this long (it is not draining)
 
 T = TypeVar("T")
 
@@ -131,6 +138,11 @@ class App:
         self._intake = TelemetryIntake(list(config.telemetry))
         self._actions = ActionTable(dict(config.actions))
         self.link = MqttLink(config, extra_allowed_topics=self._actions.allowed_topics)
+        # Must-deliver messages (anomaly events) go through the on-disk outbox; voice actions never do
+        # (they expire instead). A corrupt outbox is moved aside inside; StateError only if unusable.
+        self.outbox = Outbox(config.agent.resolved_state_dir / OUTBOX_FILE,
+                             max_messages=config.outbox.max_messages, agent_id=config.agent.id)
+        self.outbox.attach(self.link)
         self._actions_lock = threading.Lock()
         self._readings: DropOldestQueue[Reading] = DropOldestQueue(READINGS_QUEUE_SIZE)
         self._readings_consumed = False
@@ -162,6 +174,12 @@ class App:
         self._restart_with: Config | None = None
         self._started_mono = time.monotonic()
         self._first_connect_done = False
+        # systemd: READY=1 / STATUS= / WATCHDOG=1 / STOPPING=1 / RELOADING=1 (no-ops outside systemd).
+        self.health = HealthRegistry()
+        self.notifier = ServiceNotifier(self._watchdog_health)
+        self._progress_watches: list[CounterWatch] = []
+        self._mqtt_sent_seen = -1
+        self._status_note = ""
 
         self._subscriptions: list[Subscription] = []
         self._telemetry_subscriptions: list[Subscription] = []
@@ -225,6 +243,14 @@ class App:
         log.info("action %s (%s): %d message(s) queued", request.action, request.source, len(commands))
         return len(commands)
 
+    def publish_anomaly(self, event: AnomalyEvent) -> str:
+        """Publish an anomaly event on ``Topics.anomaly(sensor)`` (retained, QoS 1) through the outbox:
+        stored before it is sent, sent again after an outage or a restart until the broker acknowledged
+        it. The payload carries a unique ``id`` for de-duplication; returns it. Thread-safe."""
+        payload = {"score": event.score, "value": event.value, "kind": event.kind, "active": event.active,
+                   "time": event.time}
+        return self.outbox.publish(self.topics.anomaly(event.sensor), payload, qos=1, retain=True)
+
     def healthy(self, now: float) -> tuple[bool, list[str]]:
         """(all stages healthy, names of unhealthy ones); the shape sd_notify's health check expects."""
         bad = [name for name, ok in self._stage_health.items() if not ok]
@@ -238,6 +264,7 @@ class App:
             "uptime": int(time.monotonic() - self._started_mono),
             **self.link.stats.snapshot(),
             **counts,
+            **self.outbox.stats(),
             "readings_dropped": self._readings.dropped,
             "queued": self.link.queued,
             "muted": self._muted,
@@ -249,11 +276,19 @@ class App:
     def start(self) -> None:
         self._subscribe_all()
         self.link.start()
+        self.outbox.start()
         for stage in self._stages:
             log.info("starting stage %s", stage.name)
             stage.start()
             self._stage_health[stage.name] = True
         self.call_later(self.config.homeassistant.diagnostics_interval, self._diagnostics_timer)
+        # Connected but not sending while messages wait: the link is wedged. The limit leaves paho's own
+        # keepalive (1.5x) time to notice a dead broker first; a disconnected link is not wedged.
+        self.health.register("mqtt", max_silence=2.0 * self.config.mqtt.keepalive + 10.0)
+        if self._readings_consumed:
+            self.health.register("readings", max_full=READINGS_MAX_FULL)
+        self.notifier.status(f"connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
+        self.call_later(self.config.service.ready_grace, self._ready_grace_passed)
 
     def stop(self) -> None:
         self._on_stopping()
@@ -263,6 +298,7 @@ class App:
             except Exception:
                 log.exception("stage %s failed to stop cleanly", stage.name)
         self.link.stop(self.config.service.stop_timeout)
+        self.outbox.close()  # after the link: records what the final flush delivered
         self._wake_r.close()
         self._wake_w.close()
 
@@ -281,18 +317,25 @@ class App:
             self.start()
             log.info("home-agent %s running as %r (%s)", __version__, self.config.agent.id, self.topics.base)
             next_tick = time.monotonic()
+            tick_interval = min(TICK_INTERVAL, self.notifier.ping_interval or TICK_INTERVAL)
             while not self._stop_requested:
                 if self._reload_requested:
                     self._reload_requested = False
                     log.info("SIGHUP: reloading the configuration")
+                    self.notifier.reloading()
+                    failures = self._counts["reload_failures"]
                     self._reload()
                     if self._restart_with is not None:
-                        break
+                        break  # the next App sends READY=1 once it is connected
+                    rejected = self._counts["reload_failures"] != failures
+                    self._status_note = "new config rejected, old one running (see the journal)" \
+                        if rejected else ""
+                    self.notifier.reloaded(self._status_line())
                 now = time.monotonic()
                 self._run_due_timers(now)
                 if now >= next_tick:
                     self._on_tick(now)
-                    next_tick = max(next_tick + TICK_INTERVAL, now)
+                    next_tick = max(next_tick + tick_interval, now)
                 if self.link.fatal_error is not None:
                     break
                 self._wait(min(next_tick, self._next_timer_due()) - time.monotonic())
@@ -321,13 +364,62 @@ class App:
                 else:
                     log.error("stage %s is unhealthy", stage.name)
             self._stage_health[stage.name] = ok
+        for watch in self._progress_watches:
+            watch.poll(now)
+        sent = self.link.stats.messages_out
+        if not self.link.connected or self.link.queued == 0 or sent != self._mqtt_sent_seen:
+            self.health.beat("mqtt", now)
+        self._mqtt_sent_seen = sent
+        if self._readings_consumed:
+            self.health.report_queue("readings", self._readings.qsize(), READINGS_QUEUE_SIZE, now)
+        if self.notifier.is_ready or now - self._started_mono > 2.0:  # not "unreachable" while connecting
+            self.notifier.status(self._status_line())
+        self.notifier.tick(now)
 
     def _on_first_connect(self) -> None:
         """Runs once on the main thread after the first MQTT connection. HOOK: send READY=1 from here."""
         log.info("online after %.2f s", time.monotonic() - self._started_mono)
+        self.notifier.ready(self._status_line())
 
     def _on_stopping(self) -> None:
         """Runs when the app starts shutting down. HOOK: send STOPPING=1 from here."""
+        if self._restart_with is None:  # not when a reload replaces this App (systemd would stop us)
+            self.notifier.stopping("stopping: flushing and publishing offline")
+
+    def _ready_grace_passed(self) -> None:
+        """READY=1 without a broker once [service] ready_grace has passed: the agent keeps retrying, and
+        whatever depends on it must not wait for the broker forever."""
+        if not self.notifier.is_ready:
+            log.warning("no MQTT connection after %.0f s (service.ready_grace): reporting ready anyway",
+                        self.config.service.ready_grace)
+            self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        """One line for ``systemctl status``: the broker, the streams, whether it listens."""
+        mqtt = self.config.mqtt
+        streams = len(self.config.telemetry)
+        parts = [f"connected to {mqtt.host}:{mqtt.port}" if self.link.connected
+                 else f"broker {mqtt.host}:{mqtt.port} unreachable, retrying",
+                 f"{streams} stream{'' if streams == 1 else 's'}"]
+        if any(stage.name == "voice" for stage in self._stages):
+            parts.append("muted" if self._muted else "listening")
+        if self._status_note:
+            parts.append(self._status_note)
+        return "; ".join(parts)
+
+    def _watchdog_health(self, now: float) -> tuple[bool, list[str]]:
+        """Stage health checks plus the heartbeat registry: what WATCHDOG=1 depends on."""
+        stages_ok, bad_stages = self.healthy(now)
+        registry_ok, problems = self.health.describe(now)
+        return (stages_ok and registry_ok, bad_stages + problems)
+
+    def watch_progress(self, name: str, read: Callable[[], Mapping[str, int]], *, progress: Sequence[str],
+                       retrying: Sequence[str] = (), paused: Callable[[], bool] = lambda: False,
+                       max_silence: float) -> None:
+        """Derive a stage's heartbeat from its counters (see ``agent.health.CounterWatch``)."""
+        self._progress_watches.append(CounterWatch(self.health, name, read, progress=progress,
+                                                   retrying=retrying, paused=paused,
+                                                   max_silence=max_silence))
 
     # ----------------------------------------------------------------- main loop plumbing
 
@@ -598,9 +690,15 @@ def build_app(config: Config, *, config_path: Path | None, options: RunOptions) 
     """Build the app and its stages. Later stages (voice, anomaly, outbox) are added here."""
     app = App(config, config_path=config_path, options=options)
     if config.voice_active or options.audio is not None:
-        from agent.voice import VoiceStage  # noqa: PLC0415 - loads the keyword model only when voice is on
+        from agent.voice import VoiceStage  # here: loads the keyword model only when voice is on
 
-        app.add_stage(VoiceStage.from_app(app))  # ModelError / ConfigError / AudioError surface at startup
+        voice = VoiceStage.from_app(app)  # ModelError / ConfigError / AudioError surface at startup
+        app.add_stage(voice)
+        # Watchdog: audio frames keep arriving while the source is open and unmuted; a source that is
+        # being reopened (unplugged microphone) or ended is not wedged.
+        app.watch_progress("audio", voice.stats, progress=("samples", "muted_chunks"),
+                           retrying=("open_failures", "audio_errors"),
+                           paused=lambda: app.muted or voice.finished, max_silence=AUDIO_MAX_SILENCE)
     elif options.exit_at_end:
         log.info("--exit-at-end ignored: voice is off (no [[voice.commands]] and no --audio)")
     return app
@@ -612,6 +710,10 @@ def run_daemon(args: argparse.Namespace) -> int:
     config = load_config(config_path)
     options = RunOptions(audio=getattr(args, "audio", None),
                          exit_at_end=bool(getattr(args, "exit_at_end", False)))
+    if threading.current_thread() is threading.main_thread():
+        # Until App.run installs its handler (start-up; between two configurations after a reload) a
+        # SIGHUP must not kill the daemon, which is its default action.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     while True:
         app = build_app(config, config_path=config_path, options=options)
         result = app.run()

@@ -41,6 +41,8 @@ INT16_MIN = -32768
 # The microphone counts as stalled (unplugged, driver hung) after this long without a single sample.
 MIC_STALL_SECONDS = 2.0
 FILE_SUFFIXES = (".wav", ".flac")
+# File sample rates outside this are refused: a header claiming 1 Hz would expand into hours of 16 kHz audio.
+FILE_RATE_RANGE = (4000, 768_000)
 
 
 class EndOfAudio(Exception):  # noqa: N818 - a control-flow signal like StopIteration, not an error
@@ -217,7 +219,7 @@ class AudioSource(abc.ABC):
 def import_sounddevice() -> Any:
     """The sounddevice module, or AudioError when PortAudio is not installed."""
     try:
-        import sounddevice  # noqa: PLC0415 - optional at import time: PortAudio may be absent on servers
+        import sounddevice
     except OSError as err:
         raise AudioError(f"cannot use the microphone: {err} "
                          "(install PortAudio: apt install libportaudio2)") from err
@@ -412,7 +414,7 @@ class FileSource(AudioSource):
         return self.frames / self.sample_rate if self.sample_rate else 0.0
 
     def open(self) -> None:
-        import soundfile  # noqa: PLC0415 - libsndfile is loaded only when a file is used
+        import soundfile
 
         if not self.path.is_file():
             raise AudioError(f"audio file not found: {self.path}")
@@ -421,6 +423,10 @@ class FileSource(AudioSource):
         except (soundfile.SoundFileError, RuntimeError, TypeError) as err:
             raise AudioError(f"cannot read audio file {self.path}: {_libsndfile_message(err)}") from err
         self.frames, self.sample_rate, self.channels = handle.frames, handle.samplerate, handle.channels
+        if not FILE_RATE_RANGE[0] <= self.sample_rate <= FILE_RATE_RANGE[1]:
+            handle.close()
+            raise AudioError(f"audio file {self.path} has an unsupported sample rate of {self.sample_rate} "
+                             f"Hz (expected {FILE_RATE_RANGE[0]} to {FILE_RATE_RANGE[1]} Hz)")
         if self.frames <= 0:
             handle.close()
             raise AudioError(f"audio file {self.path} holds no audio (zero length)")
@@ -438,7 +444,7 @@ class FileSource(AudioSource):
         self.started_mono = None
 
     def read(self, timeout: float) -> AudioChunk | None:
-        import soundfile  # noqa: PLC0415
+        import soundfile
 
         handle = self._file
         if handle is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -83,7 +83,8 @@ class HealthRegistry:
             if queue_depth is not None:
                 self._set_queue(stage, queue_depth, queue_capacity, now)
 
-    def report_queue(self, name: str, depth: int, capacity: int | None = None, now: float | None = None) -> None:
+    def report_queue(self, name: str, depth: int, capacity: int | None = None,
+                     now: float | None = None) -> None:
         """The depth of the bounded queue this stage feeds (or drains); not a heartbeat by itself."""
         now = self._clock() if now is None else now
         with self._lock:
@@ -155,3 +156,39 @@ class HealthRegistry:
     def stage_names(self) -> list[str]:
         with self._lock:
             return list(self._stages)
+
+
+class CounterWatch:
+    """Heartbeats derived from a stage's own counters, for stages that do not call ``beat`` themselves.
+
+    Polled from the supervisor's tick: a *progress* counter that moved is a beat (audio frames arrived);
+    a *retrying* counter that moved suspends the check (the stage is recovering on its own, e.g.
+    reopening an unplugged microphone every few seconds: a restart would not help); ``paused()`` True
+    suspends it too (muted, finished). The check starts suspended and begins with the first progress,
+    so start-up time is never counted as silence."""
+
+    def __init__(self, registry: HealthRegistry, name: str, read: Callable[[], Mapping[str, int]], *,
+                 progress: Sequence[str], retrying: Sequence[str] = (),
+                 paused: Callable[[], bool] = lambda: False, max_silence: float) -> None:
+        self.name = name
+        self._registry = registry
+        self._read = read
+        self._progress = tuple(progress)
+        self._retrying = tuple(retrying)
+        self._paused = paused
+        self._last: tuple[int, int] | None = None
+        registry.register(name, max_silence=max_silence)
+        registry.suspend(name)
+
+    def poll(self, now: float) -> None:
+        counts = self._read()
+        progress = sum(int(counts.get(key, 0)) for key in self._progress)
+        retrying = sum(int(counts.get(key, 0)) for key in self._retrying)
+        last, self._last = self._last, (progress, retrying)
+        if last is None:
+            return
+        if self._paused() or retrying != last[1]:
+            self._registry.suspend(self.name)
+        elif progress != last[0]:
+            self._registry.resume(self.name, now)  # a no-op for the timer when it was not suspended
+            self._registry.beat(self.name, now)

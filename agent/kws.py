@@ -36,10 +36,10 @@ NON_WORD_LABELS = ("_silence_", "_unknown_")
 
 def _interpreter_class() -> Any:
     try:
-        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415 - optional backend, chosen at load time
+        from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter  # noqa: PLC0415
+            from tflite_runtime.interpreter import Interpreter
         except ImportError as err:
             raise ModelError("no TFLite interpreter: install ai-edge-litert (or tflite-runtime)") from err
     return Interpreter
@@ -117,9 +117,10 @@ class KwsModel:
         try:
             interpreter = interpreter_class(model_content=model_bytes, num_threads=num_threads)
             interpreter.allocate_tensors()
+            # Inside the try: a corrupt file can carry tensor names that are not UTF-8 (ValueError).
+            inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
         except (ValueError, RuntimeError) as err:
             raise ModelError(f"cannot load keyword model {path}: {err}") from err
-        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelError(
                 f"keyword model {path}: expected 1 input and 1 output, got {len(inputs)}/{len(outputs)}"

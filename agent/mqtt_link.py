@@ -122,6 +122,8 @@ class _Outgoing:
     expires_mono: float | None
     on_delivered: Callable[[], None] | None
     requeue: bool = True  # False for availability messages: every connection sends its own
+    # Called (under the link's lock: record and return, never publish) when the full queue drops it.
+    on_dropped: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -158,12 +160,34 @@ def check_topic_filter(topic_filter: str) -> None:
             raise ValueError(f"invalid MQTT topic filter {topic_filter!r}: '+' must be a whole level")
 
 
-def _build_tls_context(config: Config) -> ssl.SSLContext | None:
+class _TlsContext(ssl.SSLContext):
+    """An SSLContext that remembers the socket it wrapped last: paho leaves a socket whose TLS handshake
+    failed (untrusted certificate, wrong host name) unclosed, so the link closes it after a failed connect."""
+
+    last_socket: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock = super().wrap_socket(*args, **kwargs)
+        self.last_socket = sock
+        return sock
+
+    def close_failed_socket(self) -> None:
+        sock, self.last_socket = self.last_socket, None
+        if sock is not None:
+            sock.close()
+
+
+def _build_tls_context(config: Config) -> _TlsContext | None:
     tls = config.mqtt.tls
     if tls is None:
         return None
     try:
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        # As ssl.create_default_context(): certificate and host name verified, TLS >= 1.2.
+        context = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)
+        if tls.ca_file is not None:
+            context.load_verify_locations(cafile=str(tls.ca_file))
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if tls.cert_file is not None:
             context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
     except (OSError, ssl.SSLError) as err:
@@ -274,8 +298,12 @@ class MqttLink:
         retain: bool = False,
         expires_mono: float | None = None,
         on_delivered: Callable[[], None] | None = None,
+        on_dropped: Callable[[], None] | None = None,
     ) -> bool:
         """Queue a message. Raises ActionError for a topic outside the allow-list.
+
+        ``on_delivered()`` runs on the link thread once the broker acknowledged the message (QoS 1/2);
+        ``on_dropped()`` runs, under the link's lock, if the bounded queue drops it (the outbox re-sends).
 
         Returns False when the message was not queued (already expired, or the link has stopped).
         """
@@ -287,7 +315,7 @@ class MqttLink:
         if expires_mono is not None and time.monotonic() >= expires_mono:
             self._count_expired(topic)
             return False
-        message = _Outgoing(topic, data, qos, retain, expires_mono, on_delivered)
+        message = _Outgoing(topic, data, qos, retain, expires_mono, on_delivered, on_dropped=on_dropped)
         with self._cond:
             if self._finished.is_set():
                 log.debug("link stopped; not publishing to %s", topic)
@@ -321,6 +349,8 @@ class MqttLink:
         while len(self._queue) > self._mqtt.max_queued_messages:
             dropped = self._queue.popleft()
             self.stats.count("dropped")
+            if dropped.on_dropped is not None:
+                dropped.on_dropped()
             suppressed = self._throttle.ready("dropped")
             if suppressed is not None:
                 log.warning("outgoing MQTT queue full (%d messages): dropped the oldest, to %s%s",
@@ -439,6 +469,8 @@ class MqttLink:
                 try:
                     session.client.connect(self._mqtt.host, self._mqtt.port, self._mqtt.keepalive)
                 except (OSError, ValueError) as err:  # refused, unreachable, DNS, TLS handshake/verification
+                    if self._tls_context is not None:
+                        self._tls_context.close_failed_socket()
                     self.stats.count("connect_failures")
                     failures += 1
                     self._log_connect_failure(str(err), failures)
@@ -447,6 +479,9 @@ class MqttLink:
                 session.client.loop_start()
                 try:
                     self._serve(session)
+                except Exception:  # a bug must not kill the only thread that talks to the broker
+                    self.stats.count("handler_errors")
+                    log.exception("MQTT link failure; reconnecting")
                 finally:
                     if not session.ended:
                         session.client.disconnect()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,8 +19,6 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 20  # zigbee2mqtt and Tasmota payloads nest 3-4 levels; deeper is garbage or an attack
 # ASCII decimal only: float() alone would also take "1_000", "nan", "infinity" and non-ASCII digits.
 NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(r"[\[\]{}]")
 _ASCII_SPACE = " \t\r\n"
 # Epoch numbers above this are milliseconds (zigbee2mqtt last_seen "epoch"); 1e11 s is the year 5138.
 _EPOCH_MS_THRESHOLD = 1e11
@@ -42,18 +40,20 @@ def decode_text(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> str:
         raise PayloadError(f"payload is not valid UTF-8 (bad byte at offset {err.start})") from err
 
 
-def _too_deep(text: str, limit: int) -> bool:
-    # Cheap unless the payload has many brackets; brackets inside JSON strings do not count.
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth = 0
-    for match in _BRACKET.finditer(_JSON_STRING.sub("", text)):
-        if match.group() in "[{":
-            depth += 1
-            if depth > limit:
-                return True
+def _deeper_than(document: object, limit: int) -> bool:
+    """Whether containers nest more than ``limit`` levels (iterative: linear time, no recursion)."""
+    stack: list[tuple[object, int]] = [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Iterable[object] = node.values()
+        elif isinstance(node, list):
+            children = node
         else:
-            depth -= 1
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
     return False
 
 
@@ -63,14 +63,16 @@ def _reject_constant(name: str) -> Any:
 
 def load_json(text: str) -> Any:
     """Parse JSON, refusing NaN/Infinity literals and nesting deeper than MAX_JSON_DEPTH."""
-    if _too_deep(text, MAX_JSON_DEPTH):
-        raise PayloadError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError as err:
+        document = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as err:  # the C scanner stops at the interpreter's recursion limit
         raise PayloadError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from err
     except ValueError as err:  # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
         raise PayloadError(f"invalid JSON: {err}") from err
+    # Counting brackets first keeps the common small payload free of the walk.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(document, MAX_JSON_DEPTH):
+        raise PayloadError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return document
 
 
 def json_type_name(value: object) -> str:

@@ -47,6 +47,9 @@ class RecognizerSettings:
     smoothing_seconds: float  # posteriors are averaged over this much audio (0: only the newest)
     refractory_seconds: float  # a word does not fire again within this time of its last detection
     window_seconds: float = 1.0  # the model's input window, to bound where a detected word began
+    # Averaging while a wake window is open (``process(..., listening=True)``): the command words that follow
+    # the wake word may be smoothed less, for a faster reaction. None: the same as smoothing_seconds.
+    listening_smoothing_seconds: float | None = None
 
     def __post_init__(self) -> None:
         missing = [w for w in self.labels if w not in NON_WORD_LABELS and w not in self.thresholds]
@@ -54,6 +57,9 @@ class RecognizerSettings:
             raise ValueError(f"no threshold for {', '.join(missing)}")
         if self.smoothing_seconds < 0 or self.refractory_seconds < 0 or self.window_seconds <= 0:
             raise ValueError("smoothing and refractory times must be >= 0 and the window positive")
+        if self.listening_smoothing_seconds is not None and not \
+                0 <= self.listening_smoothing_seconds <= self.smoothing_seconds:
+            raise ValueError("listening_smoothing_seconds must be in [0, smoothing_seconds]")
 
 
 class Recognizer:
@@ -74,15 +80,22 @@ class Recognizer:
         self._armed: dict[str, bool] = {}
         self.detections = 0
 
-    def smoothed(self) -> npt.NDArray[np.float64]:
-        """The current averaged posteriors (zeros before the first scores)."""
+    def smoothed(self, seconds: float | None = None) -> npt.NDArray[np.float64]:
+        """The posteriors averaged over the last ``seconds`` (default: smoothing_seconds); zeros before the
+        first scores."""
         if not self._history:
             return np.zeros(len(self._labels))
-        average: npt.NDArray[np.float64] = np.mean(np.stack([v for _, v in self._history]), axis=0)
+        entries = self._history
+        if seconds is not None and seconds < self.settings.smoothing_seconds:
+            horizon = self._history[-1][0] - seconds + 1e-6
+            entries = collections.deque(e for e in self._history if e[0] > horizon) or \
+                collections.deque([self._history[-1]])
+        average: npt.NDArray[np.float64] = np.mean(np.stack([v for _, v in entries]), axis=0)
         return average
 
-    def process(self, scores: Scores) -> Detection | None:
-        """Feed one model invocation; returns the word heard on this hop, if any."""
+    def process(self, scores: Scores, *, listening: bool = False) -> Detection | None:
+        """Feed one model invocation; returns the word heard on this hop, if any. ``listening``: a wake
+        window is open (``listening_smoothing_seconds`` applies)."""
         if scores.labels != self._labels:
             raise ValueError("scores come from a model with different labels")
         now = scores.t_audio
@@ -94,7 +107,7 @@ class Recognizer:
         horizon = now - self.settings.smoothing_seconds + 1e-6  # tolerate float drift of summed hop times
         while len(self._history) > 1 and self._history[0][0] <= horizon:
             self._history.popleft()
-        average = self.smoothed()
+        average = self.smoothed(self.settings.listening_smoothing_seconds if listening else None)
 
         top = int(np.argmax(average))
         top_label = self._labels[top]

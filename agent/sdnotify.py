@@ -25,7 +25,9 @@ WATCHDOG_PID_ENV = "WATCHDOG_PID"
 
 # systemd truncates STATUS= for display anyway; a datagram must stay well below the socket's limit.
 _MAX_STATUS_CHARS = 400
+_SEND_TIMEOUT = 1.0  # seconds
 
+# (healthy, wedged stages) at a monotonic time; an entry may add a reason after the name: "audio: silent".
 HealthCheck = Callable[[float], tuple[bool, list[str]]]
 
 
@@ -53,6 +55,9 @@ def notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # A datagram to a reader that stopped reading blocks once its queue is full; the main loop
+            # must not hang on that.
+            sock.settimeout(_SEND_TIMEOUT)
             sock.connect(address)
             sock.sendall(message.encode("utf-8"))
     except OSError as err:
@@ -210,14 +215,17 @@ class ServiceNotifier:
         if self.ping_interval is None:
             return False
         now = self._clock() if now is None else now
-        if self._next_ping is not None and now < self._next_ping:
+        # A tick that comes a little early (timer jitter) still pings; otherwise one would be skipped.
+        if self._next_ping is not None and now < self._next_ping - 0.05 * self.ping_interval:
             return False
         ok, wedged = self._health_check(now) if self._health_check is not None else (True, [])
         if not ok:
             self._next_ping = now + min(self.ping_interval, 1.0)  # re-check soon: recovery resumes pings
             self.watchdog_withheld += 1
-            if tuple(wedged) != self._wedged:
-                self._wedged = tuple(wedged)
+            # Log once per set of wedged stages, not every time the reasons' "for N s" changes.
+            stages = tuple(item.split(":", 1)[0] for item in wedged)
+            if stages != self._wedged:
+                self._wedged = stages
                 self._status_before_wedge = self._last_status
                 text = _clean_status("unhealthy, watchdog withheld: " + ", ".join(wedged))
                 log.error("pipeline wedged (%s); not petting the systemd watchdog, a restart will follow",
@@ -226,11 +234,14 @@ class ServiceNotifier:
                 self._send(f"STATUS={text}")
             return False
         if self._wedged:
-            log.warning("pipeline healthy again (was wedged: %s)", ", ".join(self._wedged))
+            log.warning("pipeline healthy again (%s recovered)", ", ".join(self._wedged))
             self._wedged = ()
             if self._status_before_wedge is not None:
                 self._last_status = None
                 self.status(self._status_before_wedge)
-        self._next_ping = now + self.ping_interval
+        # On schedule (no drift from early or late ticks), unless a ping is overdue by a whole interval.
+        interval = self.ping_interval
+        due = self._next_ping
+        self._next_ping = (due if due is not None and now - due < interval else now) + interval
         self.watchdog_pings += 1
         return self._send("WATCHDOG=1")

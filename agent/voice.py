@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -54,6 +55,10 @@ HEARTBEAT_LIMIT = 10.0  # healthy() is False when the loop has not turned for th
 TAIL_SECONDS = 1.2
 TAIL_DITHER = 3.0  # int16 LSB (about -80 dBFS)
 DRAIN_MARGIN = 0.5  # exit-at-end: after the last message's TTL, wait this much longer for the link
+# A file or stdin replay starts once the broker is connected (at most service.ready_grace, capped here) and
+# retained device states had a moment to arrive: a thermostat's current setpoint must be known for "heat up".
+MAX_ONLINE_WAIT = 10.0
+RETAINED_SETTLE = 0.3
 
 
 def tail_padding(seconds: float = TAIL_SECONDS, seed: int = 0) -> npt.NDArray[np.int16]:
@@ -157,7 +162,9 @@ class VoicePipeline:
     def _invoke(self, t_audio: float, mono: float, wall: float, output: PipelineOutput) -> None:
         probabilities = self.model.predict(self.features.features())
         self.invocations += 1
-        detection = self.recognizer.process(Scores(self.model.labels, probabilities, round(t_audio, 6)))
+        listening = self.matcher.state != "idle"
+        detection = self.recognizer.process(Scores(self.model.labels, probabilities, round(t_audio, 6)),
+                                            listening=listening)
         if detection is None:
             return
         output.detections.append(detection)
@@ -178,7 +185,7 @@ def load_pipeline(config: Config | None, model_path_override: Path | None = None
     elif config is not None:
         path = config.resolve_path(voice.model)
     else:
-        from agent.paths import resolve_data_path  # noqa: PLC0415
+        from agent.paths import resolve_data_path
 
         path = resolve_data_path(voice.model)
     model = KwsModel.load(path)
@@ -261,6 +268,7 @@ class VoiceStage:
         request_action: Callable[[ActionRequest], int],
         is_muted: Callable[[], bool] = lambda: False,
         queued: Callable[[], int] = lambda: 0,
+        wait_online: Callable[[float], bool] | None = None,
         on_end: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -272,6 +280,7 @@ class VoiceStage:
         self._request_action = request_action
         self._is_muted = is_muted
         self._queued = queued
+        self._wait_online = wait_online
         self._on_end = on_end
         self._clock = clock
         self._stop = threading.Event()
@@ -302,7 +311,8 @@ class VoiceStage:
             log.warning("--exit-at-end has no effect with the %s", source.description)
         return cls(config=config, pipeline=pipeline, source=source, publish=app.link.publish,
                    request_action=app.request_action, is_muted=lambda: app.muted,
-                   queued=lambda: app.link.queued, on_end=app.request_stop if exit_at_end else None)
+                   queued=lambda: app.link.queued, wait_online=app.link.wait_connected,
+                   on_end=app.request_stop if exit_at_end else None)
 
     # ----------------------------------------------------------------- Stage interface
 
@@ -356,6 +366,8 @@ class VoiceStage:
 
     def _loop(self) -> None:
         retry_interval = self.config.audio.retry_interval
+        if self.source.finite and self._wait_online is not None:
+            self._await_broker(self._wait_online)
         while not self._stop.is_set():
             self._beat = self._clock()
             if self._is_muted() and self.source.retry_on_error:
@@ -392,6 +404,19 @@ class VoiceStage:
             self._count("samples", len(chunk.samples))
             wall = time.time() - (self._clock() - chunk.t_mono)
             self._handle(self.pipeline.feed(chunk.samples, mono_end=chunk.t_mono, wall_end=wall))
+
+    def _await_broker(self, wait_online: Callable[[float], bool]) -> None:
+        limit = min(self.config.service.ready_grace, MAX_ONLINE_WAIT)
+        deadline = self._clock() + limit
+        while not self._stop.is_set():
+            self._beat = self._clock()
+            if wait_online(min(READ_TIMEOUT, max(0.0, deadline - self._beat))):
+                self._wait(RETAINED_SETTLE)
+                return
+            if self._clock() >= deadline:
+                log.warning("voice: the MQTT broker is not reachable after %.1f s; replaying %s anyway",
+                            limit, self.source.description)
+                return
 
     def _wait(self, seconds: float) -> None:
         """Sleep interruptibly, still beating (a long retry interval is not a hang)."""

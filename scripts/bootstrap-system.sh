@@ -4,7 +4,7 @@
 set -euo pipefail
 want=(mosquitto mosquitto-clients libportaudio2 libsndfile1 espeak-ng sox)
 if [[ "${1:-}" == "--train" ]]; then
-  want+=(flite festival festvox-kallpc16k festvox-rablpc16k festvox-us-slt-hts)
+  want+=(flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts)
 fi
 missing=()
 for pkg in "${want[@]}"; do

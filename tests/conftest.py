@@ -184,8 +184,9 @@ class MqttProbe:
         self._cond = threading.Condition()
         # clean_session=False (with a client_id and a persistent broker): messages published while the
         # broker was restarted or the probe was away are queued for it.
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
-        self.client.reconnect_delay_set(0.05, 0.2)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  clean_session=clean_session)
+        self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]  # floats work; stubs say int
         if username is not None:
             self.client.username_pw_set(username, password)
         self.client.on_message = self._on_message

@@ -355,3 +355,34 @@ def test_a_real_portaudio_stream_feeds_the_bounded_buffer(tmp_path: Path) -> Non
     assert report["dropped_samples"] > 0
     # Every read returns at most the ring's capacity (0.5 s), whatever the device delivered meanwhile.
     assert report["samples"] <= report["chunks"] * 8000
+
+
+class _StoppedStream:
+    """Stands in for a PortAudio stream whose device vanished (no unplugging on a build machine)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("active", "message"), [(False, "stopped \\(unplugged\\?\\)"),
+                                                 (True, "no audio from microphone")])
+def test_an_unplugged_or_silent_microphone_is_an_error_not_a_hang(active: bool, message: str) -> None:
+    now = [100.0]
+    source = MicSource("usb", clock=lambda: now[0])
+    source._ring = RingBuffer(1600)
+    source._stream = _StoppedStream(active)
+    source._opened_mono = 100.0
+    source._ring.write(np.zeros(160, dtype=np.int16), now=100.0)
+    assert source.read(timeout=0.0) is not None
+    now[0] = 100.5
+    if active:
+        assert source.read(timeout=0.0) is None  # a short gap is just a gap
+        now[0] = 103.0
+    with pytest.raises(AudioError, match=message):
+        source.read(timeout=0.0)

@@ -86,5 +86,5 @@ def test_password_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     secret = tmp_path / "secret"
     secret.write_text("from-file\n", encoding="utf-8")
     assert MqttSection(password_file=secret).password() == "from-file"  # the file wins, newline stripped
-    with pytest.raises(ConfigError, match="mqtt.password_file"):
+    with pytest.raises(ConfigError, match=r"mqtt\.password_file"):
         MqttSection(password_file=tmp_path / "missing").password()

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import (
     Daemon,
     Mosquitto,
@@ -24,8 +26,11 @@ from conftest import (
 )
 
 from agent import __version__
-from agent.config import load_config
+from agent.app import App
+from agent.config import load_config, parse_config
 from agent.discovery import discovery_messages
+from agent.errors import ActionError
+from agent.messages import ActionRequest
 
 BASE = "home-agent/testagent"
 AVAILABILITY = f"{BASE}/availability"
@@ -40,7 +45,7 @@ DISCOVERY = "homeassistant/+/testagent/+/config"
 def expected_discovery(config_path: Path) -> dict[str, dict[str, Any]]:
     config = load_config(config_path)
     event_types = sorted({c.action for c in config.voice.commands}) if config.voice_active else []
-    return discovery_messages(config, event_types=event_types, sw_version=__version__)
+    return dict(discovery_messages(config, event_types=event_types, sw_version=__version__))
 
 
 def start_online(daemon_factory: Callable[..., Daemon], config: Path, probe: MqttProbe,
@@ -299,7 +304,8 @@ def random_payloads(count: int, seed: int = 1234) -> list[bytes]:
             value = rng.choice(["1", "-", ".", "e", "{", "}", '"', ":", ",", "temperature", " ", "[", "]"])
             payloads.append(b'{"temperature": ' + "".join(value for _ in range(rng.randrange(8))).encode())
         else:
-            payloads.append(json.dumps({"temperature": rng.uniform(-100, 150), "battery": rng.random()}).encode())
+            document = {"temperature": rng.uniform(-100, 150), "battery": rng.random()}
+            payloads.append(json.dumps(document).encode())
     return payloads
 
 
@@ -318,12 +324,13 @@ def test_ten_thousand_malformed_payloads_are_all_counted(
 
     def all_counted() -> bool:
         d = diagnostics(probe)
-        handled = sum(d[k] - before[k] for k in ("bad_payloads", "readings", "telemetry_ignored"))
+        handled = sum(int(d[k]) - int(before[k]) for k in ("bad_payloads", "readings", "telemetry_ignored"))
         return handled >= total
 
     assert wait_until(all_counted, 10, interval=0.2), (diagnostics(probe), daemon.log_text()[-3000:])
     after = diagnostics(probe)
-    delta = {k: after[k] - before[k] for k in ("bad_payloads", "readings", "telemetry_ignored", "handler_errors")}
+    keys = ("bad_payloads", "readings", "telemetry_ignored", "handler_errors")
+    delta = {k: after[k] - before[k] for k in keys}
     assert delta["bad_payloads"] + delta["readings"] + delta["telemetry_ignored"] == total, delta
     assert delta["handler_errors"] == 0
     assert delta["bad_payloads"] > total / 2
@@ -337,7 +344,8 @@ def test_ten_thousand_malformed_payloads_are_all_counted(
 
 
 def test_action_command_publishes_exact_bytes(
-        mosquitto: Mosquitto, write_config: Callable[..., Path], mqtt_client: Callable[..., MqttProbe]) -> None:
+        mosquitto: Mosquitto, write_config: Callable[..., Path],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
     config = write_config(mosquitto, **{"actions.heat_up": {
         "topic": "zigbee2mqtt/trv/set", "payload": '{"current_heating_setpoint": {{ setpoint + 1 }}}',
         "state_topic": "zigbee2mqtt/trv"}})
@@ -369,3 +377,40 @@ def test_action_command_without_broker_fails_clearly(write_config: Callable[...,
     assert result.returncode == 1
     assert "cannot connect to the MQTT broker" in result.stderr
     assert time.monotonic() - t0 < 5
+
+
+def test_request_action_ttl_mute_and_never_retained(
+        mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe]) -> None:
+    """In-process: App.request_action renders via the action table, never retains, drops expired voice
+    requests and refuses voice while muted (other sources still act)."""
+    data = base_config(mosquitto, tmp_path / "state")
+    data["actions"]["lamp_on"]["ttl"] = 2.0
+    config = parse_config(data, source="test.toml")
+    app = App(config)
+    probe = mqtt_client().subscribe("test/lamp/set", MUTE_STATE)
+    runner = threading.Thread(target=app.run, name="app-under-test")
+    runner.start()
+    try:
+        assert app.link.wait_connected(5)
+        now = time.monotonic()
+        assert app.request_action(ActionRequest("lamp_on", "voice", created_mono=now)) == 1
+        message = probe.wait_for("test/lamp/set", timeout=2)
+        assert message.payload == b'{"state": "ON"}' and not message.retained
+        with pytest.raises(ActionError, match="expired"):  # the action's ttl (2 s) applies to voice
+            app.request_action(ActionRequest("lamp_on", "voice", created_mono=now - 3))
+        with pytest.raises(ActionError, match="unknown action"):
+            app.request_action(ActionRequest("nope", "cli", created_mono=now))
+        probe.publish(MUTE_SET, b"ON")
+        probe.wait_for(MUTE_STATE, b"ON")
+        assert wait_until(lambda: app.muted, 2)
+        with pytest.raises(ActionError, match="muted"):
+            app.request_action(ActionRequest("lamp_on", "voice", created_mono=time.monotonic()))
+        from_home_assistant = ActionRequest("lamp_on", "homeassistant", created_mono=time.monotonic())
+        assert app.request_action(from_home_assistant) == 1
+        probe.wait_for("test/lamp/set", count=2, timeout=2)
+        assert app.counters()["actions_rejected"] == 3
+    finally:
+        app.request_stop()
+        runner.join(10)
+    assert not runner.is_alive()
+    assert retained_messages(mosquitto, AVAILABILITY)[AVAILABILITY] == b"offline"

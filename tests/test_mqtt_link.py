@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Mosquitto, MqttProbe, base_config, set_dotted, wait_until
 
 from agent.config import Config, parse_config
 from agent.errors import ActionError, ConfigError, PayloadError
 from agent.mqtt_link import InboundMessage, MqttLink, check_topic_filter
-from conftest import Mosquitto, MqttProbe, base_config, set_dotted, wait_until
 
 AVAILABILITY = "home-agent/testagent/availability"
 
@@ -112,9 +112,15 @@ def test_on_delivered_fires_for_qos0_and_qos1(mosquitto: Mosquitto, tmp_path: Pa
     assert link.wait_connected(5)
     delivered: list[int] = []
     done = threading.Event()
+    def make_callback(qos: int) -> Callable[[], None]:
+        def on_delivered() -> None:
+            delivered.append(qos)
+            if len(delivered) == 3:
+                done.set()
+        return on_delivered
+
     for qos in (0, 1, 2):
-        link.publish("test/lamp/set", b"x", qos=qos,
-                     on_delivered=lambda q=qos: (delivered.append(q), len(delivered) == 3 and done.set()))
+        link.publish("test/lamp/set", b"x", qos=qos, on_delivered=make_callback(qos))
     assert done.wait(5)
     assert sorted(delivered) == [0, 1, 2]
 
@@ -190,7 +196,7 @@ def test_bad_credentials_stop_retrying(mosquitto_factory: Callable[..., Mosquitt
 def test_password_file_unreadable_is_a_config_error(mosquitto: Mosquitto, tmp_path: Path) -> None:
     config = make_config(mosquitto, tmp_path, **{"mqtt.username": "u",
                                                  "mqtt.password_file": str(tmp_path / "missing")})
-    with pytest.raises(ConfigError, match="mqtt.password_file"):
+    with pytest.raises(ConfigError, match=r"mqtt\.password_file"):
         MqttLink(config)
 
 
@@ -213,3 +219,61 @@ def test_topic_filter_validation() -> None:
     for bad in ("", "a/#/b", "a/b#", "a+/b", "a\0b"):
         with pytest.raises(ValueError):
             check_topic_filter(bad)
+
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A throw-away CA and a broker certificate for DNS name "localhost" only (openssl CLI)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {name: directory / name for name in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt",
+                                                 "san.ext")}
+    paths["san.ext"].write_text("subjectAltName = DNS:localhost\n", encoding="utf-8")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-days", "2", "-subj", "/CN=home-agent test CA", "-keyout", str(paths["ca.key"]),
+            "-out", str(paths["ca.crt"]))
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-subj", "/CN=localhost", "-keyout", str(paths["server.key"]), "-out", str(paths["server.csr"]))
+    openssl("x509", "-req", "-in", str(paths["server.csr"]), "-CA", str(paths["ca.crt"]), "-CAkey",
+            str(paths["ca.key"]), "-CAcreateserial", "-days", "2", "-extfile", str(paths["san.ext"]),
+            "-out", str(paths["server.crt"]))
+    return paths
+
+
+def test_tls_verifies_the_broker_certificate_and_host_name(
+        mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path,
+        link_factory: Callable[..., MqttLink]) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    broker = mosquitto_factory(extra_lines=(f"cafile {certs['ca.crt']}", f"certfile {certs['server.crt']}",
+                                            f"keyfile {certs['server.key']}"))
+    tls = {"ca_file": str(certs["ca.crt"])}
+    # The name in the certificate: connects.
+    good = link_factory(make_config(broker, tmp_path, **{"mqtt.host": "localhost", "mqtt.tls": tls}))
+    assert good.wait_connected(5)
+    # An address the certificate does not name: refused by the hostname check...
+    wrong_name = link_factory(make_config(broker, tmp_path, **{"mqtt.tls": tls}),
+                              client_id="tls-wrong-name")
+    # ...and no CA configured (system store): the self-made CA is not trusted.
+    untrusted = link_factory(make_config(broker, tmp_path, **{"mqtt.host": "localhost", "mqtt.tls": {}}),
+                             client_id="tls-untrusted")
+    for refused in (wrong_name, untrusted):
+        stats = refused.stats
+        assert wait_until(lambda: stats.get("connect_failures") >= 2, 3)  # noqa: B023 - used at once
+        assert not refused.connected
+    # The explicit escape hatch turns the hostname check off (the chain is still verified).
+    insecure = link_factory(make_config(broker, tmp_path, **{
+        "mqtt.tls": {**tls, "insecure_skip_hostname_check": True}}), client_id="tls-insecure")
+    assert insecure.wait_connected(5)
+    # Plain MQTT to a TLS listener does not connect either.
+    plain = link_factory(make_config(broker, tmp_path), client_id="plain")
+    assert wait_until(lambda: plain.stats.get("connect_failures") >= 2, 3)
+    assert not plain.connected
+
+
+def test_tls_bad_ca_file_is_a_config_error(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    bogus = tmp_path / "ca.crt"
+    bogus.write_text("not a certificate", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"mqtt\.tls"):
+        MqttLink(make_config(mosquitto, tmp_path, **{"mqtt.tls": {"ca_file": str(bogus)}}))

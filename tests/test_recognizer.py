@@ -339,3 +339,20 @@ def test_threshold_overrides() -> None:
     assert "_silence_" not in merged
     with pytest.raises(ConfigError, match="'oven'"):
         effective_thresholds(model, LABELS, {"oven": 0.9})
+
+
+def test_less_smoothing_while_listening_reacts_a_hop_earlier() -> None:
+    fast = RecognizerSettings(labels=LABELS, thresholds=settings().thresholds, smoothing_seconds=0.3,
+                              refractory_seconds=1.0, listening_smoothing_seconds=0.1)
+    frames = silence(5) + word("up", 6) + silence(3)
+    for listening, expected in ((False, 1.6), (True, 1.5)):
+        recognizer = Recognizer(fast)
+        times = [round(1.0 + i * HOP, 3) for i, scores in enumerate(frames)
+                 if recognizer.process(frame(round(1.0 + i * HOP, 3), **scores), listening=listening)]
+        assert times == [expected]
+
+
+def test_listening_smoothing_cannot_exceed_the_smoothing() -> None:
+    with pytest.raises(ValueError, match="listening_smoothing_seconds"):
+        RecognizerSettings(labels=LABELS, thresholds=settings().thresholds, smoothing_seconds=0.2,
+                           refractory_seconds=1.0, listening_smoothing_seconds=0.3)

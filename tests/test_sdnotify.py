@@ -22,17 +22,23 @@ class NotifySocket:
         self.sock = sock
         self.address = address  # as it goes into $NOTIFY_SOCKET
 
-    def messages(self, timeout: float = 0.0) -> list[str]:
-        """Every datagram received so far (waiting up to ``timeout`` for the first one)."""
-        found: list[str] = []
+        self.received: list[str] = []
+
+    def drain(self, timeout: float = 0.0) -> None:
+        """Read what is queued (the kernel queues only ~10 datagrams before the sender blocks)."""
         self.sock.settimeout(timeout if timeout > 0 else 0.001)
         while True:
             try:
                 data = self.sock.recv(65536)
             except (TimeoutError, BlockingIOError):
-                return found
-            found.append(data.decode())
+                return
+            self.received.append(data.decode())
             self.sock.settimeout(0.001)
+
+    def messages(self, timeout: float = 0.0) -> list[str]:
+        """Every datagram received so far (waiting up to ``timeout`` for the first one)."""
+        self.drain(timeout if not self.received else 0.0)
+        return list(self.received)
 
     def env(self, **extra: str) -> dict[str, str]:
         return {"NOTIFY_SOCKET": self.address, **extra}
@@ -78,7 +84,8 @@ def test_notify_failure_is_reported_not_raised(tmp_path: Path, caplog: pytest.Lo
     assert notify("READY=1", {"NOTIFY_SOCKET": "vsock:2:1234"}) is False
 
 
-def test_module_helpers_use_the_environment(notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_module_helpers_use_the_environment(notify_socket: NotifySocket,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.address)
     assert sdnotify.ready("connected to 127.0.0.1:1883; listening")
     assert sdnotify.status("broker unreachable,\nretrying")
@@ -143,9 +150,13 @@ def test_watchdog_cadence_is_half_the_timeout(notify_socket: NotifySocket) -> No
     notifier = ServiceNotifier(health.describe, environ=notify_socket.env(WATCHDOG_USEC="2000000"))
     assert notifier.watchdog_timeout == 2.0 and notifier.ping_interval == 1.0
     # The main loop turns every 0.1 s for 10 s of fake time.
-    sent_at = [t / 10 for t in range(100) if notifier.tick(t / 10)]
-    assert sent_at == [float(s) for s in range(10)]
-    assert notify_socket.messages(timeout=1) == ["WATCHDOG=1"] * 10
+    sent_at = []
+    for step in range(200):
+        if notifier.tick(step / 10):
+            sent_at.append(step / 10)
+        notify_socket.drain()
+    assert sent_at == [float(s) for s in range(20)]
+    assert notify_socket.messages() == ["WATCHDOG=1"] * 20
 
 
 def test_no_watchdog_while_a_stage_is_wedged(notify_socket: NotifySocket) -> None:
@@ -162,6 +173,7 @@ def test_no_watchdog_while_a_stage_is_wedged(notify_socket: NotifySocket) -> Non
             health.beat("audio", now=now)  # audio frames stop between 5 s and 12 s
         if notifier.tick(now):
             pings.append(now)
+        notify_socket.drain()
     # Pinged until the audio stage went silent for > 2 s (at 7 s), then nothing until audio came back.
     assert pings[:6] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert 6.0 in pings

@@ -59,7 +59,8 @@ def unit_with_existing_binary(tmp_path: Path) -> Path:
 def test_unit_declares_the_service_contract() -> None:
     assert setting("Type") == ["notify"]
     assert setting("NotifyAccess") == ["main"]
-    assert setting("ExecStart") == ["/opt/home-agent/venv/bin/home-agent run --config /etc/home-agent/config.toml"]
+    assert setting("ExecStart") == [
+        "/opt/home-agent/venv/bin/home-agent run --config /etc/home-agent/config.toml"]
     assert setting("ExecReload") == ["/bin/kill -HUP $MAINPID"]
     assert setting("WatchdogSec") == ["30"]
     assert setting("Restart") == ["on-failure"]

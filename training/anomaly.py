@@ -54,7 +54,7 @@ def windows_for(stream: Stream, cal: Calibration, lo: int, hi: int) -> tuple[npt
     state = StreamState()
     if lo > 0:
         prepare_inputs(state, cal, WINDOW, stream.values[:lo], stream.tods[:lo])
-    inputs, scales = prepare_inputs(state, cal, WINDOW, stream.values[lo:hi], stream.tods[lo:hi])
+    inputs, scales, _slows = prepare_inputs(state, cal, WINDOW, stream.values[lo:hi], stream.tods[lo:hi])
     previous = stream.values[lo - 1:hi - 1] if lo > 0 else np.concatenate([[np.nan], stream.values[:hi - 1]])
     diffs = stream.values[lo:hi] - previous
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -31,6 +31,7 @@ FloatArray = npt.NDArray[np.float64]
 
 FAULT_KINDS = ("stuck", "dropout", "spike", "drift", "step")
 DAY = 86400.0
+DRIFT_DAYS = 3.0  # how long an injected drift may take to be detected (other faults: one day)
 
 
 def default_telemetry_dir() -> Path:
@@ -274,5 +275,7 @@ def validate(model: AnomalyModel, config: AnomalySection, streams: list[Stream],
         false_alerts[stream.name] = (len(clean.alerts), stream.days)
         for fault in faults:
             state = clean.checkpoints[fault.start]
-            detections.append(detect(model, config, stream, fault, state, horizon))
+            # a slow drift gets DRIFT_DAYS (or the rest of the stream) to show
+            span = int(round(DRIFT_DAYS * DAY / stream.interval)) if fault.kind == "drift" else horizon
+            detections.append(detect(model, config, stream, fault, state, span))
     return Validation(false_alerts, detections)

@@ -29,7 +29,20 @@ PEERS_DIR = REPO_ROOT.parent / "shared" / "peers"
 TEACHER_TFLITE = PEERS_DIR / "mlperf_tiny_kws" / "mlperf_kws_ref_model_float32.tflite"
 TEACHER_INT8_TFLITE = PEERS_DIR / "mlperf_tiny_kws" / "mlperf_kws_ref_model_int8.tflite"
 # The MLPerf Tiny reference model's output order.
-TEACHER_LABELS = ("down", "go", "left", "no", "off", "on", "right", "stop", "up", "yes", "_silence_", "_unknown_")
+TEACHER_LABELS = (
+    "down",
+    "go",
+    "left",
+    "no",
+    "off",
+    "on",
+    "right",
+    "stop",
+    "up",
+    "yes",
+    "_silence_",
+    "_unknown_",
+)
 
 T = TypeVar("T")
 
@@ -49,10 +62,10 @@ def seed_everything(seed: int = SEED) -> None:
 
 
 def import_tf() -> Any:
-    """TensorFlow with legacy Keras (tf_keras), quiet logs, a fixed seed and at most 2 threads (shared box)."""
+    """TensorFlow with legacy Keras (tf_keras), quiet logs, a fixed seed and at most 2 threads (shared)."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # noqa: PLC0415 - training-only dependency, imported on demand
+    import tensorflow as tf
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(2)
@@ -75,7 +88,7 @@ def read_audio(path: Path) -> npt.NDArray[np.float32]:
     data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     mono = data.mean(axis=1).astype(np.float32)
     if rate != SAMPLE_RATE:
-        from scipy.signal import resample_poly  # noqa: PLC0415
+        from scipy.signal import resample_poly
 
         divisor = np.gcd(int(rate), SAMPLE_RATE)
         mono = resample_poly(mono, SAMPLE_RATE // divisor, int(rate) // divisor).astype(np.float32)
@@ -86,7 +99,7 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> It
     """tqdm when present and on a terminal, else a line every ~10 %."""
     if sys.stderr.isatty():
         try:
-            from tqdm import tqdm  # noqa: PLC0415
+            from tqdm import tqdm
 
             yield from tqdm(items, total=total, desc=desc, leave=False)
             return

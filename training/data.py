@@ -45,7 +45,7 @@ VOCABULARY = (WAKE_WORD, *COMMAND_WORDS, *DEVICE_WORDS)
 # Real words whose clips contain one of our words: neither positive (not the whole label) nor negative.
 EXCLUDED_REAL = ("hey_computer",)
 COMPUTER_CLUSTERS = 36
-DATA_VERSION = 3  # bump when the windows or augmentation change (invalidates the cache)
+DATA_VERSION = 4  # bump when the windows or augmentation change (invalidates the cache)
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,14 @@ def best_window_start(samples: npt.NDArray[np.float32], size: int = WINDOW) -> i
     if len(samples) <= size:
         return 0
     step = 160
-    energy = np.convolve(samples.astype(np.float64) ** 2, np.ones(size), mode="valid")[::step]
-    return int(np.argmax(energy)) * step
+    cumulative = np.concatenate([[0.0], np.cumsum(samples.astype(np.float64) ** 2)])
+    starts = np.arange(0, len(samples) - size + 1, step)
+    energy = cumulative[starts + size] - cumulative[starts]
+    return int(starts[int(np.argmax(energy))])
 
 
 def word_window(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """The 1 s evaluation window of a clip: the clip itself if it is 1 s or shorter, else its loudest second."""
+    """The 1 s evaluation window of a clip: the clip if it is 1 s or shorter, else its loudest second."""
     start = best_window_start(samples)
     window = samples[start : start + WINDOW]
     if len(window) < WINDOW:
@@ -116,7 +118,7 @@ def to_int16(samples: npt.NDArray[Any]) -> npt.NDArray[np.int16]:
 
 def _cepstral_signature(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     """Mean and spread of 2..20th cepstra over the voiced frames: a cheap, channel-and-timbre speaker cue."""
-    from python_speech_features import mfcc  # noqa: PLC0415
+    from python_speech_features import mfcc
 
     cepstra = mfcc(samples, SAMPLE_RATE, numcep=20, nfilt=40, nfft=512, winfunc=np.hamming, appendEnergy=True)
     energy = cepstra[:, 0]
@@ -124,7 +126,9 @@ def _cepstral_signature(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.floa
     return np.concatenate([voiced.mean(axis=0), voiced.std(axis=0)])
 
 
-def kmeans(points: npt.NDArray[np.float64], k: int, seed: int = SEED, rounds: int = 50) -> npt.NDArray[np.int64]:
+def kmeans(
+    points: npt.NDArray[np.float64], k: int, seed: int = SEED, rounds: int = 50
+) -> npt.NDArray[np.int64]:
     """Plain k-means with k-means++ seeding (no scikit-learn in the stack)."""
     rng = np.random.default_rng(seed)
     centers = [points[rng.integers(len(points))]]
@@ -248,6 +252,7 @@ class AugmentConfig:
     gain_db: tuple[float, float] = (-20.0, 0.0)
     rooms: int = 40
     quiet_silence: int = 400  # synthetic near-silence windows (zeros, faint white/pink noise)
+    synth_negatives_per_word: int = 100  # synthetic confusables kept per word (there are ~65 words x 426)
 
 
 def room_impulse_responses(count: int, seed: int = SEED) -> list[npt.NDArray[np.float32]]:
@@ -256,7 +261,7 @@ def room_impulse_responses(count: int, seed: int = SEED) -> list[npt.NDArray[np.
     if cache.exists():
         with np.load(cache) as data:
             return [data[k] for k in sorted(data.files, key=int)]
-    import pyroomacoustics as pra  # noqa: PLC0415
+    import pyroomacoustics as pra
 
     rng = np.random.default_rng(seed)
     responses: list[npt.NDArray[np.float32]] = []
@@ -296,7 +301,7 @@ class Augmenter:
         speech = context[offset : offset + WINDOW].astype(np.float32) / 32768.0
         if self.rooms and rng.random() < config.room_probability:
             rir = self.rooms[int(rng.integers(len(self.rooms)))]
-            from scipy.signal import fftconvolve  # noqa: PLC0415
+            from scipy.signal import fftconvolve
 
             wet = fftconvolve(speech, rir)[:WINDOW].astype(np.float32)
             speech = wet * (np.abs(speech).max() / max(float(np.abs(wet).max()), 1e-9))
@@ -370,7 +375,10 @@ def _long_windows(samples: npt.NDArray[np.float32], hop: int) -> list[tuple[npt.
     """1 s windows of a long recording and whether each holds sound (vs the pauses between utterances)."""
     if len(samples) < WINDOW:
         samples = np.concatenate([np.zeros(WINDOW - len(samples), np.float32), samples])
-    frame_rms = np.sqrt(np.convolve(samples.astype(np.float64) ** 2, np.ones(400) / 400, mode="same"))
+    cumulative = np.concatenate([[0.0], np.cumsum(samples.astype(np.float64) ** 2)])
+    ends = np.minimum(np.arange(len(samples)) + 200, len(samples))
+    begins = np.maximum(np.arange(len(samples)) - 200, 0)
+    frame_rms = np.sqrt(np.maximum(cumulative[ends] - cumulative[begins], 0.0) / 400)
     loudest = float(frame_rms.max()) + 1e-9
     windows = []
     for start in range(0, len(samples) - WINDOW + 1, hop):
@@ -389,6 +397,20 @@ def cache_key(clips: list[Clip], params: FeatureParams, config: AugmentConfig, e
     return digest.hexdigest()[:16]
 
 
+def _cap_synthetic_negatives(clips: list[Clip], per_word: int) -> list[Clip]:
+    """Keep ``per_word`` synthetic confusables per word (a stable, hash-ordered choice of voices)."""
+    by_word: dict[str, list[Clip]] = {}
+    kept: list[Clip] = []
+    for clip in clips:
+        if clip.source == "synth" and clip.label == UNKNOWN_LABEL:
+            by_word.setdefault(Path(clip.path).parent.name, []).append(clip)
+        else:
+            kept.append(clip)
+    for group in by_word.values():
+        kept.extend(sorted(group, key=lambda c: stable_fraction(c.path))[:per_word])
+    return kept
+
+
 def build_training_set(
     clips: list[Clip], params: FeatureParams, config: AugmentConfig, cache_dir: Path = CACHE_DIR
 ) -> Dataset:
@@ -399,7 +421,9 @@ def build_training_set(
         log.info("training windows from cache %s", cache)
         return Dataset.load(cache)
     started = time.monotonic()
-    train = [c for c in clips if c.split == "train"]
+    train = _cap_synthetic_negatives(
+        [c for c in clips if c.split == "train"], config.synth_negatives_per_word
+    )
     noise_files = [c for c in train if c.source == "noise"]
     noise_pool = np.concatenate([read_audio(Path(c.path)) for c in noise_files]).astype(np.float32)
     noise_pool /= np.float32(max(float(np.abs(noise_pool).max()), 1e-9))
@@ -444,14 +468,18 @@ def build_training_set(
     return dataset
 
 
-def build_eval_set(clips: list[Clip], params: FeatureParams, split: str, cache_dir: Path = CACHE_DIR) -> Dataset:
+def build_eval_set(
+    clips: list[Clip], params: FeatureParams, split: str, cache_dir: Path = CACHE_DIR
+) -> Dataset:
     """Un-augmented word windows of one split (real and synthetic clips; long recordings are streamed)."""
     chosen = [c for c in clips if c.split == split and c.source in ("real", "synth")]
     key = cache_key(chosen, params, AugmentConfig(), split)
     cache = cache_dir / f"eval-{split}-{key}.npz"
     if cache.exists():
         return Dataset.load(cache)
-    features = [window_features(word_window(read_audio(Path(c.path))), params) for c in progress(chosen, desc=split)]
+    features = [
+        window_features(word_window(read_audio(Path(c.path))), params) for c in progress(chosen, desc=split)
+    ]
     dataset = Dataset(
         np.stack(features) if features else np.zeros((0, *params.shape), np.float32),
         np.array([LABELS.index(c.label) for c in chosen], dtype=np.int64),

@@ -73,13 +73,13 @@ def _dequantize(tensor: npt.NDArray[Any], detail: dict[str, Any]) -> npt.NDArray
 
 
 def read_teacher_weights(path: Path) -> dict[str, list[npt.NDArray[np.float32]]]:
-    """Keras-layout weights {layer name: [kernel, bias]} of the MLPerf DS-CNN from its (hybrid) float .tflite."""
-    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+    """Keras-layout weights {layer name: [kernel, bias]} of the MLPerf DS-CNN from its float .tflite."""
+    from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
-    ops = interpreter._get_ops_details()  # noqa: SLF001 - the public API has no op graph
+    ops = interpreter._get_ops_details()
     weighted = [op for op in ops if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
     names = ["conv0"]
     for block in range(NUM_BLOCKS):
@@ -92,9 +92,9 @@ def read_teacher_weights(path: Path) -> dict[str, list[npt.NDArray[np.float32]]]
         kernel_index, bias_index = int(op["inputs"][1]), int(op["inputs"][2])
         kernel = _dequantize(interpreter.get_tensor(kernel_index), details[kernel_index])
         bias = _dequantize(interpreter.get_tensor(bias_index), details[bias_index])
-        if op["op_name"] == "CONV_2D":  # [out, h, w, in] -> [h, w, in, out]
-            kernel = kernel.transpose(1, 2, 3, 0)
-        elif op["op_name"] == "DEPTHWISE_CONV_2D":  # [1, h, w, ch] -> [h, w, ch, 1]
+        if (
+            op["op_name"] == "CONV_2D" or op["op_name"] == "DEPTHWISE_CONV_2D"
+        ):  # [out, h, w, in] -> [h, w, in, out]
             kernel = kernel.transpose(1, 2, 3, 0)
         else:  # [out, in] -> [in, out]
             kernel = kernel.T
@@ -115,9 +115,11 @@ def load_teacher(path: Path) -> Any:
     return model
 
 
-def extended_from_teacher(path: Path, teacher_labels: tuple[str, ...], labels: tuple[str, ...], dropout: float) -> Any:
-    """The teacher with a head for our labels: rows of labels the teacher knows are copied, new ones start small
-    (random, with the teacher's ``_unknown_`` bias so they begin as 'unlikely')."""
+def extended_from_teacher(
+    path: Path, teacher_labels: tuple[str, ...], labels: tuple[str, ...], dropout: float
+) -> Any:
+    """The teacher with a head for our labels: rows of labels the teacher knows are copied, new ones start
+    small (random, with the teacher's ``_unknown_`` bias so they begin as 'unlikely')."""
     weights = read_teacher_weights(path)
     model = build(teacher_architecture(len(labels)), dropout=dropout)
     for name, values in weights.items():

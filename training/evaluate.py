@@ -6,9 +6,10 @@ shipped thresholds, false detections per hour on long negative speech and noise,
 DIR is laid out like ``../shared/data/speech`` (``real/<word>/*.flac``, ``real_long/``, ``noise/``).
 ``--split validation`` uses only speakers (and negative files) the training pipeline held out; ``all`` (the
 default) uses every file. Accuracy is the argmax over all labels of one 1 s window per clip (the clip, or its
-loudest second). Detections replay each file through the streaming path the runtime uses (hop, smoothing,
-thresholds and refractory time from the model metadata). ``false_detections_per_hour`` counts wake-word
-detections (the runtime acts on command words only after the wake word); every word's count is listed too.
+loudest second). Detections replay each file through the streaming path the runtime uses
+(StreamingFeatures, the model every hop, agent.recognizer with the smoothing, thresholds and refractory time
+of the model metadata). ``false_detections_per_hour`` counts wake-word detections (the runtime acts on
+command words only after the wake word); every word's count is listed too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import numpy.typing as npt
 from agent.errors import ModelError
 from agent.features import COMMAND_WORDS, LABELS, WAKE_WORD, StreamingFeatures, window_features
 from agent.kws import NON_WORD_LABELS, KwsModel
+from agent.messages import Scores
+from agent.recognizer import Recognizer, RecognizerSettings
 from training.common import SAMPLE_RATE, default_data_dir, read_audio
 from training.data import Clip, inventory, word_window
 
@@ -47,7 +50,9 @@ class Detection:
 # ----------------------------------------------------------------------------------------- streaming path
 
 
-def stream_scores(model: KwsModel, samples: npt.NDArray[np.float32], hop_seconds: float) -> npt.NDArray[np.float32]:
+def stream_scores(
+    model: KwsModel, samples: npt.NDArray[np.float32], hop_seconds: float
+) -> npt.NDArray[np.float32]:
     """(hops, labels) probabilities: the model run every hop on the latest window, as the runtime does."""
     hop = round(hop_seconds * model.params.sample_rate)
     stream = StreamingFeatures(model.params)
@@ -69,25 +74,30 @@ def smooth(scores: npt.NDArray[np.float32], hops: int) -> npt.NDArray[np.float32
     return ((cumulative[ends] - cumulative[starts]) / (ends - starts)[:, None]).astype(np.float32)
 
 
-def detect(
-    smoothed: npt.NDArray[np.float32],
+def detect(  # noqa: PLR0917
+    scores: npt.NDArray[np.float32],
     labels: tuple[str, ...],
     thresholds: dict[str, float],
     refractory_seconds: float,
     hop_seconds: float,
+    smoothing_seconds: float,
 ) -> list[Detection]:
-    """A word fires when its smoothed score reaches its threshold, at most once per refractory time."""
+    """Detections of the runtime's own recognizer (agent.recognizer) over per-hop model scores: the smoothed
+    top label fires when it reaches its threshold, once per utterance and refractory time."""
+    recognizer = Recognizer(
+        RecognizerSettings(
+            labels=labels,
+            thresholds=thresholds,
+            smoothing_seconds=smoothing_seconds,
+            refractory_seconds=refractory_seconds,
+        )
+    )
     detections: list[Detection] = []
-    last_fire: dict[str, float] = {}
-    for hop_index, row in enumerate(smoothed):
-        now = (hop_index + 1) * hop_seconds
-        for column, label in enumerate(labels):
-            threshold = thresholds.get(label)
-            if threshold is None or row[column] < threshold:
-                continue
-            if now - last_fire.get(label, -1e9) >= refractory_seconds:
-                detections.append(Detection(label, round(now, 3), float(row[column])))
-                last_fire[label] = now
+    for hop_index, row in enumerate(scores):
+        now = round((hop_index + 1) * hop_seconds, 6)
+        heard = recognizer.process(Scores(labels=labels, values=row, t_audio=now))
+        if heard is not None:
+            detections.append(Detection(heard.word, now, heard.score))
     return detections
 
 
@@ -98,25 +108,34 @@ def timing(model: KwsModel) -> tuple[float, float, int]:
 
 
 def file_scores(model: KwsModel, path: Path, trailing: int = 0) -> npt.NDArray[np.float32]:
-    hop_seconds, _, smoothing_hops = timing(model)
+    """Raw per-hop scores of one file streamed through the model."""
+    hop_seconds, _, _ = timing(model)
     samples = read_audio(path)
     if trailing:
         samples = np.concatenate([samples, np.zeros(trailing, np.float32)])
-    return smooth(stream_scores(model, samples, hop_seconds), smoothing_hops)
+    return stream_scores(model, samples, hop_seconds)
+
+
+def file_detections(
+    model: KwsModel, scores: npt.NDArray[np.float32], thresholds: dict[str, float] | None = None
+) -> list[Detection]:
+    hop_seconds, refractory, _ = timing(model)
+    chosen = thresholds if thresholds is not None else model.thresholds
+    return detect(scores, model.labels, chosen, refractory, hop_seconds, model.smoothing_seconds)
 
 
 def false_detections(
     model: KwsModel, paths: list[Path], thresholds: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """Detections of every word on recordings that contain none of them."""
-    hop_seconds, refractory, _ = timing(model)
+    hop_seconds, _, _ = timing(model)
     thresholds = thresholds if thresholds is not None else model.thresholds
     counts = dict.fromkeys(model.words, 0)
     seconds = 0.0
     for path in paths:
-        smoothed = file_scores(model, path)
-        seconds += len(smoothed) * hop_seconds
-        for detection in detect(smoothed, model.labels, thresholds, refractory, hop_seconds):
+        scores = file_scores(model, path)
+        seconds += len(scores) * hop_seconds
+        for detection in file_detections(model, scores, thresholds):
             counts[detection.word] += 1
     hours = seconds / 3600
     per_hour = {word: round(n / hours, 3) if hours else 0.0 for word, n in counts.items()}
@@ -132,7 +151,8 @@ def false_detections(
 
 def peak_scores(model: KwsModel, paths: list[Path]) -> npt.NDArray[np.float32]:
     """Per file, the highest smoothed score of every label (for choosing thresholds on negatives)."""
-    peaks = [file_scores(model, path).max(axis=0) for path in paths]
+    _, _, smoothing_hops = timing(model)
+    peaks = [smooth(file_scores(model, path), smoothing_hops).max(axis=0) for path in paths]
     return np.array(peaks, dtype=np.float32).reshape(-1, len(model.labels))
 
 
@@ -141,13 +161,13 @@ def peak_scores(model: KwsModel, paths: list[Path]) -> npt.NDArray[np.float32]:
 
 def macs_of(path: Path) -> int:
     """Multiply-accumulates of one inference, from the .tflite graph (conv, depthwise, fully connected)."""
-    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+    from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     shapes = {d["index"]: tuple(int(n) for n in d["shape"]) for d in interpreter.get_tensor_details()}
     total = 0
-    for op in interpreter._get_ops_details():  # noqa: SLF001 - op graph is not in the public API
+    for op in interpreter._get_ops_details():
         name = op["op_name"]
         if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
             continue
@@ -164,7 +184,7 @@ def macs_of(path: Path) -> int:
 
 def median_invoke_ms(path: Path, repeats: int = 300) -> float:
     """Median time of one LiteRT invoke (one thread), as the runtime calls it."""
-    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+    from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path), num_threads=1)
     interpreter.allocate_tensors()
@@ -203,7 +223,10 @@ def accuracy_report(
     for index, label in enumerate(labels):
         mask = true == index
         if mask.any():
-            per_word[label] = {"accuracy": round(float((predicted[mask] == index).mean()), 4), "n": int(mask.sum())}
+            per_word[label] = {
+                "accuracy": round(float((predicted[mask] == index).mean()), 4),
+                "n": int(mask.sum()),
+            }
     command = [per_word[w]["accuracy"] for w in COMMAND_WORDS if w in per_word]
     confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
     np.add.at(confusion, (true, predicted), 1)
@@ -214,15 +237,17 @@ def accuracy_report(
     }
 
 
-def evaluate(model_path: Path, data_dir: Path, split: str = "all", streaming: bool = True) -> dict[str, Any]:
+def evaluate(
+    model_path: Path, data_dir: Path, split: str = "all", streaming: bool = True, limit: int | None = None
+) -> dict[str, Any]:
     started = time.monotonic()
     model = KwsModel.load(model_path)
-    clips = inventory(data_dir, synth_dir=None)
+    clips = inventory(data_dir, synth_dir=None, limit=limit)
     words = word_clips(clips, split)
     label_index = {label: i for i, label in enumerate(model.labels)}
     true, predicted = [], []
     detected: dict[str, list[int]] = {}
-    hop_seconds, refractory, _ = timing(model)
+    hop_seconds, _, _ = timing(model)
     for clip in words:
         if clip.label not in label_index:
             continue
@@ -231,8 +256,8 @@ def evaluate(model_path: Path, data_dir: Path, split: str = "all", streaming: bo
         true.append(label_index[clip.label])
         predicted.append(int(np.argmax(scores)))
         if streaming and clip.label not in NON_WORD_LABELS:
-            smoothed = file_scores(model, Path(clip.path), TRAILING_SILENCE)
-            fired = {d.word for d in detect(smoothed, model.labels, model.thresholds, refractory, hop_seconds)}
+            scores_per_hop = file_scores(model, Path(clip.path), TRAILING_SILENCE)
+            fired = {d.word for d in file_detections(model, scores_per_hop)}
             detected.setdefault(clip.label, []).append(int(clip.label in fired))
     report = accuracy_report(np.array(true, np.int64), np.array(predicted, np.int64), model.labels)
     report["detection_rate"] = {w: round(float(np.mean(v)), 4) for w, v in detected.items()}
@@ -262,8 +287,10 @@ def evaluate(model_path: Path, data_dir: Path, split: str = "all", streaming: bo
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"model {report['model']} ({report['size_bytes']} bytes, {report['macs']:,} MACs, "
-             f"median invoke {report['median_invoke_ms']} ms), split {report['split']}"]
+    lines = [
+        f"model {report['model']} ({report['size_bytes']} bytes, {report['macs']:,} MACs, "
+        f"median invoke {report['median_invoke_ms']} ms), split {report['split']}"
+    ]
     lines.append(f"{'word':<12}{'acc':>8}{'n':>6}{'detect':>9}{'thresh':>8}")
     for word, item in report["per_word"].items():
         rate = report["detection_rate"].get(word)
@@ -294,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="default: $DATA_DIR or ../shared/data/speech")
     parser.add_argument("--split", choices=("validation", "all"), default="all")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--no-streaming", action="store_true", help="skip detection rates and false detections")
+    parser.add_argument(
+        "--no-streaming", action="store_true", help="skip detection rates and false detections"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     data_dir = args.data or default_data_dir()

@@ -1,4 +1,4 @@
-"""Full-integer (int8 in, int8 out) conversion with a fixed calibration set, and the metadata JSON beside it."""
+"""Full-integer (int8 in, int8 out) conversion with a fixed calibration set, and the metadata beside it."""
 
 from __future__ import annotations
 

@@ -91,12 +91,12 @@ def _save_weights(model: Any, path: Path) -> None:
 def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     run_started = time.monotonic()
     seed_everything(SEED)
-    from training import data as data_stage  # noqa: PLC0415 - keep --help fast
-    from training.common import import_tf  # noqa: PLC0415
+    from training import data as data_stage
+    from training.common import import_tf
 
     tf = import_tf()
-    from training import dscnn, export, prune, train  # noqa: PLC0415
-    from training import evaluate as evaluation  # noqa: PLC0415
+    from training import dscnn, export, prune, train
+    from training import evaluate as evaluation
 
     params = FeatureParams()
     timings: dict[str, float] = {}
@@ -142,7 +142,9 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
 
     # 3. student --------------------------------------------------------------------------------------------
     started = stage_banner(f"3/6 student: teacher DS-CNN + 16-label head, KD, {config.student_epochs} epochs")
-    student = dscnn.extended_from_teacher(TEACHER_TFLITE, TEACHER_LABELS, LABELS, dropout=train_config.dropout)
+    student = dscnn.extended_from_teacher(
+        TEACHER_TFLITE, TEACHER_LABELS, LABELS, dropout=train_config.dropout
+    )
     student_key = f"{train_key}-{_hash(asdict(train_config))}"
     student_weights = _keras_cache("student", student_key)
     if student_weights.exists():
@@ -210,11 +212,13 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
             refractory_seconds=config.refractory_seconds,
             smoothing_seconds=config.smoothing_seconds,
         )
-        from agent.kws import KwsModel  # noqa: PLC0415
+        from agent.kws import KwsModel
 
         int8_model = KwsModel.load(provisional)
         int8_pred = np.array([int(np.argmax(int8_model.predict(f))) for f in validation.features], np.int64)
-        synth_pred = np.array([int(np.argmax(int8_model.predict(f))) for f in synth_validation.features], np.int64)
+        synth_pred = np.array(
+            [int(np.argmax(int8_model.predict(f))) for f in synth_validation.features], np.int64
+        )
         stages["int8 (shipped)"] = {
             **_accuracy(validation.labels, int8_pred),
             "synthetic_heldout_voices": _accuracy(synth_validation.labels, synth_pred, words=DEVICE_WORDS),
@@ -263,15 +267,17 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         "config": asdict(config),
     }
     write_json(CACHE_DIR / ("run-smoke.json" if config.limit else "run.json"), result)
-    from training.model_card import write_model_card  # noqa: PLC0415
+    from training.model_card import write_model_card
 
     write_model_card(out_dir / "kws.md", result)
-    print(f"\nwrote {model_path} and {out_dir / 'kws.md'} in {timings['total'] / 60:.1f} min", file=sys.stderr)
+    print(
+        f"\nwrote {model_path} and {out_dir / 'kws.md'} in {timings['total'] / 60:.1f} min", file=sys.stderr
+    )
     return result
 
 
 def _hash(value: Any, full: bool = False) -> str:
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
     digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
     return digest if full else digest[:12]
@@ -293,7 +299,7 @@ def _accuracy(
 def _keras_stage(
     model: Any, validation: Any, synth_validation: Any, float_tflite: bytes, macs: int
 ) -> dict[str, Any]:
-    from training import export, train  # noqa: PLC0415
+    from training import export, train
 
     predicted = train.predict(model, validation.features).argmax(axis=1)
     synth = train.predict(model, synth_validation.features).argmax(axis=1)
@@ -340,7 +346,9 @@ def _choose_thresholds(peaks: npt.NDArray[np.float32], config: RunConfig) -> dic
             continue
         highest = float(peaks[:, index].max()) if len(peaks) else 0.0
         margin = config.wake_margin if label == WAKE_WORD else config.word_margin
-        thresholds[label] = round(float(np.clip(highest + margin, config.min_threshold, config.max_threshold)), 3)
+        thresholds[label] = round(
+            float(np.clip(highest + margin, config.min_threshold, config.max_threshold)), 3
+        )
     return thresholds
 
 
@@ -353,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data_dir = (args.data or default_data_dir()).resolve()
     if not (data_dir / "real").is_dir():
-        print(f"training.kws: no speech data at {data_dir} (set --data or DATA_DIR); nothing to do", file=sys.stderr)
+        print(
+            f"training.kws: no speech data at {data_dir} (set --data or DATA_DIR); nothing to do",
+            file=sys.stderr,
+        )
         return 0
     if not TEACHER_TFLITE.exists():
         print(f"training.kws: teacher model {TEACHER_TFLITE} is missing; nothing to do", file=sys.stderr)

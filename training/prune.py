@@ -40,7 +40,7 @@ def _channel_importance(model: Any, calibration: npt.NDArray[np.float32]) -> lis
 
 
 def structured_prune(model: Any, calibration: npt.NDArray[np.float32], channels: tuple[int, ...]) -> Any:
-    """A narrower copy of ``model`` keeping, per channel group, the ``channels[g]`` most important channels."""
+    """A narrower copy of ``model`` keeping, per channel group, the ``channels[g]`` most important ones."""
     importance = _channel_importance(model, calibration)
     keep = [np.sort(np.argsort(-score)[:width]) for score, width in zip(importance, channels, strict=True)]
     num_classes = model.get_layer("logits").get_weights()[1].shape[0]
@@ -53,7 +53,9 @@ def structured_prune(model: Any, calibration: npt.NDArray[np.float32], channels:
         dw_kernel, dw_bias = model.get_layer(f"dw{block + 1}").get_weights()
         pruned.get_layer(f"dw{block + 1}").set_weights([dw_kernel[:, :, kept_in, :], dw_bias[kept_in]])
         pw_kernel, pw_bias = model.get_layer(f"pw{block + 1}").get_weights()
-        pruned.get_layer(f"pw{block + 1}").set_weights([pw_kernel[:, :, kept_in, :][..., kept_out], pw_bias[kept_out]])
+        pruned.get_layer(f"pw{block + 1}").set_weights(
+            [pw_kernel[:, :, kept_in, :][..., kept_out], pw_bias[kept_out]]
+        )
     dense_kernel, dense_bias = model.get_layer("logits").get_weights()
     pruned.get_layer("logits").set_weights([dense_kernel[keep[-1]], dense_bias])
     return pruned
@@ -62,7 +64,7 @@ def structured_prune(model: Any, calibration: npt.NDArray[np.float32], channels:
 def magnitude_prune_wrap(model: Any, sparsity: float, begin_step: int, end_step: int) -> Any:
     """Wrap the convolutions (not depthwise) and the dense layer in tfmot low-magnitude pruning."""
     tf = import_tf()
-    import tensorflow_model_optimization as tfmot  # noqa: PLC0415
+    import tensorflow_model_optimization as tfmot
 
     schedule = tfmot.sparsity.keras.PolynomialDecay(
         initial_sparsity=0.0, final_sparsity=sparsity, begin_step=begin_step, end_step=end_step
@@ -79,13 +81,13 @@ def magnitude_prune_wrap(model: Any, sparsity: float, begin_step: int, end_step:
 
 
 def pruning_callbacks() -> list[Any]:
-    import tensorflow_model_optimization as tfmot  # noqa: PLC0415
+    import tensorflow_model_optimization as tfmot
 
     return [tfmot.sparsity.keras.UpdatePruningStep()]
 
 
 def strip(model: Any) -> Any:
-    import tensorflow_model_optimization as tfmot  # noqa: PLC0415
+    import tensorflow_model_optimization as tfmot
 
     return tfmot.sparsity.keras.strip_pruning(model)
 

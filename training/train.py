@@ -39,7 +39,9 @@ class TrainConfig:
 def logits_model(model: Any) -> Any:
     """The same weights, ending at the logits (before the softmax)."""
     tf = import_tf()
-    return tf.keras.Model(model.input, model.get_layer("logits").output)
+    # The softmax's input in THIS model's graph (layers may be shared with another model, e.g. by tfmot).
+    layer, node_index, _ = model.outputs[0]._keras_history
+    return tf.keras.Model(model.inputs, layer.get_input_at(node_index))
 
 
 def teacher_mapping() -> npt.NDArray[np.float32]:
@@ -67,7 +69,7 @@ def soft_targets(teacher: Any, dataset: Dataset, temperature: float) -> tuple[np
 
 
 def class_weights(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-    """Per-window weights that give every label the same total weight (capped so rare labels do not explode)."""
+    """Per-window weights that give every label the same total weight (capped for rare labels)."""
     counts = np.bincount(labels, minlength=NUM_LABELS).astype(np.float64)
     per_label = np.where(counts > 0, len(labels) / (NUM_LABELS * np.maximum(counts, 1)), 0.0)
     per_label = np.minimum(per_label, 4.0)
@@ -117,7 +119,7 @@ def _specaugment(fill: npt.NDArray[np.float32], probability: float) -> Any:
     return augment
 
 
-def fit(
+def fit(  # noqa: PLR0917
     model: Any,
     dataset: Dataset,
     soft: npt.NDArray[np.float32],
@@ -128,7 +130,9 @@ def fit(
 ) -> None:
     """Train ``model`` (ending in a softmax) through its logits with hard labels + distillation."""
     tf = import_tf()
-    targets = np.concatenate([np.eye(NUM_LABELS, dtype=np.float32)[dataset.labels], soft, mask[:, None]], axis=1)
+    targets = np.concatenate(
+        [np.eye(NUM_LABELS, dtype=np.float32)[dataset.labels], soft, mask[:, None]], axis=1
+    )
     weights = class_weights(dataset.labels)
     features = dataset.features[..., None].astype(np.float32)
     fill = dataset.features.mean(axis=0).astype(np.float32)
@@ -147,7 +151,9 @@ def fit(
     trainable.compile(optimizer=tf.keras.optimizers.Adam(schedule), loss=make_loss(config))
     started = time.monotonic()
     trainable.fit(data, epochs=config.epochs, verbose=verbose, callbacks=callbacks or [])
-    log.info("trained %d epochs on %d windows in %.0f s", config.epochs, len(features), time.monotonic() - started)
+    log.info(
+        "trained %d epochs on %d windows in %.0f s", config.epochs, len(features), time.monotonic() - started
+    )
 
 
 def predict(model: Any, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -1,0 +1,423 @@
+"""Voice path benchmark -> ``bench/results/voice.json``.
+
+1. **CPU** (target <= 0.01 CPU s per s of audio): ``time.process_time()`` over >= 60 s of project-made speech
+   through the exact path (file source -> streaming features -> model every hop -> recognizer -> matcher), as
+   fast as possible; once at 16 kHz (a microphone that does 16 kHz) and once from 44.1 kHz (resampling).
+2. **Daemon, real time**: the real agent (``App`` + voice stage + MQTT link, in this process) hears the
+   recording at real-time pace against a real mosquitto on a free port (the embedded mini broker when
+   mosquitto is not installed). **Latency** (target <= 200 ms) = when ``mosquitto_sub`` (a separate process)
+   received the device command minus when the last sample of the spoken command was "captured" (the file
+   source's real-time clock + the command's end in ``examples/examples.json``). Also the process's CPU per
+   audio second while doing it (the honest number: a CPU that idles between hops runs each hop cold).
+3. **Accuracy** (only when the shared data exist; ``--data``, $DATA_DIR or ../shared/data/speech): through
+   ``home-agent transcribe --json`` (the contract): per-word detection rate on the held-out real speakers of
+   the training split (``training.data.inventory``), and false detections per hour on ``real_long/`` and
+   ``noise/`` (all of it, and its held-out part).
+
+    .venv/bin/python -m bench.voice_bench [--quick] [--no-accuracy] [--data DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from agent.app import App, RunOptions
+from agent.audio import EndOfAudio, FileSource, Resampler, read_audio_file, to_int16
+from agent.config import parse_config
+from agent.voice import VoicePipeline, VoiceStage, load_pipeline
+
+log = logging.getLogger("bench.voice")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "bench" / "results" / "voice.json"
+EXAMPLE = REPO_ROOT / "examples" / "demo_commands.wav"
+CATALOGUE = REPO_ROOT / "examples" / "examples.json"
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "speech"
+CPU_TARGET = 0.01
+LATENCY_TARGET = 0.200
+DEVICE_TOPICS = {"light on": "cmnd/livingroom_lamp/POWER", "heat up": "zigbee2mqtt/thermostat/set",
+                 "fan off": "zigbee2mqtt/ceiling_fan/set"}
+VOCABULARY = ("computer", "on", "off", "up", "down", "stop", "go", "yes", "no", "left", "right", "light",
+              "heat", "fan")
+
+
+# ------------------------------------------------------------------------------------------- audio
+
+
+def commands_of(name: str) -> list[dict[str, Any]]:
+    catalogue = json.loads(CATALOGUE.read_text(encoding="utf-8"))
+    entry = next(f for f in catalogue["files"] if f["file"] == name)
+    commands: list[dict[str, Any]] = entry["commands"]
+    return commands
+
+
+def long_recording(workdir: Path, seconds: float) -> tuple[Path, list[dict[str, Any]], float]:
+    """``demo_commands.wav`` repeated to at least ``seconds``: (path, shifted commands, duration)."""
+    piece = read_audio_file(EXAMPLE)
+    piece_seconds = len(piece) / 16000
+    repeats = max(1, int(np.ceil(seconds / piece_seconds)))
+    commands = [{**c, "start": c["start"] + i * piece_seconds, "end": c["end"] + i * piece_seconds}
+                for i in range(repeats) for c in commands_of(EXAMPLE.name)]
+    path = workdir / f"demo_x{repeats}.wav"
+    sf.write(path, np.tile(piece, repeats), 16000, subtype="PCM_16")
+    return path, commands, repeats * piece_seconds
+
+
+# ------------------------------------------------------------------------------------------- 1. CPU
+
+
+def offline_cpu(pipeline: VoicePipeline, path: Path) -> dict[str, Any]:
+    """CPU seconds per audio second of the whole path over one file, as fast as possible."""
+    pipeline.reset()
+    source = FileSource(path, realtime=False, block_seconds=0.1)
+    intents = 0
+    invocations = pipeline.invocations
+    started_cpu, started_wall = time.process_time(), time.perf_counter()
+    with source:
+        while True:
+            try:
+                chunk = source.read(timeout=1.0)
+            except EndOfAudio:
+                break
+            if chunk is not None:
+                intents += len(pipeline.feed(chunk.samples).intents)
+    cpu = time.process_time() - started_cpu
+    wall = time.perf_counter() - started_wall
+    audio_seconds = pipeline.t_audio
+    return {"audio_seconds": round(audio_seconds, 1), "cpu_seconds": round(cpu, 4),
+            "cpu_seconds_per_audio_second": round(cpu / audio_seconds, 5),
+            "realtime_factor": round(wall / audio_seconds, 5),
+            "model_invocations": pipeline.invocations - invocations,
+            "intents": intents}
+
+
+# ------------------------------------------------------------------------------------------- 2. daemon
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker:
+    def __init__(self, workdir: Path) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.mini: Any = None
+        mosquitto = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
+        if mosquitto:
+            self.port = free_port()
+            conf = workdir / "mosquitto.conf"
+            conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n", encoding="utf-8")
+            self.process = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+            self.kind = "mosquitto"
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
+                time.sleep(0.05)
+            raise RuntimeError("mosquitto did not start")
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))
+        from mini_broker import MiniBroker
+
+        self.mini = MiniBroker(port=0)
+        self.mini.start()
+        self.port = self.mini.port
+        self.kind = "embedded mini broker"
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(5)
+        if self.mini is not None:
+            self.mini.stop()
+
+
+class Subscriber:
+    """``mosquitto_sub`` in its own process, printing the wall-clock receive time of every message; a paho
+    client in this process when mosquitto_sub is missing."""
+
+    def __init__(self, port: int, topics: list[str]) -> None:
+        self.lines: list[tuple[float, str, str]] = []
+        self._lock = threading.Lock()
+        self.process: subprocess.Popen[str] | None = None
+        self.client: Any = None
+        tool = shutil.which("mosquitto_sub")
+        if tool:
+            args = [tool, "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-F", "%U %t %p"]
+            for topic in topics:
+                args += ["-t", topic]
+            self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+        else:
+            import paho.mqtt.client as paho
+            from paho.mqtt.enums import CallbackAPIVersion
+
+            self.client = paho.Client(CallbackAPIVersion.VERSION2)
+            self.client.on_message = lambda _c, _u, m: self._add(time.time(), m.topic, m.payload.decode())
+            self.client.connect("127.0.0.1", port)
+            for topic in topics:
+                self.client.subscribe(topic, 1)
+            self.client.loop_start()
+        time.sleep(0.5)  # subscribed before the agent starts
+
+    def _add(self, at: float, topic: str, payload: str) -> None:
+        with self._lock:
+            self.lines.append((at, topic, payload))
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            stamp, topic, payload = [*line.rstrip("\n").split(" ", 2), "", ""][:3]
+            self._add(float(stamp), topic, payload)
+
+    def stop(self) -> list[tuple[float, str, str]]:
+        time.sleep(0.3)
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(5)
+        if self.client is not None:
+            self.client.loop_stop()
+            self.client.disconnect()
+        with self._lock:
+            return list(self.lines)
+
+
+def daemon_config(port: int, state_dir: Path) -> dict[str, Any]:
+    return {
+        "agent": {"id": "bench", "state_dir": str(state_dir)},
+        "mqtt": {"host": "127.0.0.1", "port": port},
+        "audio": {"realtime": True},
+        "actions": {
+            "light_on": {"profile": "tasmota", "device": "livingroom_lamp", "command": "on",
+                         "min_interval": 0},
+            "heating_up": {"profile": "zigbee2mqtt", "device": "thermostat", "command": "setpoint",
+                           "value": 21.0, "min_interval": 0},
+            "fan_off": {"profile": "zigbee2mqtt", "device": "ceiling_fan", "command": "off",
+                        "min_interval": 0},
+        },
+        "voice": {"commands": [{"say": "light on", "action": "light_on"},
+                               {"say": "heat up", "action": "heating_up"},
+                               {"say": "fan off", "action": "fan_off"}]},
+    }
+
+
+def realtime_daemon(workdir: Path, path: Path, commands: list[dict[str, Any]]) -> dict[str, Any]:
+    broker = Broker(workdir)
+    try:
+        config = parse_config(daemon_config(broker.port, workdir / "state"))
+        subscriber = Subscriber(broker.port, [*sorted(DEVICE_TOPICS.values()), "home-agent/bench/intent"])
+        app = App(config, options=RunOptions(audio=f"file:{path}", exit_at_end=True))
+        stage = VoiceStage.from_app(app)
+        app.add_stage(stage)
+        source = stage.source
+        assert isinstance(source, FileSource)
+        wall_minus_mono = time.time() - time.monotonic()
+        cpu_before = time.process_time()
+        runner = threading.Thread(target=app.run, name="bench-app")
+        runner.start()
+        runner.join()
+        cpu = time.process_time() - cpu_before
+        received = subscriber.stop()
+    finally:
+        broker.stop()
+    if source.started_mono is None:
+        raise RuntimeError("the file source never started")
+    started_wall = source.started_mono + wall_minus_mono
+    latencies: list[float] = []
+    intent_latencies: list[float] = []
+    used: set[int] = set()
+    missed = 0
+    for command in commands:
+        topic = DEVICE_TOPICS.get(command["say"])
+        if topic is None or not command.get("wake_word", True):
+            continue
+        spoken_end = started_wall + command["end"]
+        match = next((i for i, (at, t, _p) in enumerate(received)
+                      if i not in used and t == topic and spoken_end - 0.5 <= at <= spoken_end + 5.0), None)
+        if match is None:
+            missed += 1
+            continue
+        used.add(match)
+        latencies.append(received[match][0] - spoken_end)
+        intent = next((at for at, t, _p in received if t.endswith("/intent") and
+                       spoken_end - 0.5 <= at <= spoken_end + 5.0), None)
+        if intent is not None:
+            intent_latencies.append(intent - spoken_end)
+    audio_seconds = stage.pipeline.t_audio
+    return {
+        "broker": broker.kind,
+        "audio_seconds": round(audio_seconds, 1),
+        "process_cpu_seconds_per_audio_second": round(cpu / audio_seconds, 5),
+        "commands_spoken": sum(1 for c in commands if c["say"] in DEVICE_TOPICS),
+        "commands_published": len(latencies),
+        "commands_missed": missed,
+        "latency_seconds": summary(latencies),
+        "intent_latency_seconds": summary(intent_latencies),
+        "voice_stats": stage.stats(),
+    }
+
+
+def summary(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    array = np.array(values)
+    return {"n": len(values), "median": round(float(np.median(array)), 4),
+            "p90": round(float(np.percentile(array, 90)), 4), "max": round(float(array.max()), 4),
+            "min": round(float(array.min()), 4)}
+
+
+# ------------------------------------------------------------------------------------------- 3. accuracy
+
+
+def transcribe(paths: list[Path]) -> list[dict[str, Any]]:
+    """``home-agent transcribe --json`` over many files (in batches: the command line has a length limit)."""
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(paths), 2000):
+        batch = [str(p) for p in paths[start : start + 2000]]
+        output = subprocess.run([sys.executable, "-m", "agent", "transcribe", "--json", *batch],
+                                cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+        if output.returncode not in (0, 1):
+            raise RuntimeError(f"transcribe failed: {output.stderr[-2000:]}")
+        results += [json.loads(line) for line in output.stdout.splitlines()]
+    return results
+
+
+def accuracy(data_dir: Path) -> dict[str, Any]:
+    from training.data import inventory
+
+    clips = inventory(data_dir, synth_dir=None)
+    held_out = [c for c in clips if c.source == "real" and c.split == "validation"]
+    held_words = [c for c in held_out if c.label in VOCABULARY]
+    held_other = [c for c in held_out if c.label == "_unknown_"]
+    per_word: dict[str, dict[str, Any]] = {}
+    started = time.process_time()
+    word_results = transcribe([Path(c.path) for c in held_words])
+    for clip, result in zip(held_words, word_results, strict=True):
+        heard = [d["word"] for d in result.get("detections", [])]
+        entry = per_word.setdefault(clip.label, {"n": 0, "detected": 0, "only_this_word": 0})
+        entry["n"] += 1
+        entry["detected"] += clip.label in heard
+        entry["only_this_word"] += bool(heard) and set(heard) == {clip.label}
+    for entry in per_word.values():
+        entry["detection_rate"] = round(entry["detected"] / entry["n"], 4)
+        entry["exclusive_rate"] = round(entry["only_this_word"] / entry["n"], 4)
+    commands = [w for w in VOCABULARY[1:11] if w in per_word]
+    other_results = transcribe([Path(c.path) for c in held_other])
+    other_words = Counter(d["word"] for r in other_results for d in r.get("detections", []))
+
+    negatives = [c for c in clips if c.source in ("long", "noise")]
+    negative_results = transcribe([Path(c.path) for c in negatives])
+    by_path = {r["file"]: r for r in negative_results}
+    durations = {c.path: sf.info(c.path).duration for c in negatives}
+
+    def false_rate(subset: list[Any]) -> dict[str, Any]:
+        hours = sum(durations[c.path] for c in subset) / 3600
+        counts = Counter(d["word"] for c in subset for d in by_path[c.path].get("detections", []))
+        return {"hours": round(hours, 3), "files": len(subset),
+                "false_wakes": counts.get("computer", 0),
+                "false_wakes_per_hour": round(counts.get("computer", 0) / hours, 3) if hours else None,
+                "false_words": dict(counts),
+                "false_words_per_hour": round(sum(counts.values()) / hours, 3) if hours else None}
+
+    return {
+        "data_dir": str(data_dir),
+        "held_out_word_clips": len(held_words),
+        "per_word": dict(sorted(per_word.items())),
+        "mean_detection_rate_commands":
+            round(float(np.mean([per_word[w]["detection_rate"] for w in commands])), 4) if commands else None,
+        "held_out_other_words": {"clips": len(held_other), "detections": dict(other_words),
+                                 "false_wake_rate": round(other_words.get("computer", 0) / len(held_other), 4)
+                                 if held_other else None},
+        "false_detections_all": false_rate(negatives),
+        "false_detections_held_out": false_rate([c for c in negatives if c.split == "validation"]),
+        "transcribe_cpu_seconds_in_bench": round(time.process_time() - started, 2),
+    }
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="voice path benchmark")
+    parser.add_argument("--quick", action="store_true", help="30 s instead of 60+ s of audio per measurement")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the shared-data accuracy part")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("DATA_DIR", DEFAULT_DATA)))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.getLogger("agent").setLevel(logging.WARNING)
+    seconds = 30.0 if args.quick else 66.0
+
+    pipeline = load_pipeline(parse_config(daemon_config(1883, Path(tempfile.gettempdir()))))
+    model = pipeline.model
+    results: dict[str, Any] = {
+        "bench": "voice",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "model": {"path": str(model.path.relative_to(REPO_ROOT)) if model.path.is_relative_to(REPO_ROOT)
+                  else str(model.path), "sha256": model.sha256, "size_bytes": model.size_bytes,
+                  "provisional": bool(model.metadata.get("provisional", False))},
+        "hop_seconds": pipeline.hop_seconds,
+        "smoothing_seconds": model.smoothing_seconds,
+        "targets": {"cpu_seconds_per_audio_second": CPU_TARGET, "latency_seconds": LATENCY_TARGET},
+    }
+    with tempfile.TemporaryDirectory(prefix="voice-bench-") as tmp:
+        workdir = Path(tmp)
+        path16, _commands, duration = long_recording(workdir, 30.0 if args.quick else 120.0)
+        samples = read_audio_file(path16)
+        path44 = workdir / "demo_44k1.wav"
+        sf.write(path44, to_int16(Resampler(16000, 44100).process(samples / 32768.0)), 44100)
+        log.info("CPU: %.0f s of audio through the voice path", duration)
+        results["cpu_16k"] = offline_cpu(pipeline, path16)
+        results["cpu_44k1_resampled"] = offline_cpu(pipeline, path44)
+        path_rt, commands_rt, duration_rt = long_recording(workdir, seconds)
+        log.info("daemon: %.0f s of audio at real-time pace", duration_rt)
+        results["daemon_realtime"] = realtime_daemon(workdir, path_rt, commands_rt)
+    if not args.no_accuracy:
+        if (args.data / "real").is_dir():
+            log.info("accuracy: transcribing held-out real speakers and negatives in %s", args.data)
+            results["accuracy"] = accuracy(args.data)
+        else:
+            results["accuracy"] = {"skipped": f"no data at {args.data}"}
+
+    cpu = results["cpu_16k"]["cpu_seconds_per_audio_second"]
+    latency = results["daemon_realtime"]["latency_seconds"]
+    results["verdict"] = {
+        "cpu_ok": cpu <= CPU_TARGET,
+        "latency_ok": latency is not None and latency["max"] <= LATENCY_TARGET,
+        "latency_median_ok": latency is not None and latency["median"] <= LATENCY_TARGET,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: results[k] for k in ("cpu_16k", "cpu_44k1_resampled", "daemon_realtime", "verdict")},
+                     indent=2))
+    if "accuracy" in results:
+        print(json.dumps(results["accuracy"], indent=2))
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""agent.features: parameters, the whole-window extractor and the streaming extractor (bit-identical)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from agent.features import LABELS, FeatureParams, StreamingFeatures, window_features
+
+PARAMS = FeatureParams()
+
+
+def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    """Bursts of harmonic sound with pauses and a noise floor, as int16 (not a constant signal)."""
+    rng = np.random.default_rng(seed)
+    n = round(seconds * PARAMS.sample_rate)
+    t = np.arange(n) / PARAMS.sample_rate
+    envelope = (np.sin(2 * np.pi * 1.3 * t) > 0.2).astype(np.float64) * rng.uniform(0.2, 1.0)
+    tone = sum(
+        np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) / k for k, f in enumerate((180, 360, 540, 900), 1)
+    )
+    signal = 0.25 * envelope * tone + rng.normal(0, 0.01, n)
+    return np.clip(signal * 32767, -32768, 32767).astype(np.int16)
+
+
+def test_default_shape_matches_the_teacher_recipe() -> None:
+    assert PARAMS.window_samples == 16000
+    assert PARAMS.shape == (49, 10)
+    assert (PARAMS.num_frames, PARAMS.num_features) == (49, 10)
+    features = window_features(speech_like(1.0), PARAMS)
+    assert features.shape == (49, 10)
+    assert features.dtype == np.float32
+    assert np.isfinite(features).all()
+
+
+def test_labels_contract() -> None:
+    assert LABELS == (
+        "computer", "on", "off", "up", "down", "stop", "go", "yes", "no", "left", "right",
+        "light", "heat", "fan", "_silence_", "_unknown_",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("hop", [1600, 320, 640])
+def test_streaming_equals_whole_window_for_whole_hops(hop: int) -> None:
+    audio = speech_like(3.3, seed=hop)
+    stream = StreamingFeatures(PARAMS)
+    for end in range(hop, len(audio) + 1, hop):
+        stream.push(audio[end - hop : end])
+        expected = window_features(audio[:end], PARAMS)
+        np.testing.assert_array_equal(stream.features(), expected)
+        assert stream.samples_seen == end
+        assert stream.ready() == (end >= PARAMS.window_samples)
+
+
+def test_streaming_with_ragged_pushes_describes_the_window_at_the_last_hop_boundary() -> None:
+    audio = speech_like(4.0, seed=3)
+    stream = StreamingFeatures(PARAMS)
+    rng = np.random.default_rng(5)
+    position = 0
+    checked = 0
+    while position < len(audio) - 5000:
+        size = int(rng.integers(1, 5000))
+        stream.push(audio[position : position + size])
+        position += size
+        boundary = position - position % PARAMS.hop_samples
+        np.testing.assert_array_equal(stream.features(), window_features(audio[:boundary], PARAMS))
+        checked += 1
+    assert checked > 10
+
+
+def test_streaming_reset_and_empty_push() -> None:
+    audio = speech_like(2.0, seed=9)
+    stream = StreamingFeatures(PARAMS)
+    stream.push(speech_like(1.5, seed=1))
+    stream.reset()
+    assert stream.samples_seen == 0
+    stream.push(np.zeros(0, np.int16))
+    stream.push(audio[:16000])
+    np.testing.assert_array_equal(stream.features(), window_features(audio[:16000], PARAMS))
+
+
+def test_short_input_is_zero_padded_at_the_front() -> None:
+    short = speech_like(0.4, seed=2)
+    padded = np.concatenate([np.zeros(16000 - len(short), np.int16), short])
+    np.testing.assert_array_equal(window_features(short, PARAMS), window_features(padded, PARAMS))
+
+
+def test_longer_input_uses_the_last_window() -> None:
+    audio = speech_like(1.7, seed=4)
+    np.testing.assert_array_equal(window_features(audio, PARAMS), window_features(audio[-16000:], PARAMS))
+
+
+def test_int16_and_float_input_agree_and_gain_does_not_matter() -> None:
+    audio = speech_like(1.0, seed=6)
+    as_float = audio.astype(np.float32) / 32768.0
+    np.testing.assert_allclose(window_features(audio, PARAMS), window_features(as_float, PARAMS), atol=1e-4)
+    # Peak normalisation: a quieter copy of the same sound gives (nearly) the same features.
+    np.testing.assert_allclose(
+        window_features(as_float * 0.3, PARAMS), window_features(as_float, PARAMS), atol=1e-3
+    )
+
+
+def test_silence_is_finite_and_distinct_from_sound() -> None:
+    silent = window_features(np.zeros(16000, np.int16), PARAMS)
+    assert np.isfinite(silent).all()
+    assert not np.allclose(silent, window_features(speech_like(1.0), PARAMS))
+
+
+def test_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="1-D"):
+        window_features(np.zeros((2, 16000), np.int16), PARAMS)
+    with pytest.raises(ValueError, match="int16 or float"):
+        window_features(np.zeros(16000, np.int32), PARAMS)
+    with pytest.raises(ValueError, match="1-D"):
+        StreamingFeatures(PARAMS).push(np.zeros((1600, 2), np.int16))
+
+
+def test_params_round_trip_and_strict_keys() -> None:
+    data = PARAMS.to_dict()
+    assert FeatureParams.from_dict(data) == PARAMS
+    with pytest.raises(ValueError, match="unknown keys \\['nfft'\\]"):
+        FeatureParams.from_dict({**data, "nfft": 512})
+    incomplete = dict(data)
+    del incomplete["num_coefficients"]
+    with pytest.raises(ValueError, match="missing keys \\['num_coefficients'\\]"):
+        FeatureParams.from_dict(incomplete)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"hop_samples": 330},  # the window is no longer whole hops
+        {"frame_samples": 600},  # longer than the FFT
+        {"upper_hz": 9000.0},
+        {"filterbank": "bark"},
+        {"num_coefficients": 41},
+    ],
+)
+def test_invalid_params_are_rejected(change: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="invalid feature parameters"):
+        replace(PARAMS, **change)  # type: ignore[arg-type]
+
+
+def test_psf_filterbank_variant_streams_exactly_too() -> None:
+    params = replace(PARAMS, filterbank="psf", peak_normalize=False)
+    audio = speech_like(2.0, seed=8)
+    stream = StreamingFeatures(params)
+    for end in range(1600, len(audio) + 1, 1600):
+        stream.push(audio[end - 1600 : end])
+    np.testing.assert_array_equal(stream.features(), window_features(audio, params))
+
+
+@pytest.mark.train
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
+def test_matches_the_teachers_tf_signal_recipe() -> None:
+    """The MLPerf Tiny KWS front end in tf.signal (peak-normalised clip, stft 480/320, 40 mel 20-4000 Hz,
+    log(x+1e-6), mfccs_from_log_mel_spectrograms, 10 coefficients) gives the same features."""
+    import os
+
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tensorflow as tf
+
+    audio = speech_like(1.0, seed=11).astype(np.float32) / 32768.0
+    clip = tf.constant(audio / np.abs(audio).max())
+    stft = tf.signal.stft(clip, frame_length=480, frame_step=320, fft_length=512)
+    mel_matrix = tf.signal.linear_to_mel_weight_matrix(40, 257, 16000, 20.0, 4000.0)
+    mel = tf.tensordot(tf.abs(stft), mel_matrix, 1)
+    expected = tf.signal.mfccs_from_log_mel_spectrograms(tf.math.log(mel + 1e-6))[..., :10].numpy()
+    np.testing.assert_allclose(window_features(audio, PARAMS), expected, atol=2e-3, rtol=1e-3)

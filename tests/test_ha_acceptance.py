@@ -1,0 +1,209 @@
+"""Acceptance against a real, headless Home Assistant (../shared/tools/ha harness, HA 2024.3.3).
+
+Proves what HA does with our discovery, not what we think it should do: HA creates the agent's device and
+entities with the right states; availability offline makes them unavailable and online brings them back;
+an HA service call on the mute switch reaches the agent.
+
+The HA venv is installed once into .cache/ha-venv (about 35-100 s, needs PyPI) and reused. Skipped when the
+harness is absent (a clone without ../shared); SHARED_DIR overrides where ../shared is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, toml_dumps, wait_until
+
+from agent import __version__
+from agent.config import load_config
+from agent.discovery import MODEL, discovery_messages
+
+SHARED_DIR = Path(os.environ.get("SHARED_DIR", REPO_ROOT.parent / "shared"))
+HARNESS = SHARED_DIR / "tools" / "ha" / "ha_harness.sh"
+HA_VENV = REPO_ROOT / ".cache" / "ha-venv"
+HA_RUN_ROOT = REPO_ROOT / ".cache" / "ha-run"
+AGENT_ID = "hatest"
+BASE = f"home-agent/{AGENT_ID}"
+
+pytestmark = [
+    pytest.mark.ha,
+    pytest.mark.skipif(not HARNESS.exists(),
+                       reason=f"Home Assistant harness not found at {HARNESS} (set SHARED_DIR to ../shared)"),
+]
+
+
+@dataclass
+class HomeAssistant:
+    broker: Mosquitto
+    env: dict[str, str]
+    workdir: Path
+
+    def harness(self, *args: str, timeout: float = 60.0) -> str:
+        result = subprocess.run([str(HARNESS), *args], env=self.env, capture_output=True, text=True,
+                                timeout=timeout, check=False)
+        if result.returncode != 0:
+            raise AssertionError(f"ha_harness.sh {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        return result.stdout
+
+    def entities(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.harness("entities", "--compact")))
+
+    def ours(self) -> dict[str, dict[str, Any]]:
+        """Our entities by unique_id."""
+        prefix = f"home_agent_{AGENT_ID}_"
+        return {e["unique_id"]: e for e in self.entities() if (e.get("unique_id") or "").startswith(prefix)}
+
+    def call(self, domain: str, service: str, data: dict[str, Any]) -> None:
+        self.harness("call", domain, service, json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def home_assistant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HomeAssistant]:
+    run_dir = HA_RUN_ROOT / f"pytest-{os.getpid()}"  # one per test run: parallel runs do not collide
+    env = {**os.environ, "HA_VENV": str(HA_VENV), "HA_RUN_DIR": str(run_dir)}
+    if not (HA_VENV / "bin" / "hass").exists():
+        install = subprocess.run([str(HARNESS), "install"], env=env, capture_output=True, text=True,
+                                 timeout=1200, check=False)
+        if install.returncode != 0:
+            pytest.fail(f"installing Home Assistant into {HA_VENV} failed:\n{install.stderr[-3000:]}")
+    workdir = tmp_path_factory.mktemp("ha")
+    broker = Mosquitto(workdir / "broker")
+    broker.start()
+    ha = HomeAssistant(broker, env, workdir)
+    try:
+        ha.harness("start", broker.host, str(broker.port), timeout=300)
+        yield ha
+    finally:
+        subprocess.run([str(HARNESS), "stop", "ha"], env=env, capture_output=True, timeout=60, check=False)
+        broker.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def agent(home_assistant: HomeAssistant) -> Iterator[Callable[[], Daemon]]:
+    """Starts the daemon (voice on, so the intent event entity exists) and waits for ``online``."""
+    data = base_config(home_assistant.broker, home_assistant.workdir / "state", agent_id=AGENT_ID)
+    data["agent"]["name"] = "HA Test agent"
+    data["voice"]["enabled"] = True
+    config_path = home_assistant.workdir / "config.toml"
+    config_path.write_text(toml_dumps(data), encoding="utf-8")
+    daemons: list[Daemon] = []
+    probe = MqttProbe(home_assistant.broker).subscribe(f"{BASE}/availability")
+
+    def start() -> Daemon:
+        before = len(probe.matching(f"{BASE}/availability", b"online"))
+        daemon = Daemon(config_path, log_level="INFO")
+        daemons.append(daemon)
+        probe.wait_for(f"{BASE}/availability", b"online", timeout=10, count=before + 1)
+        return daemon
+
+    yield start
+    probe.close()
+    for daemon in daemons:
+        if daemon.alive():
+            daemon.terminate(5)
+        daemon.close()
+
+
+def expected_unique_ids(home_assistant: HomeAssistant) -> dict[str, dict[str, Any]]:
+    config = load_config(home_assistant.workdir / "config.toml")
+    messages = discovery_messages(config, event_types=sorted({c.action for c in config.voice.commands}),
+                                  sw_version=__version__)
+    return {payload["unique_id"]: payload for payload in messages.values()}
+
+
+def wait_for_entities(ha: HomeAssistant, expected: set[str], available: bool,
+                      timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+    def check() -> dict[str, dict[str, Any]] | None:
+        ours = ha.ours()
+        if set(ours) != expected:
+            return None
+        states = [e["state"] for e in ours.values()]
+        if available and all(s not in (None, "unavailable") for s in states):
+            return ours
+        if not available and all(s == "unavailable" for s in states):
+            return ours
+        return None
+
+    found = wait_until(check, timeout, interval=0.5)
+    assert found, f"HA entities not {'available' if available else 'unavailable'}: " + json.dumps(
+        {uid: e["state"] for uid, e in ha.ours().items()})
+    return dict(found)
+
+
+def test_home_assistant_creates_device_and_entities_with_states(
+        home_assistant: HomeAssistant, agent: Callable[[], Daemon]) -> None:
+    probe = MqttProbe(home_assistant.broker)
+    probe.publish("zigbee2mqtt/living_room_sensor", b'{"temperature": 21.5, "linkquality": 90}', retain=True)
+    probe.close()
+    agent()
+    expected = expected_unique_ids(home_assistant)
+    assert f"home_agent_{AGENT_ID}_voice_intent" in expected
+    ours = wait_for_entities(home_assistant, set(expected), available=True)
+
+    devices = {json.dumps(e["device"], sort_keys=True) for e in ours.values()}
+    assert len(devices) == 1, devices  # every entity joined the one device
+    device = next(iter(ours.values()))["device"]
+    assert device["name"] == "HA Test agent"
+    assert device["identifiers"] == [["mqtt", f"home_agent_{AGENT_ID}"]]
+    assert device["model"] == MODEL and device["sw_version"] == __version__
+    assert all(e["in_registry"] for e in ours.values())
+
+    def state(object_id: str) -> str:
+        return str(ours[f"home_agent_{AGENT_ID}_{object_id}"]["state"])
+
+    assert state("sensor_living_room_temperature") == "21.5"
+    attributes = ours[f"home_agent_{AGENT_ID}_sensor_living_room_temperature"]["attributes"]
+    assert attributes["unit_of_measurement"] == "°C" and attributes["device_class"] == "temperature"
+    assert state("mute") == "off"
+    assert float(state("uptime")) >= 0
+    # The diagnostics update every second (diagnostics_interval = 1 in the test config).
+    messages_in = f"home_agent_{AGENT_ID}_messages_in"
+    assert wait_until(lambda: float(home_assistant.ours()[messages_in]["state"]) >= 1, 10)
+    for key in ("messages_out", "dropped", "bad_payloads"):
+        float(state(key))
+    assert state("voice_intent") == "unknown"  # an event entity before its first event
+    assert ours[f"home_agent_{AGENT_ID}_voice_intent"]["attributes"]["event_types"] == ["lamp_on"]
+
+
+def test_availability_makes_entities_unavailable_and_back(
+        home_assistant: HomeAssistant, agent: Callable[[], Daemon]) -> None:
+    expected = set(expected_unique_ids(home_assistant))
+    daemon = agent()
+    wait_for_entities(home_assistant, expected, available=True)
+    assert daemon.terminate(5) == 0
+    wait_for_entities(home_assistant, expected, available=False, timeout=15)
+    daemon = agent()
+    wait_for_entities(home_assistant, expected, available=True, timeout=15)
+    daemon.signal(signal.SIGKILL)  # now the broker's last will says offline
+    wait_for_entities(home_assistant, expected, available=False, timeout=15)
+
+
+def test_service_call_on_mute_switch_reaches_the_agent(
+        home_assistant: HomeAssistant, agent: Callable[[], Daemon]) -> None:
+    expected = set(expected_unique_ids(home_assistant))
+    agent()
+    ours = wait_for_entities(home_assistant, expected, available=True)
+    switch = ours[f"home_agent_{AGENT_ID}_mute"]["entity_id"]
+    probe = MqttProbe(home_assistant.broker).subscribe(f"{BASE}/mute/state", f"{BASE}/mute/set")
+    try:
+        probe.clear()
+        home_assistant.call("switch", "turn_on", {"entity_id": switch})
+        assert probe.wait_for(f"{BASE}/mute/set", timeout=5).payload == b"ON"  # HA's command
+        probe.wait_for(f"{BASE}/mute/state", b"ON", timeout=5)  # the agent's answer
+        assert wait_until(lambda: home_assistant.ours()[f"home_agent_{AGENT_ID}_mute"]["state"] == "on", 10)
+        home_assistant.call("switch", "turn_off", {"entity_id": switch})
+        probe.wait_for(f"{BASE}/mute/state", b"OFF", timeout=5)
+        assert wait_until(lambda: home_assistant.ours()[f"home_agent_{AGENT_ID}_mute"]["state"] == "off", 10)
+    finally:
+        probe.close()

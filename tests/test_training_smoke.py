@@ -1,0 +1,56 @@
+"""The keyword-model pipeline end to end on a tiny subset (``python -m training.kws --smoke``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.features import LABELS, window_features
+from agent.kws import KwsModel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "speech"))
+TEACHER = REPO_ROOT.parent / "shared" / "peers" / "mlperf_tiny_kws" / "mlperf_kws_ref_model_float32.tflite"
+
+
+def test_driver_without_data_explains_and_succeeds(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "training.kws", "--smoke", "--data", str(tmp_path / "absent"),
+         "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "no speech data" in result.stderr
+    assert not (tmp_path / "kws.tflite").exists()
+
+
+@pytest.mark.train
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
+def test_smoke_run_builds_a_loadable_int8_model(tmp_path: Path) -> None:
+    if not (DATA_DIR / "real").is_dir() or not TEACHER.exists():
+        pytest.skip(f"needs ../shared (speech data at {DATA_DIR} and the MLPerf teacher)")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.kws", "--smoke", "--data", str(DATA_DIR), "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("1/6 data", "2/6 teacher", "3/6 student", "4/6 prune", "5/6 quantize", "6/6 evaluate"):
+        assert stage in result.stderr
+    model = KwsModel.load(out / "kws.tflite")
+    assert model.is_quantized and model.labels == LABELS
+    assert (out / "kws.tflite").stat().st_size <= 64 * 1024
+    scores = model.predict(window_features(np.zeros(16000, np.int16), model.params))
+    assert scores.shape == (len(LABELS),)
+    metadata = json.loads((out / "kws.json").read_text(encoding="utf-8"))
+    assert metadata["training"]["smoke"] is True
+    card = (out / "kws.md").read_text(encoding="utf-8")
+    assert "SMOKE RUN" in card and "Compression ablation" in card
