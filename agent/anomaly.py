@@ -67,7 +67,7 @@ MODEL_BATCH = 256  # rows per model invocation when scoring many readings at onc
 N_TAILS = 7
 TAIL_KINDS = (KIND_SPIKE, KIND_MODEL, KIND_STEP, KIND_DRIFT, KIND_STUCK, KIND_SPIKE, KIND_DRIFT)
 DAILY_HOURS = 6  # hours compared with the same hours one day before
-HOURS_KEPT = 24 + DAILY_HOURS
+HOURS_KEPT = 24 + DAILY_HOURS - 1  # hourly means kept: the current hour is accumulated apart
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,22 +88,24 @@ class Calibration:
     tail_memory: float = 20000.0  # readings of history behind each tail estimate
     tail_u: float = 3.0  # tail starts at 3x the statistic's mean
     tail_prior_p: float = 0.05  # prior exceedance rate ...
-    tail_prior_n: float = 40.0  # ... worth this many readings
-    tail_prior_h: float = 1.0  # prior mean log-excess (a heavy, forgiving tail) ...
-    tail_prior_k: float = 4.0  # ... worth this many exceedances
+    tail_prior_n: float = 200.0  # ... worth this many readings
+    tail_prior_h: float = 0.5  # prior mean log-excess (a heavy, forgiving tail) ...
+    tail_prior_k: float = 10.0  # ... worth this many exceedances
     run_span: float = 50.0  # usual run length of identical values (runs)
+    run_prior_h: float = 0.3  # run lengths: a light prior tail (a stream that never repeats: stuck soon)
     stuck_table: int = 6  # values the stream sits on, tracked with their own usual run length
     dropout_factor: float = 10.0  # dropout score 1.0 at this many usual intervals (at least)
     dropout_history_factor: float = 3.0  # ... or at this many times the longest gap the stream had
-    bits_spike: float = 9.0  # -log10(p) that maps to score 1.0, per statistic
-    bits_model: float = 9.0
-    bits_step: float = 9.0
-    bits_drift: float = 9.0
-    bits_stuck: float = 9.0
-    bits_return: float = 9.0
-    bits_daily: float = 9.0
-    envelope_limit: float = 0.5  # out of range by this fraction of the stream's range -> score 1.0
-    envelope_growth: float = 0.0  # > 0: after learning, the range widens at most this fraction per day
+    bits_spike: float = 5.5  # -log10(p) that maps to score 1.0, per statistic
+    bits_model: float = 4.5
+    bits_step: float = 5.0
+    bits_drift: float = 5.0
+    bits_stuck: float = 4.6
+    bits_return: float = 5.5
+    bits_daily: float = 4.0
+    envelope_limit: float = 0.8  # out of range by this fraction of the stream's range -> score 1.0 ...
+    envelope_young_days: float = 14.0  # ... times (1 + this / the stream's age in days): young ranges are loose
+    envelope_growth: float = 0.1  # after learning, the range widens by at most this fraction per day
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
@@ -250,6 +252,7 @@ class StreamState:
     """Everything a stream's detector knows; plain floats and short lists (JSON-friendly)."""
 
     n: int = 0  # valid readings learnt
+    first_time: float = math.nan  # the stream's first reading (its age sets how loose its range is)
     last_time: float = math.nan
     last_value: float = math.nan
     prev_value: float = math.nan  # the reading before last_value
@@ -279,7 +282,7 @@ class StreamState:
     hour_key: int = -1  # the hour (UNIX time // 3600) being accumulated
     hour_sum: float = 0.0
     hour_count: int = 0
-    daily_bits: float = 0.0  # the daily statistic's -log10 p, recomputed each hour
+    daily_stat: float = math.nan  # the daily statistic at the last reading (learnt once per hour)
     # episode (alerts)
     score: float = 0.0  # the last score
     kind: int = KIND_MODEL
@@ -407,14 +410,14 @@ class _TailModel:
 
     __slots__ = ("a_mean", "keep", "log_u", "prior_exc", "prior_h", "prior_k", "prior_tot", "u")
 
-    def __init__(self, cal: Calibration) -> None:
+    def __init__(self, cal: Calibration, prior_h: float | None = None) -> None:
         self.a_mean = _ewma_weight(cal.tail_mean_span)
         self.keep = 1.0 - 1.0 / cal.tail_memory
         self.u = cal.tail_u
         self.log_u = math.log(cal.tail_u)
         self.prior_exc = cal.tail_prior_p * cal.tail_prior_n
         self.prior_tot = cal.tail_prior_n
-        self.prior_h = cal.tail_prior_h * cal.tail_prior_k
+        self.prior_h = (cal.tail_prior_h if prior_h is None else prior_h) * cal.tail_prior_k
         self.prior_k = cal.tail_prior_k
 
     def bits(self, tail: list[float], value: float) -> float:
@@ -489,6 +492,8 @@ class StreamDetector:
 
         log = math.log
         learning = float(cfg.learning_readings)
+        # statistics' histories start once the scales have settled (the first readings' residuals are junk)
+        warmup = cfg.learning_readings // 3
         threshold, clear, cooldown = cfg.threshold, cfg.clear_threshold, cfg.cooldown
         a_iv = _ewma_weight(cal.interval_span)
         a_res = _ewma_weight(cal.resid_span)
@@ -498,10 +503,11 @@ class StreamDetector:
         a_run = _ewma_weight(cal.run_span)
         tail = _TailModel(cal)
         tail_bits, tail_learn = tail.bits, tail.learn
+        run_tail = _TailModel(cal, cal.run_prior_h)
         inv_bits = (1.0 / cal.bits_spike, 1.0 / cal.bits_model, 1.0 / cal.bits_step, 1.0 / cal.bits_drift,
                     1.0 / cal.bits_stuck, 1.0 / cal.bits_return, 1.0 / cal.bits_daily)
         growth = cal.envelope_growth / 86400.0
-        inv_envelope = 1.0 / cal.envelope_limit
+        envelope_limit, young = cal.envelope_limit, cal.envelope_young_days * 86400.0
         trace = self.trace
         table_size = int(cal.stuck_table)
         resid_floor = cal.resid_floor
@@ -522,7 +528,7 @@ class StreamDetector:
         low, high = s.low, s.high
         env_low, env_high = s.env_low, s.env_high
         hours = s.hours
-        hour_key, hour_sum, hour_count, daily_bits = s.hour_key, s.hour_sum, s.hour_count, s.daily_bits
+        hour_key, hour_sum, hour_count, daily_stat = s.hour_key, s.hour_sum, s.hour_count, s.daily_stat
         score, kind, active, episode_end = s.score, s.kind, s.active, s.episode_end
 
         valid_list = valid.tolist()
@@ -543,8 +549,10 @@ class StreamDetector:
                 out_kinds[i] = kind if score >= dropout else KIND_DROPOUT
                 continue
             x = values_list[i]
-            scale = scales_list[i]
-            slow = slows_list[i]
+            if n == 0:
+                s.first_time = t
+            scale = scales_list[j]
+            slow = slows_list[j]
             forecast = forecast_list[j]
             j += 1
             best = 0.0
@@ -610,29 +618,34 @@ class StreamDetector:
             else:
                 stats[0] = stats[1] = stats[2] = stats[3] = stats[5] = 0.0
                 first = 4
-            # daily: once an hour, the last DAILY_HOURS hourly means against the same hours a day before
+            # daily: the last DAILY_HOURS hours (this one so far included) against the same hours a day
+            # before; its history grows by one value per hour
             key = int(t // 3600.0)
             if key != hour_key:
                 if hour_key >= 0:
+                    if daily_stat == daily_stat and n >= warmup:
+                        tail_learn(tails[6], daily_stat)
                     hours.append(hour_sum / hour_count if hour_count else math.nan)
                     for _missing in range(min(key - hour_key - 1, HOURS_KEPT)):
                         hours.append(math.nan)
                     if len(hours) > HOURS_KEPT:
                         del hours[: len(hours) - HOURS_KEPT]
-                    daily_bits = 0.0
-                    if len(hours) == HOURS_KEPT:
-                        recent_mean = _nanmean(hours[-DAILY_HOURS:])
-                        before_mean = _nanmean(hours[:DAILY_HOURS])
-                        if recent_mean == recent_mean and before_mean == before_mean:
-                            change = abs(recent_mean - before_mean)
-                            daily_bits = tail_bits(tails[6], change)
-                            tail_learn(tails[6], change)
                 hour_key, hour_sum, hour_count = key, 0.0, 0
             hour_sum += x
             hour_count += 1
+            daily_bits = 0.0
+            daily_stat = math.nan
+            if len(hours) == HOURS_KEPT:
+                recent_mean = _nanmean([*hours[1 - DAILY_HOURS:], hour_sum / hour_count])
+                before_mean = _nanmean(hours[:DAILY_HOURS])
+                if recent_mean == recent_mean and before_mean == before_mean:
+                    daily_stat = abs(recent_mean - before_mean)
+                    daily_bits = tail_bits(tails[6], daily_stat)
             stats[6] = 0.0
-            bits_row = [tail_bits(tails[k], stats[k]) for k in range(N_TAILS - 1)] if has_residual else \
-                [0.0, 0.0, 0.0, 0.0, tail_bits(tails[4], stats[4]), 0.0]
+            stuck_bits = run_tail.bits(tails[4], stats[4])
+            bits_row = [tail_bits(tails[0], stats[0]), tail_bits(tails[1], stats[1]), tail_bits(tails[2], stats[2]),
+                        tail_bits(tails[3], stats[3]), stuck_bits, tail_bits(tails[5], stats[5])] \
+                if has_residual else [0.0, 0.0, 0.0, 0.0, stuck_bits, 0.0]
             bits_row.append(daily_bits)
             for k in range(first, N_TAILS):
                 value_k = bits_row[k] * inv_bits[k]
@@ -642,7 +655,9 @@ class StreamDetector:
             envelope = 0.0
             if n >= 2 and env_high > env_low:
                 outside = x - env_high if x > env_high else (env_low - x if x < env_low else 0.0)
-                envelope = outside / (env_high - env_low) * inv_envelope
+                age = t - s.first_time
+                limit = envelope_limit * (1.0 + young / age) if age > 0.0 else math.inf
+                envelope = outside / (env_high - env_low) / limit
                 if envelope > best:
                     # out of range in one jump: a spike (or the start of a step); else a drift
                     best = envelope
@@ -654,7 +669,7 @@ class StreamDetector:
 
             # learn (everything below uses this reading; nothing above did)
             if has_residual:
-                if not at_rest:
+                if not at_rest and n >= warmup:
                     for k in (0, 1, 2, 3, 5):
                         tail_learn(tails[k], stats[k])
                 e_c = err - bias
@@ -699,7 +714,7 @@ class StreamDetector:
                         usual = max(run_mean, length)
                     else:
                         usual = run_mean
-                    tail_learn(tails[4], length / usual)
+                    run_tail.learn(tails[4], length / usual)
                     if entry is None:
                         if length >= 10 and length >= 3.0 * run_mean:
                             self._track_sticky(sticky, run_value, length, table_size)
@@ -748,7 +763,7 @@ class StreamDetector:
         s.run_value, s.run_length, s.run_mean = run_value, run_length, run_mean
         s.low, s.high = low, high
         s.env_low, s.env_high = env_low, env_high
-        s.hour_key, s.hour_sum, s.hour_count, s.daily_bits = hour_key, hour_sum, hour_count, daily_bits
+        s.hour_key, s.hour_sum, s.hour_count, s.daily_stat = hour_key, hour_sum, hour_count, daily_stat
         s.score, s.kind, s.active, s.episode_end = score, kind, active, episode_end
         return Scored(out_scores, out_kinds, changes)
 
@@ -946,6 +961,7 @@ class AnomalyStage:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_progress = time.monotonic()
+        self._active: dict[str, bool] = {}  # sensor -> alert active, as last published
         if state_path is not None:
             try:
                 if detector.restore(state_path):
@@ -961,9 +977,18 @@ class AnomalyStage:
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop the worker, score what is still queued (bounded by the queue), save the state."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("the anomaly worker did not stop within %.1f s", timeout)
+        while self._thread is None or not self._thread.is_alive():
+            try:
+                reading = self.readings.get_nowait()
+            except queue.Empty:
+                break
+            self.handle(reading)
         self.save()
 
     def healthy(self, now: float | None = None) -> bool:
@@ -998,7 +1023,9 @@ class AnomalyStage:
         except Exception:  # a broken publisher must not kill the stage
             self.counters["callback_errors"] += 1
             log.exception("publishing the anomaly event for %s failed", event.sensor)
-        if event.active and self.detector.streams[event.sensor].state.active and self._is_start(event):
+        started = event.active and not self._active.get(event.sensor, False)
+        self._active[event.sensor] = event.active
+        if started:
             self.counters["alerts"] += 1
             log.warning("anomaly on %s: %s (score %.4f, value %s)", event.sensor, event.kind, event.score,
                         event.value)
@@ -1009,17 +1036,7 @@ class AnomalyStage:
                     self.counters["callback_errors"] += 1
                     log.exception("the on_anomaly action for %s failed", event.sensor)
 
-    def _is_start(self, event: AnomalyEvent) -> bool:
-        started = self._started.get(event.sensor)
-        if started == event.time:
-            return False
-        self._started[event.sensor] = event.time
-        return True
-
-    _started: dict[str, float]
-
     def _run(self) -> None:
-        self._started = {}
         last_save = last_check = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()

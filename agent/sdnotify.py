@@ -138,6 +138,33 @@ def reloading(status_text: str | None = None) -> bool:
     return notify(message)
 
 
+# syslog priorities journald reads from a "<N>" line prefix (SyslogLevelPrefix=yes, the default).
+_JOURNAL_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+class JournalFormatter(logging.Formatter):
+    """Log lines for journald: its own time stamps, the level as a priority (``journalctl -p warning``)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in _JOURNAL_PRIORITIES if record.levelno >= level), 7)
+        return f"<{priority}>{super().format(record)}"
+
+
+def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:
+    """True when systemd connected stderr to the journal (``$JOURNAL_STREAM`` names its device:inode)."""
+    env = os.environ if environ is None else environ
+    stream = env.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        info = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
 class ServiceNotifier:
     """The supervisor's link to systemd: call ``tick(now)`` from the main loop, as often as it turns.
 

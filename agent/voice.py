@@ -109,6 +109,7 @@ class VoicePipeline:
             smoothing_seconds=model.smoothing_seconds,
             refractory_seconds=voice.refractory if voice.refractory is not None else model.refractory_seconds,
             window_seconds=params.window_seconds,
+            listening_smoothing_seconds=_listening_smoothing(model),
         )
         self.features = StreamingFeatures(params)
         self.recognizer = Recognizer(self.settings)
@@ -191,6 +192,15 @@ def load_pipeline(config: Config | None, model_path_override: Path | None = None
     model = KwsModel.load(path)
     commands = commands_from_config(config) if config is not None else []
     return VoicePipeline(model, voice, commands, hop_seconds=model_hop_seconds(model))
+
+
+def _listening_smoothing(model: KwsModel) -> float | None:
+    """Optional metadata ``listening_smoothing_seconds``: less smoothing for the words after the wake word,
+    when the model's thresholds were calibrated for it (it trades wrong-word detections for speed)."""
+    value = model.metadata.get("listening_smoothing_seconds")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 <= value <= model.smoothing_seconds else None
 
 
 def model_hop_seconds(model: KwsModel) -> float:

@@ -203,7 +203,8 @@ class Subscriber:
             return list(self.lines)
 
 
-def daemon_config(port: int, state_dir: Path) -> dict[str, Any]:
+def daemon_config(port: int, state_dir: Path, thresholds: dict[str, float] | None = None,
+                  model: Path | None = None) -> dict[str, Any]:
     return {
         "agent": {"id": "bench", "state_dir": str(state_dir)},
         "mqtt": {"host": "127.0.0.1", "port": port},
@@ -216,16 +217,18 @@ def daemon_config(port: int, state_dir: Path) -> dict[str, Any]:
             "fan_off": {"profile": "zigbee2mqtt", "device": "ceiling_fan", "command": "off",
                         "min_interval": 0},
         },
-        "voice": {"commands": [{"say": "light on", "action": "light_on"},
+        "voice": {"thresholds": thresholds or {}, "model": str(model or REPO_ROOT / "models" / "kws.tflite"),
+                  "commands": [{"say": "light on", "action": "light_on"},
                                {"say": "heat up", "action": "heating_up"},
                                {"say": "fan off", "action": "fan_off"}]},
     }
 
 
-def realtime_daemon(workdir: Path, path: Path, commands: list[dict[str, Any]]) -> dict[str, Any]:
+def realtime_daemon(workdir: Path, path: Path, commands: list[dict[str, Any]],
+                    thresholds: dict[str, float] | None, model: Path | None) -> dict[str, Any]:
     broker = Broker(workdir)
     try:
-        config = parse_config(daemon_config(broker.port, workdir / "state"))
+        config = parse_config(daemon_config(broker.port, workdir / "state", thresholds, model))
         subscriber = Subscriber(broker.port, [*sorted(DEVICE_TOPICS.values()), "home-agent/bench/intent"])
         app = App(config, options=RunOptions(audio=f"file:{path}", exit_at_end=True))
         stage = VoiceStage.from_app(app)
@@ -364,11 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-accuracy", action="store_true", help="skip the shared-data accuracy part")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("DATA_DIR", DEFAULT_DATA)))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--model", type=Path, default=None, help="keyword model (default: the shipped one)")
+    parser.add_argument("--wake-threshold", type=float, default=None,
+                        help="override the wake word's threshold for the latency run (recorded in the JSON)")
     args = parser.parse_args(argv)
     logging.getLogger("agent").setLevel(logging.WARNING)
     seconds = 30.0 if args.quick else 66.0
 
-    pipeline = load_pipeline(parse_config(daemon_config(1883, Path(tempfile.gettempdir()))))
+    pipeline = load_pipeline(parse_config(daemon_config(1883, Path(tempfile.gettempdir()), model=args.model)))
     model = pipeline.model
     results: dict[str, Any] = {
         "bench": "voice",
@@ -393,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         results["cpu_44k1_resampled"] = offline_cpu(pipeline, path44)
         path_rt, commands_rt, duration_rt = long_recording(workdir, seconds)
         log.info("daemon: %.0f s of audio at real-time pace", duration_rt)
-        results["daemon_realtime"] = realtime_daemon(workdir, path_rt, commands_rt)
+        overrides = {"computer": args.wake_threshold} if args.wake_threshold is not None else None
+        results["daemon_realtime"] = realtime_daemon(workdir, path_rt, commands_rt, overrides, args.model)
+        results["daemon_realtime"]["threshold_overrides"] = overrides or {}
     if not args.no_accuracy:
         if (args.data / "real").is_dir():
             log.info("accuracy: transcribing held-out real speakers and negatives in %s", args.data)

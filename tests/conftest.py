@@ -178,7 +178,7 @@ class MqttProbe:
     """A plain paho client for tests: subscribe, collect, wait, publish."""
 
     def __init__(self, broker: Mosquitto, client_id: str = "", username: str | None = None,
-                 password: str | None = None, clean_session: bool = True) -> None:
+                 password: str | None = None, clean_session: bool = True, tls_ca: Path | None = None) -> None:
         self.broker = broker
         self.messages: list[Received] = []
         self._cond = threading.Condition()
@@ -189,6 +189,8 @@ class MqttProbe:
         self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]  # floats work; stubs say int
         if username is not None:
             self.client.username_pw_set(username, password)
+        if tls_ca is not None:  # a TLS listener: verify it with this CA (and its hostname)
+            self.client.tls_set(ca_certs=str(tls_ca))
         self.client.on_message = self._on_message
         self._connected = threading.Event()
         self.client.on_connect = lambda *_args: self._connected.set()

@@ -61,7 +61,7 @@ class Observer:
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not durable)
-        self.client.reconnect_delay_set(0.05, 0.2)
+        self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]  # floats work; stubs say int
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_args: self.subscribed.set()
         self.client.on_message = self._on_message
@@ -132,8 +132,14 @@ def fault_config(broker: Mosquitto, state_dir: Path, voice_actions: int) -> Conf
     data["homeassistant"].update({"announce_jitter": 0.0, "diagnostics_interval": 30.0})
     data["service"] = {"stop_timeout": 1.0}
     for k in range(voice_actions):
-        data["actions"][f"v{k}"] = {"topic": f"test/voice/v{k}", "payload": f'{{"n": {k}}}', "min_interval": 0.0}
+        data["actions"][f"v{k}"] = {"topic": f"test/voice/v{k}", "payload": f'{{"n": {k}}}',
+                                    "min_interval": 0.0}
     return parse_config(data, source="faults.toml")
+
+
+def grown(get: Callable[[], int], baseline: int) -> Callable[[], bool]:
+    """A ``wait_until`` predicate: the counter went past ``baseline``."""
+    return lambda: get() > baseline
 
 
 def inject_event(app: App, sensor: str, n: int) -> str:
@@ -182,14 +188,14 @@ def test_twenty_broker_crashes_lose_no_anomaly_event_and_send_no_stale_voice_act
             connects = len(running.connected_at)
             broker.start()
             started = time.monotonic()
-            assert wait_until(lambda: len(running.connected_at) > connects, MAX_RECONNECT), \
+            assert wait_until(grown(lambda: len(running.connected_at), connects), MAX_RECONNECT), \
                 f"cycle {cycle}: no reconnect within {MAX_RECONNECT} s"
             reconnect_times.append(running.connected_at[-1] - started)
 
             # Every event acknowledged to the caller so far reaches the observer.
-            def missing() -> set[str]:
+            def missing(sent: frozenset[str] = frozenset(sent_events)) -> set[str]:
                 got = {json.loads(a.payload)["id"] for a in observer.matching(ANOMALY)}
-                return set(sent_events) - got
+                return set(sent) - got
 
             assert wait_until(lambda: not missing(), 10), f"cycle {cycle}: lost {sorted(missing())}"
             assert wait_until(lambda: observer.matching(must_arrive[-1]), 5), f"cycle {cycle}: {long} missing"
@@ -199,10 +205,11 @@ def test_twenty_broker_crashes_lose_no_anomaly_event_and_send_no_stale_voice_act
             publisher = paho.Client(CallbackAPIVersion.VERSION2)
             publisher.connect(broker.host, broker.port)
             publisher.loop_start()
-            publisher.publish(TELEMETRY, json.dumps({"temperature": 20 + cycle % 10}), qos=1).wait_for_publish(5)
+            reading = json.dumps({"temperature": 20 + cycle % 10})
+            publisher.publish(TELEMETRY, reading, qos=1).wait_for_publish(5)
             publisher.disconnect()
             publisher.loop_stop()
-            assert wait_until(lambda: app.counters()["readings"] > readings_before, 5), f"cycle {cycle}"
+            assert wait_until(grown(lambda: app.counters()["readings"], readings_before), 5), f"cycle {cycle}"
     finally:
         observer.close()
 
@@ -254,7 +261,7 @@ def test_an_empty_broker_gets_discovery_availability_subscriptions_and_outbox_ba
         assert app.link.wait_connected(MAX_RECONNECT)
         reconnect = time.monotonic() - started
 
-        def retained_back() -> dict[str, bytes] | None:
+        def retained_back(latest: dict[str, str] = latest) -> dict[str, bytes] | None:
             retained = retained_messages(broker, "#", settle=0.2)
             complete = (expected_discovery <= set(retained)
                         and retained.get(f"{BASE}/availability") == b"online"
@@ -263,7 +270,7 @@ def test_an_empty_broker_gets_discovery_availability_subscriptions_and_outbox_ba
             return retained if complete else None
 
         retained = wait_until(retained_back, 5, interval=0.1)
-        assert retained, f"cycle {cycle}: retained state not restored: {sorted(retained_messages(broker, '#'))}"
+        assert retained, f"cycle {cycle}: not restored: {sorted(retained_messages(broker, '#'))}"
         for sensor, message_id in latest.items():
             assert json.loads(retained[f"{BASE}/anomaly/{sensor}"])["id"] == message_id
         before = app.counters()["readings"]
@@ -273,7 +280,7 @@ def test_an_empty_broker_gets_discovery_availability_subscriptions_and_outbox_ba
         publisher.publish(TELEMETRY, b'{"temperature": 21.0}', qos=1).wait_for_publish(5)
         publisher.disconnect()
         publisher.loop_stop()
-        assert wait_until(lambda: app.counters()["readings"] > before, 5)
+        assert wait_until(grown(lambda: app.counters()["readings"], before), 5)
         assert reconnect < MAX_RECONNECT
     assert app.counters()["outbox_depth"] == 0
     running.stop()

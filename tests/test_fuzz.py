@@ -65,7 +65,8 @@ def hostile_payload(rng: random.Random, field: str) -> bytes:
     if kind == 3:  # non-standard JSON numbers Python's json would accept
         return f'{{"{field}": {rng.choice(["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])}}}'.encode()
     if kind == 4:  # invalid UTF-8 inside otherwise plausible JSON
-        return b'{"' + field.encode() + b'": 2' + rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80"]) + b"}"
+        bad = rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80"])
+        return b'{"' + field.encode() + b'": 2' + bad + b"}"
     if kind == 5:  # deep nesting
         depth = rng.choice([50, 500, 5000, 50_000])
         return (b'{"a":' * depth) + b"1" + (b"}" * depth) if rng.random() < 0.5 else b"[" * depth
@@ -84,7 +85,7 @@ def hostile_payload(rng: random.Random, field: str) -> bytes:
     if kind == 11:  # many keys
         return json.dumps({f"k{i}": i for i in range(rng.randrange(1000, 5000))}).encode()
     if kind == 12:  # nested field path lookalikes
-        return json.dumps({field.split(".")[0]: {"x": [1, 2, {"y": None}]}}).encode()
+        return json.dumps({field.split(".", maxsplit=1)[0]: {"x": [1, 2, {"y": None}]}}).encode()
     if kind == 13:  # a plausible valid document with extra noise
         return json.dumps({field: rng.uniform(-100, 150), "last_seen": rng.choice(
             ["2020-01-01T00:00:00Z", "garbage", 0, -1, 1e20, None])}).encode()
@@ -255,8 +256,8 @@ EXAMPLE_TEXT = EXAMPLE_CONFIG.read_text(encoding="utf-8")
 def test_textual_config_mutations_give_config_error_or_a_config(
         edits: list[tuple[int, int, str]], tmp_path_factory: pytest.TempPathFactory) -> None:
     text = EXAMPLE_TEXT
-    for position, length, insert in edits:
-        position = min(position, len(text))
+    for requested, length, insert in edits:
+        position = min(requested, len(text))
         text = text[:position] + insert + text[position + length:]
     path = tmp_path_factory.mktemp("cfg") / "config.toml"
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
@@ -300,8 +301,9 @@ def wav_bytes(rate: int, channels: int, subtype: str, frames: int, seed: int) ->
 @given(rate=st.sampled_from([4000, 8000, 11025, 16000, 22050, 44100, 48000, 96000, 7919, 192000]),
        channels=st.integers(1, 6), subtype=st.sampled_from(SUBTYPES), frames=st.integers(1, 4000),
        seed=st.integers(0, 2**16))
-def test_any_valid_wav_becomes_16_khz_mono_int16(rate: int, channels: int, subtype: str, frames: int,
-                                                 seed: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_any_valid_wav_becomes_16_khz_mono_int16(  # noqa: PLR0917 - hypothesis arguments
+        rate: int, channels: int, subtype: str, frames: int, seed: int,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
     path = tmp_path_factory.mktemp("wav") / "in.wav"
     path.write_bytes(wav_bytes(rate, channels, subtype, frames, seed))
     samples = read_audio_file(path)
@@ -314,7 +316,8 @@ WAV_FIELDS = {"channels": (22, "<H"), "rate": (24, "<I"), "byte_rate": (28, "<I"
 
 
 @FUZZ
-@given(base=st.tuples(st.sampled_from([8000, 16000, 44100]), st.integers(1, 2), st.sampled_from(SUBTYPES[:5])),
+@given(base=st.tuples(st.sampled_from([8000, 16000, 44100]), st.integers(1, 2),
+                      st.sampled_from(SUBTYPES[:5])),
        damage=st.one_of(
            st.tuples(st.just("field"), st.sampled_from(sorted(WAV_FIELDS)),
                      st.sampled_from([0, 1, 3, 7, 0xFFFF, 0xFFFFFFFF, 2**31, 12345])),
@@ -322,8 +325,9 @@ WAV_FIELDS = {"channels": (22, "<H"), "rate": (24, "<I"), "byte_rate": (28, "<I"
            st.tuples(st.just("flip"), st.integers(0, 3000), st.integers(0, 255)),
            st.tuples(st.just("garbage"), st.integers(0, 3000), st.integers(0, 2**16)),
        ))
-def test_damaged_audio_files_give_audio_error_or_samples(base: tuple[int, int, str], damage: tuple[str, Any, int],
-                                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_damaged_audio_files_give_audio_error_or_samples(
+        base: tuple[int, int, str], damage: tuple[str, Any, int],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
     rate, channels, subtype = base
     data = bytearray(wav_bytes(rate, channels, subtype, 800, 1))
     how, where, value = damage
@@ -449,13 +453,13 @@ def test_missing_metadata_gives_model_error(tmp_path: Path) -> None:
 
 
 def test_a_keyword_model_is_refused_as_an_anomaly_model(tmp_path: Path) -> None:
-    from agent.anomaly import AnomalyModel, metadata_path  # noqa: PLC0415 - only this test needs it
+    from agent.anomaly import AnomalyModel, metadata_path
 
     path = tmp_path / "anomaly.tflite"
     path.write_bytes(KWS_BYTES)
-    metadata_path(path).write_text(json.dumps({"window": 24, "sha256": hashlib.sha256(KWS_BYTES).hexdigest()}),
-                                   encoding="utf-8")
-    with pytest.raises(ModelError, match="shape|int8|input"):
+    checksum = hashlib.sha256(KWS_BYTES).hexdigest()
+    metadata_path(path).write_text(json.dumps({"window": 24, "sha256": checksum}), encoding="utf-8")
+    with pytest.raises(ModelError, match=r"shape|int8|input"):
         AnomalyModel.load(path)
     metadata_path(path).write_text(json.dumps({"sha256": "0" * 64}), encoding="utf-8")
     with pytest.raises(ModelError, match="lacks"):

@@ -134,8 +134,9 @@ def test_bounded_the_oldest_are_dropped_and_counted(boxes: Callable[..., Outbox]
     b"SQLite format 3\x00" + b"\xa5" * 4000,  # a valid header, then garbage
     b"",  # zero-length: SQLite treats it as empty; must simply work
 ])
-def test_a_corrupt_database_is_moved_aside_not_fatal(boxes: Callable[..., Outbox], tmp_path: Path,
-                                                     content: bytes, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_corrupt_database_is_moved_aside_not_fatal(
+        boxes: Callable[..., Outbox], tmp_path: Path, content: bytes,
+        caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "state" / FILE_NAME
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
@@ -249,7 +250,7 @@ def test_messages_the_full_link_queue_dropped_are_sent_again_in_order(
     assert json.loads(retained.payload)["id"] == sent[-1]
 
 
-def test_the_daemon_sends_what_a_previous_run_left_in_the_outbox(
+def test_the_daemon_sends_what_a_previous_run_left_in_the_outbox(  # noqa: PLR0917 - fixtures
         mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
         mqtt_client: Callable[..., MqttProbe], boxes: Callable[..., Outbox], tmp_path: Path) -> None:
     config = write_config(mosquitto)
@@ -288,7 +289,8 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, boxes: Callable[..., Outbox]) -> None:
+def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path,
+                                                          boxes: Callable[..., Outbox]) -> None:
     path = tmp_path / "state" / FILE_NAME
     acknowledged: list[str] = []
     for _round in range(3):

@@ -252,3 +252,24 @@ def test_registry_rejects_nonsense_limits() -> None:
         health.register("x", max_silence=0)
     with pytest.raises(ValueError, match="max_full"):
         health.register("x", max_full=-1)
+
+
+def test_journal_log_lines_carry_priorities(tmp_path: Path) -> None:
+    """Under systemd (stderr is the journal, $JOURNAL_STREAM names it) log lines get "<N>" priorities and no
+    time stamp of their own; anywhere else the usual format."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from agent.cli import configure_logging; configure_logging('INFO'); "
+            "log = logging.getLogger('agent.x'); log.warning('broker %s unreachable', 'b'); log.error('bad')")
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("wb") as stderr:
+        info = os.fstat(stderr.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+        subprocess.run([sys.executable, "-c", code], stderr=stderr, env=env, check=True, timeout=60)
+    assert stderr_path.read_text().splitlines() == ["<4>agent.x: broker b unreachable", "<3>agent.x: bad"]
+    with stderr_path.open("wb") as stderr:
+        env = {**os.environ, "JOURNAL_STREAM": "1:2"}  # someone else's journal stream: not ours
+        subprocess.run([sys.executable, "-c", code], stderr=stderr, env=env, check=True, timeout=60)
+    lines = stderr_path.read_text().splitlines()
+    assert lines[0].endswith(" WARNING agent.x: broker b unreachable") and not lines[0].startswith("<")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -306,3 +308,81 @@ def test_no_watchdog_while_audio_frames_stop(
         assert notify_listener.with_field("STOPPING", "1", since=resumed)
     finally:
         daemon.close()
+
+
+def syscall_groups(analyze: str) -> dict[str, list[str]]:
+    """``systemd-analyze syscall-filter``: every @group and its members (names or nested @groups)."""
+    listing = subprocess.run([analyze, "syscall-filter"], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    groups: dict[str, list[str]] = {}
+    current = ""
+    for line in listing.splitlines():
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        if line.startswith("@"):
+            current = item
+            groups[current] = []
+        elif current:
+            groups[current].append(item)
+    return groups
+
+
+def unit_allowed_syscalls(analyze: str) -> set[str]:
+    """What the unit's SystemCallFilter= lines allow: the first is an allow list, "~" lines deny."""
+    groups = syscall_groups(analyze)
+
+    def expand(name: str) -> set[str]:
+        if not name.startswith("@"):
+            return {name}
+        return set().union(*(expand(member) for member in groups[name]))
+
+    allowed: set[str] = set()
+    unit = (REPO_ROOT / "systemd/home-agent.service").read_text()
+    for line in unit.splitlines():
+        if not line.startswith("SystemCallFilter="):
+            continue
+        value = line.split("=", 1)[1]
+        deny = value.startswith("~")
+        names = set().union(*(expand(name) for name in value.lstrip("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+# System calls outside the filter that the daemon makes and that are fine to refuse (EPERM):
+HARMLESS_REFUSALS = {
+    "mbind",  # LiteRT/XNNPACK: a NUMA placement hint for its buffers
+    "fchown",  # SQLite (outbox) when running as root only: hands its journal files to the db owner
+}
+
+
+@pytest.mark.slow
+def test_daemon_works_when_every_system_call_outside_the_unit_filter_fails(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], tmp_path: Path) -> None:
+    """SystemCallFilter= with SystemCallErrorNumber=EPERM, emulated by strace: every system call the
+    unit does not allow fails with EPERM. The daemon must still connect, load the models and hear."""
+    strace, analyze = shutil.which("strace"), shutil.which("systemd-analyze")
+    if strace is None or analyze is None:
+        pytest.skip("needs strace and systemd-analyze")
+    if not (REPO_ROOT / "models" / "kws.tflite").is_file():
+        pytest.skip("models/kws.tflite is not built")
+    allowed = unit_allowed_syscalls(analyze)
+    assert {"read", "openat", "connect", "futex", "mmap"} <= allowed
+    config = write_config(mosquitto, **{"voice.enabled": True, "audio.realtime": False})
+    trace = tmp_path / "strace.txt"
+    # "?name": names this architecture does not have are ignored; "!": inject into everything else.
+    refuse = "!" + ",".join(f"?{name}" for name in sorted(allowed))
+    environment = {k: v for k, v in os.environ.items() if k not in {"STATE_DIRECTORY", "NOTIFY_SOCKET"}}
+    result = subprocess.run(
+        [strace, "-f", "-qq", "-o", str(trace), "-e", f"inject={refuse}:error=EPERM",
+         sys.executable, "-m", "agent", "run", "--config", str(config),
+         "--audio", f"file:{REPO_ROOT / 'examples/computer_light_on.wav'}", "--exit-at-end"],
+        cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=180, check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "online after" in log and "voice: heard 'light'" in log, log[-3000:]
+    # "PID name(args) = -1 EPERM (INJECTED)", or "PID <... name resumed>...": split by another thread.
+    call = re.compile(r"^\d+\s+(?:<\.\.\. )?(\w+)")
+    refused = {match.group(1) for line in trace.read_text().splitlines()
+               if "(INJECTED)" in line and (match := call.match(line))}
+    assert refused <= HARMLESS_REFUSALS, f"new system calls outside the unit's filter: {refused}"

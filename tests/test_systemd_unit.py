@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -127,6 +128,94 @@ def test_exposure_check_can_fail(tmp_path: Path) -> None:
     bare.write_text("\n".join(lines) + "\n")
     score, _ = exposure(bare)
     assert score > 8.0
+
+
+# Runs the shipped models and builds sounddevice's PortAudio callback exactly as sounddevice does
+# (``_ffi.callback('PaStreamCallback', ...)``), under the kernel's W^X lock (prctl PR_SET_MDWE, Linux >= 6.3):
+# the same rule MemoryDenyWriteExecute=yes enforces with seccomp.
+_W_XOR_X_PROBE = r"""
+import ctypes, json, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    print(json.dumps({"unsupported": True})); sys.exit(0)
+import numpy as np
+from agent.paths import shipped_models_dir
+result = {"unsupported": False, "models": []}
+for path in sorted(shipped_models_dir().glob("*.tflite")):
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    for detail in interpreter.get_input_details():
+        interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+    interpreter.invoke()
+    result["models"].append(path.name)
+try:
+    import sounddevice as sd
+except OSError as err:  # no libportaudio2
+    result["sounddevice"] = f"unavailable: {err}"
+else:
+    try:
+        sd._ffi.callback("PaStreamCallback", error=sd._lib.paAbort)(lambda *args: 0)
+        result["sounddevice"] = "callback ok"
+    except MemoryError:
+        result["sounddevice"] = "callback refused"
+print(json.dumps(result))
+"""
+
+
+def test_memory_deny_write_execute_stays_off_for_the_microphone() -> None:
+    """MemoryDenyWriteExecute=yes would stop the microphone: sounddevice's stream callback is a cffi
+    callback in W+X memory. The models themselves run fine under W^X. When this test fails because the
+    callback works, cffi/sounddevice no longer need W+X: turn MemoryDenyWriteExecute=yes on."""
+    assert setting("MemoryDenyWriteExecute") == ["no"]
+    probe = subprocess.run([sys.executable, "-c", _W_XOR_X_PROBE], cwd=REPO, capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    if result["unsupported"]:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3)")
+    assert "kws.tflite" in result["models"] or not (REPO / "models/kws.tflite").exists()
+    if result["sounddevice"].startswith("unavailable"):
+        pytest.skip(result["sounddevice"])
+    assert result["sounddevice"] == "callback refused", (
+        "sounddevice's callback now works under W^X: set MemoryDenyWriteExecute=yes in the unit")
+
+
+_XNNPACK_PROBE = r"""
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+from agent.paths import shipped_models_dir
+interpreter = Interpreter(model_path=str(shipped_models_dir() / "kws.tflite"))
+interpreter.allocate_tensors()
+detail = interpreter.get_input_details()[0]
+interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+interpreter.invoke()
+print("invoked")
+"""
+
+
+def test_proc_subset_stays_off_for_xnnpack() -> None:
+    """ProcSubset=pid hides /proc/cpuinfo; LiteRT then runs without its XNNPACK delegate (measured ~100x
+    slower per keyword-model inference here). Checked in a private mount namespace with a procfs
+    mounted like systemd would. When XNNPACK starts without /proc/cpuinfo, ProcSubset=pid can go on."""
+    assert setting("ProcSubset") == []
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to mount a procfs with subset=pid")
+    if not (REPO / "models/kws.tflite").is_file():
+        pytest.skip("models/kws.tflite is not built")
+    script = (f"mount -t proc -o subset=pid proc /proc || exit 97\n"
+              f"exec {sys.executable} -c '{_XNNPACK_PROBE}'")
+    hidden = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", script], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=False)
+    if hidden.returncode == 97 or "unshare failed" in hidden.stderr:
+        pytest.skip(f"cannot mount a private procfs here: {hidden.stderr.strip()[:200]}")
+    visible = subprocess.run([sys.executable, "-c", _XNNPACK_PROBE], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, check=False)
+    assert "invoked" in visible.stdout and "invoked" in hidden.stdout, hidden.stderr + visible.stderr
+    assert "XNNPACK delegate" in visible.stderr
+    assert "XNNPACK delegate" not in hidden.stderr, (
+        "XNNPACK now starts without /proc/cpuinfo: ProcSubset=pid can be set in the unit")
 
 
 def run_install(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

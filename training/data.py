@@ -45,7 +45,7 @@ VOCABULARY = (WAKE_WORD, *COMMAND_WORDS, *DEVICE_WORDS)
 # Real words whose clips contain one of our words: neither positive (not the whole label) nor negative.
 EXCLUDED_REAL = ("hey_computer",)
 COMPUTER_CLUSTERS = 36
-DATA_VERSION = 4  # bump when the windows or augmentation change (invalidates the cache)
+DATA_VERSION = 5  # bump when the windows or augmentation change (invalidates the cache)
 
 
 @dataclass(frozen=True)
@@ -243,8 +243,8 @@ class AugmentConfig:
     word_copies: int = 6  # augmented windows per real training word clip
     computer_copies: int = 10  # per real `computer` clip (few speakers: more variety per clip)
     synth_copies: int = 2
-    unknown_copies: int = 1
-    long_hop_seconds: float = 0.5  # windows cut from real_long/ (unknown) and noise/ (silence)
+    unknown_copies: int = 2  # real other words and other wake words
+    long_hop_seconds: float = 0.25  # windows cut from real_long/ (unknown) and noise/ (silence)
     shift_seconds: float = 0.1
     noise_probability: float = 0.8
     snr_db: tuple[float, float] = (0.0, 25.0)
@@ -450,7 +450,7 @@ def build_training_set(
             continue
         context = word_context(samples)
         if clip.label == UNKNOWN_LABEL:
-            copies = config.unknown_copies
+            copies = config.unknown_copies if clip.source == "real" else 1
         elif clip.source == "synth":
             copies = config.synth_copies
         elif clip.label == WAKE_WORD:

@@ -54,17 +54,18 @@ log = logging.getLogger("training.kws")
 class RunConfig:
     limit: int | None = None  # files per folder (smoke runs)
     student_epochs: int = 24
-    structured_epochs: int = 12
-    magnitude_epochs: int = 8
+    structured_epochs: int = 16
+    magnitude_epochs: int = 10
     channels: tuple[int, ...] = (48, 48, 48, 48, 48)
     sparsity: float = 0.5
     calibration_windows: int = 500
     smoothing_seconds: float = 0.3
     refractory_seconds: float = 1.0
-    wake_margin: float = 0.1
-    word_margin: float = 0.05
-    min_threshold: float = 0.5
-    max_threshold: float = 0.97
+    wake_margin: float = 0.02  # above the lowest threshold without a false wake on the tuning negatives
+    word_false_events: int = 1  # command words: at most this many false events on the tuning negatives
+    min_threshold: float = 0.6
+    max_threshold: float = 0.99
+    prune_distill_weight: float = 0.7  # the pruned copies learn mostly from the distilled student
     augment: dict[str, Any] = field(default_factory=dict)  # AugmentConfig overrides
 
 
@@ -166,19 +167,26 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     calibration_index = np.sort(rng.choice(len(train_set), min(2000, len(train_set)), replace=False))
     narrow = prune.structured_prune(student, train_set.features[calibration_index], config.channels)
     narrow_arch = dscnn.Architecture(channels=config.channels, num_classes=len(LABELS))
-    structured_config = replace(train_config, epochs=config.structured_epochs, learning_rate=3e-4)
+    # From here on the distilled student is the teacher: it knows all 16 labels.
+    student_soft, student_mask = train.self_targets(student, train_set, train_config.temperature)
+    structured_config = replace(
+        train_config,
+        epochs=config.structured_epochs,
+        learning_rate=3e-4,
+        distill_weight=config.prune_distill_weight,
+    )
     narrow_key = f"{student_key}-{_hash([config.channels, asdict(structured_config)])}"
     narrow_weights = _keras_cache("structured", narrow_key)
     if narrow_weights.exists():
         narrow.load_weights(str(narrow_weights))
     else:
-        train.fit(narrow, train_set, soft, mask, structured_config)
+        train.fit(narrow, train_set, student_soft, student_mask, structured_config)
         _save_weights(narrow, narrow_weights)
     stages[f"structured pruned {config.channels[0]} ch (float)"] = _keras_stage(
         narrow, validation, synth_validation, export.convert_float(narrow), narrow_arch.macs()
     )
     _print_stage(stages)
-    magnitude_config = replace(train_config, epochs=config.magnitude_epochs, learning_rate=1.5e-4)
+    magnitude_config = replace(structured_config, epochs=config.magnitude_epochs, learning_rate=1.5e-4)
     steps = int(np.ceil(len(train_set) / magnitude_config.batch_size)) * config.magnitude_epochs
     sparse_key = f"{narrow_key}-{_hash([config.sparsity, asdict(magnitude_config)])}"
     sparse_weights = _keras_cache("magnitude", sparse_key)
@@ -187,7 +195,14 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         sparse = tf.keras.models.clone_model(narrow)
         sparse.load_weights(str(sparse_weights))
     else:
-        train.fit(wrapped, train_set, soft, mask, magnitude_config, callbacks=prune.pruning_callbacks())
+        train.fit(
+            wrapped,
+            train_set,
+            student_soft,
+            student_mask,
+            magnitude_config,
+            callbacks=prune.pruning_callbacks(),
+        )
         sparse = prune.strip(wrapped)
         _save_weights(sparse, sparse_weights)
     sparse_float = export.convert_float(sparse)
@@ -228,8 +243,8 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         }
         _print_stage(stages)
         tune_files = [Path(c.path) for c in clips if c.source in ("long", "noise") and c.split == "tune"]
-        peaks = evaluation.peak_scores(int8_model, tune_files)
-    thresholds = _choose_thresholds(peaks, config)
+        tune_scores = [evaluation.file_scores(int8_model, path) for path in tune_files]
+    thresholds = _choose_thresholds(tune_scores, config)
     print(f"thresholds (from {len(tune_files)} tuning negatives): {thresholds}", file=sys.stderr)
     calibration_list = sorted(set(calibration.origin.tolist()))
     model_path = export.write_model(
@@ -337,18 +352,37 @@ def _calibration_set(train_set: Any, count: int) -> Any:
     return train_set.subset(mask)
 
 
-def _choose_thresholds(peaks: npt.NDArray[np.float32], config: RunConfig) -> dict[str, float]:
-    """Per word: just above the highest smoothed score it reached on the tuning negatives (no false detection
-    there), with a larger margin for the wake word, within [min_threshold, max_threshold]."""
+def _false_events(smoothed: list[npt.NDArray[np.float32]], index: int, threshold: float) -> int:
+    """Times the word becomes the smoothed top label at or above ``threshold`` (what the recognizer fires
+    on, without its refractory time: an upper bound)."""
+    events = 0
+    for scores in smoothed:
+        active = (scores[:, index] >= threshold) & (scores.argmax(axis=1) == index)
+        events += int(active[0]) + int(np.sum(active[1:] & ~active[:-1])) if len(active) else 0
+    return events
+
+
+def _choose_thresholds(tune_scores: list[npt.NDArray[np.float32]], config: RunConfig) -> dict[str, float]:
+    """Per word, on the tuning negatives (held-out long speech and noise) smoothed like the runtime does:
+    the wake word gets the lowest threshold with no false event there plus a margin; command and device
+    words (acted on only right after the wake word) the lowest with at most ``word_false_events``."""
+    from training.evaluate import smooth
+    from training.export import HOP_SECONDS
+
+    hops = max(1, round(config.smoothing_seconds / HOP_SECONDS))
+    smoothed = [smooth(scores, hops) for scores in tune_scores]
+    grid = np.round(np.arange(config.min_threshold, config.max_threshold + 1e-9, 0.01), 3)
     thresholds = {}
     for index, label in enumerate(LABELS):
         if label.startswith("_"):
             continue
-        highest = float(peaks[:, index].max()) if len(peaks) else 0.0
-        margin = config.wake_margin if label == WAKE_WORD else config.word_margin
-        thresholds[label] = round(
-            float(np.clip(highest + margin, config.min_threshold, config.max_threshold)), 3
-        )
+        allowed = 0 if label == WAKE_WORD else config.word_false_events
+        chosen = next((float(t) for t in grid if _false_events(smoothed, index, float(t)) <= allowed), None)
+        if chosen is None:
+            chosen = config.max_threshold
+        elif label == WAKE_WORD:
+            chosen = min(chosen + config.wake_margin, config.max_threshold)
+        thresholds[label] = round(chosen, 3)
     return thresholds
 
 

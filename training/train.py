@@ -68,11 +68,28 @@ def soft_targets(teacher: Any, dataset: Dataset, temperature: float) -> tuple[np
     return soft, mask.astype(np.float32)
 
 
+# Total weight of a label relative to one word's: the negatives stand for everything else people say and
+# every other sound, so they weigh more (with equal weights the model over-predicted `computer`).
+LABEL_BOOST = {UNKNOWN_LABEL: 3.0, SILENCE_LABEL: 1.5}
+
+
+def self_targets(model: Any, dataset: Dataset, temperature: float) -> tuple[npt.NDArray[np.float32], Any]:
+    """Soft labels of a model with our own labels (the distilled student teaching its pruned copies) on
+    every window."""
+    logits = logits_model(model).predict(dataset.features[..., None], batch_size=512, verbose=0)
+    scaled = logits / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    soft = (np.exp(scaled) / np.exp(scaled).sum(axis=1, keepdims=True)).astype(np.float32)
+    return soft, np.ones(len(dataset), np.float32)
+
+
 def class_weights(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-    """Per-window weights that give every label the same total weight (capped for rare labels)."""
+    """Per-window weights giving every label the same total weight times its LABEL_BOOST (capped for rare
+    labels)."""
     counts = np.bincount(labels, minlength=NUM_LABELS).astype(np.float64)
     per_label = np.where(counts > 0, len(labels) / (NUM_LABELS * np.maximum(counts, 1)), 0.0)
     per_label = np.minimum(per_label, 4.0)
+    per_label *= np.array([LABEL_BOOST.get(label, 1.0) for label in LABELS])
     weights = per_label[labels]
     return (weights / weights.mean()).astype(np.float32)
 
