@@ -11,23 +11,25 @@ How a reading becomes a score (every step uses only what came before the reading
    model, so scores stay fine-grained).
 3. *Statistics*, each turned into a tail probability against **the stream's own history** of that
    statistic (an exponential body and a Pareto tail whose index is estimated online, with a conservative
-   prior while the history is short):
-   ``spike`` (this residual), ``model`` (anomaly likelihood of the recent residuals), ``step`` (the sum of
-   the last few residuals: a spike cancels out, a level shift does not), ``drift`` (slow residual bias).
-   ``stuck`` is the probability of the current run of identical values given how often the stream
-   repeats (per frequently repeated value), ``dropout`` is the time since the previous reading against
-   the stream's usual interval.
+   prior while the history is short): ``spike`` (this residual; and a jump that came straight back),
+   ``model`` (anomaly likelihood of the recent residuals), ``step`` (the sum of the last few residuals: a
+   spike cancels out, a level shift does not), ``drift`` (the mean normalised slope over a day; the last
+   six hours against the same hours a day before), ``stuck`` (the current run of identical values against
+   the usual run length of that value: a light resting at 0 all night is normal). Two direct scores:
+   ``dropout`` (time since the last reading against the usual interval, and the longest gap seen) and
+   out-of-range (beyond the range the stream ever had, loose while the stream is young).
 4. *Score*: each statistic maps ``-log10(p)`` to [0, 1] with its own scale (``calibration`` in the model
    metadata); the reading's score is the largest, its kind the arg-max. During the first
    ``learning_readings`` readings of a stream the score is scaled down linearly and no alert starts.
 5. *Events*: an alert starts when the score reaches ``threshold`` (outside the cooldown that follows the
    previous episode) and ends when it falls below ``clear_threshold``: one alert per episode.
 
-The whole per-stream state is a few dozen floats (``StreamState``), saved as JSON under the state dir.
+A stream's whole state is about a hundred numbers (``StreamState``, ~2 KB of JSON), saved under the state dir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,14 +42,17 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.config import AnomalySection
-from agent.errors import ModelError, StateError
-from agent.messages import AnomalyEvent, AnomalyKind, Reading
+from agent.errors import ActionError, ModelError, StateError
+from agent.messages import ActionRequest, AnomalyEvent, AnomalyKind, Reading
+
+if TYPE_CHECKING:
+    from agent.app import App
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +109,15 @@ class Calibration:
     bits_return: float = 5.5
     bits_daily: float = 4.0
     envelope_limit: float = 0.8  # out of range by this fraction of the stream's range -> score 1.0 ...
-    envelope_young_days: float = 14.0  # ... times (1 + this / the stream's age in days): young ranges are loose
+    envelope_young_days: float = 14.0  # ... times (1 + this / age in days): a young stream's range is loose
     envelope_growth: float = 0.1  # after learning, the range widens by at most this fraction per day
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: float(v) if k != "stuck_table" else int(v) for k, v in data.items() if k in known})
+        values: dict[str, Any] = {k: int(v) if k == "stuck_table" else float(v) for k, v in data.items()
+                                  if k in known}
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,7 +246,8 @@ class AnomalyModel:
                 interpreter.invoke()
                 result = interpreter.get_tensor(self._out_index[batch])[:, 0]
                 take = min(batch, rows)
-                out[start:start + take] = (result[:take].astype(np.float64) - self._out_zero) * self._out_scale
+                dequantised = (result[:take].astype(np.float64) - self._out_zero) * self._out_scale
+                out[start:start + take] = dequantised
                 start += take
         return out
 
@@ -355,7 +363,7 @@ def prepare_inputs(state: StreamState, cal: Calibration, window: int, values: Fl
         scale = max(fast, floor_ratio * slow)
         scales[i] = scale
         slows[i] = slow
-        if diff != diff:  # NaN: no difference yet
+        if math.isnan(diff):  # no difference yet
             continue
         size = abs(diff)
         if slow == 0.0:
@@ -394,7 +402,7 @@ class Scored:
 
 
 def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if v == v]
+    finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
 
 
@@ -474,14 +482,14 @@ class StreamDetector:
         valid_idx = np.flatnonzero(valid)
         inputs, scales, slows = self._prepare(values_a[valid_idx], tods_a[valid_idx])
         forecasts = self.model.predict(inputs)
-        return self._score(times_a, values_a, valid, scales, slows, forecasts)
+        return self._score(times_a, values_a, valid, scales=scales, slows=slows, forecasts=forecasts)
 
     def _prepare(self, values: FloatArray, tods: FloatArray) -> tuple[npt.NDArray[np.float32], FloatArray,
                                                                      FloatArray]:
         return prepare_inputs(self.state, self.cal, self.model.window, values, tods)
 
-    def _score(self, times: FloatArray, values: FloatArray, valid: npt.NDArray[np.bool_], scales: FloatArray,
-               slows: FloatArray, forecasts: FloatArray) -> Scored:
+    def _score(self, times: FloatArray, values: FloatArray, valid: npt.NDArray[np.bool_], *,
+               scales: FloatArray, slows: FloatArray, forecasts: FloatArray) -> Scored:
         cal = self.cal
         cfg = self.config
         s = self.state
@@ -491,6 +499,7 @@ class StreamDetector:
         changes: list[EpisodeChange] = []
 
         log = math.log
+        isnan = math.isnan
         learning = float(cfg.learning_readings)
         # statistics' histories start once the scales have settled (the first readings' residuals are junk)
         warmup = cfg.learning_readings // 3
@@ -529,6 +538,9 @@ class StreamDetector:
         env_low, env_high = s.env_low, s.env_high
         hours = s.hours
         hour_key, hour_sum, hour_count, daily_stat = s.hour_key, s.hour_sum, s.hour_count, s.daily_stat
+        before_mean = _nanmean(hours[:DAILY_HOURS]) if len(hours) == HOURS_KEPT else math.nan
+        recent_hours = [v for v in hours[1 - DAILY_HOURS:] if not isnan(v)]
+        recent_sum, recent_count = sum(recent_hours), len(recent_hours)
         score, kind, active, episode_end = s.score, s.kind, s.active, s.episode_end
 
         valid_list = valid.tolist()
@@ -543,7 +555,7 @@ class StreamDetector:
             t = times_list[i]
             if not valid_list[i]:
                 dropout = 0.0
-                if t == t and last_time == last_time and log_iv == log_iv:
+                if not (isnan(t) or isnan(last_time) or isnan(log_iv)):
                     dropout = self._dropout_score(t - last_time, log_iv, max_gap)
                 out_scores[i] = max(score, dropout)
                 out_kinds[i] = kind if score >= dropout else KIND_DROPOUT
@@ -560,7 +572,8 @@ class StreamDetector:
 
             # dropout: time since the previous reading against the usual interval
             gap = t - last_time if n >= 1 else 0.0
-            if gap > 0.0 and log_iv == log_iv:
+            usual_interval = math.inf if isnan(log_iv) else math.exp(log_iv)
+            if gap > usual_interval:
                 value_dropout = self._dropout_score(gap, log_iv, max_gap)
                 if value_dropout > best:
                     best, best_kind = value_dropout, KIND_DROPOUT
@@ -594,7 +607,7 @@ class StreamDetector:
                 az = abs(z)
                 lik_new = lik + a_lik * (log(1.0 + az) - lik)
                 # mean normalised slope over about a day: daily cycles cancel, a drift does not
-                a_drift = 2.0 / (drift_span_s / math.exp(log_iv) + 1.0) if log_iv == log_iv else 0.01
+                a_drift = 0.01 if isnan(log_iv) else 2.0 / (drift_span_s / math.exp(log_iv) + 1.0)
                 drift_new = drift + a_drift * (max(-INPUT_CLIP, min(INPUT_CLIP, diff_n)) - drift)
                 step_sum = z
                 for r in recent:
@@ -623,7 +636,7 @@ class StreamDetector:
             key = int(t // 3600.0)
             if key != hour_key:
                 if hour_key >= 0:
-                    if daily_stat == daily_stat and n >= warmup:
+                    if not isnan(daily_stat) and n >= warmup:
                         tail_learn(tails[6], daily_stat)
                     hours.append(hour_sum / hour_count if hour_count else math.nan)
                     for _missing in range(min(key - hour_key - 1, HOURS_KEPT)):
@@ -631,21 +644,26 @@ class StreamDetector:
                     if len(hours) > HOURS_KEPT:
                         del hours[: len(hours) - HOURS_KEPT]
                 hour_key, hour_sum, hour_count = key, 0.0, 0
+                # per hour: the day-before window's mean and the recent complete hours' sum and count
+                before_mean = _nanmean(hours[:DAILY_HOURS]) if len(hours) == HOURS_KEPT else math.nan
+                recent_hours = [v for v in hours[1 - DAILY_HOURS:] if not isnan(v)]
+                recent_sum, recent_count = sum(recent_hours), len(recent_hours)
             hour_sum += x
             hour_count += 1
             daily_bits = 0.0
             daily_stat = math.nan
-            if len(hours) == HOURS_KEPT:
-                recent_mean = _nanmean([*hours[1 - DAILY_HOURS:], hour_sum / hour_count])
-                before_mean = _nanmean(hours[:DAILY_HOURS])
-                if recent_mean == recent_mean and before_mean == before_mean:
-                    daily_stat = abs(recent_mean - before_mean)
-                    daily_bits = tail_bits(tails[6], daily_stat)
+            if not isnan(before_mean):
+                recent_mean = (recent_sum + hour_sum / hour_count) / (recent_count + 1)
+                daily_stat = abs(recent_mean - before_mean)
+                daily_bits = tail_bits(tails[6], daily_stat)
             stats[6] = 0.0
             stuck_bits = run_tail.bits(tails[4], stats[4])
-            bits_row = [tail_bits(tails[0], stats[0]), tail_bits(tails[1], stats[1]), tail_bits(tails[2], stats[2]),
-                        tail_bits(tails[3], stats[3]), stuck_bits, tail_bits(tails[5], stats[5])] \
-                if has_residual else [0.0, 0.0, 0.0, 0.0, stuck_bits, 0.0]
+            if has_residual:
+                bits_row = [tail_bits(tails[0], stats[0]), tail_bits(tails[1], stats[1]),
+                            tail_bits(tails[2], stats[2]), tail_bits(tails[3], stats[3]), stuck_bits,
+                            tail_bits(tails[5], stats[5])]
+            else:
+                bits_row = [0.0, 0.0, 0.0, 0.0, stuck_bits, 0.0]
             bits_row.append(daily_bits)
             for k in range(first, N_TAILS):
                 value_k = bits_row[k] * inv_bits[k]
@@ -664,8 +682,7 @@ class StreamDetector:
                     best_kind = KIND_SPIKE if abs(x - last_value) >= outside else KIND_DRIFT
             if trace is not None:
                 trace.append([*bits_row, envelope])
-            if best > 1.0:
-                best = 1.0
+            best = min(best, 1.0)
 
             # learn (everything below uses this reading; nothing above did)
             if has_residual:
@@ -676,22 +693,19 @@ class StreamDetector:
                 capped_e = e_c if abs(e_c) < 6.0 * rscale else math.copysign(6.0 * rscale, e_c)
                 bias += a_res * capped_e
                 rscale += a_res * (abs(capped_e) - rscale)
-                if rscale < resid_floor:
-                    rscale = resid_floor
+                rscale = max(rscale, resid_floor)
                 clip_sq = 36.0 * (mse_m + mse_p)
                 sq_m, sq_p = err_model * err_model, diff_n * diff_n
                 mse_m += a_blend * ((sq_m if sq_m < clip_sq else clip_sq) - mse_m)
                 mse_p += a_blend * ((sq_p if sq_p < clip_sq else clip_sq) - mse_p)
-                if mse_m < 1e-6:
-                    mse_m = 1e-6
-                if mse_p < 1e-6:
-                    mse_p = 1e-6
+                mse_m = max(mse_m, 1e-6)
+                mse_p = max(mse_p, 1e-6)
                 lik, drift = lik_new, drift_new
                 recent.append(z if az < 1e6 else math.copysign(1e6, z))
                 if len(recent) >= STEP_READINGS:
                     del recent[0]
             if gap > 0.0:
-                if log_iv != log_iv:
+                if isnan(log_iv):
                     log_iv = log(gap)
                 else:
                     usual_gap = math.exp(log_iv)
@@ -731,10 +745,8 @@ class StreamDetector:
                     env_high = min(x, env_high + widen)
                 else:
                     env_low = max(x, env_low - widen)
-            if x < low:
-                low = x
-            if x > high:
-                high = x
+            low = min(low, x)
+            high = max(high, x)
 
             ramp = n / learning if n < learning else 1.0
             n += 1
@@ -839,11 +851,13 @@ class AnomalyDetector:
         self._dropout_active[reading.sensor] = False
         if result.changes:
             change = result.changes[-1]
-            return self._event(reading.sensor, score, reading.value, change.kind, change.active, reading.time)
+            return self._event(reading.sensor, score, reading.value, change.kind, active=change.active,
+                               when=reading.time)
         last = self._last_event.get(reading.sensor)
         if last is None or reading.time - last[0] >= self.publish_interval or abs(score - last[1]) >= \
                 self.publish_delta:
-            return self._event(reading.sensor, score, reading.value, kind, detector.state.active, reading.time)
+            return self._event(reading.sensor, score, reading.value, kind, active=detector.state.active,
+                               when=reading.time)
         return None
 
     def check_dropouts(self, now: float) -> list[AnomalyEvent]:
@@ -860,10 +874,10 @@ class AnomalyDetector:
             st.active = True
             st.score, st.kind = value, KIND_DROPOUT
             self._dropout_active[sensor] = True
-            events.append(self._event(sensor, value, None, "dropout", True, now))
+            events.append(self._event(sensor, value, None, "dropout", active=True, when=now))
         return events
 
-    def _event(self, sensor: str, score: float, value: float | None, kind: AnomalyKind, active: bool,
+    def _event(self, sensor: str, score: float, value: float | None, kind: AnomalyKind, *, active: bool,
                when: float) -> AnomalyEvent:
         self._last_event[sensor] = (when, score)
         return AnomalyEvent(sensor=sensor, score=score, value=value, kind=kind, active=active, time=when)
@@ -945,8 +959,10 @@ class AnomalyStage:
     ``save_interval`` seconds and at stop. Callbacks run on the stage's thread; their errors are logged
     and counted, never fatal."""
 
+    name = "anomaly"
+
     def __init__(self, detector: AnomalyDetector, readings: queue.Queue[Reading],
-                 publish: Callable[[AnomalyEvent], None], on_anomaly: Callable[[str], None] | None = None,
+                 publish: Callable[[AnomalyEvent], None], on_anomaly: Callable[[str], None] | None = None, *,
                  state_path: Path | None = None, sensors: Iterable[str] | None = None,
                  dropout_check_interval: float = 10.0) -> None:
         self.detector = detector
@@ -965,9 +981,35 @@ class AnomalyStage:
         if state_path is not None:
             try:
                 if detector.restore(state_path):
-                    log.info("anomaly state restored for %d streams from %s", len(detector.streams), state_path)
+                    log.info("anomaly state restored for %d streams from %s", len(detector.streams),
+                             state_path)
             except StateError as err:
                 log.error("%s; streams learn afresh", err)
+
+    @classmethod
+    def from_app(cls, app: App) -> AnomalyStage:
+        """The daemon's stage: the app's readings queue in, ``app.publish_anomaly`` out (retained, through
+        the outbox), each stream's ``on_anomaly`` action through ``app.request_action``. Loads the model
+        now, so a missing or corrupt model is a ModelError at startup."""
+        config = app.config
+        model = AnomalyModel.load(config.resolve_path(config.anomaly.model))
+        actions = {s.sensor: s.on_anomaly for s in config.telemetry if s.anomaly and s.on_anomaly}
+
+        def on_anomaly(sensor: str) -> None:
+            action = actions.get(sensor)
+            if action is None:
+                return
+            # refused (rate limit, allow-list): App.request_action has logged and counted it
+            with contextlib.suppress(ActionError):
+                app.request_action(ActionRequest(action=action, source="anomaly",
+                                                 created_mono=time.monotonic()))
+
+        def publish(event: AnomalyEvent) -> None:
+            app.publish_anomaly(event)
+
+        return cls(AnomalyDetector(model, config.anomaly), app.readings_queue(), publish, on_anomaly,
+                   state_path=config.agent.resolved_state_dir / STATE_FILE_NAME,
+                   sensors=[s.sensor for s in config.telemetry if s.anomaly])
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():

@@ -154,7 +154,7 @@ def _blocks(reader: Iterator[list[str]], source: Path, result: FileResult) -> It
             value = parse_value(value_text)
         except ValueError:
             value = nan
-            if t == t:
+            if not math.isnan(t):
                 _bad(source, result, reader, f"bad value {value_text!r}")
         times.append(t)
         tods.append(tod)
@@ -188,9 +188,7 @@ def pair_paths(inputs: list[Path], outputs: list[Path]) -> list[tuple[Path, Path
                 raise HomeAgentError(f"--input {source} is a folder, so --output {target} must be one too")
             pairs += [(f, target / f.name) for f in files]
         elif source.is_file():
-            if target.is_dir():
-                target = target / source.name
-            pairs.append((source, target))
+            pairs.append((source, target / source.name if target.is_dir() else target))
         else:
             raise HomeAgentError(f"input not found: {source}")
     return pairs

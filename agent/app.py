@@ -701,6 +701,10 @@ def build_app(config: Config, *, config_path: Path | None, options: RunOptions) 
                            paused=lambda: app.muted or voice.finished, max_silence=AUDIO_MAX_SILENCE)
     elif options.exit_at_end:
         log.info("--exit-at-end ignored: voice is off (no [[voice.commands]] and no --audio)")
+    if config.anomaly.enabled and any(stream.anomaly for stream in config.telemetry):
+        from agent.anomaly import AnomalyStage  # readings queue -> detector -> publish_anomaly / on_anomaly
+
+        app.add_stage(AnomalyStage.from_app(app))  # a missing/corrupt model is a ModelError at startup
     return app
 
 

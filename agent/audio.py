@@ -167,13 +167,14 @@ class RingBuffer:
             self.last_write_mono = now
             self._cond.notify()
 
-    def read(self, timeout: float, max_samples: int | None = None) -> npt.NDArray[np.int16] | None:
-        """Everything buffered (up to ``max_samples``), waiting up to ``timeout``; None if still empty."""
+    def read(self, timeout: float, max_samples: int | None = None,
+             min_samples: int = 1) -> npt.NDArray[np.int16] | None:
+        """Everything buffered (up to ``max_samples``) once at least ``min_samples`` are there, waiting up to
+        ``timeout``; after the timeout whatever there is; None if still empty."""
         with self._cond:
+            self._cond.wait_for(lambda: self._size >= min(min_samples, self.capacity), timeout)
             if self._size == 0:
-                self._cond.wait(timeout)
-                if self._size == 0:
-                    return None
+                return None
             count = self._size if max_samples is None else min(self._size, max_samples)
             first = min(count, self.capacity - self._start)
             out = np.concatenate([self._data[self._start : self._start + first], self._data[: count - first]])
@@ -267,10 +268,12 @@ class MicSource(AudioSource):
     retry_on_error = True
 
     def __init__(self, device: str | int | None = None, buffer_seconds: float = 2.0,
-                 block_seconds: float = 0.02, clock: Callable[[], float] = time.monotonic) -> None:
+                 block_seconds: float = 0.05, read_seconds: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.device = device
         self.buffer_seconds = buffer_seconds
         self.block_seconds = block_seconds
+        self.read_seconds = read_seconds  # the reader wakes once per this much audio (one model hop)
         self._clock = clock
         self._sd: Any = None
         self._stream: Any = None
@@ -280,7 +283,8 @@ class MicSource(AudioSource):
         self._rate = SAMPLE_RATE
         self._opened_mono = 0.0
         self._status_flags = 0
-        self._dropped_before = 0  # drops of rings from previous opens
+        self._dropped_before = 0  # drops (and captures) of the rings of previous opens
+        self._captured_before = 0
         self._opens = 0
         self.device_name = "?"
 
@@ -343,7 +347,7 @@ class MicSource(AudioSource):
         ring, stream = self._ring, self._stream
         if ring is None or stream is None:
             raise AudioError("microphone is not open")
-        data = ring.read(timeout)
+        data = ring.read(timeout, min_samples=max(1, round(self._rate * self.read_seconds)) * self._channels)
         if data is None:
             now = self._clock()
             last = ring.last_write_mono or self._opened_mono
@@ -367,6 +371,7 @@ class MicSource(AudioSource):
         stream, self._stream = self._stream, None
         if self._ring is not None:
             self._dropped_before += self._ring.dropped
+            self._captured_before += self._ring.written
             self._ring = None
         if stream is not None:
             try:
@@ -378,7 +383,8 @@ class MicSource(AudioSource):
     def stats(self) -> dict[str, int]:
         ring = self._ring
         return {
-            "dropped_samples": self._dropped_before + (ring.dropped if ring else 0),
+            "captured_samples": self._captured_before + (ring.written if ring is not None else 0),
+            "dropped_samples": self._dropped_before + (ring.dropped if ring is not None else 0),
             "status_flags": self._status_flags,
             "opens": self._opens,
         }

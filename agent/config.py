@@ -237,7 +237,7 @@ class OutboxSection(Section):
 
 class ServiceSection(Section):
     # READY=1 is sent once the first MQTT connection succeeds, or after this grace period.
-    ready_grace: float = Field(default=15.0, ge=0, le=600)
+    ready_grace: float = Field(default=15.0, ge=0, le=100)  # the unit's TimeoutStartSec=120 must not kill a waiting start
     stop_timeout: float = Field(default=4.0, gt=0, le=60)  # seconds to flush and say "offline" on SIGTERM
 
 

@@ -515,13 +515,16 @@ class MqttLink:
     def _end_session(self, session: _Session) -> None:
         """Return undelivered messages to the front of the queue (in order); their TTL is checked again."""
         with self._cond:
-            self._process_delivered_locked(session)
+            # PUBACKs that arrived just before the connection ended: those messages were delivered.
+            callbacks = self._process_delivered_locked(session)
             undelivered = [m for m in session.inflight.values() if m.requeue]
             session.inflight.clear()
             self._queue.extendleft(reversed(undelivered))
             self._enforce_bound_locked()
             self._connected.clear()
             self._session = None
+        for callback in callbacks:
+            self._run_callback(callback, "delivery callback")
 
     def _process_delivered_locked(self, session: _Session) -> list[Callable[[], None]]:
         callbacks: list[Callable[[], None]] = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,8 +47,9 @@ class RecognizerSettings:
     smoothing_seconds: float  # posteriors are averaged over this much audio (0: only the newest)
     refractory_seconds: float  # a word does not fire again within this time of its last detection
     window_seconds: float = 1.0  # the model's input window, to bound where a detected word began
-    # Averaging while a wake window is open (``process(..., listening=True)``): the command words that follow
-    # the wake word may be smoothed less, for a faster reaction. None: the same as smoothing_seconds.
+    # Averaging for the words a wake window expects next (``process(..., expected=...)``): the words that can
+    # continue a configured phrase are smoothed less, for a faster reaction; every other word keeps
+    # smoothing_seconds, so an unexpected word needs the full evidence. None: smoothing_seconds for all.
     listening_smoothing_seconds: float | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +71,7 @@ class Recognizer:
         self._labels = settings.labels
         self._is_word = np.array([label not in NON_WORD_LABELS for label in self._labels])
         self._threshold = np.array([settings.thresholds.get(label, 1.0) for label in self._labels])
+        self._index = {label: i for i, label in enumerate(self._labels) if label not in NON_WORD_LABELS}
         self.reset()
 
     def reset(self) -> None:
@@ -93,9 +95,9 @@ class Recognizer:
         average: npt.NDArray[np.float64] = np.mean(np.stack([v for _, v in entries]), axis=0)
         return average
 
-    def process(self, scores: Scores, *, listening: bool = False) -> Detection | None:
-        """Feed one model invocation; returns the word heard on this hop, if any. ``listening``: a wake
-        window is open (``listening_smoothing_seconds`` applies)."""
+    def process(self, scores: Scores, *, expected: Collection[str] = ()) -> Detection | None:
+        """Feed one model invocation; returns the word heard on this hop, if any. ``expected``: the words a
+        wake window waits for (``listening_smoothing_seconds`` applies to them)."""
         if scores.labels != self._labels:
             raise ValueError("scores come from a model with different labels")
         now = scores.t_audio
@@ -107,7 +109,14 @@ class Recognizer:
         horizon = now - self.settings.smoothing_seconds + 1e-6  # tolerate float drift of summed hop times
         while len(self._history) > 1 and self._history[0][0] <= horizon:
             self._history.popleft()
-        average = self.smoothed(self.settings.listening_smoothing_seconds if listening else None)
+        average = self.smoothed()
+        fast = self.settings.listening_smoothing_seconds
+        if expected and fast is not None and fast < self.settings.smoothing_seconds:
+            quick = self.smoothed(fast)
+            for word in expected:
+                index = self._index.get(word)
+                if index is not None:
+                    average[index] = quick[index]
 
         top = int(np.argmax(average))
         top_label = self._labels[top]
@@ -196,6 +205,7 @@ class CommandMatcher:
         self._by_words = by_words
         self._prefixes = {command.words[:n] for command in self.commands
                           for n in range(1, len(command.words) + 1)}
+        self._first_words = frozenset(command.words[0] for command in self.commands)
         self.reset()
 
     def reset(self) -> None:
@@ -208,6 +218,17 @@ class CommandMatcher:
     @property
     def state(self) -> str:
         return self._state
+
+    def expected_words(self) -> frozenset[str]:
+        """The words that would make progress now: continuations of the phrase heard so far and the first
+        words of every phrase while listening; yes/no while confirming; nothing while idle."""
+        if self._state == "confirming":
+            return frozenset((YES_WORD, NO_WORD))
+        if self._state != "listening" or self._heard is None:
+            return frozenset()
+        heard = tuple(self._heard.words)
+        return self._first_words | {p[len(heard)] for p in self._prefixes
+                                    if len(p) == len(heard) + 1 and p[: len(heard)] == heard}
 
     def on_detection(self, detection: Detection, *, wall_time: float, mono_time: float) -> list[MatchEvent]:
         """Feed one detected word (in audio-time order)."""

@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOP_SECONDS = 0.1  # run the model every 100 ms of audio
+# The words that can continue a phrase after the wake word are averaged over 0.2 s instead of the model's
+# smoothing (0.3 s): about 100 ms less from the end of a command to its action. Measured on held-out real
+# speakers: no up/down or on/off confusions either way; unexpected words keep the full smoothing.
+LISTENING_SMOOTHING = 0.2
 READ_TIMEOUT = 0.25  # the stage loop turns at least this often (stop requests, heartbeats)
 HEARTBEAT_LIMIT = 10.0  # healthy() is False when the loop has not turned for this long
 # Audio fed after the end of a finite stream so that a word at its very end still passes through the whole
@@ -163,9 +167,8 @@ class VoicePipeline:
     def _invoke(self, t_audio: float, mono: float, wall: float, output: PipelineOutput) -> None:
         probabilities = self.model.predict(self.features.features())
         self.invocations += 1
-        listening = self.matcher.state != "idle"
         detection = self.recognizer.process(Scores(self.model.labels, probabilities, round(t_audio, 6)),
-                                            listening=listening)
+                                            expected=self.matcher.expected_words())
         if detection is None:
             return
         output.detections.append(detection)
@@ -194,13 +197,13 @@ def load_pipeline(config: Config | None, model_path_override: Path | None = None
     return VoicePipeline(model, voice, commands, hop_seconds=model_hop_seconds(model))
 
 
-def _listening_smoothing(model: KwsModel) -> float | None:
-    """Optional metadata ``listening_smoothing_seconds``: less smoothing for the words after the wake word,
-    when the model's thresholds were calibrated for it (it trades wrong-word detections for speed)."""
-    value = model.metadata.get("listening_smoothing_seconds")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if 0 <= value <= model.smoothing_seconds else None
+def _listening_smoothing(model: KwsModel) -> float:
+    """How much the words an open wake window expects are smoothed: metadata ``listening_smoothing_seconds``
+    when the model states it, else LISTENING_SMOOTHING (never more than the model's own smoothing)."""
+    value = model.metadata.get("listening_smoothing_seconds", LISTENING_SMOOTHING)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        value = LISTENING_SMOOTHING
+    return min(float(value), model.smoothing_seconds)
 
 
 def model_hop_seconds(model: KwsModel) -> float:

@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,11 +57,11 @@ def synthetic(days: float = 20.0, seed: int = 1) -> tuple[FloatArray, FloatArray
     """A room temperature: daily cycle, a slower weather wave, sensor noise, 0.01 resolution."""
     rng = np.random.default_rng(seed)
     n = int(days * 86400 / INTERVAL)
-    times = T0 + np.arange(n) * INTERVAL
-    tods = (times % 86400.0) / 86400.0
+    times: FloatArray = T0 + np.arange(n, dtype=np.float64) * INTERVAL
+    tods: FloatArray = (times % 86400.0) / 86400.0
     values = (20.0 + 2.0 * np.sin(2 * np.pi * tods) + 0.3 * np.sin(2 * np.pi * times / 86400.0 / 3.1)
               + rng.normal(0.0, 0.05, n))
-    return times, tods, np.round(values, 2)
+    return times, tods, np.round(values, 2).astype(np.float64)
 
 
 def detector_at(model: AnomalyModel, config: AnomalySection, start: int) -> StreamDetector:
@@ -80,7 +81,8 @@ def test_fault_free_synthetic_stream_raises_no_alert(model: AnomalyModel, config
     assert result.scores.min() >= 0.0
     assert result.scores.max() < config.threshold
     # fine-grained: scores are not a handful of levels
-    assert len(np.unique(result.scores[config.learning_readings:])) > 0.9 * (len(times) - config.learning_readings)
+    learnt = result.scores[config.learning_readings:]
+    assert len(np.unique(learnt)) > 0.9 * len(learnt)
 
 
 START = 1500  # ten days in
@@ -121,8 +123,8 @@ def test_synthetic_dropout_is_caught_after_about_ten_intervals(model: AnomalyMod
     assert multi.check_dropouts(last + 13 * INTERVAL) == []
     # readings return: the first still carries the long gap, the episode ends once they are regular again
     value = detector.state.last_value
-    events = [multi.score(Reading("room", value, last + (14 + k) * INTERVAL, "t")) for k in range(3)]
-    ends = [e for e in events if e is not None and not e.active]
+    returned = [multi.score(Reading("room", value, last + (14 + k) * INTERVAL, "t")) for k in range(3)]
+    ends = [e for e in returned if e is not None and not e.active]
     assert ends and ends[0].score < config.clear_threshold
 
 
@@ -338,7 +340,7 @@ DAY = 86400.0
 
 
 @pytest.fixture(scope="module")
-def streams() -> list:  # type: ignore[type-arg]
+def streams() -> list[Any]:
     from training.anomaly_data import default_telemetry_dir, load_streams
 
     data_dir = default_telemetry_dir()
@@ -348,7 +350,8 @@ def streams() -> list:  # type: ignore[type-arg]
 
 
 @pytest.mark.data
-def test_fault_free_replay_stays_under_the_false_alarm_budget(model: AnomalyModel, streams: list) -> None:  # type: ignore[type-arg]
+def test_fault_free_replay_stays_under_the_false_alarm_budget(model: AnomalyModel,
+                                                               streams: list[Any]) -> None:
     from training.anomaly_data import replay
 
     config = AnomalySection()
@@ -379,7 +382,7 @@ REAL_FAULTS = [
 
 @pytest.mark.data
 @pytest.mark.parametrize(("name", "kind", "start", "max_delay"), REAL_FAULTS)
-def test_fault_injected_into_a_real_stream_is_caught(model: AnomalyModel, streams: list, name: str,  # type: ignore[type-arg]
+def test_fault_injected_into_a_real_stream_is_caught(model: AnomalyModel, streams: list[Any], *, name: str,
                                                      kind: str, start: int, max_delay: float) -> None:
     from training.anomaly_data import Fault, detect
 
@@ -389,8 +392,87 @@ def test_fault_injected_into_a_real_stream_is_caught(model: AnomalyModel, stream
     clean.process(stream.times[:start], stream.tods[:start], stream.values[:start])
     sigma = float(np.std(stream.values))
     magnitude = {"spike": 5.0, "step": 3.0, "drift": 3.0}.get(kind, 0.0) * sigma
-    horizon = int(round((3 * DAY if kind == "drift" else DAY) / stream.interval))
-    detection = detect(model, config, stream, Fault(kind, start, magnitude), clean.state, horizon)
+    horizon = round((3 * DAY if kind == "drift" else DAY) / stream.interval)
+    fault = Fault(kind, start, magnitude)
+    detection = detect(model, config, stream, fault, state=clean.state, horizon=horizon)
     assert detection.detected, f"{kind} in {name} not detected within {horizon} readings"
     assert detection.delay <= max_delay
     assert not math.isinf(detection.delay)
+
+
+# ---------------------------------------------------------------------------------- in the daemon
+
+
+def test_daemon_publishes_retained_anomaly_events_and_fires_the_action(
+        mosquitto: Any, write_config: Any, daemon_factory: Any, mqtt_client: Any, *, tmp_path: Path) -> None:
+    from conftest import wait_until
+
+    topic = "home-agent/testagent/anomaly/living_room_temperature"
+    config = write_config(mosquitto, overrides={
+        "anomaly.learning_readings": 40,
+        "telemetry": [{"topic": "zigbee2mqtt/living_room_sensor", "field": "temperature",
+                       "sensor": "living_room_temperature", "on_anomaly": "lamp_on"}],
+        "actions.lamp_on.min_interval": 0.0,
+    })
+    probe = mqtt_client().subscribe("home-agent/testagent/#", "test/lamp/set")
+    daemon = daemon_factory(config)
+    probe.wait_for("home-agent/testagent/availability", b"online", timeout=10)
+    # 120 readings 10 s apart, stamped by the device (zigbee2mqtt last_seen) over the last 20 minutes
+    now = time.time()
+    _times, _tods, values = synthetic(days=1)
+    for index in range(120):
+        value = float(values[index]) + (8.0 if index == 110 else 0.0)
+        stamp = now - 1200.0 + 10.0 * index
+        probe.publish("zigbee2mqtt/living_room_sensor",
+                      json.dumps({"temperature": value, "last_seen": stamp * 1000.0}))
+    probe.wait_for(topic, timeout=10)
+    assert wait_until(lambda: any(json.loads(m.payload)["active"] for m in probe.matching(topic)), 10), \
+        daemon.log_text()
+    events = [json.loads(m.payload) for m in probe.matching(topic)]
+    first_alert = next(e for e in events if e["active"])
+    assert set(first_alert) >= {"score", "value", "kind", "time", "active", "id"}
+    assert first_alert["kind"] in KINDS and first_alert["score"] >= 0.99
+    # the spike (reading 110) is flagged on arrival, or at the latest when the next reading comes back
+    assert first_alert["time"] in (pytest.approx(now - 1200.0 + 1100.0), pytest.approx(now - 1200.0 + 1110.0))
+    probe.wait_for("test/lamp/set", timeout=5)  # the stream's on_anomaly action
+    assert daemon.terminate(10) == 0
+    saved = json.loads((tmp_path / "state" / "anomaly_state.json").read_text())
+    assert saved["streams"]["living_room_temperature"]["n"] == 120
+    retained = mqtt_client().subscribe(topic)
+    last = json.loads(retained.wait_for(topic, timeout=5, retained=True).payload)
+    assert {"score", "active", "kind"} <= set(last)
+
+
+@pytest.mark.train
+@pytest.mark.data
+def test_training_smoke_run_writes_a_loadable_model(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from training.anomaly_data import default_telemetry_dir
+
+    data_dir = default_telemetry_dir()
+    if not data_dir.is_dir():
+        pytest.skip(f"telemetry data not found at {data_dir}")
+    out = tmp_path / "models"
+    result = subprocess.run([sys.executable, "-m", "training.anomaly", "--smoke", "--data", str(data_dir),
+                             "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={"TF_USE_LEGACY_KERAS": "1", "PATH": "/usr/bin:/bin"}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    smoke = AnomalyModel.load(out / "anomaly.tflite")  # checksum and shapes verified
+    assert (out / "anomaly.tflite").stat().st_size <= 16 * 1024
+    meta = json.loads((out / "anomaly.json").read_text())
+    assert meta["smoke"] is True and meta["validation"]["faults"]["dropout"]["detected"] >= 1
+    assert "SMOKE RUN" in (out / "anomaly.md").read_text()
+    assert smoke.predict(np.zeros((3, smoke.n_features), np.float32)).shape == (3,)
+
+
+def test_training_without_data_fails_clearly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "training.anomaly", "--smoke", "--data",
+                             str(tmp_path / "absent"), "--out", str(tmp_path / "m")], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "no telemetry files" in result.stderr

@@ -16,7 +16,7 @@ from agent.anomaly_score import parse_timestamp
 T0 = 1_700_000_000.0
 
 
-def write_stream(path: Path, rows: int = 3000, interval: float = 60.0, seed: int = 2,
+def write_stream(path: Path, rows: int = 3000, *, interval: float = 60.0, seed: int = 2,
                  spike_at: int | None = None, iso_t: bool = False) -> list[tuple[str, str]]:
     """A 1-minute office temperature made here: daily cycle plus noise, 0.01 resolution."""
     rng = np.random.default_rng(seed)

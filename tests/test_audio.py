@@ -318,16 +318,18 @@ MIC_SCRIPT = textwrap.dedent("""
     from agent.audio import MicSource
     source = MicSource("testmic", buffer_seconds=0.5)
     source.open()
+    # A reader that falls behind: wait until the device delivered three times what the buffer holds.
+    deadline = time.monotonic() + 20.0
+    while source.stats()["captured_samples"] < 3 * 8000 and time.monotonic() < deadline:
+        time.sleep(0.01)
     chunks, samples, first = 0, 0, None
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        chunk = source.read(0.1)
+    for _ in range(3):
+        chunk = source.read(0.5)
         if chunk is not None:
             chunks += 1
             samples += len(chunk.samples)
             if first is None:
                 first = chunk.samples[:8].tolist()
-        time.sleep(0.05)  # a slow reader: the ring buffer must drop, not grow
     stats = source.stats()
     source.close()
     print(json.dumps({"chunks": chunks, "samples": samples, "first": first, "name": source.device_name,
@@ -349,10 +351,12 @@ def test_a_real_portaudio_stream_feeds_the_bounded_buffer(tmp_path: Path) -> Non
         pytest.skip("this ALSA build has no file plugin")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(report, result.stderr[-2000:])  # shown when an assertion below fails
     assert report["name"] == "testmic"
     assert report["chunks"] > 0
     assert report["first"] == [1234] * 8
-    assert report["dropped_samples"] > 0
+    assert report["captured_samples"] >= 3 * 8000
+    assert report["dropped_samples"] >= 2 * 8000  # the oldest audio went, counted
     # Every read returns at most the ring's capacity (0.5 s), whatever the device delivered meanwhile.
     assert report["samples"] <= report["chunks"] * 8000
 
@@ -386,3 +390,16 @@ def test_an_unplugged_or_silent_microphone_is_an_error_not_a_hang(active: bool, 
         now[0] = 103.0
     with pytest.raises(AudioError, match=message):
         source.read(timeout=0.0)
+
+
+def test_ring_buffer_reader_waits_for_a_whole_block() -> None:
+    ring = RingBuffer(100)
+    ring.write(np.ones(10, dtype=np.int16), now=0.0)
+    timer = threading.Timer(0.05, lambda: ring.write(np.ones(30, dtype=np.int16), now=0.0))
+    timer.start()
+    out = ring.read(timeout=5.0, min_samples=40)
+    timer.join()
+    assert out is not None and len(out) == 40
+    ring.write(np.ones(5, dtype=np.int16), now=0.0)
+    out = ring.read(timeout=0.01, min_samples=40)  # after the timeout: whatever is there
+    assert out is not None and len(out) == 5

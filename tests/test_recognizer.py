@@ -341,15 +341,41 @@ def test_threshold_overrides() -> None:
         effective_thresholds(model, LABELS, {"oven": 0.9})
 
 
-def test_less_smoothing_while_listening_reacts_a_hop_earlier() -> None:
+def test_expected_words_are_smoothed_less() -> None:
     fast = RecognizerSettings(labels=LABELS, thresholds=settings().thresholds, smoothing_seconds=0.3,
                               refractory_seconds=1.0, listening_smoothing_seconds=0.1)
     frames = silence(5) + word("up", 6) + silence(3)
-    for listening, expected in ((False, 1.6), (True, 1.5)):
+    for expected, fired_at in (((), 1.6), (("down",), 1.6), (("up", "down"), 1.5)):
         recognizer = Recognizer(fast)
         times = [round(1.0 + i * HOP, 3) for i, scores in enumerate(frames)
-                 if recognizer.process(frame(round(1.0 + i * HOP, 3), **scores), listening=listening)]
-        assert times == [expected]
+                 if recognizer.process(frame(round(1.0 + i * HOP, 3), **scores), expected=expected)]
+        assert times == [fired_at]  # fires once either way, a hop earlier only when "up" is expected
+
+
+def test_an_unexpected_spike_still_needs_the_full_smoothing() -> None:
+    fast = RecognizerSettings(labels=LABELS, thresholds=settings().thresholds, smoothing_seconds=0.3,
+                              refractory_seconds=1.0, listening_smoothing_seconds=0.1)
+    frames = silence(5) + word("off", 1) + silence(3)
+    assert run(Recognizer(fast), frames) == []
+    recognizer = Recognizer(fast)
+    found = [d for i, scores in enumerate(frames)
+             if (d := recognizer.process(frame(round(1.0 + i * HOP, 3), **scores), expected=("up",)))]
+    assert found == []
+    recognizer = Recognizer(fast)
+    found = [d for i, scores in enumerate(frames)
+             if (d := recognizer.process(frame(round(1.0 + i * HOP, 3), **scores), expected=("off",)))]
+    assert [d.word for d in found] == ["off"]
+
+
+def test_the_matcher_says_which_words_it_expects() -> None:
+    m = matcher()
+    assert m.expected_words() == frozenset()
+    feed(m, [("computer", 1.0)])
+    assert m.expected_words() == {"heat", "light", "fan", "stop"}
+    feed(m, [("light", 1.4)])
+    assert m.expected_words() == {"on", "off", "heat", "light", "fan", "stop"}
+    feed(m, [("off", 1.8)])  # a confirm action
+    assert m.expected_words() == {"yes", "no"}
 
 
 def test_listening_smoothing_cannot_exceed_the_smoothing() -> None:

@@ -66,7 +66,8 @@ def windows_for(stream: Stream, cal: Calibration, lo: int, hi: int) -> tuple[npt
 
 
 def build_dataset(streams: list[Stream], cal: Calibration) -> dict[str, npt.NDArray[np.float32]]:
-    parts: dict[str, list[npt.NDArray[np.float32]]] = {"x_train": [], "y_train": [], "x_test": [], "y_test": []}
+    names = ("x_train", "y_train", "x_test", "y_test")
+    parts: dict[str, list[npt.NDArray[np.float32]]] = {k: [] for k in names}
     for stream in streams:
         split = int(len(stream.values) * TRAIN_FRACTION)
         x, y = windows_for(stream, cal, 0, split)
@@ -94,7 +95,7 @@ def import_tf() -> Any:
 
 
 def train(data: dict[str, npt.NDArray[np.float32]], epochs: int) -> Any:
-    tf = import_tf()
+    import_tf()
     import tf_keras as keras
 
     random.seed(SEED)
@@ -134,7 +135,7 @@ def forecast_report(model: AnomalyModel, data: dict[str, npt.NDArray[np.float32]
     x, y = data["x_test"], data["y_test"]
     pred = model.predict(x)
     return {
-        "rows": int(len(y)),
+        "rows": len(y),
         "mae_int8_model": float(np.mean(np.abs(y - pred))),
         "mae_persistence": float(np.mean(np.abs(y))),
     }
@@ -161,13 +162,18 @@ def write_metadata(out: Path, tflite: Path, cal: Calibration, extra: dict[str, A
 def model_card(meta: dict[str, Any], summary: dict[str, Any], streams: list[Stream], smoke: bool) -> str:
     faults = summary["faults"]
     fault_rows = "\n".join(
-        f"| {kind} | {f['injected']} | {f['detected']} ({100 * f['rate']:.0f} %) | "
+        f"| {kind} | {label} | {f['injected']} | {f['detected']} ({100 * f['rate']:.0f} %) | "
         f"{_fmt(f['delay_min_median'])} | {_fmt(f['delay_min_p90'])} | "
         f"{', '.join(f'{k} {n}' for k, n in f['alert_kinds'].items())} |"
-        for kind, f in faults.items())
+        for kind, all_streams in faults.items()
+        for label, f in (("all", all_streams), ("1-min office", all_streams["occupancy"]),
+                         ("10-min house", all_streams["appliances"])))
     stream_rows = "\n".join(
-        f"| {name} | {s['days']} | {s['alerts']} | {s['per_day']:.4f} |" for name, s in summary["streams"].items())
+        f"| {name} | {s['days']} | {s['alerts']} | {s['per_day']:.4f} |"
+        for name, s in summary["streams"].items())
     forecast = meta["forecast"]
+    most_alerts = max(s["alerts"] for s in summary["streams"].values())
+    worst_house = max(s["per_day"] for n, s in summary["streams"].items() if n.startswith("appliances"))
     return f"""# Model card: anomaly forecaster (`anomaly.tflite`)
 
 {"**SMOKE RUN: a subset of the data; not the shipped model.**" if smoke else ""}
@@ -194,21 +200,28 @@ Default `[anomaly]` settings (threshold 0.99, clear 0.9, cooldown 1 h, learning 
 reading is scored before the detector learns from it.
 
 **False alerts on fault-free replay**: {summary['false_alerts_total']} alerts in {summary['stream_days']}
-stream-days = {summary['false_alerts_per_stream_day']:.4f} per stream per day (worst stream
-{summary['worst_stream_per_day']:.4f}; target <= 0.01).
+stream-days = {summary['false_alerts_per_stream_day']:.4f} per stream per day (target <= 0.01). Per
+stream (table below) no log has more than {most_alerts} alert(s); on the 1.85-day office logs a single
+alert is 0.54 per day, so the per-stream rate is only meaningful on the 137-day house logs (worst
+{worst_house:.4f} per day).
 
 **Injected faults** (from clean checkpoints of the same replay, at random times after twice the learning
 period, fixed seed; magnitudes relative to the stream's standard deviation sigma: spike one reading
 +-5 sigma, step +-3 sigma, drift +-3 sigma per day, stuck = value frozen where the real stream moved,
 dropout = no readings, detected by the daemon's silence check every minute). Delay = fault start ->
-alert start, within one day.
+alert start, within one day (drift: within three days, or the end of the stream). The fault-free replay
+and the faults use the same logs the forecaster saw 70 % of in training; the detector's calibration is
+online and per stream, learnt from nothing during each replay.
 
-| fault | injected | detected | median delay (min) | p90 delay (min) | alert kinds |
-|---|---|---|---|---|---|
+| fault | streams | injected | detected | median delay (min) | p90 delay (min) | alert kinds |
+|---|---|---|---|---|---|---|
 {fault_rows}
 
-Misses are mostly physically undetectable faults: a step or spike smaller than the stream's own normal
-jumps (appliance power, office light switching on), a value frozen at a level the stream sits on for hours.
+Alert kinds: a step is usually first flagged as a spike (one reading cannot tell them apart); the
+episode's kind is the strongest statistic when it starts. Misses are mostly faults the stream hides: a step
+or spike no larger than the stream's own normal jumps (appliance power, the office light, the random
+variables rv1/rv2), a value frozen at a level the stream sits on for hours (light 0 at night, the binary
+Occupancy label), drifts slower than the stream's own day-to-day changes.
 
 | stream | days | false alerts | per day |
 |---|---|---|---|
@@ -233,14 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "models")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--smoke", action="store_true", help="a small subset and 1 epoch (CI)")
-    parser.add_argument("--validate-only", action="store_true", help="re-run validation on the existing model")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="re-run validation on the existing model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     started = time.monotonic()
-    streams = load_streams(args.data)
+    try:
+        streams = load_streams(args.data)
+    except FileNotFoundError as err:
+        log.error("%s (give --data, or set TELEMETRY_DIR)", err)
+        return 2
     if args.smoke:
-        streams = [s for s in streams if "datatest/" in s.name or s.name in {"appliances/T1", "appliances/RH_1"}]
+        keep = {"appliances/T1", "appliances/RH_1"}
+        streams = [s for s in streams if "datatest/" in s.name or s.name in keep]
         streams = [Stream(s.name, s.times[:4000], s.tods[:4000], s.values[:4000]) for s in streams]
     log.info("%d streams, %.0f stream-days", len(streams), sum(s.days for s in streams))
     cal = Calibration()

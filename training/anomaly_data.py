@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as dt
+import itertools
 import math
 import os
 from collections.abc import Iterable
@@ -173,7 +174,7 @@ class ReplayResult:
     scores: FloatArray | None = None
 
 
-def replay(model: AnomalyModel, config: AnomalySection, stream: Stream, checkpoints: Iterable[int] = (),
+def replay(model: AnomalyModel, config: AnomalySection, stream: Stream, *, checkpoints: Iterable[int] = (),
            keep_scores: bool = False) -> ReplayResult:
     """Fault-free replay; returns its alert starts and copies of the state just before each checkpoint."""
     detector = StreamDetector(model, config)
@@ -182,14 +183,15 @@ def replay(model: AnomalyModel, config: AnomalySection, stream: Stream, checkpoi
     alerts: list[Alert] = []
     saved: dict[int, StreamState] = {}
     scores: list[FloatArray] = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in itertools.pairwise(bounds):
         if lo in points:
             saved[lo] = copy.deepcopy(detector.state)
         result = detector.process(stream.times[lo:hi], stream.tods[lo:hi], stream.values[lo:hi])
         if keep_scores:
             scores.append(result.scores)
         alerts += [Alert(lo + c.index, c.time, c.kind, c.score) for c in result.changes if c.active]
-    return ReplayResult(stream.name, stream.days, alerts, saved, np.concatenate(scores) if keep_scores else None)
+    kept = np.concatenate(scores) if keep_scores else None
+    return ReplayResult(stream.name, stream.days, alerts, saved, kept)
 
 
 @dataclass
@@ -201,7 +203,7 @@ class Detection:
     kind: str | None  # the alert's kind
 
 
-def detect(model: AnomalyModel, config: AnomalySection, stream: Stream, fault: Fault, state: StreamState,
+def detect(model: AnomalyModel, config: AnomalySection, stream: Stream, fault: Fault, *, state: StreamState,
            horizon: int, check_interval: float = 60.0) -> Detection:
     """Replay ``horizon`` readings with ``fault`` from a clean checkpoint; the first alert start is the
     detection. For dropouts, the daemon's silence check (``dropout_now``) runs every ``check_interval``
@@ -241,17 +243,9 @@ class Validation:
         kinds: dict[str, Any] = {}
         for kind in FAULT_KINDS:
             rows = [d for d in self.detections if d.fault.kind == kind]
-            hits = [d for d in rows if d.detected]
-            delays = np.array([d.delay for d in hits]) / 60.0
-            kinds[kind] = {
-                "injected": len(rows),
-                "detected": len(hits),
-                "rate": len(hits) / len(rows) if rows else 0.0,
-                "delay_min_median": float(np.median(delays)) if len(hits) else None,
-                "delay_min_p90": float(np.percentile(delays, 90)) if len(hits) else None,
-                "alert_kinds": {k: sum(1 for d in hits if d.kind == k) for k in KINDS if
-                                any(d.kind == k for d in hits)},
-            }
+            kinds[kind] = _detection_summary(rows)
+            for group in ("occupancy", "appliances"):  # 1-minute and 10-minute streams
+                kinds[kind][group] = _detection_summary([d for d in rows if d.stream.startswith(group)])
         return {
             "false_alerts_total": total_alerts,
             "stream_days": round(total_days, 1),
@@ -262,13 +256,26 @@ class Validation:
         }
 
 
-def validate(model: AnomalyModel, config: AnomalySection, streams: list[Stream], seed: int = 7,
+def _detection_summary(rows: list[Detection]) -> dict[str, Any]:
+    hits = [d for d in rows if d.detected]
+    delays = np.array([d.delay for d in hits]) / 60.0
+    return {
+        "injected": len(rows),
+        "detected": len(hits),
+        "rate": len(hits) / len(rows) if rows else 0.0,
+        "delay_min_median": float(np.median(delays)) if hits else None,
+        "delay_min_p90": float(np.percentile(delays, 90)) if hits else None,
+        "alert_kinds": {k: n for k in KINDS if (n := sum(1 for d in hits if d.kind == k))},
+    }
+
+
+def validate(model: AnomalyModel, config: AnomalySection, streams: list[Stream], *, seed: int = 7,
              per_kind: int = 2, horizon_days: float = 1.0) -> Validation:
     rng = np.random.default_rng(seed)
     false_alerts: dict[str, tuple[int, float]] = {}
     detections: list[Detection] = []
     for stream in streams:
-        horizon = max(10, int(round(horizon_days * DAY / stream.interval)))
+        horizon = max(10, round(horizon_days * DAY / stream.interval))
         first = 2 * config.learning_readings
         faults = plan_faults(stream, rng, per_kind, first, horizon)
         clean = replay(model, config, stream, checkpoints=[f.start for f in faults])
@@ -276,6 +283,6 @@ def validate(model: AnomalyModel, config: AnomalySection, streams: list[Stream],
         for fault in faults:
             state = clean.checkpoints[fault.start]
             # a slow drift gets DRIFT_DAYS (or the rest of the stream) to show
-            span = int(round(DRIFT_DAYS * DAY / stream.interval)) if fault.kind == "drift" else horizon
-            detections.append(detect(model, config, stream, fault, state, span))
+            span = round(DRIFT_DAYS * DAY / stream.interval) if fault.kind == "drift" else horizon
+            detections.append(detect(model, config, stream, fault, state=state, horizon=span))
     return Validation(false_alerts, detections)
