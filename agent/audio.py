@@ -41,6 +41,7 @@ INT16_MIN = -32768
 # The microphone counts as stalled (unplugged, driver hung) after this long without a single sample.
 MIC_STALL_SECONDS = 2.0
 FILE_SUFFIXES = (".wav", ".flac")
+READ_AHEAD_SECONDS = 1.0  # a file source decodes this much at a time
 # File sample rates outside this are refused: a header claiming 1 Hz would expand into hours of 16 kHz audio.
 FILE_RATE_RANGE = (4000, 768_000)
 
@@ -406,6 +407,8 @@ class FileSource(AudioSource):
         self._native = False
         self._frames_read = 0
         self._samples_out = 0
+        self._ahead = np.zeros(0, dtype=np.int16)  # decoded 16 kHz samples not yet handed out
+        self._exhausted = False
         self.frames = 0
         self.sample_rate = 0
         self.channels = 0
@@ -447,13 +450,12 @@ class FileSource(AudioSource):
         self._resampler = Resampler(self.sample_rate, SAMPLE_RATE) if resample else None
         self._frames_read = 0
         self._samples_out = 0
+        self._ahead = np.zeros(0, dtype=np.int16)
+        self._exhausted = False
         self.started_mono = None
 
     def read(self, timeout: float) -> AudioChunk | None:
-        import soundfile
-
-        handle = self._file
-        if handle is None:
+        if self._file is None:
             raise AudioError(f"audio file {self.path} is not open")
         if self.realtime:
             now = self._clock()
@@ -464,9 +466,27 @@ class FileSource(AudioSource):
                 time.sleep(min(due - now, timeout))
                 if self._clock() < due:
                     return None
-        block = max(1, round(self.sample_rate * self.block_seconds))
+        size = max(1, round(SAMPLE_RATE * self.block_seconds))
+        while len(self._ahead) < size and not self._exhausted:
+            self._decode_ahead()
+        if len(self._ahead) == 0:
+            raise EndOfAudio(str(self.path))
+        samples, self._ahead = self._ahead[:size], self._ahead[size:]
+        self._samples_out += len(samples)
+        if self.realtime and self.started_mono is not None:
+            t_mono = self.started_mono + self._samples_out / SAMPLE_RATE
+        else:
+            t_mono = self._clock()
+        return AudioChunk(samples=samples, sample_rate=SAMPLE_RATE, t_mono=t_mono)
+
+    def _decode_ahead(self) -> None:
+        """Decode about a second of the file at once (one libsndfile call per second rather than per block:
+        cheaper when real-time pacing leaves the CPU idle, and so cold, between blocks)."""
+        import soundfile
+
+        frames = max(1, round(self.sample_rate * max(self.block_seconds, READ_AHEAD_SECONDS)))
         try:
-            data = handle.read(block, dtype="int16" if self._native else "float32", always_2d=False)
+            data = self._file.read(frames, dtype="int16" if self._native else "float32", always_2d=False)
         except (soundfile.SoundFileError, RuntimeError) as err:
             raise AudioError(f"cannot decode audio file {self.path} after {self._frames_read} frames: "
                              f"{_libsndfile_message(err)} (truncated or corrupt?)") from err
@@ -474,19 +494,15 @@ class FileSource(AudioSource):
             if self._frames_read < self.frames:
                 raise AudioError(f"audio file {self.path} ended after {self._frames_read} of {self.frames} "
                                  "frames (truncated?)")
-            raise EndOfAudio(str(self.path))
+            self._exhausted = True
+            return
         self._frames_read += len(data)
         if self._native:
             samples: npt.NDArray[np.int16] = np.asarray(data, dtype=np.int16)
         else:
             mono = downmix(data)
             samples = to_int16(self._resampler.process(mono) if self._resampler else mono)
-        self._samples_out += len(samples)
-        if self.realtime and self.started_mono is not None:
-            t_mono = self.started_mono + self._samples_out / SAMPLE_RATE
-        else:
-            t_mono = self._clock()
-        return AudioChunk(samples=samples, sample_rate=SAMPLE_RATE, t_mono=t_mono)
+        self._ahead = np.concatenate([self._ahead, samples]) if len(self._ahead) else samples
 
     def close(self) -> None:
         handle, self._file = self._file, None

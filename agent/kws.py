@@ -151,6 +151,10 @@ class KwsModel:
             smoothing_seconds=smoothing,
             size_bytes=len(model_bytes),
         )
+        try:  # one inference now: a file that loads but cannot run fails at startup, not in the voice thread
+            model.predict(np.zeros(params.shape, dtype=np.float32))
+        except (ValueError, RuntimeError) as err:
+            raise ModelError(f"keyword model {path} loads but cannot run: {err}") from err
         log.info(
             "loaded keyword model %s (%d bytes, %s input, %d labels)",
             path,

@@ -601,9 +601,9 @@ class MqttLink:
         while True:
             message: _Outgoing | None = None
             with self._cond:
-                callbacks = self._process_delivered_locked(session)
                 if session.ended:
-                    break
+                    break  # _end_session handles the last acknowledgements and runs their callbacks
+                callbacks = self._process_delivered_locked(session)
                 stopping = self._stop_event.is_set()
                 need_connect = session.connack and not session.ready
                 subscriptions_dirty = session.ready and self._subscriptions_changed(session)

@@ -48,6 +48,9 @@ FILE_NAME = "outbox.sqlite3"
 SCHEMA_VERSION = 1
 DEFAULT_WINDOW = 16  # messages handed to the link at once; more wait in the database
 DELETE_BATCH = 500
+# Safety net: a message handed to a connected link and not acknowledged for this long is sent again
+# (normally the link re-queues whatever a lost connection left unacknowledged, so this never fires).
+UNACKED_RESEND_AFTER = 120.0
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 # SQLite errors that mean "cannot use the file now" (another process, permissions, I/O), not corruption:
 # those must never make us move a good database aside.
@@ -137,6 +140,7 @@ class Outbox:
         self._link: OutboxLink | None = None
         self._handed: dict[int, float] = {}  # seq -> monotonic time handed to the link
         self._cursor = 0  # highest seq handed out since the last (re)start of delivery
+        self._connected_at = 0.0  # monotonic time of the link's latest (re)connect
         self._closed = False
         self._beat = time.monotonic()
         try:
@@ -244,7 +248,7 @@ class Outbox:
     def attach(self, link: OutboxLink) -> None:
         """Deliver through ``link``; call before ``start``."""
         self._link = link
-        link.add_connect_listener(self._wake.set)
+        link.add_connect_listener(self._on_connected)
 
     def publish(self, topic: str, payload: Mapping[str, Any] | bytes | str, *, qos: int = 1,
                 retain: bool = False) -> str:
@@ -341,6 +345,10 @@ class Outbox:
         if self._link is not None:
             self._link.publish(topic, data, qos=qos, retain=retain)
 
+    def _on_connected(self) -> None:  # link thread: record only
+        self._connected_at = time.monotonic()
+        self._wake.set()
+
     def _on_delivered(self, seq: int) -> None:  # link thread: record only
         self._acked.append(seq)
         self._wake.set()
@@ -404,8 +412,9 @@ class Outbox:
         self._cursor = min(self._cursor, oldest - 1)
         suppressed = self._throttle.ready("resend")
         if suppressed is not None:
-            log.warning("outbox: the MQTT link dropped %d handed message(s) (its queue overflowed); sending "
-                        "them again in order%s", len(resend), suppressed_note(suppressed))
+            log.warning("outbox: %d message(s) handed to the MQTT link were dropped by its full queue or "
+                        "never acknowledged; sending them again in order%s", len(resend),
+                        suppressed_note(suppressed))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -430,10 +439,14 @@ class Outbox:
                 return
             self._delete_acked_locked()
             link = self._link
-            if self._lost and link is not None and link.connected:
+            if link is not None and link.connected:
                 # Re-sending while disconnected would only be dropped again by the overflowing queue.
                 lost: list[int] = []
                 while self._lost:
                     lost.append(self._lost.popleft())
-                self._rewind_locked(lost)
+                cutoff = time.monotonic() - UNACKED_RESEND_AFTER
+                lost += [seq for seq, handed in self._handed.items()
+                         if max(handed, self._connected_at) < cutoff]
+                if lost:
+                    self._rewind_locked(lost)
             self._pump_locked()

@@ -158,8 +158,10 @@ class VoicePipeline:
             t_audio = self.t_audio
             mono = mono_end - behind if mono_end is not None else t_audio
             wall = wall_end - behind if wall_end is not None else t_audio
-            if self.features.ready():
-                self._invoke(t_audio, mono, wall, output)
+            # From the first hop on, like the evaluation: until a whole window has been heard its front
+            # counts as digital silence (as short training clips were padded), so a word at the very start
+            # of a stream or a clip is seen at every position in the window, not only at its left edge.
+            self._invoke(t_audio, mono, wall, output)
             output.events.extend(self.matcher.tick(t_audio, wall_time=wall, mono_time=mono))
         self._pending = buffer[whole:].copy()
         return output

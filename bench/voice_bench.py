@@ -51,6 +51,7 @@ EXAMPLE = REPO_ROOT / "examples" / "demo_commands.wav"
 CATALOGUE = REPO_ROOT / "examples" / "examples.json"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "speech"
 CPU_TARGET = 0.01
+FALLBACK_WAKE_THRESHOLD = 0.9
 LATENCY_TARGET = 0.200
 DEVICE_TOPICS = {"light on": "cmnd/livingroom_lamp/POWER", "heat up": "zigbee2mqtt/thermostat/set",
                  "fan off": "zigbee2mqtt/ceiling_fan/set"}
@@ -402,6 +403,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"computer": args.wake_threshold} if args.wake_threshold is not None else None
         results["daemon_realtime"] = realtime_daemon(workdir, path_rt, commands_rt, overrides, args.model)
         results["daemon_realtime"]["threshold_overrides"] = overrides or {}
+        if not results["daemon_realtime"]["commands_published"] and overrides is None:
+            # The shipped wake threshold rejected every synthetic wake word: measure the latency mechanics
+            # with a looser one too, recorded as such (the accuracy section is always the shipped model's).
+            log.info("daemon: no command recognised with the shipped thresholds; again with computer = %.2f",
+                     FALLBACK_WAKE_THRESHOLD)
+            loose = {"computer": FALLBACK_WAKE_THRESHOLD}
+            results["daemon_realtime_loose_wake"] = realtime_daemon(workdir, path_rt, commands_rt, loose,
+                                                                    args.model)
+            results["daemon_realtime_loose_wake"]["threshold_overrides"] = loose
     if not args.no_accuracy:
         if (args.data / "real").is_dir():
             log.info("accuracy: transcribing held-out real speakers and negatives in %s", args.data)
@@ -410,16 +420,19 @@ def main(argv: list[str] | None = None) -> int:
             results["accuracy"] = {"skipped": f"no data at {args.data}"}
 
     cpu = results["cpu_16k"]["cpu_seconds_per_audio_second"]
-    latency = results["daemon_realtime"]["latency_seconds"]
+    realtime = results.get("daemon_realtime_loose_wake", results["daemon_realtime"])
+    latency = realtime["latency_seconds"]
     results["verdict"] = {
         "cpu_ok": cpu <= CPU_TARGET,
+        "daemon_cpu_ok": realtime["process_cpu_seconds_per_audio_second"] <= CPU_TARGET,
+        "latency_measured_with": realtime["threshold_overrides"] or "shipped thresholds",
         "latency_ok": latency is not None and latency["max"] <= LATENCY_TARGET,
         "latency_median_ok": latency is not None and latency["median"] <= LATENCY_TARGET,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: results[k] for k in ("cpu_16k", "cpu_44k1_resampled", "daemon_realtime", "verdict")},
-                     indent=2))
+    shown = ("cpu_16k", "cpu_44k1_resampled", "daemon_realtime", "daemon_realtime_loose_wake", "verdict")
+    print(json.dumps({k: results[k] for k in shown if k in results}, indent=2))
     if "accuracy" in results:
         print(json.dumps(results["accuracy"], indent=2))
     print(f"written to {args.out}")

@@ -85,6 +85,7 @@ command = "off"
 
 [voice]
 wake_word = "computer"
+{thresholds}
 {commands}
 """
 
@@ -230,6 +231,8 @@ def run_agent(config_path: Path, audio: Path, console: Console) -> tuple[int, li
 def main() -> int:
     parser = argparse.ArgumentParser(description="home-agent demo: spoken commands -> MQTT")
     parser.add_argument("--audio", type=Path, default=REPO_ROOT / "examples" / "demo_commands.wav")
+    parser.add_argument("--wake-threshold", type=float, default=None,
+                        help="override the shipped threshold of the wake word (default: the model's own)")
     parser.add_argument("--embedded-broker", action="store_true",
                         help="use the embedded mini broker even when mosquitto is installed")
     args = parser.parse_args()
@@ -264,8 +267,11 @@ def main() -> int:
             commands = "\n".join(f'[[voice.commands]]\nsay = "{say}"\naction = "{action}"'
                                  for say, action in COMMANDS.items())
             config_path = workdir / "config.toml"
+            thresholds = "" if args.wake_threshold is None else \
+                f"thresholds = {{ computer = {args.wake_threshold} }}   # demo override of the model's own"
             config_path.write_text(CONFIG.format(agent_id=AGENT_ID, state_dir=workdir / "state",
-                                                 port=broker.port, commands=commands), encoding="utf-8")
+                                                 port=broker.port, thresholds=thresholds, commands=commands),
+                                   encoding="utf-8")
             device_topics = {"zigbee2mqtt/thermostat/set", "cmnd/livingroom_lamp/POWER",
                              "zigbee2mqtt/ceiling_fan/set"}
             watcher = Watcher(broker.port, console, device_topics)
@@ -294,6 +300,12 @@ def main() -> int:
         return 1
     if not watcher or not watcher.commands:
         print("demo: FAILED: no device command was published", file=sys.stderr)
+        if watcher is not None and not watcher.intents:
+            threshold = json.loads((REPO_ROOT / "models" / "kws.json").read_text(encoding="utf-8"))[
+                "thresholds"].get("computer")
+            print(f"  No intent: the wake word was not recognised at the model's threshold ({threshold}).\n"
+                  "  `home-agent transcribe` shows what it heard; "
+                  "`python scripts/demo.py --wake-threshold 0.9` tries a looser wake word.", file=sys.stderr)
         return 1
     print("\nEverything ran on this machine: no audio left it, only the MQTT commands above.")
     return 0

@@ -178,7 +178,8 @@ class MqttProbe:
     """A plain paho client for tests: subscribe, collect, wait, publish."""
 
     def __init__(self, broker: Mosquitto, client_id: str = "", username: str | None = None,
-                 password: str | None = None, clean_session: bool = True, tls_ca: Path | None = None) -> None:
+                 password: str | None = None, clean_session: bool = True, *,
+                 tls_ca: Path | None = None) -> None:
         self.broker = broker
         self.messages: list[Received] = []
         self._cond = threading.Condition()

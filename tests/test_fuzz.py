@@ -408,6 +408,44 @@ def test_corrupt_model_files_give_model_error(damage: Any, tmp_path_factory: pyt
     assert scores.shape == (len(loaded.labels),)
 
 
+ANOMALY_MODEL = REPO_ROOT / "models" / "anomaly.tflite"
+
+
+@pytest.mark.skipif(not ANOMALY_MODEL.exists(), reason="models/anomaly.tflite not built")
+@settings(FUZZ, max_examples=100)
+@given(damage=st.one_of(
+    st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), min_size=1, max_size=30),
+    st.integers(0, 4000),
+    st.binary(max_size=3000),
+))
+def test_corrupt_anomaly_models_give_model_error(damage: Any,
+                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    from agent.anomaly import AnomalyModel, metadata_path
+
+    original = ANOMALY_MODEL.read_bytes()
+    meta = json.loads(metadata_path(ANOMALY_MODEL).read_text(encoding="utf-8"))
+    if isinstance(damage, list):
+        data = bytearray(original)
+        for offset, value in damage:
+            data[offset % len(data)] = value
+        model = bytes(data)
+    elif isinstance(damage, int):
+        model = original[: damage % len(original)]
+    else:
+        model = damage
+    path = tmp_path_factory.mktemp("anomaly") / "anomaly.tflite"
+    path.write_bytes(model)
+    meta["sha256"] = hashlib.sha256(model).hexdigest()
+    metadata_path(path).write_text(json.dumps(meta), encoding="utf-8")
+    try:
+        loaded = AnomalyModel.load(path)
+    except ModelError as err:
+        assert str(path) in str(err)
+        return
+    forecasts = loaded.predict(np.zeros((3, int(meta["window"]) + 2), dtype=np.float32))
+    assert forecasts.shape == (3,)
+
+
 def test_a_bit_flip_is_caught_by_the_checksum(tmp_path: Path) -> None:
     data = bytearray(KWS_BYTES)
     data[len(data) // 2] ^= 0x01

@@ -40,12 +40,15 @@ log = logging.getLogger(__name__)
 
 VALIDATION_FRACTION = 0.25  # of speakers (or speaker clusters) held out from training
 WINDOW = SAMPLE_RATE  # 1 s
-CONTEXT = SAMPLE_RATE // 10  # 100 ms either side of a word window, for time-shift augmentation
+CONTEXT = SAMPLE_RATE // 4  # 250 ms either side of a word window, for time-shift augmentation
 VOCABULARY = (WAKE_WORD, *COMMAND_WORDS, *DEVICE_WORDS)
 # Real words whose clips contain one of our words: neither positive (not the whole label) nor negative.
 EXCLUDED_REAL = ("hey_computer",)
+# Synthetic "confusables" that contain the wake word whole: as negatives they would teach the model to
+# reject a real "computer" followed by any sound.
+EXCLUDED_SYNTH = ("computers",)
 COMPUTER_CLUSTERS = 36
-DATA_VERSION = 5  # bump when the windows or augmentation change (invalidates the cache)
+DATA_VERSION = 6  # bump when the windows or augmentation change (invalidates the cache)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def word_window(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 
 def word_context(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.int16]:
-    """The loudest second plus 100 ms either side (zeros past the ends), as int16."""
+    """The loudest second plus CONTEXT either side (zeros past the ends), as int16."""
     start = best_window_start(samples)
     padded = np.concatenate([np.zeros(CONTEXT, np.float32), samples, np.zeros(WINDOW + CONTEXT, np.float32)])
     segment = padded[start : start + WINDOW + 2 * CONTEXT]
@@ -207,7 +210,7 @@ def inventory(data_dir: Path, synth_dir: Path | None = SYNTH_DIR, limit: int | N
     for path in _limit(sorted((data_dir / "noise").rglob("*.flac")), limit):
         clips.append(Clip(str(path), SILENCE_LABEL, path.name, _file_split(path.name), "noise"))
     if synth_dir is not None and synth_dir.is_dir():
-        for folder in sorted(p for p in synth_dir.iterdir() if p.is_dir()):
+        for folder in sorted(p for p in synth_dir.iterdir() if p.is_dir() and p.name not in EXCLUDED_SYNTH):
             label = folder.name if folder.name in VOCABULARY else UNKNOWN_LABEL
             for path in _limit(sorted(folder.glob("*.wav")), limit):
                 voice = synth_voice(path.name)
@@ -241,11 +244,15 @@ def summarize(clips: list[Clip]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class AugmentConfig:
     word_copies: int = 6  # augmented windows per real training word clip
-    computer_copies: int = 10  # per real `computer` clip (few speakers: more variety per clip)
+    computer_copies: int = 14  # per real `computer` clip (few speakers: more variety per clip)
     synth_copies: int = 2
+    synth_computer_copies: int = 4
     unknown_copies: int = 2  # real other words and other wake words
     long_hop_seconds: float = 0.25  # windows cut from real_long/ (unknown) and noise/ (silence)
     shift_seconds: float = 0.1
+    # The wake word must score high wherever it sits in the streamed window (and its clips have real audio
+    # around the word), so it moves further.
+    wake_shift_seconds: float = 0.25
     noise_probability: float = 0.8
     snr_db: tuple[float, float] = (0.0, 25.0)
     room_probability: float = 0.3
@@ -293,10 +300,10 @@ class Augmenter:
         start = int(self.rng.integers(0, len(self.noise) - size))
         return self.noise[start : start + size]
 
-    def word(self, context: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
-        """One augmented 1 s window from a word's 1.2 s context."""
+    def word(self, context: npt.NDArray[np.int16], shift_seconds: float) -> npt.NDArray[np.int16]:
+        """One augmented 1 s window from a word's 1.5 s context."""
         config, rng = self.config, self.rng
-        max_shift = round(config.shift_seconds * SAMPLE_RATE)
+        max_shift = min(round(shift_seconds * SAMPLE_RATE), CONTEXT)
         offset = CONTEXT + int(rng.integers(-max_shift, max_shift + 1))
         speech = context[offset : offset + WINDOW].astype(np.float32) / 32768.0
         if self.rooms and rng.random() < config.room_probability:
@@ -452,13 +459,14 @@ def build_training_set(
         if clip.label == UNKNOWN_LABEL:
             copies = config.unknown_copies if clip.source == "real" else 1
         elif clip.source == "synth":
-            copies = config.synth_copies
+            copies = config.synth_computer_copies if clip.label == WAKE_WORD else config.synth_copies
         elif clip.label == WAKE_WORD:
             copies = config.computer_copies
         else:
             copies = config.word_copies
+        shift = config.wake_shift_seconds if clip.label == WAKE_WORD else config.shift_seconds
         for _ in range(copies):
-            add(augmenter.word(context), clip.label, clip.source, name)
+            add(augmenter.word(context, shift), clip.label, clip.source, name)
     for index in range(config.quiet_silence):
         add(augmenter.quiet(), SILENCE_LABEL, "quiet", f"quiet{index}")
     features = np.stack([window_features(w, params) for w in progress(windows, len(windows), "features")])
