@@ -151,6 +151,7 @@ class App:
         self._counts = {"readings": 0, "telemetry_ignored": 0, "actions_sent": 0, "actions_rejected": 0,
                         "announcements": 0, "stale_configs_removed": 0, "reloads": 0, "reload_failures": 0}
         self._last_values: dict[str, str] = {}
+        self._anomaly_active: dict[str, bool] = {}  # per sensor, as last published (see publish_anomaly)
         self._stages: list[Stage] = []
         self._stage_health: dict[str, bool] = {}
         self._mute_listeners: list[Callable[[bool], None]] = []
@@ -244,12 +245,21 @@ class App:
         return len(commands)
 
     def publish_anomaly(self, event: AnomalyEvent) -> str:
-        """Publish an anomaly event on ``Topics.anomaly(sensor)`` (retained, QoS 1) through the outbox:
-        stored before it is sent, sent again after an outage or a restart until the broker acknowledged
-        it. The payload carries a unique ``id`` for de-duplication; returns it. Thread-safe."""
+        """Publish an anomaly event on ``Topics.anomaly(sensor)`` (retained, QoS 1). Alerts starting or
+        ending (``active`` changed, or the first event of a stream since start) go through the outbox:
+        stored before they are sent, sent again after an outage or a restart until the broker acknowledged
+        them. Score refreshes within an unchanged state are sent without storing: the next refresh
+        supersedes them, and a durable write per reading would wear an SD card. Every payload carries a
+        unique ``id`` for de-duplication; returns it. Thread-safe."""
         payload = {"score": event.score, "value": event.value, "kind": event.kind, "active": event.active,
                    "time": event.time}
-        return self.outbox.publish(self.topics.anomaly(event.sensor), payload, qos=1, retain=True)
+        topic = self.topics.anomaly(event.sensor)
+        with self._counts_lock:
+            changed = self._anomaly_active.get(event.sensor) != event.active
+            self._anomaly_active[event.sensor] = event.active
+        if changed:
+            return self.outbox.publish(topic, payload, qos=1, retain=True)
+        return self.outbox.publish_volatile(topic, payload, qos=1, retain=True)
 
     def healthy(self, now: float) -> tuple[bool, list[str]]:
         """(all stages healthy, names of unhealthy ones); the shape sd_notify's health check expects."""

@@ -130,7 +130,8 @@ class Outbox:
         self._lock = threading.Lock()
         self._throttle = LogThrottle()
         self._counts = {"outbox_written": 0, "outbox_delivered": 0, "outbox_dropped": 0,
-                        "outbox_resent": 0, "outbox_write_errors": 0, "outbox_corrupt": 0}
+                        "outbox_resent": 0, "outbox_write_errors": 0, "outbox_corrupt": 0,
+                        "outbox_volatile": 0}
         # Filled on the link's thread without our lock (appends are atomic); drained by the worker.
         self._acked: collections.deque[int] = collections.deque()
         self._lost: collections.deque[int] = collections.deque()
@@ -143,6 +144,8 @@ class Outbox:
         self._connected_at = 0.0  # monotonic time of the link's latest (re)connect
         self._closed = False
         self._beat = time.monotonic()
+        self._volatile_prefix = f"{agent_id}-{uuid.uuid4().hex[:8]}-v"  # this process's non-stored ids
+        self._volatile_seq = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -274,6 +277,20 @@ class Outbox:
                 return message_id
             self._counts["outbox_written"] += 1
             self._pump_locked()
+        return message_id
+
+    def publish_volatile(self, topic: str, payload: Mapping[str, Any] | bytes | str, *, qos: int = 1,
+                         retain: bool = False) -> str:
+        """Send a JSON-object message with a unique ``"id"`` like ``publish``, but without storing it: for
+        refreshes of a value whose next refresh supersedes it (best effort, the link's queue bound and drop
+        policy apply). Returns its id."""
+        with self._lock:
+            self._volatile_seq += 1
+            message_id = f"{self._volatile_prefix}{self._volatile_seq}"
+            self._counts["outbox_volatile"] += 1
+        data = encode_message(payload, message_id)
+        if self._link is not None:
+            self._link.publish(topic, data, qos=qos, retain=retain)
         return message_id
 
     def start(self) -> None:

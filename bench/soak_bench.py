@@ -2,8 +2,8 @@
 and a telemetry flood, against its own mosquitto on an ephemeral 127.0.0.1 port.
 
 - Audio: ``examples/demo_commands.wav`` (three commands) looped into ``--audio stdin`` at real-time pace.
-- Telemetry: ``--rate`` (200) messages/s over four zigbee2mqtt-style sensors from a publisher thread, with a
-  spike on one sensor every ``--spike-every`` seconds so anomaly events (and the outbox) see traffic.
+- Telemetry: ``--rate`` (200) messages/s over ``--sensors`` (20) zigbee2mqtt-style temperature sensors from
+  a publisher thread, with a spike on one sensor every ``--spike-every`` seconds (anomaly events, outbox).
 - Every ``--interval`` seconds: the daemon's RSS (VmRSS) and CPU (utime + stime), mosquitto's too, and the
   daemon's diagnostics counters (drops, outbox depth, ...).
 
@@ -40,7 +40,8 @@ RESULTS = REPO_ROOT / "bench" / "results" / "soak.json"
 AUDIO = REPO_ROOT / "examples" / "demo_commands.wav"
 AGENT_ID = "soak"
 BASE = f"home-agent/{AGENT_ID}"
-SENSORS = ("living_room", "kitchen", "bedroom", "bathroom")
+ROOMS = ("living_room", "kitchen", "bedroom", "bathroom", "hall", "office", "attic", "cellar", "garage",
+         "nursery")
 # demo_commands.wav: "computer, light on / heat up / fan off"; when each command ends (examples.json).
 _EXAMPLES = json.loads((REPO_ROOT / "examples" / "examples.json").read_text(encoding="utf-8"))
 COMMAND_ENDS = tuple(command["end"] for entry in _EXAMPLES["files"] if entry["file"] == AUDIO.name
@@ -173,9 +174,10 @@ class TelemetryPublisher(threading.Thread):
     """``rate`` messages/s round-robin over the sensors, paced on the monotonic clock; a spike on one sensor
     every ``spike_every`` seconds."""
 
-    def __init__(self, port: int, rate: float, spike_every: float, stop: threading.Event) -> None:
+    def __init__(self, port: int, sensors: list[str], rate: float, spike_every: float,
+                 stop: threading.Event) -> None:
         super().__init__(name="telemetry-publisher", daemon=True)
-        self.rate, self.spike_every, self.stop_event = rate, spike_every, stop
+        self.sensors, self.rate, self.spike_every, self.stop_event = sensors, rate, spike_every, stop
         self.published = 0
         self.spikes = 0
         self.max_lag = 0.0
@@ -196,10 +198,11 @@ class TelemetryPublisher(threading.Thread):
                 time.sleep(due - now)
             else:
                 self.max_lag = max(self.max_lag, now - due)
-            sensor = SENSORS[index % len(SENSORS)]
+            sensor = self.sensors[index % len(self.sensors)]
             t = time.monotonic() - started
-            value = 21.0 + 2.0 * math.sin(2 * math.pi * t / 600 + index % 4) + rng.gauss(0, 0.05)
-            if sensor == SENSORS[self.spikes % len(SENSORS)] and time.monotonic() >= next_spike:
+            phase = index % len(self.sensors)
+            value = 21.0 + 2.0 * math.sin(2 * math.pi * t / 600 + phase) + rng.gauss(0, 0.05)
+            if sensor == self.sensors[self.spikes % len(self.sensors)] and time.monotonic() >= next_spike:
                 value += 25.0
                 self.spikes += 1
                 next_spike += self.spike_every
@@ -263,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=60.0, help="soak duration (default 60)")
     parser.add_argument("--rate", type=float, default=200.0, help="telemetry messages per second")
+    parser.add_argument("--sensors", type=int, default=20, help="telemetry streams sharing the rate")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--spike-every", type=float, default=45.0, help="seconds between telemetry spikes")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -282,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     warmup = max(30.0, 0.2 * duration)
     results: dict[str, Any] = {
         "version": __version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
-        "minutes": args.minutes, "telemetry_rate_target": args.rate, "sample_interval_s": args.interval,
+        "minutes": args.minutes, "telemetry_rate_target": args.rate, "sensors": args.sensors,
+        "sample_interval_s": args.interval,
         "load_average_start": os.getloadavg()[0], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     with tempfile.TemporaryDirectory(prefix="soak-bench-") as tmp:
@@ -294,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         broker = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         config = workdir / "config.toml"
-        telemetry = "".join(TELEMETRY.format(sensor=s) for s in SENSORS)
+        sensors = [f"{ROOMS[i % len(ROOMS)]}_{i // len(ROOMS)}" for i in range(args.sensors)]
+        telemetry = "".join(TELEMETRY.format(sensor=s) for s in sensors)
         config.write_text(CONFIG.format(state=workdir / "state", port=port, interval=args.interval,
                                         telemetry=telemetry), encoding="utf-8")
         log_path = workdir / "daemon.log"
@@ -323,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError("the daemon exited at startup:\n" + log_path.read_text()[-3000:])
                 time.sleep(0.1)
             feeder = AudioFeeder(daemon.stdin, samples_audio, stop)
-            publisher = TelemetryPublisher(port, args.rate, args.spike_every, stop)
+            publisher = TelemetryPublisher(port, sensors, args.rate, args.spike_every, stop)
             started = time.monotonic()
             feeder.start()
             publisher.start()

@@ -246,10 +246,12 @@ def main() -> int:
 
     print("home-agent demo: offline voice commands -> MQTT device commands\n")
     catalogue_path = REPO_ROOT / "examples" / "examples.json"
+    spoken_commands: list[dict[str, Any]] = []
     if catalogue_path.exists():
         catalogue = json.loads(catalogue_path.read_text(encoding="utf-8"))
         entry = next((f for f in catalogue.get("files", []) if f.get("file") == audio.name), None)
         if entry:
+            spoken_commands = list(entry["commands"])
             print(f"The recording ({audio.name}, {entry['duration']:.1f} s, synthetic voices) says:")
             for spoken in entry["commands"]:
                 wake = "computer, " if spoken.get("wake_word") else ""
@@ -293,6 +295,14 @@ def main() -> int:
           f"device commands published: {len(watcher.commands) if watcher else 0}")
     for topic, payload in watcher.commands if watcher else []:
         print(f"  {topic:32} {payload.decode('utf-8', 'replace')}")
+    if spoken_commands and watcher is not None:
+        recognised = [intent.get("intent") for intent in watcher.intents]
+        print("\nSaid -> done:")
+        for spoken in spoken_commands:
+            said = ("computer, " if spoken.get("wake_word") else "") + spoken["say"]
+            action = COMMANDS.get(spoken["say"])
+            done = f"intent {action}" if action in recognised else "not recognised (no action sent)"
+            print(f"  {said!r:24} -> {done}")
     if status != 0:
         print(f"demo: the agent exited with status {status}", file=sys.stderr)
         for line in problems[-5:]:

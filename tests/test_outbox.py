@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -271,6 +272,23 @@ def test_the_daemon_sends_what_a_previous_run_left_in_the_outbox(  # noqa: PLR09
     assert after.depth == 0, daemon.log_text()
 
 
+def test_the_daemon_starts_with_a_corrupt_outbox_moved_aside(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe], tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / FILE_NAME).write_bytes(b"\x00garbage after a power cut\xff" * 200)
+    probe = mqtt_client().subscribe("home-agent/testagent/availability")
+    daemon = daemon_factory(write_config(mosquitto))
+    probe.wait_for("home-agent/testagent/availability", b"online", timeout=10)
+    assert daemon.terminate() == 0
+    log_text = daemon.log_text()
+    aside = list(state.glob(f"{FILE_NAME}.corrupt-*"))
+    assert len(aside) == 1, log_text
+    assert f"outbox {state / FILE_NAME} is corrupt" in log_text and str(aside[0]) in log_text
+    assert "Traceback" not in log_text
+
+
 # ------------------------------------------------------------------------------------ process faults
 
 WRITER = textwrap.dedent("""
@@ -316,3 +334,34 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path,
     # Sequence numbers continue across the kills: no id was handed out twice.
     seqs = [seq for seq, _topic, _payload in box.pending()]
     assert seqs == sorted(set(seqs))
+
+
+# ------------------------------------------------------------------------------------ the app's use
+
+
+def test_alert_changes_are_stored_score_refreshes_are_not(
+        mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe]) -> None:
+    """App.publish_anomaly: a stream's first event and every start/end of an alert go through the outbox;
+    score refreshes in between do not (the next one supersedes them). All carry unique ids."""
+    from agent.app import App
+    from agent.messages import AnomalyEvent
+
+    probe = mqtt_client().subscribe(TOPIC)
+    app = App(make_config(mosquitto, tmp_path))
+    thread = threading.Thread(target=app.run, daemon=True)
+    thread.start()
+    try:
+        assert app.link.wait_connected(5)
+        states = [False, False, False, True, True, False, False]
+        ids = [app.publish_anomaly(AnomalyEvent("living_room_temperature", 0.1 * n, 20.0, "model", active,
+                                                time.time())) for n, active in enumerate(states)]
+        probe.wait_for(TOPIC, count=len(states))
+        assert ids_of(probe.matching(TOPIC)) == ids
+        assert len(set(ids)) == len(ids)
+        stats = app.outbox.stats()
+        assert stats["outbox_written"] == 3  # the first event, the start, the end
+        assert stats["outbox_volatile"] == 4
+        assert [json.loads(m.payload)["active"] for m in probe.matching(TOPIC)] == states
+    finally:
+        app.request_stop()
+        thread.join(10)

@@ -48,7 +48,7 @@ EXCLUDED_REAL = ("hey_computer",)
 # reject a real "computer" followed by any sound.
 EXCLUDED_SYNTH = ("computers",)
 COMPUTER_CLUSTERS = 36
-DATA_VERSION = 6  # bump when the windows or augmentation change (invalidates the cache)
+DATA_VERSION = 7  # bump when the windows or augmentation change (invalidates the cache)
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,8 @@ def summarize(clips: list[Clip]) -> dict[str, Any]:
 class AugmentConfig:
     word_copies: int = 6  # augmented windows per real training word clip
     computer_copies: int = 14  # per real `computer` clip (few speakers: more variety per clip)
-    synth_copies: int = 2
+    synth_copies: int = 2  # device words (synthetic only)
+    synth_command_copies: int = 1  # the ten words have real speakers; synthetic voices only add variety
     synth_computer_copies: int = 4
     unknown_copies: int = 2  # real other words and other wake words
     long_hop_seconds: float = 0.25  # windows cut from real_long/ (unknown) and noise/ (silence)
@@ -459,7 +460,12 @@ def build_training_set(
         if clip.label == UNKNOWN_LABEL:
             copies = config.unknown_copies if clip.source == "real" else 1
         elif clip.source == "synth":
-            copies = config.synth_computer_copies if clip.label == WAKE_WORD else config.synth_copies
+            if clip.label == WAKE_WORD:
+                copies = config.synth_computer_copies
+            elif clip.label in COMMAND_WORDS:
+                copies = config.synth_command_copies
+            else:
+                copies = config.synth_copies
         elif clip.label == WAKE_WORD:
             copies = config.computer_copies
         else:

@@ -118,7 +118,7 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "",
         "- Float teacher: the published MLPerf Tiny DS-CNN (12 labels; size of its hybrid float .tflite).",
         "- Float student: the teacher's architecture with our 16-label head, initialised from the teacher and "
-        "trained with hard labels plus distillation from the teacher (KL at temperature 2, weight 0.5) on the "
+        "trained with hard labels plus distillation from the teacher (KL at temperature 2, weight 0.7) on the "
         "windows whose label the teacher knows.",
         f"- Structured pruning: per channel group the least important channels (mean activation feeding the "
         f"next layer x L2 norm of the weights reading it) removed, {tuple(config['channels'])} channels kept, "
@@ -126,7 +126,7 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         f"- Magnitude pruning: tfmot `prune_low_magnitude` to {config['sparsity']:.0%} sparsity on the "
         "convolutions and the dense layer (not depthwise), fine-tuned, stripped. It shrinks only the compressed "
         "(gzip) size: LiteRT stores and runs int8 weights dense.",
-        "- Thresholds: per word on the 'tune' quarter of the negatives (never trained on): `computer` the lowest threshold with no false wake there plus 0.02; command and device words the lowest (>= 0.6) with at most one false event. The smoothing time was picked from "
+        "- Thresholds: per word on the 'tune' quarter of the negatives (never trained on): `computer` the lowest threshold with no false wake there plus 0.03; command and device words the lowest (>= 0.6) with at most one false event. The smoothing time was picked from "
         f"{tuple(config['smoothing_candidates'])} s by the detection rate on training-speaker `computer` clips.",
         f"- int8: full-integer post-training quantization (int8 in/out, per-channel weights) with a fixed, "
         f"label-stratified calibration set of {config['calibration_windows']} training windows.",

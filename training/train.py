@@ -30,7 +30,7 @@ class TrainConfig:
     learning_rate: float = 5e-4
     min_learning_rate: float = 1e-5
     temperature: float = 2.0
-    distill_weight: float = 0.5  # alpha: share of the distillation loss where the teacher knows the label
+    distill_weight: float = 0.7  # alpha: share of the distillation loss where the teacher knows the label
     label_smoothing: float = 0.05
     specaugment_probability: float = 0.5
     dropout: float = 0.2
