@@ -7,7 +7,7 @@ TRAIN_STAMP := $(VENV)/.stamp-train
 DATA_DIR ?= $(abspath ../shared/data/speech)
 export DATA_DIR
 
-.PHONY: setup setup-train demo test lint typecheck bench train-kws train-anomaly install uninstall clean
+.PHONY: setup setup-train demo test lint typecheck bench soak train-kws train-anomaly install uninstall clean
 
 setup: $(RUNTIME_STAMP)
 
@@ -29,6 +29,8 @@ demo: setup
 	$(BIN)/python scripts/demo.py
 
 test: setup-train
+	$(BIN)/ruff check agent training tests bench scripts
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -37,6 +39,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench.run_all
+
+soak: setup
+	$(BIN)/python bench/soak_bench.py --minutes 60
 
 train-kws: setup-train
 	$(BIN)/python -m training.kws --data $(DATA_DIR) --out models/

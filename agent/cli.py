@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
 
     p = add("anomaly-score", _anomaly_score, "score timestamp,value CSV files strictly online")
-    p.add_argument("--input", action="append", type=Path, required=True, help="CSV file or folder (repeatable)")
-    p.add_argument("--output", action="append", type=Path, required=True, help="CSV file or folder (repeatable)")
+    p.add_argument("--input", action="append", type=Path, required=True,
+                   help="CSV file or folder (repeatable)")
+    p.add_argument("--output", action="append", type=Path, required=True,
+                   help="CSV file or folder (repeatable)")
     p.add_argument("--model", type=Path, default=None, help="anomaly model (default: the shipped one)")
     return parser
 

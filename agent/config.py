@@ -74,7 +74,9 @@ class MqttSection(Section):
             try:
                 return self.password_file.read_text(encoding="utf-8").strip()
             except OSError as err:
-                raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {err.strerror}") from err
+                raise ConfigError(
+                    f"mqtt.password_file: cannot read {self.password_file}: {err.strerror}"
+                ) from err
         return os.environ.get(PASSWORD_ENV)
 
 
@@ -107,7 +109,7 @@ class TelemetryStream(Section):
     @field_validator("topic")
     @classmethod
     def _topic_filter(cls, value: str) -> str:
-        from agent.telemetry import topic_filter_problem  # noqa: PLC0415 - telemetry imports config
+        from agent.telemetry import topic_filter_problem
 
         problem = topic_filter_problem(value)
         if problem is not None:
@@ -117,7 +119,7 @@ class TelemetryStream(Section):
     @field_validator("field")
     @classmethod
     def _field_path(cls, value: str | None) -> str | None:
-        from agent.payloads import split_path  # noqa: PLC0415 - same rule as the intake's
+        from agent.payloads import split_path
 
         if value is not None:
             split_path(value)  # ValueError names the empty part
@@ -158,8 +160,8 @@ class ActionSection(Section):
 
     @model_validator(mode="after")
     def _renderable(self) -> ActionSection:
-        from agent.actions import check_action  # noqa: PLC0415 - actions imports config; rules live there
-        from agent.errors import ActionError  # noqa: PLC0415
+        from agent.actions import check_action
+        from agent.errors import ActionError
 
         try:
             check_action(self)
@@ -237,7 +239,8 @@ class OutboxSection(Section):
 
 class ServiceSection(Section):
     # READY=1 is sent once the first MQTT connection succeeds, or after this grace period.
-    ready_grace: float = Field(default=15.0, ge=0, le=100)  # the unit's TimeoutStartSec=120 must not kill a waiting start
+    # At most 100 s: the unit's TimeoutStartSec=120 must not kill a start that is still waiting.
+    ready_grace: float = Field(default=15.0, ge=0, le=100)
     stop_timeout: float = Field(default=4.0, gt=0, le=60)  # seconds to flush and say "offline" on SIGTERM
 
 
@@ -264,10 +267,14 @@ class Config(Section):
             raise ValueError(f"telemetry: sensor ids must be unique, repeated: {', '.join(duplicates)}")
         for index, command in enumerate(self.voice.commands):
             if command.action not in self.actions:
-                raise ValueError(f"voice.commands.{index}.action: no [actions.{command.action}] is configured")
+                raise ValueError(
+                    f"voice.commands.{index}.action: no [actions.{command.action}] is configured"
+                )
         for index, stream in enumerate(self.telemetry):
             if stream.on_anomaly is not None and stream.on_anomaly not in self.actions:
-                raise ValueError(f"telemetry.{index}.on_anomaly: no [actions.{stream.on_anomaly}] is configured")
+                raise ValueError(
+                    f"telemetry.{index}.on_anomaly: no [actions.{stream.on_anomaly}] is configured"
+                )
         return self
 
     @property

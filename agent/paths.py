@@ -19,7 +19,9 @@ def shipped_models_dir() -> Path:
 
 def resolve_data_path(path: Path, config_dir: Path | None = None) -> Path:
     """Resolve a configured path: absolute as is; else relative to the config file's folder, the current
-    folder, or (for ``models/...``) the shipped models. Returns the first that exists, else the first guess."""
+    folder, or (for ``models/...``) the shipped models.
+
+    Returns the first candidate that exists, else the first guess (so the error names a sensible path)."""
     if path.is_absolute():
         return path
     candidates: list[Path] = []
