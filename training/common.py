@@ -9,7 +9,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,12 +86,13 @@ def stable_fraction(key: str) -> float:
 def read_audio(path: Path) -> npt.NDArray[np.float32]:
     """Mono float32 samples at 16 kHz."""
     data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    mono = data.mean(axis=1).astype(np.float32)
+    mono: npt.NDArray[np.float32] = np.asarray(data.mean(axis=1), dtype=np.float32)
     if rate != SAMPLE_RATE:
         from scipy.signal import resample_poly
 
         divisor = np.gcd(int(rate), SAMPLE_RATE)
-        mono = resample_poly(mono, SAMPLE_RATE // divisor, int(rate) // divisor).astype(np.float32)
+        resampled = resample_poly(mono, SAMPLE_RATE // divisor, int(rate) // divisor)
+        mono = np.asarray(resampled, dtype=np.float32)
     return mono
 
 
@@ -105,7 +106,7 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> It
             return
         except ImportError:
             pass
-    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    total = total if total is not None else (len(items) if isinstance(items, Sized) else None)
     step = max(1, (total or 0) // 10)
     start = time.monotonic()
     for index, item in enumerate(items):

@@ -286,7 +286,7 @@ def room_impulse_responses(count: int, seed: int = SEED) -> list[npt.NDArray[np.
         rir = np.asarray(room.rir[0][0], dtype=np.float32)[: SAMPLE_RATE // 2]
         responses.append(rir / np.abs(rir).max())
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(cache, **{str(i): r for i, r in enumerate(responses)})
+    np.savez_compressed(cache, **{str(i): r for i, r in enumerate(responses)})  # type: ignore[arg-type]
     return responses
 
 
@@ -366,6 +366,14 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def concat(self, other: Dataset) -> Dataset:
+        return Dataset(
+            np.concatenate([self.features, other.features]),
+            np.concatenate([self.labels, other.labels]),
+            np.concatenate([self.sources, other.sources]),
+            np.concatenate([self.origin, other.origin]),
+        )
+
     def subset(self, mask: npt.NDArray[np.bool_]) -> Dataset:
         return Dataset(self.features[mask], self.labels[mask], self.sources[mask], self.origin[mask])
 
@@ -419,6 +427,68 @@ def _cap_synthetic_negatives(clips: list[Clip], per_word: int) -> list[Clip]:
     return kept
 
 
+def _noise_pool(train: list[Clip]) -> npt.NDArray[np.float32]:
+    noise_files = [c for c in train if c.source == "noise"]
+    pool = np.concatenate([read_audio(Path(c.path)) for c in noise_files]).astype(np.float32)
+    pool /= np.float32(max(float(np.abs(pool).max()), 1e-9))
+    return pool
+
+
+def mine_hard_negatives(  # noqa: PLR0917
+    clips: list[Clip],
+    params: FeatureParams,
+    predict: Any,
+    config: AugmentConfig,
+    key: str,
+    wake_probability: float = 0.2,
+    word_probability: float = 0.5,
+    copies: int = 2,
+    cache_dir: Path = CACHE_DIR,
+) -> Dataset:
+    """Windows of the TRAINING negatives (long speech, noise) at a 100 ms hop that ``predict`` (the distilled
+    student) still takes for the wake word (p >= wake_probability) or another word (p >= word_probability):
+    the hard negatives, kept as they are plus ``copies`` augmented versions, labelled as negatives."""
+    cache = cache_dir / f"mined-{key}.npz"
+    if cache.exists():
+        return Dataset.load(cache)
+    train = [c for c in clips if c.split == "train"]
+    augmenter = Augmenter(config, _noise_pool(train), SEED + 7)
+    vocabulary = [LABELS.index(word) for word in VOCABULARY]
+    wake = LABELS.index(WAKE_WORD)
+    windows: list[npt.NDArray[np.int16]] = []
+    labels: list[int] = []
+    origins: list[str] = []
+    negatives = [c for c in train if c.source in ("long", "noise")]
+    for clip in progress(negatives, total=len(negatives), desc="mining"):
+        cut = _long_windows(read_audio(Path(clip.path)), SAMPLE_RATE // 10)
+        if not cut:
+            continue
+        features = np.stack([window_features(window, params) for window, _ in cut])
+        probabilities = predict(features)
+        hard = (probabilities[:, wake] >= wake_probability) | (
+            probabilities[:, vocabulary].max(axis=1) >= word_probability
+        )
+        for (window, active), is_hard in zip(cut, hard, strict=True):
+            if not is_hard:
+                continue
+            label = LABELS.index(clip.label if (active or clip.source == "noise") else SILENCE_LABEL)
+            versions = [to_int16(window)] + [augmenter.negative(window) for _ in range(copies)]
+            windows.extend(versions)
+            labels.extend([label] * len(versions))
+            origins.extend([Path(clip.path).name] * len(versions))
+    features_out = (
+        np.stack([window_features(w, params) for w in windows]) if windows else np.zeros((0, *params.shape))
+    )
+    dataset = Dataset(
+        features_out.astype(np.float32),
+        np.array(labels, dtype=np.int64),
+        np.array(["mined"] * len(labels)),
+        np.array(origins),
+    )
+    dataset.save(cache)
+    return dataset
+
+
 def build_training_set(
     clips: list[Clip], params: FeatureParams, config: AugmentConfig, cache_dir: Path = CACHE_DIR
 ) -> Dataset:
@@ -432,10 +502,7 @@ def build_training_set(
     train = _cap_synthetic_negatives(
         [c for c in clips if c.split == "train"], config.synth_negatives_per_word
     )
-    noise_files = [c for c in train if c.source == "noise"]
-    noise_pool = np.concatenate([read_audio(Path(c.path)) for c in noise_files]).astype(np.float32)
-    noise_pool /= np.float32(max(float(np.abs(noise_pool).max()), 1e-9))
-    augmenter = Augmenter(config, noise_pool, SEED)
+    augmenter = Augmenter(config, _noise_pool(train), SEED)
     hop = round(config.long_hop_seconds * SAMPLE_RATE)
     windows: list[npt.NDArray[np.int16]] = []
     labels: list[int] = []

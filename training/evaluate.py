@@ -71,7 +71,10 @@ def smooth(scores: npt.NDArray[np.float32], hops: int) -> npt.NDArray[np.float32
     cumulative = np.cumsum(np.vstack([np.zeros((1, scores.shape[1]), np.float64), scores]), axis=0)
     ends = np.arange(1, len(scores) + 1)
     starts = np.maximum(0, ends - hops)
-    return ((cumulative[ends] - cumulative[starts]) / (ends - starts)[:, None]).astype(np.float32)
+    means: npt.NDArray[np.float32] = (
+        (cumulative[ends] - cumulative[starts]) / (ends - starts)[:, None]
+    ).astype(np.float32)
+    return means
 
 
 def detect(  # noqa: PLR0917

@@ -71,6 +71,7 @@ def soft_targets(teacher: Any, dataset: Dataset, temperature: float) -> tuple[np
 # Total weight of a label relative to one word's: the negatives stand for everything else people say and
 # every other sound, so they weigh more (with equal weights the model over-predicted `computer`).
 LABEL_BOOST = {UNKNOWN_LABEL: 3.0, SILENCE_LABEL: 1.5}
+MINED_BOOST = 2.0  # hard negatives mined from the training recordings count double
 
 
 def self_targets(model: Any, dataset: Dataset, temperature: float) -> tuple[npt.NDArray[np.float32], Any]:
@@ -91,7 +92,8 @@ def class_weights(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
     per_label = np.minimum(per_label, 4.0)
     per_label *= np.array([LABEL_BOOST.get(label, 1.0) for label in LABELS])
     weights = per_label[labels]
-    return (weights / weights.mean()).astype(np.float32)
+    normalized: npt.NDArray[np.float32] = (weights / weights.mean()).astype(np.float32)
+    return normalized
 
 
 def make_loss(config: TrainConfig) -> Any:
@@ -150,7 +152,8 @@ def fit(  # noqa: PLR0917
     targets = np.concatenate(
         [np.eye(NUM_LABELS, dtype=np.float32)[dataset.labels], soft, mask[:, None]], axis=1
     )
-    weights = class_weights(dataset.labels)
+    weights = class_weights(dataset.labels) * np.where(dataset.sources == "mined", MINED_BOOST, 1.0)
+    weights = (weights / weights.mean()).astype(np.float32)
     features = dataset.features[..., None].astype(np.float32)
     fill = dataset.features.mean(axis=0).astype(np.float32)
     steps = math.ceil(len(features) / config.batch_size)
