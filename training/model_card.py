@@ -122,12 +122,13 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "windows whose label the teacher knows.",
         f"- Structured pruning: per channel group the least important channels (mean activation feeding the "
         f"next layer x L2 norm of the weights reading it) removed, {tuple(config['channels'])} channels kept, "
-        f"then fine-tuned with distillation. This is what cuts MACs and latency.",
+        "then fine-tuned with distillation from the float student (all 16 labels, weight 0.7) on the training "
+        "windows plus mined hard negatives (hard labels). This is what cuts MACs and latency.",
         f"- Magnitude pruning: tfmot `prune_low_magnitude` to {config['sparsity']:.0%} sparsity on the "
         "convolutions and the dense layer (not depthwise), fine-tuned, stripped. It shrinks only the compressed "
         "(gzip) size: LiteRT stores and runs int8 weights dense.",
-        "- Thresholds: per word on the 'tune' quarter of the negatives (never trained on): `computer` the lowest threshold with no false wake there plus 0.03, then raised as long as 95 % of the training-speaker `computer` clips are still detected; command and device words the lowest (>= 0.6) with at most one false event. The smoothing time was picked from "
-        f"{tuple(config['smoothing_candidates'])} s by the detection rate on training-speaker `computer` clips.",
+        "- Thresholds: per word on the 'tune' quarter of the negatives (never trained on): `computer` the lowest threshold (>= 0.6) with no false wake there, plus 0.03 when that is above 0.6; command and device words the lowest (>= 0.6) with at most one false event. The smoothing time was picked from "
+        f"{tuple(config['smoothing_candidates'])} s. 0.5 s was fixed after comparing runs: 0.3-0.4 s detected a few more held-out `computer` clips but let one coffee order ('... light roast, size medium') through as a wake word, 0.5 s had no false wake in all 1.2 h of negatives. Because held-out negatives informed that choice, the false-wake figure below is not fully independent.",
         f"- int8: full-integer post-training quantization (int8 in/out, per-channel weights) with a fixed, "
         f"label-stratified calibration set of {config['calibration_windows']} training windows.",
         "",
@@ -167,6 +168,16 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "`python -m training.kws --smoke` runs every stage on a tiny subset in a few minutes.",
         "",
         "## Limits",
+        "- This held-out split is easier than average: the float teacher scores "
+        f"{_pct(teacher['mean_accuracy']) if teacher else '-'} on it but 90.5 % on all 3,031 clips of the ten words "
+        "(measured with this pipeline's features), so compare each row of the ablation with the teacher's row, not with the "
+        "issue's 92 % alone. `python -m training.evaluate --split all` reports every clip (training speakers included).",
+        "- `go` and `no` are clearly below the teacher (confused with each other and with `down`); `up`/`off`/`on` "
+        "confusions remain.",
+        "- The wake word is missed in some synthetic voices (flite slt, festival slt, some espeak variants: about half of "
+        "flite slt's own training clips), so the project's example files voiced by flite slt do not wake it.",
+        "- The false-wake figure rests on 0.6 h of held-out negatives (1.2 h with the training half): one event would "
+        "already read 1.7 per hour. It cannot show 0.5 per hour with confidence; more negative audio is needed.",
         "- `computer` held-out speakers are approximate (clusters, not ids); its validation has few clips.",
         "- Validation splits of ~120 speakers per word are noisy (a few clips move a word by several points).",
         "- The device words are synthetic-only (see above).",
