@@ -42,10 +42,11 @@ AGENT_ID = "soak"
 BASE = f"home-agent/{AGENT_ID}"
 ROOMS = ("living_room", "kitchen", "bedroom", "bathroom", "hall", "office", "attic", "cellar", "garage",
          "nursery")
-# demo_commands.wav: "computer, light on / heat up / fan off"; when each command ends (examples.json).
+# demo_commands.wav: "computer, light on / computer, heat up / heat up" (the last without the wake word);
+# when each command that should act ends (examples.json).
 _EXAMPLES = json.loads((REPO_ROOT / "examples" / "examples.json").read_text(encoding="utf-8"))
 COMMAND_ENDS = tuple(command["end"] for entry in _EXAMPLES["files"] if entry["file"] == AUDIO.name
-                     for command in entry["commands"])
+                     for command in entry["commands"] if command.get("wake_word", True))
 CHUNK_SECONDS = 0.1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -1,11 +1,12 @@
 """``make demo``: spoken commands become MQTT device commands, on this machine, in about 15 seconds.
 
 Plays ``examples/demo_commands.wav`` (project-made synthetic speech: "computer, light on", "computer, heat
-up", "computer, fan off") into the real daemon (``python -m agent run --audio file:... --exit-at-end``) at
-real-time pace, with a temporary config whose actions drive a zigbee2mqtt thermostat and fan and a Tasmota
-plug. The broker is a local ``mosquitto`` on a free port when installed, else the tiny embedded broker in
-``scripts/mini_broker.py``. Prints what the agent heard (words, times, scores) and every command it
-published, as it happens. Exits 1 when no device command was published.
+up", then "heat up" without the wake word, which must do nothing) into the real daemon
+(``python -m agent run --audio file:... --exit-at-end``) at real-time pace, with a temporary config whose
+actions drive a zigbee2mqtt thermostat and fan and a Tasmota plug. The broker is a local ``mosquitto`` on a
+free port when installed, else the tiny embedded broker in ``scripts/mini_broker.py``. Prints what the
+agent heard (words, times, scores) and every command it published, as it happens. Exits 1 when no device
+command was published.
 """
 
 from __future__ import annotations
@@ -296,12 +297,21 @@ def main() -> int:
     for topic, payload in watcher.commands if watcher else []:
         print(f"  {topic:32} {payload.decode('utf-8', 'replace')}")
     if spoken_commands and watcher is not None:
-        recognised = [intent.get("intent") for intent in watcher.intents]
+        recognised = [intent.get("intent") for intent in watcher.intents]  # in order; each used once
         print("\nSaid -> done:")
         for spoken in spoken_commands:
             said = ("computer, " if spoken.get("wake_word") else "") + spoken["say"]
             action = COMMANDS.get(spoken["say"])
-            done = f"intent {action}" if action in recognised else "not recognised (no action sent)"
+            if spoken.get("wake_word") and action in recognised:
+                recognised.remove(action)
+                done = f"intent {action}"
+            elif spoken.get("wake_word"):
+                done = "not recognised (no action sent)"
+            elif action in recognised:
+                recognised.remove(action)
+                done = f"intent {action} WITHOUT the wake word (wrong)"
+            else:
+                done = "ignored: no wake word (correct)"
             print(f"  {said!r:24} -> {done}")
     if status != 0:
         print(f"demo: the agent exited with status {status}", file=sys.stderr)

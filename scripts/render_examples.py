@@ -92,10 +92,10 @@ EXAMPLES: tuple[Example, ...] = (
         "demo_commands.wav",
         (
             Command("light on", "piper-joe"),
-            Command("heat up", "flite-slt"),
-            Command("fan off", "piper-joe"),
+            Command("heat up", "piper-joe"),
+            Command("heat up", "piper-joe", wake_word=False),
         ),
-        "three commands, 1.5 s apart, for make demo",
+        "two commands and one without the wake word (must do nothing), 1.5 s apart, for make demo",
     ),
 )
 

@@ -128,17 +128,15 @@ def test_a_command_without_the_wake_word_does_nothing(
 
 def test_several_commands_in_one_recording(
         tmp_path: Path, mosquitto: Mosquitto, mqtt_client: Callable[..., MqttProbe]) -> None:
-    """Three commands (two voices) in one stream. What the model misses is its accuracy, measured on real
-    speakers elsewhere; here: the first command works, and nothing is ever sent that was not said."""
+    """Two commands and a third without the wake word in one stream: both commands act, in order, with
+    exactly their bytes; the command without "computer" does nothing; nothing is sent that was not said."""
     probe = mqtt_client().subscribe("#")
     probe.publish("zigbee2mqtt/thermostat", THERMOSTAT_STATE, retain=True)
     result = run_file(write(tmp_path, voice_config(mosquitto, tmp_path / "state")),
                       EXAMPLES / "demo_commands.wav")
     assert result.returncode == 0, result.stderr
-    spoken = ["light_on", "heating_up", "fan_off"]
     intents = [json.loads(m.payload)["intent"] for m in probe.matching("home-agent/voicetest/intent")]
-    assert intents[:1] == ["light_on"]
-    assert intents == [action for action in spoken if action in intents]  # a subsequence, in order
+    assert intents == ["light_on", "heating_up"]
     commands = {"light_on": ("cmnd/livingroom_lamp/POWER", b"ON"),
                 "heating_up": ("zigbee2mqtt/thermostat/set", b'{"current_heating_setpoint": 21.5}'),
                 "fan_off": ("zigbee2mqtt/ceiling_fan/set", b'{"state": "OFF"}')}
