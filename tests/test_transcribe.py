@@ -95,8 +95,9 @@ def test_the_wake_word_is_placed_in_time() -> None:
     result = transcribe_file(pipeline, EXAMPLES / "computer_heat_up.wav")
     spoken = {w["word"]: w for w in example_words("computer_heat_up.wav")}
     computer = next(d for d in result.detections if d.word == "computer")
-    # Detected within half a second after the word ended, and the reported span overlaps the word.
-    assert spoken["computer"]["end"] - 0.1 <= computer.end <= spoken["computer"]["end"] + 0.5
+    # Detected once the word is (nearly) complete - the model may be sure before the final consonant, so at
+    # most two 100 ms hops before its recorded end - and within half a second after; the span overlaps it.
+    assert spoken["computer"]["end"] - 0.2 <= computer.end <= spoken["computer"]["end"] + 0.5
     assert computer.start <= spoken["computer"]["end"] and computer.end >= spoken["computer"]["start"]
 
 
