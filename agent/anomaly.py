@@ -50,6 +50,7 @@ import numpy.typing as npt
 from agent.config import AnomalySection
 from agent.errors import ActionError, ModelError, StateError
 from agent.messages import ActionRequest, AnomalyEvent, AnomalyKind, Reading
+from agent.tflite import interpreter_class, metadata_path
 
 if TYPE_CHECKING:
     from agent.app import App
@@ -126,28 +127,10 @@ class Calibration:
 # --------------------------------------------------------------------------------------------- model
 
 
-def _interpreter_class() -> Any:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter
-    except ImportError:
-        pass
-    try:
-        from tflite_runtime.interpreter import Interpreter
-
-        return Interpreter
-    except ImportError as err:
-        raise ModelError("neither ai-edge-litert nor tflite-runtime is installed: cannot run the anomaly "
-                         "model") from err
-
-
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def metadata_path(model_path: Path) -> Path:
-    return model_path.with_suffix(".json")
 
 
 def time_features(tod: FloatArray) -> npt.NDArray[np.float32]:
@@ -199,12 +182,12 @@ class AnomalyModel:
         if actual != meta["sha256"]:
             raise ModelError(f"anomaly model {path} is corrupt or does not match {meta_file.name}: sha256 "
                              f"{actual[:12]}... != {str(meta['sha256'])[:12]}...")
-        interpreter_class = _interpreter_class()
+        interpreter_type = interpreter_class()
         n_features = int(meta["window"]) + 2
         interpreters: dict[int, Any] = {}
         for batch in (1, MODEL_BATCH):
             try:
-                interpreter = interpreter_class(model_path=str(path), num_threads=1)
+                interpreter = interpreter_type(model_path=str(path), num_threads=1)
                 inp = interpreter.get_input_details()
                 out = interpreter.get_output_details()
                 if len(inp) != 1 or len(out) != 1:

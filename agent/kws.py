@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features import FeatureParams
+from agent.tflite import interpreter_class, metadata_path
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +34,6 @@ REQUIRED_METADATA = (
 )
 NON_WORD_LABELS = ("_silence_", "_unknown_")
 
-
-def _interpreter_class() -> Any:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        try:
-            from tflite_runtime.interpreter import Interpreter
-        except ImportError as err:
-            raise ModelError("no TFLite interpreter: install ai-edge-litert (or tflite-runtime)") from err
-    return Interpreter
-
-
-def metadata_path(model_path: Path) -> Path:
-    return model_path.with_suffix(".json")
 
 
 def file_sha256(path: Path) -> str:
@@ -113,9 +100,9 @@ class KwsModel:
                 f"keyword model {path} does not match its metadata: sha256 {actual_sha[:12]}..., "
                 f"metadata expects {str(metadata['sha256'])[:12]}... (model or metadata replaced or corrupt)"
             )
-        interpreter_class = _interpreter_class()
+        interpreter_type = interpreter_class()
         try:
-            interpreter = interpreter_class(model_content=model_bytes, num_threads=num_threads)
+            interpreter = interpreter_type(model_content=model_bytes, num_threads=num_threads)
             interpreter.allocate_tensors()
             # Inside the try: a corrupt file can carry tensor names that are not UTF-8 (ValueError).
             inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
