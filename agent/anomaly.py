@@ -203,6 +203,10 @@ class AnomalyModel:
                                      f"{np.dtype(inp[0]['dtype']).name} and {np.dtype(out[0]['dtype']).name}")
                 interpreter.resize_tensor_input(inp[0]["index"], [batch, n_features])
                 interpreter.allocate_tensors()
+                # A damaged file can load yet fail on its first run ("Input tensor 6 lacks data"): find out
+                # now, as a ModelError, rather than on the first reading in the anomaly thread.
+                interpreter.set_tensor(inp[0]["index"], np.zeros((batch, n_features), dtype=np.int8))
+                interpreter.invoke()
             except (ValueError, RuntimeError) as err:
                 raise ModelError(f"anomaly model {path} cannot be loaded: {err}") from err
             interpreters[batch] = interpreter

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, toml_dumps, wait_until
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agent.actions import ActionTable
@@ -44,7 +44,10 @@ MUTE_SET = f"{BASE}/mute/set"
 DIAGNOSTICS = f"{BASE}/diagnostics"
 EXAMPLE_CONFIG = REPO_ROOT / "config.toml"
 KWS_MODEL = REPO_ROOT / "models" / "kws.tflite"
-FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Derandomized: CI sees the same examples every run (a gate, not a lottery); explore with a random seed by
+# hand (set derandomize=False locally) and pin what it finds with @example.
+FUZZ = settings(deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # ------------------------------------------------------------------------------------ MQTT payloads
 
@@ -418,6 +421,7 @@ ANOMALY_MODEL = REPO_ROOT / "models" / "anomaly.tflite"
     st.integers(0, 4000),
     st.binary(max_size=3000),
 ))
+@example(damage=[(1534, 0)])  # loaded, then failed on first invoke: "Input tensor 6 lacks data" (found in CI)
 def test_corrupt_anomaly_models_give_model_error(damage: Any,
                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
     from agent.anomaly import AnomalyModel, metadata_path
