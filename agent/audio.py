@@ -22,7 +22,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -454,6 +454,16 @@ class FileSource(AudioSource):
         self._exhausted = False
         self.started_mono = None
 
+    def chunks(self) -> Iterator[AudioChunk]:
+        """Every chunk of the open file in order, at the source's pace, until its end."""
+        while True:
+            try:
+                chunk = self.read(timeout=1.0)
+            except EndOfAudio:
+                return
+            if chunk is not None:
+                yield chunk
+
     def read(self, timeout: float) -> AudioChunk | None:
         if self._file is None:
             raise AudioError(f"audio file {self.path} is not open")
@@ -622,15 +632,8 @@ def create_source(spec: str, audio: AudioSection,
 def read_audio_file(path: Path | str) -> npt.NDArray[np.int16]:
     """A whole file as 16 kHz mono int16 (through the same code as the file source)."""
     source = FileSource(path, realtime=False, block_seconds=1.0)
-    parts: list[npt.NDArray[np.int16]] = []
     with source:
-        while True:
-            try:
-                chunk = source.read(timeout=1.0)
-            except EndOfAudio:
-                break
-            if chunk is not None:
-                parts.append(chunk.samples)
+        parts = [chunk.samples for chunk in source.chunks()]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.audio import FILE_SUFFIXES, EndOfAudio, FileSource
+from agent.audio import FILE_SUFFIXES, FileSource
 from agent.config import load_config
 from agent.errors import AudioError
 from agent.messages import Detection, Intent
@@ -80,13 +80,7 @@ def transcribe_file(pipeline: VoicePipeline, path: Path) -> FileResult:
     source = FileSource(path, realtime=False, block_seconds=READ_BLOCK_SECONDS)
     try:
         with source:
-            while True:
-                try:
-                    chunk = source.read(timeout=1.0)
-                except EndOfAudio:
-                    break
-                if chunk is None:
-                    continue
+            for chunk in source.chunks():
                 output = pipeline.feed(chunk.samples)
                 result.detections += output.detections
                 result.intents += output.intents

@@ -39,7 +39,7 @@ import numpy as np
 import soundfile as sf
 
 from agent.app import App, RunOptions
-from agent.audio import EndOfAudio, FileSource, Resampler, read_audio_file, to_int16
+from agent.audio import FileSource, Resampler, read_audio_file, to_int16
 from agent.config import parse_config
 from agent.voice import VoicePipeline, VoiceStage, load_pipeline
 
@@ -92,13 +92,8 @@ def offline_cpu(pipeline: VoicePipeline, path: Path) -> dict[str, Any]:
     invocations = pipeline.invocations
     started_cpu, started_wall = time.process_time(), time.perf_counter()
     with source:
-        while True:
-            try:
-                chunk = source.read(timeout=1.0)
-            except EndOfAudio:
-                break
-            if chunk is not None:
-                intents += len(pipeline.feed(chunk.samples).intents)
+        for chunk in source.chunks():
+            intents += len(pipeline.feed(chunk.samples).intents)
     cpu = time.process_time() - started_cpu
     wall = time.perf_counter() - started_wall
     audio_seconds = pipeline.t_audio

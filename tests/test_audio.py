@@ -138,15 +138,10 @@ def read_all(source: FileSource) -> tuple[np.ndarray, int]:
     parts = []
     chunks = 0
     with source:
-        while True:
-            try:
-                chunk = source.read(timeout=1.0)
-            except EndOfAudio:
-                break
-            if chunk is not None:
-                assert chunk.sample_rate == 16000 and chunk.samples.dtype == np.int16
-                parts.append(chunk.samples)
-                chunks += 1
+        for chunk in source.chunks():
+            assert chunk.sample_rate == 16000 and chunk.samples.dtype == np.int16
+            parts.append(chunk.samples)
+            chunks += 1
     return np.concatenate(parts), chunks
 
 
@@ -233,15 +228,8 @@ def test_real_time_pace(tmp_path: Path) -> None:
 def test_real_time_chunks_carry_their_capture_time(tmp_path: Path) -> None:
     sf.write(tmp_path / "a.wav", np.zeros(4800, dtype=np.int16), 16000)
     source = FileSource(tmp_path / "a.wav", realtime=True, block_seconds=0.1)
-    times = []
     with source:
-        while True:
-            try:
-                chunk = source.read(timeout=1.0)
-            except EndOfAudio:
-                break
-            if chunk is not None:
-                times.append(chunk.t_mono)
+        times = [chunk.t_mono for chunk in source.chunks()]
     assert source.started_mono is not None
     assert [round(t - source.started_mono, 3) for t in times] == [0.1, 0.2, 0.3]
 
