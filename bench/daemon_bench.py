@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,12 +52,6 @@ enabled = {voice}
 say = "light on"
 action = "lamp_on"
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Watcher:
@@ -194,28 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--flood", type=int, default=10_000)
     args = parser.parse_args(argv)
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(mosquitto).exists():
-        print("daemon_bench: mosquitto is not installed", file=sys.stderr)
-        return 1
     sys.path.insert(0, str(REPO_ROOT))
     # Imported here, after sys.path is set up (the bench also runs as a plain script).
     from agent import __version__
     from agent.config import load_config
     from agent.discovery import discovery_messages
+    from bench.broker import BenchBroker, find_mosquitto
+
+    if find_mosquitto() is None:
+        print("daemon_bench: mosquitto is not installed", file=sys.stderr)
+        return 1
 
     results: dict[str, Any] = {"version": __version__, "python": sys.version.split()[0],
                                "cpus": os.cpu_count(), "load_average": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="daemon-bench-") as tmp:
         workdir = Path(tmp)
-        port = _free_port()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        + ("user root\n" if os.geteuid() == 0 else ""))
-        broker = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        broker = BenchBroker(workdir, allow_embedded=False)
+        port = broker.port
         try:
-            time.sleep(0.3)
             watcher = _Watcher(port)
             for variant, voice in (("backbone", False), ("voice", True)):
                 (workdir / "config.toml").write_text(CONFIG.format(state=workdir / "state", port=port,
@@ -233,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"flood: {results['flood']}", flush=True)
             watcher.close()
         finally:
-            broker.kill()
-            broker.wait()
+            broker.stop()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {RESULTS}")

@@ -19,8 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -100,12 +98,6 @@ sensor = "{sensor}_temperature"
 min = -40.0
 max = 80.0
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def proc_sample(pid: int) -> tuple[int, float]:
@@ -272,12 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spike-every", type=float, default=45.0, help="seconds between telemetry spikes")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(mosquitto).exists():
-        print("soak_bench: mosquitto is not installed", file=sys.stderr)
-        return 1
     sys.path.insert(0, str(REPO_ROOT))
     from agent import __version__  # after sys.path: the bench also runs as a plain script
+    from bench.broker import BenchBroker, find_mosquitto
+
+    if find_mosquitto() is None:
+        print("soak_bench: mosquitto is not installed", file=sys.stderr)
+        return 1
 
     samples_audio, rate = sf.read(AUDIO, dtype="int16", always_2d=False)
     if rate != 16000 or samples_audio.ndim != 1:
@@ -293,12 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="soak-bench-") as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        + ("user root\n" if os.geteuid() == 0 else ""))
-        broker = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        broker = BenchBroker(workdir, allow_embedded=False)
+        port = broker.port
+        assert broker.process is not None  # mosquitto, whose own CPU and memory are sampled
         config = workdir / "config.toml"
         sensors = [f"{ROOMS[i % len(ROOMS)]}_{i // len(ROOMS)}" for i in range(args.sensors)]
         telemetry = "".join(TELEMETRY.format(sensor=s) for s in sensors)
@@ -344,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"the daemon died after {elapsed:.0f} s:\n"
                                        + log_path.read_text()[-3000:])
                 rss, cpu = proc_sample(daemon.pid)
-                broker_rss, broker_cpu = proc_sample(broker.pid)
+                broker_rss, broker_cpu = proc_sample(broker.process.pid)
                 cpu_percent = broker_cpu_percent = None
                 if previous_cpu is not None and previous_broker_cpu is not None:
                     span = max(1e-6, now - previous_cpu[0])
@@ -381,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             if daemon is not None and daemon.poll() is None:
                 daemon.kill()
                 daemon.wait()
-            broker.kill()
-            broker.wait()
+            broker.stop()
         log_text = log_path.read_text(encoding="utf-8", errors="replace")
 
     steady = [s for s in samples if s["t"] >= warmup]
