@@ -49,10 +49,11 @@ log = logging.getLogger(__name__)
 
 HOP_SECONDS = 0.1  # run the model every 100 ms of audio
 # The words that can continue a phrase after the wake word are averaged over 0.3 s instead of the model's
-# own smoothing (0.5 s for models/kws.tflite f390bb0c): end of command -> MQTT median 0.30 s -> 0.12 s (max
-# 0.18 s, bench/voice_bench.py). The price, on the held-out real speakers' ten command words, all expected:
-# clips where another word fires too 2.4 % -> 4.7 %, on/off or up/down swapped 2 -> 5 of 306 (0.2 s: 9 of
-# 306). Unexpected words keep the full smoothing. Model metadata ``listening_smoothing_seconds`` overrides it.
+# own smoothing (0.5 s): a command fires sooner. Held-out real speakers, each word 0.15-0.35 s after a real
+# "computer" (models/kws.tflite 41cbe029, bench/voice_bench.py): word end -> detection median 0.05 s, p90
+# 0.26 s; 0.2 s would give median 0.00 s, p90 0.21 s but twice the clips where another command word fires
+# first (36 vs 18 of 794). Unexpected words keep the full smoothing. Model metadata
+# ``listening_smoothing_seconds`` overrides it.
 LISTENING_SMOOTHING = 0.3
 READ_TIMEOUT = 0.25  # the stage loop turns at least this often (stop requests, heartbeats)
 HEARTBEAT_LIMIT = 10.0  # healthy() is False when the loop has not turned for this long

@@ -90,7 +90,8 @@ def long_recording(workdir: Path, seconds: float) -> tuple[Path, list[dict[str, 
 def real_speaker_recording(workdir: Path, data_dir: Path, per_word: int = 8,
                            seed: int = 7) -> tuple[Path, list[dict[str, Any]], float]:
     """Held-out real speakers (never trained on) saying "computer" then one command word, ``per_word`` times
-    for each word of REAL_WORD_COMMANDS: (path, commands with the word's end by energy, duration)."""
+    for each word of REAL_WORD_COMMANDS, the clips cut to their speech (+50 ms) and joined with a natural
+    pause: (path, commands with the word's end by energy, duration)."""
     from training.data import inventory, speech_span
 
     clips = [c for c in inventory(data_dir, synth_dir=None) if c.source == "real" and c.split == "validation"]
@@ -107,18 +108,22 @@ def real_speaker_recording(workdir: Path, data_dir: Path, per_word: int = 8,
         pieces.append(samples)
         cursor += len(samples)
 
+    margin = 800  # 50 ms of each clip's own background either side of its speech
     for index in range(per_word):
         for word in REAL_WORD_COMMANDS:
-            put(tail_padding(0.7, seed=len(pieces)))
-            put(read_audio_file(Path(str(rng.choice(wakes)))))
-            put(tail_padding(0.25, seed=len(pieces)))
+            wake = read_audio_file(Path(str(rng.choice(wakes))))
             spoken = read_audio_file(Path(chosen[word][index]))
-            span = speech_span(spoken, END_FLOOR_DB)
-            start = cursor
-            put(spoken)
-            if span is not None:
-                commands.append({"say": word, "wake_word": True, "start": (start + span[0]) / 16000,
-                                 "end": (start + span[1]) / 16000, "file": Path(chosen[word][index]).name})
+            wake_span, span = speech_span(wake, END_FLOOR_DB), speech_span(spoken, END_FLOOR_DB)
+            if wake_span is None or span is None:
+                continue
+            put(tail_padding(0.7, seed=len(pieces)))
+            put(wake[max(0, wake_span[0] - margin) : wake_span[1] + margin])
+            # "computer ... up" as people say it: 0.15-0.35 s from the end of one word to the next
+            put(tail_padding(max(0.0, float(rng.uniform(0.15, 0.35)) - 2 * margin / 16000), seed=len(pieces)))
+            start = cursor - max(0, span[0] - margin)
+            put(spoken[max(0, span[0] - margin) :])
+            commands.append({"say": word, "wake_word": True, "start": (start + span[0]) / 16000,
+                             "end": (start + span[1]) / 16000, "file": Path(chosen[word][index]).name})
             put(tail_padding(1.5, seed=len(pieces)))
     path = workdir / "real_speakers.wav"
     sf.write(path, np.concatenate(pieces), 16000, subtype="PCM_16")

@@ -48,7 +48,7 @@ EXCLUDED_REAL = ("hey_computer",)
 # reject a real "computer" followed by any sound.
 EXCLUDED_SYNTH = ("computers",)
 COMPUTER_CLUSTERS = 36
-DATA_VERSION = 7  # bump when the windows or augmentation change (invalidates the cache)
+DATA_VERSION = 10  # bump when the windows or augmentation change (invalidates the cache)
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,22 @@ def word_context(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.int16]:
         segment = np.zeros(WINDOW + 2 * CONTEXT, np.float32)
         segment[CONTEXT + offset : CONTEXT + offset + len(samples)] = samples
     return to_int16(segment)
+
+
+def speech_span(samples: npt.NDArray[np.int16], floor_db: float = 30.0) -> tuple[int, int] | None:
+    """First and one-past-last sample of the 10 ms frames within ``floor_db`` of the loudest one (and 10 dB
+    over the quietest tenth): where the word is. None for silence."""
+    frame = SAMPLE_RATE // 100
+    count = len(samples) // frame
+    if count == 0:
+        return None
+    frames = (samples[: count * frame].astype(np.float64) / 32768.0).reshape(count, frame)
+    power = np.mean(frames**2, axis=1)
+    level = 10 * np.log10(power + 1e-10)
+    loud = np.nonzero(level > max(level.max() - floor_db, np.percentile(level, 10) + 10))[0]
+    if len(loud) == 0 or level.max() < -70:
+        return None
+    return int(loud[0]) * frame, (int(loud[-1]) + 1) * frame
 
 
 def to_int16(samples: npt.NDArray[Any]) -> npt.NDArray[np.int16]:
@@ -254,6 +270,21 @@ class AugmentConfig:
     # The wake word must score high wherever it sits in the streamed window (and its clips have real audio
     # around the word), so it moves further.
     wake_shift_seconds: float = 0.25
+    # Streaming wants a word recognised as soon as it is complete, i.e. when it sits at the END of the 1 s
+    # window, not only centred as in the clips: this share of the windows of every word but the wake word
+    # (command words, device words and the other words, so a whole "often" at the end still reads unknown)
+    # places the word's end this many seconds before the window's end. Without it a command fired only once
+    # it had moved towards the middle of the window (0.3-0.5 s after it was said). The wake word's latency
+    # does not matter; end-placing it too (tried) let false wakes through at the wake threshold's floor.
+    end_probability: float = 0.5
+    end_margin_seconds: tuple[float, float] = (0.02, 0.2)
+    # Commands are phrases ("heat up"): when "up" ends, "heat" is still in the window. This share of the
+    # end-placed windows gets another training word (any label, often cut by the window's left edge) before
+    # the word, so the label is the word that has just ended, whatever precedes it.
+    preceding_probability: float = 0.5
+    preceding_gap_seconds: tuple[float, float] = (0.03, 0.35)
+    preceding_level_db: tuple[float, float] = (-6.0, 3.0)  # its peak relative to the word's
+    preceding_pool: int = 3000  # words (speech only) drawn from the training clips
     noise_probability: float = 0.8
     snr_db: tuple[float, float] = (0.0, 25.0)
     room_probability: float = 0.3
@@ -296,17 +327,33 @@ class Augmenter:
         self.noise = noise_pool
         self.rng = np.random.default_rng(seed)
         self.rooms = room_impulse_responses(config.rooms) if config.room_probability > 0 else []
+        self.preceding: list[npt.NDArray[np.int16]] = []  # words that may precede an end-placed word
+        self.placed_at_end = False  # where word() put its last word
 
     def noise_window(self, size: int = WINDOW) -> npt.NDArray[np.float32]:
         start = int(self.rng.integers(0, len(self.noise) - size))
         return self.noise[start : start + size]
 
-    def word(self, context: npt.NDArray[np.int16], shift_seconds: float) -> npt.NDArray[np.int16]:
-        """One augmented 1 s window from a word's 1.5 s context."""
+    def word(
+        self, context: npt.NDArray[np.int16], shift_seconds: float, at_end: bool = False
+    ) -> npt.NDArray[np.int16]:
+        """One augmented 1 s window from a word's 1.5 s context; ``at_end``: a share of the windows (see
+        AugmentConfig.end_probability) put the word's end near the window's end."""
         config, rng = self.config, self.rng
-        max_shift = min(round(shift_seconds * SAMPLE_RATE), CONTEXT)
-        offset = CONTEXT + int(rng.integers(-max_shift, max_shift + 1))
-        speech = context[offset : offset + WINDOW].astype(np.float32) / 32768.0
+        span = speech_span(context) if at_end and rng.random() < config.end_probability else None
+        longest = WINDOW - round(config.end_margin_seconds[1] * SAMPLE_RATE)
+        self.placed_at_end = span is not None and span[1] - span[0] <= longest
+        if span is not None and self.placed_at_end:
+            margin = round(rng.uniform(*config.end_margin_seconds) * SAMPLE_RATE)
+            start = span[1] + margin - WINDOW  # may lie before the context: zeros there, as around a clip
+            padded = np.concatenate([np.zeros(WINDOW, np.int16), context, np.zeros(WINDOW, np.int16)])
+            speech = padded[WINDOW + start : 2 * WINDOW + start].astype(np.float32) / 32768.0
+            if self.preceding and rng.random() < config.preceding_probability:
+                self._precede(speech, span[0] - start)
+        else:
+            max_shift = min(round(shift_seconds * SAMPLE_RATE), CONTEXT)
+            offset = CONTEXT + int(rng.integers(-max_shift, max_shift + 1))
+            speech = context[offset : offset + WINDOW].astype(np.float32) / 32768.0
         if self.rooms and rng.random() < config.room_probability:
             rir = self.rooms[int(rng.integers(len(self.rooms)))]
             from scipy.signal import fftconvolve
@@ -317,6 +364,20 @@ class Augmenter:
         if rng.random() < config.noise_probability:
             speech = self._mix(speech, self.noise_window(), rng.uniform(*config.snr_db))
         return to_int16(speech)
+
+    def _precede(self, speech: npt.NDArray[np.float32], word_start: int) -> None:
+        """Add a random training word ending a short gap before ``word_start`` (in place; its front may fall
+        off the window's left edge)."""
+        rng, config = self.rng, self.config
+        other = self.preceding[int(rng.integers(len(self.preceding)))].astype(np.float32) / 32768.0
+        end = word_start - round(rng.uniform(*config.preceding_gap_seconds) * SAMPLE_RATE)
+        if end <= 0:
+            return
+        visible = other[max(0, len(other) - end) :]
+        peak = float(np.abs(speech[word_start:]).max()) if word_start < len(speech) else 0.0
+        level = 10 ** (rng.uniform(*config.preceding_level_db) / 20)
+        scale = peak / max(float(np.abs(other).max()), 1e-9) * level
+        speech[end - len(visible) : end] += visible * np.float32(scale)
 
     def negative(self, window: npt.NDArray[np.float32], noisy: bool = True) -> npt.NDArray[np.int16]:
         rng = self.rng
@@ -360,8 +421,20 @@ class Dataset:
 
     features: npt.NDArray[np.float32]  # (N, frames, features)
     labels: npt.NDArray[np.int64]
-    sources: npt.NDArray[np.str_]  # "real" | "synth" | "long" | "noise" | "quiet"
+    sources: npt.NDArray[np.str_]  # "real" | "synth" | "long" | "noise" | "quiet" | "mined"
     origin: npt.NDArray[np.str_]  # the clip's file name, for reports
+    # The word was placed at the window's end (AugmentConfig.end_probability): no teacher trained on centred
+    # words knows these windows, so they are never distilled from one.
+    at_end: npt.NDArray[np.bool_] | None = None
+
+    def __post_init__(self) -> None:
+        if self.at_end is None:
+            self.at_end = np.zeros(len(self.labels), dtype=bool)
+
+    @property
+    def end_placed(self) -> npt.NDArray[np.bool_]:
+        assert self.at_end is not None
+        return self.at_end
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -372,19 +445,23 @@ class Dataset:
             np.concatenate([self.labels, other.labels]),
             np.concatenate([self.sources, other.sources]),
             np.concatenate([self.origin, other.origin]),
+            np.concatenate([self.end_placed, other.end_placed]),
         )
 
     def subset(self, mask: npt.NDArray[np.bool_]) -> Dataset:
-        return Dataset(self.features[mask], self.labels[mask], self.sources[mask], self.origin[mask])
+        return Dataset(self.features[mask], self.labels[mask], self.sources[mask], self.origin[mask],
+                       self.end_placed[mask])
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, features=self.features, labels=self.labels, sources=self.sources, origin=self.origin)
+        np.savez(path, features=self.features, labels=self.labels, sources=self.sources, origin=self.origin,
+                 at_end=self.end_placed)
 
     @classmethod
     def load(cls, path: Path) -> Dataset:
         with np.load(path) as data:
-            return cls(data["features"], data["labels"], data["sources"], data["origin"])
+            at_end = data["at_end"] if "at_end" in data.files else None
+            return cls(data["features"], data["labels"], data["sources"], data["origin"], at_end)
 
 
 def _long_windows(samples: npt.NDArray[np.float32], hop: int) -> list[tuple[npt.NDArray[np.float32], bool]]:
@@ -489,6 +566,22 @@ def mine_hard_negatives(  # noqa: PLR0917
     return dataset
 
 
+def preceding_words(train: list[Clip], count: int) -> list[npt.NDArray[np.int16]]:
+    """The speech of ``count`` training word clips (a seeded draw over every label), at most 0.8 s each."""
+    words = [c for c in train if c.source in ("real", "synth")]
+    if not words or count <= 0:
+        return []
+    rng = np.random.default_rng(SEED + 11)
+    chosen = rng.choice(len(words), min(count, len(words)), replace=False)
+    pool = []
+    for index in progress(sorted(chosen), total=len(chosen), desc="preceding words"):
+        context = word_context(read_audio(Path(words[index].path)))
+        span = speech_span(context)
+        if span is not None:
+            pool.append(context[max(span[0], span[1] - round(0.8 * SAMPLE_RATE)) : span[1]])
+    return pool
+
+
 def build_training_set(
     clips: list[Clip], params: FeatureParams, config: AugmentConfig, cache_dir: Path = CACHE_DIR
 ) -> Dataset:
@@ -503,17 +596,21 @@ def build_training_set(
         [c for c in clips if c.split == "train"], config.synth_negatives_per_word
     )
     augmenter = Augmenter(config, _noise_pool(train), SEED)
+    augmenter.preceding = preceding_words(train, config.preceding_pool)
     hop = round(config.long_hop_seconds * SAMPLE_RATE)
     windows: list[npt.NDArray[np.int16]] = []
     labels: list[int] = []
     sources: list[str] = []
     origins: list[str] = []
 
-    def add(window: npt.NDArray[np.int16], label: str, source: str, origin: str) -> None:
+    at_end: list[bool] = []
+
+    def add(window: npt.NDArray[np.int16], label: str, source: str, origin: str, end: bool = False) -> None:
         windows.append(window)
         labels.append(LABELS.index(label))
         sources.append(source)
         origins.append(origin)
+        at_end.append(end)
 
     for clip in progress(train, total=len(train), desc="augment"):
         samples = read_audio(Path(clip.path))
@@ -539,11 +636,12 @@ def build_training_set(
             copies = config.word_copies
         shift = config.wake_shift_seconds if clip.label == WAKE_WORD else config.shift_seconds
         for _ in range(copies):
-            add(augmenter.word(context, shift), clip.label, clip.source, name)
+            placed = augmenter.word(context, shift, at_end=clip.label != WAKE_WORD)
+            add(placed, clip.label, clip.source, name, augmenter.placed_at_end)
     for index in range(config.quiet_silence):
         add(augmenter.quiet(), SILENCE_LABEL, "quiet", f"quiet{index}")
     features = np.stack([window_features(w, params) for w in progress(windows, len(windows), "features")])
-    dataset = Dataset(features, np.array(labels), np.array(sources), np.array(origins))
+    dataset = Dataset(features, np.array(labels), np.array(sources), np.array(origins), np.array(at_end))
     dataset.save(cache)
     log.info("%d training windows in %.0f s -> %s", len(dataset), time.monotonic() - started, cache)
     return dataset

@@ -54,7 +54,8 @@ def teacher_mapping() -> npt.NDArray[np.float32]:
 
 def soft_targets(teacher: Any, dataset: Dataset, temperature: float) -> tuple[npt.NDArray[np.float32], Any]:
     """Teacher probabilities at ``temperature`` in our label order, and where distillation applies: windows
-    whose label the teacher knows (its ten words, silence, and real Speech Commands other words)."""
+    whose label the teacher knows (its ten words, silence, and real Speech Commands other words) and where it
+    was trained to know it (not the windows with the word placed at their end)."""
     logits = logits_model(teacher).predict(dataset.features[..., None], batch_size=512, verbose=0)
     scaled = logits / temperature
     scaled -= scaled.max(axis=1, keepdims=True)
@@ -65,6 +66,7 @@ def soft_targets(teacher: Any, dataset: Dataset, temperature: float) -> tuple[np
     real_unknown = (dataset.labels == LABELS.index(UNKNOWN_LABEL)) & (dataset.sources == "real")
     sc_origin = np.char.startswith(dataset.origin.astype(str), "sc_")
     mask |= real_unknown & sc_origin
+    mask &= ~dataset.end_placed  # the teacher learned centred words: at the window's end it does not know
     return soft, mask.astype(np.float32)
 
 

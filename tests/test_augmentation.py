@@ -1,0 +1,147 @@
+"""Where training.data's augmentation puts a word in its 1 s window: the time shift around the centre, the
+placement at the window's end (what makes a command fire as soon as it is spoken), and the preceding word."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from training.data import (
+    CONTEXT,
+    WINDOW,
+    AugmentConfig,
+    Augmenter,
+    Clip,
+    Dataset,
+    preceding_words,
+    speech_span,
+    to_int16,
+    word_context,
+)
+
+RATE = 16000
+
+
+def tone(seconds: float, amplitude: float = 0.5, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(round(seconds * RATE)) / RATE
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def clip_with_word(start: float, length: float, total: float = 1.0) -> np.ndarray:
+    """A quiet clip (faint noise) with a 'word' (a tone) from ``start`` for ``length`` seconds."""
+    rng = np.random.default_rng(0)
+    samples = rng.normal(0, 1e-4, round(total * RATE)).astype(np.float32)
+    begin = round(start * RATE)
+    word = tone(length)
+    samples[begin : begin + len(word)] += word
+    return samples
+
+
+def plain(config: AugmentConfig, seed: int = 0) -> Augmenter:
+    """No room, noise or gain: the word's position is all that changes."""
+    quiet = AugmentConfig(**{**config.__dict__, "room_probability": 0.0, "noise_probability": 0.0,
+                             "gain_db": (0.0, 0.0)})
+    return Augmenter(quiet, np.zeros(4 * RATE, np.float32), seed)
+
+
+def test_speech_span_finds_the_word() -> None:
+    span = speech_span(to_int16(clip_with_word(0.3, 0.25)))
+    assert span is not None
+    assert span[0] == pytest.approx(0.3 * RATE, abs=0.011 * RATE)
+    assert span[1] == pytest.approx(0.55 * RATE, abs=0.011 * RATE)
+    assert speech_span(np.zeros(RATE, np.int16)) is None
+
+
+def test_centred_shift_stays_within_its_range() -> None:
+    context = word_context(clip_with_word(0.4, 0.2))
+    augmenter = plain(AugmentConfig(end_probability=1.0))
+    for _ in range(50):
+        window = augmenter.word(context, 0.1, at_end=False)
+        span = speech_span(window)
+        assert span is not None and not augmenter.placed_at_end
+        assert 0.3 * RATE - 10 * 160 <= span[0] <= 0.5 * RATE + 160
+
+
+@pytest.mark.parametrize("start", [0.1, 0.4, 0.7])
+def test_end_placement_puts_the_word_end_near_the_window_end(start: float) -> None:
+    config = AugmentConfig(end_probability=1.0, preceding_probability=0.0)
+    context = word_context(clip_with_word(start, 0.25))
+    augmenter = plain(config)
+    low, high = config.end_margin_seconds
+    for _ in range(50):
+        window = augmenter.word(context, 0.1, at_end=True)
+        assert augmenter.placed_at_end
+        span = speech_span(window)
+        assert span is not None
+        margin = (WINDOW - span[1]) / RATE
+        assert low - 0.011 <= margin <= high + 0.011
+        assert span[1] - span[0] == pytest.approx(0.25 * RATE, abs=0.011 * RATE)  # the whole word
+
+
+def test_end_placement_share_and_shift_only_windows() -> None:
+    context = word_context(clip_with_word(0.4, 0.2))
+    augmenter = plain(AugmentConfig(end_probability=0.5, preceding_probability=0.0))
+    placed = []
+    for _ in range(400):
+        augmenter.word(context, 0.1, at_end=True)
+        placed.append(augmenter.placed_at_end)
+    assert 0.4 < np.mean(placed) < 0.6
+    for _ in range(50):
+        augmenter.word(context, 0.1, at_end=False)  # only shifted around the centre
+        assert not augmenter.placed_at_end
+
+
+def test_too_long_a_word_is_not_end_placed() -> None:
+    context = word_context(clip_with_word(0.05, 0.9))
+    augmenter = plain(AugmentConfig(end_probability=1.0))
+    augmenter.word(context, 0.1, at_end=True)
+    assert not augmenter.placed_at_end
+
+
+def test_a_preceding_word_ends_a_gap_before_the_word() -> None:
+    config = AugmentConfig(end_probability=1.0, preceding_probability=1.0)
+    augmenter = plain(config)
+    augmenter.preceding = [to_int16(tone(0.3, 0.4, 300.0))]
+    context = word_context(clip_with_word(0.4, 0.2))
+    low, high = config.preceding_gap_seconds
+    for _ in range(30):
+        window = augmenter.word(context, 0.1, at_end=True).astype(np.float32) / 32768
+        frames = np.mean(window[: len(window) // 160 * 160].reshape(-1, 160) ** 2, axis=1)
+        loud = frames > 1e-3
+        # two loud runs (preceding word, then the word) and the gap between; the window's edge may cut
+        # the first
+        edges = np.flatnonzero(np.diff(loud.astype(int)))
+        rises, falls = edges[loud[edges + 1]] + 1, edges[~loud[edges + 1]] + 1
+        assert len(falls) >= 1 and len(rises) >= 1
+        gap = (rises[-1] - falls[0]) * 160 / RATE
+        assert low - 0.02 <= gap <= high + 0.02
+
+
+def test_preceding_words_are_speech_of_training_clips(tmp_path: Path) -> None:
+    folder = tmp_path
+    clips = []
+    for index in range(4):
+        path = folder / f"w{index}.wav"
+        sf.write(path, clip_with_word(0.2 + 0.1 * index, 0.3), RATE)
+        clips.append(Clip(str(path), "up", "g", "train", "real"))
+    clips.append(Clip(str(folder / "long.wav"), "_unknown_", "g", "train", "long"))  # never drawn
+    pool = preceding_words(clips, 10)
+    assert len(pool) == 4
+    assert all(0.28 * RATE <= len(word) <= 0.32 * RATE for word in pool)
+
+
+def test_dataset_keeps_the_placement_through_concat_subset_and_disk(tmp_path: Path) -> None:
+    features = np.zeros((3, 49, 10), np.float32)
+    first = Dataset(features, np.array([0, 1, 2]), np.array(["real"] * 3), np.array(["a", "b", "c"]),
+                    np.array([True, False, True]))
+    second = Dataset(features[:1], np.array([3]), np.array(["mined"]), np.array(["d"]))  # old caches: none
+    both = first.concat(second)
+    assert both.end_placed.tolist() == [True, False, True, False]
+    assert both.subset(np.array([True, True, False, False])).end_placed.tolist() == [True, False]
+    path = tmp_path / "set.npz"
+    both.save(path)
+    assert Dataset.load(path).end_placed.tolist() == [True, False, True, False]
+    assert CONTEXT < WINDOW
