@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -87,14 +88,28 @@ def long_recording(workdir: Path, seconds: float) -> tuple[Path, list[dict[str, 
     return path, commands, repeats * piece_seconds
 
 
+@functools.cache
+def shared_clips(data_dir: Path) -> tuple[Any, ...]:
+    """Every real clip and negative recording of the shared data with its split (``training.data.inventory``:
+    it reads every `computer` clip to cluster speakers, so it runs once per bench, not once per section)."""
+    from training.data import inventory
+
+    return tuple(inventory(data_dir, synth_dir=None))
+
+
+def held_out_real(data_dir: Path) -> list[Any]:
+    """The real clips of speakers held out from training."""
+    return [c for c in shared_clips(data_dir) if c.source == "real" and c.split == "validation"]
+
+
 def real_speaker_recording(workdir: Path, data_dir: Path, per_word: int = 8,
                            seed: int = 7) -> tuple[Path, list[dict[str, Any]], float]:
     """Held-out real speakers (never trained on) saying "computer" then one command word, ``per_word`` times
     for each word of REAL_WORD_COMMANDS, the clips cut to their speech (+50 ms) and joined with a natural
     pause: (path, commands with the word's end by energy, duration)."""
-    from training.data import inventory, speech_span
+    from training.data import speech_span
 
-    clips = [c for c in inventory(data_dir, synth_dir=None) if c.source == "real" and c.split == "validation"]
+    clips = held_out_real(data_dir)
     rng = np.random.default_rng(seed)
     wakes = sorted(c.path for c in clips if c.label == "computer")
     chosen = {word: list(rng.choice(sorted(c.path for c in clips if c.label == word), per_word,
@@ -136,11 +151,10 @@ def recognition_latency(pipeline: VoicePipeline, data_dir: Path, *, after_wake_w
     smoothing's share of the command latency, over hundreds of voices rather than the demo's one.
     ``after_wake_word``: the word follows a held-out real "computer" 0.15-0.35 s after it ended, as in use
     (the previous word is still in the model's window when the command word ends); else it stands alone."""
-    from training.data import inventory, speech_span
+    from training.data import speech_span
 
     words = VOCABULARY[1:11]
-    held_out = [c for c in inventory(data_dir, synth_dir=None)
-                if c.source == "real" and c.split == "validation"]
+    held_out = held_out_real(data_dir)
     clips = [c for c in held_out if c.label in words]
     wakes = sorted(c.path for c in held_out if c.label == "computer")
     model = pipeline.model
@@ -386,10 +400,8 @@ def transcribe(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def accuracy(data_dir: Path) -> dict[str, Any]:
-    from training.data import inventory
-
-    clips = inventory(data_dir, synth_dir=None)
-    held_out = [c for c in clips if c.source == "real" and c.split == "validation"]
+    clips = shared_clips(data_dir)
+    held_out = held_out_real(data_dir)
     held_words = [c for c in held_out if c.label in VOCABULARY]
     held_other = [c for c in held_out if c.label == "_unknown_"]
     per_word: dict[str, dict[str, Any]] = {}
