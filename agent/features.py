@@ -286,14 +286,40 @@ class StreamingFeatures:
         if completed:
             self._chunk_peaks = np.concatenate([self._chunk_peaks, *completed])[-self._chunks_per_window :]
 
-    def features(self) -> npt.NDArray[np.float32]:
-        """(num_frames, num_features) MFCC of the window ending at the latest hop boundary."""
-        if self._cached is None:
-            params = self.params
-            window_end = self._samples_seen // params.hop_samples  # in hops
-            newest_needed = window_end - self._chunks_per_window + params.num_frames - 1
-            extra = (self._next_frame - 1) - newest_needed  # frames computed beyond this window
-            stop = self._mel.shape[0] - extra
-            mel = self._mel[stop - params.num_frames : stop]
-            self._cached = _mfcc(mel, float(self._chunk_peaks.max()), params)
-        return self._cached.copy()
+    def features(self, silence_before: int | None = None) -> npt.NDArray[np.float32]:
+        """(num_frames, num_features) MFCC of the window ending at the latest hop boundary.
+
+        ``silence_before``: a sample position (counted from reset); the window's audio before it counts as
+        digital silence, as if the stream had started there (frames starting before it, and the peak of hops
+        ending before it, are left out)."""
+        params = self.params
+        hop = params.hop_samples
+        window_end = self._samples_seen // hop  # in hops
+        first_frame = window_end - self._chunks_per_window  # global index of the window's first frame
+        masked_frames = 0 if silence_before is None else \
+            min(params.num_frames, max(0, -(-silence_before // hop) - first_frame))
+        if masked_frames == 0:
+            if self._cached is None:
+                self._cached = self._window_mfcc(0)
+            return self._cached.copy()
+        return self._window_mfcc(masked_frames)
+
+    def _window_mfcc(self, masked_frames: int) -> npt.NDArray[np.float32]:
+        params = self.params
+        window_end = self._samples_seen // params.hop_samples
+        newest_needed = window_end - self._chunks_per_window + params.num_frames - 1
+        extra = (self._next_frame - 1) - newest_needed  # frames computed beyond this window
+        stop = self._mel.shape[0] - extra
+        mel = self._mel[stop - params.num_frames : stop]
+        peaks = self._chunk_peaks
+        if masked_frames:
+            mel = mel.copy()
+            mel[:masked_frames] = 0.0
+            peaks = peaks[masked_frames:] if masked_frames < len(peaks) else peaks[-1:]
+        return _mfcc(mel, float(peaks.max()), params)
+
+    def recent_frame_energies(self) -> tuple[int, npt.NDArray[np.float64]]:
+        """(global index of the first frame, mel energy of each frame) of the newest frames computed (frame
+        ``i`` starts at sample ``i * hop_samples``): enough to find pauses between words."""
+        energies: npt.NDArray[np.float64] = self._mel.sum(axis=1)
+        return self._next_frame - len(energies), energies

@@ -170,3 +170,26 @@ def test_matches_the_teachers_tf_signal_recipe() -> None:
     mel = tf.tensordot(tf.abs(stft), mel_matrix, 1)
     expected = tf.signal.mfccs_from_log_mel_spectrograms(tf.math.log(mel + 1e-6))[..., :10].numpy()
     np.testing.assert_allclose(window_features(audio, PARAMS), expected, atol=2e-3, rtol=1e-3)
+
+
+def test_silence_before_a_position_is_as_if_the_stream_started_there() -> None:
+    """The voice path silences what came before the pause after a word: the frames from that position on
+    (and the peak they are normalised by) are those of a stream that heard only the later audio."""
+    params = FeatureParams()
+    rng = np.random.default_rng(4)
+    loud = (rng.normal(0, 8000, 8000)).astype(np.int16)  # a loud "first word"
+    later = (rng.normal(0, 800, 12800)).astype(np.int16)  # a quieter one after it
+    boundary = len(loud)  # on the 320-sample hop grid
+    heard, alone = StreamingFeatures(params), StreamingFeatures(params)
+    heard.push(np.concatenate([loud, later]))
+    alone.push(np.concatenate([np.zeros_like(loud), later]))
+    masked = heard.features(silence_before=boundary)
+    first_kept = boundary // params.hop_samples - (len(loud) + len(later) - params.window_samples) // \
+        params.hop_samples
+    np.testing.assert_array_equal(masked[first_kept:], alone.features()[first_kept:])
+    assert not np.array_equal(masked[first_kept:], heard.features()[first_kept:])  # the peak changed
+    np.testing.assert_array_equal(masked[:first_kept], np.repeat(masked[:1], first_kept, axis=0))  # silence
+    # a position before the window, or none, changes nothing
+    np.testing.assert_array_equal(heard.features(silence_before=0), heard.features())
+    np.testing.assert_array_equal(heard.features(silence_before=None), window_features(
+        np.concatenate([loud, later]), params))
