@@ -315,7 +315,7 @@ class StreamingFeatures:
         if masked_frames:
             mel = mel.copy()
             mel[:masked_frames] = 0.0
-            peaks = peaks[masked_frames:] if masked_frames < len(peaks) else peaks[-1:]
+            peaks = peaks[masked_frames:]  # masked_frames <= num_frames < chunks per window: never empty
         return _mfcc(mel, float(peaks.max()), params)
 
     def recent_frame_energies(self) -> tuple[int, npt.NDArray[np.float64]]:
