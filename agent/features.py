@@ -300,14 +300,13 @@ class StreamingFeatures:
             min(params.num_frames, max(0, -(-silence_before // hop) - first_frame))
         if masked_frames == 0:
             if self._cached is None:
-                self._cached = self._window_mfcc(0)
+                self._cached = self._window_mfcc(first_frame, 0)
             return self._cached.copy()
-        return self._window_mfcc(masked_frames)
+        return self._window_mfcc(first_frame, masked_frames)
 
-    def _window_mfcc(self, masked_frames: int) -> npt.NDArray[np.float32]:
+    def _window_mfcc(self, first_frame: int, masked_frames: int) -> npt.NDArray[np.float32]:
         params = self.params
-        window_end = self._samples_seen // params.hop_samples
-        newest_needed = window_end - self._chunks_per_window + params.num_frames - 1
+        newest_needed = first_frame + params.num_frames - 1
         extra = (self._next_frame - 1) - newest_needed  # frames computed beyond this window
         stop = self._mel.shape[0] - extra
         mel = self._mel[stop - params.num_frames : stop]

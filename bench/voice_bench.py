@@ -102,6 +102,16 @@ def held_out_real(data_dir: Path) -> list[Any]:
     return [c for c in shared_clips(data_dir) if c.source == "real" and c.split == "validation"]
 
 
+@functools.cache
+def speech_of(path: str) -> np.ndarray | None:
+    """A clip cut to its speech (by energy, END_FLOOR_DB), read once per bench; None when it holds none."""
+    from training.data import speech_span
+
+    samples = read_audio_file(Path(path))
+    span = speech_span(samples, END_FLOOR_DB)
+    return samples[span[0] : span[1]] if span is not None else None
+
+
 def real_speaker_recording(workdir: Path, data_dir: Path, per_word: int = 8,
                            seed: int = 7) -> tuple[Path, list[dict[str, Any]], float]:
     """Held-out real speakers (never trained on) saying "computer" then one command word, ``per_word`` times
@@ -159,8 +169,6 @@ def recognition_latency(model: KwsModel, data_dir: Path, context: LatencyContext
     hop on which the voice pipeline (features, pause silencing, recognizer, command matcher) emits its
     intent; as fast as possible, over hundreds of voices rather than the demo's one. Also how often a wrong
     intent or none came."""
-    from training.data import speech_span
-
     words = VOCABULARY[1:11]
     if context == "one_word":
         commands = [Command((word,), word) for word in words]
@@ -170,18 +178,12 @@ def recognition_latency(model: KwsModel, data_dir: Path, context: LatencyContext
     held_out = held_out_real(data_dir)
     clips = [c for c in held_out if c.label in words]
     rng = np.random.default_rng(5)
-
-    @functools.cache
-    def speech(path: str) -> np.ndarray | None:
-        samples = read_audio_file(Path(path))
-        span = speech_span(samples, END_FLOOR_DB)
-        return samples[span[0] : span[1]] if span is not None else None
-
-    wakes = [w for w in (speech(c.path) for c in held_out if c.label == "computer") if w is not None]
+    wakes = [w for w in (speech_of(c.path) for c in held_out if c.label == "computer") if w is not None]
+    hop = pipeline.hop_samples
     latencies: list[float] = []
     wrong = missed = no_wake = 0
     for clip in clips:
-        spoken = speech(clip.path)
+        spoken = speech_of(clip.path)
         if spoken is None:
             continue
         parts = [tail_padding(1.0 + float(rng.uniform(0, 0.1)), seed=1), wakes[int(rng.integers(len(wakes)))],
@@ -191,7 +193,7 @@ def recognition_latency(model: KwsModel, data_dir: Path, context: LatencyContext
             first = None
             while first is None:
                 other = clips[int(rng.integers(len(clips)))]
-                first = speech(other.path) if other.label != clip.label else None
+                first = speech_of(other.path) if other.label != clip.label else None
             parts += [first, tail_padding(float(rng.uniform(0.05, 0.3)), seed=3)]
             wanted = f"{other.label}_{clip.label}"
         lead = np.concatenate(parts)
@@ -199,7 +201,6 @@ def recognition_latency(model: KwsModel, data_dir: Path, context: LatencyContext
         audio = np.concatenate([lead, spoken, tail_padding(1.5)])
         pipeline.reset()
         woke, outcome = False, None
-        hop = pipeline.hop_samples
         for offset in range(0, len(audio) // hop * hop, hop):
             events = pipeline.feed(audio[offset : offset + hop]).events
             woke |= any(e.kind == "wake" for e in events)
