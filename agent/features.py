@@ -1,8 +1,9 @@
 """MFCC features shared by training and runtime: one frozen parameter set, a whole-window extractor and a
 streaming extractor that computes only the new frames per push.
 
-The default recipe reproduces the MFCC front end of the MLPerf Tiny DS-CNN keyword model (our teacher), built
-from python_speech_features' framing and magnitude spectrum: frames of 480 samples every 320 samples with a
+The default recipe reproduces the MFCC front end of the MLPerf Tiny DS-CNN keyword model (our teacher), with
+python_speech_features' framing and magnitude spectrum (re-done here in numpy, bit-identical and golden-tested,
+because that package is an sdist that needs scipy, ~120 MB on a Pi, for a DCT we compute ourselves): frames of 480 samples every 320 samples with a
 periodic Hann window, |rfft| with n=512, 40 HTK-mel bands 20-4000 Hz, ``log(x + 1e-6)``, DCT-II scaled by
 ``1/sqrt(2*40)``, the first 10 coefficients, 49 frames per 1 s window, and peak normalisation of the window.
 
@@ -19,8 +20,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from python_speech_features import base as psf_base
-from python_speech_features import sigproc
 
 INT16_SCALE = 32768.0
 FILTERBANKS = ("tf_htk", "psf")
@@ -48,7 +47,7 @@ class FeatureParams:
     lower_hz: float = 20.0
     upper_hz: float = 4000.0
     # "tf_htk": the HTK-mel triangles of tf.signal.linear_to_mel_weight_matrix (what the teacher used);
-    # "psf": python_speech_features.get_filterbanks.
+    # "psf": the triangles of python_speech_features.get_filterbanks (re-done in _psf_filterbank).
     filterbank: str = "tf_htk"
     log_offset: float = 1e-6
     num_coefficients: int = 10
@@ -120,15 +119,28 @@ def _hann_periodic(length: int) -> npt.NDArray[np.float64]:
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(length) / length)
 
 
+def _psf_filterbank(params: FeatureParams) -> npt.NDArray[np.float64]:
+    """(num_mel_bands, fft_size//2+1): python_speech_features.get_filterbanks, the same operations in the same
+    order (its triangles sit on floored FFT bins of 2595*log10 mels)."""
+    low_mel = 2595 * np.log10(1 + params.lower_hz / 700.0)
+    high_mel = 2595 * np.log10(1 + params.upper_hz / 700.0)
+    mel_points = np.linspace(low_mel, high_mel, params.num_mel_bands + 2)
+    edges = np.floor((params.fft_size + 1) * (700 * (10 ** (mel_points / 2595.0) - 1)) / params.sample_rate)
+    bank = np.zeros([params.num_mel_bands, params.fft_size // 2 + 1])
+    for j in range(params.num_mel_bands):
+        for i in range(int(edges[j]), int(edges[j + 1])):
+            bank[j, i] = (i - edges[j]) / (edges[j + 1] - edges[j])
+        for i in range(int(edges[j + 1]), int(edges[j + 2])):
+            bank[j, i] = (edges[j + 2] - i) / (edges[j + 2] - edges[j + 1])
+    return bank
+
+
 @functools.lru_cache(maxsize=8)
 def _mel_matrix(params: FeatureParams) -> npt.NDArray[np.float64]:
-    """(fft_size//2+1, num_mel_bands) weights; cached because python_speech_features rebuilds it per call."""
+    """(fft_size//2+1, num_mel_bands) weights, built once per parameter set."""
     num_bins = params.fft_size // 2 + 1
     if params.filterbank == "psf":
-        bank = psf_base.get_filterbanks(
-            params.num_mel_bands, params.fft_size, params.sample_rate, params.lower_hz, params.upper_hz
-        )
-        matrix = np.ascontiguousarray(np.asarray(bank, dtype=np.float64).T)
+        matrix = np.ascontiguousarray(_psf_filterbank(params).T)
     else:
 
         def hz_to_mel(hz: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -181,10 +193,13 @@ def _frame_mel_energies(segment: npt.NDArray[np.float64], params: FeatureParams)
 
     Frames are processed one at a time so the result of a frame never depends on how many frames were computed
     together (BLAS may round differently per matrix shape); that is what keeps streaming bit-identical."""
-    frames = sigproc.framesig(segment, params.frame_samples, params.hop_samples, winfunc=_hann_periodic)
-    spectrum = sigproc.magspec(frames, params.fft_size)
+    count = 1 + (len(segment) - params.frame_samples) // params.hop_samples
+    # As python_speech_features' framesig and magspec: windowed frames, then |rfft| of the whole stack.
+    frames = np.lib.stride_tricks.sliding_window_view(segment, params.frame_samples)[:: params.hop_samples]
+    frames = frames[:count] * _hann_periodic(params.frame_samples)
+    spectrum = np.absolute(np.fft.rfft(frames, params.fft_size))
     mel = _mel_matrix(params)
-    return np.stack([row @ mel for row in spectrum]) if len(spectrum) else np.zeros((0, params.num_mel_bands))
+    return np.stack([row @ mel for row in spectrum])
 
 
 def _mfcc(
