@@ -2,10 +2,11 @@
 streaming extractor that computes only the new frames per push.
 
 The default recipe reproduces the MFCC front end of the MLPerf Tiny DS-CNN keyword model (our teacher), with
-python_speech_features' framing and magnitude spectrum (re-done here in numpy, bit-identical and golden-tested,
-because that package is an sdist that needs scipy, ~120 MB on a Pi, for a DCT we compute ourselves): frames of 480 samples every 320 samples with a
-periodic Hann window, |rfft| with n=512, 40 HTK-mel bands 20-4000 Hz, ``log(x + 1e-6)``, DCT-II scaled by
-``1/sqrt(2*40)``, the first 10 coefficients, 49 frames per 1 s window, and peak normalisation of the window.
+python_speech_features' framing and magnitude spectrum (re-done here in numpy, bit-identical, golden-tested:
+that package is an sdist needing scipy, ~120 MB on a Pi, for a DCT we compute ourselves): frames of 480
+samples every 320 samples with a periodic Hann window, |rfft| with n=512, 40 HTK-mel bands 20-4000 Hz,
+``log(x + 1e-6)``, DCT-II scaled by ``1/sqrt(2*40)``, the first 10 coefficients, 49 frames per 1 s window,
+and peak normalisation of the window.
 
 Peak normalisation is applied to the mel energies (``mel(x/p) == mel(x)/p``), so the streaming extractor keeps
 the un-normalised per-frame mel energies and per-hop peaks and redoes only ``log`` and the DCT per call; this

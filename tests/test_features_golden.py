@@ -1,5 +1,5 @@
-"""Golden: agent.features re-does python_speech_features' framing, magnitude spectrum and filterbank in numpy
-(so the runtime needs neither that package nor scipy); here the original, from the dev extra, is the reference.
+"""Golden: agent.features re-does python_speech_features' framing, magnitude spectrum and filterbank in
+numpy (so the runtime needs neither that package nor scipy); the original (dev extra) is the reference.
 
 Equality is exact (the same float64 operations in the same order); the test would still accept 1e-6 if a numpy
 release reordered the FFT, but not a change of the recipe. The int8 keyword model must answer the same on the
