@@ -59,45 +59,106 @@ def _anomaly_score(args: argparse.Namespace) -> int:
     return anomaly_score_main(args)
 
 
+DEFAULT_CONFIG = Path("/etc/home-agent/config.toml")
+CONFIG_HELP = "the agent's configuration file (default: %(default)s)"
+
+DESCRIPTION = """\
+home-agent: an offline voice-and-sensor agent for the smart home. It hears spoken commands ("computer,
+heat up"), watches sensor telemetry on MQTT, and turns both into device commands that Home Assistant sees."""
+
+EXAMPLES = {
+    "run": """\
+examples:
+  home-agent run --config /etc/home-agent/config.toml        the daemon (what the systemd unit runs)
+  home-agent run --config config.toml --audio file:command.wav --exit-at-end   replay a recording
+  arecord -r 16000 -f S16_LE -c 1 | home-agent run --config config.toml --audio stdin
+SIGTERM stops it, SIGHUP re-reads the config. Exit status 2: a configuration error (the key is named).""",
+    "check-config": """\
+example:
+  home-agent check-config --config /etc/home-agent/config.toml
+Prints "ok" and a summary, or names the bad key and exits with status 2.""",
+    "action": """\
+example:
+  home-agent action heating_up --config config.toml   publish the [actions.heating_up] command once""",
+    "devices": """\
+example:
+  home-agent devices
+Put an index or part of a device name into [audio] device, e.g. device = "USB".""",
+    "transcribe": """\
+examples:
+  home-agent transcribe examples/computer_heat_up.wav
+  home-agent transcribe --json --config config.toml recordings/   one JSON line per file, with intents
+WAV/FLAC files of any sample rate; the daemon's exact streaming path, as fast as the CPU allows.""",
+    "anomaly-score": """\
+example:
+  home-agent anomaly-score --input readings.csv --output scored.csv
+Input: a timestamp,value CSV per stream; output: timestamp,value,anomaly_score (score in [0, 1]).
+Repeat --input/--output for several files, or give a folder for each.""",
+}
+
+SUMMARIES = {
+    "run": "run the agent: MQTT, telemetry, voice, anomaly detection",
+    "check-config": "validate a config file and exit (status 2 when invalid)",
+    "action": "fire one configured action once and exit (to test a device)",
+    "devices": "list the audio input devices (microphones)",
+    "transcribe": "print the words and intents heard in audio files",
+    "anomaly-score": "score timestamp,value CSV files with the anomaly detector, strictly online",
+}
+
+
+def _epilog() -> str:
+    """The top-level help's examples: the first example line of each subcommand."""
+    lines = ["commands, one example each (home-agent COMMAND --help for more):"]
+    for name, text in EXAMPLES.items():
+        example = next(line.strip() for line in text.splitlines() if "home-agent " + name in line)
+        lines.append(f"  {example}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="home-agent", description=__doc__)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="home-agent", description=DESCRIPTION, epilog=_epilog(),
+                                     formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"home-agent {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging threshold (default INFO); logs go to stderr, journald picks them up")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def add(name: str, handler: Handler) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name], epilog=EXAMPLES[name],
+                           formatter_class=formatter)
         p.set_defaults(handler=handler)
         return p
 
-    p = add("run", _run, "run the agent as a daemon")
-    p.add_argument("--config", type=Path, default=Path("/etc/home-agent/config.toml"))
-    p.add_argument("--audio", help='override [audio] source: "mic", "stdin" or "file:PATH"')
+    p = add("run", _run)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument("--audio", metavar="SOURCE",
+                   help='override [audio] source: "mic", "stdin" (raw 16 kHz S16_LE mono PCM) or "file:PATH"')
     p.add_argument("--exit-at-end", action="store_true",
-                   help="with a file audio source: stop once the file has been processed")
+                   help="with a file or stdin audio source: stop once the audio has ended")
 
-    p = add("check-config", _check_config, "validate a config file and exit (status 2 when invalid)")
-    p.add_argument("--config", type=Path, default=Path("/etc/home-agent/config.toml"))
+    p = add("check-config", _check_config)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=CONFIG_HELP)
 
-    p = add("action", _action, "fire one configured action once and exit")
+    p = add("action", _action)
     p.add_argument("name", help="an [actions.*] name from the config")
-    p.add_argument("--config", type=Path, default=Path("/etc/home-agent/config.toml"))
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to wait for the broker connection and acknowledgement (default 10)")
 
-    p = add("devices", _devices, "list audio input devices")
+    add("devices", _devices)
 
-    p = add("transcribe", _transcribe, "run the streaming voice path over audio files as fast as possible")
-    p.add_argument("--config", type=Path, default=None, help="config for voice settings (optional)")
+    p = add("transcribe", _transcribe)
+    p.add_argument("--config", type=Path, default=None,
+                   help="a config: use its [voice] settings and also report the intents (default: none)")
     p.add_argument("--json", action="store_true", help="one JSON line per file")
     p.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
 
-    p = add("anomaly-score", _anomaly_score, "score timestamp,value CSV files strictly online")
+    p = add("anomaly-score", _anomaly_score)
     p.add_argument("--input", action="append", type=Path, required=True,
                    help="CSV file or folder (repeatable)")
     p.add_argument("--output", action="append", type=Path, required=True,
-                   help="CSV file or folder (repeatable)")
+                   help="CSV file or folder (repeatable, one per --input)")
     p.add_argument("--model", type=Path, default=None, help="anomaly model (default: the shipped one)")
     return parser
 

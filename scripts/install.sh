@@ -5,32 +5,31 @@
 #   sudo scripts/install.sh --no-start           install or upgrade, do not touch the running service
 #   sudo scripts/install.sh --uninstall          remove the service and the venv; keep config and state
 #   sudo scripts/install.sh --uninstall --purge  also remove /etc/home-agent and the state directory
+#   scripts/install.sh --root /tmp/try --no-apt --no-systemctl   everything below /tmp/try, no root needed
 #
-# What goes where (every path can be overridden from the environment, e.g. to try it in a scratch folder):
-#   PREFIX=/opt/home-agent          the virtualenv lives in $PREFIX/venv (models: $PREFIX/venv/share/home-agent/models)
-#   ETC_DIR=/etc/home-agent         config.toml is installed only when absent (kept on upgrade);
-#                                   config.toml.example is always refreshed next to it
-#   UNIT_DIR=/etc/systemd/system    home-agent.service
-#   STATE_DIR=/var/lib/home-agent   removed by --purge only (DynamicUser keeps it in /var/lib/private)
-#   PYTHON=python3                  interpreter for the venv (>= 3.11)
-#   PIP_ARGS=                       extra pip arguments, e.g. "--no-index --find-links /media/usb/wheels"
-#   SKIP_APT=1                      do not install Debian packages
-#   SYSTEMCTL=systemctl             set to "" to never call systemctl
+# Switches (each overrides the environment variable named after it):
+#   --root DIR         put every default path below DIR (DIR/opt/home-agent, DIR/etc/home-agent, ...)
+#   --prefix DIR       PREFIX=/opt/home-agent          the virtualenv lives in DIR/venv
+#                                                      (models: DIR/venv/share/home-agent/models)
+#   --config-dir DIR   ETC_DIR=/etc/home-agent         config.toml is installed only when absent (kept on
+#                                                      upgrade); config.toml.example is always refreshed
+#   --unit-dir DIR     UNIT_DIR=/etc/systemd/system    home-agent.service
+#   --state-dir DIR    STATE_DIR=/var/lib/home-agent   removed by --purge only (DynamicUser keeps it in
+#                                                      /var/lib/private)
+#   --python PY        PYTHON=python3                  interpreter for the venv (>= 3.11)
+#   --wheel FILE       WHEEL=                          install this built wheel instead of the checkout
+#   --no-apt           SKIP_APT=1                      do not install Debian packages
+#   --no-systemctl     SYSTEMCTL=                      never call systemctl
+#   PIP_ARGS=          extra pip arguments, e.g. "--no-index --find-links /media/usb/wheels"
 set -euo pipefail
 
 SERVICE=home-agent
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PREFIX=${PREFIX:-/opt/home-agent}
-ETC_DIR=${ETC_DIR:-/etc/home-agent}
-UNIT_DIR=${UNIT_DIR:-/etc/systemd/system}
-STATE_DIR=${STATE_DIR:-/var/lib/home-agent}
 PYTHON=${PYTHON:-python3}
 PIP_ARGS=${PIP_ARGS:-}
+WHEEL=${WHEEL:-}
 SKIP_APT=${SKIP_APT:-0}
 SYSTEMCTL=${SYSTEMCTL-systemctl}
-VENV=$PREFIX/venv
-UNIT_FILE=$UNIT_DIR/$SERVICE.service
-CONFIG=$ETC_DIR/config.toml
 
 # Debian packages: the venv module, PortAudio (microphone) and libsndfile (WAV files) for the Python wheels.
 REQUIRED_PACKAGES=(python3-venv libportaudio2 libsndfile1)
@@ -39,21 +38,50 @@ OPTIONAL_PACKAGES=(mosquitto-clients)  # mosquitto_sub / mosquitto_pub, handy to
 say() { printf 'install: %s\n' "$*"; }
 die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 mode=install
 purge=0
 start=1
-for arg in "$@"; do
-  case "$arg" in
+root=
+while [[ $# -gt 0 ]]; do
+  case "$1" in
     --uninstall) mode=uninstall ;;
     --purge) purge=1 ;;
     --no-start) start=0 ;;
+    --no-apt) SKIP_APT=1 ;;
+    --no-systemctl) SYSTEMCTL= ;;
+    --root|--prefix|--config-dir|--unit-dir|--state-dir|--python|--wheel)
+      [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"
+      case "$1" in
+        --root) root=$2 ;;
+        --prefix) PREFIX=$2 ;;
+        --config-dir) ETC_DIR=$2 ;;
+        --unit-dir) UNIT_DIR=$2 ;;
+        --state-dir) STATE_DIR=$2 ;;
+        --python) PYTHON=$2 ;;
+        --wheel) WHEEL=$2 ;;
+      esac
+      shift ;;
     -h|--help) usage; exit 0 ;;
-    *) usage >&2; die "unknown argument: $arg" ;;
+    *) usage >&2; die "unknown argument: $1" ;;
   esac
+  shift
 done
 [[ $purge -eq 1 && $mode != uninstall ]] && die "--purge only goes with --uninstall"
+[[ -z $root || $root == /* ]] || die "--root must be an absolute path, got '$root'"
+root=${root%/}
+PREFIX=${PREFIX:-$root/opt/home-agent}
+ETC_DIR=${ETC_DIR:-$root/etc/home-agent}
+UNIT_DIR=${UNIT_DIR:-$root/etc/systemd/system}
+STATE_DIR=${STATE_DIR:-$root/var/lib/home-agent}
+VENV=$PREFIX/venv
+UNIT_FILE=$UNIT_DIR/$SERVICE.service
+CONFIG=$ETC_DIR/config.toml
+if [[ -n $WHEEL ]]; then
+  [[ -f $WHEEL ]] || die "--wheel: no such file: $WHEEL"
+  WHEEL=$(cd "$(dirname "$WHEEL")" && pwd)/$(basename "$WHEEL")
+fi
 
 # Refuse paths that would make "rm -rf" dangerous.
 for var in PREFIX ETC_DIR UNIT_DIR STATE_DIR; do
@@ -119,10 +147,11 @@ do_install() {
     say "creating the virtualenv $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
-  say "installing home-agent from $REPO_DIR into $VENV"
+  local source=${WHEEL:-$REPO_DIR}
+  say "installing home-agent from $source into $VENV"
   # Not editable: the venv must not depend on this checkout. Models come with the wheel's data files.
   # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
-  "$VENV/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$REPO_DIR"
+  "$VENV/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$source"
   "$VENV/bin/home-agent" --version >/dev/null || die "the installed home-agent does not start"
 
   mkdir -p "$ETC_DIR"

@@ -383,10 +383,12 @@ def write_config(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]) ->
 
 
 class Daemon:
-    """``python -m agent run --config PATH`` as a subprocess, logging to a file."""
+    """``python -m agent run --config PATH`` as a subprocess, logging to a file. ``program`` and ``cwd``
+    run another installation instead (e.g. ``("/venv/bin/home-agent",)`` outside the checkout)."""
 
     def __init__(self, config_path: Path, *, env: dict[str, str] | None = None, log_level: str = "DEBUG",
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), program: tuple[str, ...] = (sys.executable, "-m", "agent"),
+                 cwd: Path = REPO_ROOT) -> None:
         self.config_path = config_path
         self.log_path = config_path.with_suffix(f".{int(time.monotonic() * 1000)}.log")
         environment = {k: v for k, v in os.environ.items()
@@ -396,9 +398,8 @@ class Daemon:
         self._log_file = self.log_path.open("wb")
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--log-level", log_level, "run", "--config", str(config_path),
-             *extra_args],
-            cwd=REPO_ROOT, env=environment, stdout=self._log_file, stderr=subprocess.STDOUT,
+            [*program, "--log-level", log_level, "run", "--config", str(config_path), *extra_args],
+            cwd=cwd, env=environment, stdout=self._log_file, stderr=subprocess.STDOUT,
         )
 
     @property
