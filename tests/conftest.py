@@ -379,6 +379,29 @@ def write_config(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]) ->
     return write
 
 
+def find_python(version: str) -> Path | None:
+    """A CPython ``version`` ("3.13") interpreter: pyenv's newest of that minor version (PYENV_ROOT, default
+    ~/.pyenv), else ``pythonX.Y`` on PATH."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = sorted(pyenv.glob(f"{version}.*/bin/python{version}"),
+                        key=lambda p: [int(x) for x in p.parts[-3].split(".") if x.isdigit()])
+    if candidates:
+        return candidates[-1]
+    found = shutil.which(f"python{version}")
+    return Path(found) if found else None
+
+
+def require_python(version: str) -> Path:
+    """``find_python`` or skip with the reason; in CI (CI=true) a missing interpreter fails instead."""
+    python = find_python(version)
+    if python is None:
+        message = f"no Python {version} interpreter (pyenv install {version}, or put python{version} on PATH)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}: CI must test every supported Python")
+        pytest.skip(message)
+    return python
+
+
 # --------------------------------------------------------------------------------------- daemon
 
 

@@ -1,11 +1,14 @@
-"""Acceptance against a real, headless Home Assistant (../shared/tools/ha harness, HA 2024.3.3).
+"""Acceptance against a real, headless Home Assistant (../shared/tools/ha harness): HA 2024.3.3 (the newest on
+Python 3.11) and HA 2025.4.4 (the newest the harness runs, on Python 3.13), every test on both.
 
 Proves what HA does with our discovery, not what we think it should do: HA creates the agent's device and
 entities with the right states; availability offline makes them unavailable and online brings them back;
 an HA service call on the mute switch reaches the agent.
 
-The HA venv is installed once into .cache/ha-venv (about 35-100 s, needs PyPI) and reused. Skipped when the
-harness is absent (a clone without ../shared); SHARED_DIR overrides where ../shared is.
+Each HA venv is installed once into .cache/ (2024: .cache/ha-venv, about 35-100 s; 2025: .cache/ha2025-venv,
+about 120-170 s; both need PyPI) and reused. Skipped when the harness is absent (a clone without ../shared);
+SHARED_DIR overrides where ../shared is. HA 2025 needs a Python 3.13 (pyenv or PATH): skipped without one,
+except in CI.
 """
 
 from __future__ import annotations
@@ -21,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, toml_dumps, wait_until
+from conftest import (
+    REPO_ROOT,
+    Daemon,
+    Mosquitto,
+    MqttProbe,
+    base_config,
+    require_python,
+    toml_dumps,
+    wait_until,
+)
 
 from agent import __version__
 from agent.config import load_config
@@ -29,8 +41,24 @@ from agent.discovery import MODEL, discovery_messages
 
 SHARED_DIR = Path(os.environ.get("SHARED_DIR", REPO_ROOT.parent / "shared"))
 HARNESS = SHARED_DIR / "tools" / "ha" / "ha_harness.sh"
-HA_VENV = REPO_ROOT / ".cache" / "ha-venv"
 HA_RUN_ROOT = REPO_ROOT / ".cache" / "ha-run"
+
+
+@dataclass(frozen=True)
+class HaRelease:
+    """One Home Assistant release the harness can install: its venv here, its Python, its lock file."""
+
+    version: str
+    python: str
+    venv: Path
+    lock: Path | None  # None: the harness's default (its 2024.3.3 lock)
+
+
+HA_RELEASES = (
+    HaRelease("2024.3.3", "3.11", REPO_ROOT / ".cache" / "ha-venv", None),
+    HaRelease("2025.4.4", "3.13", REPO_ROOT / ".cache" / "ha2025-venv",
+              HARNESS.parent / "ha2025" / "requirements-ha-2025.4.4.lock.txt"),
+)
 AGENT_ID = "hatest"
 BASE = f"home-agent/{AGENT_ID}"
 
@@ -43,9 +71,11 @@ pytestmark = [
 
 @dataclass
 class HomeAssistant:
+    release: HaRelease
     broker: Mosquitto
     env: dict[str, str]
     workdir: Path
+    log_path: Path | None = None
 
     def harness(self, *args: str, timeout: float = 60.0) -> str:
         result = subprocess.run([str(HARNESS), *args], env=self.env, capture_output=True, text=True,
@@ -67,21 +97,29 @@ class HomeAssistant:
         self.harness("call", domain, service, json.dumps(data))
 
 
-@pytest.fixture(scope="module")
-def home_assistant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HomeAssistant]:
-    run_dir = HA_RUN_ROOT / f"pytest-{os.getpid()}"  # one per test run: parallel runs do not collide
-    env = {**os.environ, "HA_VENV": str(HA_VENV), "HA_RUN_DIR": str(run_dir)}
-    if not (HA_VENV / "bin" / "hass").exists():
+@pytest.fixture(scope="module", params=HA_RELEASES, ids=[f"ha{r.version}" for r in HA_RELEASES])
+def home_assistant(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[HomeAssistant]:
+    release: HaRelease = request.param
+    python = require_python(release.python)
+    run_dir = HA_RUN_ROOT / f"pytest-{os.getpid()}-{release.version}"  # parallel runs do not collide
+    env = {**os.environ, "HA_VENV": str(release.venv), "HA_RUN_DIR": str(run_dir), "HA_PYTHON": str(python)}
+    if release.lock is not None:
+        env["HA_LOCK"] = str(release.lock)
+    if not (release.venv / "bin" / "hass").exists():
         install = subprocess.run([str(HARNESS), "install"], env=env, capture_output=True, text=True,
                                  timeout=1200, check=False)
         if install.returncode != 0:
-            pytest.fail(f"installing Home Assistant into {HA_VENV} failed:\n{install.stderr[-3000:]}")
+            pytest.fail(f"installing Home Assistant {release.version} into {release.venv} failed:\n"
+                        f"{install.stderr[-3000:]}")
     workdir = tmp_path_factory.mktemp("ha")
     broker = Mosquitto(workdir / "broker")
     broker.start()
-    ha = HomeAssistant(broker, env, workdir)
+    ha = HomeAssistant(release, broker, env, workdir)
     try:
-        ha.harness("start", broker.host, str(broker.port), timeout=300)
+        started = ha.harness("start", broker.host, str(broker.port), timeout=300)
+        ha.log_path = next((Path(line.split("=", 1)[1]) for line in started.splitlines()
+                            if line.startswith("HA_LOG=")), None)
         yield ha
     finally:
         subprocess.run([str(HARNESS), "stop", "ha"], env=env, capture_output=True, timeout=60, check=False)
@@ -207,3 +245,16 @@ def test_service_call_on_mute_switch_reaches_the_agent(
         assert wait_until(lambda: home_assistant.ours()[f"home_agent_{AGENT_ID}_mute"]["state"] == "off", 10)
     finally:
         probe.close()
+
+
+def test_home_assistant_logs_no_warning_about_our_entities(
+        home_assistant: HomeAssistant, agent: Callable[[], Daemon]) -> None:
+    """Runs after the others on the same HA: nothing we announced or published made HA warn (a deprecation
+    here is what breaks in the next release)."""
+    agent()
+    wait_for_entities(home_assistant, set(expected_unique_ids(home_assistant)), available=True)
+    assert home_assistant.log_path is not None and home_assistant.log_path.is_file()
+    ours = (AGENT_ID, BASE, "home_agent_", "ha_test_agent")
+    complaints = [line for line in home_assistant.log_path.read_text(errors="replace").splitlines()
+                  if (" WARNING " in line or " ERROR " in line) and any(key in line for key in ours)]
+    assert complaints == [], f"Home Assistant {home_assistant.release.version}:\n" + "\n".join(complaints)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, toml_dumps
+from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, require_python, toml_dumps
 from test_voice_e2e import THERMOSTAT_STATE, voice_config
 
 pytestmark = [pytest.mark.release, pytest.mark.slow]
@@ -32,27 +32,6 @@ PYTHONS = ("3.11", "3.13")
 EXAMPLES = REPO_ROOT / "examples"
 # Never importable from the installed package: training code, and what only the training/dev extras bring.
 FORBIDDEN_MODULES = ("training", "scipy", "python_speech_features", "tensorflow", "tf_keras")
-
-
-def find_python(version: str) -> Path | None:
-    """A CPython ``version`` interpreter: pyenv's newest of that minor version, else ``pythonX.Y`` on PATH."""
-    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    candidates = sorted(pyenv.glob(f"{version}.*/bin/python{version}"),
-                        key=lambda p: [int(x) for x in p.parts[-3].split(".") if x.isdigit()])
-    if candidates:
-        return candidates[-1]
-    found = shutil.which(f"python{version}")
-    return Path(found) if found else None
-
-
-def require_python(version: str) -> Path:
-    python = find_python(version)
-    if python is None:
-        message = f"no Python {version} interpreter (pyenv install {version}, or put python{version} on PATH)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}: CI must test every supported Python")
-        pytest.skip(message)
-    return python
 
 
 def run(*args: str | Path, cwd: Path, timeout: float = 300.0,
