@@ -32,6 +32,7 @@ from agent.anomaly_score import score_file
 from agent.config import AnomalySection
 from agent.messages import Reading
 from agent.paths import REPO_ROOT
+from bench.results_file import write_results
 
 log = logging.getLogger("bench.anomaly")
 
@@ -133,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if real:
             result["csv_shared_telemetry"] = score_many(model, real, folder / "out")
     result["daemon_per_reading"] = daemon_path(model, 5_000 if args.quick else 20_000)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_results(RESULTS, result)
     log.info("wrote %s: %s", RESULTS, json.dumps(result))
     ok = result["csv_single_file"]["meets_target"] and result["csv_ten_files"]["meets_target"]
     return 0 if ok else 1

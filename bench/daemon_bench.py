@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent.config import load_config
     from agent.discovery import discovery_messages
     from bench.broker import BenchBroker, find_mosquitto
+    from bench.results_file import write_results
 
     if find_mosquitto() is None:
         print("daemon_bench: mosquitto is not installed", file=sys.stderr)
@@ -222,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             watcher.close()
         finally:
             broker.stop()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_results(RESULTS, results)
     print(f"wrote {RESULTS}")
     return 0
 

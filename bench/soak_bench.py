@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO_ROOT))
     from agent import __version__  # after sys.path: the bench also runs as a plain script
     from bench.broker import BenchBroker, find_mosquitto
+    from bench.results_file import write_results
 
     if find_mosquitto() is None:
         print("soak_bench: mosquitto is not installed", file=sys.stderr)
@@ -421,8 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors_in_log": sum(1 for line in log_text.splitlines() if " ERROR " in line or "Traceback" in line),
         "samples": samples,
     })
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_results(args.output, results)
     summary = {k: results[k] for k in ("duration_s", "rss_kib", "cpu", "drops", "outbox", "voice",
                                        "telemetry", "anomaly_events_received")}
     summary["rss_kib"] = {k: v for k, v in results["rss_kib"].items() if k != "note"}

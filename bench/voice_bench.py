@@ -46,6 +46,7 @@ from agent.kws import KwsModel
 from agent.recognizer import Command
 from agent.voice import VoicePipeline, VoiceStage, load_pipeline, tail_padding
 from bench.broker import BenchBroker
+from bench.results_file import write_results
 
 log = logging.getLogger("bench.voice")
 
@@ -560,8 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         latency = measured["latency_seconds"]
         if latency:
             results["verdict"][f"held_out_{context}_recognition_p90_ok"] = latency["p90"] <= LATENCY_TARGET
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_results(args.out, results, indent=2)
     shown = ("cpu_16k", "cpu_44k1_resampled", "daemon_realtime", "daemon_realtime_loose_wake",
              "daemon_realtime_real_speakers", "recognition_latency_held_out", "verdict")
     print(json.dumps({k: results[k] for k in shown if k in results}, indent=2))
