@@ -1,5 +1,5 @@
-"""Keyword model wrapper: loads the int8 ``.tflite`` with LiteRT (tflite-runtime as fallback) and its metadata
-JSON, verifies them against each other, and turns one feature window into per-label probabilities.
+"""Keyword model wrapper: loads the int8 ``.tflite`` with LiteRT and its metadata JSON, verifies them against
+each other, and turns one feature window into per-label probabilities.
 
 Metadata (``<model>.json`` beside the model) holds at least: ``labels``, ``feature_params``
 (:class:`agent.features.FeatureParams`), ``thresholds`` (per vocabulary word), ``refractory_seconds``,

@@ -1,4 +1,7 @@
-"""The one place that picks the TFLite interpreter: LiteRT (ai-edge-litert), else tflite-runtime."""
+"""The one place that picks the TFLite interpreter: LiteRT (ai-edge-litert).
+
+tflite-runtime is no fallback: its last release (2.14.0) is built against numpy 1 and fails to create an
+interpreter under numpy 2 (SystemError from CreateWrapperFromFile), and has no wheel for CPython 3.13."""
 
 from __future__ import annotations
 
@@ -9,14 +12,12 @@ from agent.errors import ModelError
 
 
 def interpreter_class() -> Any:
-    """``Interpreter`` from LiteRT, or from tflite-runtime where LiteRT has no wheel (it needs numpy < 2)."""
+    """``Interpreter`` from LiteRT."""
     try:
         from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        try:
-            from tflite_runtime.interpreter import Interpreter
-        except ImportError as err:
-            raise ModelError("no TFLite interpreter: install ai-edge-litert (or tflite-runtime)") from err
+    except ImportError as err:
+        raise ModelError("no TFLite interpreter: install ai-edge-litert (it has wheels for Linux x86_64 and "
+                         "aarch64, i.e. 64-bit Raspberry Pi OS; a 32-bit OS is not supported)") from err
     return Interpreter
 
 
