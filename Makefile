@@ -7,7 +7,7 @@ TRAIN_STAMP := $(VENV)/.stamp-train
 DATA_DIR ?= $(abspath ../shared/data/speech)
 export DATA_DIR
 
-.PHONY: setup setup-train demo test lint typecheck bench soak train-kws train-anomaly install uninstall clean
+.PHONY: setup setup-train demo test test-release lint typecheck bench soak train-kws train-anomaly install uninstall clean
 
 setup: $(RUNTIME_STAMP)
 
@@ -32,6 +32,10 @@ test: setup-train
 	$(BIN)/ruff check agent training tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The wheel a user installs, with no extras, on Python 3.11 and 3.13; install.sh into a scratch root; Pi wheels.
+test-release: setup
+	$(BIN)/python -m pytest -q -m release
 
 lint: setup
 	$(BIN)/ruff check agent training tests bench scripts

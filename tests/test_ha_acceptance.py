@@ -110,8 +110,10 @@ def home_assistant(request: pytest.FixtureRequest,
         install = subprocess.run([str(HARNESS), "install"], env=env, capture_output=True, text=True,
                                  timeout=1200, check=False)
         if install.returncode != 0:
-            pytest.fail(f"installing Home Assistant {release.version} into {release.venv} failed:\n"
-                        f"{install.stderr[-3000:]}")
+            errors = "\n".join(line for line in (install.stdout + install.stderr).splitlines()
+                                if not line.startswith("WARNING: Location"))  # pip's noise about indexes
+            pytest.fail(f"installing Home Assistant {release.version} into {release.venv} failed "
+                        f"({install.returncode}):\n{errors[-3000:]}")
     workdir = tmp_path_factory.mktemp("ha")
     broker = Mosquitto(workdir / "broker")
     broker.start()
