@@ -490,3 +490,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
     environment.update(env or {})
     return subprocess.run([sys.executable, "-m", "agent", *args], cwd=REPO_ROOT, env=environment,
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start installing the Home Assistant venvs the selected acceptance tests need, in the background."""
+    from ha_install import start_installs
+
+    start_installs({item.callspec.params["home_assistant"] for item in session.items
+                    if hasattr(item, "callspec") and "home_assistant" in item.callspec.params})

@@ -5,8 +5,9 @@ Proves what HA does with our discovery, not what we think it should do: HA creat
 entities with the right states; availability offline makes them unavailable and online brings them back;
 an HA service call on the mute switch reaches the agent.
 
-Each HA venv is installed once into .cache/ (2024: .cache/ha-venv, about 35-100 s; 2025: .cache/ha2025-venv,
-about 120-170 s; both need PyPI) and reused. Skipped when the harness is absent (a clone without ../shared);
+Each HA venv is installed once into .cache/ (2024: .cache/ha-venv, about 100 s; 2025: .cache/ha2025-venv,
+about 120-170 s; both need PyPI) and reused; tests/ha_install.py starts the installs in the background at the
+start of the session. Skipped when the harness is absent (a clone without ../shared);
 SHARED_DIR overrides where ../shared is. HA 2025 needs a Python 3.13 (pyenv or PATH): skipped without one,
 except in CI.
 """
@@ -34,31 +35,13 @@ from conftest import (
     toml_dumps,
     wait_until,
 )
+from ha_install import HA_RELEASES, HARNESS, HaRelease, wait_installed
 
 from agent import __version__
 from agent.config import load_config
 from agent.discovery import MODEL, discovery_messages
 
-SHARED_DIR = Path(os.environ.get("SHARED_DIR", REPO_ROOT.parent / "shared"))
-HARNESS = SHARED_DIR / "tools" / "ha" / "ha_harness.sh"
 HA_RUN_ROOT = REPO_ROOT / ".cache" / "ha-run"
-
-
-@dataclass(frozen=True)
-class HaRelease:
-    """One Home Assistant release the harness can install: its venv here, its Python, its lock file."""
-
-    version: str
-    python: str
-    venv: Path
-    lock: Path | None  # None: the harness's default (its 2024.3.3 lock)
-
-
-HA_RELEASES = (
-    HaRelease("2024.3.3", "3.11", REPO_ROOT / ".cache" / "ha-venv", None),
-    HaRelease("2025.4.4", "3.13", REPO_ROOT / ".cache" / "ha2025-venv",
-              HARNESS.parent / "ha2025" / "requirements-ha-2025.4.4.lock.txt"),
-)
 AGENT_ID = "hatest"
 BASE = f"home-agent/{AGENT_ID}"
 
@@ -102,18 +85,11 @@ def home_assistant(request: pytest.FixtureRequest,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[HomeAssistant]:
     release: HaRelease = request.param
     python = require_python(release.python)
+    error = wait_installed(release, python)
+    if error is not None:
+        pytest.fail(f"installing Home Assistant {release.version} into {release.venv} failed: {error}")
     run_dir = HA_RUN_ROOT / f"pytest-{os.getpid()}-{release.version}"  # parallel runs do not collide
-    env = {**os.environ, "HA_VENV": str(release.venv), "HA_RUN_DIR": str(run_dir), "HA_PYTHON": str(python)}
-    if release.lock is not None:
-        env["HA_LOCK"] = str(release.lock)
-    if not (release.venv / "bin" / "hass").exists():
-        install = subprocess.run([str(HARNESS), "install"], env=env, capture_output=True, text=True,
-                                 timeout=1200, check=False)
-        if install.returncode != 0:
-            errors = "\n".join(line for line in (install.stdout + install.stderr).splitlines()
-                                if not line.startswith("WARNING: Location"))  # pip's noise about indexes
-            pytest.fail(f"installing Home Assistant {release.version} into {release.venv} failed "
-                        f"({install.returncode}):\n{errors[-3000:]}")
+    env = release.env(python, run_dir)
     workdir = tmp_path_factory.mktemp("ha")
     broker = Mosquitto(workdir / "broker")
     broker.start()
