@@ -493,8 +493,15 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start installing the Home Assistant venvs the selected acceptance tests need, in the background."""
+    """Start the slow preparation the selected tests need in the background: the wheel and the venvs of the
+    release tests, the Home Assistant venvs of the acceptance tests."""
+    import release_build
     from ha_install import start_installs
 
-    start_installs({item.callspec.params["home_assistant"] for item in session.items
-                    if hasattr(item, "callspec") and "home_assistant" in item.callspec.params})
+    def params(name: str) -> set[Any]:
+        return {item.callspec.params[name] for item in session.items
+                if hasattr(item, "callspec") and name in item.callspec.params}
+
+    needs_wheel = any("wheel" in getattr(item, "fixturenames", ()) for item in session.items)
+    release_build.start_builds(needs_wheel, sorted(params("installed")))
+    start_installs(params("home_assistant"))

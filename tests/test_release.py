@@ -2,9 +2,10 @@
 Python 3.11 (Raspberry Pi OS bookworm) and 3.13 (trixie), run from outside the checkout against a real
 mosquitto; and scripts/install.sh round-tripped into a temporary root.
 
-The venvs live in .cache/release (git-ignored) and are rebuilt on every run; pip's cache keeps that to about
-20 s per interpreter. Interpreters come from pyenv (PYENV_ROOT, default ~/.pyenv) or PATH; where one is
-missing the tests for it skip with the reason, except in CI (CI=true), where they fail.
+The venvs live in .cache/release (git-ignored) and are rebuilt on every run (tests/release_build.py, started
+in the background when collection is done); pip's cache keeps that to about 20 s per interpreter.
+Interpreters come from pyenv (PYENV_ROOT, default ~/.pyenv) or PATH; where one is missing the tests for it
+skip with the reason, except in CI (CI=true), where they fail.
 """
 
 from __future__ import annotations
@@ -12,50 +13,32 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import release_build
 from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, require_python, toml_dumps
+from release_build import PYTHONS, run
 from test_voice_e2e import THERMOSTAT_STATE, voice_config
 
 pytestmark = [pytest.mark.release, pytest.mark.slow]
 
-CACHE = REPO_ROOT / ".cache" / "release"
-PYTHONS = ("3.11", "3.13")
 EXAMPLES = REPO_ROOT / "examples"
 # Never importable from the installed package: training code, and what only the training/dev extras bring.
 FORBIDDEN_MODULES = ("training", "scipy", "python_speech_features", "tensorflow", "tf_keras")
 
 
-def run(*args: str | Path, cwd: Path, timeout: float = 300.0,
-        input_bytes: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"PYTHONPATH", "VIRTUAL_ENV", "HOME_AGENT_MQTT_PASSWORD", "STATE_DIRECTORY",
-                        "NOTIFY_SOCKET"}}
-    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, timeout=timeout,
-                            check=False, input=input_bytes)
-    return subprocess.CompletedProcess(result.args, result.returncode,
-                                       result.stdout.decode(errors="replace"),
-                                       result.stderr.decode(errors="replace"))
-
-
 @pytest.fixture(scope="session")
 def wheel() -> Path:
-    """The wheel of this checkout, built once per session (pip's PEP 517 build, as a user's pip does)."""
-    dist = CACHE / "dist"
-    shutil.rmtree(dist, ignore_errors=True)
-    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", dist, REPO_ROOT,
-                cwd=REPO_ROOT)
-    assert built.returncode == 0, f"building the wheel failed:\n{built.stderr[-3000:]}"
-    (path,) = dist.glob("home_agent-*.whl")
-    return path
+    """The wheel of this checkout, built once per session."""
+    error = release_build.wait_wheel()
+    assert error is None, error
+    return release_build.wheel_path()
 
 
 @dataclass(frozen=True)
@@ -76,14 +59,10 @@ class Installed:
 def installed(request: pytest.FixtureRequest, wheel: Path) -> Installed:
     """A fresh venv with the wheel and nothing else: what `pip install home-agent` gives a user."""
     version: str = request.param
-    python = require_python(version)
-    venv = CACHE / f"venv-py{version}"
-    shutil.rmtree(venv, ignore_errors=True)
-    created = run(python, "-m", "venv", venv, cwd=CACHE)
-    assert created.returncode == 0, created.stderr
-    pip = run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel, cwd=CACHE, timeout=900)
-    assert pip.returncode == 0, f"pip install {wheel.name} on Python {version} failed:\n{pip.stderr[-3000:]}"
-    return Installed(version, venv)
+    require_python(version)
+    error = release_build.wait_venv(version)
+    assert error is None, error
+    return Installed(version, release_build.venv_dir(version))
 
 
 def test_every_runtime_module_imports_without_extras(installed: Installed, tmp_path: Path) -> None:
@@ -200,10 +179,11 @@ def scratch_root(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_install_sh_round_trip_into_a_temporary_root(tmp_path: Path, scratch_root: Path,
+def test_install_sh_round_trip_into_a_temporary_root(tmp_path: Path, scratch_root: Path, wheel: Path,
                                                      mosquitto: Mosquitto) -> None:
-    """Install (Python 3.11, as on bookworm), start the daemon exactly as the installed unit says, stop it,
-    upgrade (the config is kept), uninstall (config kept), purge: nothing of ours is left."""
+    """Install from the checkout (Python 3.11, as on bookworm), start the daemon exactly as the installed unit
+    says, stop it, upgrade from the built wheel (the config is kept), uninstall (config kept), purge: nothing
+    of ours is left."""
     python = require_python("3.11")
     root = scratch_root
     checkout = copy_checkout(tmp_path / "src")
@@ -243,8 +223,9 @@ def test_install_sh_round_trip_into_a_temporary_root(tmp_path: Path, scratch_roo
         probe.close()
 
     config.write_text(config.read_text() + "\n# edited by hand\n", encoding="utf-8")
-    second = install_sh(checkout, root, python)
+    second = install_sh(checkout, root, python, "--wheel", str(wheel))
     assert second.returncode == 0, second.stdout + second.stderr
+    assert f"installing home-agent from {wheel}" in second.stdout
     assert "keeping your" in second.stdout and config.read_text().endswith("# edited by hand\n")
 
     removed = install_sh(checkout, root, python, "--uninstall")

@@ -15,7 +15,8 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
-from test_release import run, wheel  # noqa: F401 - wheel is a fixture
+from release_build import run
+from test_release import wheel  # noqa: F401 - wheel is a fixture
 
 pytestmark = [pytest.mark.network, pytest.mark.release, pytest.mark.slow]
 
