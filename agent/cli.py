@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -115,8 +116,15 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples keep their layout; option help never breaks a path at its hyphen ("/etc/home-" "agent")."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.RawDescriptionHelpFormatter
+    formatter = _HelpFormatter
     parser = argparse.ArgumentParser(prog="home-agent", description=DESCRIPTION, epilog=_epilog(),
                                      formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"home-agent {__version__}")

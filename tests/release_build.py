@@ -30,6 +30,18 @@ def run(*args: str | Path, cwd: Path, timeout: float = 300.0) -> subprocess.Comp
                                        result.stderr.decode(errors="replace"))
 
 
+def copy_checkout(dest: Path) -> Path:
+    """The files a fresh clone has (tracked plus new, not ignored): no venv, caches or build leftovers."""
+    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO_ROOT,
+                            capture_output=True, check=True)
+    for name in listed.stdout.decode().split("\0"):
+        source = REPO_ROOT / name
+        if name and source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
 def venv_dir(version: str) -> Path:
     return CACHE / f"venv-py{version}"
 
@@ -40,10 +52,14 @@ def wheel_path() -> Path:
 
 
 def _build_wheel() -> str | None:
-    """pip's PEP 517 build of the checkout, as a user's `pip install .` does it."""
+    """pip's PEP 517 build, as a user's `pip install .` does it, of a clean copy of the checkout (a build/
+    folder left in the checkout could carry stale modules into the wheel)."""
+    source = CACHE / "src"
     shutil.rmtree(DIST, ignore_errors=True)
-    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", DIST, REPO_ROOT,
-                cwd=REPO_ROOT)
+    shutil.rmtree(source, ignore_errors=True)
+    copy_checkout(source)
+    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", DIST, source,
+                cwd=source)
     return None if built.returncode == 0 else f"building the wheel failed:\n{built.stderr[-3000:]}"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import release_build
 from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, require_python, toml_dumps
-from release_build import PYTHONS, run
+from release_build import PYTHONS, copy_checkout, run
 from test_voice_e2e import THERMOSTAT_STATE, voice_config
 
 pytestmark = [pytest.mark.release, pytest.mark.slow]
@@ -145,20 +145,6 @@ def test_help_shows_an_example_for_every_subcommand(installed: Installed, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------- install.sh
-
-
-def copy_checkout(dest: Path) -> Path:
-    """The files a fresh clone has (tracked plus new, not ignored), not the dev venv or caches."""
-    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO_ROOT,
-                            capture_output=True, check=False)
-    if listed.returncode != 0:
-        pytest.skip("not a git checkout")
-    for name in listed.stdout.decode().split("\0"):
-        source = REPO_ROOT / name
-        if name and source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    return dest
 
 
 def install_sh(checkout: Path, root: Path, python: Path, *args: str) -> subprocess.CompletedProcess[str]:
