@@ -36,8 +36,8 @@ from typing import Any, Protocol, TypeVar
 from agent import __version__
 from agent.actions import ActionTable
 from agent.config import Config, load_config
-from agent.discovery import discovery_messages, discovery_topic_filter
-from agent.errors import ActionError, ConfigError, MqttError, PayloadError, StateError
+from agent.discovery import CONFIG_STATUS_KEY, discovery_messages, discovery_topic_filter
+from agent.errors import ActionError, ConfigError, HomeAgentError, MqttError, PayloadError, StateError
 from agent.health import CounterWatch, HealthRegistry
 from agent.logutil import LogThrottle
 from agent.messages import ActionRequest, AnomalyEvent, Reading
@@ -48,6 +48,7 @@ from agent.sdnotify import ServiceNotifier
 from agent.state import StateStore
 from agent.telemetry import TelemetryIntake
 from agent.topics import Topics
+from agent.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ class App:
         self._progress_watches: list[CounterWatch] = []
         self._mqtt_sent_seen = -1
         self._status_note = ""
+        self._config_status = "ok"  # diagnostics: "ok" or why the last reload was rejected
 
         self._subscriptions: list[Subscription] = []
         self._telemetry_subscriptions: list[Subscription] = []
@@ -278,6 +280,7 @@ class App:
             "readings_dropped": self._readings.dropped,
             "queued": self.link.queued,
             "muted": self._muted,
+            CONFIG_STATUS_KEY: self._config_status,
             "sw_version": __version__,
         }
 
@@ -333,13 +336,9 @@ class App:
                     self._reload_requested = False
                     log.info("SIGHUP: reloading the configuration")
                     self.notifier.reloading()
-                    failures = self._counts["reload_failures"]
                     self._reload()
                     if self._restart_with is not None:
                         break  # the next App sends READY=1 once it is connected
-                    rejected = self._counts["reload_failures"] != failures
-                    self._status_note = "new config rejected, old one running (see the journal)" \
-                        if rejected else ""
                     self.notifier.reloaded(self._status_line())
                 now = time.monotonic()
                 self._run_due_timers(now)
@@ -648,26 +647,30 @@ class App:
     # ----------------------------------------------------------------- reload (SIGHUP)
 
     def _reload(self) -> None:
+        """Re-read the config; take it only once it passed every start-up check (models loaded included).
+        A rejected config leaves everything running as it was: logged, in STATUS= and the diagnostics."""
         self._count("reloads")
         if self.config_path is None:
-            log.error("configuration reload: no config file to re-read; keeping the running configuration")
+            self.reload_rejected("no config file to re-read")
             return
         try:
             new = load_config(self.config_path)
+            validate(new, audio=self.options.audio)
             intake = TelemetryIntake(list(new.telemetry))
             actions = ActionTable(dict(new.actions))
         except (ConfigError, ActionError) as err:
-            self._count("reload_failures")
-            log.error("configuration reload failed; keeping the running configuration:\n%s", err)
+            self.reload_rejected(str(err))
             return
+        self.reload_accepted()
         if _needs_new_app(self.config, new):
-            log.warning("configuration reload changes [agent]/[mqtt]/[service]/voice/audio/anomaly settings: "
+            log.warning("configuration reload changes settings the running stages were built with: "
                         "restarting the agent with the new configuration")
             self._restart_with = new
             return
         old_announced = set(self._announced)
         self.config = new
         with self._actions_lock:
+            actions.carry_setpoints(self._actions)
             self._intake = intake
             self._actions = actions
         self.link.set_extra_allowed_topics(actions.allowed_topics)
@@ -682,15 +685,50 @@ class App:
             self._remove_stale_configs()
         log.info("configuration reloaded from %s", self.config_path)
 
+    def reload_rejected(self, reason: str) -> None:
+        """The new config was not taken: say so in the journal, STATUS= and the diagnostics."""
+        self._count("reload_failures")
+        log.error("configuration reload failed; keeping the running configuration:\n%s", reason)
+        self._status_note = "new config rejected, old one running (see the journal)"
+        first = reason.splitlines()[0] if reason else "unknown reason"
+        self._config_status = f"reload rejected: {first}"[:250]  # a Home Assistant state holds 255
+        if self.link.connected:
+            self._publish_diagnostics()
+
+    def reload_accepted(self) -> None:
+        self._status_note = ""
+        self._config_status = "ok"
+
+    def carry_over(self, previous: App) -> None:
+        """Take over what the App of the previous config knew (a restart-type reload): thermostats'
+        setpoints, the last readings of streams still configured, the reload counters."""
+        with previous._actions_lock, self._actions_lock:
+            self._actions.carry_setpoints(previous._actions)
+        sensors = {stream.sensor for stream in self.config.telemetry}
+        self._last_values = {k: v for k, v in previous._last_values.items() if k in sensors}
+        with previous._counts_lock:
+            carried = {name: previous._counts[name] for name in ("reloads", "reload_failures")}
+        with self._counts_lock:
+            self._counts.update(carried)
+        self._status_note = previous._status_note
+        self._config_status = previous._config_status
+
+
+def _anomaly_wiring(config: Config) -> list[tuple[str, bool, str | None]]:
+    """What the anomaly stage is built with: which streams it scores and their on_anomaly actions."""
+    return [(stream.sensor, stream.anomaly, stream.on_anomaly) for stream in config.telemetry]
+
 
 def _needs_new_app(old: Config, new: Config) -> bool:
-    """Telemetry, actions and Home Assistant options apply in place; anything else rebuilds the app."""
+    """Telemetry, actions and Home Assistant options apply in place; anything a stage was built with
+    (including the streams the anomaly stage scores and their on_anomaly actions) rebuilds the app."""
     in_place = {"telemetry", "actions", "homeassistant", "source_path"}
     for name in type(old).model_fields:
         if name not in in_place and getattr(old, name) != getattr(new, name):
             return True
     return (old.homeassistant.discovery_prefix != new.homeassistant.discovery_prefix
-            or old.homeassistant.enabled != new.homeassistant.enabled)
+            or old.homeassistant.enabled != new.homeassistant.enabled
+            or _anomaly_wiring(old) != _anomaly_wiring(new))
 
 
 # --------------------------------------------------------------------- CLI entry points
@@ -724,16 +762,32 @@ def run_daemon(args: argparse.Namespace) -> int:
     config = load_config(config_path)
     options = RunOptions(audio=getattr(args, "audio", None),
                          exit_at_end=bool(getattr(args, "exit_at_end", False)))
+    validate(config, audio=options.audio)  # the checks of check-config: exit 2 naming the key
     if threading.current_thread() is threading.main_thread():
         # Until App.run installs its handler (start-up; between two configurations after a reload) a
         # SIGHUP must not kill the daemon, which is its default action.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    app = build_app(config, config_path=config_path, options=options)
     while True:
-        app = build_app(config, config_path=config_path, options=options)
         result = app.run()
         if result.restart_with is None:
             return result.exit_code
-        config = result.restart_with
+        app = _next_app(app, result.restart_with, options)
+
+
+def _next_app(previous: App, new: Config, options: RunOptions) -> App:
+    """The App for a reloaded (already validated) config. Should building it still fail (a file that
+    vanished since), the previous config is built again: a reload never stops the agent."""
+    try:
+        app = build_app(new, config_path=previous.config_path, options=options)
+    except HomeAgentError as err:
+        log.error("could not start with the new configuration; going back to the previous one: %s", err)
+        app = build_app(previous.config, config_path=previous.config_path, options=options)
+        app.carry_over(previous)
+        app.reload_rejected(str(err))
+        return app
+    app.carry_over(previous)
+    return app
 
 
 def _needs_device_state(config: Config, name: str) -> bool:

@@ -177,21 +177,37 @@ class _TlsContext(ssl.SSLContext):
             sock.close()
 
 
-def _build_tls_context(config: Config) -> _TlsContext | None:
+def build_tls_context(config: Config) -> _TlsContext | None:
+    """The TLS context for ``[mqtt.tls]`` (None without it). ConfigError names the key and the file that
+    cannot be read or loaded."""
     tls = config.mqtt.tls
     if tls is None:
         return None
+    files = {"ca_file": tls.ca_file, "cert_file": tls.cert_file, "key_file": tls.key_file}
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"mqtt.tls.{key}: cannot read {path}: {err.strerror or err}") from err
+    # As ssl.create_default_context(): certificate and host name verified, TLS >= 1.2.
+    context = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        # As ssl.create_default_context(): certificate and host name verified, TLS >= 1.2.
-        context = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)
         if tls.ca_file is not None:
             context.load_verify_locations(cafile=str(tls.ca_file))
         else:
             context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        if tls.cert_file is not None:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
     except (OSError, ssl.SSLError) as err:
-        raise ConfigError(f"mqtt.tls: cannot load certificates: {err}") from err
+        raise ConfigError(f"mqtt.tls.ca_file: cannot load CA certificates from {tls.ca_file}: {err}") from err
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        except (OSError, ssl.SSLError) as err:
+            key = f" with key {tls.key_file}" if tls.key_file else ""
+            raise ConfigError(f"mqtt.tls.cert_file: cannot load the client certificate {tls.cert_file}{key}: "
+                              f"{err}") from err
     if tls.insecure_skip_hostname_check:
         log.warning("mqtt.tls.insecure_skip_hostname_check is set: the broker's hostname is NOT verified")
         context.check_hostname = False
@@ -215,7 +231,7 @@ class MqttLink:
         self._availability = availability
         self._client_id = client_id or config.mqtt.client_id or f"home-agent-{config.agent.id}"
         self._password = config.mqtt.password()  # raises ConfigError when password_file is unreadable
-        self._tls_context = _build_tls_context(config)
+        self._tls_context = build_tls_context(config)
         self._allowed = frozenset(extra_allowed_topics)
         self.stats = LinkStats()
         self._throttle = LogThrottle()
