@@ -39,14 +39,14 @@ from agent.config import Config, load_config
 from agent.discovery import CONFIG_STATUS_KEY, discovery_messages, discovery_topic_filter
 from agent.errors import ActionError, ConfigError, HomeAgentError, MqttError, PayloadError, StateError
 from agent.health import CounterWatch, HealthRegistry
-from agent.logutil import LogThrottle
+from agent.logutil import LogThrottle, suppressed_note
 from agent.messages import ActionRequest, AnomalyEvent, Reading
 from agent.mqtt_link import InboundMessage, MqttLink, Subscription
 from agent.outbox import FILE_NAME as OUTBOX_FILE
 from agent.outbox import Outbox
 from agent.sdnotify import ServiceNotifier
 from agent.state import StateStore
-from agent.telemetry import TelemetryIntake
+from agent.telemetry import REJECT_REASONS, TelemetryIntake
 from agent.topics import Topics
 from agent.validate import validate
 
@@ -149,7 +149,9 @@ class App:
         self._readings_consumed = False
         self._throttle = LogThrottle()
         self._counts_lock = threading.Lock()
-        self._counts = {"readings": 0, "telemetry_ignored": 0, "actions_sent": 0, "actions_rejected": 0,
+        self._counts = {"readings": 0, "telemetry_ignored": 0, "readings_rejected": 0,
+                        **{f"rejected_{reason}": 0 for reason in REJECT_REASONS},
+                        "actions_sent": 0, "actions_rejected": 0,
                         "announcements": 0, "stale_configs_removed": 0, "reloads": 0, "reload_failures": 0}
         self._last_values: dict[str, str] = {}
         self._anomaly_active: dict[str, bool] = {}  # per sensor, as last published (see publish_anomaly)
@@ -524,9 +526,15 @@ class App:
     # The handlers below run on paho's thread: parse, hand over, return. PayloadError -> bad_payloads.
 
     def _on_telemetry(self, message: InboundMessage) -> None:
-        readings = self._intake.parse(message.topic, message.payload, message.retained, time.time())
+        outcome = self._intake.parse_detailed(message.topic, message.payload, message.retained, time.time())
+        for reason, text in outcome.rejected:
+            self._reject_reading(reason, text)
+        readings = outcome.readings
         if not readings:
-            self._count("telemetry_ignored")
+            if outcome.rejected:
+                self.link.stats.count_bad_payload()  # nothing usable in it (counted once per message)
+            else:
+                self._count("telemetry_ignored")  # carries none of its streams' fields
             return
         self._count("readings", len(readings))
         for reading in readings:
@@ -535,6 +543,17 @@ class App:
             value = format_reading(reading.value)
             self._last_values[reading.sensor] = value
             self.link.publish(self.topics.sensor_state(reading.sensor), value, retain=True)
+
+    def _reject_reading(self, reason: str, text: str) -> None:
+        """A stream refused a reading: counted per reason (diagnostics), logged once per reason and
+        throttle interval."""
+        with self._counts_lock:
+            self._counts["readings_rejected"] += 1
+            key = f"rejected_{reason}"
+            self._counts[key] = self._counts.get(key, 0) + 1
+        suppressed = self._throttle.ready(f"rejected:{reason}")
+        if suppressed is not None:
+            log.warning("telemetry: rejected a reading (%s): %s%s", reason, text, suppressed_note(suppressed))
 
     def _on_action_state(self, message: InboundMessage) -> None:
         with self._actions_lock:
