@@ -317,6 +317,12 @@ class App:
         self._wake_r.close()
         self._wake_w.close()
 
+    def discard(self) -> None:
+        """Release what the constructor opened, for an App that was never started."""
+        self.outbox.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
     def request_stop(self) -> None:
         self._stop_requested = True
         self._wake()
@@ -756,6 +762,15 @@ def _needs_new_app(old: Config, new: Config) -> bool:
 def build_app(config: Config, *, config_path: Path | None, options: RunOptions) -> App:
     """Build the app and its stages. Later stages (voice, anomaly, outbox) are added here."""
     app = App(config, config_path=config_path, options=options)
+    try:
+        _add_stages(app, config, options)
+    except BaseException:
+        app.discard()  # nothing was started; the previous App may be built again in this process
+        raise
+    return app
+
+
+def _add_stages(app: App, config: Config, options: RunOptions) -> None:
     if config.voice_active or options.audio is not None:
         from agent.voice import VoiceStage  # here: loads the keyword model only when voice is on
 
@@ -772,7 +787,6 @@ def build_app(config: Config, *, config_path: Path | None, options: RunOptions) 
         from agent.anomaly import AnomalyStage  # readings queue -> detector -> publish_anomaly / on_anomaly
 
         app.add_stage(AnomalyStage.from_app(app))  # a missing/corrupt model is a ModelError at startup
-    return app
 
 
 def run_daemon(args: argparse.Namespace) -> int:
