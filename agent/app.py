@@ -18,7 +18,6 @@ import heapq
 import itertools
 import json
 import logging
-import os
 import queue
 import random
 import select
@@ -41,7 +40,7 @@ from agent.errors import ActionError, ConfigError, HomeAgentError, MqttError, Pa
 from agent.health import CounterWatch, HealthRegistry
 from agent.logutil import LogThrottle, suppressed_note
 from agent.messages import ActionRequest, AnomalyEvent, Reading
-from agent.mqtt_link import InboundMessage, MqttLink, Subscription
+from agent.mqtt_link import InboundMessage, MqttLink, Subscription, own_client_id
 from agent.outbox import FILE_NAME as OUTBOX_FILE
 from agent.outbox import Outbox
 from agent.sdnotify import ServiceNotifier
@@ -138,7 +137,10 @@ class App:
         self.state = StateStore(config.agent.resolved_state_dir)
         self._intake = TelemetryIntake(list(config.telemetry))
         self._actions = ActionTable(dict(config.actions))
-        self.link = MqttLink(config, extra_allowed_topics=self._actions.allowed_topics)
+        # `run --audio` is usually a second process next to the service: its own client id, so the broker
+        # does not disconnect one for the other (the agent-id check then tells it the service runs).
+        client_id = own_client_id(config, "run") if self.options.audio is not None else None
+        self.link = MqttLink(config, extra_allowed_topics=self._actions.allowed_topics, client_id=client_id)
         # Must-deliver messages (anomaly events) go through the on-disk outbox; voice actions never do
         # (they expire instead). A corrupt outbox is moved aside inside; StateError only if unusable.
         self.outbox = Outbox(config.agent.resolved_state_dir / OUTBOX_FILE,
@@ -838,8 +840,8 @@ def fire_action(args: argparse.Namespace) -> int:
         print(f"home-agent: unknown action {name!r} (configured actions: {known})", file=sys.stderr)
         return EXIT_USAGE
     actions = ActionTable(dict(config.actions))
-    client_id = f"{config.mqtt.client_id or 'home-agent-' + config.agent.id}-action-{os.getpid()}"
-    link = MqttLink(config, actions.allowed_topics, availability=False, client_id=client_id)
+    link = MqttLink(config, actions.allowed_topics, availability=False,
+                    client_id=own_client_id(config, "action"))
     observed: set[str] = set()
     lock = threading.Lock()
 

@@ -123,6 +123,8 @@ def test_a_stream_added_by_reload_is_scored(
     assert wait_until(lambda: "starting stage anomaly" in daemon.log_text().split("SIGHUP", 1)[-1], 10), \
         daemon.log_text()[-3000:]
     probe.wait_for(AVAILABILITY, b"online", count=2, timeout=10)
+    probe.subscribe("homeassistant/sensor/testagent/+/config")  # announced once subscribed
+    probe.wait_for("homeassistant/sensor/testagent/sensor_plug_power/config", timeout=10)
     probe.publish("tele/plug/SENSOR", json.dumps({"ENERGY": {"Power": 42}}))
     assert probe.wait_for(f"{BASE}/sensor/plug_power/state", timeout=5).payload == b"42.0"
     scored = probe.wait_for(f"{BASE}/anomaly/plug_power", timeout=5)
