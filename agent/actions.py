@@ -574,6 +574,14 @@ class ActionTable:
         key = self._plan(name).state_key
         return None if key is None else self._setpoints.get(key)
 
+    def carry_setpoints(self, previous: ActionTable) -> None:
+        """Keep the setpoints ``previous`` (the table of the config before a reload) knew, for the state
+        topics and keys this table still watches: a retained state is not delivered again on reload."""
+        self._setpoints.update({
+            (topic, key): value for (topic, key), value in previous._setpoints.items()
+            if key in self._state_keys.get(topic, ())
+        })
+
     def observe_state(self, topic: str, payload: bytes) -> None:
         """Remember the current setpoint from a device state message (zigbee2mqtt JSON with the
         setpoint_key, or a plain number). Topics no action watches are ignored. Raises PayloadError."""

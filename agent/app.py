@@ -18,7 +18,6 @@ import heapq
 import itertools
 import json
 import logging
-import os
 import queue
 import random
 import select
@@ -36,18 +35,19 @@ from typing import Any, Protocol, TypeVar
 from agent import __version__
 from agent.actions import ActionTable
 from agent.config import Config, load_config
-from agent.discovery import discovery_messages, discovery_topic_filter
-from agent.errors import ActionError, ConfigError, MqttError, PayloadError, StateError
+from agent.discovery import CONFIG_STATUS_KEY, discovery_messages, discovery_topic_filter
+from agent.errors import ActionError, ConfigError, HomeAgentError, MqttError, PayloadError, StateError
 from agent.health import CounterWatch, HealthRegistry
-from agent.logutil import LogThrottle
+from agent.logutil import LogThrottle, suppressed_note
 from agent.messages import ActionRequest, AnomalyEvent, Reading
-from agent.mqtt_link import InboundMessage, MqttLink, Subscription
+from agent.mqtt_link import InboundMessage, MqttLink, Subscription, own_client_id
 from agent.outbox import FILE_NAME as OUTBOX_FILE
 from agent.outbox import Outbox
 from agent.sdnotify import ServiceNotifier
 from agent.state import StateStore
-from agent.telemetry import TelemetryIntake
+from agent.telemetry import REJECT_REASONS, TelemetryIntake
 from agent.topics import Topics
+from agent.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,10 @@ class App:
         self.state = StateStore(config.agent.resolved_state_dir)
         self._intake = TelemetryIntake(list(config.telemetry))
         self._actions = ActionTable(dict(config.actions))
-        self.link = MqttLink(config, extra_allowed_topics=self._actions.allowed_topics)
+        # `run --audio` is usually a second process next to the service: its own client id, so the broker
+        # does not disconnect one for the other (the agent-id check then tells it the service runs).
+        client_id = own_client_id(config, "run") if self.options.audio is not None else None
+        self.link = MqttLink(config, extra_allowed_topics=self._actions.allowed_topics, client_id=client_id)
         # Must-deliver messages (anomaly events) go through the on-disk outbox; voice actions never do
         # (they expire instead). A corrupt outbox is moved aside inside; StateError only if unusable.
         self.outbox = Outbox(config.agent.resolved_state_dir / OUTBOX_FILE,
@@ -148,7 +151,9 @@ class App:
         self._readings_consumed = False
         self._throttle = LogThrottle()
         self._counts_lock = threading.Lock()
-        self._counts = {"readings": 0, "telemetry_ignored": 0, "actions_sent": 0, "actions_rejected": 0,
+        self._counts = {"readings": 0, "telemetry_ignored": 0, "readings_rejected": 0,
+                        **{f"rejected_{reason}": 0 for reason in REJECT_REASONS},
+                        "actions_sent": 0, "actions_rejected": 0,
                         "announcements": 0, "stale_configs_removed": 0, "reloads": 0, "reload_failures": 0}
         self._last_values: dict[str, str] = {}
         self._anomaly_active: dict[str, bool] = {}  # per sensor, as last published (see publish_anomaly)
@@ -181,6 +186,7 @@ class App:
         self._progress_watches: list[CounterWatch] = []
         self._mqtt_sent_seen = -1
         self._status_note = ""
+        self._config_status = "ok"  # diagnostics: "ok" or why the last reload was rejected
 
         self._subscriptions: list[Subscription] = []
         self._telemetry_subscriptions: list[Subscription] = []
@@ -278,6 +284,7 @@ class App:
             "readings_dropped": self._readings.dropped,
             "queued": self.link.queued,
             "muted": self._muted,
+            CONFIG_STATUS_KEY: self._config_status,
             "sw_version": __version__,
         }
 
@@ -312,6 +319,12 @@ class App:
         self._wake_r.close()
         self._wake_w.close()
 
+    def discard(self) -> None:
+        """Release what the constructor opened, for an App that was never started."""
+        self.outbox.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
     def request_stop(self) -> None:
         self._stop_requested = True
         self._wake()
@@ -333,13 +346,9 @@ class App:
                     self._reload_requested = False
                     log.info("SIGHUP: reloading the configuration")
                     self.notifier.reloading()
-                    failures = self._counts["reload_failures"]
                     self._reload()
                     if self._restart_with is not None:
                         break  # the next App sends READY=1 once it is connected
-                    rejected = self._counts["reload_failures"] != failures
-                    self._status_note = "new config rejected, old one running (see the journal)" \
-                        if rejected else ""
                     self.notifier.reloaded(self._status_line())
                 now = time.monotonic()
                 self._run_due_timers(now)
@@ -525,9 +534,15 @@ class App:
     # The handlers below run on paho's thread: parse, hand over, return. PayloadError -> bad_payloads.
 
     def _on_telemetry(self, message: InboundMessage) -> None:
-        readings = self._intake.parse(message.topic, message.payload, message.retained, time.time())
+        outcome = self._intake.parse_detailed(message.topic, message.payload, message.retained, time.time())
+        for reason, text in outcome.rejected:
+            self._reject_reading(reason, text)
+        readings = outcome.readings
         if not readings:
-            self._count("telemetry_ignored")
+            if outcome.rejected:
+                self.link.stats.count_bad_payload()  # nothing usable in it (counted once per message)
+            else:
+                self._count("telemetry_ignored")  # carries none of its streams' fields
             return
         self._count("readings", len(readings))
         for reading in readings:
@@ -536,6 +551,17 @@ class App:
             value = format_reading(reading.value)
             self._last_values[reading.sensor] = value
             self.link.publish(self.topics.sensor_state(reading.sensor), value, retain=True)
+
+    def _reject_reading(self, reason: str, text: str) -> None:
+        """A stream refused a reading: counted per reason (diagnostics), logged once per reason and
+        throttle interval."""
+        with self._counts_lock:
+            self._counts["readings_rejected"] += 1
+            key = f"rejected_{reason}"
+            self._counts[key] = self._counts.get(key, 0) + 1
+        suppressed = self._throttle.ready(f"rejected:{reason}")
+        if suppressed is not None:
+            log.warning("telemetry: rejected a reading (%s): %s%s", reason, text, suppressed_note(suppressed))
 
     def _on_action_state(self, message: InboundMessage) -> None:
         with self._actions_lock:
@@ -648,26 +674,30 @@ class App:
     # ----------------------------------------------------------------- reload (SIGHUP)
 
     def _reload(self) -> None:
+        """Re-read the config; take it only once it passed every start-up check (models loaded included).
+        A rejected config leaves everything running as it was: logged, in STATUS= and the diagnostics."""
         self._count("reloads")
         if self.config_path is None:
-            log.error("configuration reload: no config file to re-read; keeping the running configuration")
+            self.reload_rejected("no config file to re-read")
             return
         try:
             new = load_config(self.config_path)
+            validate(new, audio=self.options.audio)
             intake = TelemetryIntake(list(new.telemetry))
             actions = ActionTable(dict(new.actions))
         except (ConfigError, ActionError) as err:
-            self._count("reload_failures")
-            log.error("configuration reload failed; keeping the running configuration:\n%s", err)
+            self.reload_rejected(str(err))
             return
+        self.reload_accepted()
         if _needs_new_app(self.config, new):
-            log.warning("configuration reload changes [agent]/[mqtt]/[service]/voice/audio/anomaly settings: "
+            log.warning("configuration reload changes settings the running stages were built with: "
                         "restarting the agent with the new configuration")
             self._restart_with = new
             return
         old_announced = set(self._announced)
         self.config = new
         with self._actions_lock:
+            actions.carry_setpoints(self._actions)
             self._intake = intake
             self._actions = actions
         self.link.set_extra_allowed_topics(actions.allowed_topics)
@@ -682,15 +712,50 @@ class App:
             self._remove_stale_configs()
         log.info("configuration reloaded from %s", self.config_path)
 
+    def reload_rejected(self, reason: str) -> None:
+        """The new config was not taken: say so in the journal, STATUS= and the diagnostics."""
+        self._count("reload_failures")
+        log.error("configuration reload failed; keeping the running configuration:\n%s", reason)
+        self._status_note = "new config rejected, old one running (see the journal)"
+        first = reason.splitlines()[0] if reason else "unknown reason"
+        self._config_status = f"reload rejected: {first}"[:250]  # a Home Assistant state holds 255
+        if self.link.connected:
+            self._publish_diagnostics()
+
+    def reload_accepted(self) -> None:
+        self._status_note = ""
+        self._config_status = "ok"
+
+    def carry_over(self, previous: App) -> None:
+        """Take over what the App of the previous config knew (a restart-type reload): thermostats'
+        setpoints, the last readings of streams still configured, the reload counters."""
+        with previous._actions_lock, self._actions_lock:
+            self._actions.carry_setpoints(previous._actions)
+        sensors = {stream.sensor for stream in self.config.telemetry}
+        self._last_values = {k: v for k, v in previous._last_values.items() if k in sensors}
+        with previous._counts_lock:
+            carried = {name: previous._counts[name] for name in ("reloads", "reload_failures")}
+        with self._counts_lock:
+            self._counts.update(carried)
+        self._status_note = previous._status_note
+        self._config_status = previous._config_status
+
+
+def _anomaly_wiring(config: Config) -> list[tuple[str, bool, str | None]]:
+    """What the anomaly stage is built with: which streams it scores and their on_anomaly actions."""
+    return [(stream.sensor, stream.anomaly, stream.on_anomaly) for stream in config.telemetry]
+
 
 def _needs_new_app(old: Config, new: Config) -> bool:
-    """Telemetry, actions and Home Assistant options apply in place; anything else rebuilds the app."""
+    """Telemetry, actions and Home Assistant options apply in place; anything a stage was built with
+    (including the streams the anomaly stage scores and their on_anomaly actions) rebuilds the app."""
     in_place = {"telemetry", "actions", "homeassistant", "source_path"}
     for name in type(old).model_fields:
         if name not in in_place and getattr(old, name) != getattr(new, name):
             return True
     return (old.homeassistant.discovery_prefix != new.homeassistant.discovery_prefix
-            or old.homeassistant.enabled != new.homeassistant.enabled)
+            or old.homeassistant.enabled != new.homeassistant.enabled
+            or _anomaly_wiring(old) != _anomaly_wiring(new))
 
 
 # --------------------------------------------------------------------- CLI entry points
@@ -699,6 +764,15 @@ def _needs_new_app(old: Config, new: Config) -> bool:
 def build_app(config: Config, *, config_path: Path | None, options: RunOptions) -> App:
     """Build the app and its stages. Later stages (voice, anomaly, outbox) are added here."""
     app = App(config, config_path=config_path, options=options)
+    try:
+        _add_stages(app, config, options)
+    except BaseException:
+        app.discard()  # nothing was started; the previous App may be built again in this process
+        raise
+    return app
+
+
+def _add_stages(app: App, config: Config, options: RunOptions) -> None:
     if config.voice_active or options.audio is not None:
         from agent.voice import VoiceStage  # here: loads the keyword model only when voice is on
 
@@ -715,7 +789,6 @@ def build_app(config: Config, *, config_path: Path | None, options: RunOptions) 
         from agent.anomaly import AnomalyStage  # readings queue -> detector -> publish_anomaly / on_anomaly
 
         app.add_stage(AnomalyStage.from_app(app))  # a missing/corrupt model is a ModelError at startup
-    return app
 
 
 def run_daemon(args: argparse.Namespace) -> int:
@@ -724,16 +797,32 @@ def run_daemon(args: argparse.Namespace) -> int:
     config = load_config(config_path)
     options = RunOptions(audio=getattr(args, "audio", None),
                          exit_at_end=bool(getattr(args, "exit_at_end", False)))
+    validate(config, audio=options.audio)  # the checks of check-config: exit 2 naming the key
     if threading.current_thread() is threading.main_thread():
         # Until App.run installs its handler (start-up; between two configurations after a reload) a
         # SIGHUP must not kill the daemon, which is its default action.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    app = build_app(config, config_path=config_path, options=options)
     while True:
-        app = build_app(config, config_path=config_path, options=options)
         result = app.run()
         if result.restart_with is None:
             return result.exit_code
-        config = result.restart_with
+        app = _next_app(app, result.restart_with, options)
+
+
+def _next_app(previous: App, new: Config, options: RunOptions) -> App:
+    """The App for a reloaded (already validated) config. Should building it still fail (a file that
+    vanished since), the previous config is built again: a reload never stops the agent."""
+    try:
+        app = build_app(new, config_path=previous.config_path, options=options)
+    except HomeAgentError as err:
+        log.error("could not start with the new configuration; going back to the previous one: %s", err)
+        app = build_app(previous.config, config_path=previous.config_path, options=options)
+        app.carry_over(previous)
+        app.reload_rejected(str(err))
+        return app
+    app.carry_over(previous)
+    return app
 
 
 def _needs_device_state(config: Config, name: str) -> bool:
@@ -751,8 +840,8 @@ def fire_action(args: argparse.Namespace) -> int:
         print(f"home-agent: unknown action {name!r} (configured actions: {known})", file=sys.stderr)
         return EXIT_USAGE
     actions = ActionTable(dict(config.actions))
-    client_id = f"{config.mqtt.client_id or 'home-agent-' + config.agent.id}-action-{os.getpid()}"
-    link = MqttLink(config, actions.allowed_topics, availability=False, client_id=client_id)
+    link = MqttLink(config, actions.allowed_topics, availability=False,
+                    client_id=own_client_id(config, "action"))
     observed: set[str] = set()
     lock = threading.Lock()
 

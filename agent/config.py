@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from agent.errors import ConfigError
 
@@ -24,17 +24,21 @@ STATE_DIR_ENV = "STATE_DIRECTORY"  # set by systemd's StateDirectory=
 
 AgentId = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
 ObjectName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+# TOML has no path type: paths are strings, the one conversion strict mode must still allow.
+FilePath = Annotated[Path, Strict(False)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: `port = "18841"` or `anomaly = "yes"` is a typo to report, not a value to guess at
+    # (integers are still accepted where a float is expected).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class AgentSection(Section):
     id: AgentId
     name: str | None = None  # defaults to the id
     # Where persistent state lives (mute switch, anomaly state, outbox). $STATE_DIRECTORY wins when set.
-    state_dir: Path = Path("/var/lib/home-agent")
+    state_dir: FilePath = Path("/var/lib/home-agent")
 
     @property
     def display_name(self) -> str:
@@ -47,18 +51,24 @@ class AgentSection(Section):
 
 
 class TlsSection(Section):
-    ca_file: Path | None = None  # CA bundle to verify the broker; system store when omitted
-    cert_file: Path | None = None  # client certificate (mutual TLS)
-    key_file: Path | None = None
+    ca_file: FilePath | None = None  # CA bundle to verify the broker; system store when omitted
+    cert_file: FilePath | None = None  # client certificate (mutual TLS)
+    key_file: FilePath | None = None  # its private key, when not in cert_file; needs cert_file
     # Never disable in production: turns off the broker hostname check.
     insecure_skip_hostname_check: bool = False
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsSection:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not (the key belongs to a client certificate)")
+        return self
 
 
 class MqttSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     username: str | None = None
-    password_file: Path | None = None
+    password_file: FilePath | None = None
     tls: TlsSection | None = None
     client_id: str | None = None  # defaults to home-agent-<agent id>
     keepalive: int = Field(default=30, ge=5, le=3600)
@@ -189,7 +199,7 @@ class VoiceCommand(Section):
 
 class VoiceSection(Section):
     enabled: bool = True  # listening also needs [[voice.commands]] or explicit enabled = true
-    model: Path = Path("models/kws.tflite")  # relative paths: config dir, then the shipped models
+    model: FilePath = Path("models/kws.tflite")  # relative paths: config dir, then the shipped models
     wake_word: str = "computer"
     wake_window: float = Field(default=3.0, gt=0, le=30)  # seconds after the wake word for a command
     thresholds: dict[str, float] = Field(default_factory=dict)  # per-word override of the model's own
@@ -205,6 +215,25 @@ class VoiceSection(Section):
                 raise ValueError(f"threshold for {word!r} must be in (0, 1], got {threshold}")
         return value
 
+    @model_validator(mode="after")
+    def _phrases(self) -> VoiceSection:
+        """Problems the model's vocabulary cannot settle: the wake word inside a phrase (it would only ever
+        open a new window) and one phrase twice (``say`` is whitespace-normalised, so "light  on" is
+        "light on")."""
+        problems: list[str] = []
+        first: dict[str, int] = {}
+        for index, command in enumerate(self.commands):
+            if self.wake_word in command.words:
+                problems.append(f"voice.commands.{index}.say: must not contain the wake word "
+                                f"{self.wake_word!r}")
+            if command.say in first:
+                problems.append(f"voice.commands.{index}.say: phrase {command.say!r} is configured twice "
+                                f"(also voice.commands.{first[command.say]})")
+            first.setdefault(command.say, index)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
 
 AudioSourceSpec = Annotated[str, Field(pattern=r"^(mic|stdin|file:.+)$")]
 
@@ -219,7 +248,7 @@ class AudioSection(Section):
 
 class AnomalySection(Section):
     enabled: bool = True
-    model: Path = Path("models/anomaly.tflite")
+    model: FilePath = Path("models/anomaly.tflite")
     threshold: float = Field(default=0.99, gt=0, le=1)  # score at which an anomaly starts
     clear_threshold: float = Field(default=0.9, gt=0, le=1)  # hysteresis: the anomaly ends below this
     cooldown: float = Field(default=3600.0, ge=0)  # quiet period after an episode (seconds)
@@ -295,7 +324,12 @@ class Config(Section):
 _SUFFIXES = re.compile(r", (unable to parse string as an? \w+|invalid number|input is not .*)$")
 
 
-def _format_error(error: Any, source: str) -> str:
+_KEYED = re.compile(r"^[A-Za-z_][\w.-]*: ")
+
+
+def _format_error(error: Any, source: str) -> list[str]:
+    """One line per problem, each naming its key. A validator that names keys itself (a check across
+    entries, such as voice.commands.3.say) keeps them rather than being prefixed with its section."""
     loc = ".".join(str(part) for part in error.get("loc", ())) or "(top level)"
     message = _SUFFIXES.sub("", str(error.get("msg", "invalid")))
     message = message.removeprefix("Value error, ")
@@ -304,7 +338,10 @@ def _format_error(error: Any, source: str) -> str:
         value = error["input"]
         if isinstance(value, (str, int, float, bool)) or value is None:
             got = f", got {json.dumps(value)}"
-    return f"{loc}: {message}{got} ({source})"
+    lines = message.split("\n")
+    if all(_KEYED.match(line) for line in lines):
+        return [f"{line} ({source})" for line in lines]
+    return [f"{loc}: {message}{got} ({source})"]
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>", source_path: Path | None = None) -> Config:
@@ -312,7 +349,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>", source_path: Pa
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
-        lines = [_format_error(e, source) for e in err.errors(include_url=False)]
+        lines = [line for e in err.errors(include_url=False) for line in _format_error(e, source)]
         raise ConfigError("\n".join(lines)) from err
     return config.model_copy(update={"source_path": source_path})
 

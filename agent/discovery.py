@@ -17,7 +17,9 @@ What the agent must publish on the state topics these payloads point to:
 
 - ``Topics.availability``: ``online`` / ``offline`` (retained; last will);
 - ``Topics.diagnostics``: a JSON object with the numeric keys ``DIAGNOSTIC_KEYS``
-  (``uptime`` in seconds, ``messages_in``, ``messages_out``, ``dropped``, ``bad_payloads``);
+  (``uptime`` in seconds, ``messages_in``, ``messages_out``, ``dropped``, ``bad_payloads``,
+  ``readings_rejected``, ``reload_failures``) and the text ``config_status`` (``ok`` or why the last
+  reload was rejected);
 - ``Topics.sensor_state(sensor)``: the last accepted reading as a plain number;
 - ``Topics.mute_state``: ``ON`` / ``OFF`` (retained); commands arrive on ``Topics.mute_set``;
 - ``Topics.event``: ``{"event_type": <one of event_types>, ...}``, never retained;
@@ -54,8 +56,17 @@ DIAGNOSTIC_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("messages_out", "Messages out", {"state_class": "total_increasing", "icon": "mdi:message-arrow-right"}),
     ("dropped", "Dropped messages", {"state_class": "total_increasing", "icon": "mdi:message-alert"}),
     ("bad_payloads", "Bad payloads", {"state_class": "total_increasing", "icon": "mdi:alert-circle-outline"}),
+    ("readings_rejected", "Rejected readings",
+     {"state_class": "total_increasing", "icon": "mdi:thermometer-alert"}),
+    ("reload_failures", "Rejected config reloads",
+     {"state_class": "total_increasing", "icon": "mdi:file-alert"}),
 )
 DIAGNOSTIC_KEYS = tuple(key for key, _, _ in DIAGNOSTIC_SENSORS)
+# Text diagnostics (no state_class): "ok", or why the last reload was rejected.
+CONFIG_STATUS_KEY = "config_status"
+DIAGNOSTIC_TEXT_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    (CONFIG_STATUS_KEY, "Configuration", {"icon": "mdi:file-cog"}),
+)
 MUTE_OBJECT = "mute"
 EVENT_OBJECT = "voice_intent"
 # Per-stream objects get a prefix per kind; built-in objects use none of these prefixes, and sensor ids
@@ -127,7 +138,7 @@ def discovery_messages(
             "o": origin,
         }
 
-    for key, name, extra in DIAGNOSTIC_SENSORS:
+    for key, name, extra in DIAGNOSTIC_SENSORS + DIAGNOSTIC_TEXT_SENSORS:
         add("sensor", key, name, {
             "state_topic": topics.diagnostics,
             "value_template": f"{{{{ value_json.{key} }}}}",

@@ -11,6 +11,11 @@ class ConfigError(HomeAgentError):
     """The configuration file is missing, unreadable or invalid. The CLI exits with status 2."""
 
 
+class AgentIdClashError(ConfigError):
+    """Another live agent already runs with this agent id on the broker (exit status 2: a second agent must
+    get its own ``[agent] id``, or the other one must stop)."""
+
+
 class MqttError(HomeAgentError):
     """Broker connection or protocol failure."""
 

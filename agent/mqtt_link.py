@@ -14,11 +14,15 @@ at-least-once for QoS 1 and 2 (a message in flight when the connection drops is 
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import os
 import random
+import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +32,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import Config
-from agent.errors import ActionError, ConfigError, MqttAuthError, PayloadError
+from agent.errors import (
+    ActionError,
+    AgentIdClashError,
+    ConfigError,
+    HomeAgentError,
+    MqttAuthError,
+    PayloadError,
+)
 from agent.logutil import LogThrottle, suppressed_note
 from agent.topics import Topics
 
@@ -42,6 +53,10 @@ INFLIGHT_WINDOW = 20
 # bad authentication method (MQTT 3.1.1 return codes 4 and 5 arrive as 134 and 135).
 AUTH_FAILURE_CODES = frozenset({134, 135, 140})
 CONNECT_TIMEOUT = 5.0
+# One agent per agent id: this process's claim. The same across the Apps a reload builds in one process.
+PROCESS_NONCE = uuid.uuid4().hex
+INSTANCE_SETTLE = 0.3  # after SUBACK: time for the retained availability and claim to arrive
+INSTANCE_REPLY_WAIT = 2.0  # how long a live claimant gets to answer a ping
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +175,30 @@ def check_topic_filter(topic_filter: str) -> None:
             raise ValueError(f"invalid MQTT topic filter {topic_filter!r}: '+' must be a whole level")
 
 
+def default_client_id(config: Config) -> str:
+    """The daemon's client id: ``mqtt.client_id`` or home-agent-<agent id>."""
+    return config.mqtt.client_id or f"home-agent-{config.agent.id}"
+
+
+def own_client_id(config: Config, role: str) -> str:
+    """A client id for a second process next to the daemon (``action``, ``run --audio``): the broker
+    disconnects an older client when a newer one connects with its id, so sharing it makes both flap."""
+    return f"{default_client_id(config)}-{role}-{os.getpid()}"
+
+
+def instance_claim() -> bytes:
+    return json.dumps({"nonce": PROCESS_NONCE, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": round(time.time())}, separators=(",", ":")).encode()
+
+
+def _parse_claim(payload: bytes) -> dict[str, object] | None:
+    try:
+        claim = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return claim if isinstance(claim, dict) and isinstance(claim.get("nonce"), str) else None
+
+
 class _TlsContext(ssl.SSLContext):
     """An SSLContext that remembers the socket it wrapped last: paho leaves a socket whose TLS handshake
     failed (untrusted certificate, wrong host name) unclosed, so the link closes it after a failed connect."""
@@ -177,21 +216,37 @@ class _TlsContext(ssl.SSLContext):
             sock.close()
 
 
-def _build_tls_context(config: Config) -> _TlsContext | None:
+def build_tls_context(config: Config) -> _TlsContext | None:
+    """The TLS context for ``[mqtt.tls]`` (None without it). ConfigError names the key and the file that
+    cannot be read or loaded."""
     tls = config.mqtt.tls
     if tls is None:
         return None
+    files = {"ca_file": tls.ca_file, "cert_file": tls.cert_file, "key_file": tls.key_file}
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"mqtt.tls.{key}: cannot read {path}: {err.strerror or err}") from err
+    # As ssl.create_default_context(): certificate and host name verified, TLS >= 1.2.
+    context = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        # As ssl.create_default_context(): certificate and host name verified, TLS >= 1.2.
-        context = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)
         if tls.ca_file is not None:
             context.load_verify_locations(cafile=str(tls.ca_file))
         else:
             context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        if tls.cert_file is not None:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
     except (OSError, ssl.SSLError) as err:
-        raise ConfigError(f"mqtt.tls: cannot load certificates: {err}") from err
+        raise ConfigError(f"mqtt.tls.ca_file: cannot load CA certificates from {tls.ca_file}: {err}") from err
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        except (OSError, ssl.SSLError) as err:
+            key = f" with key {tls.key_file}" if tls.key_file else ""
+            raise ConfigError(f"mqtt.tls.cert_file: cannot load the client certificate {tls.cert_file}{key}: "
+                              f"{err}") from err
     if tls.insecure_skip_hostname_check:
         log.warning("mqtt.tls.insecure_skip_hostname_check is set: the broker's hostname is NOT verified")
         context.check_hostname = False
@@ -213,9 +268,9 @@ class MqttLink:
         self._mqtt = config.mqtt
         self._topics = Topics.from_config(config)
         self._availability = availability
-        self._client_id = client_id or config.mqtt.client_id or f"home-agent-{config.agent.id}"
+        self._client_id = client_id or default_client_id(config)
         self._password = config.mqtt.password()  # raises ConfigError when password_file is unreadable
-        self._tls_context = _build_tls_context(config)
+        self._tls_context = build_tls_context(config)
         self._allowed = frozenset(extra_allowed_topics)
         self.stats = LinkStats()
         self._throttle = LogThrottle()
@@ -229,8 +284,13 @@ class MqttLink:
         self._stop_event = threading.Event()
         self._stop_deadline = 0.0
         self._finished = threading.Event()
-        self._fatal_error: MqttAuthError | None = None
+        self._fatal_error: HomeAgentError | None = None
         self._thread: threading.Thread | None = None
+        # An agent (availability on) makes sure no other live agent has its id before it connects, and
+        # answers agents that start later with the same id.
+        self._instance_checked = not availability
+        if availability:
+            self.subscribe(self._topics.instance_ping, self._on_instance_ping, qos=1)
 
     # ----------------------------------------------------------------- public API
 
@@ -243,8 +303,9 @@ class MqttLink:
         return self._connected.is_set()
 
     @property
-    def fatal_error(self) -> MqttAuthError | None:
-        """Set when the broker refused our credentials; the link has stopped retrying."""
+    def fatal_error(self) -> HomeAgentError | None:
+        """Set when the broker refused our credentials (MqttAuthError) or another live agent has our agent
+        id (AgentIdClashError); the link has stopped retrying."""
         return self._fatal_error
 
     @property
@@ -452,6 +513,103 @@ class MqttLink:
                     log.exception("handler for %s failed on a message to %s%s", subscription.topic_filter,
                                   topic, suppressed_note(suppressed))
 
+    def _on_instance_ping(self, message: InboundMessage) -> None:
+        """Another process with our agent id is starting: show it that we are alive (it will refuse)."""
+        if message.payload.decode("utf-8", "replace") == PROCESS_NONCE:
+            return
+        log.warning("another home-agent process is starting with agent id %r (told it that this one runs)",
+                    self._config.agent.id)
+        self.publish(self._topics.instance, instance_claim(), qos=1, retain=True)
+
+    def _check_instance(self) -> None:
+        """Before the first connection: look for another live agent with our agent id, on a connection of
+        its own (its own client id, no last will: it must not disturb the other agent). The retained
+        availability says whether the claimant (the retained claim's nonce) went away; when it says
+        "online", a ping tells a live claimant from one that vanished without its will being sent yet.
+        Sets ``fatal_error`` to AgentIdClashError when one answers. Raises OSError when the broker cannot
+        be reached."""
+        topics = self._topics
+        lock = threading.Lock()
+        seen: dict[str, bytes] = {}
+        answer: list[dict[str, object]] = []
+        connected, subscribed, answered = threading.Event(), threading.Event(), threading.Event()
+        refused: list[ReasonCode] = []
+        closed: list[ReasonCode] = []
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{self._client_id}-check-{os.getpid()}",
+                             clean_session=True, protocol=paho.MQTTv311, reconnect_on_failure=False)
+        client.connect_timeout = CONNECT_TIMEOUT
+        if self._mqtt.username is not None:
+            client.username_pw_set(self._mqtt.username, self._password)
+        if self._tls_context is not None:
+            client.tls_set_context(self._tls_context)
+
+        def on_connect(_c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+            if reason.is_failure:
+                refused.append(reason)
+            connected.set()
+
+        def on_subscribe(_c: paho.Client, _u: Any, _mid: int, _r: list[ReasonCode], _p: Any) -> None:
+            subscribed.set()
+
+        def on_disconnect(_c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+            closed.append(reason)
+            connected.set()
+            subscribed.set()
+
+        def on_message(_c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+            with lock:
+                if message.retain:
+                    seen[message.topic] = bytes(message.payload)
+                    return
+            claim = _parse_claim(bytes(message.payload)) if message.topic == topics.instance else None
+            if claim is not None and claim["nonce"] != PROCESS_NONCE:
+                with lock:
+                    answer.append(claim)
+                answered.set()
+
+        client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
+        client.on_disconnect = on_disconnect
+        client.on_message = on_message
+        try:
+            client.connect(self._mqtt.host, self._mqtt.port, self._mqtt.keepalive)
+        except (OSError, ValueError):
+            if self._tls_context is not None:
+                self._tls_context.close_failed_socket()
+            raise
+        client.loop_start()
+        try:
+            if not connected.wait(CONNECT_TIMEOUT) or closed:
+                why = closed[0] if closed else "timeout"
+                raise OSError(f"no answer to the agent-id check's connection ({why})")
+            if refused:
+                return  # the agent's own connection reports the refusal (credentials)
+            client.subscribe([(topics.availability, 1), (topics.instance, 1)])
+            if not subscribed.wait(CONNECT_TIMEOUT) or closed:
+                raise OSError("the broker did not answer the agent-id check's subscription")
+            time.sleep(INSTANCE_SETTLE)
+            with lock:
+                availability = seen.get(topics.availability)
+                claim = _parse_claim(seen.get(topics.instance, b""))
+            if availability != ONLINE or claim is None or claim["nonce"] == PROCESS_NONCE:
+                self._instance_checked = True
+                return
+            client.publish(topics.instance_ping, PROCESS_NONCE, qos=1)
+            if not answered.wait(INSTANCE_REPLY_WAIT):
+                log.info("agent id %r: the last agent with it did not answer; it is gone",
+                         self._config.agent.id)
+                self._instance_checked = True
+                return
+            with lock:
+                other = answer[0]
+            self._fatal_error = AgentIdClashError(
+                f"agent.id: another home-agent is already running with agent id {self._config.agent.id!r} "
+                f"on this broker (host {other.get('host')}, pid {other.get('pid')}); give each agent its own "
+                "[agent] id, or stop the other one. Not starting.")
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
     def _bad_payload(self, topic: str, reason: str) -> None:
         self.stats.count_bad_payload()
         suppressed = self._throttle.ready("bad_payload")
@@ -462,6 +620,18 @@ class MqttLink:
         failures = 0
         try:
             while not self._stop_event.is_set():
+                if not self._instance_checked:
+                    try:
+                        self._check_instance()
+                    except (OSError, ValueError) as err:  # broker unreachable: as a failed connect
+                        self.stats.count("connect_failures")
+                        failures += 1
+                        self._log_connect_failure(str(err), failures)
+                        self._backoff(failures)
+                        continue
+                    if self._fatal_error is not None:
+                        log.error("%s", self._fatal_error)
+                        return
                 session = _Session(self._new_client())
                 self._bind(session)
                 with self._cond:
@@ -563,6 +733,8 @@ class MqttLink:
         self.stats.count("connects")
         if self._availability:
             self._send(session, _Outgoing(self._topics.availability, ONLINE, 1, True, None, None, False))
+            claim = _Outgoing(self._topics.instance, instance_claim(), 1, True, None, None, False)
+            self._send(session, claim)
         self._sync_subscriptions(session)
         session.ready = True
         self._connected.set()

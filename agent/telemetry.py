@@ -6,15 +6,16 @@ Pure: no MQTT client, no threads; the clock is passed in. Accepted payloads:
 - Tasmota ``tele/<topic>/SENSOR`` nested JSON with a dotted field (``"ENERGY.Power"``);
 - Home Assistant statestream plain values (``21.5``, also JSON-quoted ``"21.5"``) and plain numbers.
 
-Rejected with ``PayloadError`` (the caller counts it): payloads over 64 KiB, invalid UTF-8, non-JSON where a
-field is needed, a missing field, booleans / "ON" / other non-numbers, NaN and infinities, JSON nested
-deeper than 20 levels, values outside the stream's [min, max], and retained messages whose own timestamp
-(Tasmota "Time", zigbee2mqtt "last_seen") is older than the stream's ``max_age``.
+Rejected, with a reason the caller counts (``REJECT_REASONS``): payloads over 64 KiB, invalid UTF-8,
+non-JSON where a field is needed, JSON nested deeper than 20 levels (``invalid_payload``); booleans / "ON"
+/ other non-numbers, NaN and infinities (``not_a_number``); values outside the stream's [min, max]
+(``out_of_range``); retained messages whose own timestamp (Tasmota "Time", zigbee2mqtt "last_seen") is
+older than the stream's ``max_age`` (``stale``). A message without the stream's field (a zigbee2mqtt
+battery report for a temperature stream) is not an error: the stream ignores it.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,8 +35,6 @@ from agent.payloads import (
     preview,
     split_path,
 )
-
-log = logging.getLogger(__name__)
 
 # Keys under which devices put the time of their measurement: Tasmota, zigbee2mqtt.
 TIMESTAMP_KEYS = ("Time", "last_seen")
@@ -90,12 +89,31 @@ class _Stream:
     path: tuple[str, ...] | None  # split ``field``; None for plain-number payloads
 
 
+# Why a stream refused a reading (diagnostics count each as ``rejected_<reason>``).
+REJECT_REASONS = ("invalid_payload", "not_a_number", "out_of_range", "stale")
+
+
+class RejectedError(PayloadError):
+    """A stream refused the reading its message carried; ``reason`` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(slots=True)
 class ParseOutcome:
-    """Everything one message produced: readings of the streams it fed, and why the others refused it."""
+    """Everything one message produced: readings of the streams it fed, the readings streams refused
+    (reason, text), and the streams whose field the message does not carry (not an error: a
+    zigbee2mqtt battery report has no temperature)."""
 
     readings: list[Reading] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[str]:
+        return [text for _reason, text in self.rejected]
 
 
 class _Document:
@@ -117,7 +135,7 @@ class _Document:
             except PayloadError as err:
                 self._json_error = err
         if self._json_error is not None:
-            raise PayloadError(str(self._json_error))
+            raise RejectedError("invalid_payload", str(self._json_error))
         return self._json
 
 
@@ -154,18 +172,16 @@ class TelemetryIntake:
     def parse(self, topic: str, payload: bytes, retained: bool, now: float) -> list[Reading]:
         """Readings for every configured stream fed by this message (``now``: wall-clock seconds).
 
-        Raises PayloadError when the message fed no stream although at least one was configured for its
-        topic. When some streams accept it and others refuse it (a zigbee2mqtt update without one of its
-        fields), the accepted readings are returned, ``partial_rejections`` is incremented and the reasons
-        are logged at DEBUG; use ``parse_detailed`` to see them. A topic no stream listens to gives [].
+        Raises PayloadError when streams refused the message and none accepted it. When some streams
+        accept it and others refuse it, the accepted readings are returned and ``partial_rejections`` is
+        incremented; use ``parse_detailed`` to see the reasons. A topic no stream listens to, or a message
+        that carries none of its streams' fields, gives [].
         """
         outcome = self.parse_detailed(topic, payload, retained, now)
-        if outcome.errors and not outcome.readings:
+        if outcome.rejected and not outcome.readings:
             raise PayloadError("; ".join(outcome.errors))
-        if outcome.errors:
+        if outcome.rejected:
             self.partial_rejections += 1
-            log.debug("message on %s fed %d stream(s); refused by others: %s",
-                      topic, len(outcome.readings), "; ".join(outcome.errors))
         return outcome.readings
 
     def parse_detailed(self, topic: str, payload: bytes, retained: bool, now: float) -> ParseOutcome:
@@ -177,16 +193,25 @@ class TelemetryIntake:
         try:
             document = _Document(decode_text(payload, self._max_payload_bytes))
         except PayloadError as err:
-            outcome.errors.append(f"{topic}: {err}")
+            outcome.rejected += [("invalid_payload", f"{topic} -> {stream.config.sensor}: {err}")
+                                 for stream in streams]
             return outcome
         for stream in streams:
             try:
-                outcome.readings.append(self._read(stream, document, topic, retained, now))
-            except PayloadError as err:
-                outcome.errors.append(f"{topic} -> {stream.config.sensor}: {err}")
+                reading = self._read(stream, document, topic, retained, now)
+            except RejectedError as err:
+                outcome.rejected.append((err.reason, f"{topic} -> {stream.config.sensor}: {err}"))
+                continue
+            if reading is None:
+                outcome.ignored.append(stream.config.sensor)
+            else:
+                outcome.readings.append(reading)
         return outcome
 
-    def _read(self, stream: _Stream, document: _Document, topic: str, retained: bool, now: float) -> Reading:
+    def _read(self, stream: _Stream, document: _Document, topic: str, retained: bool,
+              now: float) -> Reading | None:
+        """The stream's reading; None when the message does not carry the stream's field. Raises
+        RejectedError."""
         config = stream.config
         timestamp: float | None = None
         if stream.path is None:
@@ -194,20 +219,29 @@ class TelemetryIntake:
         else:
             data = document.json()
             if not isinstance(data, dict):
-                raise PayloadError(
-                    f"expected a JSON object with field {config.field!r}, got {json_type_name(data)}")
-            value = number_from_json(get_path(data, stream.path), f"field {config.field!r}")
+                raise RejectedError("invalid_payload", f"expected a JSON object with field {config.field!r}, "
+                                                       f"got {json_type_name(data)}")
+            try:
+                raw = get_path(data, stream.path)
+            except PayloadError as err:
+                if _lacks_key(data, stream.path):
+                    return None
+                raise RejectedError("invalid_payload", str(err)) from err
+            try:
+                value = number_from_json(raw, f"field {config.field!r}")
+            except PayloadError as err:
+                raise RejectedError("not_a_number", str(err)) from err
             timestamp = _own_timestamp(data)
         if config.min is not None and value < config.min:
-            raise PayloadError(f"value {value:g} is below min {config.min:g}")
+            raise RejectedError("out_of_range", f"value {value:g} is below min {config.min:g}")
         if config.max is not None and value > config.max:
-            raise PayloadError(f"value {value:g} is above max {config.max:g}")
+            raise RejectedError("out_of_range", f"value {value:g} is above max {config.max:g}")
         reading_time = now
         if timestamp is not None:
             age = now - timestamp
             if retained and age > config.max_age:
-                raise PayloadError(
-                    f"stale retained value: measured {age:.0f} s ago (max_age {config.max_age:g} s)")
+                raise RejectedError("stale", f"stale retained value: measured {age:.0f} s ago "
+                                             f"(max_age {config.max_age:g} s)")
             if -FUTURE_TOLERANCE <= age <= config.max_age:
                 reading_time = timestamp
         return Reading(sensor=config.sensor, value=value, time=reading_time, topic=topic)
@@ -215,15 +249,37 @@ class TelemetryIntake:
 
 def _plain_number(document: _Document) -> float:
     text = document.text.strip(" \t\r\n")
-    if NUMBER_TEXT.fullmatch(text):
-        return number_from_text(text)
     try:
-        data = document.json()  # a JSON-quoted statestream value, or JSON that is not a number
+        if NUMBER_TEXT.fullmatch(text):
+            return number_from_text(text)
+        try:
+            data = document.json()  # a JSON-quoted statestream value, or JSON that is not a number
+        except PayloadError as err:
+            raise PayloadError(f"not a number: {preview(text)}") from err
+        if isinstance(data, dict):
+            raise RejectedError("invalid_payload",
+                                "payload is a JSON object but the stream has no field configured")
+        return number_from_json(data)
+    except RejectedError:
+        raise
     except PayloadError as err:
-        raise PayloadError(f"not a number: {preview(text)}") from err
-    if isinstance(data, dict):
-        raise PayloadError("payload is a JSON object but the stream has no field configured")
-    return number_from_json(data)
+        raise RejectedError("not_a_number", str(err)) from err
+
+
+def _lacks_key(data: object, path: tuple[str, ...]) -> bool:
+    """Whether following ``path`` stops at an object without the next key (the message simply does not
+    carry this field), rather than at a value of the wrong shape."""
+    current = data
+    for key in path:
+        if isinstance(current, dict):
+            if key not in current:
+                return True
+            current = current[key]
+        elif isinstance(current, list) and key.isascii() and key.isdigit() and int(key) < len(current):
+            current = current[int(key)]
+        else:
+            return False
+    return False
 
 
 def _own_timestamp(data: dict[str, object]) -> float | None:

@@ -21,6 +21,14 @@ class Topics:
         return f"{self.base}/availability"  # "online" / "offline" (retained, last will)
 
     @property
+    def instance(self) -> str:
+        return f"{self.base}/instance"  # the running agent's claim: {nonce, host, pid, started}, retained
+
+    @property
+    def instance_ping(self) -> str:
+        return f"{self.base}/instance/ping"  # a starting agent asks the claimant whether it is alive
+
+    @property
     def diagnostics(self) -> str:
         return f"{self.base}/diagnostics"  # JSON counters, retained
 

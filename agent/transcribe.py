@@ -2,8 +2,12 @@
 
 Evaluation contract: with ``--json`` one line per file,
 ``{"file": ..., "detections": [{"word", "start", "end", "score"}], "intents": [{"action", "words", "time"}]}``
-(times in seconds of audio from the start of the file). A file that cannot be read yields
-``{"file": ..., "error": ...}`` and the run goes on; the exit status is 1 when any file failed.
+(times in seconds of audio from the start of the file). A detection's ``start``/``end`` are NOT the word's
+own edges: they are the model window (``window_seconds`` of the model, 1 s) that ends where the smoothed
+score first crossed the word's threshold (at most a few hops from the word's end), so the window holds
+most of the word and some audio before it. An intent's ``time`` is when it was recognised, as in the
+daemon. A file that cannot be read yields ``{"file": ..., "error": ...}`` and the run goes on; the exit
+status is 1 when any file failed.
 
 The model is loaded once; the pipeline is reset for each file and fed a little quiet padding after it, so a
 word at the very end of a clip still passes through the window and the smoothing. Without ``--config`` the
@@ -55,7 +59,8 @@ class FileResult:
     def to_text(self) -> str:
         if self.error is not None:
             return f"{self.file}: ERROR {self.error}"
-        heard = ", ".join(f"{d.word} {d.start:.2f}-{d.end:.2f}s ({d.score:.2f})" for d in self.detections)
+        # start-end is the model window the word was heard in, not the word's own edges (module docstring).
+        heard = ", ".join(f"{d.word} in {d.start:.2f}-{d.end:.2f}s ({d.score:.2f})" for d in self.detections)
         line = f"{self.file}: {heard or '(nothing)'}"
         if self.intents:
             line += " | intents: " + ", ".join(f"{i.action} ({' '.join(i.words)}) at {i.t_audio:.2f}s"

@@ -45,15 +45,16 @@ def setting(key: str, section: str = "Service") -> list[str]:
 
 
 def unit_with_existing_binary(tmp_path: Path) -> Path:
-    """A copy of the unit whose ExecStart binary exists here (verify checks it is executable); every
-    other line is unchanged. The real path, /opt/home-agent/venv/bin/home-agent, is what install.sh makes."""
+    """A copy of the unit whose home-agent binary (ExecStart, ExecReload) exists here (verify checks it is
+    executable); every other line is unchanged. The real path, /opt/home-agent/venv/bin/home-agent, is
+    what install.sh makes."""
     binary = tmp_path / "home-agent"
     binary.write_text("#!/bin/sh\nexit 0\n")
     binary.chmod(0o755)
     text = UNIT.read_text()
     assert "ExecStart=/opt/home-agent/venv/bin/home-agent " in text
     copy = tmp_path / "home-agent.service"
-    copy.write_text(text.replace("ExecStart=/opt/home-agent/venv/bin/home-agent ", f"ExecStart={binary} "))
+    copy.write_text(text.replace("=/opt/home-agent/venv/bin/home-agent ", f"={binary} "))
     return copy
 
 
@@ -62,7 +63,10 @@ def test_unit_declares_the_service_contract() -> None:
     assert setting("NotifyAccess") == ["main"]
     assert setting("ExecStart") == [
         "/opt/home-agent/venv/bin/home-agent run --config /etc/home-agent/config.toml"]
-    assert setting("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    # check-config first: a config it rejects fails `systemctl reload` and is never sent to the agent.
+    assert setting("ExecReload") == [
+        "/opt/home-agent/venv/bin/home-agent check-config --config /etc/home-agent/config.toml",
+        "/bin/kill -HUP $MAINPID"]
     assert setting("WatchdogSec") == ["30"]
     assert setting("Restart") == ["on-failure"]
     assert setting("DynamicUser") == ["yes"]

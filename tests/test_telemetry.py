@@ -153,7 +153,6 @@ def test_numeric_string_field_is_accepted() -> None:
     (b'{"temperature": 1e400}', "not a finite number"),
     (b'{"temperature": ' + b"9" * 400 + b"}", "too large"),
     (b'{"temperature": ' + b"9" * 5000 + b"}", "invalid JSON"),  # past Python's integer digit limit
-    (b'{"humidity": 40}', "missing field 'temperature'"),
     (b"21.5", "expected a JSON object"),
     (b"[21.5]", "expected a JSON object"),
     (b"{not json", "invalid JSON"),
@@ -169,15 +168,49 @@ def test_zigbee2mqtt_bad_payloads(payload: bytes, reason: str) -> None:
 
 def test_partial_update_returns_what_is_usable_and_counts_the_rest() -> None:
     intake = z2m_intake()
-    readings = intake.parse(Z2M, b'{"temperature": 21.5, "linkquality": 80}', False, NOW)
+    readings = intake.parse(Z2M, b'{"temperature": 21.5, "humidity": true}', False, NOW)
     assert [r.sensor for r in readings] == ["living_room_temperature"]
     assert intake.partial_rejections == 1
-    outcome = intake.parse_detailed(Z2M, b'{"temperature": 21.5}', False, NOW)
+    outcome = intake.parse_detailed(Z2M, b'{"temperature": 21.5, "humidity": "wet"}', False, NOW)
     assert len(outcome.readings) == 1
-    assert len(outcome.errors) == 1 and "living_room_humidity" in outcome.errors[0]
+    assert outcome.rejected[0][0] == "not_a_number" and "living_room_humidity" in outcome.errors[0]
     # Nothing usable at all: raised, with every stream's reason.
-    message = rejected(intake, Z2M, b'{"linkquality": 80}')
+    message = rejected(intake, Z2M, b'{"temperature": "x", "humidity": "y"}')
     assert "living_room_temperature" in message and "living_room_humidity" in message
+
+
+def test_a_message_without_the_streams_field_is_ignored_not_bad() -> None:
+    """A zigbee2mqtt battery report (or a partial update) does not carry every stream's field: the
+    streams without theirs ignore it, which is no error (it used to count as a bad payload)."""
+    intake = z2m_intake()
+    outcome = intake.parse_detailed(Z2M, b'{"battery": 90, "linkquality": 80}', False, NOW)
+    assert outcome.readings == [] and outcome.rejected == []
+    assert outcome.ignored == ["living_room_temperature", "living_room_humidity"]
+    assert intake.parse(Z2M, b'{"battery": 90}', False, NOW) == []
+    outcome = intake.parse_detailed(Z2M, b'{"temperature": 21.5}', False, NOW)
+    assert [r.sensor for r in outcome.readings] == ["living_room_temperature"]
+    assert outcome.rejected == [] and outcome.ignored == ["living_room_humidity"]
+    assert intake.partial_rejections == 0
+    # A path through a value of the wrong shape is not "absent": it is refused.
+    tasmota = TelemetryIntake([stream(topic=TASMOTA, field="ENERGY.Power.x")])
+    assert tasmota.parse_detailed(TASMOTA, TASMOTA_PAYLOAD, False, NOW).rejected[0][0] == "invalid_payload"
+
+
+def test_every_rejected_field_has_a_reason() -> None:
+    """``{"temperature": 150, "humidity": 41}`` with max 80: the humidity is used, the temperature is
+    rejected as out_of_range (it used to be dropped with neither a count nor a log line)."""
+    intake = z2m_intake(min=-40.0, max=80.0)
+    outcome = intake.parse_detailed(Z2M, b'{"temperature": 150, "humidity": 41}', False, NOW)
+    assert [(r.sensor, r.value) for r in outcome.readings] == [("living_room_humidity", 41.0)]
+    assert [reason for reason, _ in outcome.rejected] == ["out_of_range"]
+    assert "above max 80" in outcome.errors[0]
+    cases = {b'{"temperature": "ON", "humidity": 1}': "not_a_number",
+             b'{"temperature": -50, "humidity": 1}': "out_of_range",
+             b"{not json": "invalid_payload",
+             b"\xff": "invalid_payload"}
+    for payload, reason in cases.items():
+        reasons = {r for r, _ in intake.parse_detailed(Z2M, payload, False, NOW).rejected}
+        assert reasons == {reason}, payload
 
 
 def test_zigbee2mqtt_last_seen_and_stale_retained_values() -> None:
@@ -224,7 +257,6 @@ def test_tasmota_nested_fields() -> None:
 
 
 @pytest.mark.parametrize(("field", "reason"), [
-    ("ENERGY.Missing", "no 'Missing' in ENERGY"),
     ("ENERGY.Power.x", "ENERGY.Power is float"),
     ("TempUnit", "not a number"),
     ("ENERGY", "JSON object"),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import agent.transcribe
 from agent.audio import Resampler, read_audio_file
 from agent.transcribe import transcribe_file
 from agent.voice import load_pipeline
@@ -99,6 +100,18 @@ def test_the_wake_word_is_placed_in_time() -> None:
     # most two 100 ms hops before its recorded end - and within half a second after; the span overlaps it.
     assert spoken["computer"]["end"] - 0.2 <= computer.end <= spoken["computer"]["end"] + 0.5
     assert computer.start <= spoken["computer"]["end"] and computer.end >= spoken["computer"]["start"]
+
+
+def test_detection_times_are_model_windows_and_say_so() -> None:
+    """start/end are the model window a word was heard in (issue 18): documented, and the text says "in"."""
+    pipeline = load_pipeline(None)
+    result = transcribe_file(pipeline, EXAMPLES / "computer_heat_up.wav")
+    window = pipeline.settings.window_seconds
+    for detection in result.detections:
+        assert detection.end - detection.start == pytest.approx(window, abs=1e-3) or detection.start == 0.0
+    assert "model window" in (agent.transcribe.__doc__ or "")
+    computer = result.detections[0]
+    assert f"computer in {computer.start:.2f}-{computer.end:.2f}s" in result.to_text()
 
 
 def test_a_single_word_clip_without_the_wake_word_any_rate(tmp_path: Path) -> None:

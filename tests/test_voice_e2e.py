@@ -175,8 +175,8 @@ def test_a_voice_action_is_dropped_not_sent_late_when_the_broker_is_down(
 def test_a_missing_model_is_a_clear_startup_error(tmp_path: Path, mosquitto: Mosquitto) -> None:
     config = voice_config(mosquitto, tmp_path / "state", voice={"model": str(tmp_path / "nope.tflite")})
     result = run_file(write(tmp_path, config), EXAMPLES / "computer_heat_up.wav")
-    assert result.returncode == 1
-    assert "cannot read keyword model" in result.stderr and "nope.tflite" in result.stderr
+    assert result.returncode == 2  # a configuration problem: restarting cannot fix it
+    assert "voice.model: cannot read keyword model" in result.stderr and "nope.tflite" in result.stderr
 
 
 def test_a_corrupt_model_is_a_clear_startup_error(tmp_path: Path, mosquitto: Mosquitto) -> None:
@@ -184,8 +184,8 @@ def test_a_corrupt_model_is_a_clear_startup_error(tmp_path: Path, mosquitto: Mos
     (tmp_path / "kws.tflite").write_bytes(b"\x00" * 1000)
     config = voice_config(mosquitto, tmp_path / "state", voice={"model": str(tmp_path / "kws.tflite")})
     result = run_file(write(tmp_path, config), EXAMPLES / "computer_heat_up.wav")
-    assert result.returncode == 1
-    assert "does not match its metadata" in result.stderr
+    assert result.returncode == 2
+    assert "voice.model: " in result.stderr and "does not match its metadata" in result.stderr
 
 
 def test_words_the_model_does_not_know_are_a_config_error(tmp_path: Path, mosquitto: Mosquitto) -> None:
@@ -199,8 +199,8 @@ def test_words_the_model_does_not_know_are_a_config_error(tmp_path: Path, mosqui
 def test_a_bad_audio_file_is_a_clear_startup_error(tmp_path: Path, mosquitto: Mosquitto) -> None:
     (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     result = run_file(write(tmp_path, voice_config(mosquitto, tmp_path / "state")), tmp_path / "broken.wav")
-    assert result.returncode == 1
-    assert "cannot read audio file" in result.stderr and "broken.wav" in result.stderr
+    assert result.returncode == 2
+    assert "--audio: cannot read audio file" in result.stderr and "broken.wav" in result.stderr
 
 
 def test_a_missing_microphone_is_retried_and_the_daemon_keeps_serving(
