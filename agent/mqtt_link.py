@@ -731,11 +731,13 @@ class MqttLink:
     def _on_connected(self, session: _Session) -> None:
         log.info("connected to MQTT broker %s:%d as %s", self._mqtt.host, self._mqtt.port, self._client_id)
         self.stats.count("connects")
+        # Subscribe first: the broker handles one connection's packets in order, so whoever sees "online"
+        # and publishes to a subscribed topic right away is heard.
+        self._sync_subscriptions(session)
         if self._availability:
             self._send(session, _Outgoing(self._topics.availability, ONLINE, 1, True, None, None, False))
             claim = _Outgoing(self._topics.instance, instance_claim(), 1, True, None, None, False)
             self._send(session, claim)
-        self._sync_subscriptions(session)
         session.ready = True
         self._connected.set()
         with self._cond:
