@@ -248,8 +248,7 @@ def build_tls_context(config: Config) -> _TlsContext | None:
             raise ConfigError(f"mqtt.tls.cert_file: cannot load the client certificate {tls.cert_file}{key}: "
                               f"{err}") from err
     if tls.insecure_skip_hostname_check:
-        log.warning("mqtt.tls.insecure_skip_hostname_check is set: the broker's hostname is NOT verified")
-        context.check_hostname = False
+        context.check_hostname = False  # MqttLink warns about it (not check-config: it runs it too)
     return context
 
 
@@ -271,6 +270,8 @@ class MqttLink:
         self._client_id = client_id or default_client_id(config)
         self._password = config.mqtt.password()  # raises ConfigError when password_file is unreadable
         self._tls_context = build_tls_context(config)
+        if config.mqtt.tls is not None and config.mqtt.tls.insecure_skip_hostname_check:
+            log.warning("mqtt.tls.insecure_skip_hostname_check is set: the broker's hostname is NOT verified")
         self._allowed = frozenset(extra_allowed_topics)
         self.stats = LinkStats()
         self._throttle = LogThrottle()
