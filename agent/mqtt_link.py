@@ -248,8 +248,7 @@ def build_tls_context(config: Config) -> _TlsContext | None:
             raise ConfigError(f"mqtt.tls.cert_file: cannot load the client certificate {tls.cert_file}{key}: "
                               f"{err}") from err
     if tls.insecure_skip_hostname_check:
-        log.warning("mqtt.tls.insecure_skip_hostname_check is set: the broker's hostname is NOT verified")
-        context.check_hostname = False
+        context.check_hostname = False  # MqttLink warns about it (not check-config: it runs it too)
     return context
 
 
@@ -271,6 +270,8 @@ class MqttLink:
         self._client_id = client_id or default_client_id(config)
         self._password = config.mqtt.password()  # raises ConfigError when password_file is unreadable
         self._tls_context = build_tls_context(config)
+        if config.mqtt.tls is not None and config.mqtt.tls.insecure_skip_hostname_check:
+            log.warning("mqtt.tls.insecure_skip_hostname_check is set: the broker's hostname is NOT verified")
         self._allowed = frozenset(extra_allowed_topics)
         self.stats = LinkStats()
         self._throttle = LogThrottle()
@@ -731,11 +732,13 @@ class MqttLink:
     def _on_connected(self, session: _Session) -> None:
         log.info("connected to MQTT broker %s:%d as %s", self._mqtt.host, self._mqtt.port, self._client_id)
         self.stats.count("connects")
+        # Subscribe first: the broker handles one connection's packets in order, so whoever sees "online"
+        # and publishes to a subscribed topic right away is heard.
+        self._sync_subscriptions(session)
         if self._availability:
             self._send(session, _Outgoing(self._topics.availability, ONLINE, 1, True, None, None, False))
             claim = _Outgoing(self._topics.instance, instance_claim(), 1, True, None, None, False)
             self._send(session, claim)
-        self._sync_subscriptions(session)
         session.ready = True
         self._connected.set()
         with self._cond:

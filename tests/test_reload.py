@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, toml_dumps, wait_until
 from test_service_signals import NotifyListener
 
-from agent.app import App, RunOptions, _next_app
+from agent.app import App, RunOptions, _needs_new_app, _next_app
 from agent.config import parse_config
 from agent.messages import ActionRequest
 
@@ -230,3 +230,23 @@ def test_a_new_config_that_cannot_be_built_falls_back_to_the_old_one(
     finally:
         successor.stop()
         app.stop()
+
+
+def test_what_the_anomaly_stage_was_built_with_rebuilds_it() -> None:
+    """Streams scored and their on_anomaly actions are wired into the anomaly stage at start: changing
+    them is a restart-type reload; a unit or a name applies in place."""
+    data = base_config(None, Path("/tmp/state"))
+    data["actions"]["siren"] = {"topic": "test/siren/set", "payload": "ON"}
+    old = parse_config(data, "config.toml")
+
+    def changed(**fields: Any) -> bool:
+        copy = json.loads(json.dumps(data))
+        copy["telemetry"][0].update(fields)
+        return _needs_new_app(old, parse_config(copy, "config.toml"))
+
+    assert changed(on_anomaly="siren")
+    assert changed(anomaly=False)
+    assert not changed(unit="K", name="Kitchen")
+    added = json.loads(json.dumps(data))
+    added["telemetry"].append({"topic": "t/x", "sensor": "x"})
+    assert _needs_new_app(old, parse_config(added, "config.toml"))
