@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import logging
 import math
@@ -52,7 +51,11 @@ class PlotError(HomeAgentError):
 
 
 def available() -> bool:
-    return importlib.util.find_spec("matplotlib") is not None
+    try:
+        import matplotlib  # noqa: F401 - the package only; the drawing parts load when a plot is drawn
+    except ImportError:
+        return False
+    return True
 
 
 def plot_path(text: str) -> Path:
