@@ -387,8 +387,10 @@ def det_figure(word: str, curves: Sequence[DetCurve], *, shipped: float | None =
         axes.plot(false_per_hour, miss_rate, linestyle="none", marker="sDP^"[index % 4], markersize=7,
                   color="black", fillstyle="none", gid=f"peer:{name}", label=name)
     axes.set_xscale("symlog", linthresh=0.1)
-    axes.set_xlim(left=0)
-    axes.set_ylim(-0.01, 1.01)
+    axes.set_xlim(left=-0.02)  # a little left of zero, so points at no false detection are not on the frame
+    highest = max([max(c.miss_rate, default=0.0) for c in curves] +
+                  [max(m, default=0.0) for _, m in (peers or {}).values()], default=1.0)
+    axes.set_ylim(-0.01, min(1.01, highest + 0.05))
     axes.set_xlabel("false detections per hour")
     axes.set_ylabel("miss rate")
     axes.grid(True, which="both", alpha=0.3)

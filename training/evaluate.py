@@ -369,9 +369,10 @@ def clip_source(path: Path) -> str:
 
 
 def _fires(model: KwsModel, scores: npt.NDArray[np.float32], word: str, threshold: float) -> int:
-    """How often ``word`` fires at ``threshold`` (every other word at its shipped threshold). Only the
-    stretches where its smoothed score reaches the threshold are replayed, each with enough lead-in for the
-    smoothing and the refractory time: elsewhere it cannot fire."""
+    """How often ``word`` fires at ``threshold`` (every other word at its shipped threshold), as ``detect``
+    over all of ``scores`` counts it. Only the stretches where its smoothed score reaches the threshold are
+    replayed, each from far enough before for the smoothing to fill and any refractory time or disarming to
+    end: elsewhere it cannot fire. Firings in that lead-in come from its partly filled smoothing: dropped."""
     hop_seconds, refractory, smoothing_hops = timing(model)
     above = smooth(scores, smoothing_hops)[:, model.labels.index(word)] >= threshold
     if not above.any():
@@ -382,17 +383,18 @@ def _fires(model: KwsModel, scores: npt.NDArray[np.float32], word: str, threshol
     thresholds = {**model.thresholds, word: threshold}
     fired = 0
     for first, last in zip(np.r_[hits[0], hits[breaks + 1]], np.r_[hits[breaks], hits[-1]], strict=True):
-        part = scores[max(0, first - pad) : last + 1]
-        fired += sum(d.word == word for d in
-                     detect(part, model.labels, thresholds, refractory, hop_seconds, model.smoothing_seconds))
+        start = max(0, int(first) - pad - smoothing_hops)
+        heard = detect(scores[start : last + 1], model.labels, thresholds, refractory, hop_seconds,
+                       model.smoothing_seconds)
+        fired += sum(d.word == word and round(d.time / hop_seconds) - 1 >= first - start for d in heard)
     return fired
 
 
 def det_curves(model_path: Path, data_dir: Path, split: str = "all", limit: int | None = None
-               ) -> dict[str, list[Any]]:
-    """Per vocabulary word with real clips, one DetCurve per source: at each of DET_THRESHOLDS and the
-    shipped threshold, the share of the source's clips of the word it missed (streamed as in ``evaluate``)
-    and its false detections per hour of the negatives."""
+               ) -> tuple[dict[str, list[Any]], float]:
+    """(curves, hours of negatives): per vocabulary word with real clips, one DetCurve per source: at each of
+    DET_THRESHOLDS and the shipped threshold, the share of the source's clips of the word it missed
+    (streamed as in ``evaluate``) and its false detections per hour of the negatives."""
     from agent.plots import DetCurve
 
     model = KwsModel.load(model_path)
@@ -415,7 +417,7 @@ def det_curves(model_path: Path, data_dir: Path, split: str = "all", limit: int 
                                     for t in grid], false)
             for source, clip_scores in sorted(by_source.items())
         ]
-    return curves
+    return curves, hours
 
 
 def write_det_plots(out_dir: Path, model_path: Path, data_dir: Path, split: str) -> list[Path]:
@@ -423,12 +425,12 @@ def write_det_plots(out_dir: Path, model_path: Path, data_dir: Path, split: str)
     from agent.plots import write_det_plot
 
     model = KwsModel.load(model_path)
-    curves = det_curves(model_path, data_dir, split)
+    curves, hours = det_curves(model_path, data_dir, split)
     written = [write_det_plot(out_dir / f"det_{word}.png", word, word_curves, shipped=model.thresholds[word],
-                              title=f"'{word}', {split} split: miss rate vs false detections")
+                              title=f"'{word}' ({split} clips; {hours:.2f} h of negatives)")
                for word, word_curves in curves.items()]
-    write_json(out_dir / "det.json", {word: [asdict(curve) for curve in word_curves]
-                                      for word, word_curves in curves.items()})
+    write_json(out_dir / "det.json", {"negative_hours": round(hours, 4), "curves": {
+        word: [asdict(curve) for curve in word_curves] for word, word_curves in curves.items()}})
     return written
 
 
