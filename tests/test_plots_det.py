@@ -3,6 +3,7 @@ replay counts at that threshold."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -66,3 +67,20 @@ def test_det_points_at_the_shipped_threshold_are_the_evaluation_figures() -> Non
             detected = [word in {d.word for d in evaluate.file_detections(
                 model, evaluate.file_scores(model, path, evaluate.TRAILING_SILENCE))} for path in clip_paths]
             assert curve.miss_rate[at] == pytest.approx(1 - np.mean(detected))
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not (DATA_DIR / "real").is_dir(), reason="needs ../shared/data/speech")
+def test_plots_written_for_the_model_card(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from training.model_card import DET_DIR, _curves
+
+    card = tmp_path / "kws.md"
+    written = evaluate.write_det_plots(tmp_path / DET_DIR, MODEL, DATA_DIR, "validation", limit=4)
+    numbers = json.loads((tmp_path / DET_DIR / "det.json").read_text(encoding="utf-8"))
+    assert sorted(p.name for p in written) == sorted(f"det_{word}.png" for word in numbers["curves"])
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    images = [line for line in _curves(card) if line.startswith("![")]
+    assert images[0] == f"![computer]({DET_DIR}/det_computer.png)"
+    assert len(images) == len(written)
+    assert _curves(tmp_path / "elsewhere" / "kws.md") == []  # no curves drawn: no section

@@ -420,12 +420,13 @@ def det_curves(model_path: Path, data_dir: Path, split: str = "all", limit: int 
     return curves, hours
 
 
-def write_det_plots(out_dir: Path, model_path: Path, data_dir: Path, split: str) -> list[Path]:
+def write_det_plots(out_dir: Path, model_path: Path, data_dir: Path, split: str, limit: int | None = None
+                    ) -> list[Path]:
     """det_<word>.png per word and det.json with the numbers drawn."""
     from agent.plots import write_det_plot
 
     model = KwsModel.load(model_path)
-    curves, hours = det_curves(model_path, data_dir, split)
+    curves, hours = det_curves(model_path, data_dir, split, limit)
     written = [write_det_plot(out_dir / f"det_{word}.png", word, word_curves, shipped=model.thresholds[word],
                               title=f"'{word}' ({split} clips; {hours:.2f} h of negatives)")
                for word, word_curves in curves.items()]
