@@ -217,17 +217,21 @@ def sensor_figure(stream: ScoredStream, windows: Sequence[Window] | None = None)
         note = "alerts: not in this file"
     else:
         hit = stream.alerts
-        note = f"{int(hit.sum())} alerts"
+        note = _count(int(hit.sum()), "alert")
         top.plot(stream.times[hit], stream.values[hit], linestyle="none", marker="v", markersize=9,
                  color="tab:red", gid=ALERT_GID, label="alert")
         bottom.plot(stream.times[hit], stream.scores[hit], linestyle="none", marker="v", markersize=9,
                     color="tab:red", gid=ALERT_GID, label="_nolegend_")
     if windows is not None:
-        note += f", {len(windows)} labelled windows"
+        note += ", " + _count(len(windows), "labelled window")
     top.set_title(f"{stream.name}: {len(stream.scores)} readings, {note}")
     top.legend(loc="upper left", fontsize="small")
     figure.autofmt_xdate()
     return figure
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
 def write_sensor_plots(pairs: Sequence[tuple[Path, Path]], plot_dir: Path, labels: Path | None = None

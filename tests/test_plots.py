@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import runpy
 import subprocess
 import sys
 import tomllib
@@ -258,3 +259,14 @@ def test_matplotlib_is_an_extra_not_a_dependency() -> None:
     extras = project["optional-dependencies"]
     assert [d for d in extras["plot"] if d.startswith("matplotlib")]
     assert "home-agent[plot]" in extras["train"]
+
+
+def test_readme_sensor_example_is_what_the_script_makes() -> None:
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "render_plots.py"))
+    committed = (EXAMPLES / "sensor_living_room.csv").read_text(encoding="utf-8")
+    assert committed == "timestamp,value\n" + "".join(f"{t},{v}\n" for t, v in script["living_room"]())
+    windows = plots.read_label_windows(EXAMPLES / "sensor_living_room_windows.json")
+    assert plots.windows_for(EXAMPLES / "sensor_living_room.csv", windows) is not None
+    for image in ("sensor_living_room.png", "transcribe.png"):
+        assert png_size(REPO_ROOT / "docs" / "img" / image)[0] == 800
+        assert (REPO_ROOT / "docs" / "img" / image).stat().st_size < 150_000
