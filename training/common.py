@@ -18,6 +18,7 @@ import numpy.typing as npt
 import soundfile
 
 from agent.paths import REPO_ROOT
+from agent.progress import shown
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ def read_audio(path: Path) -> npt.NDArray[np.float32]:
         resampled = resample_poly(mono, SAMPLE_RATE // divisor, int(rate) // divisor)
         mono = np.asarray(resampled, dtype=np.float32)
     return mono
+
+
+def keras_verbose() -> int:
+    """Keras ``fit`` verbosity: its bar with the time left on a terminal, a line per epoch in logs."""
+    return 1 if shown() else 2
 
 
 def write_json(path: Path, data: Any) -> None:
