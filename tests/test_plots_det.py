@@ -84,3 +84,8 @@ def test_plots_written_for_the_model_card(tmp_path: Path) -> None:
     assert images[0] == f"![computer]({DET_DIR}/det_computer.png)"
     assert len(images) == len(written)
     assert _curves(tmp_path / "elsewhere" / "kws.md") == []  # no curves drawn: no section
+    if evaluate.TEACHER_TFLITE.exists():  # the MLPerf reference, on the same clips, for its ten words
+        assert set(numbers["peers"]) == set(numbers["curves"]) - {"computer"}
+        for word, peers in numbers["peers"].items():
+            sources = [c["source"] for c in numbers["curves"][word]]
+            assert list(peers) == [f"MLPerf Tiny reference, {source}" for source in sources]

@@ -20,6 +20,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,14 @@ from agent.messages import Scores
 from agent.plots import plot_path
 from agent.progress import progress
 from agent.recognizer import Recognizer, RecognizerSettings
-from training.common import SAMPLE_RATE, default_data_dir, read_audio, write_json
+from training.common import (
+    SAMPLE_RATE,
+    TEACHER_LABELS,
+    TEACHER_TFLITE,
+    default_data_dir,
+    read_audio,
+    write_json,
+)
 from training.data import Clip, inventory, word_window
 
 log = logging.getLogger(__name__)
@@ -420,18 +428,47 @@ def det_curves(model_path: Path, data_dir: Path, split: str = "all", limit: int 
     return curves, hours
 
 
+def peer_model(model: KwsModel, peer: Path, labels: tuple[str, ...], folder: Path) -> Path:
+    """A copy of a peer's .tflite in ``folder`` with metadata for our streaming path: its labels; our
+    features, smoothing, refractory time and (for the words it shares) thresholds."""
+    import hashlib
+
+    data = peer.read_bytes()
+    target = folder / peer.name
+    target.write_bytes(data)
+    write_json(target.with_suffix(".json"), {
+        **model.metadata, "labels": list(labels), "sha256": hashlib.sha256(data).hexdigest(),
+        "size_bytes": len(data), "thresholds": {w: t for w, t in model.thresholds.items() if w in labels}})
+    return target
+
+
 def write_det_plots(out_dir: Path, model_path: Path, data_dir: Path, split: str, limit: int | None = None
                     ) -> list[Path]:
-    """det_<word>.png per word and det.json with the numbers drawn."""
+    """det_<word>.png per word and det.json with the numbers drawn. The MLPerf Tiny reference model (the
+    ten command words), when present, is replayed through the same path and drawn as peer points."""
+    import tempfile
+
     from agent.plots import write_det_plot
 
     model = KwsModel.load(model_path)
     curves, hours = det_curves(model_path, data_dir, split, limit)
+    peers: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]] = {}
+    if TEACHER_TFLITE.exists():
+        with tempfile.TemporaryDirectory() as scratch:
+            reference, _ = det_curves(peer_model(model, TEACHER_TFLITE, TEACHER_LABELS, Path(scratch)),
+                                      data_dir, split, limit)
+        for word, word_curves in reference.items():
+            peers[word] = {f"MLPerf Tiny reference, {c.source}": (c.false_per_hour, c.miss_rate)
+                           for c in word_curves}
+    title = f"({split} clips; {hours:.2f} h of negatives)"
     written = [write_det_plot(out_dir / f"det_{word}.png", word, word_curves, shipped=model.thresholds[word],
-                              title=f"'{word}' ({split} clips; {hours:.2f} h of negatives)")
+                              peers=peers.get(word), title=f"'{word}' {title}")
                for word, word_curves in curves.items()]
-    write_json(out_dir / "det.json", {"negative_hours": round(hours, 4), "curves": {
-        word: [asdict(curve) for curve in word_curves] for word, word_curves in curves.items()}})
+    write_json(out_dir / "det.json", {
+        "negative_hours": round(hours, 4),
+        "curves": {word: [asdict(curve) for curve in word_curves] for word, word_curves in curves.items()},
+        "peers": peers,
+    })
     return written
 
 

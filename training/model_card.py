@@ -19,7 +19,7 @@ def _curves(card: Path) -> list[str]:
         return []
     return [
         "## Curves: miss rate against false detections per hour",
-        "Held-out clips per source (file-name prefix: `sc` Speech Commands, `pvwwb` Picovoice, `precise` Mycroft Precise) over thresholds, the shipped threshold starred; false detections on the held-out negatives. Numbers in "
+        "Held-out clips per source (file-name prefix: `sc` Speech Commands, `pvwwb` Picovoice, `precise` Mycroft Precise) over thresholds, the shipped threshold starred; false detections on the held-out negatives. Hollow markers: the MLPerf Tiny reference model (ten command words) replayed through the same streaming path and recognizer on the same clips. openWakeWord ships no model for these words, so it has no points here. Numbers in "
         f"`{DET_DIR}/det.json`. Redraw: `python -m training.evaluate --split validation --plot models/{DET_DIR}`.",
         "",
         *[f"![{p.stem[4:]}]({DET_DIR}/{p.name})" for p in images],
