@@ -36,6 +36,7 @@ from agent.anomaly import AnomalyModel, StreamDetector
 from agent.config import AnomalySection
 from agent.errors import HomeAgentError
 from agent.paths import resolve_data_path
+from agent.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def anomaly_score_main(args: argparse.Namespace) -> int:
     config = AnomalySection()
     total_rows = total_bad = 0
     started = time.perf_counter()
-    for source, target in pairs:
+    for source, target in progress(pairs, desc="anomaly-score", unit="file"):
         result = score_file(model, config, source, target)
         total_rows += result.rows
         total_bad += result.bad_rows

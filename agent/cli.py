@@ -57,9 +57,20 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 
 def _anomaly_score(args: argparse.Namespace) -> int:
-    from agent.anomaly_score import anomaly_score_main
+    from agent.anomaly_score import anomaly_score_main, pair_paths
 
-    return anomaly_score_main(args)
+    status = anomaly_score_main(args)
+    if args.plot is not None and status == EXIT_OK:
+        from agent.plots import write_sensor_plots
+
+        write_sensor_plots(pair_paths(list(args.input), list(args.output)), args.plot, args.labels)
+    return status
+
+
+def _plot_path(text: str) -> Path:
+    from agent.plots import plot_path  # numpy and the rest only when --plot is given
+
+    return plot_path(text)
 
 
 DEFAULT_CONFIG = Path("/etc/home-agent/config.toml")
@@ -163,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a config: use its [voice] settings and also report the intents (default: none)")
     p.add_argument("--json", action="store_true", help="one JSON line per file")
     p.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
+    p.add_argument("--plot", type=_plot_path, default=None, metavar="OUT.png",
+                   help="draw the waveform, every word's score over time and what was heard (one file)")
 
     p = add("anomaly-score", _anomaly_score)
     p.add_argument("--input", action="append", type=Path, required=True,
@@ -170,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", action="append", type=Path, required=True,
                    help="CSV file or folder (repeatable, one per --input)")
     p.add_argument("--model", type=Path, default=None, help="anomaly model (default: the shipped one)")
+    p.add_argument("--plot", type=_plot_path, default=None, metavar="DIR",
+                   help="draw one PNG per stream: values, score, alerts (and labelled windows)")
+    p.add_argument("--labels", type=Path, default=None, metavar="FILE",
+                   help="labelled anomaly windows for --plot (NAB combined_windows.json layout)")
     return parser
 
 

@@ -81,6 +81,9 @@ class Recognizer:
         self._last_fired: dict[str, float] = {}
         self._armed: dict[str, bool] = {}
         self.detections = 0
+        # What the last hop was judged on: each label's smoothed score (an expected word's over the listening
+        # smoothing). Read by `transcribe --plot`.
+        self.judged: npt.NDArray[np.float64] = np.zeros(len(self._labels))
 
     def smoothed(self, seconds: float | None = None) -> npt.NDArray[np.float64]:
         """The posteriors averaged over the last ``seconds`` (default: smoothing_seconds); zeros before the
@@ -117,6 +120,7 @@ class Recognizer:
                 index = self._index.get(word)
                 if index is not None:
                     average[index] = quick[index]
+        self.judged = average
 
         top = int(np.argmax(average))
         top_label = self._labels[top]

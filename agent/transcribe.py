@@ -30,6 +30,7 @@ from agent.audio import FILE_SUFFIXES, FileSource
 from agent.config import load_config
 from agent.errors import AudioError
 from agent.messages import Detection, Intent
+from agent.progress import echo, progress
 from agent.voice import VoicePipeline, load_pipeline
 
 log = logging.getLogger(__name__)
@@ -99,20 +100,39 @@ def transcribe_file(pipeline: VoicePipeline, path: Path) -> FileResult:
     return result
 
 
+def plot_file(pipeline: VoicePipeline, path: Path, out: Path) -> FileResult:
+    """transcribe_file, recording every hop's smoothed scores, then draw what was heard into ``out``."""
+    from agent.plots import PosteriorTrace, write_transcription_plot
+
+    trace = PosteriorTrace()
+    pipeline.on_hop = trace
+    try:
+        result = transcribe_file(pipeline, path)
+    finally:
+        pipeline.on_hop = None
+    if result.error is None:
+        write_transcription_plot(out, path, trace, pipeline.settings.thresholds, result.intents)
+    return result
+
+
 def transcribe_main(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config is not None else None
     pipeline = load_pipeline(config)
     failures = 0
     files = 0
+    paths = list(audio_files(args.paths))
+    if args.plot is not None and len(paths) != 1:
+        print(f"home-agent: --plot draws one file; {len(paths)} given", file=sys.stderr)
+        return 2
     try:
-        for path in audio_files(args.paths):
-            result = transcribe_file(pipeline, path)
+        for path in progress(paths, desc="transcribe", unit="file"):
+            result = transcribe_file(pipeline, path) if args.plot is None else \
+                plot_file(pipeline, path, args.plot)
             files += 1
             if result.error is not None:
                 failures += 1
             line = json.dumps(result.to_json(), separators=(",", ":")) if args.json else result.to_text()
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            echo(line)
     except BrokenPipeError:  # the reader went away (| head): stop quietly, also at interpreter exit
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

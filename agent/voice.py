@@ -161,6 +161,9 @@ class VoicePipeline:
         self._pause_search_from: int | None = None  # feature frame from which to look for a pause
         self._silence_before: int | None = None  # sample position: the model sees silence before it
         self.invocations = 0
+        # When set, called every hop with the model's posteriors, the smoothed scores the recognizer compared
+        # with the thresholds, and the word heard on this hop: `transcribe --plot` records them.
+        self.on_hop: Callable[[Scores, npt.NDArray[np.float64], Detection | None], None] | None = None
 
     @property
     def hop_seconds(self) -> float:
@@ -217,8 +220,10 @@ class VoicePipeline:
         self._update_silence(listening=bool(expected))
         probabilities = self.model.predict(self.features.features(self._silence_before))
         self.invocations += 1
-        detection = self.recognizer.process(Scores(self.model.labels, probabilities, round(t_audio, 6)),
-                                            expected=expected)
+        scores = Scores(self.model.labels, probabilities, round(t_audio, 6))
+        detection = self.recognizer.process(scores, expected=expected)
+        if self.on_hop is not None:
+            self.on_hop(scores, self.recognizer.judged, detection)
         if detection is None:
             return
         output.detections.append(detection)

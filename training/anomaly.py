@@ -35,6 +35,7 @@ from agent.anomaly import INPUT_CLIP, AnomalyModel, Calibration, StreamState, pr
 from agent.config import AnomalySection
 from agent.paths import REPO_ROOT
 from training.anomaly_data import Stream, Validation, default_telemetry_dir, load_streams, validate
+from training.common import keras_verbose
 
 log = logging.getLogger("training.anomaly")
 
@@ -107,7 +108,7 @@ def train(data: dict[str, npt.NDArray[np.float32]], epochs: int) -> Any:
     output = keras.layers.Dense(1, name="next_difference")(hidden)
     model = keras.Model(inputs, output, name="anomaly_forecaster")
     model.compile(optimizer=keras.optimizers.Adam(2e-3), loss=keras.losses.Huber(delta=1.0))
-    model.fit(data["x_train"], data["y_train"], batch_size=512, epochs=epochs, verbose=2,
+    model.fit(data["x_train"], data["y_train"], batch_size=512, epochs=epochs, verbose=keras_verbose(),
               validation_data=(data["x_test"], data["y_test"]), shuffle=True)
     return model
 

@@ -1,4 +1,5 @@
-"""Shared helpers of the keyword-model pipeline: paths, seeds, audio reading, progress, TensorFlow import."""
+"""Shared helpers of the keyword-model pipeline: paths, seeds, audio reading, TensorFlow import.
+Progress bars are ``agent.progress``."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import soundfile
 
 from agent.paths import REPO_ROOT
+from agent.progress import shown
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ TEACHER_LABELS = (
     "_silence_",
     "_unknown_",
 )
-
-T = TypeVar("T")
 
 
 def default_data_dir() -> Path:
@@ -96,23 +95,9 @@ def read_audio(path: Path) -> npt.NDArray[np.float32]:
     return mono
 
 
-def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-    """tqdm when present and on a terminal, else a line every ~10 %."""
-    if sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            yield from tqdm(items, total=total, desc=desc, leave=False)
-            return
-        except ImportError:
-            pass
-    total = total if total is not None else (len(items) if isinstance(items, Sized) else None)
-    step = max(1, (total or 0) // 10)
-    start = time.monotonic()
-    for index, item in enumerate(items):
-        if total and index % step == 0:
-            print(f"  {desc} {index}/{total} ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
-        yield item
+def keras_verbose() -> int:
+    """Keras ``fit`` verbosity: its bar with the time left on a terminal, a line per epoch in logs."""
+    return 1 if shown() else 2
 
 
 def write_json(path: Path, data: Any) -> None:

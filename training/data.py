@@ -34,7 +34,8 @@ from agent.features import (
     FeatureParams,
     window_features,
 )
-from training.common import CACHE_DIR, SAMPLE_RATE, SEED, SYNTH_DIR, progress, read_audio, stable_fraction
+from agent.progress import progress
+from training.common import CACHE_DIR, SAMPLE_RATE, SEED, SYNTH_DIR, read_audio, stable_fraction
 
 log = logging.getLogger(__name__)
 

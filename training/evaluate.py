@@ -20,7 +20,8 @@ import logging
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,17 @@ from agent.errors import ModelError
 from agent.features import COMMAND_WORDS, LABELS, WAKE_WORD, StreamingFeatures, window_features
 from agent.kws import NON_WORD_LABELS, KwsModel
 from agent.messages import Scores
+from agent.plots import plot_path
+from agent.progress import progress
 from agent.recognizer import Recognizer, RecognizerSettings
-from training.common import SAMPLE_RATE, default_data_dir, read_audio
+from training.common import (
+    SAMPLE_RATE,
+    TEACHER_LABELS,
+    TEACHER_TFLITE,
+    default_data_dir,
+    read_audio,
+    write_json,
+)
 from training.data import Clip, inventory, word_window
 
 log = logging.getLogger(__name__)
@@ -335,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-streaming", action="store_true", help="skip detection rates and false detections"
     )
+    parser.add_argument("--plot", type=plot_path, default=None, metavar="DIR",
+                        help="also draw a DET curve per word and source into DIR (det_<word>.png, det.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     data_dir = args.data or default_data_dir()
@@ -347,7 +359,117 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(report) if args.json else format_report(report))
+    if args.plot is not None:
+        for path in write_det_plots(args.plot, args.model, data_dir, args.split):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+# ------------------------------------------------------------------------------------------- DET curves
+
+DET_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+
+
+def clip_source(path: Path) -> str:
+    """The corpus a clip comes from: its file-name prefix (``sc``: Speech Commands, ``pvwwb``: Picovoice
+    wake-word benchmark, ``precise``: Mycroft Precise)."""
+    return path.name.split("_", 1)[0]
+
+
+def _fires(model: KwsModel, scores: npt.NDArray[np.float32], word: str, threshold: float) -> int:
+    """How often ``word`` fires at ``threshold`` (every other word at its shipped threshold), as ``detect``
+    over all of ``scores`` counts it. Only the stretches where its smoothed score reaches the threshold are
+    replayed, each from far enough before for the smoothing to fill and any refractory time or disarming to
+    end: elsewhere it cannot fire. Firings in that lead-in come from its partly filled smoothing: dropped."""
+    hop_seconds, refractory, smoothing_hops = timing(model)
+    above = smooth(scores, smoothing_hops)[:, model.labels.index(word)] >= threshold
+    if not above.any():
+        return 0
+    pad = smoothing_hops + round(refractory / hop_seconds) + 1
+    hits = np.flatnonzero(above)
+    breaks = np.flatnonzero(np.diff(hits) > 2 * pad)
+    thresholds = {**model.thresholds, word: threshold}
+    fired = 0
+    for first, last in zip(np.r_[hits[0], hits[breaks + 1]], np.r_[hits[breaks], hits[-1]], strict=True):
+        start = max(0, int(first) - pad - smoothing_hops)
+        heard = detect(scores[start : last + 1], model.labels, thresholds, refractory, hop_seconds,
+                       model.smoothing_seconds)
+        fired += sum(d.word == word and round(d.time / hop_seconds) - 1 >= first - start for d in heard)
+    return fired
+
+
+def det_curves(model_path: Path, data_dir: Path, split: str = "all", limit: int | None = None
+               ) -> tuple[dict[str, list[Any]], float]:
+    """(curves, hours of negatives): per vocabulary word with real clips, one DetCurve per source: at each of
+    DET_THRESHOLDS and the shipped threshold, the share of the source's clips of the word it missed
+    (streamed as in ``evaluate``) and its false detections per hour of the negatives."""
+    from agent.plots import DetCurve
+
+    model = KwsModel.load(model_path)
+    hop_seconds, _, _ = timing(model)
+    clips = inventory(data_dir, synth_dir=None, limit=limit)
+    negatives = [file_scores(model, path) for path in progress(negative_files(clips, split), desc="negatives",
+                                                                 unit="file")]
+    hours = sum(len(s) for s in negatives) * hop_seconds / 3600
+    positives: dict[str, dict[str, list[npt.NDArray[np.float32]]]] = {}
+    for clip in progress(word_clips(clips, split), desc="word clips", unit="clip"):
+        if clip.label in model.words:
+            scores = file_scores(model, Path(clip.path), TRAILING_SILENCE)
+            positives.setdefault(clip.label, {}).setdefault(clip_source(Path(clip.path)), []).append(scores)
+    curves: dict[str, list[Any]] = {}
+    for word, by_source in progress(sorted(positives.items()), desc="DET", unit="word"):
+        grid = sorted({*DET_THRESHOLDS, model.thresholds[word]})
+        false = [sum(_fires(model, s, word, t) for s in negatives) / hours if hours else 0.0 for t in grid]
+        curves[word] = [
+            DetCurve(source, grid, [float(np.mean([_fires(model, s, word, t) == 0 for s in clip_scores]))
+                                    for t in grid], false)
+            for source, clip_scores in sorted(by_source.items())
+        ]
+    return curves, hours
+
+
+def peer_model(model: KwsModel, peer: Path, labels: tuple[str, ...], folder: Path) -> Path:
+    """A copy of a peer's .tflite in ``folder`` with metadata for our streaming path: its labels; our
+    features, smoothing, refractory time and (for the words it shares) thresholds."""
+    import hashlib
+
+    data = peer.read_bytes()
+    target = folder / peer.name
+    target.write_bytes(data)
+    write_json(target.with_suffix(".json"), {
+        **model.metadata, "labels": list(labels), "sha256": hashlib.sha256(data).hexdigest(),
+        "size_bytes": len(data), "thresholds": {w: t for w, t in model.thresholds.items() if w in labels}})
+    return target
+
+
+def write_det_plots(out_dir: Path, model_path: Path, data_dir: Path, split: str, limit: int | None = None
+                    ) -> list[Path]:
+    """det_<word>.png per word and det.json with the numbers drawn. The MLPerf Tiny reference model (the
+    ten command words), when present, is replayed through the same path and drawn as peer points."""
+    import tempfile
+
+    from agent.plots import write_det_plot
+
+    model = KwsModel.load(model_path)
+    curves, hours = det_curves(model_path, data_dir, split, limit)
+    peers: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]] = {}
+    if TEACHER_TFLITE.exists():
+        with tempfile.TemporaryDirectory() as scratch:
+            reference, _ = det_curves(peer_model(model, TEACHER_TFLITE, TEACHER_LABELS, Path(scratch)),
+                                      data_dir, split, limit)
+        for word, word_curves in reference.items():
+            peers[word] = {f"MLPerf Tiny reference, {c.source}": (c.false_per_hour, c.miss_rate)
+                           for c in word_curves}
+    title = f"({split} clips; {hours:.2f} h of negatives)"
+    written = [write_det_plot(out_dir / f"det_{word}.png", word, word_curves, shipped=model.thresholds[word],
+                              peers=peers.get(word), title=f"'{word}' {title}")
+               for word, word_curves in curves.items()]
+    write_json(out_dir / "det.json", {
+        "negative_hours": round(hours, 4),
+        "curves": {word: [asdict(curve) for curve in word_curves] for word, word_curves in curves.items()},
+        "peers": peers,
+    })
+    return written
 
 
 if __name__ == "__main__":

@@ -336,7 +336,9 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         "config": asdict(config),
     }
     write_json(CACHE_DIR / ("run-smoke.json" if config.limit else "run.json"), result)
-    from training.model_card import write_model_card
+    from training.model_card import DET_DIR, write_model_card
+
+    evaluation.write_det_plots(out_dir / DET_DIR, model_path, data_dir, "validation", limit=config.limit)
 
     write_model_card(out_dir / "kws.md", result)
     print(

@@ -9,6 +9,23 @@ from typing import Any
 
 from agent.features import COMMAND_WORDS, DEVICE_WORDS, WAKE_WORD
 
+DET_DIR = "kws_det"  # next to the card: det_<word>.png and det.json from `training.evaluate --plot`
+
+
+def _curves(card: Path) -> list[str]:
+    """The DET curves drawn next to the card (wake word first), when there are any."""
+    images = sorted((card.parent / DET_DIR).glob("det_*.png"), key=lambda p: (p.stem != f"det_{WAKE_WORD}", p.stem))
+    if not images:
+        return []
+    return [
+        "## Curves: miss rate against false detections per hour",
+        "Held-out clips per source (file-name prefix: `sc` Speech Commands, `pvwwb` Picovoice, `precise` Mycroft Precise) over thresholds, the shipped threshold starred; false detections on the held-out negatives. Hollow markers: the MLPerf Tiny reference model (ten command words) replayed through the same streaming path and recognizer on the same clips. openWakeWord ships no model for these words, so it has no points here. Numbers in "
+        f"`{DET_DIR}/det.json`. Redraw: `python -m training.evaluate --split validation --plot models/{DET_DIR}`.",
+        "",
+        *[f"![{p.stem[4:]}]({DET_DIR}/{p.name})" for p in images],
+        "",
+    ]
+
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
@@ -113,6 +130,7 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "Reproduce: `python -m training.evaluate --model models/kws.tflite --data ../shared/data/speech "
         "--split validation` (add `--json` for the machine-readable report, `--split all` for every file).",
         "",
+        *_curves(path),
         "## Compression ablation (same held-out speakers)",
         *_ablation(stages),
         "",

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from agent.progress import progress
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -635,12 +637,13 @@ def _run_phase(
         )
 
     if n_workers <= 1:
-        for index, job in enumerate(jobs, 1):
+        for index, job in enumerate(progress(jobs, desc=name, unit="job"), 1):
             report(index, job, run_job(job, engines))
     else:
         with ProcessPoolExecutor(max_workers=n_workers) as pool:
             futures = {pool.submit(run_job, job, engines): job for job in jobs}
-            for index, future in enumerate(as_completed(futures), 1):
+            done = progress(as_completed(futures), total=len(futures), desc=name, unit="job")
+            for index, future in enumerate(done, 1):
                 report(index, futures[future], future.result())
     return written, failures
 

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.features import LABELS, SILENCE_LABEL, UNKNOWN_LABEL
-from training.common import SEED, TEACHER_LABELS, import_tf
+from training.common import SEED, TEACHER_LABELS, import_tf, keras_verbose
 from training.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def fit(  # noqa: PLR0917
     mask: npt.NDArray[np.float32],
     config: TrainConfig,
     callbacks: list[Any] | None = None,
-    verbose: int = 2,
+    verbose: int | None = None,
 ) -> None:
     """Train ``model`` (ending in a softmax) through its logits with hard labels + distillation."""
     tf = import_tf()
@@ -172,7 +172,8 @@ def fit(  # noqa: PLR0917
     trainable = logits_model(model)
     trainable.compile(optimizer=tf.keras.optimizers.Adam(schedule), loss=make_loss(config))
     started = time.monotonic()
-    trainable.fit(data, epochs=config.epochs, verbose=verbose, callbacks=callbacks or [])
+    trainable.fit(data, epochs=config.epochs, verbose=keras_verbose() if verbose is None else verbose,
+                  callbacks=callbacks or [])
     log.info(
         "trained %d epochs on %d windows in %.0f s", config.epochs, len(features), time.monotonic() - started
     )
