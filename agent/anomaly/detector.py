@@ -1,0 +1,410 @@
+"""One stream's detector: a reading in, a calibrated anomaly probability and the alert decision out.
+
+Strictly online: every reading is scored against what the stream did before it, then learnt. No model
+file: simple statistics of the stream against the stream's own history (``models/anomaly.md`` has the
+ablation that retired the int8 forecaster).
+
+Statistics (each a non-negative number per reading):
+
+- ``spike``, ``step``, ``drift``: at ``SCALES`` time scales of k readings, the distance between a fast
+  moving average of the value (span k; k = 1 is the reading itself) and a reference average REF_RATIO times
+  slower. A spike moves the first, a level shift the second for a while, a slow drift the third. Because
+  both averages are in readings, the scales follow the stream's own sampling rate.
+- ``stuck``: the current run of identical values against the usual run length of that value (a light at
+  0 lux all night is normal, a temperature that stops moving is not).
+- ``dropout``: the time since the last reading against the usual interval and the longest gap seen.
+
+Likelihood against the stream's own history (NAB's anomaly likelihood, with a heavier tail): each
+statistic is divided by its own running mean; below ``tail_u`` times the mean an exponential body, above it
+a Pareto tail whose index is estimated online (Hill) with a conservative prior while the history is short.
+That gives a tail probability p per statistic; the smallest, times the number of statistics (Bonferroni),
+is the reading's p. The score is the posterior probability that the reading is anomalous,
+``1 / (1 + p / prior)``: a prior rate of anomalous readings ``prior`` and a Bayes factor of 1/p (the
+largest the evidence allows). A threshold on the score is therefore a threshold on evidence.
+
+Alerts (``EpisodeTracker``, the only place that knows whether a stream's alert is active): an alert starts
+when the score reaches ``threshold`` after the learning period, outside the cooldown after the previous
+episode; the episode ends by itself once the score stayed below ``clear_threshold`` for ``END_READINGS``
+readings. The learning period and the cooldown are the configured ones, bounded by a number of the
+stream's own readings (a 1-second stream does not wait an hour; a 10-minute one does not alert on its
+third reading).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Final
+
+from agent.config import AnomalySection
+from agent.messages import AnomalyKind
+
+KINDS: Final[tuple[AnomalyKind, ...]] = ("spike", "step", "drift", "stuck", "dropout")
+KIND_STUCK, KIND_DROPOUT = 3, 4
+SCALES: Final[tuple[int, ...]] = (1, 8, 64)  # readings per fast average (spike, step, drift)
+N_STATS = len(SCALES) + 1  # the scales plus stuck (dropout is scored directly)
+LN10 = math.log(10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """Constants of the detector (tuned on the SKAB development runs and the home logs, see
+    bench/anomaly_bench.py); one place, shared by the daemon, the CLI and the bench."""
+
+    ref_ratio: float = 8.0  # reference average = this many times slower than the fast one
+    noise_span: float = 30.0  # running mean of |difference|: clips outliers before they are learnt
+    clip: float = 8.0  # readings are learnt clipped to the last value +- clip x noise
+    interval_span: float = 50.0  # usual interval between readings (log domain)
+    rate_change: float = 3.0  # the usual interval moved this many times away: the stream relearns
+    tail_span: float = 1000.0  # each statistic's own running mean (readings)
+    tail_memory: float = 20000.0  # readings of history behind each tail estimate
+    tail_u: float = 3.0  # the tail starts at this many times the statistic's mean
+    prior_p: float = 0.05  # prior exceedance rate of tail_u ...
+    prior_n: float = 100.0  # ... worth this many readings
+    prior_h: float = 0.5  # prior mean log-excess (a heavy, forgiving tail) ...
+    prior_k: float = 5.0  # ... worth this many exceedances
+    prior_rate: float = 1e-4  # prior probability that a reading is anomalous (score calibration)
+    learning_min_readings: int = 100  # at least this many readings before an alert ...
+    learning_ratio: float = 4.0  # ... and the slowest scale's reference (x this) when fewer than configured
+    cooldown_readings: int = 60  # cooldown at most this many usual intervals
+    end_readings: int = 3  # an episode ends after this many readings below clear_threshold
+    dropout_factor: float = 10.0  # dropout probability 1 at this many usual intervals (at least) ...
+    dropout_history: float = 3.0  # ... or at this many times the longest gap the stream had
+    run_span: float = 50.0  # usual run length of identical values (runs)
+    stuck_table: int = 4  # values the stream rests on, tracked with their own usual run length
+
+
+TUNING = Tuning()
+
+
+@dataclass(slots=True)
+class StreamState:
+    """Everything one stream's detector knows: plain numbers and short lists (about 1 KB as JSON)."""
+
+    n: int = 0  # readings learnt since the stream (re)started learning
+    last_time: float = math.nan
+    last_value: float = math.nan
+    log_interval: float = math.nan  # running log of the usual interval (seconds)
+    learnt_log_interval: float = math.nan  # the usual interval the statistics were learnt at
+    max_gap: float = 1.0  # longest gap seen, in usual intervals (decays slowly)
+    noise: float = 0.0  # running mean of |difference| (0: the stream never moved)
+    fast: list[float] = field(default_factory=list)  # per scale: fast average
+    ref: list[float] = field(default_factory=list)  # per scale: reference average
+    tails: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)])
+    run_value: float = math.nan
+    run_length: int = 0
+    run_mean: float = 1.0  # usual run length of identical values (values outside the table)
+    resting: list[list[float]] = field(default_factory=list)  # [value, usual run length, weight]
+    # the episode tracker
+    score: float = 0.0
+    kind: int = 0
+    active: bool = False
+    quiet: int = 0  # readings below clear_threshold in a row while active
+    episode_end: float = -math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                data[key] = None  # JSON has no NaN or infinity
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamState:
+        """The inverse of ``to_dict``; raises ValueError/TypeError on a malformed entry."""
+        defaults = cls()
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value, default = data[f.name], getattr(defaults, f.name)
+            if isinstance(default, bool):
+                value = bool(value)
+            elif isinstance(default, int):
+                value = int(value)
+            elif isinstance(default, float):
+                value = -math.inf if value is None and f.name == "episode_end" else (
+                    math.nan if value is None else float(value))
+            elif not isinstance(value, list):
+                raise ValueError(f"{f.name}: expected a list")
+            else:
+                value = [[float(v) for v in item] if isinstance(item, list) else float(item) for item in value]
+            kwargs[f.name] = value
+        state = cls(**kwargs)
+        if len(state.tails) != N_STATS or any(len(t) != 4 for t in state.tails):
+            raise ValueError(f"tails: expected {N_STATS} x 4 numbers")
+        if len(state.fast) not in (0, len(SCALES)) or len(state.ref) != len(state.fast):
+            raise ValueError(f"fast/ref: expected {len(SCALES)} numbers each")
+        if any(len(entry) != 3 for entry in state.resting):
+            raise ValueError("resting: expected [value, run length, weight] entries")
+        return state
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one reading did: its score and kind, and whether it started or ended an alert."""
+
+    score: float
+    kind: AnomalyKind
+    started: bool = False
+    ended: bool = False
+
+
+def _weight(span: float) -> float:
+    return 2.0 / (span + 1.0)
+
+
+class StreamDetector:
+    """One stream: ``update(time, value)`` scores a reading, then learns it. Not thread-safe (one owner).
+
+    Readings that cannot be learnt (a non-finite value or time, a time not after the previous reading) are
+    refused by ``update`` with a reason (counted in ``rejected``); they change nothing.
+    """
+
+    def __init__(self, config: AnomalySection, state: StreamState | None = None,
+                 tuning: Tuning = TUNING) -> None:
+        self.config = config
+        self.tuning = tuning
+        self.state = state if state is not None else StreamState()
+        self.rejected: dict[str, int] = {}
+        tu = tuning
+        self._a_fast = [_weight(k) for k in SCALES]
+        self._a_ref = [_weight(tu.ref_ratio * k) for k in SCALES]
+        self._a_noise = _weight(tu.noise_span)
+        self._a_iv = _weight(tu.interval_span)
+        self._a_tail = _weight(tu.tail_span)
+        self._a_run = _weight(tu.run_span)
+        self._keep = 1.0 - 1.0 / tu.tail_memory
+        self._log_u = math.log(tu.tail_u)
+        self._prior_exc = tu.prior_p * tu.prior_n
+        self._prior_hk = tu.prior_h * tu.prior_k
+        self._log_bonferroni = math.log10(N_STATS)
+        self._log_prior = math.log10(tu.prior_rate / (1.0 - tu.prior_rate))
+        slowest = int(tu.learning_ratio * tu.ref_ratio * SCALES[-1])
+        self.learning = max(tu.learning_min_readings, min(config.learning_readings, slowest))
+
+    # ---- calibration
+
+    def probability(self, log10_p: float) -> float:
+        """Posterior probability of an anomaly from log10 of the reading's (Bonferroni) tail probability."""
+        exponent = log10_p - self._log_prior  # log10 of (1 - P) / P
+        if exponent > 300.0:
+            return 0.0
+        return 1.0 / (1.0 + 10.0 ** exponent)
+
+    def _tail_log10(self, tail: list[float], value: float) -> float:
+        """log10 of the probability of a statistic at least ``value`` against its own history (0: none)."""
+        mean = tail[0]
+        if mean <= 0.0 or value <= 0.0:
+            return 0.0 if value <= 0.0 or tail[1] < 2.0 else -300.0
+        q = value / mean
+        log_pu = math.log10((tail[2] + self._prior_exc) / (tail[1] + self.tuning.prior_n))
+        if q <= self.tuning.tail_u:
+            return q / self.tuning.tail_u * log_pu
+        h = (tail[3] + self._prior_hk) / (tail[2] + self.tuning.prior_k)
+        return max(-300.0, log_pu - (math.log(q) - self._log_u) / (h * LN10))
+
+    def _tail_learn(self, tail: list[float], value: float) -> None:
+        mean = tail[0]
+        if mean <= 0.0:
+            if value > 0.0:
+                tail[0] = value
+            tail[1] += 1.0
+            return
+        tail[0] = mean + self._a_tail * (min(value, 10.0 * mean) - mean)
+        keep = self._keep
+        q = value / mean
+        tail[1] = tail[1] * keep + 1.0
+        if q > self.tuning.tail_u:
+            tail[2] = tail[2] * keep + 1.0
+            tail[3] = tail[3] * keep + (math.log(q) - self._log_u)
+        else:
+            tail[2] *= keep
+            tail[3] *= keep
+
+    # ---- one reading
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def update(self, t: float, x: float) -> Outcome | None:
+        """Score the reading at UNIX time ``t`` with value ``x``, then learn it. None when refused
+        (counted in ``rejected``: "invalid", "duplicate_time", "time_backwards")."""
+        s = self.state
+        if not (math.isfinite(t) and math.isfinite(x)):
+            self.reject("invalid")
+            return None
+        if s.last_time == s.last_time:  # not NaN: the stream had a reading
+            if t == s.last_time:
+                self.reject("duplicate_time")
+                return None
+            if t < s.last_time:
+                self.reject("time_backwards")
+                return None
+        tu = self.tuning
+        if not s.fast:
+            s.fast = [x] * len(SCALES)
+            s.ref = [x] * len(SCALES)
+            s.last_time, s.last_value, s.run_value, s.run_length = t, x, x, 1
+            s.n = 1
+            return self._track(t, 0.0, 0)
+        gap = t - s.last_time
+        log_iv = s.log_interval
+        # dropout: the time since the previous reading against the usual interval
+        log10_p = 0.0
+        kind = 0
+        dropout = 0.0
+        if log_iv == log_iv:
+            dropout = self.dropout_probability(gap)
+        # level statistics at each scale, against the reference before this reading
+        last = s.last_value
+        noise = s.noise
+        c = tu.clip * noise
+        xc = x if c <= 0.0 else min(max(x, last - c), last + c)  # what is learnt of an outlier
+        fast, ref, tails = s.fast, s.ref, s.tails
+        stats = [0.0] * N_STATS
+        for k in range(len(SCALES)):
+            if k == 0:
+                stat = abs(x - ref[0])
+            else:
+                moved = fast[k] + self._a_fast[k] * (x - fast[k])
+                stat = abs(moved - ref[k])
+            stats[k] = stat
+            lp = self._tail_log10(tails[k], stat)
+            if lp < log10_p:
+                log10_p, kind = lp, k
+        # stuck: the current run of identical values against that value's usual run
+        entry = None
+        for candidate in s.resting:
+            if candidate[0] == s.run_value:
+                entry = candidate
+                break
+        if x == s.run_value:
+            usual = entry[1] if entry is not None else s.run_mean
+            stats[KIND_STUCK] = (s.run_length + 1) / usual
+            lp = self._tail_log10(tails[KIND_STUCK], stats[KIND_STUCK])
+            if lp < log10_p:
+                log10_p, kind = lp, KIND_STUCK
+        score = self.probability(log10_p + self._log_bonferroni)
+        if dropout > score:
+            score, kind = dropout, KIND_DROPOUT
+        # learn
+        for k in range(len(SCALES)):
+            fast[k] += self._a_fast[k] * (xc - fast[k])
+            ref[k] += self._a_ref[k] * (xc - ref[k])
+        if not s.active:
+            for k in range(len(SCALES)):
+                self._tail_learn(tails[k], stats[k])
+        size = abs(x - last)
+        if size > 0.0:  # the noise measures real changes: a sensor resting on 0 keeps its scale
+            s.noise = size if noise <= 0.0 else noise + self._a_noise * (min(size, 8.0 * noise) - noise)
+        self._learn_interval(gap, score)
+        self._learn_run(x, entry)
+        s.last_time, s.last_value = t, x
+        s.n += 1
+        return self._track(t, score, kind)
+
+    def _learn_interval(self, gap: float, score: float) -> None:
+        s, tu = self.state, self.tuning
+        if s.log_interval != s.log_interval:
+            s.log_interval = s.learnt_log_interval = math.log(gap)
+            return
+        usual = math.exp(s.log_interval)
+        ratio = gap / usual
+        clipped = min(max(gap, 0.25 * usual), 4.0 * usual)
+        s.log_interval += self._a_iv * (math.log(clipped) - s.log_interval)
+        if ratio > s.max_gap and score < self.config.threshold:
+            s.max_gap = ratio
+        s.max_gap = 1.0 + (s.max_gap - 1.0) * self._keep
+        if abs(s.log_interval - s.learnt_log_interval) > math.log(tu.rate_change):
+            # the sampling rate changed: the per-reading statistics mean something else now; relearn them
+            self.reject("rate_change")
+            s.learnt_log_interval = s.log_interval
+            s.n = 1
+            s.max_gap = 1.0
+            s.tails = [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)]
+
+    def _learn_run(self, x: float, entry: list[float] | None) -> None:
+        s, tu = self.state, self.tuning
+        if x == s.run_value:
+            s.run_length += 1
+            return
+        length = s.run_length
+        if length > 0 and s.run_value == s.run_value:
+            usual = entry[1] if entry is not None else s.run_mean
+            self._tail_learn(s.tails[KIND_STUCK], length / usual)
+            if entry is not None:
+                entry[1] += self._a_run * (length - entry[1])
+                entry[2] += length
+            elif length >= 10 and length >= 3.0 * s.run_mean:
+                self._rest_on(s.run_value, length)
+            else:
+                s.run_mean += self._a_run * (min(length, 10.0 * s.run_mean) - s.run_mean)
+            for candidate in s.resting:
+                candidate[2] *= self._keep
+        s.run_value, s.run_length = x, 1
+
+    def _rest_on(self, value: float, length: int) -> None:
+        """Track a value the stream sat on for a notably long run, with its own usual run length."""
+        resting = self.state.resting
+        entry = [value, float(length), float(length)]
+        if len(resting) < self.tuning.stuck_table:
+            resting.append(entry)
+            return
+        weakest = min(range(len(resting)), key=lambda k: resting[k][2])
+        if resting[weakest][2] < entry[2]:
+            resting[weakest] = entry
+
+    def dropout_probability(self, gap: float) -> float:
+        """0 up to one usual interval; 1 at max(dropout_factor, dropout_history x longest gap) intervals."""
+        s, tu = self.state, self.tuning
+        if s.log_interval != s.log_interval:
+            return 0.0
+        ratio = gap / math.exp(s.log_interval)
+        if ratio <= 1.0:
+            return 0.0
+        limit = max(tu.dropout_factor, tu.dropout_history * s.max_gap)
+        return min(1.0, math.log(ratio) / math.log(limit))
+
+    # ---- episodes
+
+    def cooldown(self) -> float:
+        """The configured cooldown, at most ``cooldown_readings`` of the stream's usual intervals."""
+        s = self.state
+        if s.log_interval != s.log_interval:
+            return self.config.cooldown
+        return min(self.config.cooldown, self.tuning.cooldown_readings * math.exp(s.log_interval))
+
+    def _track(self, t: float, score: float, kind: int) -> Outcome:
+        """The episode tracker: one alert per episode, episodes end by themselves."""
+        s, cfg = self.state, self.config
+        s.score, s.kind = score, kind
+        if s.active:
+            s.quiet = s.quiet + 1 if score < cfg.clear_threshold else 0
+            if s.quiet >= self.tuning.end_readings:
+                s.active, s.quiet, s.episode_end = False, 0, t
+                return Outcome(score, KINDS[kind], ended=True)
+            return Outcome(score, KINDS[kind])
+        if score >= cfg.threshold and s.n > self.learning and t - s.episode_end >= self.cooldown():
+            s.active, s.quiet = True, 0
+            return Outcome(score, KINDS[kind], started=True)
+        return Outcome(score, KINDS[kind])
+
+    def silence(self, now: float) -> Outcome | None:
+        """The daemon's check of a silent stream: an alert once the dropout probability reaches the
+        threshold (the next reading scores normally again and lets the episode end)."""
+        s = self.state
+        if s.active or s.n <= self.learning or s.last_time != s.last_time:
+            return None
+        value = self.dropout_probability(now - s.last_time)
+        if value < self.config.threshold or now - s.episode_end < self.cooldown():
+            return None
+        s.active, s.quiet, s.score, s.kind = True, 0, value, KIND_DROPOUT
+        return Outcome(value, "dropout", started=True)
+
+
+def score_rows(detector: StreamDetector, times: Sequence[float], values: Sequence[float]) -> list[Outcome | None]:
+    """``update`` over rows in order (the CLI's and the bench's path; the daemon calls ``update``)."""
+    update = detector.update
+    return [update(t, x) for t, x in zip(times, values, strict=True)]
