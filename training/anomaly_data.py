@@ -262,7 +262,7 @@ def _detection_summary(rows: list[Detection]) -> dict[str, Any]:
         "rate": len(hits) / len(rows) if rows else 0.0,
         "delay_min_median": float(np.median(delays)) if hits else None,
         "delay_min_p90": float(np.percentile(delays, 90)) if hits else None,
-        "alert_kinds": {k: n for k in KINDS if (n := sum(1 for d in hits if d.kind == k))},
+        "alert_kinds": {k: n for k in dict.fromkeys(KINDS) if (n := sum(1 for d in hits if d.kind == k))},
     }
 
 

@@ -40,10 +40,14 @@ from typing import Any, Final
 from agent.config import AnomalySection
 from agent.messages import AnomalyKind
 
-KINDS: Final[tuple[AnomalyKind, ...]] = ("spike", "step", "drift", "stuck", "dropout")
-KIND_STUCK, KIND_DROPOUT = 3, 4
-SCALES: Final[tuple[int, ...]] = (1, 8, 64)  # readings per fast average (spike, step, drift)
-N_STATS = len(SCALES) + 1  # the scales plus stuck (dropout is scored directly)
+SCALES: Final[tuple[int, ...]] = (1, 8, 64, 256)  # readings per fast average
+# the kind of each statistic: one per scale, then noise, stuck; dropout is scored directly
+KINDS: Final[tuple[AnomalyKind, ...]] = ("spike", "step", "drift", "drift", "noise", "drift", "stuck",
+                                         "dropout")
+KIND_NOISE, KIND_DAILY, KIND_STUCK, KIND_DROPOUT = 4, 5, 6, 7
+NOISE_SCALE = 16  # readings per fast average of |difference| (the noise statistic)
+N_STATS = len(SCALES) + 3
+DAY = 86400.0
 LN10 = math.log(10.0)
 
 
@@ -62,15 +66,17 @@ class Tuning:
     tail_u: float = 3.0  # the tail starts at this many times the statistic's mean
     prior_p: float = 0.05  # prior exceedance rate of tail_u ...
     prior_n: float = 100.0  # ... worth this many readings
-    prior_h: float = 0.5  # prior mean log-excess (a heavy, forgiving tail) ...
+    # prior mean log-excess per statistic (spike, step, drift, noise, stuck; a heavy, forgiving tail) ...
+    prior_h: tuple[float, ...] = (0.5, 0.2, 0.2, 0.2, 0.2, 0.2, 0.5)
     prior_k: float = 5.0  # ... worth this many exceedances
-    prior_rate: float = 1e-4  # prior probability that a reading is anomalous (score calibration)
-    learning_min_readings: int = 100  # at least this many readings before an alert ...
-    learning_ratio: float = 4.0  # ... and the slowest scale's reference (x this) when fewer than configured
+    prior_rate: float = 0.05  # prior probability that a reading is anomalous (score calibration)
     cooldown_readings: int = 60  # cooldown at most this many usual intervals
     end_readings: int = 3  # an episode ends after this many readings below clear_threshold
     dropout_factor: float = 10.0  # dropout probability 1 at this many usual intervals (at least) ...
     dropout_history: float = 3.0  # ... or at this many times the longest gap the stream had
+    envelope_limit: float = 0.8  # out of the stream's range by this fraction of it: probability 1 ...
+    envelope_young_days: float = 14.0  # ... times (1 + this / age in days): a young stream's range is loose
+    envelope_growth: float = 0.1  # after learning, the range widens by at most this fraction per day
     run_span: float = 50.0  # usual run length of identical values (runs)
     stuck_table: int = 4  # values the stream rests on, tracked with their own usual run length
 
@@ -83,12 +89,18 @@ class StreamState:
     """Everything one stream's detector knows: plain numbers and short lists (about 1 KB as JSON)."""
 
     n: int = 0  # readings learnt since the stream (re)started learning
+    first_time: float = math.nan  # the stream's first reading (its age sets how loose its range is)
+    low: float = math.inf  # the stream's range, widening at a limited rate after learning
+    high: float = -math.inf
     last_time: float = math.nan
     last_value: float = math.nan
     log_interval: float = math.nan  # running log of the usual interval (seconds)
     learnt_log_interval: float = math.nan  # the usual interval the statistics were learnt at
     max_gap: float = 1.0  # longest gap seen, in usual intervals (decays slowly)
     noise: float = 0.0  # running mean of |difference| (0: the stream never moved)
+    noise_fast: float = 0.0  # fast and reference averages of |difference| (the noise statistic)
+    noise_ref: float = 0.0
+    slope: float = 0.0  # mean change per reading over about a day, in units of the noise (daily cycles cancel)
     fast: list[float] = field(default_factory=list)  # per scale: fast average
     ref: list[float] = field(default_factory=list)  # per scale: reference average
     tails: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)])
@@ -178,11 +190,12 @@ class StreamDetector:
         self._keep = 1.0 - 1.0 / tu.tail_memory
         self._log_u = math.log(tu.tail_u)
         self._prior_exc = tu.prior_p * tu.prior_n
-        self._prior_hk = tu.prior_h * tu.prior_k
+        self._prior_hk = [h * tu.prior_k for h in tu.prior_h]
+        self._a_nfast = _weight(NOISE_SCALE)
+        self._a_nref = _weight(tu.ref_ratio * NOISE_SCALE)
         self._log_bonferroni = math.log10(N_STATS)
         self._log_prior = math.log10(tu.prior_rate / (1.0 - tu.prior_rate))
-        slowest = int(tu.learning_ratio * tu.ref_ratio * SCALES[-1])
-        self.learning = max(tu.learning_min_readings, min(config.learning_readings, slowest))
+        self.learning = config.learning_readings
 
     # ---- calibration
 
@@ -193,8 +206,9 @@ class StreamDetector:
             return 0.0
         return 1.0 / (1.0 + 10.0 ** exponent)
 
-    def _tail_log10(self, tail: list[float], value: float) -> float:
+    def _tail_log10(self, stat: int, value: float) -> float:
         """log10 of the probability of a statistic at least ``value`` against its own history (0: none)."""
+        tail = self.state.tails[stat]
         mean = tail[0]
         if mean <= 0.0 or value <= 0.0:
             return 0.0 if value <= 0.0 or tail[1] < 2.0 else -300.0
@@ -202,7 +216,7 @@ class StreamDetector:
         log_pu = math.log10((tail[2] + self._prior_exc) / (tail[1] + self.tuning.prior_n))
         if q <= self.tuning.tail_u:
             return q / self.tuning.tail_u * log_pu
-        h = (tail[3] + self._prior_hk) / (tail[2] + self.tuning.prior_k)
+        h = (tail[3] + self._prior_hk[stat]) / (tail[2] + self.tuning.prior_k)
         return max(-300.0, log_pu - (math.log(q) - self._log_u) / (h * LN10))
 
     def _tail_learn(self, tail: list[float], value: float) -> None:
@@ -247,6 +261,7 @@ class StreamDetector:
             s.fast = [x] * len(SCALES)
             s.ref = [x] * len(SCALES)
             s.last_time, s.last_value, s.run_value, s.run_length = t, x, x, 1
+            s.first_time, s.low, s.high = t, x, x
             s.n = 1
             return self._track(t, 0.0, 0)
         gap = t - s.last_time
@@ -271,9 +286,28 @@ class StreamDetector:
                 moved = fast[k] + self._a_fast[k] * (x - fast[k])
                 stat = abs(moved - ref[k])
             stats[k] = stat
-            lp = self._tail_log10(tails[k], stat)
+            lp = self._tail_log10(k, stat)
             if lp < log10_p:
                 log10_p, kind = lp, k
+        # noise: the recent size of changes against the usual size (both ways: louder or quieter)
+        size = abs(x - last)
+        capped = size if noise <= 0.0 else min(size, 8.0 * noise)
+        noise_fast = s.noise_fast + self._a_nfast * (capped - s.noise_fast)
+        if noise_fast > 0.0 and s.noise_ref > 0.0:
+            stats[KIND_NOISE] = abs(math.log(noise_fast / s.noise_ref))
+            lp = self._tail_log10(KIND_NOISE, stats[KIND_NOISE])
+            if lp < log10_p:
+                log10_p, kind = lp, KIND_NOISE
+        # daily: the mean change over about a day (a day of the stream's own readings): a daily cycle
+        # cancels out, a drift does not
+        slope = s.slope
+        if noise > 0.0 and log_iv == log_iv:
+            step = max(-tu.clip, min(tu.clip, (x - last) / noise))
+            slope += 2.0 / (DAY / math.exp(log_iv) + 1.0) * (step - slope)
+            stats[KIND_DAILY] = abs(slope)
+            lp = self._tail_log10(KIND_DAILY, stats[KIND_DAILY])
+            if lp < log10_p:
+                log10_p, kind = lp, KIND_DAILY
         # stuck: the current run of identical values against that value's usual run
         entry = None
         for candidate in s.resting:
@@ -283,20 +317,26 @@ class StreamDetector:
         if x == s.run_value:
             usual = entry[1] if entry is not None else s.run_mean
             stats[KIND_STUCK] = (s.run_length + 1) / usual
-            lp = self._tail_log10(tails[KIND_STUCK], stats[KIND_STUCK])
+            lp = self._tail_log10(KIND_STUCK, stats[KIND_STUCK])
             if lp < log10_p:
                 log10_p, kind = lp, KIND_STUCK
         score = self.probability(log10_p + self._log_bonferroni)
         if dropout > score:
             score, kind = dropout, KIND_DROPOUT
+        envelope = self._envelope(t, x, gap)
+        if envelope > score:
+            # out of range in one jump: a spike (or the start of a step); else a drift
+            score, kind = envelope, 0 if abs(x - last) >= min(abs(x - s.high), abs(s.low - x)) else 2
         # learn
         for k in range(len(SCALES)):
             fast[k] += self._a_fast[k] * (xc - fast[k])
             ref[k] += self._a_ref[k] * (xc - ref[k])
         if not s.active:
-            for k in range(len(SCALES)):
+            for k in range(KIND_STUCK):
                 self._tail_learn(tails[k], stats[k])
-        size = abs(x - last)
+        s.slope = slope
+        s.noise_fast = noise_fast
+        s.noise_ref += self._a_nref * (noise_fast - s.noise_ref)
         if size > 0.0:  # the noise measures real changes: a sensor resting on 0 keeps its scale
             s.noise = size if noise <= 0.0 else noise + self._a_noise * (min(size, 8.0 * noise) - noise)
         self._learn_interval(gap, score)
@@ -304,6 +344,25 @@ class StreamDetector:
         s.last_time, s.last_value = t, x
         s.n += 1
         return self._track(t, score, kind)
+
+    def _envelope(self, t: float, x: float, gap: float) -> float:
+        """How far out of the stream's range ``x`` is (1: enough to alert on its own); learns the range."""
+        s, tu = self.state, self.tuning
+        low, high = s.low, s.high
+        outside = x - high if x > high else (low - x if x < low else 0.0)
+        if outside == 0.0:
+            return 0.0
+        age = t - s.first_time
+        value = 0.0
+        if high > low and age > 0.0:
+            value = min(1.0, outside / (high - low) / (tu.envelope_limit * (1.0 + tu.envelope_young_days * DAY
+                                                                              / age)))
+        if s.n < self.learning or high <= low:
+            s.low, s.high = min(low, x), max(high, x)
+        else:
+            widen = (high - low) * tu.envelope_growth * gap / DAY
+            s.low, s.high = max(x, low - widen) if x < low else low, min(x, high + widen) if x > high else high
+        return value
 
     def _learn_interval(self, gap: float, score: float) -> None:
         s, tu = self.state, self.tuning
