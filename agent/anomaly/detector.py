@@ -57,8 +57,9 @@ class Tuning:
     bench/anomaly_bench.py); one place, shared by the daemon, the CLI and the bench."""
 
     ref_ratio: float = 8.0  # reference average = this many times slower than the fast one
-    noise_span: float = 30.0  # running mean of |difference|: clips outliers before they are learnt
-    clip: float = 8.0  # readings are learnt clipped to the last value +- clip x noise
+    noise_span: float = 30.0  # running means of |difference| and of |value - recent level|
+    trend_span: float = 4.0  # the spike statistic's recent trend (readings)
+    clip: float = 8.0  # readings are learnt clipped to the recent level +- clip x its usual distance
     interval_span: float = 50.0  # usual interval between readings (log domain)
     rate_change: float = 3.0  # the usual interval moved this many times away: the stream relearns
     tail_span: float = 1000.0  # each statistic's own running mean (readings)
@@ -67,16 +68,17 @@ class Tuning:
     prior_p: float = 0.05  # prior exceedance rate of tail_u ...
     prior_n: float = 100.0  # ... worth this many readings
     # prior mean log-excess per statistic (spike, step, drift, noise, stuck; a heavy, forgiving tail) ...
-    prior_h: tuple[float, ...] = (0.5, 0.2, 0.2, 0.2, 0.2, 0.2, 0.5)
+    prior_h: tuple[float, ...] = (0.5, 0.2, 0.2, 0.2, 0.2, 0.2, 0.35)
     prior_k: float = 5.0  # ... worth this many exceedances
-    prior_rate: float = 0.05  # prior probability that a reading is anomalous (score calibration)
+    prior_rate: float = 0.02  # prior probability that a reading is anomalous (score calibration)
     cooldown_readings: int = 60  # cooldown at most this many usual intervals
     end_readings: int = 3  # an episode ends after this many readings below clear_threshold
     dropout_factor: float = 10.0  # dropout probability 1 at this many usual intervals (at least) ...
     dropout_history: float = 3.0  # ... or at this many times the longest gap the stream had
     envelope_limit: float = 0.8  # out of the stream's range by this fraction of it: probability 1 ...
     envelope_young_days: float = 14.0  # ... times (1 + this / age in days): a young stream's range is loose
-    envelope_growth: float = 0.1  # after learning, the range widens by at most this fraction per day
+    envelope_growth: float = 0.1  # after learning, the range widens by at most this fraction per day ...
+    accept_readings: int = 60  # an episode this long is the stream's new normal: it relearns its level
     run_span: float = 50.0  # usual run length of identical values (runs)
     stuck_table: int = 4  # values the stream rests on, tracked with their own usual run length
 
@@ -98,6 +100,8 @@ class StreamState:
     learnt_log_interval: float = math.nan  # the usual interval the statistics were learnt at
     max_gap: float = 1.0  # longest gap seen, in usual intervals (decays slowly)
     noise: float = 0.0  # running mean of |difference| (0: the stream never moved)
+    trend: float = 0.0  # recent mean difference (clipped like the level)
+    spread: float = 0.0  # running mean of |value - recent level| (clips outliers before they are learnt)
     noise_fast: float = 0.0  # fast and reference averages of |difference| (the noise statistic)
     noise_ref: float = 0.0
     slope: float = 0.0  # mean change per reading over about a day, in units of the noise (daily cycles cancel)
@@ -113,6 +117,7 @@ class StreamState:
     kind: int = 0
     active: bool = False
     quiet: int = 0  # readings below clear_threshold in a row while active
+    length: int = 0  # readings in the current episode
     episode_end: float = -math.inf
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +189,7 @@ class StreamDetector:
         self._a_fast = [_weight(k) for k in SCALES]
         self._a_ref = [_weight(tu.ref_ratio * k) for k in SCALES]
         self._a_noise = _weight(tu.noise_span)
+        self._a_trend = _weight(tu.trend_span)
         self._a_iv = _weight(tu.interval_span)
         self._a_tail = _weight(tu.tail_span)
         self._a_run = _weight(tu.run_span)
@@ -275,13 +281,21 @@ class StreamDetector:
         # level statistics at each scale, against the reference before this reading
         last = s.last_value
         noise = s.noise
-        c = tu.clip * noise
-        xc = x if c <= 0.0 else min(max(x, last - c), last + c)  # what is learnt of an outlier
+        level = s.ref[0]
+        # what is learnt of an outlier: clipped to the recent level +- clip x the usual distance from it
+        # (which grows geometrically while readings stay away: a new level is learnt within ~60 readings)
+        distance = abs(x - level)
+        spread = s.spread
+        c = tu.clip * spread
+        xc = x if c <= 0.0 else min(max(x, level - c), level + c)
+        if distance > 0.0:
+            capped = distance if spread <= 0.0 else min(distance, 8.0 * spread)
+            s.spread = spread + self._a_noise * (capped - spread)
         fast, ref, tails = s.fast, s.ref, s.tails
         stats = [0.0] * N_STATS
         for k in range(len(SCALES)):
-            if k == 0:
-                stat = abs(x - ref[0])
+            if k == 0:  # against the last reading plus the recent trend (a daily cycle is no spike)
+                stat = abs(x - last - s.trend)
             else:
                 moved = fast[k] + self._a_fast[k] * (x - fast[k])
                 stat = abs(moved - ref[k])
@@ -335,6 +349,9 @@ class StreamDetector:
             for k in range(KIND_STUCK):
                 self._tail_learn(tails[k], stats[k])
         s.slope = slope
+        diff = x - last
+        clipped_diff = diff if noise <= 0.0 else max(-tu.clip * noise, min(tu.clip * noise, diff))
+        s.trend += self._a_trend * (clipped_diff - s.trend)
         s.noise_fast = noise_fast
         s.noise_ref += self._a_nref * (noise_fast - s.noise_ref)
         if size > 0.0:  # the noise measures real changes: a sensor resting on 0 keeps its scale
@@ -379,7 +396,7 @@ class StreamDetector:
         if abs(s.log_interval - s.learnt_log_interval) > math.log(tu.rate_change):
             # the sampling rate changed: the per-reading statistics mean something else now; relearn them
             self.reject("rate_change")
-            s.learnt_log_interval = s.log_interval
+            s.log_interval = s.learnt_log_interval = math.log(gap)
             s.n = 1
             s.max_gap = 1.0
             s.tails = [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)]
@@ -440,13 +457,20 @@ class StreamDetector:
         s, cfg = self.state, self.config
         s.score, s.kind = score, kind
         if s.active:
+            s.length += 1
+            if s.length == self.tuning.accept_readings:
+                # the stream stayed away this long: a new normal; learn its level from here
+                s.fast = [s.last_value] * len(SCALES)
+                s.ref = list(s.fast)
+                s.slope = 0.0
+                s.low, s.high = min(s.low, s.last_value), max(s.high, s.last_value)
             s.quiet = s.quiet + 1 if score < cfg.clear_threshold else 0
             if s.quiet >= self.tuning.end_readings:
                 s.active, s.quiet, s.episode_end = False, 0, t
                 return Outcome(score, KINDS[kind], ended=True)
             return Outcome(score, KINDS[kind])
         if score >= cfg.threshold and s.n > self.learning and t - s.episode_end >= self.cooldown():
-            s.active, s.quiet = True, 0
+            s.active, s.quiet, s.length = True, 0, 0
             return Outcome(score, KINDS[kind], started=True)
         return Outcome(score, KINDS[kind])
 
@@ -459,7 +483,7 @@ class StreamDetector:
         value = self.dropout_probability(now - s.last_time)
         if value < self.config.threshold or now - s.episode_end < self.cooldown():
             return None
-        s.active, s.quiet, s.score, s.kind = True, 0, value, KIND_DROPOUT
+        s.active, s.quiet, s.length, s.score, s.kind = True, 0, 0, value, KIND_DROPOUT
         return Outcome(value, "dropout", started=True)
 
 
