@@ -295,3 +295,64 @@ def test_daemon_stage_and_anomaly_score_raise_the_same_alerts(tmp_path: Path) ->
     assert len(cli_starts) >= 3
     assert daemon_starts == cli_starts
     assert len(fired) == len(cli_starts)
+
+
+# ---------------------------------------------------------------------------------- in the daemon
+
+
+def test_daemon_publishes_retained_anomaly_events_and_fires_the_action(
+        mosquitto: Any, write_config: Any, daemon_factory: Any, mqtt_client: Any, *, tmp_path: Path) -> None:
+    from conftest import wait_until
+
+    topic = "home-agent/testagent/anomaly/living_room_temperature"
+    config = write_config(mosquitto, overrides={
+        "anomaly.learning_readings": 100,
+        "telemetry": [{"topic": "zigbee2mqtt/living_room_sensor", "field": "temperature",
+                       "sensor": "living_room_temperature", "on_anomaly": "lamp_on"}],
+        "actions.lamp_on.min_interval": 0.0,
+    })
+    probe = mqtt_client().subscribe("home-agent/testagent/#", "test/lamp/set")
+    daemon = daemon_factory(config)
+    probe.wait_for("home-agent/testagent/availability", b"online", timeout=10)
+    # 200 readings 10 s apart, stamped by the device (zigbee2mqtt last_seen) over the last 2000 s
+    now = time.time()
+    _times, values = synthetic(days=2)
+    for index in range(200):
+        value = float(values[index]) + (8.0 if index == 180 else 0.0)
+        stamp = now - 2000.0 + 10.0 * index
+        probe.publish("zigbee2mqtt/living_room_sensor",
+                      json.dumps({"temperature": value, "last_seen": stamp * 1000.0}))
+    probe.wait_for(topic, timeout=10)
+    assert wait_until(lambda: any(json.loads(m.payload)["active"] for m in probe.matching(topic)), 10), \
+        daemon.log_text()
+    events = [json.loads(m.payload) for m in probe.matching(topic)]
+    first_alert = next(e for e in events if e["active"])
+    assert set(first_alert) >= {"score", "value", "kind", "time", "active", "id"}
+    assert first_alert["kind"] in KINDS and first_alert["score"] >= 0.99
+    assert first_alert["time"] == pytest.approx(now - 2000.0 + 1800.0)  # the spike itself
+    # score updates: the first reading, then at most one per publish_interval (60 s = 6 readings here)
+    updates = [e for e in events if not e["active"] and e["time"] < first_alert["time"]]
+    assert 1 <= len(updates) <= 1 + 1800 // 60
+    probe.wait_for("test/lamp/set", timeout=5)  # the stream's on_anomaly action
+    assert daemon.terminate(10) == 0
+    saved = json.loads((tmp_path / "state" / "anomaly_state.json").read_text())
+    assert saved["streams"]["living_room_temperature"]["n"] == 200
+    retained = mqtt_client().subscribe(topic)
+    last = json.loads(retained.wait_for(topic, timeout=5, retained=True).payload)
+    assert {"score", "active", "kind"} <= set(last)
+
+
+# ---------------------------------------------------------------------------------- the real logs
+
+
+@pytest.mark.data
+def test_home_logs_stay_under_the_false_alert_budget_and_catch_injected_faults() -> None:
+    from training.anomaly_data import default_telemetry_dir, load_streams, validate
+
+    data_dir = default_telemetry_dir()
+    if not data_dir.is_dir():
+        pytest.skip(f"telemetry data not found at {data_dir}")
+    summary = validate(AnomalySection(), load_streams(data_dir)).summary()
+    assert summary["false_alerts_per_stream_day"] <= 0.01
+    assert summary["faults_detected"] >= 347  # the int8-forecaster detector's count on the same faults
+    assert summary["faults"]["dropout"]["rate"] == 1.0
