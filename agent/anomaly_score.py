@@ -228,7 +228,7 @@ def anomaly_score_main(args: argparse.Namespace) -> int:
         print(f"home-agent: {err}", file=sys.stderr)
         return EXIT_INPUT
     elapsed = time.perf_counter() - started
-    print(f"scored {total_rows} rows in {len(pairs)} files: {total_alerts} alerts, {total_warnings} rows with "
-          f"warnings (not learnt), in {elapsed:.2f} s ({total_rows / elapsed if elapsed > 0 else 0:.0f} "
+    print(f"scored {total_rows} rows in {len(pairs)} files: {total_alerts} alerts, {total_warnings} rows "
+          f"with warnings (not learnt), in {elapsed:.2f} s ({total_rows / elapsed if elapsed > 0 else 0:.0f} "
           "rows/s)", file=sys.stderr)
     return 0

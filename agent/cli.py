@@ -94,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
 
     p = add("anomaly-score", _anomaly_score, "score timestamp,value CSV files strictly online")
-    p.epilog = ("Writes timestamp,value,anomaly_score,alert (alert=1 where the daemon would raise a new alert). "
-                "Exit status 2, naming the file and line: an empty file, a header without 'timestamp' and "
-                "'value' columns (or a separator other than the comma), a header without rows, an --output "
-                "that is an --input. Counted warnings (the row is not learnt; alert 0): an unreadable "
-                "timestamp or value, a time going backwards or repeated.")
+    p.epilog = ("Writes timestamp,value,anomaly_score,alert (alert=1 where the daemon would raise a new "
+                "alert). Exit status 2, naming the file and line: an empty file, a header without "
+                "'timestamp' and 'value' columns (or a separator other than the comma), a header without "
+                "rows, an --output that is an --input. Counted warnings (the row is not learnt; alert 0): "
+                "an unreadable timestamp or value, a time going backwards or repeated.")
     p.add_argument("--input", action="append", type=Path, required=True,
                    help="CSV file or folder (repeatable)")
     p.add_argument("--output", action="append", type=Path, required=True,

@@ -224,7 +224,7 @@ class AnomalySection(Section):
     cooldown: float = Field(default=3600.0, ge=0)  # quiet period after an episode (seconds)
     learning_readings: int = Field(default=300, ge=10)  # readings per stream before any alert
     save_interval: float = Field(default=300.0, gt=0)  # how often per-stream state is saved
-    publish_interval: float = Field(default=60.0, ge=0)  # a stream's score at most this often (alerts at once)
+    publish_interval: float = Field(default=60.0, ge=0)  # seconds between a stream's scores (alerts: at once)
 
     @model_validator(mode="after")
     def _hysteresis(self) -> AnomalySection:

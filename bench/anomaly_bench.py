@@ -26,6 +26,7 @@ import dataclasses
 import datetime as dt
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import platform
@@ -134,7 +135,7 @@ def skab_part(part: list[str], runs: dict[str, list[str]], labels: dict[str, Any
         standard = json.loads(summary_file.read_text(encoding="utf-8"))["standard"]
     score_a, inside_a = np.array(all_scores), np.array(in_window)
     calibration = []
-    for lo, hi in zip(CALIBRATION_BANDS, CALIBRATION_BANDS[1:], strict=False):
+    for lo, hi in itertools.pairwise(CALIBRATION_BANDS):
         band = (score_a >= lo) & ((score_a < hi) if hi < 1.0 else (score_a <= hi))
         if band.any():
             calibration.append({"score": f"[{lo}, {hi}{']' if hi == 1.0 else ')'}", "rows": int(band.sum()),
@@ -208,7 +209,8 @@ def daemon_path(readings: int) -> dict[str, Any]:
     started = time.perf_counter()
     for i, value in enumerate(values.tolist()):
         t = time.perf_counter()
-        published += detector.score(Reading(f"sensor{i % 10}", value, T0 + 1.0 * (i // 10), "bench")) is not None
+        reading = Reading(f"sensor{i % 10}", value, T0 + 1.0 * (i // 10), "bench")
+        published += detector.score(reading) is not None
         latencies.append(time.perf_counter() - t)
     seconds = time.perf_counter() - started
     latencies.sort()

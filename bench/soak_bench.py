@@ -455,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "outbox_resent", "outbox_write_errors")}},
         "anomaly_events_received": final["anomaly_events"],
         "reading_path": {
-            "anomaly_messages_per_reading": round(final["anomaly_events"] / max(1, diag_end.get("readings") or 0),
-                                                  5),
+            "anomaly_messages_per_reading": round(
+                final["anomaly_events"] / max(1, diag_end.get("readings") or 0), 5),
             "messages_out_per_reading": round((diag_end.get("messages_out") or 0)
                                               / max(1, diag_end.get("readings") or 0), 4),
             "max_score_messages_per_stream_per_interval": observer.max_per_interval(args.publish_interval),

@@ -172,8 +172,8 @@ def test_a_failed_run_leaves_an_existing_output_untouched(tmp_path: Path) -> Non
     ("", "empty: no header and no rows"),
     ("\n\n", "empty: no header and no rows"),
     ("timestamp,value\n", "a header and no rows"),
-    ("timestamp;value\n2024-01-01 00:00:00;21.0\n", "line 1: one column 'timestamp;value': the separator must "
-                                                     "be a comma, not ';'"),
+    ("timestamp;value\n2024-01-01 00:00:00;21.0\n",
+     "line 1: one column 'timestamp;value': the separator must be a comma, not ';'"),
     ("time,temp\n2024-01-01 00:00:00,21.0\n", "line 1: the header must name 'timestamp' and 'value' columns; "
                                               "found 'time,temp'"),
     ("2024-01-01 00:00:00,1.0\n2024-01-01 00:01:00,1.5\n", "line 1: the header must name"),

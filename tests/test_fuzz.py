@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, toml_dumps, wait_until
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.actions import ActionTable

@@ -33,7 +33,6 @@ third reading).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final
 
@@ -104,7 +103,7 @@ class StreamState:
     spread: float = 0.0  # running mean of |value - recent level| (clips outliers before they are learnt)
     noise_fast: float = 0.0  # fast and reference averages of |difference| (the noise statistic)
     noise_ref: float = 0.0
-    slope: float = 0.0  # mean change per reading over about a day, in units of the noise (daily cycles cancel)
+    slope: float = 0.0  # mean change per reading over about a day, in noise units (daily cycles cancel)
     fast: list[float] = field(default_factory=list)  # per scale: fast average
     ref: list[float] = field(default_factory=list)  # per scale: reference average
     tails: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)])
@@ -146,7 +145,8 @@ class StreamState:
             elif not isinstance(value, list):
                 raise ValueError(f"{f.name}: expected a list")
             else:
-                value = [[float(v) for v in item] if isinstance(item, list) else float(item) for item in value]
+                value = [[float(v) for v in item] if isinstance(item, list) else float(item)
+                         for item in value]
             kwargs[f.name] = value
         state = cls(**kwargs)
         if len(state.tails) != N_STATS or any(len(t) != 4 for t in state.tails):
@@ -210,7 +210,7 @@ class StreamDetector:
         exponent = log10_p - self._log_prior  # log10 of (1 - P) / P
         if exponent > 300.0:
             return 0.0
-        return 1.0 / (1.0 + 10.0 ** exponent)
+        return 1.0 / (1.0 + math.pow(10.0, exponent))
 
     def _tail_log10(self, stat: int, value: float) -> float:
         """log10 of the probability of a statistic at least ``value`` against its own history (0: none)."""
@@ -255,7 +255,7 @@ class StreamDetector:
         if not (math.isfinite(t) and math.isfinite(x)):
             self.reject("invalid")
             return None
-        if s.last_time == s.last_time:  # not NaN: the stream had a reading
+        if not math.isnan(s.last_time):  # the stream had a reading
             if t == s.last_time:
                 self.reject("duplicate_time")
                 return None
@@ -276,7 +276,7 @@ class StreamDetector:
         log10_p = 0.0
         kind = 0
         dropout = 0.0
-        if log_iv == log_iv:
+        if not math.isnan(log_iv):
             dropout = self.dropout_probability(gap)
         # level statistics at each scale, against the reference before this reading
         last = s.last_value
@@ -315,7 +315,7 @@ class StreamDetector:
         # daily: the mean change over about a day (a day of the stream's own readings): a daily cycle
         # cancels out, a drift does not
         slope = s.slope
-        if noise > 0.0 and log_iv == log_iv:
+        if noise > 0.0 and not math.isnan(log_iv):
             step = max(-tu.clip, min(tu.clip, (x - last) / noise))
             slope += 2.0 / (DAY / math.exp(log_iv) + 1.0) * (step - slope)
             stats[KIND_DAILY] = abs(slope)
@@ -378,12 +378,13 @@ class StreamDetector:
             s.low, s.high = min(low, x), max(high, x)
         else:
             widen = (high - low) * tu.envelope_growth * gap / DAY
-            s.low, s.high = max(x, low - widen) if x < low else low, min(x, high + widen) if x > high else high
+            s.low = max(x, low - widen) if x < low else low
+            s.high = min(x, high + widen) if x > high else high
         return value
 
     def _learn_interval(self, gap: float, score: float) -> None:
         s, tu = self.state, self.tuning
-        if s.log_interval != s.log_interval:
+        if math.isnan(s.log_interval):
             s.log_interval = s.learnt_log_interval = math.log(gap)
             return
         usual = math.exp(s.log_interval)
@@ -402,12 +403,12 @@ class StreamDetector:
             s.tails = [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)]
 
     def _learn_run(self, x: float, entry: list[float] | None) -> None:
-        s, tu = self.state, self.tuning
+        s = self.state
         if x == s.run_value:
             s.run_length += 1
             return
         length = s.run_length
-        if length > 0 and s.run_value == s.run_value:
+        if length > 0 and not math.isnan(s.run_value):
             usual = entry[1] if entry is not None else s.run_mean
             self._tail_learn(s.tails[KIND_STUCK], length / usual)
             if entry is not None:
@@ -435,7 +436,7 @@ class StreamDetector:
     def dropout_probability(self, gap: float) -> float:
         """0 up to one usual interval; 1 at max(dropout_factor, dropout_history x longest gap) intervals."""
         s, tu = self.state, self.tuning
-        if s.log_interval != s.log_interval:
+        if math.isnan(s.log_interval):
             return 0.0
         ratio = gap / math.exp(s.log_interval)
         if ratio <= 1.0:
@@ -448,7 +449,7 @@ class StreamDetector:
     def cooldown(self) -> float:
         """The configured cooldown, at most ``cooldown_readings`` of the stream's usual intervals."""
         s = self.state
-        if s.log_interval != s.log_interval:
+        if math.isnan(s.log_interval):
             return self.config.cooldown
         return min(self.config.cooldown, self.tuning.cooldown_readings * math.exp(s.log_interval))
 
@@ -478,7 +479,7 @@ class StreamDetector:
         """The daemon's check of a silent stream: an alert once the dropout probability reaches the
         threshold (the next reading scores normally again and lets the episode end)."""
         s = self.state
-        if s.active or s.n <= self.learning or s.last_time != s.last_time:
+        if s.active or s.n <= self.learning or math.isnan(s.last_time):
             return None
         value = self.dropout_probability(now - s.last_time)
         if value < self.config.threshold or now - s.episode_end < self.cooldown():
@@ -486,8 +487,3 @@ class StreamDetector:
         s.active, s.quiet, s.length, s.score, s.kind = True, 0, 0, value, KIND_DROPOUT
         return Outcome(value, "dropout", started=True)
 
-
-def score_rows(detector: StreamDetector, times: Sequence[float], values: Sequence[float]) -> list[Outcome | None]:
-    """``update`` over rows in order (the CLI's and the bench's path; the daemon calls ``update``)."""
-    update = detector.update
-    return [update(t, x) for t, x in zip(times, values, strict=True)]

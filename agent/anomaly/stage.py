@@ -33,7 +33,8 @@ class AnomalyStage:
     name = "anomaly"
 
     def __init__(self, detector: AnomalyDetector, readings: queue.Queue[Reading],
-                 publish: Callable[[AnomalyEvent], object], on_anomaly: Callable[[str], None] | None = None, *,
+                 publish: Callable[[AnomalyEvent], object],
+                 on_anomaly: Callable[[str], None] | None = None, *,
                  state_path: Path | None = None, sensors: Iterable[str] | None = None,
                  silence_check_interval: float = SILENCE_CHECK_INTERVAL) -> None:
         self.detector = detector
