@@ -163,12 +163,10 @@ def _score_rows(detector: StreamDetector, reader: Iterator[list[str]], source: P
             _warn(result, source, reader, "unreadable timestamp or value", f"{ts_text!r}, {value_text!r}")
             yield ts_text, value_text, repr(state.score), "0"
             continue
-        before = dict(detector.rejected)
         outcome = update(t, value)
         if outcome is None:
-            reason = next(r for r, n in detector.rejected.items() if n != before.get(r, 0))
-            _warn(result, source, reader, REFUSED.get(reason, "not a finite number"), f"{ts_text!r}, "
-                  f"{value_text!r}")
+            _warn(result, source, reader, REFUSED.get(detector.last_rejection, "not a finite number"),
+                  f"{ts_text!r}, {value_text!r}")
             yield ts_text, value_text, repr(state.score), "0"
             continue
         if outcome.started:

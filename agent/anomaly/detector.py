@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from agent.config import AnomalySection
 from agent.messages import AnomalyKind
@@ -96,6 +96,7 @@ class StreamState:
     last_time: float = math.nan
     last_value: float = math.nan
     log_interval: float = math.nan  # running log of the usual interval (seconds)
+    interval_bound: float = 0.0  # the usual interval (exp(log_interval)): no dropout up to it
     learnt_log_interval: float = math.nan  # the usual interval the statistics were learnt at
     max_gap: float = 1.0  # longest gap seen, in usual intervals (decays slowly)
     noise: float = 0.0  # running mean of |difference| (0: the stream never moved)
@@ -158,9 +159,9 @@ class StreamState:
         return state
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one reading did: its score and kind, and whether it started or ended an alert."""
+class Outcome(NamedTuple):
+    """What one reading did: its score and kind, and whether it started or ended an alert (a tuple: one
+    is made per reading)."""
 
     score: float
     kind: AnomalyKind
@@ -185,6 +186,7 @@ class StreamDetector:
         self.tuning = tuning
         self.state = state if state is not None else StreamState()
         self.rejected: dict[str, int] = {}
+        self.last_rejection = ""  # the reason of the latest refusal
         tu = tuning
         self._a_fast = [_weight(k) for k in SCALES]
         self._a_ref = [_weight(tu.ref_ratio * k) for k in SCALES]
@@ -194,7 +196,11 @@ class StreamDetector:
         self._a_tail = _weight(tu.tail_span)
         self._a_run = _weight(tu.run_span)
         self._keep = 1.0 - 1.0 / tu.tail_memory
+        self._u = tu.tail_u
         self._log_u = math.log(tu.tail_u)
+        self._prior_n = tu.prior_n
+        self._prior_k = tu.prior_k
+        self._log_rate_change = math.log(tu.rate_change)
         self._prior_exc = tu.prior_p * tu.prior_n
         self._prior_hk = [h * tu.prior_k for h in tu.prior_h]
         self._a_nfast = _weight(NOISE_SCALE)
@@ -219,11 +225,12 @@ class StreamDetector:
         if mean <= 0.0 or value <= 0.0:
             return 0.0 if value <= 0.0 or tail[1] < 2.0 else -300.0
         q = value / mean
-        log_pu = math.log10((tail[2] + self._prior_exc) / (tail[1] + self.tuning.prior_n))
-        if q <= self.tuning.tail_u:
-            return q / self.tuning.tail_u * log_pu
-        h = (tail[3] + self._prior_hk[stat]) / (tail[2] + self.tuning.prior_k)
-        return max(-300.0, log_pu - (math.log(q) - self._log_u) / (h * LN10))
+        log_pu = math.log10((tail[2] + self._prior_exc) / (tail[1] + self._prior_n))
+        if q <= self._u:
+            return q / self._u * log_pu
+        h = (tail[3] + self._prior_hk[stat]) / (tail[2] + self._prior_k)
+        result = log_pu - (math.log(q) - self._log_u) / (h * LN10)
+        return result if result > -300.0 else -300.0
 
     def _tail_learn(self, tail: list[float], value: float) -> None:
         mean = tail[0]
@@ -232,11 +239,11 @@ class StreamDetector:
                 tail[0] = value
             tail[1] += 1.0
             return
-        tail[0] = mean + self._a_tail * (min(value, 10.0 * mean) - mean)
-        keep = self._keep
         q = value / mean
+        tail[0] = mean + self._a_tail * ((value if q < 10.0 else 10.0 * mean) - mean)
+        keep = self._keep
         tail[1] = tail[1] * keep + 1.0
-        if q > self.tuning.tail_u:
+        if q > self._u:
             tail[2] = tail[2] * keep + 1.0
             tail[3] = tail[3] * keep + (math.log(q) - self._log_u)
         else:
@@ -247,6 +254,7 @@ class StreamDetector:
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.last_rejection = reason
 
     def update(self, t: float, x: float) -> Outcome | None:
         """Score the reading at UNIX time ``t`` with value ``x``, then learn it. None when refused
@@ -276,7 +284,7 @@ class StreamDetector:
         log10_p = 0.0
         kind = 0
         dropout = 0.0
-        if not math.isnan(log_iv):
+        if not math.isnan(log_iv) and gap > s.interval_bound:
             dropout = self.dropout_probability(gap)
         # level statistics at each scale, against the reference before this reading
         last = s.last_value
@@ -287,9 +295,9 @@ class StreamDetector:
         distance = abs(x - level)
         spread = s.spread
         c = tu.clip * spread
-        xc = x if c <= 0.0 else min(max(x, level - c), level + c)
+        xc = x if c <= 0.0 or distance <= c else (level + c if x > level else level - c)
         if distance > 0.0:
-            capped = distance if spread <= 0.0 else min(distance, 8.0 * spread)
+            capped = distance if spread <= 0.0 or distance < 8.0 * spread else 8.0 * spread
             s.spread = spread + self._a_noise * (capped - spread)
         fast, ref, tails = s.fast, s.ref, s.tails
         stats = [0.0] * N_STATS
@@ -305,7 +313,7 @@ class StreamDetector:
                 log10_p, kind = lp, k
         # noise: the recent size of changes against the usual size (both ways: louder or quieter)
         size = abs(x - last)
-        capped = size if noise <= 0.0 else min(size, 8.0 * noise)
+        capped = size if noise <= 0.0 or size < 8.0 * noise else 8.0 * noise
         noise_fast = s.noise_fast + self._a_nfast * (capped - s.noise_fast)
         if noise_fast > 0.0 and s.noise_ref > 0.0:
             stats[KIND_NOISE] = abs(math.log(noise_fast / s.noise_ref))
@@ -316,8 +324,9 @@ class StreamDetector:
         # cancels out, a drift does not
         slope = s.slope
         if noise > 0.0 and not math.isnan(log_iv):
-            step = max(-tu.clip, min(tu.clip, (x - last) / noise))
-            slope += 2.0 / (DAY / math.exp(log_iv) + 1.0) * (step - slope)
+            step = (x - last) / noise
+            step = step if -tu.clip <= step <= tu.clip else (tu.clip if step > 0.0 else -tu.clip)
+            slope += 2.0 / (DAY / s.interval_bound + 1.0) * (step - slope)
             stats[KIND_DAILY] = abs(slope)
             lp = self._tail_log10(KIND_DAILY, stats[KIND_DAILY])
             if lp < log10_p:
@@ -350,12 +359,13 @@ class StreamDetector:
                 self._tail_learn(tails[k], stats[k])
         s.slope = slope
         diff = x - last
-        clipped_diff = diff if noise <= 0.0 else max(-tu.clip * noise, min(tu.clip * noise, diff))
+        bound = tu.clip * noise
+        clipped_diff = diff if noise <= 0.0 or -bound <= diff <= bound else (bound if diff > 0.0 else -bound)
         s.trend += self._a_trend * (clipped_diff - s.trend)
         s.noise_fast = noise_fast
         s.noise_ref += self._a_nref * (noise_fast - s.noise_ref)
         if size > 0.0:  # the noise measures real changes: a sensor resting on 0 keeps its scale
-            s.noise = size if noise <= 0.0 else noise + self._a_noise * (min(size, 8.0 * noise) - noise)
+            s.noise = size if noise <= 0.0 else noise + self._a_noise * (capped - noise)
         self._learn_interval(gap, score)
         self._learn_run(x, entry)
         s.last_time, s.last_value = t, x
@@ -383,21 +393,24 @@ class StreamDetector:
         return value
 
     def _learn_interval(self, gap: float, score: float) -> None:
-        s, tu = self.state, self.tuning
+        s = self.state
         if math.isnan(s.log_interval):
             s.log_interval = s.learnt_log_interval = math.log(gap)
+            s.interval_bound = gap
             return
         usual = math.exp(s.log_interval)
         ratio = gap / usual
-        clipped = min(max(gap, 0.25 * usual), 4.0 * usual)
+        clipped = gap if 0.25 * usual <= gap <= 4.0 * usual else (0.25 * usual if gap < usual else 4.0 * usual)
         s.log_interval += self._a_iv * (math.log(clipped) - s.log_interval)
+        s.interval_bound = math.exp(s.log_interval)
         if ratio > s.max_gap and score < self.config.threshold:
             s.max_gap = ratio
         s.max_gap = 1.0 + (s.max_gap - 1.0) * self._keep
-        if abs(s.log_interval - s.learnt_log_interval) > math.log(tu.rate_change):
+        if abs(s.log_interval - s.learnt_log_interval) > self._log_rate_change:
             # the sampling rate changed: the per-reading statistics mean something else now; relearn them
             self.reject("rate_change")
             s.log_interval = s.learnt_log_interval = math.log(gap)
+            s.interval_bound = gap
             s.n = 1
             s.max_gap = 1.0
             s.tails = [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)]
