@@ -301,7 +301,14 @@ class StreamDetector:
             s.spread = spread + self._a_noise * (capped - spread)
         fast, ref, tails = s.fast, s.ref, s.tails
         stats = [0.0] * N_STATS
-        for k in range(len(SCALES)):
+        # a move onto a value the stream habitually rests on (off, 0 lux, a binary state) is no change of
+        # level: only the stuck and dropout statistics speak for it
+        at_rest = False
+        for candidate in s.resting:
+            if candidate[0] == x:
+                at_rest = True
+                break
+        for k in range(0 if not at_rest else len(SCALES), len(SCALES)):
             if k == 0:  # against the last reading plus the recent trend (a daily cycle is no spike)
                 stat = abs(x - last - s.trend)
             else:
@@ -315,7 +322,7 @@ class StreamDetector:
         size = abs(x - last)
         capped = size if noise <= 0.0 or size < 8.0 * noise else 8.0 * noise
         noise_fast = s.noise_fast + self._a_nfast * (capped - s.noise_fast)
-        if noise_fast > 0.0 and s.noise_ref > 0.0:
+        if noise_fast > 0.0 and s.noise_ref > 0.0 and not at_rest:
             stats[KIND_NOISE] = abs(math.log(noise_fast / s.noise_ref))
             lp = self._tail_log10(KIND_NOISE, stats[KIND_NOISE])
             if lp < log10_p:
@@ -323,7 +330,7 @@ class StreamDetector:
         # daily: the mean change over about a day (a day of the stream's own readings): a daily cycle
         # cancels out, a drift does not
         slope = s.slope
-        if noise > 0.0 and not math.isnan(log_iv):
+        if noise > 0.0 and not math.isnan(log_iv) and not at_rest:
             step = (x - last) / noise
             step = step if -tu.clip <= step <= tu.clip else (tu.clip if step > 0.0 else -tu.clip)
             slope += 2.0 / (DAY / s.interval_bound + 1.0) * (step - slope)
@@ -354,7 +361,7 @@ class StreamDetector:
         for k in range(len(SCALES)):
             fast[k] += self._a_fast[k] * (xc - fast[k])
             ref[k] += self._a_ref[k] * (xc - ref[k])
-        if not s.active:
+        if not s.active and not at_rest:
             for k in range(KIND_STUCK):
                 self._tail_learn(tails[k], stats[k])
         s.slope = slope
@@ -400,7 +407,8 @@ class StreamDetector:
             return
         usual = math.exp(s.log_interval)
         ratio = gap / usual
-        clipped = gap if 0.25 * usual <= gap <= 4.0 * usual else (0.25 * usual if gap < usual else 4.0 * usual)
+        lo, hi = 0.25 * usual, 4.0 * usual
+        clipped = gap if lo <= gap <= hi else (lo if gap < lo else hi)
         s.log_interval += self._a_iv * (math.log(clipped) - s.log_interval)
         s.interval_bound = math.exp(s.log_interval)
         if ratio > s.max_gap and score < self.config.threshold:
