@@ -89,6 +89,7 @@ action = "fan_off"
 
 ANOMALY = """\
 [anomaly]
+enabled = {anomaly}
 publish_interval = {publish_interval}
 cooldown = 60.0
 learning_readings = 300
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="[anomaly] publish_interval (default 60 s, the shipped default)")
     parser.add_argument("--telemetry-only", action="store_true",
                         help="no voice stage: the daemon's CPU is the reading path's alone")
+    parser.add_argument("--anomaly-off", action="store_true",
+                        help="[anomaly] enabled = false: what the reading path costs without the detector")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))
@@ -313,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "version": __version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
         "minutes": args.minutes, "telemetry_rate_target": args.rate, "sensors": args.sensors,
         "sample_interval_s": args.interval, "telemetry_only": args.telemetry_only,
+        "anomaly_enabled": not args.anomaly_off,
         "load_average_start": os.getloadavg()[0], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     with tempfile.TemporaryDirectory(prefix="soak-bench-") as tmp:
@@ -326,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         text = CONFIG.format(state=workdir / "state", port=port, interval=args.interval, telemetry=telemetry)
         if args.telemetry_only:
             text = text.split("[voice]", 1)[0]
-        config.write_text(text + ANOMALY.format(publish_interval=args.publish_interval), encoding="utf-8")
+        enabled = "false" if args.anomaly_off else "true"
+        text += ANOMALY.format(publish_interval=args.publish_interval, anomaly=enabled)
+        config.write_text(text, encoding="utf-8")
         log_path = workdir / "daemon.log"
         stop = threading.Event()
         daemon: subprocess.Popen[bytes] | None = None
