@@ -1,33 +1,33 @@
-"""One stream's detector: a reading in, a calibrated anomaly probability and the alert decision out.
+"""One stream's detector: a reading in, the probability that it is anomalous and the alert decision out.
 
 Strictly online: every reading is scored against what the stream did before it, then learnt. No model
-file: simple statistics of the stream against the stream's own history (``models/anomaly.md`` has the
-ablation that retired the int8 forecaster).
+file: simple statistics of the stream against its own history (``models/anomaly.md`` has the ablation that
+retired the int8 forecaster).
 
 Statistics (each a non-negative number per reading):
 
-- ``spike``, ``step``, ``drift``: at ``SCALES`` time scales of k readings, the distance between a fast
-  moving average of the value (span k; k = 1 is the reading itself) and a reference average REF_RATIO times
-  slower. A spike moves the first, a level shift the second for a while, a slow drift the third. Because
-  both averages are in readings, the scales follow the stream's own sampling rate.
-- ``stuck``: the current run of identical values against the usual run length of that value (a light at
-  0 lux all night is normal, a temperature that stops moving is not).
-- ``dropout``: the time since the last reading against the usual interval and the longest gap seen.
+- ``spike``: the reading against the last one plus the recent trend (a daily cycle is no spike).
+- ``step``, ``drift``: at ``SCALES`` time scales of k readings, a fast moving average (span k) against one
+  ``ref_ratio`` times slower. The scales are in readings, so they follow the stream's own sampling rate.
+- ``noise``: the recent size of changes against the usual size (louder or quieter).
+- daily (kind ``drift``): the mean change over one day of the stream's readings (daily cycles cancel out).
+- ``stuck``: the current run of identical values against that value's usual run (a light at 0 lux all
+  night, a binary sensor's states are resting values; a move onto one is no change of level).
+- ``dropout`` and out of range (kind ``spike`` or ``drift``) are probabilities of their own: the gap against
+  the usual interval and the longest gap seen; the distance beyond the stream's range, loose while young.
 
 Likelihood against the stream's own history (NAB's anomaly likelihood, with a heavier tail): each
 statistic is divided by its own running mean; below ``tail_u`` times the mean an exponential body, above it
 a Pareto tail whose index is estimated online (Hill) with a conservative prior while the history is short.
-That gives a tail probability p per statistic; the smallest, times the number of statistics (Bonferroni),
-is the reading's p. The score is the posterior probability that the reading is anomalous,
-``1 / (1 + p / prior)``: a prior rate of anomalous readings ``prior`` and a Bayes factor of 1/p (the
-largest the evidence allows). A threshold on the score is therefore a threshold on evidence.
+The smallest tail probability times the number of statistics (Bonferroni) is the reading's p; the score is
+the posterior probability of an anomaly with a prior rate ``prior_rate`` and a Bayes factor of 1/p:
+``1 / (1 + (p / prior odds))``. A threshold on the score is a threshold on evidence.
 
-Alerts (``EpisodeTracker``, the only place that knows whether a stream's alert is active): an alert starts
-when the score reaches ``threshold`` after the learning period, outside the cooldown after the previous
-episode; the episode ends by itself once the score stayed below ``clear_threshold`` for ``END_READINGS``
-readings. The learning period and the cooldown are the configured ones, bounded by a number of the
-stream's own readings (a 1-second stream does not wait an hour; a 10-minute one does not alert on its
-third reading).
+Alerts (``_track``, the one place that decides whether a stream's alert is active): an alert starts when
+the score reaches ``threshold`` after ``learning_readings``, outside the cooldown after the previous episode
+(the configured cooldown, at most ``cooldown_readings`` of the stream's usual intervals: a 1-second stream
+does not wait an hour). The episode ends by itself after ``end_readings`` readings below
+``clear_threshold``; after ``accept_readings`` the stream's new level is its normal and is learnt afresh.
 """
 
 from __future__ import annotations
