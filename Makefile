@@ -7,7 +7,7 @@ TRAIN_STAMP := $(VENV)/.stamp-train
 DATA_DIR ?= $(abspath ../shared/data/speech)
 export DATA_DIR
 
-.PHONY: setup setup-train demo test test-release lint typecheck bench soak train-kws train-anomaly install uninstall clean
+.PHONY: setup setup-train demo test test-release lint typecheck bench soak train-kws install uninstall clean
 
 setup: $(RUNTIME_STAMP)
 
@@ -49,9 +49,6 @@ soak: setup
 
 train-kws: setup-train
 	$(BIN)/python -m training.kws --data $(DATA_DIR) --out models/
-
-train-anomaly: setup-train
-	$(BIN)/python -m training.anomaly --data $(abspath ../shared/data/telemetry) --out models/
 
 install:
 	bash scripts/install.sh

@@ -1,22 +1,26 @@
 """``home-agent anomaly-score``: score ``timestamp,value`` CSV files strictly online, as fast as possible.
 
-Each input file is one stream, scored by the same detector the daemon runs (``agent.anomaly``), in row
-order: a row's score depends only on the rows above it, so appending rows never changes earlier scores.
-Rows are processed in blocks (one model invocation per 256 rows) for speed; the result does not depend on
-the block size.
+Each input file is one stream, scored row by row by the daemon's own detector
+(``agent.anomaly.StreamDetector.update``, the code path the daemon's stage runs): a row's score depends only
+on the rows above it, so appending rows never changes earlier scores.
 
-Input: a header naming ``timestamp`` and ``value`` columns (any order, other columns ignored; without a
-recognisable header the first two columns are used). Timestamps: ISO 8601 (``2024-01-31T12:00:00``,
-with or without ``Z``/offset) or ``YYYY-MM-DD HH:MM:SS`` (fractions allowed), or UNIX seconds. Times
-without a zone are taken as the sensor's local wall clock (time of day as written).
+Output: ``timestamp,value,anomaly_score,alert``: the input's timestamp and value text unchanged, the
+calibrated probability that the reading is anomalous (``repr``, full precision) and ``alert`` = 1 on the
+rows where the daemon would publish a new alert, 0 elsewhere. One output row per input data row. The output
+is written to a temporary file next to it and renamed into place once complete; an output that is one of
+the inputs (also through a link) is refused.
 
-Output: ``timestamp,value,anomaly_score`` with the input's timestamp and value text unchanged and the
-score in [0, 1] written with ``repr`` (full precision). One output row per input data row.
+Errors (exit status 2, the file and line named, nothing written for that file): an empty file, a file with
+no ``timestamp`` and ``value`` columns in its header line (a missing or wrong header, or a separator other
+than the comma), a file with a header and no rows.
 
-Bad rows (an unparseable or non-finite value, an unparseable timestamp) are **scored as missing
-readings**: the detector does not learn from them; their score is the stream's last score, or the
-dropout score of the time since the last good reading when that is higher. They are counted and the first
-few are reported with their line numbers; they never stop the run.
+Counted warnings (the run goes on; the first few are reported with their line numbers, then a count): a
+row with an unreadable timestamp or value (text, NaN, infinity), and a row whose time is not after the
+previous row's (time going backwards, or a duplicate). Such rows are not learnt: they get the stream's
+last score and ``alert`` 0.
+
+Timestamps: ISO 8601 (``2024-01-31T12:00:00``, with or without ``Z``/offset), ``YYYY-MM-DD HH:MM:SS``
+(fractions allowed), or UNIX seconds.
 """
 
 from __future__ import annotations
@@ -26,25 +30,29 @@ import csv
 import datetime as dt
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.anomaly import AnomalyModel, StreamDetector
+from agent.anomaly import StreamDetector
 from agent.config import AnomalySection
 from agent.errors import HomeAgentError
-from agent.paths import resolve_data_path
 from agent.progress import progress
 
 log = logging.getLogger(__name__)
 
-BLOCK_ROWS = 4096
-REPORTED_BAD_ROWS = 5
-OUTPUT_HEADER = ("timestamp", "value", "anomaly_score")
-_UTC = dt.UTC
+EXIT_INPUT = 2  # like a configuration error: the user must fix the input
+REPORTED_ROWS = 5  # warnings of each kind reported with their line numbers
+OUTPUT_HEADER = ("timestamp", "value", "anomaly_score", "alert")
 _EPOCH = dt.datetime(1970, 1, 1)
+
+
+class InputError(HomeAgentError):
+    """An input or output the user must fix (exit status 2)."""
 
 
 @dataclass
@@ -52,13 +60,14 @@ class FileResult:
     input: Path
     output: Path
     rows: int = 0
-    bad_rows: int = 0
+    alerts: int = 0
+    warnings: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
-def parse_timestamp(text: str) -> tuple[float, float]:
-    """(UNIX seconds, fraction of the local day) of an ISO / ``YYYY-MM-DD HH:MM:SS`` / epoch timestamp.
-    Raises ValueError."""
+def parse_timestamp(text: str) -> float:
+    """UNIX seconds of an ISO / ``YYYY-MM-DD HH:MM:SS`` / epoch timestamp (no zone: taken as UTC, only
+    differences matter). Raises ValueError."""
     text = text.strip()
     try:
         stamp = dt.datetime.fromisoformat(text)
@@ -66,119 +75,120 @@ def parse_timestamp(text: str) -> tuple[float, float]:
         seconds = float(text)  # UNIX seconds; raises ValueError when it is not a number either
         if not math.isfinite(seconds):
             raise ValueError(f"not a time: {text!r}") from None
-        return seconds, (seconds % 86400.0) / 86400.0
-    tod = (stamp.hour * 3600 + stamp.minute * 60 + stamp.second + stamp.microsecond * 1e-6) / 86400.0
+        return seconds
     if stamp.tzinfo is None:
-        return (stamp - _EPOCH).total_seconds(), tod
-    return stamp.timestamp(), tod
+        return (stamp - _EPOCH).total_seconds()
+    return stamp.timestamp()
 
 
-def parse_value(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"not a finite number: {text!r}")
-    return value
-
-
-def _columns(header: list[str]) -> tuple[int, int] | None:
-    names = [h.strip().strip('"').lower() for h in header]
+def _header(row: list[str], source: Path, line: int) -> tuple[int, int]:
+    """The timestamp and value column indexes of the header line; InputError naming what is wrong."""
+    names = [h.strip().strip('"').lower() for h in row]
     if "timestamp" in names and "value" in names:
         return names.index("timestamp"), names.index("value")
-    return None
+    if len(row) == 1:
+        for separator in (";", "\t", "|"):
+            if separator in row[0]:
+                raise InputError(f"{source} line {line}: one column {row[0]!r}: the separator must be a "
+                                 f"comma, not {separator!r}")
+    raise InputError(f"{source} line {line}: the header must name 'timestamp' and 'value' columns; found "
+                     f"{','.join(row)!r}")
 
 
-def score_file(model: AnomalyModel, config: AnomalySection, source: Path, target: Path) -> FileResult:
-    """Score one CSV into another. Raises HomeAgentError when a file cannot be read or written."""
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def score_file(config: AnomalySection, source: Path, target: Path) -> FileResult:
+    """Score one CSV into another (temporary file, then rename). Raises InputError."""
+    if _same_file(source, target):
+        raise InputError(f"--output {target} is the input {source}: it would be overwritten")
     result = FileResult(source, target)
     started = time.perf_counter()
-    detector = StreamDetector(model, config)
     try:
         handle = source.open(newline="", encoding="utf-8-sig")
     except OSError as err:
-        raise HomeAgentError(f"cannot read {source}: {err.strerror}") from err
+        raise InputError(f"cannot read {source}: {err.strerror}") from err
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        out = target.open("w", newline="", encoding="utf-8")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as err:
         handle.close()
-        raise HomeAgentError(f"cannot write {target}: {err.strerror}") from err
-    with handle, out:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(OUTPUT_HEADER)
-        try:
-            for block in _blocks(csv.reader(handle), source, result):
-                times, tods, values, texts = block
-                scored = detector.process(times, tods, values)
-                writer.writerows((ts, val, repr(score)) for (ts, val), score in
-                                 zip(texts, scored.scores.tolist(), strict=True))
-        except (csv.Error, UnicodeDecodeError) as err:
-            raise HomeAgentError(f"{source}: not a readable CSV file: {err}") from err
-        except OSError as err:
-            raise HomeAgentError(f"cannot write {target}: {err.strerror}") from err
+        raise InputError(f"cannot write {target}: {err.strerror}") from err
+    try:
+        with handle, os.fdopen(fd, "w", newline="", encoding="utf-8") as out:
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(OUTPUT_HEADER)
+            try:
+                writer.writerows(_score_rows(StreamDetector(config), csv.reader(handle), source, result))
+            except (csv.Error, UnicodeDecodeError) as err:
+                raise InputError(f"{source}: not a readable CSV file: {err}") from err
+        os.replace(tmp_name, target)
+    except OSError as err:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise InputError(f"cannot write {target}: {err.strerror}") from err
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
     result.seconds = time.perf_counter() - started
-    if result.bad_rows:
-        log.warning("%s: %d of %d rows had a bad timestamp or value and were scored as missing readings",
-                    source, result.bad_rows, result.rows)
+    for what, count in result.warnings.items():
+        log.warning("%s: %d of %d rows: %s (not learnt, alert 0)", source, count, result.rows, what)
     return result
 
 
-Block = tuple[list[float], list[float], list[float], list[tuple[str, str]]]
+REFUSED = {"time_backwards": "time going backwards", "duplicate_time": "duplicate timestamp"}
 
 
-def _blocks(reader: Iterator[list[str]], source: Path, result: FileResult) -> Iterator[Block]:
-    ts_col, value_col = 0, 1
-    times: list[float] = []
-    tods: list[float] = []
-    values: list[float] = []
-    texts: list[tuple[str, str]] = []
-    nan = math.nan
-    first = True
+def _score_rows(detector: StreamDetector, reader: Iterator[list[str]], source: Path,
+                result: FileResult) -> Iterator[tuple[str, str, str, str]]:
+    columns: tuple[int, int] | None = None
+    update = detector.update
+    state = detector.state
     for row in reader:
-        if first:
-            first = False
-            columns = _columns(row)
-            if columns is not None:
-                ts_col, value_col = columns
-                continue
-            log.warning("%s: no 'timestamp,value' header; using the first two columns", source)
         if not row or (len(row) == 1 and not row[0].strip()):
             continue  # blank line
+        if columns is None:
+            columns = _header(row, source, getattr(reader, "line_num", 1))
+            ts_col, value_col = columns
+            continue
         result.rows += 1
         ts_text = row[ts_col] if len(row) > ts_col else ""
         value_text = row[value_col] if len(row) > value_col else ""
         try:
-            t, tod = parse_timestamp(ts_text)
+            t = parse_timestamp(ts_text)
+            value = float(value_text)
         except (ValueError, OverflowError):
-            t, tod = nan, 0.0
-            _bad(source, result, reader, f"bad timestamp {ts_text!r}")
-        try:
-            value = parse_value(value_text)
-        except ValueError:
-            value = nan
-            if not math.isnan(t):
-                _bad(source, result, reader, f"bad value {value_text!r}")
-        times.append(t)
-        tods.append(tod)
-        values.append(value)
-        texts.append((ts_text, value_text))
-        if len(times) >= BLOCK_ROWS:
-            yield times, tods, values, texts
-            times, tods, values, texts = [], [], [], []
-    if times:
-        yield times, tods, values, texts
+            _warn(result, source, reader, "unreadable timestamp or value", f"{ts_text!r}, {value_text!r}")
+            yield ts_text, value_text, repr(state.score), "0"
+            continue
+        outcome = update(t, value)
+        if outcome is None:
+            _warn(result, source, reader, REFUSED.get(detector.last_rejection, "not a finite number"),
+                  f"{ts_text!r}, {value_text!r}")
+            yield ts_text, value_text, repr(state.score), "0"
+            continue
+        if outcome.started:
+            result.alerts += 1
+        yield ts_text, value_text, repr(outcome.score), "1" if outcome.started else "0"
+    if columns is None:
+        raise InputError(f"{source}: empty: no header and no rows")
+    if result.rows == 0:
+        raise InputError(f"{source}: a header and no rows")
 
 
-def _bad(source: Path, result: FileResult, reader: Iterator[list[str]], what: str) -> None:
-    result.bad_rows += 1
-    if result.bad_rows <= REPORTED_BAD_ROWS:
-        line = getattr(reader, "line_num", "?")
-        log.warning("%s line %s: %s; scored as a missing reading", source, line, what)
+def _warn(result: FileResult, source: Path, reader: Iterator[list[str]], what: str, detail: str) -> None:
+    count = result.warnings[what] = result.warnings.get(what, 0) + 1
+    if count <= REPORTED_ROWS:
+        log.warning("%s line %s: %s (%s); not learnt", source, getattr(reader, "line_num", "?"), what, detail)
 
 
 def pair_paths(inputs: list[Path], outputs: list[Path]) -> list[tuple[Path, Path]]:
     """--input/--output pairs; a folder input means every *.csv inside, written under the output folder."""
     if len(inputs) != len(outputs):
-        raise HomeAgentError(f"{len(inputs)} --input but {len(outputs)} --output: give one output per input")
+        raise InputError(f"{len(inputs)} --input but {len(outputs)} --output: give one output per input")
     pairs: list[tuple[Path, Path]] = []
     for source, target in zip(inputs, outputs, strict=True):
         if source.is_dir():
@@ -186,32 +196,38 @@ def pair_paths(inputs: list[Path], outputs: list[Path]) -> list[tuple[Path, Path
             if not files:
                 log.warning("%s: no *.csv files", source)
             if target.exists() and not target.is_dir():
-                raise HomeAgentError(f"--input {source} is a folder, so --output {target} must be one too")
+                raise InputError(f"--input {source} is a folder, so --output {target} must be one too")
             pairs += [(f, target / f.name) for f in files]
         elif source.is_file():
             pairs.append((source, target / source.name if target.is_dir() else target))
         else:
-            raise HomeAgentError(f"input not found: {source}")
+            raise InputError(f"input not found: {source}")
+    every_input = [source for source, _ in pairs]
+    for _, target in pairs:
+        for source in every_input:
+            if _same_file(source, target):
+                raise InputError(f"--output {target} is the input {source}: it would be overwritten")
     return pairs
 
 
-def load_default_model(path: Path | None) -> AnomalyModel:
-    return AnomalyModel.load(path if path is not None else resolve_data_path(Path("models/anomaly.tflite")))
-
-
 def anomaly_score_main(args: argparse.Namespace) -> int:
-    pairs = pair_paths(list(args.input), list(args.output))
-    model = load_default_model(args.model)
     config = AnomalySection()
-    total_rows = total_bad = 0
+    total_rows = total_alerts = total_warnings = 0
     started = time.perf_counter()
-    for source, target in progress(pairs, desc="anomaly-score", unit="file"):
-        result = score_file(model, config, source, target)
-        total_rows += result.rows
-        total_bad += result.bad_rows
-        log.info("%s -> %s: %d rows (%d bad) in %.2f s", source, target, result.rows, result.bad_rows,
-                 result.seconds)
+    try:
+        pairs = pair_paths(list(args.input), list(args.output))
+        for source, target in progress(pairs, desc="anomaly-score", unit="file"):
+            result = score_file(config, source, target)
+            total_rows += result.rows
+            total_alerts += result.alerts
+            total_warnings += sum(result.warnings.values())
+            log.info("%s -> %s: %d rows, %d alerts in %.2f s", source, target, result.rows, result.alerts,
+                     result.seconds)
+    except InputError as err:
+        print(f"home-agent: {err}", file=sys.stderr)
+        return EXIT_INPUT
     elapsed = time.perf_counter() - started
-    print(f"scored {total_rows} rows in {len(pairs)} files ({total_bad} bad rows scored as missing) in "
-          f"{elapsed:.2f} s ({total_rows / elapsed if elapsed > 0 else 0:.0f} rows/s)", file=sys.stderr)
+    print(f"scored {total_rows} rows in {len(pairs)} files: {total_alerts} alerts, {total_warnings} rows "
+          f"with warnings (not learnt), in {elapsed:.2f} s ({total_rows / elapsed if elapsed > 0 else 0:.0f} "
+          "rows/s)", file=sys.stderr)
     return 0

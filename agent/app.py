@@ -786,9 +786,9 @@ def _add_stages(app: App, config: Config, options: RunOptions) -> None:
     elif options.exit_at_end:
         log.info("--exit-at-end ignored: voice is off (no [[voice.commands]] and no --audio)")
     if config.anomaly.enabled and any(stream.anomaly for stream in config.telemetry):
-        from agent.anomaly import AnomalyStage  # readings queue -> detector -> publish_anomaly / on_anomaly
+        from agent.anomaly import build_stage  # readings queue -> detector -> publish_anomaly / on_anomaly
 
-        app.add_stage(AnomalyStage.from_app(app))  # a missing/corrupt model is a ModelError at startup
+        app.add_stage(build_stage(config, app.readings_queue(), app.publish_anomaly, app.request_action))
 
 
 def run_daemon(args: argparse.Namespace) -> int:

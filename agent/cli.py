@@ -106,8 +106,12 @@ WAV/FLAC files of any sample rate; the daemon's exact streaming path, as fast as
     "anomaly-score": """\
 example:
   home-agent anomaly-score --input readings.csv --output scored.csv
-Input: a timestamp,value CSV per stream; output: timestamp,value,anomaly_score (score in [0, 1]).
-Repeat --input/--output for several files, or give a folder for each.""",
+Input: a timestamp,value CSV per stream; output: timestamp,value,anomaly_score,alert (score in [0, 1];
+alert=1 where the daemon would raise a new alert). Repeat --input/--output for several files, or give a
+folder for each. Exit status 2, naming the file and line: an empty file, a header without 'timestamp' and
+'value' columns (or a separator other than the comma), a header without rows, an --output that is an
+--input. Counted warnings (the row is not learnt; alert 0): an unreadable timestamp or value, a time going
+backwards or repeated.""",
 }
 
 SUMMARIES = {
@@ -181,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", type=Path, required=True,
                    help="CSV file or folder (repeatable)")
     p.add_argument("--output", action="append", type=Path, required=True,
-                   help="CSV file or folder (repeatable, one per --input)")
-    p.add_argument("--model", type=Path, default=None, help="anomaly model (default: the shipped one)")
+                   help="CSV file or folder (repeatable, one per --input); never one of the inputs")
     p.add_argument("--plot", type=_plot_path, default=None, metavar="DIR",
                    help="draw one PNG per stream: values, score, alerts (and labelled windows)")
     p.add_argument("--labels", type=Path, default=None, metavar="FILE",

@@ -248,12 +248,12 @@ class AudioSection(Section):
 
 class AnomalySection(Section):
     enabled: bool = True
-    model: FilePath = Path("models/anomaly.tflite")
     threshold: float = Field(default=0.99, gt=0, le=1)  # score at which an anomaly starts
     clear_threshold: float = Field(default=0.9, gt=0, le=1)  # hysteresis: the anomaly ends below this
     cooldown: float = Field(default=3600.0, ge=0)  # quiet period after an episode (seconds)
     learning_readings: int = Field(default=300, ge=10)  # readings per stream before any alert
     save_interval: float = Field(default=300.0, gt=0)  # how often per-stream state is saved
+    publish_interval: float = Field(default=60.0, ge=0)  # seconds between a stream's scores (alerts: at once)
 
     @model_validator(mode="after")
     def _hysteresis(self) -> AnomalySection:

@@ -77,7 +77,7 @@ class Reading:
     topic: str
 
 
-AnomalyKind = Literal["model", "stuck", "dropout", "spike", "drift", "step"]
+AnomalyKind = Literal["noise", "stuck", "dropout", "spike", "drift", "step"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,7 +109,7 @@ def _datetimes(seconds: Sequence[float]) -> npt.NDArray[np.datetime64]:
 def _seconds(stamp: str) -> float:
     from agent.anomaly_score import parse_timestamp
 
-    return parse_timestamp(stamp)[0]
+    return parse_timestamp(stamp)
 
 
 def read_scored(path: Path, name: str | None = None) -> ScoredStream:

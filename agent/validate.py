@@ -3,8 +3,8 @@
 ``check-config``, ``run`` (before anything starts) and a reload (before anything is swapped) all call
 ``validate``; so a config ``check-config`` accepts starts, and one it rejects is rejected by the running
 agent with the same keys named. It reads what the config points at (password file, TLS files, audio file,
-state directory) and loads the models the config needs (the keyword model against the configured phrases,
-the anomaly model), so nothing left to start-up can fail on the user's input.
+state directory) and loads the keyword model the config needs (against the configured phrases), so nothing
+left to start-up can fail on the user's input.
 
 Every problem is collected and raised as one ``ConfigError``, one line per problem, each naming its key.
 """
@@ -33,8 +33,6 @@ def validate(config: Config, *, audio: str | None = None) -> None:
     ]
     if config.voice_active or audio is not None:
         checks += [lambda: _check_audio(config, audio), lambda: _check_voice_model(config)]
-    if config.anomaly.enabled and any(stream.anomaly for stream in config.telemetry):
-        checks.append(lambda: _check_anomaly_model(config))
     problems: list[str] = []
     for check in checks:
         try:
@@ -98,13 +96,4 @@ def _check_voice_model(config: Config) -> None:
         load_pipeline(config)  # ConfigError names voice.commands.N.say, voice.thresholds, ...
     except ModelError as err:
         raise ConfigError(f"voice.model: {err}") from err
-
-
-def _check_anomaly_model(config: Config) -> None:
-    from agent.anomaly import AnomalyModel
-
-    try:
-        AnomalyModel.load(config.resolve_path(config.anomaly.model))
-    except ModelError as err:
-        raise ConfigError(f"anomaly.model: {err}") from err
 

@@ -8,7 +8,10 @@ and a telemetry flood, against its own mosquitto on an ephemeral 127.0.0.1 port.
   daemon's diagnostics counters (drops, outbox depth, ...).
 
 Writes ``bench/results/soak.json``: RSS over time with its least-squares slope after a warm-up (flat means
-no leak), CPU, drops, outbox depth, intents heard versus spoken, telemetry rate achieved.
+no leak), CPU, drops, outbox depth, intents heard versus spoken, telemetry rate achieved, and the reading
+path's cost: anomaly messages out per reading, the most score messages one stream published within one
+``[anomaly] publish_interval``, and daemon CPU per reading (with ``--telemetry-only`` the daemon runs no
+voice stage, so its CPU is the reading path's: MQTT in -> parse -> score -> publish).
 """
 
 from __future__ import annotations
@@ -82,7 +85,12 @@ action = "light_on"
 [[voice.commands]]
 say = "fan off"
 action = "fan_off"
+"""
+
+ANOMALY = """\
 [anomaly]
+enabled = {anomaly}
+publish_interval = {publish_interval}
 cooldown = 60.0
 learning_readings = 300
 save_interval = 60.0
@@ -130,6 +138,8 @@ class Observer:
         self.commands: dict[str, int] = {}
         self.anomaly_events = 0
         self.anomaly_ids: set[str] = set()
+        self.anomaly_times: dict[str, list[float]] = {}  # topic -> reading times of its score updates
+        self.anomaly_active: dict[str, bool] = {}  # topic -> the alert state of its last message
         self.diagnostics: dict[str, Any] = {}
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="soak-observer")
         self.client.on_message = self._on_message
@@ -148,9 +158,27 @@ class Observer:
             elif topic.startswith(f"{BASE}/anomaly/"):
                 if message.payload and not message.retain:
                     self.anomaly_events += 1
-                    self.anomaly_ids.add(str(json.loads(message.payload).get("id")))
+                    event = json.loads(message.payload)
+                    self.anomaly_ids.add(str(event.get("id")))
+                    active = bool(event.get("active"))
+                    if self.anomaly_active.get(topic) == active:  # a score update, not a state change
+                        self.anomaly_times.setdefault(topic, []).append(float(event.get("time", 0.0)))
+                    self.anomaly_active[topic] = active
             else:
                 self.commands[topic] = self.commands.get(topic, 0) + 1
+
+    def max_per_interval(self, interval: float) -> int:
+        """The most score updates (messages that do not change the alert state) one stream published within
+        any ``interval`` seconds of reading time."""
+        most = 0
+        with self.lock:
+            for stamps in self.anomaly_times.values():
+                start = 0
+                for end, stamp in enumerate(stamps):
+                    while stamp - stamps[start] >= interval:
+                        start += 1
+                    most = max(most, end - start + 1)
+        return most
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -262,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sensors", type=int, default=20, help="telemetry streams sharing the rate")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--spike-every", type=float, default=45.0, help="seconds between telemetry spikes")
+    parser.add_argument("--publish-interval", type=float, default=60.0,
+                        help="[anomaly] publish_interval (default 60 s, the shipped default)")
+    parser.add_argument("--telemetry-only", action="store_true",
+                        help="no voice stage: the daemon's CPU is the reading path's alone")
+    parser.add_argument("--anomaly-off", action="store_true",
+                        help="[anomaly] enabled = false: what the reading path costs without the detector")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))
@@ -282,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "version": __version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
         "minutes": args.minutes, "telemetry_rate_target": args.rate, "sensors": args.sensors,
-        "sample_interval_s": args.interval,
+        "sample_interval_s": args.interval, "telemetry_only": args.telemetry_only,
+        "anomaly_enabled": not args.anomaly_off,
         "load_average_start": os.getloadavg()[0], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     with tempfile.TemporaryDirectory(prefix="soak-bench-") as tmp:
@@ -293,8 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         config = workdir / "config.toml"
         sensors = [f"{ROOMS[i % len(ROOMS)]}_{i // len(ROOMS)}" for i in range(args.sensors)]
         telemetry = "".join(TELEMETRY.format(sensor=s) for s in sensors)
-        config.write_text(CONFIG.format(state=workdir / "state", port=port, interval=args.interval,
-                                        telemetry=telemetry), encoding="utf-8")
+        text = CONFIG.format(state=workdir / "state", port=port, interval=args.interval, telemetry=telemetry)
+        if args.telemetry_only:
+            text = text.split("[voice]", 1)[0]
+        enabled = "false" if args.anomaly_off else "true"
+        text += ANOMALY.format(publish_interval=args.publish_interval, anomaly=enabled)
+        config.write_text(text, encoding="utf-8")
         log_path = workdir / "daemon.log"
         stop = threading.Event()
         daemon: subprocess.Popen[bytes] | None = None
@@ -309,10 +348,11 @@ def main(argv: list[str] | None = None) -> int:
             setup.disconnect()
             setup.loop_stop()
             env = {k: v for k, v in os.environ.items() if k not in {"NOTIFY_SOCKET", "STATE_DIRECTORY"}}
+            audio = [] if args.telemetry_only else ["--audio", "stdin"]
             with log_path.open("wb") as log_file:
                 daemon = subprocess.Popen(
                     [sys.executable, "-m", "agent", "--log-level", "INFO", "run", "--config", str(config),
-                     "--audio", "stdin"],
+                     *audio],
                     cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT)
             assert daemon.stdin is not None
             deadline = time.monotonic() + 30
@@ -323,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             feeder = AudioFeeder(daemon.stdin, samples_audio, stop)
             publisher = TelemetryPublisher(port, sensors, args.rate, args.spike_every, stop)
             started = time.monotonic()
-            feeder.start()
+            if not args.telemetry_only:
+                feeder.start()
             publisher.start()
             samples: list[dict[str, Any]] = []
             previous_cpu: tuple[float, float] | None = None
@@ -361,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             end_state = observer.snapshot()
             stop.set()
             publisher.join(5)
-            feeder.join(5)
+            if not args.telemetry_only:
+                feeder.join(5)
             time.sleep(args.interval + 0.5)  # the last diagnostics after the load stopped
             final = observer.snapshot()
             daemon.terminate()
@@ -419,12 +461,25 @@ def main(argv: list[str] | None = None) -> int:
                    **{k: diag_end.get(k) for k in ("outbox_written", "outbox_delivered", "outbox_dropped",
                                                    "outbox_resent", "outbox_write_errors")}},
         "anomaly_events_received": final["anomaly_events"],
+        "reading_path": {
+            "anomaly_messages_per_reading": round(
+                final["anomaly_events"] / max(1, diag_end.get("readings") or 0), 5),
+            "messages_out_per_reading": round((diag_end.get("messages_out") or 0)
+                                              / max(1, diag_end.get("readings") or 0), 4),
+            "max_score_messages_per_stream_per_interval": observer.max_per_interval(args.publish_interval),
+            "publish_interval_s": args.publish_interval,
+            "cpu_ms_per_reading": round(1000.0 * (samples[-1]["cpu_s"] - samples[0]["cpu_s"])
+                                        / max(1, publisher.published), 4),
+            "note": "daemon CPU (all threads) over the run / readings published; with telemetry_only false "
+                    "it includes the voice stage. messages_out counts every publish of the daemon, including "
+                    "the sensor state it republishes per reading (App._on_telemetry)",
+        },
         "errors_in_log": sum(1 for line in log_text.splitlines() if " ERROR " in line or "Traceback" in line),
         "samples": samples,
     })
     write_results(args.output, results)
     summary = {k: results[k] for k in ("duration_s", "rss_kib", "cpu", "drops", "outbox", "voice",
-                                       "telemetry", "anomaly_events_received")}
+                                       "telemetry", "anomaly_events_received", "reading_path")}
     summary["rss_kib"] = {k: v for k, v in results["rss_kib"].items() if k != "note"}
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.output}")

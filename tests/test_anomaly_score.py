@@ -1,5 +1,7 @@
 """``home-agent anomaly-score``: the CSV contract (header, one row out per row in, scores in [0, 1] at full
-precision, strictly online), bad rows, several files and folders, clear errors. Runs the real CLI."""
+precision, the alert column, strictly online), bad rows counted, strict CSV (errors with exit status 2
+naming the file and line), no data loss (an output that is an input is refused; writes go through a
+temporary file). Runs the real CLI."""
 
 from __future__ import annotations
 
@@ -48,16 +50,16 @@ def test_output_format(tmp_path: Path) -> None:
     result = run_cli("anomaly-score", "--input", str(source), "--output", str(target))
     assert result.returncode == 0, result.stderr
     header, rows = read_output(target)
-    assert header == ["timestamp", "value", "anomaly_score"]
+    assert header == ["timestamp", "value", "anomaly_score", "alert"]
     assert len(rows) == len(data)
     assert [(r[0], r[1]) for r in rows] == data
     scores = [float(r[2]) for r in rows]
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert all(repr(float(r[2])) == r[2] for r in rows)  # full precision, repr of the float
-    assert scores[2500] >= 0.99  # the spike
-    assert max(scores[400:2500]) < 0.99  # quiet before it
-    assert len(set(scores[400:])) > 0.9 * len(scores[400:])  # fine-grained, no ties
-    assert "3000 rows" in result.stderr
+    assert [i for i, r in enumerate(rows) if r[3] == "1"] == [2500]  # the spike: one alert
+    assert {r[3] for r in rows} == {"0", "1"}
+    assert "3000 rows" in result.stderr and "1 alerts" in result.stderr
+    assert list(tmp_path.glob(".*.tmp")) == []  # the temporary file was renamed into place
 
 
 def test_appending_rows_never_changes_earlier_scores(tmp_path: Path) -> None:
@@ -77,7 +79,7 @@ def test_appending_rows_never_changes_earlier_scores(tmp_path: Path) -> None:
     assert full_rows[:3001] == part_rows
 
 
-def test_bad_rows_are_scored_as_missing_and_counted(tmp_path: Path) -> None:
+def test_bad_rows_are_counted_warnings_and_not_learnt(tmp_path: Path) -> None:
     source = tmp_path / "in.csv"
     data = write_stream(source, rows=800)
     lines = source.read_text().splitlines()
@@ -89,15 +91,32 @@ def test_bad_rows_are_scored_as_missing_and_counted(tmp_path: Path) -> None:
     target = tmp_path / "out.csv"
     result = run_cli("anomaly-score", "--input", str(source), "--output", str(target))
     assert result.returncode == 0, result.stderr
-    assert "4 bad rows" in result.stderr
+    assert "4 rows with warnings" in result.stderr
     assert "line 502" in result.stderr and "not-a-number" in result.stderr
     _, rows = read_output(target)
     assert len(rows) == 800
     assert rows[500][1] == "not-a-number" and rows[503][0] == "yesterday-ish"
     scores = [float(r[2]) for r in rows]
     assert all(0.0 <= s <= 1.0 and math.isfinite(s) for s in scores)
-    # a missing reading is not learnt: it scores like the stream's last score
-    assert scores[500] == scores[499]
+    # a row that is not learnt scores like the stream's last score and raises no alert
+    assert scores[500] == scores[499] and rows[500][3] == "0"
+
+
+def test_time_going_backwards_and_duplicates_are_counted_warnings(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    data = write_stream(source, rows=800)
+    lines = source.read_text().splitlines()
+    lines[601] = f"{data[400][0]},{data[600][1]}"  # back by 200 minutes
+    lines[602] = f"{data[599][0]},{data[601][1]}"  # the last learnt row's time again
+    source.write_text("\n".join(lines) + "\n")
+    target = tmp_path / "out.csv"
+    result = run_cli("anomaly-score", "--input", str(source), "--output", str(target))
+    assert result.returncode == 0, result.stderr
+    assert "time going backwards" in result.stderr and "line 602" in result.stderr
+    assert "duplicate timestamp" in result.stderr and "line 603" in result.stderr
+    assert "2 rows with warnings" in result.stderr
+    _, rows = read_output(target)
+    assert len(rows) == 800 and rows[600][3] == rows[601][3] == "0"
 
 
 def test_folders_and_several_files(tmp_path: Path) -> None:
@@ -117,42 +136,74 @@ def test_clear_errors(tmp_path: Path) -> None:
     source = tmp_path / "in.csv"
     write_stream(source, rows=50)
     result = run_cli("anomaly-score", "--input", str(source), "--input", str(source), "--output", "x.csv")
-    assert result.returncode == 1 and "2 --input but 1 --output" in result.stderr
+    assert result.returncode == 2 and "2 --input but 1 --output" in result.stderr
     result = run_cli("anomaly-score", "--input", str(tmp_path / "absent.csv"), "--output", "x.csv")
-    assert result.returncode == 1 and "input not found" in result.stderr
-    bad_model = tmp_path / "model.tflite"
-    bad_model.write_bytes(b"\0" * 64)
-    result = run_cli("anomaly-score", "--input", str(source), "--output", str(tmp_path / "o.csv"),
-                     "--model", str(bad_model))
-    assert result.returncode == 1 and "metadata not found" in result.stderr
+    assert result.returncode == 2 and "input not found" in result.stderr
 
 
-@pytest.mark.parametrize(("text", "expected_tod"), [
-    ("2024-01-31 06:00:00", 0.25),
-    ("2024-01-31T06:00:00", 0.25),
-    ("2024-01-31T06:00:00Z", 0.25),
-    ("2024-01-31T06:00:00+01:00", 0.25),  # time of day as written (the sensor's wall clock)
-    ("2024-01-31 18:00:00.5", 0.75 + 0.5 / 86400),
-    ("1706680800", 0.25),  # UNIX seconds
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink", "folder"])
+def test_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path: Path, link: str) -> None:
+    source = tmp_path / "normal.csv"
+    write_stream(source, rows=1000)
+    before = source.read_bytes()
+    target = {"same": source, "symlink": tmp_path / "alias.csv", "hardlink": tmp_path / "hard.csv",
+              "folder": tmp_path}[link]
+    if link == "symlink":
+        target.symlink_to(source)
+    elif link == "hardlink":
+        target.hardlink_to(source)
+    result = run_cli("anomaly-score", "--input", str(source), "--output", str(target))
+    assert result.returncode == 2, result.stderr
+    assert "is the input" in result.stderr and "normal.csv" in result.stderr
+    assert source.read_bytes() == before
+
+
+def test_a_failed_run_leaves_an_existing_output_untouched(tmp_path: Path) -> None:
+    source, target = tmp_path / "in.csv", tmp_path / "out.csv"
+    source.write_text("time;temp\n2024-01-01 00:00:00;21.0\n")
+    target.write_text("precious\n")
+    result = run_cli("anomaly-score", "--input", str(source), "--output", str(target))
+    assert result.returncode == 2
+    assert target.read_text() == "precious\n"
+    assert list(tmp_path.glob(".*.tmp")) == []
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "empty: no header and no rows"),
+    ("\n\n", "empty: no header and no rows"),
+    ("timestamp,value\n", "a header and no rows"),
+    ("timestamp;value\n2024-01-01 00:00:00;21.0\n",
+     "line 1: one column 'timestamp;value': the separator must be a comma, not ';'"),
+    ("time,temp\n2024-01-01 00:00:00,21.0\n", "line 1: the header must name 'timestamp' and 'value' columns; "
+                                              "found 'time,temp'"),
+    ("2024-01-01 00:00:00,1.0\n2024-01-01 00:01:00,1.5\n", "line 1: the header must name"),
 ])
-def test_timestamp_formats(text: str, expected_tod: float) -> None:
-    seconds, tod = parse_timestamp(text)
-    assert tod == pytest.approx(expected_tod)
-    assert seconds == pytest.approx(1706680800 + (0.5 + 43200 if "18:00" in text else 0)
-                                    - (3600 if "+01:00" in text else 0))
+def test_csv_that_cannot_be_right_is_an_error_naming_file_and_line(tmp_path: Path, text: str,
+                                                                   message: str) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text(text)
+    result = run_cli("anomaly-score", "--input", str(source), "--output", str(tmp_path / "out.csv"))
+    assert result.returncode == 2
+    assert str(source) in result.stderr and message in result.stderr
+    assert not (tmp_path / "out.csv").exists()
 
 
-def test_header_only_and_headerless_files(tmp_path: Path) -> None:
-    empty = tmp_path / "empty.csv"
-    empty.write_text("timestamp,value\n")
-    headerless = tmp_path / "headerless.csv"
-    headerless.write_text("2024-01-01 00:00:00,1.0\n2024-01-01 00:01:00,1.5\n")
-    result = run_cli("anomaly-score", "--input", str(empty), "--output", str(tmp_path / "e.csv"),
-                     "--input", str(headerless), "--output", str(tmp_path / "h.csv"))
-    assert result.returncode == 0, result.stderr
-    assert read_output(tmp_path / "e.csv") == (["timestamp", "value", "anomaly_score"], [])
-    assert len(read_output(tmp_path / "h.csv")[1]) == 2
-    assert "no 'timestamp,value' header" in result.stderr
+def test_help_says_which_problems_are_errors_and_which_are_warnings() -> None:
+    result = run_cli("anomaly-score", "--help")
+    text = " ".join(result.stdout.split())
+    assert "Exit status 2" in text and "Counted warnings" in text and "time going backwards" in text
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2024-01-31 06:00:00", 1706680800.0),
+    ("2024-01-31T06:00:00", 1706680800.0),
+    ("2024-01-31T06:00:00Z", 1706680800.0),
+    ("2024-01-31T06:00:00+01:00", 1706677200.0),
+    ("2024-01-31 18:00:00.5", 1706680800.0 + 43200.5),
+    ("1706680800", 1706680800.0),  # UNIX seconds
+])
+def test_timestamp_formats(text: str, expected: float) -> None:
+    assert parse_timestamp(text) == pytest.approx(expected)
 
 
 @pytest.mark.data
@@ -174,7 +225,6 @@ def test_real_stream_through_the_cli(tmp_path: Path) -> None:
     result = run_cli("anomaly-score", "--input", str(stream), "--output", str(tmp_path / "out.csv"))
     assert result.returncode == 0, result.stderr
     _, out = read_output(tmp_path / "out.csv")
-    scores = np.array([float(r[2]) for r in out])
-    assert len(scores) == len(rows)
-    assert scores[6000] >= 0.99
-    assert np.mean(scores[300:] >= 0.99) < 0.001
+    assert len(out) == len(rows)
+    alerts = [i for i, r in enumerate(out) if r[3] == "1"]
+    assert 6000 in alerts and len(alerts) <= 3

@@ -158,7 +158,7 @@ def test_value_templates_render_what_home_assistant_accepts() -> None:
 
     anomaly = messages["homeassistant/binary_sensor/kitchen/anomaly_living_room_temperature/config"]
     template = anomaly["value_template"]
-    assert render(template, {"active": True, "score": 0.99, "kind": "model"}) == anomaly["payload_on"] == "ON"
+    assert render(template, {"active": True, "score": 0.99, "kind": "spike"}) == anomaly["payload_on"] == "ON"
     assert render(template, {"active": False, "score": 0.2}) == anomaly["payload_off"] == "OFF"
     score = messages["homeassistant/sensor/kitchen/score_living_room_temperature/config"]
     assert float(render(score["value_template"], {"active": False, "score": 0.25})) == 0.25

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import random
 import struct
 import subprocess
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, toml_dumps, wait_until
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.actions import ActionTable
@@ -411,43 +412,23 @@ def test_corrupt_model_files_give_model_error(damage: Any, tmp_path_factory: pyt
     assert scores.shape == (len(loaded.labels),)
 
 
-ANOMALY_MODEL = REPO_ROOT / "models" / "anomaly.tflite"
+@settings(FUZZ, max_examples=200)
+@given(rows=st.lists(st.tuples(st.one_of(st.floats(-1e12, 1e12), st.just(math.nan)),
+                               st.floats(allow_nan=True, allow_infinity=True)), max_size=400))
+def test_any_readings_give_scores_in_range_and_small_state(rows: list[tuple[float, float]]) -> None:
+    """Whatever a stream sends (NaN, infinities, 1e308, times out of order), the detector neither raises
+    nor leaves [0, 1], and its state stays within 4 KB of JSON."""
+    from agent.anomaly import StreamDetector
+    from agent.config import AnomalySection
 
-
-@pytest.mark.skipif(not ANOMALY_MODEL.exists(), reason="models/anomaly.tflite not built")
-@settings(FUZZ, max_examples=100)
-@given(damage=st.one_of(
-    st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), min_size=1, max_size=30),
-    st.integers(0, 4000),
-    st.binary(max_size=3000),
-))
-@example(damage=[(1534, 0)])  # loaded, then failed on first invoke: "Input tensor 6 lacks data" (found in CI)
-def test_corrupt_anomaly_models_give_model_error(damage: Any,
-                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
-    from agent.anomaly import AnomalyModel, metadata_path
-
-    original = ANOMALY_MODEL.read_bytes()
-    meta = json.loads(metadata_path(ANOMALY_MODEL).read_text(encoding="utf-8"))
-    if isinstance(damage, list):
-        data = bytearray(original)
-        for offset, value in damage:
-            data[offset % len(data)] = value
-        model = bytes(data)
-    elif isinstance(damage, int):
-        model = original[: damage % len(original)]
-    else:
-        model = damage
-    path = tmp_path_factory.mktemp("anomaly") / "anomaly.tflite"
-    path.write_bytes(model)
-    meta["sha256"] = hashlib.sha256(model).hexdigest()
-    metadata_path(path).write_text(json.dumps(meta), encoding="utf-8")
-    try:
-        loaded = AnomalyModel.load(path)
-    except ModelError as err:
-        assert str(path) in str(err)
-        return
-    forecasts = loaded.predict(np.zeros((3, int(meta["window"]) + 2), dtype=np.float32))
-    assert forecasts.shape == (3,)
+    detector = StreamDetector(AnomalySection(learning_readings=10))
+    t = 1_700_000_000.0
+    for offset, value in rows:
+        outcome = detector.update(t + offset, value)
+        if outcome is not None:
+            assert 0.0 <= outcome.score <= 1.0
+        t += 60.0
+    assert len(json.dumps(detector.state.to_dict(), separators=(",", ":"))) <= 4096
 
 
 def test_a_bit_flip_is_caught_by_the_checksum(tmp_path: Path) -> None:
@@ -492,20 +473,3 @@ def test_missing_metadata_gives_model_error(tmp_path: Path) -> None:
     path.write_bytes(KWS_BYTES)
     with pytest.raises(ModelError, match="metadata"):
         KwsModel.load(path)
-
-
-def test_a_keyword_model_is_refused_as_an_anomaly_model(tmp_path: Path) -> None:
-    from agent.anomaly import AnomalyModel, metadata_path
-
-    path = tmp_path / "anomaly.tflite"
-    path.write_bytes(KWS_BYTES)
-    checksum = hashlib.sha256(KWS_BYTES).hexdigest()
-    metadata_path(path).write_text(json.dumps({"window": 24, "sha256": checksum}), encoding="utf-8")
-    with pytest.raises(ModelError, match=r"shape|int8|input"):
-        AnomalyModel.load(path)
-    metadata_path(path).write_text(json.dumps({"sha256": "0" * 64}), encoding="utf-8")
-    with pytest.raises(ModelError, match="lacks"):
-        AnomalyModel.load(path)
-    metadata_path(path).unlink()
-    with pytest.raises(ModelError, match="metadata not found"):
-        AnomalyModel.load(path)

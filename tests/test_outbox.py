@@ -353,7 +353,7 @@ def test_alert_changes_are_stored_score_refreshes_are_not(
     try:
         assert app.link.wait_connected(5)
         states = [False, False, False, True, True, False, False]
-        ids = [app.publish_anomaly(AnomalyEvent("living_room_temperature", 0.1 * n, 20.0, "model", active,
+        ids = [app.publish_anomaly(AnomalyEvent("living_room_temperature", 0.1 * n, 20.0, "spike", active,
                                                 time.time())) for n, active in enumerate(states)]
         probe.wait_for(TOPIC, count=len(states))
         assert ids_of(probe.matching(TOPIC)) == ids

@@ -81,11 +81,6 @@ def anomaly_stream(**extra: Any) -> Setup:
     return setup
 
 
-def missing_anomaly_model(data: dict[str, Any], tmp: Path) -> None:
-    anomaly_stream()(data, tmp)
-    data["anomaly"] = {"model": MISSING + "-anomaly.tflite"}
-
-
 def audio_file_that_is_text(data: dict[str, Any], tmp: Path) -> None:
     voice_on(data, tmp)
     (tmp / "x.wav").write_text("text, not audio")
@@ -119,7 +114,7 @@ BAD_CONFIGS: list[tuple[str, Setup, str]] = [
     ("audio file that is not audio", audio_file_that_is_text, "audio.source"),
     ("state_dir under a file", state_dir_under_a_file, "agent.state_dir"),
     ("state_dir is a file", state_dir_is_a_file, "agent.state_dir"),
-    ("missing anomaly model", missing_anomaly_model, "anomaly.model"),
+    ("anomaly threshold above 1", dotted(**{"anomaly.threshold": 1.5}), "anomaly.threshold"),
     ("on_anomaly names no action", anomaly_stream(on_anomaly="siren"), "telemetry.0.on_anomaly"),
 ]
 

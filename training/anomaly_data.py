@@ -1,5 +1,5 @@
-"""Telemetry streams, fault injection and replay validation for the anomaly detector (no TensorFlow here:
-tests and bench import it too).
+"""Telemetry streams, fault injection and replay validation for the anomaly detector (the bench and the
+tests use it).
 
 A *stream* is one numeric column of one file of ``../shared/data/telemetry``: UCI occupancy detection
 (three 1-minute office files: Temperature, Humidity, Light, CO2, HumidityRatio, Occupancy) and UCI
@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as dt
-import itertools
 import math
 import os
 from collections.abc import Iterable
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.anomaly import KINDS, AnomalyModel, StreamDetector, StreamState
+from agent.anomaly import KINDS, StreamDetector, StreamState, Tuning
+from agent.anomaly.detector import TUNING
 from agent.config import AnomalySection
 from agent.paths import REPO_ROOT
 
@@ -171,27 +171,23 @@ class ReplayResult:
     days: float
     alerts: list[Alert]
     checkpoints: dict[int, StreamState] = field(default_factory=dict)
-    scores: FloatArray | None = None
 
 
-def replay(model: AnomalyModel, config: AnomalySection, stream: Stream, *, checkpoints: Iterable[int] = (),
-           keep_scores: bool = False) -> ReplayResult:
+def replay(config: AnomalySection, stream: Stream, *, checkpoints: Iterable[int] = (),
+           tuning: Tuning = TUNING) -> ReplayResult:
     """Fault-free replay; returns its alert starts and copies of the state just before each checkpoint."""
-    detector = StreamDetector(model, config)
-    points = sorted({c for c in checkpoints if 0 < c < len(stream.values)})
-    bounds = [0, *points, len(stream.values)]
+    detector = StreamDetector(config, tuning=tuning)
+    points = {c for c in checkpoints if 0 < c < len(stream.values)}
     alerts: list[Alert] = []
     saved: dict[int, StreamState] = {}
-    scores: list[FloatArray] = []
-    for lo, hi in itertools.pairwise(bounds):
-        if lo in points:
-            saved[lo] = copy.deepcopy(detector.state)
-        result = detector.process(stream.times[lo:hi], stream.tods[lo:hi], stream.values[lo:hi])
-        if keep_scores:
-            scores.append(result.scores)
-        alerts += [Alert(lo + c.index, c.time, c.kind, c.score) for c in result.changes if c.active]
-    kept = np.concatenate(scores) if keep_scores else None
-    return ReplayResult(stream.name, stream.days, alerts, saved, kept)
+    update = detector.update
+    for index, (t, x) in enumerate(zip(stream.times.tolist(), stream.values.tolist(), strict=True)):
+        if index in points:
+            saved[index] = copy.deepcopy(detector.state)
+        outcome = update(t, x)
+        if outcome is not None and outcome.started:
+            alerts.append(Alert(index, t, outcome.kind, outcome.score))
+    return ReplayResult(stream.name, stream.days, alerts, saved)
 
 
 @dataclass
@@ -203,15 +199,14 @@ class Detection:
     kind: str | None  # the alert's kind
 
 
-def detect(model: AnomalyModel, config: AnomalySection, stream: Stream, fault: Fault, *, state: StreamState,
-           horizon: int, check_interval: float = 60.0) -> Detection:
+def detect(config: AnomalySection, stream: Stream, fault: Fault, *, state: StreamState, horizon: int,
+           check_interval: float = 60.0, tuning: Tuning = TUNING) -> Detection:
     """Replay ``horizon`` readings with ``fault`` from a clean checkpoint; the first alert start is the
-    detection. For dropouts, the daemon's silence check (``dropout_now``) runs every ``check_interval``
-    seconds over the gap."""
+    detection. For dropouts, the daemon's silence check runs every ``check_interval`` seconds over the gap."""
     state = copy.deepcopy(state)
     # measure the detector, not the cooldown of an unrelated earlier alert
-    state.active, state.episode_end = False, -math.inf
-    detector = StreamDetector(model, config, state)
+    state.active, state.quiet, state.episode_end = False, 0, -math.inf
+    detector = StreamDetector(config, state, tuning=tuning)
     t0 = float(stream.times[fault.start])
     if fault.kind == "dropout":
         end = min(len(stream.times) - 1, fault.start + horizon)
@@ -219,14 +214,14 @@ def detect(model: AnomalyModel, config: AnomalySection, stream: Stream, fault: F
         t = float(stream.times[fault.start - 1])
         while t < t_end:
             t += check_interval
-            if detector.dropout_now(t) >= config.threshold:
+            if detector.silence(t) is not None:
                 return Detection(stream.name, fault, True, max(0.0, t - t0), "dropout")
         return Detection(stream.name, fault, False, math.inf, None)
-    times, tods, values = inject(stream, fault, horizon)
-    result = detector.process(times, tods, values)
-    for change in result.changes:
-        if change.active:
-            return Detection(stream.name, fault, True, change.time - t0, change.kind)
+    times, _tods, values = inject(stream, fault, horizon)
+    for t, x in zip(times.tolist(), values.tolist(), strict=True):
+        outcome = detector.update(t, x)
+        if outcome is not None and outcome.started:
+            return Detection(stream.name, fault, True, t - t0, outcome.kind)
     return Detection(stream.name, fault, False, math.inf, None)
 
 
@@ -251,6 +246,8 @@ class Validation:
             "stream_days": round(total_days, 1),
             "false_alerts_per_stream_day": total_alerts / total_days if total_days else 0.0,
             "worst_stream_per_day": max((v["per_day"] for v in per_stream.values()), default=0.0),
+            "faults_detected": sum(1 for d in self.detections if d.detected),
+            "faults_injected": len(self.detections),
             "streams": per_stream,
             "faults": kinds,
         }
@@ -265,24 +262,29 @@ def _detection_summary(rows: list[Detection]) -> dict[str, Any]:
         "rate": len(hits) / len(rows) if rows else 0.0,
         "delay_min_median": float(np.median(delays)) if hits else None,
         "delay_min_p90": float(np.percentile(delays, 90)) if hits else None,
-        "alert_kinds": {k: n for k in KINDS if (n := sum(1 for d in hits if d.kind == k))},
+        "alert_kinds": {k: n for k in dict.fromkeys(KINDS) if (n := sum(1 for d in hits if d.kind == k))},
     }
 
 
-def validate(model: AnomalyModel, config: AnomalySection, streams: list[Stream], *, seed: int = 7,
-             per_kind: int = 2, horizon_days: float = 1.0) -> Validation:
+FAULT_FIRST_READINGS = 600  # faults start after this many readings (as in the first validation)
+
+
+def validate(config: AnomalySection, streams: list[Stream], *, seed: int = 7, per_kind: int = 2,
+             horizon_days: float = 1.0, tuning: Tuning = TUNING) -> Validation:
+    """Fault-free replay of every stream (false alerts) and ``per_kind`` injected faults of each kind per
+    stream, from clean checkpoints of that replay (same seed: the same faults as the earlier detector's
+    validation)."""
     rng = np.random.default_rng(seed)
     false_alerts: dict[str, tuple[int, float]] = {}
     detections: list[Detection] = []
     for stream in streams:
         horizon = max(10, round(horizon_days * DAY / stream.interval))
-        first = 2 * config.learning_readings
-        faults = plan_faults(stream, rng, per_kind, first, horizon)
-        clean = replay(model, config, stream, checkpoints=[f.start for f in faults])
+        faults = plan_faults(stream, rng, per_kind, FAULT_FIRST_READINGS, horizon)
+        clean = replay(config, stream, checkpoints=[f.start for f in faults], tuning=tuning)
         false_alerts[stream.name] = (len(clean.alerts), stream.days)
         for fault in faults:
             state = clean.checkpoints[fault.start]
             # a slow drift gets DRIFT_DAYS (or the rest of the stream) to show
             span = round(DRIFT_DAYS * DAY / stream.interval) if fault.kind == "drift" else horizon
-            detections.append(detect(model, config, stream, fault, state=state, horizon=span))
+            detections.append(detect(config, stream, fault, state=state, horizon=span, tuning=tuning))
     return Validation(false_alerts, detections)
