@@ -269,6 +269,7 @@ def test_install_upgrade_uninstall_into_a_scratch_prefix(tmp_path: Path) -> None
     assert "nothing started" in first.stdout  # no systemctl here: it says what to do instead
     unit_text = unit.read_text()
     assert f"ExecStart={venv}/bin/home-agent run --config {config}" in unit_text
+    assert f"ExecReload={venv}/bin/home-agent check-config --config {config}" in unit_text  # the same file
     assert unit_text.replace(str(venv) + "/", "/opt/home-agent/venv/").replace(
         f"--config {config}", "--config /etc/home-agent/config.toml") == UNIT.read_text()
     version = subprocess.run([str(venv / "bin/home-agent"), "--version"], capture_output=True, text=True,
