@@ -47,7 +47,7 @@ from agent.sdnotify import ServiceNotifier
 from agent.state import StateStore
 from agent.telemetry import REJECT_REASONS, TelemetryIntake
 from agent.topics import Topics
-from agent.validate import validate
+from agent.validate import load_checked
 
 log = logging.getLogger(__name__)
 
@@ -681,8 +681,7 @@ class App:
             self.reload_rejected("no config file to re-read")
             return
         try:
-            new = load_config(self.config_path)
-            validate(new, audio=self.options.audio)
+            new = load_checked(self.config_path, audio=self.options.audio)
             intake = TelemetryIntake(list(new.telemetry))
             actions = ActionTable(dict(new.actions))
         except (ConfigError, ActionError) as err:
@@ -794,10 +793,9 @@ def _add_stages(app: App, config: Config, options: RunOptions) -> None:
 def run_daemon(args: argparse.Namespace) -> int:
     """``home-agent run``: serve until SIGTERM/SIGINT; SIGHUP re-reads the config."""
     config_path = Path(args.config)
-    config = load_config(config_path)
     options = RunOptions(audio=getattr(args, "audio", None),
                          exit_at_end=bool(getattr(args, "exit_at_end", False)))
-    validate(config, audio=options.audio)  # the checks of check-config: exit 2 naming the key
+    config = load_checked(config_path, audio=options.audio)  # as check-config: exit 2 naming the key
     if threading.current_thread() is threading.main_thread():
         # Until App.run installs its handler (start-up; between two configurations after a reload) a
         # SIGHUP must not kill the daemon, which is its default action.

@@ -22,11 +22,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from agent.config import load_config
-    from agent.validate import validate
+    from agent.validate import load_checked
 
-    config = load_config(args.config)
-    validate(config)  # the same checks as `run` and a reload
+    config = load_checked(args.config)  # the same checks as `run` and a reload
     print(f"{args.config}: ok (agent {config.agent.id!r}, {len(config.telemetry)} telemetry streams, "
           f"{len(config.actions)} actions, {len(config.voice.commands)} voice commands)")
     return EXIT_OK

@@ -1,10 +1,10 @@
 """The one validation path: everything start-up checks except connecting to the broker.
 
 ``check-config``, ``run`` (before anything starts) and a reload (before anything is swapped) all call
-``validate``; so a config ``check-config`` accepts starts, and one it rejects is rejected by the running
-agent with the same keys named. It reads what the config points at (password file, TLS files, audio file,
-state directory) and loads the keyword model the config needs (against the configured phrases), so nothing
-left to start-up can fail on the user's input.
+``load_checked`` (the schema, then ``validate``); so a config ``check-config`` accepts starts, and one it
+rejects is rejected by the running agent with the same keys named. It reads what the config points at
+(password file, TLS files, audio file, state directory) and loads the keyword model against the configured
+phrases, so nothing left to start-up can fail on the user's input.
 
 Every problem is collected and raised as one ``ConfigError``, one line per problem, each naming its key.
 """
@@ -14,12 +14,20 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
-from agent.config import STATE_DIR_ENV, Config
+from agent.config import STATE_DIR_ENV, Config, load_config
 from agent.errors import AudioError, ConfigError, ModelError
 
 AUDIO_OVERRIDE_KEY = "--audio"
 _KEYED = re.compile(r"^[\w$.-]+: ")  # a problem line that names its key (gets the file name appended)
+
+
+def load_checked(path: Path, *, audio: str | None = None) -> Config:
+    """The config file, after every check start-up makes (ConfigError naming each bad key)."""
+    config = load_config(path)
+    validate(config, audio=audio)
+    return config
 
 
 def validate(config: Config, *, audio: str | None = None) -> None:

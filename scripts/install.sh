@@ -127,7 +127,7 @@ install_packages() {
 # The unit names /opt/home-agent and /etc/home-agent; follow PREFIX and ETC_DIR when they differ.
 render_unit() {
   sed -e "s#/opt/home-agent/venv/#$VENV/#g" \
-      -e "s#--config /etc/home-agent/config.toml#--config $CONFIG#" \
+      -e "s#--config /etc/home-agent/config.toml#--config $CONFIG#g" \
       "$REPO_DIR/systemd/$SERVICE.service"
 }
 

@@ -76,7 +76,7 @@ def test_online_within_5s_with_every_discovery_config_retained(
     startup = probe.matching(AVAILABILITY, b"online")[0].at - t0
     assert startup < 5.0
     expected = expected_discovery(config)
-    assert len(expected) >= 8  # 5 diagnostics, mute switch, event, sensor (+ anomaly entities)
+    assert len(expected) >= 11  # 8 diagnostics, mute switch, event, sensor (+ anomaly entities)
 
     def all_retained() -> dict[str, bytes] | None:
         found = retained_messages(mosquitto, "homeassistant/#", settle=0.2)

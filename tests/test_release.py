@@ -192,6 +192,8 @@ def test_install_sh_round_trip_into_a_temporary_root(tmp_path: Path, scratch_roo
     exec_start = next(line.removeprefix("ExecStart=") for line in unit.read_text().splitlines()
                       if line.startswith("ExecStart="))
     assert exec_start == f"{venv}/bin/home-agent run --config {config}"
+    # systemctl reload checks the same file first, so a bad config fails the reload with the key named.
+    assert f"ExecReload={venv}/bin/home-agent check-config --config {config}" in unit.read_text()
 
     # The daemon as systemd would start it (minus the sandbox), with a config for the test broker.
     data = base_config(mosquitto, root / "var/lib/home-agent", agent_id="installed")

@@ -181,3 +181,16 @@ def test_config_words_the_model_lacks_are_named(tmp_path: Path) -> None:
     assert "voice.commands.2.say: 'max' is not in the model's labels" in result.stderr
 
 
+
+
+def test_examples_readme_says_which_files_the_model_misses() -> None:
+    """The files voiced by flite slt are known misses (xfail in tests/test_kws_model.py): the examples'
+    README must not list them as working examples (issue 18)."""
+    listing = json.loads((EXAMPLES / "examples.json").read_text(encoding="utf-8"))["files"]
+    missed = [item["file"] for item in listing
+              if any((c["engine"], c["voice"]) == ("flite", "slt") for c in item["commands"])]
+    assert missed  # computer_fan_off.wav
+    rows = {line.split("|")[1].strip(" `"): line for line in
+            (EXAMPLES / "README.md").read_text(encoding="utf-8").splitlines() if line.startswith("| `")}
+    for name in missed:
+        assert "known miss" in rows[name], rows[name]
