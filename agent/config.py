@@ -9,6 +9,7 @@ variable ``HOME_AGENT_MQTT_PASSWORD``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tomllib
@@ -21,6 +22,8 @@ from agent.errors import ConfigError
 
 PASSWORD_ENV = "HOME_AGENT_MQTT_PASSWORD"
 STATE_DIR_ENV = "STATE_DIRECTORY"  # set by systemd's StateDirectory=
+
+log = logging.getLogger("agent.config")
 
 AgentId = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
 ObjectName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
@@ -246,6 +249,12 @@ class AudioSection(Section):
     retry_interval: float = Field(default=5.0, gt=0, le=300)  # wait between microphone reopen attempts
 
 
+# Keys that older configs may still carry: accepted, ignored, warned about once per process.
+# [anomaly] model: the int8 forecaster was retired in issue 15 (models/anomaly.md).
+DEPRECATED_ANOMALY_KEYS = {"model": "the anomaly detector no longer uses a model file"}
+_warned_deprecated: set[str] = set()
+
+
 class AnomalySection(Section):
     enabled: bool = True
     threshold: float = Field(default=0.99, gt=0, le=1)  # score at which an anomaly starts
@@ -254,6 +263,19 @@ class AnomalySection(Section):
     learning_readings: int = Field(default=300, ge=10)  # readings per stream before any alert
     save_interval: float = Field(default=300.0, gt=0)  # how often per-stream state is saved
     publish_interval: float = Field(default=60.0, ge=0)  # seconds between a stream's scores (alerts: at once)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_deprecated(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        kept = dict(data)
+        for key, why in DEPRECATED_ANOMALY_KEYS.items():
+            if kept.pop(key, None) is not None and key not in _warned_deprecated:
+                _warned_deprecated.add(key)
+                log.warning("config: anomaly.%s is deprecated and ignored (%s); remove it from the file",
+                            key, why)
+        return kept
 
     @model_validator(mode="after")
     def _hysteresis(self) -> AnomalySection:

@@ -88,3 +88,26 @@ def test_password_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert MqttSection(password_file=secret).password() == "from-file"  # the file wins, newline stripped
     with pytest.raises(ConfigError, match=r"mqtt\.password_file"):
         MqttSection(password_file=tmp_path / "missing").password()
+
+
+def test_deprecated_anomaly_model_is_ignored_with_one_warning(write_config: Callable[..., Path],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    from agent import config as config_module
+
+    config_module._warned_deprecated.discard("model")
+    data = {"agent": {"id": "kitchen"}, "mqtt": {}, "anomaly": {"model": "models/anomaly.tflite",
+                                                                 "threshold": 0.95}}
+    with caplog.at_level("WARNING", logger="agent.config"):
+        first, second = parse_config(data), parse_config(data)
+    assert first.anomaly.threshold == second.anomaly.threshold == 0.95
+    warnings = [r.getMessage() for r in caplog.records if "anomaly.model" in r.getMessage()]
+    assert warnings == ["config: anomaly.model is deprecated and ignored (the anomaly detector no longer "
+                        "uses a model file); remove it from the file"]
+    # through the real CLI: an old user config still passes, and says why the key is ignored
+    result = run_cli("check-config", "--config",
+                     str(write_config(None, **{"anomaly.model": "/etc/home-agent/anomaly.tflite"})))
+    assert result.returncode == 0, result.stderr
+    assert "anomaly.model is deprecated and ignored" in result.stderr
+    # other unknown keys of the section are still errors
+    result = run_cli("check-config", "--config", str(write_config(None, **{"anomaly.modle": "x"})))
+    assert result.returncode == 2 and "anomaly.modle: Extra inputs are not permitted" in result.stderr

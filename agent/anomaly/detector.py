@@ -42,8 +42,9 @@ from agent.messages import AnomalyKind
 SCALES: Final[tuple[int, ...]] = (1, 8, 64, 256)  # readings per fast average
 # the kind of each statistic: one per scale, then noise, stuck; dropout is scored directly
 KINDS: Final[tuple[AnomalyKind, ...]] = ("spike", "step", "drift", "drift", "noise", "drift", "stuck",
-                                         "dropout")
-KIND_NOISE, KIND_DAILY, KIND_STUCK, KIND_DROPOUT = 4, 5, 6, 7
+                                         "dropout", "step")
+KIND_NOISE, KIND_DAILY, KIND_STUCK, KIND_DROPOUT, KIND_SHIFT = 4, 5, 6, 7, 8
+SHIFT_SCALE = 2  # index in SCALES of the shift test's recent level
 NOISE_SCALE = 16  # readings per fast average of |difference| (the noise statistic)
 N_STATS = len(SCALES) + 3
 DAY = 86400.0
@@ -80,6 +81,10 @@ class Tuning:
     accept_readings: int = 60  # an episode this long is the stream's new normal: it relearns its level
     run_span: float = 50.0  # usual run length of identical values (runs)
     stuck_table: int = 4  # values the stream rests on, tracked with their own usual run length
+    shift_span: float = 2048.0  # the shift test's baseline: the mean of the stream's history, up to this span
+    shift_gain: float = 0.15  # log10 of the shift test's p per squared usual distance
+    shift_clip: float = 3.0  # a recent level beyond this many usual distances is learnt at it
+    shift_warmup: int = 30  # readings of history before the shift test accumulates
 
 
 TUNING = Tuning()
@@ -105,6 +110,9 @@ class StreamState:
     noise_fast: float = 0.0  # fast and reference averages of |difference| (the noise statistic)
     noise_ref: float = 0.0
     slope: float = 0.0  # mean change per reading over about a day, in noise units (daily cycles cancel)
+    base: float = math.nan  # the shift test: mean of the stream's history (expanding, capped) ...
+    base_var: float = 0.0  # ... and the usual squared distance of the recent level from it
+    base_n: int = 0  # readings behind the baseline
     fast: list[float] = field(default_factory=list)  # per scale: fast average
     ref: list[float] = field(default_factory=list)  # per scale: reference average
     tails: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)])
@@ -195,6 +203,7 @@ class StreamDetector:
         self._a_iv = _weight(tu.interval_span)
         self._a_tail = _weight(tu.tail_span)
         self._a_run = _weight(tu.run_span)
+        self._a_base = 1.0 / tu.shift_span
         self._keep = 1.0 - 1.0 / tu.tail_memory
         self._u = tu.tail_u
         self._log_u = math.log(tu.tail_u)
@@ -350,6 +359,15 @@ class StreamDetector:
             lp = self._tail_log10(KIND_STUCK, stats[KIND_STUCK])
             if lp < log10_p:
                 log10_p, kind = lp, KIND_STUCK
+        # shift: the recent level (fast average at SHIFT_SCALE) against the mean of the stream's history, in
+        # units of its usual distance from it (a two-window test; autocorrelation is in that usual distance)
+        shift_z = 0.0
+        if s.base_n > tu.shift_warmup and s.base_var > 0.0 and not at_rest:
+            moved = fast[SHIFT_SCALE] + self._a_fast[SHIFT_SCALE] * (xc - fast[SHIFT_SCALE])
+            shift_z = abs(moved - s.base) / math.sqrt(s.base_var)
+            lp = -tu.shift_gain * shift_z * shift_z
+            if lp < log10_p:
+                log10_p, kind = lp, KIND_SHIFT
         score = self.probability(log10_p + self._log_bonferroni)
         if dropout > score:
             score, kind = dropout, KIND_DROPOUT
@@ -364,6 +382,8 @@ class StreamDetector:
         if not s.active and not at_rest:
             for k in range(KIND_STUCK):
                 self._tail_learn(tails[k], stats[k])
+        if not s.active:
+            self._learn_base(xc, fast[SHIFT_SCALE], shift_z)
         s.slope = slope
         diff = x - last
         bound = tu.clip * noise
@@ -378,6 +398,24 @@ class StreamDetector:
         s.last_time, s.last_value = t, x
         s.n += 1
         return self._track(t, score, kind)
+
+    def _learn_base(self, x: float, level: float, z: float) -> None:
+        """The shift test's baseline: the running mean of the stream's history (an expanding window while
+        the history is shorter than ``shift_span``, so a short stream's whole normal stretch counts) and the
+        usual squared distance of the recent level from it (a move far beyond it is learnt clipped)."""
+        s, tu = self.state, self.tuning
+        s.base_n += 1
+        if s.base_n == 1 or math.isnan(s.base):
+            s.base, s.base_var = x, 0.0
+            return
+        a = max(1.0 / s.base_n, self._a_base)
+        s.base += a * (x - s.base)
+        d = abs(level - s.base)
+        if z > tu.shift_clip:
+            d2 = tu.shift_clip * tu.shift_clip * s.base_var
+        else:  # (squares of absurd values, 1e200, saturate instead of overflowing)
+            d2 = d * d if d < 1e150 else 1e300
+        s.base_var += a * (d2 - s.base_var)
 
     def _envelope(self, t: float, x: float, gap: float) -> float:
         """How far out of the stream's range ``x`` is (1: enough to alert on its own); learns the range."""
@@ -421,6 +459,7 @@ class StreamDetector:
             s.interval_bound = gap
             s.n = 1
             s.max_gap = 1.0
+            s.base_n = 0
             s.tails = [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)]
 
     def _learn_run(self, x: float, entry: list[float] | None) -> None:
@@ -485,6 +524,7 @@ class StreamDetector:
                 s.fast = [s.last_value] * len(SCALES)
                 s.ref = list(s.fast)
                 s.slope = 0.0
+                s.base_n = 0
                 s.low, s.high = min(s.low, s.last_value), max(s.high, s.last_value)
             s.quiet = s.quiet + 1 if score < cfg.clear_threshold else 0
             if s.quiet >= self.tuning.end_readings:
