@@ -1,6 +1,6 @@
 """Slow preparation (installing venvs) started in the background as soon as the session knows it needs it
 (conftest's pytest_collection_finish), so pip's minutes overlap the tests that run before; the fixture that
-needs a result waits for it. One job at a time, in the order started, its commands under ``nice`` (see
+needs a result waits for it. One job at a time, in the order started, its commands under nice and ionice (see
 ``LOW_PRIORITY``): the tests running meanwhile have timing limits and must keep their CPU.
 A job's result is None when it succeeded, else its error text."""
 
@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 
 Work = Callable[[], str | None]
-LOW_PRIORITY = ("nice", "-n", "19")  # prefix for the jobs' commands
+LOW_PRIORITY = ("nice", "-n", "19", "ionice", "-c", "3")  # CPU and disk only when idle
 
 
 class _Job:
