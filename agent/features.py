@@ -66,7 +66,7 @@ class FeatureParams:
         if self.frame_samples < self.hop_samples:
             problems.append("frame_samples must be at least hop_samples")
         if self.frame_samples > self.fft_size:
-            problems.append("frame_samples must not exceed fft_size (python_speech_features would truncate)")
+            problems.append("frame_samples must not exceed fft_size (the FFT would truncate frames)")
         if self.window_samples < self.frame_samples:
             problems.append("the window must hold at least one frame")
         elif self.window_samples % self.hop_samples != 0:

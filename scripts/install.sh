@@ -38,7 +38,7 @@ OPTIONAL_PACKAGES=(mosquitto-clients)  # mosquitto_sub / mosquitto_pub, handy to
 say() { printf 'install: %s\n' "$*"; }
 die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 mode=install
 purge=0

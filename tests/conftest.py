@@ -502,6 +502,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return {item.callspec.params[name] for item in session.items
                 if hasattr(item, "callspec") and name in item.callspec.params}
 
+    # In the order the tests need them (test_ha_acceptance runs before test_release).
+    start_installs(sorted(params("home_assistant"), key=lambda release: release.version))
     needs_wheel = any("wheel" in getattr(item, "fixturenames", ()) for item in session.items)
     release_build.start_builds(needs_wheel, sorted(params("installed")))
-    start_installs(params("home_assistant"))

@@ -55,7 +55,8 @@ def _install(release: HaRelease, python: Path) -> str | None:
         return None
     run_dir = REPO_ROOT / ".cache" / "ha-run" / f"install-{os.getpid()}"
     try:
-        done = subprocess.run([str(HARNESS), "install"], env=release.env(python, run_dir),
+        done = subprocess.run([*background.LOW_PRIORITY, str(HARNESS), "install"],
+                              env=release.env(python, run_dir),
                               capture_output=True, text=True, timeout=INSTALL_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         return f"no result after {INSTALL_TIMEOUT:.0f} s"

@@ -21,11 +21,12 @@ TIMEOUT = 900.0
 _HIDDEN_ENV = {"PYTHONPATH", "VIRTUAL_ENV", "HOME_AGENT_MQTT_PASSWORD", "STATE_DIRECTORY", "NOTIFY_SOCKET"}
 
 
-def run(*args: str | Path, cwd: Path, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+def run(*args: str | Path, cwd: Path, timeout: float = 300.0,
+        prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """A command with none of the checkout's environment (PYTHONPATH, a venv, the agent's variables)."""
     env = {k: v for k, v in os.environ.items() if k not in _HIDDEN_ENV}
-    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, timeout=timeout,
-                            check=False)
+    result = subprocess.run([*prefix, *(str(a) for a in args)], cwd=cwd, env=env, capture_output=True,
+                            timeout=timeout, check=False)
     return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(errors="replace"),
                                        result.stderr.decode(errors="replace"))
 
@@ -59,12 +60,12 @@ def _build_wheel() -> str | None:
     shutil.rmtree(source, ignore_errors=True)
     copy_checkout(source)
     built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", DIST, source,
-                cwd=source)
+                cwd=source, prefix=background.LOW_PRIORITY)
     return None if built.returncode == 0 else f"building the wheel failed:\n{built.stderr[-3000:]}"
 
 
 def _build_venv(version: str) -> str | None:
-    error = wait_wheel()
+    error = wait_wheel()  # queued before every venv job (start_builds, wait_venv): already done here
     if error is not None:
         return error
     python = find_python(version)
@@ -73,18 +74,19 @@ def _build_venv(version: str) -> str | None:
     venv = venv_dir(version)
     shutil.rmtree(venv, ignore_errors=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    created = run(python, "-m", "venv", venv, cwd=CACHE)
+    created = run(python, "-m", "venv", venv, cwd=CACHE, prefix=background.LOW_PRIORITY)
     if created.returncode != 0:
         return f"python{version} -m venv failed:\n{created.stderr[-3000:]}"
     pip = run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel_path(), cwd=CACHE,
-              timeout=TIMEOUT)
+              timeout=TIMEOUT, prefix=background.LOW_PRIORITY)
     if pip.returncode != 0:
         return f"pip install {wheel_path().name} on Python {version} failed:\n{pip.stderr[-3000:]}"
     return None
 
 
 def start_builds(wheel: bool, versions: Iterable[str]) -> None:
-    if wheel:
+    versions = list(versions)
+    if wheel or versions:
         background.start("release wheel", _build_wheel)
     for version in versions:
         if find_python(version) is not None:
@@ -96,4 +98,7 @@ def wait_wheel() -> str | None:
 
 
 def wait_venv(version: str) -> str | None:
+    error = wait_wheel()
+    if error is not None:
+        return error
     return background.wait(f"release venv {version}", lambda: _build_venv(version), TIMEOUT * 2)
