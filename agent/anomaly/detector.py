@@ -82,7 +82,8 @@ class Tuning:
     run_span: float = 50.0  # usual run length of identical values (runs)
     stuck_table: int = 4  # values the stream rests on, tracked with their own usual run length
     shift_span: float = 2048.0  # the shift test's baseline: the mean of the stream's history, up to this span
-    shift_gain: float = 0.15  # log10 of the shift test's p per squared usual distance
+    shift_gain: float = 0.2  # log10 of the shift test's p per squared usual distance ...
+    shift_looks: float = 0.5  # ... plus this x log10 of its looks so far (readings of history / scale)
     shift_clip: float = 3.0  # a recent level beyond this many usual distances is learnt at it
     shift_warmup: int = 30  # readings of history before the shift test accumulates
 
@@ -365,7 +366,12 @@ class StreamDetector:
         if s.base_n > tu.shift_warmup and s.base_var > 0.0 and not at_rest:
             moved = fast[SHIFT_SCALE] + self._a_fast[SHIFT_SCALE] * (xc - fast[SHIFT_SCALE])
             shift_z = abs(moved - s.base) / math.sqrt(s.base_var)
+            # a false-alarm rate per unit of the stream's own history: the longer the history, the more
+            # independent looks (one per SHIFT_SCALE readings) the test has had, the more evidence it needs
+            looks = s.base_n / SCALES[SHIFT_SCALE]
             lp = -tu.shift_gain * shift_z * shift_z
+            if looks > 1.0:
+                lp += tu.shift_looks * math.log10(looks)
             if lp < log10_p:
                 log10_p, kind = lp, KIND_SHIFT
         score = self.probability(log10_p + self._log_bonferroni)
