@@ -17,7 +17,8 @@ What the agent must publish on the state topics these payloads point to:
 
 - ``Topics.availability``: ``online`` / ``offline`` (retained; last will);
 - ``Topics.diagnostics``: a JSON object with the numeric keys ``DIAGNOSTIC_KEYS``
-  (``uptime`` in seconds, ``messages_in``, ``messages_out``, ``dropped``, ``bad_payloads``);
+  (``uptime`` in seconds, ``messages_in``, ``messages_out``, ``dropped``, ``bad_payloads``; with
+  ``[arbitration]`` also ``arbitrations_won`` and ``arbitrations_lost``);
 - ``Topics.sensor_state(sensor)``: the last accepted reading as a plain number;
 - ``Topics.mute_state``: ``ON`` / ``OFF`` (retained); commands arrive on ``Topics.mute_set``;
 - ``Topics.event``: ``{"event_type": <one of event_types>, ...}``, never retained;
@@ -56,6 +57,12 @@ DIAGNOSTIC_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("bad_payloads", "Bad payloads", {"state_class": "total_increasing", "icon": "mdi:alert-circle-outline"}),
 )
 DIAGNOSTIC_KEYS = tuple(key for key, _, _ in DIAGNOSTIC_SENSORS)
+# With [arbitration]: how often this agent acted on an utterance the group heard, and how often another did.
+ARBITRATION_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("arbitrations_won", "Arbitrations won", {"state_class": "total_increasing", "icon": "mdi:trophy"}),
+    ("arbitrations_lost", "Arbitrations lost",
+     {"state_class": "total_increasing", "icon": "mdi:account-voice-off"}),
+)
 MUTE_OBJECT = "mute"
 EVENT_OBJECT = "voice_intent"
 # Per-stream objects get a prefix per kind; built-in objects use none of these prefixes, and sensor ids
@@ -127,7 +134,7 @@ def discovery_messages(
             "o": origin,
         }
 
-    for key, name, extra in DIAGNOSTIC_SENSORS:
+    for key, name, extra in (*DIAGNOSTIC_SENSORS, *(ARBITRATION_SENSORS if config.arbitration else ())):
         add("sensor", key, name, {
             "state_topic": topics.diagnostics,
             "value_template": f"{{{{ value_json.{key} }}}}",
