@@ -213,7 +213,13 @@ class Arbitration:
 
     @property
     def pending(self) -> int:
+        """Our claims not yet done with (undecided, or lost and waiting for the winner to confirm)."""
         return len(self._rounds)
+
+    @property
+    def undecided(self) -> int:
+        """Our claims whose round has not closed yet."""
+        return sum(1 for current in self._rounds.values() if current.leader is None)
 
     def _matches(self, seen: _Seen, intent: str, ref: float) -> bool:
         return seen.claim.intent == intent and abs(seen.ref - ref) <= self.match_tolerance
@@ -418,6 +424,12 @@ class GroupArbiter:
     def counters(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    @property
+    def undecided(self) -> int:
+        """Intents still waiting for the group's decision (``--exit-at-end`` waits for them)."""
+        with self._lock:
+            return self._core.undecided + len(self._pending)
 
     # ----------------------------------------------------------------- the voice thread
 

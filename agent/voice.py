@@ -397,9 +397,13 @@ class VoiceStage:
             arbiter = GroupArbiter(config, publish=app.link.publish, subscribe=app.link.subscribe,
                                    call_later=app.call_later)
             app.add_counters(arbiter.counters)
+
+        def queued() -> int:  # exit-at-end also waits for intents the group has not decided yet
+            return app.link.queued + (arbiter.undecided if arbiter is not None else 0)
+
         return cls(config=config, pipeline=pipeline, source=source, publish=app.link.publish,
                    request_action=app.request_action, is_muted=lambda: app.muted,
-                   queued=lambda: app.link.queued, wait_online=app.link.wait_connected,
+                   queued=queued, wait_online=app.link.wait_connected,
                    on_end=app.request_stop if exit_at_end else None, arbiter=arbiter)
 
     # ----------------------------------------------------------------- Stage interface

@@ -4,13 +4,18 @@ commands in step at different SNRs by ``bench.arbitration_bench.Group.play`` (re
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import Mosquitto, MqttProbe
 
 from bench.arbitration_bench import (
+    ACTION_TOPICS,
     Group,
     Heard,
     agent_config,
@@ -18,6 +23,7 @@ from bench.arbitration_bench import (
     planned,
     render,
     running_group,
+    toml,
 )
 from bench.broker import find_mosquitto
 
@@ -134,3 +140,58 @@ def test_killing_an_agent_mid_claim_leaves_exactly_one_action(tmp_path: Path, vi
     # The will came while the round was open (the next best simply won) or after it closed (took over).
     decisions = ("arbitration: won heating_up", "arbitration: took over heating_up")
     assert any(decision in logs[survivors_best] for decision in decisions), logs[survivors_best][-3000:]
+
+
+def test_broker_down_nothing_is_decided_and_nothing_is_sent_late(
+        tmp_path: Path, mosquitto: Mosquitto, mqtt_client: Callable[..., MqttProbe]) -> None:
+    """The broker is down while the agent hears a command and back within the action's ttl (5 s): without
+    arbitration the command would still go out; in a group the claim expired after the window, the agent
+    withdrew, and nothing of the command is sent once the broker is back."""
+    config = agent_config(mosquitto.port, tmp_path, "solo")
+    config["mqtt"].update(reconnect_min_delay=0.1, reconnect_max_delay=0.3)
+    utterances = planned(["computer_heat_up.wav"], [{"solo": 0.0}])
+    streams = render(utterances, {"solo": 30.0}, seed=6)
+    group = Group(tmp_path, mosquitto.port, [config])
+    try:
+        group.wait_online()
+        mosquitto.stop()
+        played = group.play(streams)
+        spoken_end = played.started_wall + utterances[0].command_end("solo")
+        mosquitto.start()
+        probe = mqtt_client(mosquitto).subscribe("#")
+        probe.wait_for("home-agent/solo/availability", b"online", timeout=10)
+        assert time.time() - spoken_end < 5.0  # still within the ttl: today's path would send it now
+        diagnostics = probe.wait_for("home-agent/solo/diagnostics", timeout=5)
+        time.sleep(1.0)
+        log = group.agents["solo"].log_text()
+    finally:
+        group.close()
+    assert "voice: intent heating_up" in log
+    assert "arbitration: not acting on heating_up: our claim did not come back from the broker" in log
+    assert json.loads(diagnostics.payload)["arbitrations_lost"] == 1
+    sent = [m.topic for m in probe.messages]
+    assert ACTION_TOPICS["heating_up"] not in sent
+    assert not [t for t in sent if t.endswith("/intent") or t.startswith("hermes/")]
+    claims = [json.loads(m.payload)["type"] for m in probe.matching("home-agent/arbitration/#")]
+    assert "claim" not in claims and "won" not in claims
+
+
+def test_exit_at_end_waits_for_the_decision_and_says_who_acted(
+        tmp_path: Path, mosquitto: Mosquitto, mqtt_client: Callable[..., MqttProbe]) -> None:
+    probe = mqtt_client(mosquitto).subscribe("#")
+    config = agent_config(mosquitto.port, tmp_path, "kitchen", window=0.5)
+    config["audio"]["realtime"] = False
+    path = tmp_path / "kitchen.toml"
+    path.write_text(toml(config), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(path), "--audio",
+         f"file:{REPO_ROOT / 'examples' / 'computer_light_on.wav'}", "--exit-at-end"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert probe.wait_for(ACTION_TOPICS["light_on"], timeout=5).payload == b"ON"
+    kinds = [json.loads(m.payload)["type"] for m in probe.matching("home-agent/arbitration/home/claims")]
+    assert kinds == ["claim", "won"]
+    intent = json.loads(probe.wait_for("home-agent/kitchen/intent", timeout=5).payload)
+    event = json.loads(probe.wait_for("home-agent/kitchen/event", timeout=5).payload)
+    assert intent["agent"] == event["agent"] == "kitchen"
+    assert json.loads(probe.wait_for("hermes/intent/light_on", timeout=5).payload)["siteId"] == "kitchen"
