@@ -6,24 +6,26 @@ QoS 1, never retained, and one of:
 - ``claim``: an agent recognised an intent. It says how well it heard it (``snr``: a signal-to-noise estimate
   in dB from its own audio, the ``wake`` and ``command`` scores) and ``ago``: the seconds between the moment
   its audio completed the intent and sending the claim. A claim expires after the window (never sent late).
-- ``won``: the agent that acts says so, then publishes the intent and fires the action.
-- ``withdrawn``: the agent whose claim was best cannot act after all (its claim never came back from the
-  broker): the next best takes over.
+- ``close``: ends the round that a claim opened. Whatever the broker delivered before it belongs to the round.
+- ``won``: the winner says so, then publishes the intent and fires the action.
 
-Claims match up without synchronised clocks. A receiver places the utterance of every claim on its OWN
-monotonic clock, at ``received - ago``; claims for the same intent that land within ``match_tolerance`` of
-each other are one utterance (a repeated command comes at least a whole utterance, > 1 s, later). Rounds
-follow the broker's order: a round opens with the first claim received for an utterance and closes ``window``
-later; a claim that arrives after that is late and loses (the round's winner may have acted already). At the
-close every agent ranks the claims it received (the same set everywhere: the broker sends them to all in one
-order): higher SNR first, then the higher command score, the higher wake score, the lower agent id. Only the
-best claim's agent acts; the others log and count a lost arbitration and publish nothing more.
+Decisions follow the broker's ORDER, never clocks compared across machines: the broker delivers the messages
+of one topic to every subscriber in the same order, so every agent sees the same rounds and the same winner.
+A claim whose utterance matches no round still open opens one; its agent publishes ``close`` ``window``
+seconds after publishing the claim (less the broker's round trip, so that a lone agent waits the window and
+no more). The claims delivered between a round's first claim and its first ``close`` are the round; the best
+of them wins: higher SNR, then higher command score, higher wake score, lower agent id. A claim delivered
+after the close is late and loses (the winner has acted); an agent that sees the round closed already does
+not even send its claim. Claims match one utterance without synchronised clocks: each receiver places a
+claim's utterance on its OWN monotonic clock at ``received - ago``, and claims for the same intent within
+``match_tolerance`` of a round's first claim belong to it (a repeated command comes a whole utterance,
+more than a second, later).
 
-Failures: an agent acts only once its own claim has come back from the broker (otherwise the others may never
-have seen it and would act too); while the broker is down nothing is decided, and nothing is sent late.
-A winner that dies before saying ``won`` (the broker publishes its last will, ``offline`` on its
-availability topic) or withdraws is replaced by the best surviving claim of the round, until the intent's
-time-to-live ends.
+Failures: a round whose first claimant goes silent is closed by the next claimant (at once when the broker
+announces the first one's last will, ``offline`` on its availability topic; otherwise one window later per
+place in the round); any close will do, since only the first one in the broker's order counts. A winner that
+goes offline before saying ``won`` is replaced by the best remaining claim of the round, until the intent's
+time-to-live ends. While the broker is down claims expire unsent: nothing is decided and nothing is sent late.
 
 :class:`Arbitration` is the decision logic, pure (no I/O, the caller passes the time); :class:`LevelMeter`
 estimates the SNR; :class:`GroupArbiter` wires both to the MQTT link and the supervisor's timers.
@@ -41,7 +43,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -55,8 +57,7 @@ from agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
-MessageKind = Literal["claim", "won", "withdrawn"]
-NOTICE_KINDS: tuple[MessageKind, ...] = ("won", "withdrawn")
+NoticeKind = Literal["close", "won"]
 # Foreign claims are remembered this long: a claim arriving after ours, from a slow agent, must still find
 # its utterance; a command repeated later must not (it is matched by utterance time, not by this).
 MEMORY_SECONDS = 10.0
@@ -103,11 +104,11 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Notice:
-    """``won`` or ``withdrawn`` for a claim."""
+    """``close`` (``claim``: the round's first claim) or ``won`` (``claim``: the winning claim)."""
 
-    kind: MessageKind
-    agent: str
-    claim: str  # the claim's id
+    kind: NoticeKind
+    agent: str  # who sends it
+    claim: str  # a claim's id
 
     def payload(self) -> bytes:
         return _dumps({"type": self.kind, "agent": self.agent, "claim": self.claim})
@@ -145,8 +146,8 @@ def parse_message(payload: bytes) -> Claim | Notice:
     agent = _text(data, "agent")
     if not _AGENT_ID.match(agent):
         raise PayloadError(f"arbitration message: invalid agent id {agent!r}")
-    if kind in NOTICE_KINDS:
-        return Notice(kind, agent, _text(data, "claim"))
+    if kind in {"close", "won"}:
+        return Notice("close" if kind == "close" else "won", agent, _text(data, "claim"))
     if kind != "claim":
         raise PayloadError(f"arbitration message: unknown type {kind!r}")
     return Claim(id=_text(data, "id"), agent=agent, intent=_text(data, "intent"),
@@ -157,13 +158,14 @@ def parse_message(payload: bytes) -> Claim | Notice:
 # --------------------------------------------------------------------------------------------- decisions
 
 
-OutcomeKind = Literal["won", "lost", "took_over", "withdrawn"]
+OutcomeKind = Literal["close", "won", "took_over", "lost", "unheard"]
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A decision about one of our claims. ``won``/``took_over``: say ``won``, then ``act``. ``lost``: a
-    better claim (``winner``) acts. ``withdrawn``: we cannot act; say so, so the next best takes over."""
+    """What the caller must do about one of our claims. ``close``: publish ``close`` for the round ``claim``
+    opened (a claim of any agent). ``won``/``took_over``: publish ``won``, then ``act()``. ``lost``: a better
+    claim (``winner``) acts, or ours came too late. ``unheard``: our claim never came back from the broker."""
 
     kind: OutcomeKind
     claim: Claim
@@ -175,175 +177,204 @@ class Outcome:
 
 
 @dataclass(slots=True, eq=False)
-class _Seen:
+class _Entry:
     claim: Claim
     received: float  # on our clock
-    gone: bool = False  # withdrawn, or its agent went offline without saying "won"
-    acted: bool = False
-
-    @property
-    def ref(self) -> float:
-        """When the claimant's audio completed the intent, on our clock."""
-        return self.received - self.claim.ago
+    gone: bool = False  # its agent went offline before this claim's round was done
 
 
 @dataclass(slots=True, eq=False)
 class _Round:
-    own: Claim
-    ref: float
-    deadline: float  # the round closes: window after its first claim
+    entries: list[_Entry]  # in the broker's order; the first opened the round
+    closed: bool = False
+    winner: _Entry | None = None
+    done: bool = False  # the winner said "won"
+
+    @property
+    def opener(self) -> _Entry:
+        return self.entries[0]
+
+    @property
+    def ref(self) -> float:
+        """When the first claimant's audio completed the intent, on our clock."""
+        return self.opener.received - self.opener.claim.ago
+
+    def best(self) -> _Entry | None:
+        return min((e for e in self.entries if not e.gone), key=lambda e: e.claim.rank(), default=None)
+
+
+@dataclass(slots=True, eq=False)
+class _Mine:
+    claim: Claim
+    sent: float  # when we published it
     expires: float  # the intent's time-to-live ends
     act: Callable[[], None]
-    rivals: dict[str, _Seen] = field(default_factory=dict)  # claim id -> claim, received before the close
-    echoed: bool = False  # our claim came back from the broker
-    leader: _Seen | None = None  # lost to it; waiting for its "won" (or its departure)
+    round: _Round | None = None  # once it came back from the broker
+    closed_by_us: bool = False
+    finished: bool = False  # won, lost, or given up
 
 
 class Arbitration:
-    """The decisions of one agent. Pure: the caller passes ``now`` (monotonic seconds) everywhere, sends the
-    claims it opens, feeds in what the group topic and the peers' availability say, calls ``due`` when
-    ``next_due`` comes, and carries out the returned outcomes. Not thread-safe."""
+    """The decisions of one agent. Pure: the caller passes ``now`` (monotonic seconds) everywhere, publishes
+    the claims ``open`` accepts, feeds in everything from the group topic (ours included: the broker echoes
+    them) and the peers' last wills, calls ``due`` at ``next_due``, and carries out the outcomes. Not
+    thread-safe."""
 
     def __init__(self, agent_id: str, *, window: float, match_tolerance: float) -> None:
         self.agent_id = agent_id
         self.window = window
         self.match_tolerance = match_tolerance
-        self._seen: dict[str, _Seen] = {}  # foreign claims by id
-        self._rounds: dict[str, _Round] = {}  # our undecided (or waiting) claims by id
-
-    @property
-    def pending(self) -> int:
-        """Our claims not yet done with (undecided, or lost and waiting for the winner to confirm)."""
-        return len(self._rounds)
+        self._rounds: list[_Round] = []  # oldest first
+        self._mine: dict[str, _Mine] = {}  # our claims not finished yet, by id
 
     @property
     def undecided(self) -> int:
         """Our claims whose round has not closed yet."""
-        return sum(1 for current in self._rounds.values() if current.leader is None)
+        return sum(1 for mine in self._mine.values() if mine.round is None or not mine.round.closed)
 
-    def _matches(self, seen: _Seen, intent: str, ref: float) -> bool:
-        return seen.claim.intent == intent and abs(seen.ref - ref) <= self.match_tolerance
+    def _round_for(self, claim: Claim, ref: float) -> _Round | None:
+        """The round of this utterance: same intent, its first claim's utterance nearest to ``ref``."""
+        candidates = [r for r in self._rounds if r.opener.claim.intent == claim.intent
+                      and abs(r.ref - ref) <= self.match_tolerance]
+        return min(candidates, key=lambda r: abs(r.ref - ref), default=None)
 
     def open(self, claim: Claim, now: float, *, expires: float, act: Callable[[], None]) -> list[Outcome]:
-        """Our own claim, about to be sent. Returns a ``lost`` outcome at once (send nothing) when the round
-        for this utterance closed already; otherwise nothing until ``due``."""
+        """Our own claim, about to be published. Returns ``lost`` at once (publish nothing) when its round
+        closed already; otherwise the claim is published and its fate follows."""
         self._prune(now)
-        ref = now - claim.ago
-        matching = [seen for seen in self._seen.values() if self._matches(seen, claim.intent, ref)]
-        first = min((seen.received for seen in matching), default=now)
-        acted = next((seen for seen in matching if seen.acted), None)
-        if acted is not None:
-            return [Outcome("lost", claim, act, expires, winner=acted.claim, rivals=len(matching),
-                            reason="it acted already")]
-        if now > first + self.window:
-            earliest = min(matching, key=lambda seen: seen.received)
-            return [Outcome("lost", claim, act, expires, winner=earliest.claim, rivals=len(matching),
-                            reason=f"late: {earliest.claim.agent} claimed it {now - first:.3f} s before us")]
-        deadline = min(first, now) + self.window
-        self._rounds[claim.id] = _Round(claim, ref, deadline, expires, act,
-                                        {seen.claim.id: seen for seen in matching})
+        current = self._round_for(claim, now - claim.ago)
+        if current is not None and current.closed:
+            winner = current.winner.claim if current.winner is not None else None
+            return [Outcome("lost", claim, act, expires, winner=winner, rivals=len(current.entries),
+                            reason="late: the round was closed before we heard it")]
+        self._mine[claim.id] = _Mine(claim, now, expires, act)
         return []
 
     def receive(self, message: Claim | Notice, now: float) -> list[Outcome]:
-        """A message from the group topic (our own included: the broker echoes them)."""
+        """A message from the group topic, in the broker's order."""
         self._prune(now)
-        if message.agent == self.agent_id:
-            if isinstance(message, Claim) and message.id in self._rounds:
-                self._rounds[message.id].echoed = True
-                return self.due(now)
-            return []
         if isinstance(message, Claim):
-            seen = _Seen(message, now)
-            self._seen[message.id] = seen
-            for current in self._rounds.values():
-                if current.leader is None and now <= current.deadline \
-                        and self._matches(seen, current.own.intent, current.ref):
-                    current.rivals[message.id] = seen
-            return []
-        target = self._seen.get(message.claim)
-        if target is None or target.claim.agent != message.agent:
+            return self._on_claim(message, now)
+        current = next((r for r in self._rounds
+                        if any(e.claim.id == message.claim for e in r.entries)), None)
+        if current is None:
             return []
         if message.kind == "won":
-            target.acted = True
-            outcomes = []
-            for claim_id, current in list(self._rounds.items()):
-                if message.claim not in current.rivals:
-                    continue
-                del self._rounds[claim_id]  # someone acted on this utterance: it is done
-                if current.leader is None:  # it closed its round before we did ours
-                    outcomes.append(Outcome("lost", current.own, current.act, current.expires,
-                                            winner=target.claim, rivals=len(current.rivals),
-                                            reason="it acted before our round closed"))
-            return outcomes
-        target.gone = True
-        return self._successions()
+            current.done = True
+            for entry in current.entries:  # nothing left to wait for
+                if entry.claim.id in self._mine:
+                    self._mine[entry.claim.id].finished = True
+            return []
+        if current.closed or message.claim != current.opener.claim.id:
+            return []  # only the first close of a round counts
+        current.closed = True
+        current.winner = current.best()
+        return self._settle(current)
 
     def offline(self, agent: str, now: float) -> list[Outcome]:
-        """``agent`` went offline (its last will): its claims that never said "won" no longer count."""
+        """``agent`` went offline (its last will): its claims in rounds not done no longer count."""
         self._prune(now)
-        for seen in self._seen.values():
-            if seen.claim.agent == agent and not seen.acted:
-                seen.gone = True
-        return self._successions()
+        outcomes: list[Outcome] = []
+        for current in self._rounds:
+            if current.done:
+                continue
+            for entry in current.entries:
+                if entry.claim.agent == agent:
+                    entry.gone = True
+            if current.closed and current.winner is not None and current.winner.gone:
+                current.winner = current.best()  # a successor, if any claimant is left
+                outcomes.extend(self._settle(current, took_over=True))
+        return outcomes
 
     def due(self, now: float) -> list[Outcome]:
-        """Close the rounds whose time has come."""
+        """Close the rounds whose time has come; give up on claims the broker never returned."""
         outcomes: list[Outcome] = []
-        for claim_id, current in list(self._rounds.items()):
-            if current.leader is not None:
-                if now >= current.expires:
-                    del self._rounds[claim_id]  # the winner never confirmed; acting now would be late
+        for mine in list(self._mine.values()):
+            current = mine.round
+            if current is None:
+                if now >= mine.expires:
+                    mine.finished = True
+                    outcomes.append(Outcome("unheard", mine.claim, mine.act, mine.expires,
+                                            reason="our claim never came back from the broker"))
                 continue
-            if now < current.deadline:
-                continue
-            if not current.echoed:
-                if now < current.deadline + self.window:
-                    continue  # the broker is slow: wait one more window for our claim to come back
-                del self._rounds[claim_id]
-                outcomes.append(Outcome("withdrawn", current.own, current.act, current.expires,
-                                        rivals=len(current.rivals),
-                                        reason="our claim did not come back from the broker in time"))
-                continue
-            outcomes.extend(self._decide(claim_id, current, "won"))
+            if not current.closed and not mine.closed_by_us:
+                at = self._close_at(mine, current)
+                if at is not None and now >= at:
+                    mine.closed_by_us = True
+                    outcomes.append(Outcome("close", current.opener.claim, mine.act, mine.expires))
+            if current.closed and now >= mine.expires:
+                mine.finished = True  # lost, waiting for a winner that never confirmed: too late now
+        self._mine = {k: m for k, m in self._mine.items() if not m.finished}
         return outcomes
 
     def next_due(self, now: float) -> float | None:
         """When ``due`` should run next (None: nothing pending)."""
         times = []
-        for current in self._rounds.values():
-            if current.leader is not None:
-                times.append(current.expires)
-            elif now < current.deadline or current.echoed:
-                times.append(current.deadline)
-            else:
-                times.append(current.deadline + self.window)
+        for mine in self._mine.values():
+            times.append(mine.expires)
+            if mine.round is not None and not mine.round.closed and not mine.closed_by_us:
+                at = self._close_at(mine, mine.round)
+                if at is not None:
+                    times.append(at)
         return min(times, default=None)
 
-    def _decide(self, claim_id: str, current: _Round, win: OutcomeKind) -> list[Outcome]:
-        standing = [seen for seen in current.rivals.values() if not seen.gone]
-        best = min(standing, key=lambda seen: seen.claim.rank(), default=None)
-        if best is None or current.own.rank() < best.claim.rank():
-            del self._rounds[claim_id]
-            return [Outcome(win, current.own, current.act, current.expires, rivals=len(current.rivals))]
-        lost = current.leader is None
-        current.leader = best
-        if not lost:
-            return []  # a successor that is not us: keep waiting
-        return [Outcome("lost", current.own, current.act, current.expires, winner=best.claim,
-                        rivals=len(current.rivals))]
+    def _close_at(self, mine: _Mine, current: _Round) -> float | None:
+        """When we close a round we have a claim in: the first claimant one window after sending its claim,
+        less the broker's round trip (its claim reached the others that much earlier); if it went offline,
+        the next one at once; every later claimant one window later per place, in case the ones before went
+        silent without going offline."""
+        standing = [e for e in current.entries if not e.gone]
+        place = next((i for i, e in enumerate(standing) if e.claim.id == mine.claim.id), None)
+        if place is None:
+            return None
+        if current.opener.claim.id == mine.claim.id:
+            round_trip = min(max(0.0, current.opener.received - mine.sent), self.window / 2)
+            return mine.sent + self.window - round_trip
+        return current.opener.received + self.window * (1 + place)
 
-    def _successions(self) -> list[Outcome]:
+    def _on_claim(self, claim: Claim, now: float) -> list[Outcome]:
+        entry = _Entry(claim, now)
+        current = self._round_for(claim, now - claim.ago)
+        mine = self._mine.get(claim.id) if claim.agent == self.agent_id else None
+        if current is None:
+            current = _Round([entry])
+            self._rounds.append(current)
+        elif current.closed:
+            if mine is None:
+                return []  # late; its agent sees the same and stands down
+            mine.finished = True
+            del self._mine[claim.id]
+            winner = current.winner.claim if current.winner is not None else None
+            return [Outcome("lost", claim, mine.act, mine.expires, winner=winner, rivals=len(current.entries),
+                            reason="late: it reached the broker after the round was closed")]
+        else:
+            current.entries.append(entry)
+        if mine is not None:
+            mine.round = current
+        return []
+
+    def _settle(self, current: _Round, *, took_over: bool = False) -> list[Outcome]:
+        """Outcomes for our claims in a round that now has a winner (or a new one)."""
         outcomes: list[Outcome] = []
-        for claim_id, current in list(self._rounds.items()):
-            if current.leader is not None and current.leader.gone:
-                outcomes.extend(self._decide(claim_id, current, "took_over"))
+        winner = current.winner
+        rivals = len(current.entries) - 1
+        for entry in current.entries:
+            mine = self._mine.get(entry.claim.id)
+            if mine is None or mine.finished:
+                continue
+            if entry is winner:
+                mine.finished = True
+                outcomes.append(Outcome("took_over" if took_over else "won", entry.claim, mine.act,
+                                        mine.expires, rivals=rivals))
+            elif not took_over:  # lost once; a later succession only matters to the new winner
+                outcomes.append(Outcome("lost", entry.claim, mine.act, mine.expires,
+                                        winner=winner.claim if winner is not None else None, rivals=rivals))
         return outcomes
 
     def _prune(self, now: float) -> None:
-        in_use = {claim_id for current in self._rounds.values() for claim_id in current.rivals}
-        for claim_id in [claim_id for claim_id, seen in self._seen.items()
-                         if seen.received < now - MEMORY_SECONDS and claim_id not in in_use]:
-            del self._seen[claim_id]
+        live = {id(mine.round) for mine in self._mine.values() if mine.round is not None}
+        self._rounds = [r for r in self._rounds if id(r) in live or r.opener.received >= now - MEMORY_SECONDS]
+        self._mine = {k: m for k, m in self._mine.items() if not m.finished}
 
 
 # --------------------------------------------------------------------------------------------- SNR
@@ -501,6 +532,10 @@ class GroupArbiter:
 
     def _carry_out(self, outcome: Outcome) -> None:
         claim = outcome.claim
+        if outcome.kind == "close":  # may arrive late: only the first close of a round counts, for everyone
+            self._publish(self.topic, Notice("close", self.agent_id, claim.id).payload(), qos=1,
+                          expires_mono=outcome.expires)
+            return
         if outcome.kind in ("won", "took_over"):
             # "won" first: if we die before it leaves, neither does the action (queued after it) and the next
             # best takes over; once it has left, the others stand down.
@@ -516,13 +551,12 @@ class GroupArbiter:
             outcome.act()
             return
         self._count("arbitrations_lost")
-        if outcome.kind == "withdrawn":
-            self._publish(self.topic, Notice("withdrawn", self.agent_id, claim.id).payload(), qos=1,
-                          expires_mono=outcome.expires)
+        if outcome.kind == "unheard":
             log.warning("arbitration: not acting on %s: %s", claim.intent, outcome.reason)
-        elif outcome.winner is not None:
-            log.info("arbitration: lost %s to %s; ours: snr %.1f dB%s", claim.intent,
-                     outcome.winner.describe(), claim.snr, f" ({outcome.reason})" if outcome.reason else "")
+            return
+        winner = outcome.winner.describe() if outcome.winner is not None else "nobody left"
+        log.info("arbitration: lost %s to %s; ours: snr %.1f dB%s", claim.intent, winner, claim.snr,
+                 f" ({outcome.reason})" if outcome.reason else "")
 
     def _count(self, name: str) -> None:
         with self._lock:

@@ -53,33 +53,102 @@ def kinds(outcomes: list[Outcome]) -> list[str]:
     return [outcome.kind for outcome in outcomes]
 
 
-def test_a_lone_agent_wins_after_the_window_once_its_claim_came_back() -> None:
-    core = arbiter()
-    own = claim("kitchen", 20.0)
-    assert core.open(own, 10.0, expires=15.0, act=lambda: None) == []
-    assert core.next_due(10.0) == pytest.approx(10.0 + WINDOW)
-    assert core.receive(own, 10.002) == []  # the echo, before the close
-    assert core.due(10.1) == []
-    outcomes = core.due(10.0 + WINDOW)
-    assert kinds(outcomes) == ["won"] and outcomes[0].claim == own and outcomes[0].rivals == 0
-    assert core.pending == 0 and core.next_due(11.0) is None
+class Home:
+    """Pure cores around a simulated broker: every message reaches every live agent 1 ms after the broker
+    took it, all in one order (as mosquitto does); time advances in 1 ms steps and ``due`` runs each step."""
+
+    LATENCY = 0.001
+
+    def __init__(self, *names: str, window: float = WINDOW) -> None:
+        self.cores = {name: Arbitration(name, window=window, match_tolerance=TOLERANCE) for name in names}
+        self.now = 0.0
+        self.events: list[tuple[float, int, Callable[[], None]]] = []
+        self.sequence = 0
+        self.acted: list[tuple[str, str, float]] = []  # (agent, intent, time)
+        self.outcomes: dict[str, list[Outcome]] = {name: [] for name in names}
+        self.traffic: list[Claim | Notice] = []
+
+    def at(self, when: float, callback: Callable[[], None]) -> None:
+        self.sequence += 1
+        self.events.append((when, self.sequence, callback))
+
+    def publish(self, message: Claim | Notice) -> None:
+        def broker() -> None:
+            self.traffic.append(message)
+            for name in list(self.cores):
+                self.at(self.now + self.LATENCY, lambda name=name: self.deliver(name, message))
+        self.at(self.now + self.LATENCY, broker)
+
+    def deliver(self, name: str, message: Claim | Notice) -> None:
+        if name in self.cores:
+            self.handle(name, self.cores[name].receive(message, self.now))
+
+    def handle(self, name: str, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            self.outcomes[name].append(outcome)
+            if outcome.kind == "close":
+                self.publish(Notice("close", name, outcome.claim.id))
+            elif outcome.kind in ("won", "took_over"):
+                self.publish(Notice("won", name, outcome.claim.id))
+                self.acted.append((name, outcome.claim.intent, self.now))
+
+    def claim(self, when: float, item: Claim, ttl: float = 5.0) -> None:
+        def send() -> None:
+            if item.agent not in self.cores:
+                return
+            outcomes = self.cores[item.agent].open(item, self.now, expires=self.now + ttl, act=lambda: None)
+            if not outcomes:
+                self.publish(item)
+            self.handle(item.agent, outcomes)
+        self.at(when, send)
+
+    def kill(self, when: float, name: str) -> None:
+        def die() -> None:
+            del self.cores[name]
+            def will() -> None:
+                for other, core in self.cores.items():
+                    self.at(self.now + self.LATENCY,
+                            lambda other=other, core=core: self.handle(other, core.offline(name, self.now)))
+            self.at(self.now + self.LATENCY, will)
+        self.at(when, die)
+
+    def run(self, until: float) -> Home:
+        while self.now < until:
+            self.now = round(self.now + 0.001, 6)
+            while True:
+                ready = sorted(e for e in self.events if e[0] <= self.now + 1e-9)
+                if not ready:
+                    break
+                self.events.remove(ready[0])
+                ready[0][2]()
+            for name, core in list(self.cores.items()):
+                self.handle(name, core.due(self.now))
+        return self
+
+    def kinds(self, name: str) -> list[str]:
+        return kinds(self.outcomes[name])
 
 
-def test_the_best_snr_wins_whoever_claimed_first() -> None:
-    # Three agents, each seeing the same broker order (its own claim first on its own clock).
-    living, kitchen, hall = claim("living", 9.0), claim("kitchen", 31.0), claim("hall", 18.0)
-    results = {}
-    for me, order in (("living", [living, kitchen, hall]), ("kitchen", [living, kitchen, hall]),
-                      ("hall", [living, kitchen, hall])):
-        core = arbiter(me)
-        now = 100.0
-        for item in order:
-            if item.agent == me:
-                assert core.open(item, now, expires=now + 5, act=lambda: None) == []
-            core.receive(item, now + 0.001)
-            now += 0.04  # the noisy "living" claims 40 and 80 ms before the others
-        results[me] = kinds(core.due(100.0 + WINDOW + 0.01))
-    assert results == {"living": ["lost"], "kitchen": ["won"], "hall": ["lost"]}
+def test_a_lone_agent_acts_one_window_after_its_claim() -> None:
+    home = Home("kitchen")
+    home.claim(1.0, claim("kitchen", 20.0))
+    home.run(2.0)
+    assert home.kinds("kitchen") == ["close", "won"]
+    assert len(home.acted) == 1
+    assert home.acted[0][2] - 1.0 == pytest.approx(WINDOW, abs=0.003)  # the window, not window + round trip
+    assert [type(m).__name__ for m in home.traffic] == ["Claim", "Notice", "Notice"]
+
+
+def test_the_best_snr_wins_even_when_a_noisier_agent_claims_first() -> None:
+    home = Home("living", "kitchen", "hall")
+    home.claim(1.0, claim("living", 9.0))  # the noisy one, 50 and 90 ms earlier
+    home.claim(1.05, claim("kitchen", 31.0))
+    home.claim(1.09, claim("hall", 18.0))
+    home.run(3.0)
+    assert [(agent, intent) for agent, intent, _ in home.acted] == [("kitchen", "heating_up")]
+    assert home.kinds("living") == ["close", "lost"]  # it opened the round and closed it
+    assert home.kinds("kitchen") == ["won"] and home.kinds("hall") == ["lost"]
+    assert home.outcomes["hall"][-1].winner == claim("kitchen", 31.0)
 
 
 def test_ties_break_on_command_score_then_wake_score_then_agent_id() -> None:
@@ -89,131 +158,142 @@ def test_ties_break_on_command_score_then_wake_score_then_agent_id() -> None:
     assert sorted([a, b, c], key=Claim.rank) == [b, c, a]
     d = claim("dd", 20.0, command=0.7, wake=0.6)
     assert sorted([a, b, c, d], key=Claim.rank)[0] == d
+    home = Home("bb", "cc")
+    home.claim(1.0, c)
+    home.claim(1.01, b)
+    home.run(2.0)
+    assert [agent for agent, _, _ in home.acted] == ["bb"]
 
 
-def test_a_claim_after_the_round_closed_loses_at_once_and_is_not_sent() -> None:
-    core = arbiter("hall")
-    core.receive(claim("kitchen", 10.0), 50.0)
-    late = claim("hall", 40.0, ago=0.05)  # much better, but its round closed 0.15 s after kitchen's claim
-    outcomes = core.open(late, 50.3, expires=55.0, act=lambda: None)
-    assert kinds(outcomes) == ["lost"] and "late" in outcomes[0].reason
-    assert outcomes[0].winner is not None and outcomes[0].winner.agent == "kitchen"
-    assert core.pending == 0
+def test_a_claim_after_the_close_loses_and_one_that_sees_the_close_is_not_sent() -> None:
+    home = Home("kitchen", "hall", "living")
+    home.claim(1.0, claim("kitchen", 10.0))
+    home.claim(1.149, claim("hall", 40.0))  # reaches the broker after kitchen's close
+    home.claim(1.3, claim("living", 40.0))  # the round is closed: not even sent
+    home.run(3.0)
+    assert [agent for agent, _, _ in home.acted] == ["kitchen"]
+    assert home.kinds("hall") == ["lost"] and "after the round was closed" in home.outcomes["hall"][0].reason
+    assert home.kinds("living") == ["lost"] and "before we heard it" in home.outcomes["living"][0].reason
+    assert not any(isinstance(m, Claim) and m.agent == "living" for m in home.traffic)
+
+
+def test_everyone_agrees_because_the_broker_order_decides() -> None:
+    """Claims landing around the close: whatever the timing, exactly one acts, for every offset."""
+    for offset_ms in range(140, 160):
+        home = Home("kitchen", "hall")
+        home.claim(1.0, claim("kitchen", 10.0))
+        home.claim(1.0 + offset_ms / 1000, claim("hall", 40.0))
+        home.run(2.5)
+        assert len(home.acted) == 1, offset_ms
 
 
 def test_claims_match_by_utterance_time_not_arrival() -> None:
-    core = arbiter("hall")
-    # kitchen heard the utterance complete 1.8 s before its claim arrived (a slow agent): its utterance
-    # ended at 48.2 on our clock, ours at 49.99: another utterance (the same command said again).
-    core.receive(claim("kitchen", 30.0, ago=1.8), 50.0)
-    assert core.open(claim("hall", 10.0, ago=0.01), 50.0, expires=55.0, act=lambda: None) == []
-    core.receive(claim("hall", 10.0, ago=0.01), 50.001)
-    assert kinds(core.due(50.0 + WINDOW)) == ["won"]
-    # A different intent at the same time is another utterance too.
-    core2 = arbiter("hall")
-    core2.receive(claim("kitchen", 30.0, intent="light_on"), 50.0)
-    core2.open(own := claim("hall", 10.0), 50.05, expires=55.0, act=lambda: None)
-    core2.receive(own, 50.051)
-    assert kinds(core2.due(50.05 + WINDOW)) == ["won"]
+    home = Home("kitchen", "hall")
+    home.claim(1.0, claim("kitchen", 30.0))
+    # The same command said again 2 s later, heard only by hall: its own round, its own action.
+    home.claim(3.0, claim("hall", 10.0))
+    # A slow agent's claim for the first utterance (it heard it 1.9 s before sending) arrives late: lost.
+    home.claim(2.9, claim("living", 40.0, ago=1.9))
+    home.cores["living"] = Arbitration("living", window=WINDOW, match_tolerance=TOLERANCE)
+    home.outcomes["living"] = []
+    home.run(5.0)
+    assert [agent for agent, _, _ in home.acted] == ["kitchen", "hall"]
+    # Another intent at the same moment is another utterance.
+    other = Home("kitchen", "hall")
+    other.claim(1.0, claim("kitchen", 30.0, intent="light_on"))
+    other.claim(1.01, claim("hall", 10.0))
+    other.run(2.0)
+    assert sorted(agent for agent, _, _ in other.acted) == ["hall", "kitchen"]
 
 
-def test_a_rival_claim_arriving_before_ours_opens_the_round() -> None:
-    core = arbiter("hall")
-    core.receive(claim("kitchen", 5.0), 20.0)
-    own = claim("hall", 25.0)
-    core.open(own, 20.1, expires=25.0, act=lambda: None)
-    core.receive(own, 20.101)
-    assert core.next_due(20.1) == pytest.approx(20.0 + WINDOW)  # not 20.1 + window: one close for all
-    assert kinds(core.due(20.0 + WINDOW)) == ["won"]
+def test_the_next_claimant_closes_when_the_first_one_dies() -> None:
+    home = Home("kitchen", "hall", "living")
+    home.claim(1.0, claim("kitchen", 40.0))
+    home.claim(1.02, claim("hall", 20.0))
+    home.claim(1.03, claim("living", 10.0))
+    home.kill(1.01, "kitchen")  # after its claim reached the broker, before it closed the round
+    home.run(3.0)
+    assert [agent for agent, _, _ in home.acted] == ["hall"]
+    assert home.kinds("hall") == ["close", "won"]  # it closed one window after kitchen's claim
 
 
-def test_claims_after_our_close_do_not_count() -> None:
-    core = arbiter("hall")
-    own = claim("hall", 10.0)
-    core.open(own, 0.0, expires=5.0, act=lambda: None)
-    core.receive(own, 0.001)
-    core.receive(claim("kitchen", 40.0), WINDOW + 0.01)  # late: it loses on its own side too
-    assert kinds(core.due(WINDOW + 0.02)) == ["won"]
+def test_a_silent_first_claimant_is_closed_for_by_the_next_one_window_later() -> None:
+    home = Home("kitchen", "hall")
+    home.claim(1.0, claim("kitchen", 40.0))
+    home.claim(1.02, claim("hall", 20.0))
+    home.run(1.003)
+    del home.cores["kitchen"]  # hangs: no close, no last will
+    home.run(3.0)
+    assert home.kinds("hall") == ["close", "lost"]  # closed at 2 windows; kitchen's claim still wins...
+    closes = [m for m in home.traffic if isinstance(m, Notice) and m.kind == "close"]
+    assert len(closes) == 1
+    assert home.acted == []  # ...and kitchen never acts: no action rather than two
 
 
-def test_without_our_echo_we_wait_a_window_more_then_withdraw() -> None:
-    core = arbiter()
-    own = claim("kitchen", 30.0)
-    core.open(own, 0.0, expires=5.0, act=lambda: None)
-    assert core.due(WINDOW) == []
-    assert core.next_due(WINDOW) == pytest.approx(2 * WINDOW)
-    late_echo = arbiter()
-    late_echo.open(own, 0.0, expires=5.0, act=lambda: None)
-    assert late_echo.due(WINDOW) == []
-    assert kinds(late_echo.receive(own, WINDOW + 0.05)) == ["won"]  # the broker was slow, not gone
-    assert kinds(core.due(2 * WINDOW)) == ["withdrawn"]
-
-
-def test_when_the_winner_leaves_without_acting_the_next_best_takes_over() -> None:
-    results = {}
-    kitchen, hall, living = claim("kitchen", 30.0), claim("hall", 20.0), claim("living", 10.0)
-    for me, gone_by in (("hall", "offline"), ("living", "offline"), ("hall", "withdrawn")):
-        core = arbiter(me)
-        mine = hall if me == "hall" else living
-        core.open(mine, 0.0, expires=5.0, act=lambda: None)
-        for item in (kitchen, hall, living):
-            core.receive(item, 0.01)
-        assert kinds(core.due(WINDOW)) == ["lost"]
-        if gone_by == "offline":
-            outcomes = core.offline("kitchen", 0.4)
-        else:
-            outcomes = core.receive(Notice("withdrawn", "kitchen", kitchen.id), 0.4)
-        results[(me, gone_by)] = kinds(outcomes)
-    assert results == {("hall", "offline"): ["took_over"], ("living", "offline"): [],
-                       ("hall", "withdrawn"): ["took_over"]}
+def test_when_the_winner_dies_before_acting_the_next_best_takes_over() -> None:
+    home = Home("kitchen", "hall", "living")
+    home.claim(1.0, claim("living", 10.0))
+    home.claim(1.01, claim("kitchen", 40.0))
+    home.claim(1.02, claim("hall", 20.0))
+    home.run(1.149)  # living's close is at the broker
+    home.cores["kitchen"].receive = lambda *_a: []  # type: ignore[method-assign]  # frozen, then killed
+    home.kill(1.2, "kitchen")
+    home.run(3.0)
+    assert [agent for agent, _, _ in home.acted] == ["hall"]
+    assert home.kinds("hall") == ["lost", "took_over"]
+    assert home.kinds("living") == ["close", "lost"]
 
 
 def test_once_the_winner_said_won_its_departure_changes_nothing() -> None:
-    core = arbiter("hall")
-    kitchen, hall = claim("kitchen", 30.0), claim("hall", 20.0)
-    core.open(hall, 0.0, expires=5.0, act=lambda: None)
-    core.receive(hall, 0.001)
-    core.receive(kitchen, 0.002)
-    assert kinds(core.due(WINDOW)) == ["lost"]
-    assert core.receive(Notice("won", "kitchen", kitchen.id), 0.2) == []
-    assert core.offline("kitchen", 0.3) == []
-    assert core.pending == 0
+    home = Home("kitchen", "hall")
+    home.claim(1.0, claim("kitchen", 40.0))
+    home.claim(1.01, claim("hall", 20.0))
+    home.kill(1.5, "kitchen")
+    home.run(3.0)
+    assert [agent for agent, _, _ in home.acted] == ["kitchen"]
+    assert home.kinds("hall") == ["lost"]
 
 
-def test_a_rival_that_acted_before_our_close_makes_us_lose() -> None:
+def test_only_the_first_close_counts() -> None:
     core = arbiter("hall")
-    kitchen, hall = claim("kitchen", 10.0), claim("hall", 20.0)
-    core.open(hall, 0.0, expires=5.0, act=lambda: None)
-    core.receive(kitchen, 0.01)
-    outcomes = core.receive(Notice("won", "kitchen", kitchen.id), 0.1)
-    assert kinds(outcomes) == ["lost"] and core.pending == 0
-    # And a claim for an utterance someone acted on already loses at once.
-    later = arbiter("living")
-    later.receive(kitchen, 0.0)
-    later.receive(Notice("won", "kitchen", kitchen.id), 0.05)
-    assert kinds(later.open(claim("living", 40.0), 0.1, expires=5.0, act=lambda: None)) == ["lost"]
+    first, mine, third = claim("kitchen", 10.0), claim("hall", 20.0), claim("living", 30.0)
+    core.open(mine, 1.0, expires=6.0, act=lambda: None)
+    core.receive(first, 1.0)
+    core.receive(mine, 1.001)
+    assert kinds(core.receive(Notice("close", "kitchen", first.id), 1.15)) == ["won"]
+    assert core.receive(third, 1.16) == []  # late
+    assert core.receive(Notice("close", "living", first.id), 1.2) == []
+
+
+def test_a_claim_the_broker_never_returns_is_given_up_at_its_ttl() -> None:
+    core = arbiter()
+    own = claim("kitchen", 30.0)
+    assert core.open(own, 0.0, expires=5.0, act=lambda: None) == []
+    assert core.undecided == 1 and core.next_due(0.0) == 5.0
+    assert core.due(4.9) == []
+    assert kinds(core.due(5.0)) == ["unheard"]
+    assert core.undecided == 0 and core.next_due(5.0) is None
 
 
 def test_a_waiting_loser_gives_up_when_the_intent_expires() -> None:
-    core = arbiter("hall")
-    kitchen, hall = claim("kitchen", 30.0), claim("hall", 20.0)
-    core.open(hall, 0.0, expires=1.0, act=lambda: None)
-    core.receive(hall, 0.001)
-    core.receive(kitchen, 0.002)
-    core.due(WINDOW)
-    assert core.next_due(0.5) == 1.0
-    assert core.due(1.0) == [] and core.pending == 0
-    assert core.offline("kitchen", 1.5) == []  # too late to act for it
+    home = Home("kitchen", "hall")
+    home.claim(1.0, claim("kitchen", 40.0))
+    home.claim(1.01, claim("hall", 20.0), ttl=0.5)
+    home.run(1.2)
+    home.cores["kitchen"].receive = lambda *_a: []  # type: ignore[method-assign]
+    home.run(2.0)
+    home.kill(2.0, "kitchen")
+    home.run(3.0)
+    assert home.kinds("hall") == ["lost"]  # too late to take over
+    assert [agent for agent, _, _ in home.acted] == ["kitchen"]
 
 
-def test_foreign_claims_are_forgotten_after_a_while() -> None:
-    core = arbiter("hall")
-    core.receive(claim("kitchen", 30.0, ago=0.0), 0.0)
-    # 20 s later the same intent is a new utterance, and the old claim is gone.
-    own = claim("hall", 5.0)
-    core.open(own, 20.0, expires=25.0, act=lambda: None)
-    core.receive(own, 20.001)
-    assert kinds(core.due(20.0 + WINDOW)) == ["won"]
+def test_rounds_are_forgotten_after_a_while() -> None:
+    home = Home("kitchen", "hall")
+    home.claim(1.0, claim("kitchen", 30.0))
+    home.claim(21.0, claim("hall", 5.0, ago=0.0))
+    home.run(22.0)
+    assert [agent for agent, _, _ in home.acted] == ["kitchen", "hall"]
 
 
 def test_messages_round_trip_and_bad_ones_are_payload_errors() -> None:
@@ -319,7 +399,7 @@ class Timers:
         self.now = to
 
 
-def test_group_arbiter_claims_waits_and_acts_on_the_main_thread_timer() -> None:
+def test_group_arbiter_claims_closes_and_acts_on_the_main_thread_timer() -> None:
     config = arbitration_config()
     topics = Topics.from_config(config)
     assert topics.arbitration == "home-agent/arbitration/home/claims"
@@ -334,20 +414,26 @@ def test_group_arbiter_claims_waits_and_acts_on_the_main_thread_timer() -> None:
     mine = group.submit(intent, acts("kitchen"), expires=9.98)
     assert (mine.agent, mine.intent, mine.wake, mine.command) == ("kitchen", "heating_up", 0.81, 0.66)
     assert mine.ago == pytest.approx(0.02) and mine.snr > 20
+    assert group.undecided == 1
     topic, payload, expires = link.published[-1]
     assert topic == topics.arbitration and parse_message(payload) == mine
     assert expires == pytest.approx(5.0 + 0.15)  # a claim is never delivered after the window
-    link.deliver(topics.arbitration, payload, 5.002)  # the echo
+    link.deliver(topics.arbitration, payload, 5.002)  # the echo: we opened the round
     rival = claim("hall", 3.0, ago=0.01)
     link.deliver(topics.arbitration, rival.payload(), 5.01)
     timers.advance(5.1)
+    assert len(link.published) == 1
+    timers.advance(5.2)  # the close goes out one window after the claim, less the round trip
+    close = parse_message(link.published[-1][1])
+    assert close == Notice("close", "kitchen", mine.id)
     assert acts.calls == []
-    timers.advance(5.2)
+    link.deliver(topics.arbitration, link.published[-1][1], 5.2)
+    timers.advance(5.25)
     assert acts.calls == ["kitchen"]
-    won = parse_message(link.published[-1][1])
-    assert won == Notice("won", "kitchen", mine.id)
+    assert parse_message(link.published[-1][1]) == Notice("won", "kitchen", mine.id)
     assert group.counters() == {"arbitrations_won": 1, "arbitrations_lost": 0, "arbitration_takeovers": 0}
     assert {key for key, _, _ in ARBITRATION_SENSORS} <= set(group.counters())
+    assert group.undecided == 0
     with pytest.raises(PayloadError):
         link.deliver(topics.arbitration, b"garbage", 6.0)
 
@@ -364,13 +450,14 @@ def test_group_arbiter_loses_then_takes_over_when_the_winner_dies() -> None:
     intent = Intent("heating_up", ("heat", "up"), (0.9, 0.7), 0.0, 3.0, created_mono=1.0)
     mine = group.submit(intent, acts("hall"), expires=6.0)
     link.deliver(topic, mine.payload(), 1.001)
+    link.deliver(topic, Notice("close", "kitchen", best.id).payload(), 1.15)
     timers.advance(1.3)
     assert acts.calls == [] and group.counters()["arbitrations_lost"] == 1
     link.deliver("home-agent/living/availability", b"offline", 1.4)  # someone else: nothing changes
     link.deliver("home-agent/kitchen/availability", b"online", 1.4)
     timers.advance(1.5)
     assert acts.calls == []
-    link.deliver("home-agent/kitchen/availability", b"offline", 1.6)
+    link.deliver("home-agent/kitchen/availability", b"offline", 1.6)  # it never said "won"
     timers.advance(1.6)
     assert acts.calls == ["hall"]
     assert group.counters() == {"arbitrations_won": 1, "arbitrations_lost": 1, "arbitration_takeovers": 1}

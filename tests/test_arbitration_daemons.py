@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Mosquitto, MqttProbe
+from conftest import Mosquitto, MqttProbe, wait_until
 
 from bench.arbitration_bench import (
     ACTION_TOPICS,
@@ -34,6 +34,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ROOMS = {"clean": 80.0, "mid": 120.0, "noisy": 160.0}
 IN_STEP = dict.fromkeys(ROOMS, 0.0)
 NOISY_EARLIER = {"clean": 0.05, "mid": 0.05, "noisy": 0.0}  # the noisy agent hears everything 50 ms earlier
+# Three daemons in real time share this machine's cores with everything else: a daemon's voice thread can lag
+# its neighbours by 200 ms when the machine is loaded, so its claim would come after the default window and
+# lose as late (bench/arbitration_bench.py measures the default). The decisions do not depend on the window.
+GROUP_WINDOW = 0.4
 
 pytestmark = [
     pytest.mark.slow,
@@ -57,7 +61,7 @@ def test_three_agents_one_action_per_utterance_and_the_clean_one_wins(tmp_path: 
     files = ["computer_heat_up.wav", "computer_light_on.wav"] * 2
     utterances = planned(files, [IN_STEP, IN_STEP, NOISY_EARLIER, NOISY_EARLIER])
     streams = render(utterances, ROOMS, seed=3)
-    configs = [agent_config(0, tmp_path, agent) for agent in ROOMS]
+    configs = [agent_config(0, tmp_path, agent, window=GROUP_WINDOW) for agent in ROOMS]
     with running_group(tmp_path, configs) as (_broker, group):
         group.wait_online()
         played = group.play(streams)
@@ -145,8 +149,8 @@ def test_killing_an_agent_mid_claim_leaves_exactly_one_action(tmp_path: Path, vi
 def test_broker_down_nothing_is_decided_and_nothing_is_sent_late(
         tmp_path: Path, mosquitto: Mosquitto, mqtt_client: Callable[..., MqttProbe]) -> None:
     """The broker is down while the agent hears a command and back within the action's ttl (5 s): without
-    arbitration the command would still go out; in a group the claim expired after the window, the agent
-    withdrew, and nothing of the command is sent once the broker is back."""
+    arbitration the command would still go out; in a group the claim expired unsent after the window, so no
+    round ever forms, nothing of the command is sent once the broker is back, and the agent counts it lost."""
     config = agent_config(mosquitto.port, tmp_path, "solo")
     config["mqtt"].update(reconnect_min_delay=0.1, reconnect_max_delay=0.3)
     utterances = planned(["computer_heat_up.wav"], [{"solo": 0.0}])
@@ -161,19 +165,24 @@ def test_broker_down_nothing_is_decided_and_nothing_is_sent_late(
         probe = mqtt_client(mosquitto).subscribe("#")
         probe.wait_for("home-agent/solo/availability", b"online", timeout=10)
         assert time.time() - spoken_end < 5.0  # still within the ttl: today's path would send it now
-        diagnostics = probe.wait_for("home-agent/solo/diagnostics", timeout=5)
-        time.sleep(1.0)
-        log = group.agents["solo"].log_text()
+        agent = group.agents["solo"]
+        given_up = "arbitration: not acting on heating_up: our claim never came back from the broker"
+        assert wait_until(lambda: given_up in agent.log_text(), 6.0), agent.log_text()[-3000:]
+
+        def lost() -> list[int]:
+            messages = probe.matching("home-agent/solo/diagnostics")
+            return [json.loads(m.payload)["arbitrations_lost"] for m in messages]
+
+        assert wait_until(lambda: 1 in lost(), 3.0), lost()
+        log = agent.log_text()
     finally:
         group.close()
     assert "voice: intent heating_up" in log
-    assert "arbitration: not acting on heating_up: our claim did not come back from the broker" in log
-    assert json.loads(diagnostics.payload)["arbitrations_lost"] == 1
     sent = [m.topic for m in probe.messages]
     assert ACTION_TOPICS["heating_up"] not in sent
     assert not [t for t in sent if t.endswith("/intent") or t.startswith("hermes/")]
     claims = [json.loads(m.payload)["type"] for m in probe.matching("home-agent/arbitration/#")]
-    assert "claim" not in claims and "won" not in claims
+    assert claims == []
 
 
 def test_exit_at_end_waits_for_the_decision_and_says_who_acted(
@@ -190,7 +199,7 @@ def test_exit_at_end_waits_for_the_decision_and_says_who_acted(
     assert result.returncode == 0, result.stderr
     assert probe.wait_for(ACTION_TOPICS["light_on"], timeout=5).payload == b"ON"
     kinds = [json.loads(m.payload)["type"] for m in probe.matching("home-agent/arbitration/home/claims")]
-    assert kinds == ["claim", "won"]
+    assert kinds == ["claim", "close", "won"]
     intent = json.loads(probe.wait_for("home-agent/kitchen/intent", timeout=5).payload)
     event = json.loads(probe.wait_for("home-agent/kitchen/event", timeout=5).payload)
     assert intent["agent"] == event["agent"] == "kitchen"
