@@ -10,15 +10,15 @@ QoS 1, never retained, and one of:
 - ``won``: the winner says so, then publishes the intent and fires the action.
 
 Decisions follow the broker's ORDER, never clocks compared across machines: the broker delivers the messages
-of one topic to every subscriber in the same order, so every agent sees the same rounds and the same winner.
-A claim whose utterance matches no round still open opens one; its agent publishes ``close`` ``window``
-seconds after publishing the claim (less the broker's round trip, so that a lone agent waits the window and
-no more). The claims delivered between a round's first claim and its first ``close`` are the round; the best
-of them wins: higher SNR, then higher command score, higher wake score, lower agent id. A claim delivered
-after the close is late and loses (the winner has acted); an agent that sees the round closed already does
-not even send its claim. Claims match one utterance without synchronised clocks: each receiver places a
-claim's utterance on its OWN monotonic clock at ``received - ago``, and claims for the same intent within
-``match_tolerance`` of a round's first claim belong to it (a repeated command comes a whole utterance,
+of one topic to every subscriber in the same order, so every agent sees the same rounds and the same winner. A
+claim whose utterance matches no round still open opens one; its agent publishes ``close`` ``window`` seconds
+after publishing the claim (less the broker's round trips, so that a lone agent's action leaves one window
+after its claim, no later). The claims delivered between a round's first claim and its first ``close`` are the
+round; the best of them wins: higher SNR, then higher command score, higher wake score, lower agent id. A
+claim delivered after the close is late and loses (the winner has acted); an agent that sees the round closed
+already does not even send its claim. Claims match one utterance without synchronised clocks: each receiver
+places a claim's utterance on its OWN monotonic clock at ``received - ago``, and claims for the same intent
+within ``match_tolerance`` of a round's first claim belong to it (a repeated command comes a whole utterance,
 more than a second, later).
 
 Failures: a round whose first claimant goes silent is closed by the next claimant (at once when the broker
@@ -320,7 +320,8 @@ class Arbitration:
 
     def _close_at(self, mine: _Mine, current: _Round) -> float | None:
         """When we close a round we have a claim in: the first claimant one window after sending its claim,
-        less the broker's round trip (its claim reached the others that much earlier); if it went offline,
+        less two broker round trips (its claim reached the others that much earlier, and the close must come
+        back before we act: the action leaves one window after the claim); if it went offline,
         the next one at once; every later claimant one window later per place, in case the ones before went
         silent without going offline."""
         standing = [e for e in current.entries if not e.gone]
@@ -328,8 +329,8 @@ class Arbitration:
         if place is None:
             return None
         if current.opener.claim.id == mine.claim.id:
-            round_trip = min(max(0.0, current.opener.received - mine.sent), self.window / 2)
-            return mine.sent + self.window - round_trip
+            round_trip = min(max(0.0, current.opener.received - mine.sent), self.window / 4)
+            return mine.sent + self.window - 2 * round_trip
         return current.opener.received + self.window * (1 + place)
 
     def _on_claim(self, claim: Claim, now: float) -> list[Outcome]:

@@ -250,7 +250,7 @@ class ArbitrationSection(Section):
     group: ObjectName  # agents sharing this name arbitrate on <topic_prefix>/arbitration/<group>
     window: float = Field(default=0.15, gt=0, le=2)  # seconds to collect the group's claims
     # Claims whose utterances ended (on each agent's own audio clock) this close together are one utterance.
-    match_tolerance: float = Field(default=0.5, gt=0, le=5)
+    match_tolerance: float = Field(default=1.0, gt=0, le=5)
 
 
 class Config(Section):

@@ -402,6 +402,7 @@ def group_run(workdir: Path, count: int, seed: int, window: float = WINDOW) -> d
         "agents": {agent: {"noise_rms": rms, "claims": sum(1 for h in results if agent in h.claims),
                            "best_snr": sum(1 for b in best if b == agent), "acted": wins[agent],
                            "lost_arbitration_logged": logs[agent].count("arbitration: lost "),
+                           "lost_as_late": logs[agent].count("(late: "),
                            "took_over": logs[agent].count("arbitration: took over")}
                    for agent, rms in noise.items()},
         "utterances": len(results),
@@ -417,6 +418,8 @@ def group_run(workdir: Path, count: int, seed: int, window: float = WINDOW) -> d
             [m[0] - m[1] for m in margins])},
         "misses": [{"utterance": i, "example": h.utterance.example.file, "best": b, "acted_by": h.acted_by,
                     "actions": len(h.actions), "claims": h.claims,
+                    "claimed_ms_after_first": {a: round(1000 * (t - min(h.claimed_at.values())))
+                                               for a, t in h.claimed_at.items()},
                     "true_snr_db": {a: round(h.utterance.snr(a, noise), 1) for a in noise},
                     "delay_ms": {a: round(1000 * h.utterance.delay[a]) for a in noise}}
                    for i, (h, b) in enumerate(zip(results, best, strict=True))
@@ -437,8 +440,12 @@ def latency_run(workdir: Path, count: int, seed: int, group: str | None,
     results = analyse(utterances, run.received, played.started_wall, reference_agent="kitchen")
     latencies = [h.actions[0] - (played.started_wall + h.utterance.command_end("kitchen"))
                  for h in results if h.actions]
+    # What arbitration adds, per command: its claim on the broker -> its device command on the broker.
+    waits = [h.actions[0] - h.claimed_at["kitchen"] for h in results
+             if h.actions and "kitchen" in h.claimed_at]
     return {"arbitration": {"group": group, "window": window} if group else None, "utterances": len(results),
-            "actions": sum(len(h.actions) for h in results), "latency_seconds": summary(latencies)}
+            "actions": sum(len(h.actions) for h in results), "latency_seconds": summary(latencies),
+            "claim_to_device_command_seconds": summary(waits)}
 
 
 def main(argv: list[str] | None = None) -> int:
