@@ -424,8 +424,8 @@ Scheduler = Callable[[float, Callable[[], None]], None]
 
 class GroupArbiter:
     """One agent's arbitration on the MQTT link. The voice stage feeds it what it hears (``hear``) and hands
-    it each intent with the callable that acts on it (``submit``); the callable runs on the supervisor's
-    main thread if and when this agent wins. Handlers on paho's thread only parse and hand over."""
+    it each intent with the callable that acts on it (``submit``); the callable runs if and when this agent
+    wins, on the thread that learnt it (paho's, or the main thread's timer): it must only queue messages."""
 
     def __init__(self, config: Config, *, publish: Publisher, subscribe: Subscriber, call_later: Scheduler,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -443,7 +443,6 @@ class GroupArbiter:
         self._core = Arbitration(self.agent_id, window=settings.window,
                                  match_tolerance=settings.match_tolerance)
         self._lock = threading.Lock()
-        self._pending: list[Outcome] = []
         self._timer_at: float | None = None
         self._token = secrets.token_hex(4)  # claim ids stay unique across restarts
         self._sequence = itertools.count(1)
@@ -461,7 +460,7 @@ class GroupArbiter:
     def undecided(self) -> int:
         """Intents still waiting for the group's decision (``--exit-at-end`` waits for them)."""
         with self._lock:
-            return self._core.undecided + len(self._pending)
+            return self._core.undecided
 
     # ----------------------------------------------------------------- the voice thread
 
@@ -473,7 +472,7 @@ class GroupArbiter:
                 self._wake_score = detection.score
 
     def submit(self, intent: Intent, act: Callable[[], None], *, expires: float) -> Claim:
-        """Claim ``intent`` for this agent; ``act()`` runs later on the main thread if we win."""
+        """Claim ``intent`` for this agent; ``act()`` runs later (on paho's thread) if we win."""
         now = self._clock()
         claim = Claim(id=f"{self.agent_id}-{self._token}-{next(self._sequence)}", agent=self.agent_id,
                       intent=intent.action, snr=round(self._meter.snr_db(), 2),
@@ -508,19 +507,21 @@ class GroupArbiter:
             outcomes = self._core.offline(agent, message.received_mono)
         self._hand_over(outcomes)
 
-    # ----------------------------------------------------------------- the main thread
+    # ----------------------------------------------------------------- any thread
 
     def _hand_over(self, outcomes: Iterable[Outcome]) -> None:
-        """Queue outcomes for the main thread and make sure it looks at the rounds again."""
-        with self._lock:
-            self._pending.extend(outcomes)
+        """Carry out outcomes at once, on the thread that decided them (paho's, when the close arrives: no
+        hand-over to the main thread on the way to the action; carrying out only queues messages), and have
+        the main thread look at the timers again."""
+        for outcome in outcomes:
+            self._carry_out(outcome)
         self._call_later(0.0, self._run)
 
     def _run(self) -> None:
+        """The main thread's timer: close rounds, give up claims, schedule the next look."""
         now = self._clock()
         with self._lock:
-            outcomes = [*self._pending, *self._core.due(now)]
-            self._pending.clear()
+            outcomes = self._core.due(now)
             due = self._core.next_due(now)
             if due is not None and (self._timer_at is None or due < self._timer_at or self._timer_at <= now):
                 self._timer_at = due

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from agent.arbitration import GroupArbiter
 from agent.audio import SAMPLE_RATE, AudioSource, EndOfAudio, FileSource, create_source
 from agent.config import Config, VoiceSection
 from agent.errors import ActionError, AudioError, ConfigError
@@ -45,6 +44,7 @@ from agent.topics import Topics
 
 if TYPE_CHECKING:
     from agent.app import App
+    from agent.arbitration import GroupArbiter
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +394,8 @@ class VoiceStage:
             log.warning("--exit-at-end has no effect with the %s", source.description)
         arbiter = None
         if config.arbitration is not None:
+            from agent.arbitration import GroupArbiter  # here: only a daemon in a group talks to one
+
             arbiter = GroupArbiter(config, publish=app.link.publish, subscribe=app.link.subscribe,
                                    call_later=app.call_later)
             app.add_counters(arbiter.counters)
@@ -592,7 +594,7 @@ class VoiceStage:
         expires = intent.created_mono + section.ttl
         self._last_expiry = max(self._last_expiry, expires)
         log.info("voice: intent %s from %r at %.2f s", intent.action, " ".join(intent.words), intent.t_audio)
-        if self._arbiter is not None:  # the group decides; the winner's arbiter calls _act on the main thread
+        if self._arbiter is not None:  # the group decides; if we win, the arbiter calls _act (another thread)
             self._arbiter.submit(intent, lambda: self._act(intent, expires), expires=expires)
             return
         self._act(intent, expires)

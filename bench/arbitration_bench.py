@@ -13,8 +13,9 @@ agent's audio to its stdin at real-time pace, all in one loop. Measured:
    broker per utterance, and which agent published the intent.
 2. **The best-SNR agent acts** (target >= 95 %); also how often each agent heard (claimed) at all, and how
    its SNR estimate ranks against the truth.
-3. **Latency of a lone agent** (target: p90 rises by at most the window): end of the spoken command ->
-   device command on the broker, for one daemon without ``[arbitration]`` and one alone in a group.
+3. **Latency of a lone agent** (target: p90 rises by at most the window): end of the spoken command -> its
+   intent on the broker, for one daemon without ``[arbitration]`` and one alone in a group hearing the same
+   utterances side by side (the same machine load for both).
 
     .venv/bin/python -m bench.arbitration_bench [--utterances 100] [--latency-utterances 30] [--seed 1]
 """
@@ -427,31 +428,47 @@ def group_run(workdir: Path, count: int, seed: int, window: float = WINDOW) -> d
     }
 
 
-def latency_run(workdir: Path, count: int, seed: int, group: str | None,
-                window: float = WINDOW) -> dict[str, Any]:
-    """One agent (the quiet room, gain 0 dB) hearing ``count`` utterances: command end -> device command."""
-    noise = {"kitchen": AGENT_NOISE["kitchen"]}
-    utterances = scenario(count, noise, seed=seed, gain_db=(0.0, 0.0), max_delay=0.0)
+def latency_pair(workdir: Path, count: int, seed: int, window: float = WINDOW) -> dict[str, Any]:
+    """Two agents in the quiet room hear the same ``count`` utterances at the same time (so under the same
+    machine load): one without ``[arbitration]``, one alone in a group. Latency: end of the spoken command ->
+    the agent's intent on the broker (published just before its device command; the two agents' device
+    commands share a topic, their intents do not)."""
+    noise = {"plain": AGENT_NOISE["kitchen"], "solo": AGENT_NOISE["kitchen"]}
+    utterances = scenario(count, noise, seed=seed, gain_db=(0.0, 0.0), max_delay=0.0, min_margin_db=0.0)
     streams = render(utterances, noise, seed=seed)
-    config = agent_config(0, workdir, "kitchen", group=group, window=window)
-    with running_group(workdir, [config]) as (_broker, run):
+    streams["solo"] = streams["plain"]  # the very same audio: both recognise each command on the same hop
+    configs = [agent_config(0, workdir, "plain", group=None), agent_config(0, workdir, "solo", window=window)]
+    with running_group(workdir, configs) as (_broker, run):
         run.wait_online()
         played = run.play(streams)
-    results = analyse(utterances, run.received, played.started_wall, reference_agent="kitchen")
-    latencies = [h.actions[0] - (played.started_wall + h.utterance.command_end("kitchen"))
-                 for h in results if h.actions]
-    # What arbitration adds, per command: its claim on the broker -> its device command on the broker.
-    waits = [h.actions[0] - h.claimed_at["kitchen"] for h in results
-             if h.actions and "kitchen" in h.claimed_at]
-    return {"arbitration": {"group": group, "window": window} if group else None, "utterances": len(results),
-            "actions": sum(len(h.actions) for h in results), "latency_seconds": summary(latencies),
-            "claim_to_device_command_seconds": summary(waits)}
+    latency: dict[str, list[float | None]] = {agent: [] for agent in noise}
+    waits: list[float] = []
+    for utterance in utterances:
+        end = played.started_wall + utterance.command_end("plain")
+        for agent in noise:
+            at = next((at for at, topic, _p in run.received if topic == f"home-agent/{agent}/intent"
+                       and end - MATCH_BEFORE <= at <= end + MATCH_AFTER), None)
+            latency[agent].append(None if at is None else at - end)
+        claimed = next((at for at, topic, p in run.received
+                        if end - MATCH_BEFORE <= at <= end + MATCH_AFTER and topic.endswith("/claims")
+                        and json.loads(p)["type"] == "claim"), None)
+        acted = latency["solo"][-1]
+        if claimed is not None and acted is not None:
+            waits.append(end + acted - claimed)
+    pairs = [(a, b) for a, b in zip(latency["plain"], latency["solo"], strict=True)
+             if a is not None and b is not None]
+    return {"utterances": len(utterances), "window": window,
+            "intents": {agent: sum(1 for v in values if v is not None) for agent, values in latency.items()},
+            "latency_without_arbitration_seconds": summary([a for a, _ in pairs]),
+            "latency_alone_in_a_group_seconds": summary([b for _, b in pairs]),
+            "added_per_command_seconds": summary([b - a for a, b in pairs]),
+            "claim_to_intent_seconds": summary(waits)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="arbitration benchmark (three agents, real time)")
     parser.add_argument("--utterances", type=int, default=100, help="utterances heard by the three agents")
-    parser.add_argument("--latency-utterances", type=int, default=30, help="per single-agent latency run")
+    parser.add_argument("--latency-utterances", type=int, default=30, help="for the single-agent latency")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -471,14 +488,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("three agents, %d utterances in real time", args.utterances)
         (workdir / "group").mkdir()
         results["three_agents"] = group_run(workdir / "group", args.utterances, args.seed)
-        for name, group in (("single_agent_without_arbitration", None),
-                            ("single_agent_alone_in_a_group", GROUP)):
-            log.info("%s: %d utterances", name, args.latency_utterances)
-            (workdir / name).mkdir()
-            results[name] = latency_run(workdir / name, args.latency_utterances, args.seed + 7, group)
+        log.info("single agent with and without arbitration, side by side: %d utterances",
+                 args.latency_utterances)
+        (workdir / "single").mkdir()
+        results["single_agent"] = latency_pair(workdir / "single", args.latency_utterances, args.seed + 7)
     three = results["three_agents"]
-    plain = results["single_agent_without_arbitration"]["latency_seconds"]
-    grouped = results["single_agent_alone_in_a_group"]["latency_seconds"]
+    plain = results["single_agent"]["latency_without_arbitration_seconds"]
+    grouped = results["single_agent"]["latency_alone_in_a_group_seconds"]
     rise = round(grouped["p90"] - plain["p90"], 4) if plain and grouped else None
     results["verdict"] = {
         "exactly_one_action_per_utterance": three["utterances_with_exactly_one_action"] == three["utterances"]
