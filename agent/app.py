@@ -160,6 +160,7 @@ class App:
         self._stages: list[Stage] = []
         self._stage_health: dict[str, bool] = {}
         self._mute_listeners: list[Callable[[bool], None]] = []
+        self._counter_sources: list[Callable[[], Mapping[str, int]]] = []
         self._muted = self._load_muted()
 
         # Discovery bookkeeping: what we announced, and retained configs of ours seen on the broker.
@@ -211,6 +212,10 @@ class App:
     def add_mute_listener(self, listener: Callable[[bool], None]) -> None:
         """``listener(muted)`` runs on the main thread whenever the mute switch changes."""
         self._mute_listeners.append(listener)
+
+    def add_counters(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """A stage's own counters, merged into the diagnostics (e.g. arbitrations won and lost)."""
+        self._counter_sources.append(source)
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the main thread (thread-safe)."""
@@ -281,6 +286,7 @@ class App:
             **self.link.stats.snapshot(),
             **counts,
             **self.outbox.stats(),
+            **{k: v for source in self._counter_sources for k, v in source().items()},
             "readings_dropped": self._readings.dropped,
             "queued": self.link.queued,
             "muted": self._muted,

@@ -295,6 +295,15 @@ class ServiceSection(Section):
     stop_timeout: float = Field(default=4.0, gt=0, le=60)  # seconds to flush and say "offline" on SIGTERM
 
 
+class ArbitrationSection(Section):
+    """Agents of one group decide together which of them acts on an utterance they all heard."""
+
+    group: ObjectName  # agents sharing this name arbitrate on <topic_prefix>/arbitration/<group>
+    window: float = Field(default=0.15, gt=0, le=2)  # seconds to collect the group's claims
+    # Claims whose utterances ended (on each agent's own audio clock) this close together are one utterance.
+    match_tolerance: float = Field(default=1.0, gt=0, le=5)
+
+
 class Config(Section):
     agent: AgentSection
     mqtt: MqttSection
@@ -306,6 +315,7 @@ class Config(Section):
     anomaly: AnomalySection = Field(default_factory=AnomalySection)
     outbox: OutboxSection = Field(default_factory=OutboxSection)
     service: ServiceSection = Field(default_factory=ServiceSection)
+    arbitration: ArbitrationSection | None = None  # on when the table is present
 
     # Not part of the file: where it came from (for resolving relative paths and error messages).
     source_path: Path | None = Field(default=None, exclude=True)

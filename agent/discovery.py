@@ -18,8 +18,8 @@ What the agent must publish on the state topics these payloads point to:
 - ``Topics.availability``: ``online`` / ``offline`` (retained; last will);
 - ``Topics.diagnostics``: a JSON object with the numeric keys ``DIAGNOSTIC_KEYS``
   (``uptime`` in seconds, ``messages_in``, ``messages_out``, ``dropped``, ``bad_payloads``,
-  ``readings_rejected``, ``reload_failures``) and the text ``config_status`` (``ok`` or why the last
-  reload was rejected);
+  ``readings_rejected``, ``reload_failures``; with ``[arbitration]`` also ``arbitrations_won`` and
+  ``arbitrations_lost``) and the text ``config_status`` (``ok`` or why the last reload was rejected);
 - ``Topics.sensor_state(sensor)``: the last accepted reading as a plain number;
 - ``Topics.mute_state``: ``ON`` / ``OFF`` (retained); commands arrive on ``Topics.mute_set``;
 - ``Topics.event``: ``{"event_type": <one of event_types>, ...}``, never retained;
@@ -66,6 +66,12 @@ DIAGNOSTIC_KEYS = tuple(key for key, _, _ in DIAGNOSTIC_SENSORS)
 CONFIG_STATUS_KEY = "config_status"
 DIAGNOSTIC_TEXT_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
     (CONFIG_STATUS_KEY, "Configuration", {"icon": "mdi:file-cog"}),
+)
+# With [arbitration]: how often this agent acted on an utterance the group heard, and how often another did.
+ARBITRATION_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("arbitrations_won", "Arbitrations won", {"state_class": "total_increasing", "icon": "mdi:trophy"}),
+    ("arbitrations_lost", "Arbitrations lost",
+     {"state_class": "total_increasing", "icon": "mdi:account-voice-off"}),
 )
 MUTE_OBJECT = "mute"
 EVENT_OBJECT = "voice_intent"
@@ -138,7 +144,8 @@ def discovery_messages(
             "o": origin,
         }
 
-    for key, name, extra in DIAGNOSTIC_SENSORS + DIAGNOSTIC_TEXT_SENSORS:
+    for key, name, extra in (*DIAGNOSTIC_SENSORS, *DIAGNOSTIC_TEXT_SENSORS,
+                             *(ARBITRATION_SENSORS if config.arbitration else ())):
         add("sensor", key, name, {
             "state_topic": topics.diagnostics,
             "value_template": f"{{{{ value_json.{key} }}}}",

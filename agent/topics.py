@@ -6,19 +6,31 @@ from dataclasses import dataclass
 
 from agent.config import Config
 
+AVAILABILITY = "availability"
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:
     base: str  # <topic_prefix>/<agent id>
     discovery_prefix: str
+    # <topic_prefix>/arbitration/<group>/claims: the [arbitration] group's claims, when on (never retained)
+    arbitration: str | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Topics:
-        return cls(base=config.base_topic, discovery_prefix=config.homeassistant.discovery_prefix)
+        group = config.arbitration.group if config.arbitration is not None else None
+        arbitration = f"{config.mqtt.topic_prefix}/arbitration/{group}/claims" if group else None
+        return cls(base=config.base_topic, discovery_prefix=config.homeassistant.discovery_prefix,
+                   arbitration=arbitration)
 
     @property
     def availability(self) -> str:
-        return f"{self.base}/availability"  # "online" / "offline" (retained, last will)
+        return f"{self.base}/{AVAILABILITY}"  # "online" / "offline" (retained, last will)
+
+    @property
+    def peers_availability(self) -> str:
+        """Every agent's availability under our prefix: the level before the last is the agent id."""
+        return f"{self.base.rsplit('/', 1)[0]}/+/{AVAILABILITY}"
 
     @property
     def instance(self) -> str:
@@ -71,4 +83,5 @@ class Topics:
             topic.startswith(self.base + "/")
             or topic.startswith(self.discovery_prefix + "/")
             or topic.startswith("hermes/intent/")
+            or topic == self.arbitration
         )

@@ -44,6 +44,7 @@ from agent.topics import Topics
 
 if TYPE_CHECKING:
     from agent.app import App
+    from agent.arbitration import GroupArbiter
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +289,10 @@ def model_hop_seconds(model: KwsModel) -> float:
 # --------------------------------------------------------------------------------------------- payloads
 
 
-def intent_payload(intent: Intent) -> dict[str, Any]:
+def intent_payload(intent: Intent, agent: str) -> dict[str, Any]:
+    """``agent``: the agent that acts on it (the one that won the arbitration, when there is one)."""
     return {"intent": intent.action, "words": list(intent.words),
-            "scores": [round(s, 4) for s in intent.scores], "time": round(intent.time, 3)}
+            "scores": [round(s, 4) for s in intent.scores], "time": round(intent.time, 3), "agent": agent}
 
 
 def hermes_payload(intent: Intent, site_id: str, wake_word: str) -> dict[str, Any]:
@@ -319,10 +321,10 @@ def hermes_payload(intent: Intent, site_id: str, wake_word: str) -> dict[str, An
     }
 
 
-def event_payload(intent: Intent) -> dict[str, Any]:
-    """Home Assistant MQTT event entity: ``event_type`` plus attributes."""
+def event_payload(intent: Intent, agent: str) -> dict[str, Any]:
+    """Home Assistant MQTT event entity: ``event_type`` plus attributes (``agent``: which agent acted)."""
     return {"event_type": intent.action, "words": list(intent.words),
-            "scores": [round(s, 4) for s in intent.scores], "time": round(intent.time, 3)}
+            "scores": [round(s, 4) for s in intent.scores], "time": round(intent.time, 3), "agent": agent}
 
 
 def _dumps(payload: dict[str, Any]) -> bytes:
@@ -355,6 +357,7 @@ class VoiceStage:
         wait_online: Callable[[float], bool] | None = None,
         on_end: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        arbiter: GroupArbiter | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
@@ -367,6 +370,7 @@ class VoiceStage:
         self._wait_online = wait_online
         self._on_end = on_end
         self._clock = clock
+        self._arbiter = arbiter
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._open = False
@@ -393,10 +397,21 @@ class VoiceStage:
         exit_at_end = app.options.exit_at_end
         if exit_at_end and not source.finite:
             log.warning("--exit-at-end has no effect with the %s", source.description)
+        arbiter = None
+        if config.arbitration is not None:
+            from agent.arbitration import GroupArbiter  # here: only a daemon in a group talks to one
+
+            arbiter = GroupArbiter(config, publish=app.link.publish, subscribe=app.link.subscribe,
+                                   call_later=app.call_later)
+            app.add_counters(arbiter.counters)
+
+        def queued() -> int:  # exit-at-end also waits for intents the group has not decided yet
+            return app.link.queued + (arbiter.undecided if arbiter is not None else 0)
+
         return cls(config=config, pipeline=pipeline, source=source, publish=app.link.publish,
                    request_action=app.request_action, is_muted=lambda: app.muted,
-                   queued=lambda: app.link.queued, wait_online=app.link.wait_connected,
-                   on_end=app.request_stop if exit_at_end else None)
+                   queued=queued, wait_online=app.link.wait_connected,
+                   on_end=app.request_stop if exit_at_end else None, arbiter=arbiter)
 
     # ----------------------------------------------------------------- Stage interface
 
@@ -487,7 +502,10 @@ class VoiceStage:
                 continue
             self._count("samples", len(chunk.samples))
             wall = time.time() - (self._clock() - chunk.t_mono)
-            self._handle(self.pipeline.feed(chunk.samples, mono_end=chunk.t_mono, wall_end=wall))
+            output = self.pipeline.feed(chunk.samples, mono_end=chunk.t_mono, wall_end=wall)
+            if self._arbiter is not None:
+                self._arbiter.hear(chunk.samples, output.detections)
+            self._handle(output)
 
     def _await_broker(self, wait_online: Callable[[float], bool]) -> None:
         limit = min(self.config.service.ready_grace, MAX_ONLINE_WAIT)
@@ -581,12 +599,19 @@ class VoiceStage:
         expires = intent.created_mono + section.ttl
         self._last_expiry = max(self._last_expiry, expires)
         log.info("voice: intent %s from %r at %.2f s", intent.action, " ".join(intent.words), intent.t_audio)
+        if self._arbiter is not None:  # the group decides; if we win, the arbiter calls _act (another thread)
+            self._arbiter.submit(intent, lambda: self._act(intent, expires), expires=expires)
+            return
+        self._act(intent, expires)
+
+    def _act(self, intent: Intent, expires: float) -> None:
+        section = self.config.actions[intent.action]
         topics = self.topics
+        agent = self.config.agent.id
         messages = (
-            (topics.intent, intent_payload(intent)),
-            (Topics.hermes_intent(intent.action), hermes_payload(intent, self.config.agent.id,
-                                                                 self.config.voice.wake_word)),
-            (topics.event, event_payload(intent)),
+            (topics.intent, intent_payload(intent, agent)),
+            (Topics.hermes_intent(intent.action), hermes_payload(intent, agent, self.config.voice.wake_word)),
+            (topics.event, event_payload(intent, agent)),
         )
         for topic, payload in messages:
             self._publish(topic, _dumps(payload), qos=1, retain=False, expires_mono=expires)

@@ -266,7 +266,8 @@ class Subscriber:
             for topic in topics:
                 args += ["-t", topic]
             self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-            threading.Thread(target=self._read, daemon=True).start()
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
         else:
             import paho.mqtt.client as paho
             from paho.mqtt.enums import CallbackAPIVersion
@@ -294,6 +295,9 @@ class Subscriber:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(5)
+            self._reader.join(5)  # it has read everything up to the end of the pipe
+            if self.process.stdout is not None:
+                self.process.stdout.close()
         if self.client is not None:
             self.client.loop_stop()
             self.client.disconnect()
