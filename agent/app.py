@@ -155,6 +155,7 @@ class App:
         self._stages: list[Stage] = []
         self._stage_health: dict[str, bool] = {}
         self._mute_listeners: list[Callable[[bool], None]] = []
+        self._reload_listeners: list[Callable[[], None]] = []
         self._muted = self._load_muted()
 
         # Discovery bookkeeping: what we announced, and retained configs of ours seen on the broker.
@@ -205,6 +206,10 @@ class App:
     def add_mute_listener(self, listener: Callable[[bool], None]) -> None:
         """``listener(muted)`` runs on the main thread whenever the mute switch changes."""
         self._mute_listeners.append(listener)
+
+    def add_reload_listener(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs on the main thread after a SIGHUP reload that kept this app."""
+        self._reload_listeners.append(listener)
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the main thread (thread-safe)."""
@@ -680,6 +685,8 @@ class App:
             with self._discovery_lock:
                 self._seen_configs |= old_announced
             self._remove_stale_configs()
+        for listener in self._reload_listeners:
+            listener()
         log.info("configuration reloaded from %s", self.config_path)
 
 
@@ -704,6 +711,7 @@ def build_app(config: Config, *, config_path: Path | None, options: RunOptions) 
 
         voice = VoiceStage.from_app(app)  # ModelError / ConfigError / AudioError surface at startup
         app.add_stage(voice)
+        app.add_reload_listener(voice.reload_adaptation)
         # Watchdog: audio frames keep arriving while the source is open and unmuted; a source that is
         # being reopened (unplugged microphone) or ended is not wedged.
         app.watch_progress("audio", voice.stats, progress=("samples", "muted_chunks"),

@@ -53,6 +53,12 @@ def _transcribe(args: argparse.Namespace) -> int:
     return transcribe_main(args)
 
 
+def _enroll(args: argparse.Namespace) -> int:
+    from agent.enroll import enroll_main
+
+    return enroll_main(args)
+
+
 def _anomaly_score(args: argparse.Namespace) -> int:
     from agent.anomaly_score import anomaly_score_main
 
@@ -92,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="config for voice settings (optional)")
     p.add_argument("--json", action="store_true", help="one JSON line per file")
     p.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
+
+    p = add("enroll", _enroll, "adapt the voice model to a household: learn its voices, unlearn false wakes")
+    p.add_argument("--config", type=Path, default=Path("/etc/home-agent/config.toml"))
+    p.add_argument("--word", help="the model word the recordings say (the wake word or a command word)")
+    p.add_argument("--record", type=int, metavar="N", help="record N takes of --word on the microphone")
+    p.add_argument("--not-word", nargs="*", type=Path, metavar="FILE",
+                   help="recordings that woke the agent by mistake: stop waking on them")
+    p.add_argument("--list", action="store_true", help="show what was learned")
+    p.add_argument("--reset", action="store_true", help="forget everything learned")
+    p.add_argument("files", nargs="*", type=Path, metavar="FILE", help="WAV/FLAC, one utterance each")
 
     p = add("anomaly-score", _anomaly_score, "score timestamp,value CSV files strictly online")
     p.add_argument("--input", action="append", type=Path, required=True,
