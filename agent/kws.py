@@ -189,11 +189,11 @@ class KwsModel:
         """The penultimate embedding of the last :meth:`predict` (needs ``load(..., embedding=True)``)."""
         if self._embedding_index is None:
             raise ModelError(f"keyword model {self.path} was loaded without its embedding")
-        raw = self._interpreter.get_tensor(self._embedding_index).reshape(-1)
+        raw = np.asarray(self._interpreter.get_tensor(self._embedding_index)).reshape(-1)
+        values: npt.NDArray[np.float32] = raw.astype(np.float32)
         if raw.dtype in (np.dtype(np.int8), np.dtype(np.uint8)):
-            scaled = (raw.astype(np.float32) - self._embedding_zero) * self._embedding_scale
-            return scaled.astype(np.float32)
-        return np.array(raw, dtype=np.float32)
+            values = ((values - self._embedding_zero) * self._embedding_scale).astype(np.float32)
+        return values
 
     def __repr__(self) -> str:
         return f"KwsModel({str(self.path)!r}, labels={len(self.labels)}, input={self.input_dtype})"

@@ -123,8 +123,9 @@ def shared_sets(data_dir: Path, quick: bool) -> tuple[dict[str, Any], dict[str, 
     commands = sorted((c.path for c in held if c.source == "real" and c.label not in (WAKE, "_unknown_")
                        and c.path.split("/")[-1].startswith("sc_")), key=lambda p: stable_fraction("b" + p))
     commands = commands[: 150 if quick else 600]
-    confusable: dict[str, list[str]] = {word: sorted(str(p) for p in (data_dir / "real" / word).glob("*.flac"))
-                                        for word in CONFUSABLE_WAKE_WORDS}
+    confusable: dict[str, list[str]] = {
+        word: sorted(str(p) for p in (data_dir / "real" / word).glob("*.flac"))
+        for word in CONFUSABLE_WAKE_WORDS}
     confusable["real_long_held_out"] = [c.path for c in held if c.source == "long"]
     confusable["noise_held_out"] = [c.path for c in held if c.source == "noise"]
     if quick:
