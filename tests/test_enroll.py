@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,25 @@ def test_not_word_stops_false_wakes_of_confusable_speech(tmp_path: Path) -> None
     precise = sorted((DATA / "real" / "hey_computer").glob("*.flac"))
     still = sum("computer" in heard(config, p) for p in precise)
     assert still >= sum("computer" in heard(None, p) for p in precise) - 1
+
+
+def test_a_running_voice_stage_picks_up_a_new_adaptation_on_reload(tmp_path: Path) -> None:
+    from agent.audio import FileSource
+    from agent.voice import VoiceStage
+
+    config_path = write_config(tmp_path)
+    config = load_config(config_path)
+    replay = child_voice(WAKE_SOURCES[1], 1.35, tmp_path)
+    stage = VoiceStage(config=config, pipeline=load_pipeline(config), source=FileSource(replay),
+                       publish=lambda *_args, **_kwargs: True, request_action=lambda _request: 0)
+    assert stage.pipeline.adaptation is None
+    enrol = [child_voice(name, factor, tmp_path) for name in WAKE_SOURCES[:2] for factor in (1.3, 1.4)]
+    assert enroll(config_path, "--word", "computer", *enrol) == 0
+    stage.reload_adaptation()  # what SIGHUP does (App._reload's listeners)
+    stage.start()
+    deadline = time.monotonic() + 60
+    while not stage.finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stage.stop()
+    assert stage.pipeline.adaptation is not None
+    assert stage.stats()["detections"] >= 1
