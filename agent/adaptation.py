@@ -62,6 +62,7 @@ BOOST_MARGIN_LOGIT = 3.0
 MAX_VETO_LOSS = 0.01
 # The windows of a not-word recording that raise a word: its base posterior reaches this much.
 NOT_WORD_FLOOR = 0.2
+RAISED_WINDOWS = 3  # 60 ms of windows at or above the word's threshold: the recording raises the word
 MIN_HEARD_FRACTION = 0.6  # of the household's recordings, the adapted word must hear at least this many
 ADAPTATION_DIR = "adaptation"
 POSITIVE_DIR = "words"
@@ -484,17 +485,20 @@ class Store:
 # --------------------------------------------------------------------------------------------- learning
 
 
-def not_word_windows(model: KwsModel, samples: npt.NDArray[np.int16]) -> dict[str, FloatArray]:
-    """Per word, the embeddings of the windows of a recording that raise it (every feature hop: the stream
-    may meet the sound at any offset)."""
+def not_word_windows(model: KwsModel, samples: npt.NDArray[np.int16],
+                     enrolled: Iterable[str] = ()) -> dict[str, FloatArray]:
+    """Per word, the embeddings of the windows of a not-word recording to learn against (every feature hop:
+    the stream may meet the sound at any offset). A word the household enrolled gets every window (its head
+    may be what woke); another word only when the recording raises it to its threshold for at least
+    RAISED_WINDOWS windows, and then the windows that score it at least NOT_WORD_FLOOR."""
     params = model.params
     _, posteriors, embeddings = stream_embeddings(model, samples, params.hop_samples,
                                                   tail_samples=params.window_samples)
-    result: dict[str, FloatArray] = {}
+    result: dict[str, FloatArray] = {word: embeddings for word in enrolled}
     for word in model.words:
-        rows = posteriors[:, model.labels.index(word)] >= NOT_WORD_FLOOR
-        if rows.any():
-            result[word] = embeddings[rows]
+        scores = posteriors[:, model.labels.index(word)]
+        if word not in result and int(np.sum(scores >= model.thresholds[word])) >= RAISED_WINDOWS:
+            result[word] = embeddings[scores >= NOT_WORD_FLOOR]
     return result
 
 
@@ -506,8 +510,9 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
     pos_windows = {word: [word_windows(model, s, span) for s in takes if (span := speech_span(s))]
                    for word, takes in positives.items()}
     neg_windows: dict[str, list[FloatArray]] = {}
+    enrolled = [word for word, windows in pos_windows.items() if windows]
     for samples in negatives:
-        for word, rows in not_word_windows(model, samples).items():
+        for word, rows in not_word_windows(model, samples, enrolled).items():
             neg_windows.setdefault(word, []).append(rows)
     heads: list[WordHead] = []
     for word in sorted(set(pos_windows) | set(neg_windows)):
