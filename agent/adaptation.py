@@ -525,8 +525,8 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
                     f"([voice] enroll_false_wake_budget) on {bank.hours:.2f} h of reference speech, the head "
                     f"for {word!r} would need a threshold of {entry.boost:.3f}, and then it hears only "
                     f"{heard} of your {len(best)} recordings (their best scores: "
-                    f"{', '.join(f'{s:.2f}' for s in best)}). Record again, closer to the microphone and "
-                    "with less background, or raise the budget.")
+                    f"{', '.join(f'{s:.2f}' for s in best)}). Is each recording {word!r} alone? Record "
+                    "again, closer to the microphone and with less background, or raise the budget.")
         heads.append(entry)
     return Adaptation(model.sha256, tuple(heads), bank.hours)
 
