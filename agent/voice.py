@@ -268,7 +268,10 @@ def load_pipeline(config: Config | None, model_path_override: Path | None = None
     adaptation = None
     if config is not None and has_adaptation(config):  # the household's heads need the model's embedding
         model = KwsModel.load(path, embedding=True)
-        adaptation = load_adaptation(config, model)
+        try:
+            adaptation = load_adaptation(config, model)
+        except HomeAgentError as err:  # e.g. a new model whose bank was not rebuilt: listen, unadapted
+            log.error("voice: the household adaptation is not used: %s", err)
     else:
         model = KwsModel.load(path)
     commands = commands_from_config(config) if config is not None else []

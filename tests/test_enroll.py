@@ -251,3 +251,13 @@ def test_a_running_voice_stage_picks_up_a_new_adaptation_on_reload(tmp_path: Pat
     stage.stop()
     assert stage.pipeline.adaptation is not None
     assert stage.stats()["detections"] >= 1
+
+
+def test_an_adaptation_that_cannot_be_used_leaves_the_shipped_model_listening(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path)
+    assert enroll(config, "--word", "computer", child_voice(WAKE_SOURCES[0], 1.3, tmp_path)) == 0
+    (Store.of(load_config(config)).directory / "heads.npz").write_bytes(b"garbage")
+    pipeline = load_pipeline(load_config(config))
+    assert pipeline.adaptation is None
+    assert "household adaptation is not used" in caplog.text
