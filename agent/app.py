@@ -161,6 +161,7 @@ class App:
         self._stage_health: dict[str, bool] = {}
         self._mute_listeners: list[Callable[[bool], None]] = []
         self._counter_sources: list[Callable[[], Mapping[str, int]]] = []
+        self._reload_listeners: list[Callable[[], None]] = []
         self._muted = self._load_muted()
 
         # Discovery bookkeeping: what we announced, and retained configs of ours seen on the broker.
@@ -216,6 +217,10 @@ class App:
     def add_counters(self, source: Callable[[], Mapping[str, int]]) -> None:
         """A stage's own counters, merged into the diagnostics (e.g. arbitrations won and lost)."""
         self._counter_sources.append(source)
+
+    def add_reload_listener(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs on the main thread after a SIGHUP reload that kept this app."""
+        self._reload_listeners.append(listener)
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the main thread (thread-safe)."""
@@ -715,6 +720,8 @@ class App:
             with self._discovery_lock:
                 self._seen_configs |= old_announced
             self._remove_stale_configs()
+        for listener in self._reload_listeners:
+            listener()
         log.info("configuration reloaded from %s", self.config_path)
 
     def reload_rejected(self, reason: str) -> None:
@@ -783,6 +790,7 @@ def _add_stages(app: App, config: Config, options: RunOptions) -> None:
 
         voice = VoiceStage.from_app(app)  # ModelError / ConfigError / AudioError surface at startup
         app.add_stage(voice)
+        app.add_reload_listener(voice.reload_adaptation)
         # Watchdog: audio frames keep arriving while the source is open and unmuted; a source that is
         # being reopened (unplugged microphone) or ended is not wedged.
         app.watch_progress("audio", voice.stats, progress=("samples", "muted_chunks"),

@@ -54,6 +54,12 @@ def _transcribe(args: argparse.Namespace) -> int:
     return transcribe_main(args)
 
 
+def _enroll(args: argparse.Namespace) -> int:
+    from agent.enroll import enroll_main
+
+    return enroll_main(args)
+
+
 def _anomaly_score(args: argparse.Namespace) -> int:
     from agent.anomaly_score import anomaly_score_main, pair_paths
 
@@ -101,6 +107,13 @@ examples:
   home-agent transcribe examples/computer_heat_up.wav
   home-agent transcribe --json --config config.toml recordings/   one JSON line per file, with intents
 WAV/FLAC files of any sample rate; the daemon's exact streaming path, as fast as the CPU allows.""",
+    "enroll": """\
+examples:
+  home-agent enroll --config config.toml --word computer me1.wav me2.wav me3.wav me4.wav me5.wav
+  home-agent enroll --config config.toml --record 5 --word computer   on the microphone
+  home-agent enroll --config config.toml --not-word tv_clip.wav       stop waking on this sound
+  home-agent enroll --config config.toml --list                       (--reset forgets it all)
+Needs no broker; a running daemon picks the adaptation up on reload (SIGHUP).""",
     "anomaly-score": """\
 example:
   home-agent anomaly-score --input readings.csv --output scored.csv
@@ -118,6 +131,7 @@ SUMMARIES = {
     "action": "fire one configured action once and exit (to test a device)",
     "devices": "list the audio input devices (microphones)",
     "transcribe": "print the words and intents heard in audio files",
+    "enroll": "adapt the voice model to a household: learn its voices, unlearn false wakes",
     "anomaly-score": "score timestamp,value CSV files with the anomaly detector, strictly online",
 }
 
@@ -178,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
     p.add_argument("--plot", type=_plot_path, default=None, metavar="OUT.png",
                    help="draw the waveform, every word's score over time and what was heard (one file)")
+
+    p = add("enroll", _enroll)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument("--word", help="the model word the recordings say (the wake word or a command word)")
+    p.add_argument("--record", type=int, metavar="N", help="record N takes of --word on the microphone")
+    p.add_argument("--not-word", nargs="*", type=Path, metavar="FILE",
+                   help="recordings that woke the agent by mistake: stop waking on them")
+    p.add_argument("--list", action="store_true", help="show what was learned")
+    p.add_argument("--reset", action="store_true", help="forget everything learned")
+    p.add_argument("files", nargs="*", type=Path, metavar="FILE", help="WAV/FLAC, one utterance each")
 
     p = add("anomaly-score", _anomaly_score)
     p.add_argument("--input", action="append", type=Path, required=True,

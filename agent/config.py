@@ -209,6 +209,9 @@ class VoiceSection(Section):
     refractory: float | None = Field(default=None, ge=0, le=5)  # override of the model's refractory time
     confirm_window: float = Field(default=5.0, gt=0, le=30)  # seconds to say "yes" for confirm actions
     commands: list[VoiceCommand] = Field(default_factory=list)
+    # ``home-agent enroll``: false wakes per hour of the built-in reference speech a household head may add
+    # (its threshold is set to stay within it; an enrolment that cannot is refused).
+    enroll_false_wake_budget: float = Field(default=0.0, ge=0, le=100)
 
     @field_validator("thresholds")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features import FeatureParams
-from agent.tflite import interpreter_class, metadata_path
+from agent.tflite import embedding_tensor_index, interpreter_class, metadata_path
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class KwsModel:
         refractory_seconds: float,
         smoothing_seconds: float,
         size_bytes: int,
+        embedding_index: int | None = None,
     ) -> None:
         self.path = path
         self.metadata = metadata
@@ -75,6 +77,10 @@ class KwsModel:
         self.output_dtype: np.dtype[Any] = np.dtype(output_detail["dtype"])
         self._input_scale, self._input_zero = (float(v) for v in input_detail["quantization"])
         self._output_scale, self._output_zero = (float(v) for v in output_detail["quantization"])
+        self._embedding_index = embedding_index
+        if embedding_index is not None:
+            detail = next(d for d in interpreter.get_tensor_details() if d["index"] == embedding_index)
+            self._embedding_scale, self._embedding_zero = (float(v) for v in detail["quantization"])
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -86,7 +92,9 @@ class KwsModel:
         return self.input_dtype in (np.dtype(np.int8), np.dtype(np.uint8))
 
     @classmethod
-    def load(cls, path: Path, num_threads: int = 1) -> KwsModel:
+    def load(cls, path: Path, num_threads: int = 1, *, embedding: bool = False) -> KwsModel:
+        """``embedding``: also expose the penultimate embedding (:meth:`embedding`), for household adaptation;
+        off by default, so a model without adaptation runs exactly as before."""
         path = Path(path)
         try:
             model_bytes = path.read_bytes()
@@ -102,10 +110,14 @@ class KwsModel:
             )
         interpreter_type = interpreter_class()
         try:
-            interpreter = interpreter_type(model_content=model_bytes, num_threads=num_threads)
+            extra = {"experimental_preserve_all_tensors": True} if embedding else {}
+            with warnings.catch_warnings():  # LiteRT warns that the option is for debugging: 56 bytes here
+                warnings.simplefilter("ignore", UserWarning)
+                interpreter = interpreter_type(model_content=model_bytes, num_threads=num_threads, **extra)
             interpreter.allocate_tensors()
             # Inside the try: a corrupt file can carry tensor names that are not UTF-8 (ValueError).
             inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+            embedding_index = embedding_tensor_index(interpreter) if embedding else None
         except (ValueError, RuntimeError) as err:
             raise ModelError(f"cannot load keyword model {path}: {err}") from err
         if len(inputs) != 1 or len(outputs) != 1:
@@ -137,6 +149,7 @@ class KwsModel:
             refractory_seconds=refractory,
             smoothing_seconds=smoothing,
             size_bytes=len(model_bytes),
+            embedding_index=embedding_index,
         )
         try:  # one inference now: a file that loads but cannot run fails at startup, not in the voice thread
             model.predict(np.zeros(params.shape, dtype=np.float32))
@@ -171,6 +184,16 @@ class KwsModel:
             ).astype(np.float32)
             return scores
         return np.array(output, dtype=np.float32)
+
+    def embedding(self) -> npt.NDArray[np.float32]:
+        """The penultimate embedding of the last :meth:`predict` (needs ``load(..., embedding=True)``)."""
+        if self._embedding_index is None:
+            raise ModelError(f"keyword model {self.path} was loaded without its embedding")
+        raw = np.asarray(self._interpreter.get_tensor(self._embedding_index)).reshape(-1)
+        values: npt.NDArray[np.float32] = raw.astype(np.float32)
+        if raw.dtype in (np.dtype(np.int8), np.dtype(np.uint8)):
+            values = ((values - self._embedding_zero) * self._embedding_scale).astype(np.float32)
+        return values
 
     def __repr__(self) -> str:
         return f"KwsModel({str(self.path)!r}, labels={len(self.labels)}, input={self.input_dtype})"

@@ -24,3 +24,21 @@ def interpreter_class() -> Any:
 def metadata_path(model_path: Path) -> Path:
     """A model's metadata JSON lives beside it: ``models/kws.tflite`` -> ``models/kws.json``."""
     return model_path.with_suffix(".json")
+
+
+def embedding_tensor_index(interpreter: Any) -> int:
+    """The tensor a classifier's final FULLY_CONNECTED layer reads: the model's penultimate embedding.
+
+    Found from the graph rather than by a fixed index, so it holds for any model the training pipeline
+    exports: walk back from the output through a trailing SOFTMAX (if any) to the FULLY_CONNECTED op that
+    produces it, and take that op's data input. Needs an interpreter built with
+    ``experimental_preserve_all_tensors=True``, or the tensor's memory is reused before it can be read."""
+    output = int(interpreter.get_output_details()[0]["index"])
+    producers = {int(out): op for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE"
+                 for out in op["outputs"]}
+    op = producers.get(output)
+    if op is not None and op["op_name"] == "SOFTMAX":
+        op = producers.get(int(op["inputs"][0]))
+    if op is None or op["op_name"] != "FULLY_CONNECTED":
+        raise ModelError("the keyword model does not end in a FULLY_CONNECTED layer: no embedding to adapt")
+    return int(op["inputs"][0])

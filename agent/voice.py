@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from agent.audio import SAMPLE_RATE, AudioSource, EndOfAudio, FileSource, create_source
 from agent.config import Config, VoiceSection
-from agent.errors import ActionError, AudioError, ConfigError
+from agent.errors import ActionError, AudioError, ConfigError, HomeAgentError
 from agent.features import StreamingFeatures
 from agent.kws import KwsModel
 from agent.messages import ActionRequest, Detection, Intent, Scores
@@ -43,6 +43,7 @@ from agent.recognizer import (
 from agent.topics import Topics
 
 if TYPE_CHECKING:
+    from agent.adaptation import Adaptation
     from agent.app import App
     from agent.arbitration import GroupArbiter
 
@@ -131,7 +132,7 @@ class VoicePipeline:
     Raises ConfigError when the configuration names words the model does not know."""
 
     def __init__(self, model: KwsModel, voice: VoiceSection, commands: Sequence[Command] = (),
-                 hop_seconds: float = HOP_SECONDS) -> None:
+                 hop_seconds: float = HOP_SECONDS, adaptation: Adaptation | None = None) -> None:
         params = model.params
         if params.sample_rate != SAMPLE_RATE:
             raise ConfigError(f"the keyword model expects {params.sample_rate} Hz audio; home-agent delivers "
@@ -142,6 +143,7 @@ class VoicePipeline:
         self.model = model
         self.voice = voice
         self.commands = tuple(commands)
+        self.adaptation = adaptation  # household heads (agent.adaptation); the model then has its embedding
         # A whole number of feature hops, so every model window ends on a hop boundary.
         per_hop = max(1, round(hop_seconds * SAMPLE_RATE / params.hop_samples))
         self.hop_samples = per_hop * params.hop_samples
@@ -220,6 +222,8 @@ class VoicePipeline:
         expected = self.matcher.expected_words()
         self._update_silence(listening=bool(expected))
         probabilities = self.model.predict(self.features.features(self._silence_before))
+        if self.adaptation is not None:
+            probabilities = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding())
         self.invocations += 1
         scores = Scores(self.model.labels, probabilities, round(t_audio, 6))
         detection = self.recognizer.process(scores, expected=expected)
@@ -253,8 +257,9 @@ class VoicePipeline:
 
 
 def load_pipeline(config: Config | None, model_path_override: Path | None = None) -> VoicePipeline:
-    """The model named by the config (or the shipped one) and a pipeline for the config's voice settings.
-    Raises ModelError (bad or missing model) or ConfigError (words the model does not know)."""
+    """The model named by the config (or the shipped one) and a pipeline for the config's voice settings,
+    with the household adaptation in the config's state_dir, if any. Raises ModelError (bad or missing model)
+    or ConfigError (words the model does not know)."""
     voice = config.voice if config is not None else VoiceSection()
     if model_path_override is not None:
         path = model_path_override
@@ -264,9 +269,19 @@ def load_pipeline(config: Config | None, model_path_override: Path | None = None
         from agent.paths import resolve_data_path
 
         path = resolve_data_path(voice.model)
-    model = KwsModel.load(path)
+    from agent.adaptation import has_adaptation, load_adaptation
+
+    adaptation = None
+    if config is not None and has_adaptation(config):  # the household's heads need the model's embedding
+        model = KwsModel.load(path, embedding=True)
+        try:
+            adaptation = load_adaptation(config, model)
+        except HomeAgentError as err:  # e.g. a new model whose bank was not rebuilt: listen, unadapted
+            log.error("voice: the household adaptation is not used: %s", err)
+    else:
+        model = KwsModel.load(path)
     commands = commands_from_config(config) if config is not None else []
-    return VoicePipeline(model, voice, commands, hop_seconds=model_hop_seconds(model))
+    return VoicePipeline(model, voice, commands, hop_seconds=model_hop_seconds(model), adaptation=adaptation)
 
 
 def _listening_smoothing(model: KwsModel) -> float:
@@ -379,6 +394,7 @@ class VoiceStage:
         self._last_expiry = 0.0
         self._retry_logged = False
         self._lock = threading.Lock()
+        self._next_pipeline: VoicePipeline | None = None  # from a reload, swapped in by the voice thread
         self.counts = {"detections": 0, "intents": 0, "actions_requested": 0, "actions_refused": 0,
                        "audio_errors": 0, "open_failures": 0, "muted_chunks": 0, "samples": 0}
 
@@ -449,6 +465,17 @@ class VoiceStage:
             counts = dict(self.counts)
         return {**counts, **self.source.stats(), "invocations": self.pipeline.invocations}
 
+    def reload_adaptation(self) -> None:
+        """SIGHUP: pick up what ``home-agent enroll`` learned (or forgot) since the start. A failure keeps the
+        running pipeline."""
+        try:
+            self._next_pipeline = load_pipeline(self.config)
+        except HomeAgentError as err:
+            log.error("voice: household adaptation not reloaded, keeping the running one: %s", err)
+            return
+        adaptation = self._next_pipeline.adaptation
+        log.info("voice: household adaptation %s", "; ".join(adaptation.describe()) if adaptation else "none")
+
     # ----------------------------------------------------------------- the thread
 
     def _count(self, name: str, amount: int = 1) -> None:
@@ -469,6 +496,8 @@ class VoiceStage:
             self._await_broker(self._wait_online)
         while not self._stop.is_set():
             self._beat = self._clock()
+            if self._next_pipeline is not None:
+                self.pipeline, self._next_pipeline = self._next_pipeline, None
             if self._is_muted() and self.source.retry_on_error:
                 self._close_source()  # a muted microphone is closed, not just ignored
                 self._wait(READ_TIMEOUT)

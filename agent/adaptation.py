@@ -1,0 +1,556 @@
+"""Household adaptation: tiny per-word heads on the keyword model's own embedding, trained on the device.
+
+The shipped int8 model stays as it is. Its penultimate tensor (the input of the final FULLY_CONNECTED layer,
+:meth:`agent.kws.KwsModel.embedding`) is read after every invocation, and for each adapted word a small numpy
+MLP scores it. The head's score changes the model's posterior for that word before the recognizer smooths it:
+
+- *boost*: a score at or above ``boost`` replaces the word's posterior on that hop when it is higher (the
+  other labels are scaled down), so a household member the base model misses is heard; the recognizer's
+  smoothing and the word's threshold still apply, so one stray hop does not wake. ``boost`` is set at
+  enrolment from the built-in negative bank, so that false wakes stay within
+  ``[voice] enroll_false_wake_budget``, plus a margin: the bank is small and held-out confusable speech
+  scores higher than it.
+- *veto*: after ``enroll --not-word``, a score at or below ``veto`` removes the word on that hop (its
+  probability goes to ``_unknown_``), so the sounds that woke the agent no longer do. ``veto`` is bounded by
+  how many of the bank's own recordings of the word it would reject.
+
+Everything else (smoothing, thresholds, refractory time, the command matcher) is unchanged. The head is
+trained on: the household's recordings of the word (several window positions each), the bank's recordings of
+the word and of every other label (training-side audio only, ``training/enrol_bank.py``), and the household's
+not-word recordings. The bank is a small file beside the model and records the model's sha256: a retrained
+model needs a rebuilt bank, and the household's recordings (kept in ``state_dir``) are re-learned on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.config import Config
+from agent.errors import HomeAgentError, ModelError, StateError
+from agent.features import StreamingFeatures
+from agent.kws import KwsModel
+
+log = logging.getLogger(__name__)
+
+BANK_FORMAT = "home-agent-enrol-bank/1"
+ADAPTATION_FORMAT = "home-agent-adaptation/1"
+UNKNOWN = "_unknown_"
+HIDDEN_UNITS = 32
+TRAIN_STEPS = 400
+LEARNING_RATE = 0.01
+L2 = 1e-3
+SEED = 0
+# Positive windows per household recording: every feature hop (20 ms) while the whole word is in the model's
+# 1 s window, so the head sees the word at every position the streaming model will.
+WINDOW_MARGIN_SECONDS = 0.1
+MIN_BOOST = 0.5  # the head must be at least this sure before it overrules the base model
+# The boost sits this much (in log-odds) above the highest bank recording it may wake on. Without it,
+# held-out "smart mirror" clips (no wake words of other systems are in the bank) rose from 1 to 3 false wakes
+# in 40 (bench/enroll_bench.py --quick, precise_eltocino enrolled).
+BOOST_MARGIN_LOGIT = 3.0
+# A veto may reject at most this fraction of the bank's own recordings of the word (the everyone-else
+# detection must not drop by more than about a point).
+MAX_VETO_LOSS = 0.01
+# The windows of a not-word recording that raise a word: its base posterior reaches this much.
+NOT_WORD_FLOOR = 0.2
+RAISED_WINDOWS = 3  # 60 ms of windows at or above the word's threshold: the recording raises the word
+MIN_HEARD_FRACTION = 0.6  # of the household's recordings, the adapted word must hear at least this many
+ADAPTATION_DIR = "adaptation"
+POSITIVE_DIR = "words"
+NEGATIVE_DIR = "not_words"
+HEADS_FILE = "heads.npz"
+KEEP_AROUND_SECONDS = 0.25  # silence kept either side of a stored word: its windows see the word's edges
+FloatArray = npt.NDArray[np.float32]
+
+
+class EnrollError(HomeAgentError):
+    """A take or a file cannot be learned from; nothing was changed."""
+
+
+
+def bank_path(model_path: Path) -> Path:
+    """The negative bank lives beside the model: ``models/kws.tflite`` -> ``models/kws.bank.npz``."""
+    return model_path.with_name(model_path.stem + ".bank.npz")
+
+
+# --------------------------------------------------------------------------------------------- embeddings
+
+
+def stream_embeddings(model: KwsModel, samples: npt.NDArray[np.int16], hop_samples: int,
+                      tail_samples: int = 0) -> tuple[npt.NDArray[np.float64], FloatArray, FloatArray]:
+    """(window end times in s, posteriors, embeddings) of every window the streaming path would see, one per
+    ``hop_samples``, over ``samples`` followed by ``tail_samples`` of silence. The front of the first second
+    counts as silence, exactly as in :class:`agent.voice.VoicePipeline`."""
+    params = model.params
+    features = StreamingFeatures(params)
+    audio = np.concatenate([np.asarray(samples, dtype=np.int16), np.zeros(tail_samples, dtype=np.int16)])
+    ends: list[float] = []
+    posteriors: list[FloatArray] = []
+    embeddings: list[FloatArray] = []
+    for start in range(0, len(audio) - hop_samples + 1, hop_samples):
+        features.push(audio[start : start + hop_samples])
+        posteriors.append(model.predict(features.features()))
+        embeddings.append(model.embedding())
+        ends.append((start + hop_samples) / params.sample_rate)
+    width = len(model.labels)
+    if not ends:
+        return np.zeros(0), np.zeros((0, width), np.float32), np.zeros((0, 0), np.float32)
+    return np.array(ends), np.stack(posteriors), np.stack(embeddings)
+
+
+def word_windows(model: KwsModel, samples: npt.NDArray[np.int16], span: tuple[int, int]) -> FloatArray:
+    """Embeddings of the windows (one per feature hop) that hold the whole utterance ``span`` (samples)."""
+    params = model.params
+    rate = params.sample_rate
+    margin = round(WINDOW_MARGIN_SECONDS * rate)
+    ends, _, embeddings = stream_embeddings(model, samples, params.hop_samples,
+                                            tail_samples=params.window_samples)
+    end_samples = np.round(ends * rate)
+    word_start, word_end = span
+    keep = (end_samples >= word_end - margin) & (end_samples - params.window_samples <= word_start + margin)
+    if not keep.any():  # a word longer than the window: the windows that end within it
+        keep = (end_samples >= word_start + params.window_samples) & (end_samples <= word_end + margin)
+    return embeddings[keep]
+
+
+# --------------------------------------------------------------------------------------------- the head
+
+
+@dataclass(frozen=True)
+class Head:
+    """A one-hidden-layer MLP: standardised embedding -> tanh(hidden) -> sigmoid score."""
+
+    mean: FloatArray
+    scale: FloatArray
+    w1: FloatArray
+    b1: FloatArray
+    w2: FloatArray
+    b2: float
+
+    def score(self, embeddings: FloatArray) -> FloatArray:
+        x = (np.atleast_2d(embeddings) - self.mean) / self.scale
+        hidden = np.tanh(x @ self.w1 + self.b1)
+        logits = np.clip(hidden @ self.w2 + self.b2, -30.0, 30.0)
+        result: FloatArray = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        return result
+
+    def arrays(self, prefix: str) -> dict[str, npt.NDArray[Any]]:
+        return {f"{prefix}mean": self.mean, f"{prefix}scale": self.scale, f"{prefix}w1": self.w1,
+                f"{prefix}b1": self.b1, f"{prefix}w2": self.w2,
+                f"{prefix}b2": np.array([self.b2], np.float32)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Any, prefix: str) -> Head:
+        def get(name: str) -> FloatArray:
+            return np.asarray(arrays[f"{prefix}{name}"], dtype=np.float32)
+
+        return cls(get("mean"), get("scale"), get("w1"), get("b1"), get("w2"), float(get("b2")[0]))
+
+
+def train_head(positives: FloatArray, negatives: FloatArray, *, positive_weights: FloatArray,
+               negative_weights: FloatArray, hidden: int = HIDDEN_UNITS, steps: int = TRAIN_STEPS) -> Head:
+    """Weighted binary cross-entropy, full-batch Adam, fixed seed: the same data gives the same head. In
+    float32 throughout (an order of magnitude faster than float64 here; enrolment must take seconds)."""
+    f32 = np.float32
+    x = np.concatenate([positives, negatives]).astype(f32)
+    y = np.concatenate([np.ones(len(positives), f32), np.zeros(len(negatives), f32)])
+    weight = np.concatenate([positive_weights, negative_weights]).astype(f32)
+    weight = weight / weight.sum()
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0) + f32(1e-3)
+    x = (x - mean) / scale
+    rng = np.random.default_rng(SEED)
+    params = [rng.normal(0, 1 / np.sqrt(x.shape[1]), (x.shape[1], hidden)).astype(f32), np.zeros(hidden, f32),
+              rng.normal(0, 1 / np.sqrt(hidden), hidden).astype(f32), np.zeros(1, f32)]
+    moments = [np.zeros_like(p) for p in params]
+    squares = [np.zeros_like(p) for p in params]
+    for step in range(1, steps + 1):
+        w1, b1, w2, b2 = params
+        h = np.tanh(x @ w1 + b1)
+        p = 1 / (1 + np.exp(-np.clip(h @ w2 + b2[0], -30, 30)))
+        delta = (p - y) * weight  # d loss / d logit
+        dh = delta[:, None] * w2[None, :] * (1 - h**2)
+        grads = [x.T @ dh + L2 * w1, dh.sum(axis=0), h.T @ delta + L2 * w2, np.array([delta.sum()], f32)]
+        for i, grad in enumerate(grads):
+            moments[i] = 0.9 * moments[i] + 0.1 * grad
+            squares[i] = 0.999 * squares[i] + 0.001 * grad**2
+            m_hat = moments[i] / (1 - 0.9**step)
+            v_hat = squares[i] / (1 - 0.999**step)
+            params[i] = (params[i] - LEARNING_RATE * m_hat / (np.sqrt(v_hat) + 1e-8)).astype(f32)
+    w1, b1, w2, b2 = params
+    return Head(mean, scale, w1, b1, w2, float(b2[0]))
+
+
+# --------------------------------------------------------------------------------------------- the bank
+
+
+@dataclass(frozen=True)
+class Bank:
+    """Embeddings of training-side audio: each row a window, ``labels`` its label, ``items`` which recording
+    (clip or stretch of long audio) it came from; ``hours`` of audio the recordings hold."""
+
+    embeddings: FloatArray
+    labels: npt.NDArray[np.str_]
+    items: npt.NDArray[np.int32]
+    hours: float
+    model_sha256: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(path, embeddings=self.embeddings.astype(np.float16), labels=self.labels,
+                            items=self.items, meta=np.array(json.dumps(
+                                {"format": BANK_FORMAT, "hours": self.hours,
+                                 "model_sha256": self.model_sha256, **self.info})))
+
+    @classmethod
+    def load(cls, path: Path, model: KwsModel) -> Bank:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                embeddings = data["embeddings"].astype(np.float32)
+                labels, items = data["labels"], data["items"].astype(np.int32)
+        except FileNotFoundError as err:
+            raise ModelError(f"no negative bank for household adaptation at {path}: build it with "
+                             f"`python -m training.enrol_bank --model {model.path}`") from err
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            raise ModelError(f"the negative bank {path} is unreadable or corrupt: {err}") from err
+        if meta.get("format") != BANK_FORMAT:
+            raise ModelError(f"{path}: not a negative bank of format {BANK_FORMAT}")
+        if meta.get("model_sha256") != model.sha256:
+            raise ModelError(
+                f"the negative bank {path} was built for another keyword model (sha256 "
+                f"{str(meta.get('model_sha256'))[:12]}..., the model is {model.sha256[:12]}...): rebuild it "
+                f"with `python -m training.enrol_bank --model {model.path}`")
+        return cls(embeddings, labels, items, float(meta["hours"]), model.sha256,
+                   {k: v for k, v in meta.items() if k not in ("format", "hours", "model_sha256")})
+
+    def of_label(self, label: str) -> FloatArray:
+        result: FloatArray = self.embeddings[self.labels == label]
+        return result
+
+    def false_wakes(self, scores: FloatArray, word: str, threshold: float) -> int:
+        """Recordings of other labels with any window scoring ``threshold`` or more."""
+        others = self.labels != word
+        return len(np.unique(self.items[others & (scores >= threshold)]))
+
+
+# --------------------------------------------------------------------------------------------- adaptation
+
+
+@dataclass(frozen=True)
+class WordHead:
+    word: str
+    head: Head
+    boost: float | None  # None: the household has no recordings of the word, only not-words
+    veto: float | None  # None: no not-word recordings woke this word
+    bank_false_wakes: int  # bank recordings of other labels the boost would wake on
+    recordings: int
+    not_words: int
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    model_sha256: str
+    heads: tuple[WordHead, ...]
+    bank_hours: float
+
+    def apply(self, labels: tuple[str, ...], probabilities: FloatArray, embedding: FloatArray) -> FloatArray:
+        """The posteriors with every adapted word boosted or vetoed by its head (see the module doc)."""
+        result = probabilities
+        for entry in self.heads:
+            score = float(entry.head.score(embedding)[0])
+            index = labels.index(entry.word)
+            if entry.boost is not None and score >= entry.boost and score > result[index]:
+                # The head's score stands in for the word's posterior; the other labels share the rest.
+                rest = 1.0 - result[index]
+                result = result * ((1.0 - score) / rest if rest > 0 else 0.0)
+                result[index] = score
+            elif entry.veto is not None and score <= entry.veto:
+                result = result.copy()
+                result[labels.index(UNKNOWN)] += result[index]
+                result[index] = 0.0
+        return result
+
+    def describe(self) -> list[str]:
+        lines = []
+        for entry in self.heads:
+            parts = [f"{entry.word}: {entry.recordings} recordings, {entry.not_words} not-word recordings"]
+            if entry.boost is not None:
+                parts.append(f"head threshold {entry.boost:.3f} ({entry.bank_false_wakes} false wakes in "
+                             f"{self.bank_hours:.2f} h of bank audio)")
+            if entry.veto is not None:
+                parts.append(f"veto below {entry.veto:.3f}")
+            lines.append("; ".join(parts))
+        return lines
+
+    def save(self, directory: Path) -> None:
+        arrays: dict[str, npt.NDArray[Any]] = {}
+        words = []
+        for n, entry in enumerate(self.heads):
+            arrays.update(entry.head.arrays(f"h{n}_"))
+            words.append({"word": entry.word, "boost": entry.boost, "veto": entry.veto,
+                          "bank_false_wakes": entry.bank_false_wakes, "recordings": entry.recordings,
+                          "not_words": entry.not_words})
+        meta = {"format": ADAPTATION_FORMAT, "model_sha256": self.model_sha256, "bank_hours": self.bank_hours,
+                "words": words}
+        arrays["meta"] = np.array(json.dumps(meta))
+        write_atomically(directory / HEADS_FILE,
+                         lambda handle: np.savez(handle, allow_pickle=False, **arrays))
+
+    @classmethod
+    def load(cls, directory: Path) -> Adaptation | None:
+        path = directory / HEADS_FILE
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                heads = tuple(WordHead(w["word"], Head.from_arrays(data, f"h{n}_"), w["boost"], w["veto"],
+                                       int(w["bank_false_wakes"]), int(w["recordings"]), int(w["not_words"]))
+                              for n, w in enumerate(meta["words"]))
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise StateError(f"household adaptation {path} is unreadable: {err}") from err
+        if meta.get("format") != ADAPTATION_FORMAT:
+            raise StateError(f"{path}: not a household adaptation of format {ADAPTATION_FORMAT}")
+        return cls(str(meta["model_sha256"]), heads, float(meta["bank_hours"]))
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Write through a temporary file and rename, mode 0600: a crash never leaves half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            temporary.chmod(0o600)
+            write(handle)
+        temporary.replace(path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise StateError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+def fit_word(word: str, bank: Bank, positives: Iterable[FloatArray], not_words: Iterable[FloatArray],
+             budget_per_hour: float) -> tuple[WordHead, list[float]]:
+    """Train the head of one word and set its thresholds. ``positives``: per household recording, its word
+    windows; ``not_words``: per not-word recording, the windows that raised this word. Returns the head and,
+    per household recording, its best head score (to explain a refusal)."""
+    positive_sets = [p for p in positives if len(p)]
+    negative_sets = [n for n in not_words if len(n)]
+    bank_positives = bank.of_label(word)
+    others = bank.embeddings[bank.labels != word]
+    user_pos = np.concatenate(positive_sets) if positive_sets else np.zeros((0, others.shape[1]), np.float32)
+    user_neg = np.concatenate(negative_sets) if negative_sets else np.zeros((0, others.shape[1]), np.float32)
+    # The household's windows weigh as much as the bank's on each side: five recordings must count.
+    pos_weights = np.concatenate([np.full(len(user_pos), max(1, len(bank_positives)) / max(1, len(user_pos))),
+                                  np.ones(len(bank_positives))])
+    neg_weights = np.concatenate([np.full(len(user_neg), len(others) / max(1, len(user_neg))),
+                                  np.ones(len(others))])
+    head = train_head(np.concatenate([user_pos, bank_positives]), np.concatenate([user_neg, others]),
+                      positive_weights=pos_weights, negative_weights=neg_weights)
+    bank_scores = head.score(bank.embeddings)
+    best = [float(head.score(p).max()) for p in positive_sets]
+    boost: float | None = None
+    false_wakes = 0
+    if positive_sets:
+        allowed = int(np.floor(budget_per_hour * bank.hours))
+        other_peaks = np.sort(_item_peaks(bank_scores, bank, word))[::-1]
+        # The lowest threshold with at most `allowed` bank recordings above it, never below MIN_BOOST, and
+        # above every household not-word window.
+        boost = MIN_BOOST
+        if len(other_peaks) > allowed:
+            peak = float(np.clip(other_peaks[allowed], 1e-6, 1 - 1e-6))
+            boost = max(boost, 1 / (1 + np.exp(-(np.log(peak / (1 - peak)) + BOOST_MARGIN_LOGIT))))
+        if len(user_neg):
+            boost = max(boost, float(np.nextafter(head.score(user_neg).max(), np.float32(1.0))))
+        false_wakes = bank.false_wakes(bank_scores, word, boost)
+    veto: float | None = None
+    if negative_sets:
+        word_scores = np.sort(bank_scores[bank.labels == word])
+        ceiling = float(word_scores[int(MAX_VETO_LOSS * len(word_scores))]) if len(word_scores) else 0.0
+        veto = min(ceiling, 0.5)
+    return WordHead(word, head, boost, veto, false_wakes, len(positive_sets), len(negative_sets)), best
+
+
+def _item_peaks(scores: FloatArray, bank: Bank, word: str) -> FloatArray:
+    """Per bank recording of another label, its highest window score."""
+    others = bank.labels != word
+    items = bank.items[others]
+    values = scores[others]
+    order = np.argsort(items, kind="stable")
+    items, values = items[order], values[order]
+    starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
+    result: FloatArray = np.maximum.reduceat(values, starts) if len(values) else np.zeros(0, np.float32)
+    return result
+
+
+def speech_span(samples: npt.NDArray[np.int16], floor_db: float = 30.0,
+                above_noise_db: float = 6.0) -> tuple[int, int] | None:
+    """(first, last + 1) sample of the 10 ms frames within ``floor_db`` of the loudest and ``above_noise_db``
+    above the background (the 10th percentile frame); None for silence."""
+    frame = 160
+    count = len(samples) // frame
+    if count == 0:
+        return None
+    frames = samples[: count * frame].astype(np.float64).reshape(count, frame)
+    energy = (frames**2).mean(axis=1)
+    loudest = float(energy.max())
+    if loudest <= 0.0:
+        return None
+    background = float(np.percentile(energy, 10))
+    level = max(loudest * 10 ** (-floor_db / 10), background * 10 ** (above_noise_db / 10))
+    loud = np.flatnonzero(energy >= level)
+    return int(loud[0]) * frame, (int(loud[-1]) + 1) * frame
+
+
+# --------------------------------------------------------------------------------------------- the store
+
+
+class Store:
+    """``<state_dir>/adaptation``: ``words/<word>/NNN.npy``, ``not_words/NNN.npy`` and ``heads.npz``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def positive_dir(self) -> Path:
+        return self.directory / POSITIVE_DIR
+
+    @property
+    def negative_dir(self) -> Path:
+        return self.directory / NEGATIVE_DIR
+
+    @classmethod
+    def of(cls, config: Config) -> Store:
+        return cls(config.agent.resolved_state_dir / ADAPTATION_DIR)
+
+    def check_writable(self) -> None:
+        probe = self.directory / ".probe"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise StateError(f"cannot write the adaptation to {self.directory}: {err.strerror or err} "
+                             "(check [agent] state_dir)") from err
+
+    def positives(self) -> dict[str, list[npt.NDArray[np.int16]]]:
+        result: dict[str, list[npt.NDArray[np.int16]]] = {}
+        root = self.positive_dir
+        if root.is_dir():
+            for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+                result[folder.name] = [self._read(p) for p in sorted(folder.glob("*.npy"))]
+        return result
+
+    def negatives(self) -> list[npt.NDArray[np.int16]]:
+        return [self._read(p) for p in sorted(self.negative_dir.glob("*.npy"))]
+
+    @staticmethod
+    def _read(path: Path) -> npt.NDArray[np.int16]:
+        try:
+            return np.asarray(np.load(path, allow_pickle=False), dtype=np.int16)
+        except (OSError, ValueError) as err:
+            raise StateError(f"household recording {path} is unreadable: {err}") from err
+
+    def add(self, folder: Path, recordings: Sequence[tuple[npt.NDArray[np.int16], tuple[int, int]]],
+            sample_rate: int) -> None:
+        """Store recordings (samples, utterance span), trimmed to the utterance and a little around it."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StateError(f"cannot create {folder}: {err.strerror or err}") from err
+        number = len(list(folder.glob("*.npy")))
+        margin = round(KEEP_AROUND_SECONDS * sample_rate)
+        for offset, (samples, (start, end)) in enumerate(recordings):
+            trimmed = samples[max(0, start - margin) : end + margin]
+            write_atomically(folder / f"{number + offset:03d}.npy", lambda h, a=trimmed: np.save(h, a))
+
+    def reset(self) -> bool:
+        if not self.directory.exists():
+            return False
+        try:
+            shutil.rmtree(self.directory)
+        except OSError as err:
+            raise StateError(f"cannot remove {self.directory}: {err.strerror or err}") from err
+        return True
+
+
+# --------------------------------------------------------------------------------------------- learning
+
+
+def not_word_windows(model: KwsModel, samples: npt.NDArray[np.int16],
+                     enrolled: Iterable[str] = ()) -> dict[str, FloatArray]:
+    """Per word, the embeddings of the windows of a not-word recording to learn against (every feature hop:
+    the stream may meet the sound at any offset). A word the household enrolled gets every window (its head
+    may be what woke); another word only when the recording raises it to its threshold for at least
+    RAISED_WINDOWS windows, and then the windows that score it at least NOT_WORD_FLOOR."""
+    params = model.params
+    _, posteriors, embeddings = stream_embeddings(model, samples, params.hop_samples,
+                                                  tail_samples=params.window_samples)
+    result: dict[str, FloatArray] = {word: embeddings for word in enrolled}
+    for word in model.words:
+        scores = posteriors[:, model.labels.index(word)]
+        if word not in result and int(np.sum(scores >= model.thresholds[word])) >= RAISED_WINDOWS:
+            result[word] = embeddings[scores >= NOT_WORD_FLOOR]
+    return result
+
+
+def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.int16]]],
+          negatives: Sequence[npt.NDArray[np.int16]], *, budget: float,
+          check: Sequence[str] = ()) -> Adaptation:
+    """Heads for every word with household recordings or not-words that raise it. ``check``: words whose
+    new recordings must be heard at the budget's threshold, else EnrollError explains."""
+    pos_windows = {word: [word_windows(model, s, span) for s in takes if (span := speech_span(s))]
+                   for word, takes in positives.items()}
+    neg_windows: dict[str, list[FloatArray]] = {}
+    enrolled = [word for word, windows in pos_windows.items() if windows]
+    for samples in negatives:
+        for word, rows in not_word_windows(model, samples, enrolled).items():
+            neg_windows.setdefault(word, []).append(rows)
+    heads: list[WordHead] = []
+    for word in sorted(set(pos_windows) | set(neg_windows)):
+        entry, best = fit_word(word, bank, pos_windows.get(word, []), neg_windows.get(word, []), budget)
+        if word in check and entry.boost is not None:
+            heard = sum(score >= entry.boost for score in best)
+            if heard < MIN_HEARD_FRACTION * len(best):
+                raise EnrollError(
+                    f"refused: to keep false wakes within the budget of {budget:g}/h "
+                    f"([voice] enroll_false_wake_budget) on {bank.hours:.2f} h of reference speech, the head "
+                    f"for {word!r} would need a threshold of {entry.boost:.3f}, and then it hears only "
+                    f"{heard} of your {len(best)} recordings (their best scores: "
+                    f"{', '.join(f'{s:.2f}' for s in best)}). Is each recording {word!r} alone? Record "
+                    "again, closer to the microphone and with less background, or raise the budget.")
+        heads.append(entry)
+    return Adaptation(model.sha256, tuple(heads), bank.hours)
+
+
+def load_model_and_bank(config: Config) -> tuple[KwsModel, Bank]:
+    model = KwsModel.load(config.resolve_path(config.voice.model), embedding=True)
+    return model, Bank.load(bank_path(model.path), model)
+
+
+def load_adaptation(config: Config, model: KwsModel) -> Adaptation | None:
+    """The household adaptation for ``model``, re-learned from the stored recordings when the model changed
+    since (an upgrade); None when there is none. Needs a model loaded with its embedding."""
+    store = Store.of(config)
+    adaptation = Adaptation.load(store.directory)
+    if adaptation is None or adaptation.model_sha256 == model.sha256:
+        return adaptation
+    log.warning("the keyword model changed since the household adaptation was learned: re-learning it from "
+                "the %s recordings", store.directory)
+    bank = Bank.load(bank_path(model.path), model)
+    adaptation = learn(model, bank, store.positives(), store.negatives(),
+                       budget=config.voice.enroll_false_wake_budget)
+    adaptation.save(store.directory)
+    return adaptation
+
+
+def has_adaptation(config: Config) -> bool:
+    return (Store.of(config).directory / HEADS_FILE).exists()

@@ -1,0 +1,244 @@
+"""``home-agent enroll``: teach the agent a household's voices and unteach the sounds that wake it by mistake.
+
+Needs no broker and no daemon. The household's recordings (16 kHz mono, trimmed, mode 0600) and the heads
+learned from them live in ``<state_dir>/adaptation/``; the shipped model is never changed. A running daemon
+picks a new adaptation up on SIGHUP. Nothing is written unless every file is accepted and the new heads pass
+the false-wake check (see :mod:`agent.adaptation`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.adaptation import (
+    Adaptation,
+    Bank,
+    EnrollError,
+    Store,
+    learn,
+    load_model_and_bank,
+    speech_span,
+    stream_embeddings,
+)
+from agent.audio import SAMPLE_RATE, read_audio_file
+from agent.config import Config, load_config
+from agent.errors import AudioError
+from agent.kws import KwsModel
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+# A take is refused when: shorter than this, its peak is below QUIET_PEAK (about -36 dBFS), more than
+# CLIPPED_FRACTION of its samples sit at full scale, it holds no sound above its own floor, or the utterance
+# lasts longer than MAX_UTTERANCE_SECONDS (more than one word, or no silence around it).
+MIN_SECONDS = 0.3
+QUIET_PEAK = 500
+CLIP_LEVEL = 32000
+CLIPPED_FRACTION = 0.001
+MIN_DYNAMIC_DB = 10.0
+MAX_UTTERANCE_SECONDS = 2.5
+# Another word: the base model is this sure of a different vocabulary word and gives the enrolled one almost
+# nothing. (A hard speaker's "computer" heard as "yes" keeps some "computer": it is the case to adapt to.)
+OTHER_WORD_SCORE = 0.9
+OWN_WORD_FLOOR = 0.05
+RECORD_SECONDS = 2.5
+COUNTDOWN_SECONDS = 3
+
+
+@dataclass(frozen=True)
+class Take:
+    name: str
+    samples: npt.NDArray[np.int16]
+    span: tuple[int, int]
+
+
+def check_take(name: str, samples: npt.NDArray[np.int16], *, need_utterance: bool = True) -> Take:
+    """One recording, validated (EnrollError says what is wrong with it)."""
+    if len(samples) < MIN_SECONDS * SAMPLE_RATE:
+        raise EnrollError(f"{name}: empty or too short ({len(samples) / SAMPLE_RATE:.2f} s)")
+    magnitude = np.abs(samples.astype(np.int32))
+    peak = int(magnitude.max())
+    if peak < QUIET_PEAK:
+        raise EnrollError(f"{name}: too quiet (peak {20 * math.log10(max(peak, 1) / 32768):.0f} dBFS); "
+                          "speak closer to the microphone")
+    if float(np.mean(magnitude >= CLIP_LEVEL)) > CLIPPED_FRACTION:
+        raise EnrollError(f"{name}: clipped (the level hit full scale); speak further from the microphone "
+                          "or lower the gain")
+    frame = 160
+    count = len(samples) // frame
+    energy = (samples[: count * frame].astype(np.float64).reshape(count, frame) ** 2).mean(axis=1)
+    floor = float(np.percentile(energy, 10)) + 1e-9
+    if 10 * math.log10(float(energy.max()) / floor + 1e-12) < MIN_DYNAMIC_DB:
+        raise EnrollError(f"{name}: no speech stands out of the background (silence or steady noise)")
+    span = speech_span(samples)
+    if span is None:
+        raise EnrollError(f"{name}: silence")
+    if need_utterance and (span[1] - span[0]) / SAMPLE_RATE > MAX_UTTERANCE_SECONDS:
+        raise EnrollError(f"{name}: the sound lasts {(span[1] - span[0]) / SAMPLE_RATE:.1f} s; record one "
+                          "word with silence around it")
+    return Take(name, samples, span)
+
+
+def read_take(path: Path, *, need_utterance: bool = True) -> Take:
+    try:
+        samples = read_audio_file(path)
+    except AudioError as err:
+        raise EnrollError(f"{path}: cannot read: {err}") from err
+    return check_take(str(path), samples, need_utterance=need_utterance)
+
+
+# --------------------------------------------------------------------------------------------- the store
+
+
+# --------------------------------------------------------------------------------------------- learning
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+
+def enroll_main(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    store = Store.of(config)
+    if args.reset:
+        print("household adaptation removed" if store.reset() else "no household adaptation to remove")
+        return 0
+    if args.list:
+        return _list(store)
+    model, bank = load_model_and_bank(config)
+    if args.not_word is not None:
+        if not args.not_word:
+            return _usage("--not-word needs at least one file")
+        takes = [read_take(p, need_utterance=False) for p in args.not_word]
+        return _update(config, store, model, bank, positives=[], negatives=takes, word=None)
+    if args.word is None:
+        return _usage("give --word WORD with FILE... or --record N (or --not-word, --list, --reset)")
+    if args.word not in model.words:
+        return _usage(f"{args.word!r} is not a word of the keyword model; it knows: {', '.join(model.words)}")
+    if args.record is not None:
+        takes = record_takes(args.record, config)
+    elif not args.files:
+        return _usage("no recordings given: name one or more WAV/FLAC files, or use --record N")
+    else:
+        takes = [read_take(p) for p in args.files]
+    for take in takes:
+        _check_word(model, take, args.word)
+    return _update(config, store, model, bank, positives=takes, negatives=[], word=args.word)
+
+
+def _usage(message: str) -> int:
+    print(f"home-agent enroll: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _check_word(model: KwsModel, take: Take, word: str) -> None:
+    _, posteriors, _ = stream_embeddings(model, take.samples, model.params.hop_samples * 5,
+                                         tail_samples=model.params.window_samples)
+    own = float(posteriors[:, model.labels.index(word)].max())
+    for other in model.words:
+        score = float(posteriors[:, model.labels.index(other)].max())
+        if other != word and score >= OTHER_WORD_SCORE and own < OWN_WORD_FLOOR:
+            raise EnrollError(f"{take.name}: this sounds like {other!r} ({score:.2f}), not {word!r} "
+                              f"({own:.2f}); record {word!r} alone")
+
+
+def _update(config: Config, store: Store, model: KwsModel, bank: Bank, *, positives: Sequence[Take],
+            negatives: Sequence[Take], word: str | None) -> int:
+    store.check_writable()
+    started = time.monotonic()
+    stored = store.positives()
+    if word is not None:
+        stored.setdefault(word, [])
+        stored[word] = stored[word] + [t.samples for t in positives]
+    all_negatives = store.negatives() + [t.samples for t in negatives]
+    adaptation = learn(model, bank, stored, all_negatives, budget=config.voice.enroll_false_wake_budget,
+                       check=(word,) if word is not None else ())
+    still = _still_waking(model, adaptation, negatives, config)
+    if word is not None:
+        store.add(store.positive_dir / word, [(t.samples, t.span) for t in positives], SAMPLE_RATE)
+    store.add(store.negative_dir, [(t.samples, t.span) for t in negatives], SAMPLE_RATE)
+    adaptation.save(store.directory)
+    print(f"learned in {time.monotonic() - started:.1f} s:")
+    for line in adaptation.describe():
+        print(f"  {line}")
+    for name, words in still:
+        print(f"  warning: {name} still wakes {', '.join(words)} (its windows are too close to real "
+              "recordings of the word to reject without losing them)")
+    print("a running daemon uses it after a reload (systemctl reload home-agent, or SIGHUP)")
+    return 0
+
+
+def _still_waking(model: KwsModel, adaptation: Adaptation, takes: Sequence[Take],
+                  config: Config) -> list[tuple[str, list[str]]]:
+    """Replay each not-word recording through the voice path with the new adaptation."""
+    from agent.voice import VoicePipeline, model_hop_seconds
+
+    pipeline = VoicePipeline(model, config.voice, hop_seconds=model_hop_seconds(model), adaptation=adaptation)
+    result = []
+    for take in takes:
+        pipeline.reset()
+        output = pipeline.feed(take.samples)
+        detections = output.detections + pipeline.finish().detections
+        if detections:
+            result.append((take.name, sorted({d.word for d in detections})))
+    return result
+
+
+def _list(store: Store) -> int:
+    adaptation = Adaptation.load(store.directory)
+    if adaptation is None:
+        print(f"no household adaptation in {store.directory}")
+        return 0
+    print(f"household adaptation in {store.directory} (model sha256 {adaptation.model_sha256[:12]}...):")
+    for line in adaptation.describe():
+        print(f"  {line}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- microphone
+
+
+def level_meter(samples: npt.NDArray[np.int16], width: int = 30) -> str:
+    peak = int(np.abs(samples.astype(np.int32)).max()) if len(samples) else 0
+    db = 20 * math.log10(max(peak, 1) / 32768)
+    filled = max(0, min(width, round((db + 60) / 60 * width)))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {db:5.0f} dBFS"
+
+
+def record_takes(count: int, config: Config) -> list[Take]:
+    """``count`` accepted takes from the microphone; a refused take is explained and asked for again."""
+    from agent.audio import MicSource
+
+    if count < 1:
+        raise EnrollError("--record needs a positive number of takes")
+    source = MicSource(config.audio.device, buffer_seconds=RECORD_SECONDS + 1)
+    takes: list[Take] = []
+    with source:
+        while len(takes) < count:
+            for n in range(COUNTDOWN_SECONDS, 0, -1):
+                print(f"take {len(takes) + 1} of {count}: speak in {n}...", end="\r", file=sys.stderr)
+                time.sleep(1.0)
+            print("now!" + " " * 40, file=sys.stderr)
+            parts: list[npt.NDArray[np.int16]] = []
+            deadline = time.monotonic() + RECORD_SECONDS
+            while time.monotonic() < deadline:
+                chunk = source.read(0.2)
+                if chunk is not None:
+                    parts.append(chunk.samples)
+                    print(level_meter(chunk.samples), end="\r", file=sys.stderr)
+            samples = np.concatenate(parts) if parts else np.zeros(0, np.int16)
+            try:
+                takes.append(check_take(f"take {len(takes) + 1}", samples))
+                print("\nok", file=sys.stderr)
+            except EnrollError as err:
+                print(f"\n{err}; again", file=sys.stderr)
+    return takes

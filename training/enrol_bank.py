@@ -1,0 +1,116 @@
+"""Build the negative bank for household adaptation (``agent/adaptation.py``) from training-side audio.
+
+    python -m training.enrol_bank --model models/kws.tflite --data ../shared/data/speech --out models/
+
+Only the training split of :func:`training.data.inventory` is used, and of it only Speech Commands speakers
+(the vocabulary words and the other words), ``real_long`` and ``noise``: every speaker or file the
+validations hold out stays out, and so do whole sources that serve as held-out false-wake material (the
+other wake words) or as held-out speakers (Precise). Per clip a few windows that hold its word; long speech
+and noise every 0.25 s, cut into 10 s stretches (each stretch counts as one recording for false wakes). The
+bank records the sha256 of the model; a retrained model needs this script run again (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from agent.adaptation import Bank, bank_path, speech_span, stream_embeddings, word_windows
+from agent.audio import read_audio_file
+from agent.kws import KwsModel
+from training.common import stable_fraction
+from training.data import inventory, speaker_of
+
+log = logging.getLogger(__name__)
+
+CLIPS_PER_WORD = 80  # positives of each vocabulary word
+OTHER_CLIPS = 600  # Speech Commands words outside the vocabulary
+WINDOWS_PER_CLIP = 3
+LONG_HOP_SECONDS = 0.25
+STRETCH_SECONDS = 10.0
+MAX_LONG_WINDOWS = 3000
+MAX_NOISE_WINDOWS = 600
+
+
+def _pick(paths: list[str], count: int) -> list[str]:
+    """A stable, hash-ordered choice (the same clips on every run)."""
+    return sorted(paths, key=lambda p: stable_fraction("bank-" + Path(p).name))[:count]
+
+
+def build_bank(model: KwsModel, data_dir: Path) -> Bank:
+    clips = [c for c in inventory(data_dir, synth_dir=None) if c.split == "train"]
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for clip in clips:
+        speaker = speaker_of(Path(clip.path).name) or ""
+        if clip.source == "real" and speaker.startswith(("sc_", "fsdd_")):
+            by_label[clip.label].append(clip.path)
+        elif clip.source == "real" and clip.label == model.words[0]:
+            by_label[clip.label].append(clip.path)  # the wake word's training speaker clusters
+    rows: list[np.ndarray] = []
+    labels: list[str] = []
+    items: list[int] = []
+    seconds = 0.0
+    item = 0
+    for label in (*model.words, "_unknown_"):
+        count = OTHER_CLIPS if label == "_unknown_" else CLIPS_PER_WORD
+        for path in _pick(by_label.get(label, []), count):
+            samples = read_audio_file(path)
+            span = speech_span(samples)
+            if span is None:
+                continue
+            windows = word_windows(model, samples, span)
+            if not len(windows):
+                continue
+            chosen = windows[np.linspace(0, len(windows) - 1, WINDOWS_PER_CLIP).round().astype(int)]
+            rows.append(chosen)
+            labels += [label] * len(chosen)
+            items += [item] * len(chosen)
+            item += 1
+            seconds += len(samples) / model.params.sample_rate
+    hop = round(LONG_HOP_SECONDS * model.params.sample_rate)
+    for source, label, cap in (("long", "_unknown_", MAX_LONG_WINDOWS),
+                               ("noise", "_silence_", MAX_NOISE_WINDOWS)):
+        taken = 0
+        for clip in sorted((c for c in clips if c.source == source), key=lambda c: stable_fraction(c.path)):
+            if taken >= cap:
+                break
+            samples = read_audio_file(clip.path)
+            ends, _, embeddings = stream_embeddings(model, samples, hop)
+            if not len(ends):
+                continue
+            keep = min(len(ends), cap - taken)
+            stretch = (ends[:keep] // STRETCH_SECONDS).astype(int)
+            rows.append(embeddings[:keep])
+            labels += [label] * keep
+            items += list(item + stretch)
+            item += int(stretch.max()) + 1
+            taken += keep
+            seconds += min(len(samples) / model.params.sample_rate, float(ends[keep - 1]))
+    return Bank(np.concatenate(rows).astype(np.float32), np.array(labels), np.array(items, dtype=np.int32),
+                seconds / 3600, model.sha256, {"data": str(data_dir), "recordings": item})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/kws.tflite"))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/speech"))
+    parser.add_argument("--out", type=Path, default=None, help="folder (default: beside the model)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    started = time.monotonic()
+    model = KwsModel.load(args.model, embedding=True)
+    bank = build_bank(model, args.data)
+    out = (args.out / bank_path(args.model).name) if args.out is not None else bank_path(args.model)
+    bank.save(out)
+    log.info("wrote %s: %d windows of %d recordings (%.2f h), %d bytes, in %.0f s", out, len(bank.labels),
+             bank.info["recordings"], bank.hours, out.stat().st_size, time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()
