@@ -560,6 +560,8 @@ class App:
             if self._readings_consumed:
                 self._readings.offer(reading)
             value = format_reading(reading.value)
+            if self._last_values.get(reading.sensor) == value:
+                continue  # the broker retains this very state (and _after_connect restores it): no repeat
             self._last_values[reading.sensor] = value
             self.link.publish(self.topics.sensor_state(reading.sensor), value, retain=True)
 

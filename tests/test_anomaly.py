@@ -9,6 +9,7 @@ sensor); ``@pytest.mark.data`` tests replay the real telemetry logs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -25,7 +26,7 @@ import pytest
 from conftest import run_cli
 
 from agent.anomaly import AnomalyDetector, AnomalyStage, Outcome, StreamDetector, StreamState
-from agent.anomaly.detector import KINDS
+from agent.anomaly.detector import KINDS, TUNING
 from agent.config import AnomalySection
 from agent.messages import AnomalyEvent, Reading
 
@@ -357,3 +358,23 @@ def test_home_logs_stay_under_the_false_alert_budget_and_catch_injected_faults()
     assert summary["false_alerts_per_stream_day"] <= 0.01
     assert summary["faults_detected"] >= 347  # the int8-forecaster detector's count on the same faults
     assert summary["faults"]["dropout"]["rate"] == 1.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sustained_level_shift_is_caught_by_the_shift_test(config: AnomalySection, seed: int) -> None:
+    """A 1-second stream like SKAB's: autocorrelated noise for 10 minutes, then its level moves by 3 of its
+    own standard deviations and stays there. The shift test alerts within a minute; without it (gain 0)
+    the tail likelihood learns the new level as normal; with no shift, nothing alerts."""
+    rng = np.random.default_rng(seed)
+    noise = np.zeros(1100)
+    for i in range(1, noise.size):
+        noise[i] = 0.7 * noise[i - 1] + rng.normal(0.0, 0.7)
+    times = T0 + np.arange(noise.size, dtype=np.float64)
+    shifted = 10.0 + noise + np.where(np.arange(noise.size) >= 600, 3.0 * float(noise[:600].std()), 0.0)
+    alerts = run(StreamDetector(config), times, shifted)
+    first = starts(alerts)[0]
+    outcome = alerts[first]
+    assert 600 <= first < 660 and outcome is not None and outcome.kind == "step"
+    assert starts(run(StreamDetector(config, tuning=dataclasses.replace(TUNING, shift_gain=0.0)), times,
+                      shifted)) == []
+    assert starts(run(StreamDetector(config), times, 10.0 + noise)) == []

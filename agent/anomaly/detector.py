@@ -13,6 +13,13 @@ Statistics (each a non-negative number per reading):
 - daily (kind ``drift``): the mean change over one day of the stream's readings (daily cycles cancel out).
 - ``stuck``: the current run of identical values against that value's usual run (a light at 0 lux all
   night, a binary sensor's states are resting values; a move onto one is no change of level).
+- shift (kind ``step``): a two-window test, the recent level (the average at 64 readings) against the mean
+  of the stream's whole history (an expanding window up to ``shift_span`` readings, so a short stream's
+  whole normal stretch counts), in units of the recent level's usual distance from that mean (which holds
+  the stream's autocorrelation and daily cycle). Its p is Gaussian-like (``shift_gain`` x z^2 decades),
+  made stricter by ``shift_looks`` x log10 of the looks the test has had (history / 64 readings): a
+  false-alarm rate per unit of the stream's own history. Catches the sustained 1-5 sigma level shifts of
+  SKAB's valve faults that the tail likelihood below learns away as the stream's new normal.
 - ``dropout`` and out of range (kind ``spike`` or ``drift``) are probabilities of their own: the gap against
   the usual interval and the longest gap seen; the distance beyond the stream's range, loose while young.
 
