@@ -336,6 +336,11 @@ def test_daemon_publishes_retained_anomaly_events_and_fires_the_action(
     updates = [e for e in events if not e["active"] and e["time"] < first_alert["time"]]
     assert 1 <= len(updates) <= 1 + 1800 // 60
     probe.wait_for("test/lamp/set", timeout=5)  # the stream's on_anomaly action
+    # Stop only once the daemon has taken the last reading (its state mirrors it): what the broker had not
+    # delivered yet at SIGTERM is not the daemon's to count.
+    last_state = repr(float(values[199])).encode()
+    assert wait_until(lambda: any(m.payload == last_state for m in probe.matching(
+        "home-agent/testagent/sensor/living_room_temperature/state")), 10), daemon.log_text()
     assert daemon.terminate(10) == 0
     saved = json.loads((tmp_path / "state" / "anomaly_state.json").read_text())
     assert saved["streams"]["living_room_temperature"]["n"] == 200
