@@ -100,7 +100,9 @@ def test_a_lone_agent_in_a_group_pays_the_window_at_most(tmp_path: Path) -> None
     assert len(claims) == 2
     for heard, claimed in zip(results, claims, strict=True):
         waited = heard.actions[0] - claimed  # claim on the broker -> device command on the broker
-        assert window - 0.02 <= waited <= window + 0.1, waited
+        # It waits for its own close, which it sends one window after its claim less the broker's round
+        # trips (measured, larger on a loaded machine), so somewhat under a window, never nothing.
+        assert window / 2 <= waited <= window + 0.1, waited
         spoken_end = played.started_wall + heard.utterance.command_end("solo")
         assert heard.actions[0] - spoken_end <= 1.0 + window
 

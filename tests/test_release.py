@@ -129,11 +129,12 @@ def test_anomaly_score_scores_a_csv(installed: Installed, tmp_path: Path) -> Non
     assert result.returncode == 0, f"Python {installed.version}:\n{result.stderr[-3000:]}"
     with scored.open(newline="") as handle:
         out = list(csv.reader(handle))
-    assert out[0] == ["timestamp", "value", "anomaly_score"]
+    assert out[0] == ["timestamp", "value", "anomaly_score", "alert"]
     assert len(out) == 1 + len(rows)
     scores = [float(row[2]) for row in out[1:]]
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert scores[500] == max(scores) and scores[500] > 0.5, scores[495:505]
+    assert [index for index, row in enumerate(out[1:]) if row[3] == "1"] == [500]  # one alert: the spike
 
 
 def test_help_shows_an_example_for_every_subcommand(installed: Installed, tmp_path: Path) -> None:
