@@ -59,7 +59,7 @@ SYNTH_VALIDATION_FRACTION = 0.15  # of the other engines' voices, also held out 
 # reject a real "computer" followed by any sound.
 EXCLUDED_SYNTH = ("computers",)
 COMPUTER_CLUSTERS = 36
-DATA_VERSION = 11  # bump when the windows or augmentation change (invalidates the cache)
+DATA_VERSION = 12  # bump when the windows or augmentation change (invalidates the cache)
 
 
 @dataclass(frozen=True)
@@ -612,10 +612,14 @@ def mine_hard_negatives(  # noqa: PLR0917
     word_probability: float = 0.5,
     copies: int = 2,
     cache_dir: Path = CACHE_DIR,
+    synth_words_per_word: int = 30,
 ) -> Dataset:
-    """Windows of the TRAINING negatives (long speech, noise) at a 100 ms hop that ``predict`` (the distilled
-    student) still takes for the wake word (p >= wake_probability) or another word (p >= word_probability):
-    the hard negatives, kept as they are plus ``copies`` augmented versions, labelled as negatives."""
+    """Windows of the TRAINING negatives at a 100 ms hop that ``predict`` (the distilled student) still takes
+    for the wake word (p >= wake_probability) or another word (p >= word_probability): the hard negatives,
+    kept as they are plus ``copies`` augmented versions, labelled as negatives. The negatives: long speech,
+    noise, and the clips of other words (other wake words, digits, synthetic confusables such as "commuter":
+    ``synth_words_per_word`` of each), each with 0.5 s of silence either side so that every position of the
+    word in the window is tried."""
     cache = cache_dir / f"mined-{key}.npz"
     if cache.exists():
         return Dataset.load(cache)
@@ -627,8 +631,14 @@ def mine_hard_negatives(  # noqa: PLR0917
     labels: list[int] = []
     origins: list[str] = []
     negatives = [c for c in train if c.source in ("long", "noise")]
+    other_words = [c for c in train if c.label == UNKNOWN_LABEL and c.source in ("real", "synth")]
+    negatives += _cap_synthetic_negatives(other_words, synth_words_per_word)
+    pad = np.zeros(SAMPLE_RATE // 2, np.float32)
     for clip in progress(negatives, total=len(negatives), desc="mining"):
-        cut = _long_windows(read_audio(Path(clip.path)), SAMPLE_RATE // 10)
+        samples = read_audio(Path(clip.path))
+        if clip.source in ("real", "synth"):
+            samples = np.concatenate([pad, samples, pad])
+        cut = _long_windows(samples, SAMPLE_RATE // 10)
         if not cut:
             continue
         features = np.stack([window_features(window, params) for window, _ in cut])
