@@ -384,7 +384,9 @@ def card_section(reports: dict[str, dict[str, Any]]) -> str:
               row("whole commands (real)", lambda r: str(r["headline"]["worst_whole_command_source"])),
               row("model", lambda r: f"`{r['sha256'][:8]}`, {r['size_bytes']:,} B, computer threshold "
                                      f"{r['thresholds'][WAKE_WORD]}"),
-              "", CARD_END]
+              ""]
+    lines += [f"- **{name}**: {reports[name]['note']}" for name in names if reports[name].get("note")]
+    lines += ["", CARD_END]
     return "\n".join(lines)
 
 
@@ -412,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON of earlier reports by title (e.g. models/kws_newvoices.json): this report "
                              "is stored in it under --title, and the card gets one column per report")
     parser.add_argument("--title", default="this model")
+    parser.add_argument("--note", default="", help="what the card should say about this model's column")
     parser.add_argument("--limit", type=int, default=None, help="files per folder (quick checks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -422,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(args.model, data_dir, args.synth if args.synth.is_dir() else None, args.limit)
     if args.json is not None:
         write_json(args.json, report)
+    if args.note:
+        report["note"] = args.note
     columns = {args.title: report}
     if args.ablation is not None:
         stored = json.loads(args.ablation.read_text(encoding="utf-8")) if args.ablation.exists() else {}
