@@ -354,7 +354,10 @@ def card_section(reports: dict[str, dict[str, Any]]) -> str:
         "Held out from training and from every threshold and smoothing choice (`training/newvoices.py`), "
         "measured through the runtime's streaming path (`home-agent transcribe`'s code; whole commands "
         "through the voice pipeline with pause silencing and listening smoothing). Per source, not pooled. "
-        + targets, "",
+        + targets + " The real wake-word sources are few: Picovoice's held-out speaker clusters are "
+        "approximate speakers (no speaker ids), Precise's `hey computer` is one speaker's 10 clips. False "
+        "wakes per hour of isolated clips (back-to-back confusable words) are a harsh measure; per clip, "
+        "divide by the clips.", "",
         '**Wake word "computer", detection rate** (clips)', "", head, rule,
     ]
     for source, item in first["wake_word"].items():
