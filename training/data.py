@@ -613,13 +613,14 @@ def mine_hard_negatives(  # noqa: PLR0917
     copies: int = 2,
     cache_dir: Path = CACHE_DIR,
     synth_words_per_word: int = 30,
+    other_words: bool = False,
 ) -> Dataset:
     """Windows of the TRAINING negatives at a 100 ms hop that ``predict`` (the distilled student) still takes
     for the wake word (p >= wake_probability) or another word (p >= word_probability): the hard negatives,
     kept as they are plus ``copies`` augmented versions, labelled as negatives. The negatives: long speech,
-    noise, and the clips of other words (other wake words, digits, synthetic confusables such as "commuter":
-    ``synth_words_per_word`` of each), each with 0.5 s of silence either side so that every position of the
-    word in the window is tried."""
+    noise, and with ``other_words`` the clips of other words (other wake words, digits, synthetic confusables
+    such as "commuter": ``synth_words_per_word`` of each), each with 0.5 s of silence either side so that
+    every position of the word in the window is tried."""
     cache = cache_dir / f"mined-{key}.npz"
     if cache.exists():
         return Dataset.load(cache)
@@ -631,8 +632,9 @@ def mine_hard_negatives(  # noqa: PLR0917
     labels: list[int] = []
     origins: list[str] = []
     negatives = [c for c in train if c.source in ("long", "noise")]
-    other_words = [c for c in train if c.label == UNKNOWN_LABEL and c.source in ("real", "synth")]
-    negatives += _cap_synthetic_negatives(other_words, synth_words_per_word)
+    if other_words:
+        words = [c for c in train if c.label == UNKNOWN_LABEL and c.source in ("real", "synth")]
+        negatives += _cap_synthetic_negatives(words, synth_words_per_word)
     pad = np.zeros(SAMPLE_RATE // 2, np.float32)
     for clip in progress(negatives, total=len(negatives), desc="mining"):
         samples = read_audio(Path(clip.path))
