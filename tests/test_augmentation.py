@@ -16,9 +16,11 @@ from training.data import (
     Augmenter,
     Clip,
     Dataset,
+    microphone_eq,
     preceding_words,
     speech_span,
     to_int16,
+    warp,
     word_context,
 )
 
@@ -145,3 +147,44 @@ def test_dataset_keeps_the_placement_through_concat_subset_and_disk(tmp_path: Pa
     both.save(path)
     assert Dataset.load(path).end_placed.tolist() == [True, False, True, False]
     assert CONTEXT < WINDOW
+
+
+@pytest.mark.parametrize("factor", [0.87, 1.15])
+def test_warp_moves_pitch_by_its_factor_and_keeps_the_length_and_centre(factor: float) -> None:
+    context = word_context(clip_with_word(0.4, 0.2))
+    warped = warp(context, factor)
+    assert len(warped) == len(context) and warped.dtype == np.int16
+
+    def dominant_hz(samples: np.ndarray) -> float:
+        spectrum = np.abs(np.fft.rfft(samples.astype(np.float64)))
+        return float(np.argmax(spectrum)) * RATE / len(samples)
+
+    assert dominant_hz(warped) == pytest.approx(440.0 * factor, rel=0.02)
+    before, after = speech_span(context), speech_span(warped)
+    assert before is not None and after is not None
+    centre = (before[0] + before[1]) / 2
+    assert (after[0] + after[1]) / 2 == pytest.approx(len(context) / 2 + (centre - len(context) / 2) / factor,
+                                                      abs=0.011 * RATE)
+    assert (after[1] - after[0]) == pytest.approx((before[1] - before[0]) / factor, abs=0.021 * RATE)
+
+
+def test_microphone_eq_colours_the_spectrum_and_keeps_the_peak() -> None:
+    rng = np.random.default_rng(3)
+    speech = rng.normal(0, 0.1, RATE).astype(np.float32)
+    coloured = microphone_eq(speech, np.random.default_rng(4), (-9.0, 9.0))
+    assert len(coloured) == len(speech) and coloured.dtype == np.float32
+    assert float(np.abs(coloured).max()) == pytest.approx(float(np.abs(speech).max()), rel=1e-5)
+    spectrum = np.abs(np.fft.rfft(coloured)) / (np.abs(np.fft.rfft(speech)) + 1e-9)
+    band = spectrum.reshape(-1)[: 8000].reshape(40, 200).mean(axis=1)  # 40 bands of 200 Hz
+    assert band[0] < 0.5 * band[10], "the low roll-off is missing"
+    assert band[39] < 0.5 * band[10], "the high roll-off is missing"
+
+
+def test_word_windows_are_warped_and_equalised_when_asked() -> None:
+    context = word_context(clip_with_word(0.4, 0.2))
+    still = plain(AugmentConfig(end_probability=0.0, shift_seconds=0.0))
+    moved = plain(AugmentConfig(end_probability=0.0, shift_seconds=0.0, warp_probability=1.0,
+                                eq_probability=1.0))
+    same = still.word(context, 0.0)
+    assert np.array_equal(same, still.word(context, 0.0))
+    assert not np.array_equal(same, moved.word(context, 0.0))

@@ -5,8 +5,15 @@ Splits (all deterministic, computed from file names and audio, so ``training.eva
 - Picovoice ``computer`` (no speaker ids): clips are clustered into approximate speaker groups (k-means on
   per-clip cepstral statistics) and whole groups are held out.
 - Other wake words without speaker ids, ``real_long/`` and ``noise/``: by a hash of the file name.
-- Synthetic speech (``.cache/synth/<word>/``): training only; a few voices are held out and reported as
-  synthetic, never as real-speaker accuracy.
+- Mycroft Precise ``precise_<speaker>_*``: every speaker is held out ("new voices", issue 13): the model
+  never hears a Precise clip. ``hey_computer`` (our wake word after "hey", one Precise speaker) is a held-out
+  wake-word source; the other Precise words are false-wake material.
+- Synthetic speech (``.cache/synth/<word>/``): training, except the voices of HELD_OUT_SYNTH_ENGINES and a
+  hash-chosen share of the others, which are held out entirely and reported as synthetic, never as
+  real-speaker accuracy.
+
+``training.newvoices`` evaluates a model on everything held out here, source by source, through the runtime's
+streaming path.
 """
 
 from __future__ import annotations
@@ -43,13 +50,17 @@ VALIDATION_FRACTION = 0.25  # of speakers (or speaker clusters) held out from tr
 WINDOW = SAMPLE_RATE  # 1 s
 CONTEXT = SAMPLE_RATE // 4  # 250 ms either side of a word window, for time-shift augmentation
 VOCABULARY = (WAKE_WORD, *COMMAND_WORDS, *DEVICE_WORDS)
-# Real words whose clips contain one of our words: neither positive (not the whole label) nor negative.
-EXCLUDED_REAL = ("hey_computer",)
+# Real words whose clips contain one of our words: neither positive (not the whole label) nor negative, so
+# never trained on; "hey computer" is held out as a wake-word source (label `computer`, split "validation").
+HEY_WAKE_WORD = "hey_computer"
+# Synthetic engines never trained on: their every voice is a held-out "new voice" (training.newvoices).
+HELD_OUT_SYNTH_ENGINES = ("festival",)
+SYNTH_VALIDATION_FRACTION = 0.15  # of the other engines' voices, also held out entirely
 # Synthetic "confusables" that contain the wake word whole: as negatives they would teach the model to
 # reject a real "computer" followed by any sound.
 EXCLUDED_SYNTH = ("computers",)
 COMPUTER_CLUSTERS = 36
-DATA_VERSION = 10  # bump when the windows or augmentation change (invalidates the cache)
+DATA_VERSION = 12  # bump when the windows or augmentation change (invalidates the cache)
 
 
 @dataclass(frozen=True)
@@ -200,9 +211,14 @@ def inventory(data_dir: Path, synth_dir: Path | None = SYNTH_DIR, limit: int | N
         raise FileNotFoundError(f"{real} does not exist (is DATA_DIR right?)")
     for folder in sorted(p for p in real.iterdir() if p.is_dir()):
         word = folder.name
-        if word in EXCLUDED_REAL or word in DEVICE_WORDS:
+        if word in DEVICE_WORDS:
             continue
         files = sorted(folder.glob("*.flac"))
+        if word == HEY_WAKE_WORD:
+            for path in _limit(files, limit):
+                group = speaker_of(path.name) or path.name
+                clips.append(Clip(str(path), WAKE_WORD, group, "validation", "real"))
+            continue
         label = word if word in VOCABULARY else UNKNOWN_LABEL
         if word == WAKE_WORD:
             groups = cluster_speakers(files)
@@ -215,7 +231,9 @@ def inventory(data_dir: Path, synth_dir: Path | None = SYNTH_DIR, limit: int | N
             continue
         for path in _limit(files, limit):
             speaker = speaker_of(path.name)
-            if speaker is not None and not speaker.startswith("precise"):
+            if speaker is not None and speaker.startswith("precise"):
+                split, group = "validation", speaker  # every Precise speaker is a new voice
+            elif speaker is not None:
                 split = "validation" if stable_fraction(speaker) < VALIDATION_FRACTION else "train"
                 group = speaker
             else:
@@ -231,9 +249,15 @@ def inventory(data_dir: Path, synth_dir: Path | None = SYNTH_DIR, limit: int | N
             label = folder.name if folder.name in VOCABULARY else UNKNOWN_LABEL
             for path in _limit(sorted(folder.glob("*.wav")), limit):
                 voice = synth_voice(path.name)
-                split = "synth_validation" if stable_fraction("voice-" + voice) < 0.15 else "train"
+                split = "synth_validation" if synth_held_out(voice) else "train"
                 clips.append(Clip(str(path), label, voice, split, "synth"))
     return clips
+
+
+def synth_held_out(voice: str) -> bool:
+    """A synthetic voice (``engine_voice``) never trained on."""
+    engine = voice.split("_", maxsplit=1)[0]
+    return engine in HELD_OUT_SYNTH_ENGINES or stable_fraction("voice-" + voice) < SYNTH_VALIDATION_FRACTION
 
 
 def _limit(files: list[Path], limit: int | None) -> list[Path]:
@@ -292,7 +316,14 @@ class AugmentConfig:
     gain_db: tuple[float, float] = (-20.0, 0.0)
     rooms: int = 40
     quiet_silence: int = 400  # synthetic near-silence windows (zeros, faint white/pink noise)
-    synth_negatives_per_word: int = 100  # synthetic confusables kept per word (there are ~65 words x 426)
+    synth_negatives_per_word: int = 100  # synthetic confusables kept per word (there are ~75 words x 426)
+    # Speaker perturbation (issue 13: voices the model has never heard): this share of the word windows is
+    # resampled by a factor in warp_range (speed, pitch and formants move together, as in a longer or
+    # shorter vocal tract) and gets a random microphone EQ (a peaking band, a low and a high roll-off).
+    warp_probability: float = 0.0
+    warp_range: tuple[float, float] = (0.87, 1.15)
+    eq_probability: float = 0.0
+    eq_gain_db: tuple[float, float] = (-9.0, 9.0)
 
 
 def room_impulse_responses(count: int, seed: int = SEED) -> list[npt.NDArray[np.float32]]:
@@ -322,6 +353,62 @@ def room_impulse_responses(count: int, seed: int = SEED) -> list[npt.NDArray[np.
     return responses
 
 
+def warp(context: npt.NDArray[np.int16], factor: float) -> npt.NDArray[np.int16]:
+    """``context`` played ``factor`` times faster (pitch and formants up by ``factor``), kept centred and at
+    its length (zeros where it became shorter)."""
+    from scipy.signal import resample_poly
+
+    down = max(1, round(100 * factor))
+    warped = resample_poly(context.astype(np.float32), 100, down).astype(np.float32)
+    size = len(context)
+    if len(warped) >= size:
+        start = (len(warped) - size) // 2
+        out = warped[start : start + size]
+    else:
+        out = np.zeros(size, np.float32)
+        start = (size - len(warped)) // 2
+        out[start : start + len(warped)] = warped
+    return np.clip(np.round(out), -32768, 32767).astype(np.int16)
+
+
+def _biquad(kind: str, hz: float, q: float, gain_db: float = 0.0) -> tuple[Any, Any]:
+    """RBJ audio-EQ-cookbook coefficients (b, a) at SAMPLE_RATE."""
+    w0 = 2 * np.pi * hz / SAMPLE_RATE
+    alpha = np.sin(w0) / (2 * q)
+    cos = np.cos(w0)
+    if kind == "peak":
+        amp = 10 ** (gain_db / 40)
+        b = [1 + alpha * amp, -2 * cos, 1 - alpha * amp]
+        a = [1 + alpha / amp, -2 * cos, 1 - alpha / amp]
+    elif kind == "highpass":
+        b = [(1 + cos) / 2, -(1 + cos), (1 + cos) / 2]
+        a = [1 + alpha, -2 * cos, 1 - alpha]
+    else:  # lowpass
+        b = [(1 - cos) / 2, 1 - cos, (1 - cos) / 2]
+        a = [1 + alpha, -2 * cos, 1 - alpha]
+    return np.array(b) / a[0], np.array(a) / a[0]
+
+
+def microphone_eq(
+    speech: npt.NDArray[np.float32], rng: np.random.Generator, gain_db: tuple[float, float]
+) -> npt.NDArray[np.float32]:
+    """A random microphone and loudspeaker colouring: a peaking band (300-3500 Hz), a low roll-off
+    (60-400 Hz) and a high roll-off (2.5-7 kHz); the peak level is kept."""
+    from scipy.signal import lfilter
+
+    out = speech.astype(np.float64)
+    for kind, hz, q, gain in (
+        ("peak", rng.uniform(300, 3500), rng.uniform(0.5, 2.0), rng.uniform(*gain_db)),
+        ("highpass", rng.uniform(60, 400), 0.707, 0.0),
+        ("lowpass", rng.uniform(2500, 7000), 0.707, 0.0),
+    ):
+        b, a = _biquad(kind, hz, q, gain)
+        out = lfilter(b, a, out)
+    peak = float(np.abs(out).max())
+    scale = float(np.abs(speech).max()) / peak if peak > 0 else 0.0
+    return (out * scale).astype(np.float32)
+
+
 class Augmenter:
     def __init__(self, config: AugmentConfig, noise_pool: npt.NDArray[np.float32], seed: int) -> None:
         self.config = config
@@ -341,6 +428,8 @@ class Augmenter:
         """One augmented 1 s window from a word's 1.5 s context; ``at_end``: a share of the windows (see
         AugmentConfig.end_probability) put the word's end near the window's end."""
         config, rng = self.config, self.rng
+        if rng.random() < config.warp_probability:
+            context = warp(context, float(rng.uniform(*config.warp_range)))
         span = speech_span(context) if at_end and rng.random() < config.end_probability else None
         longest = WINDOW - round(config.end_margin_seconds[1] * SAMPLE_RATE)
         self.placed_at_end = span is not None and span[1] - span[0] <= longest
@@ -361,6 +450,8 @@ class Augmenter:
 
             wet = fftconvolve(speech, rir)[:WINDOW].astype(np.float32)
             speech = wet * (np.abs(speech).max() / max(float(np.abs(wet).max()), 1e-9))
+        if rng.random() < config.eq_probability:
+            speech = microphone_eq(speech, rng, config.eq_gain_db)
         speech *= np.float32(10 ** (rng.uniform(*config.gain_db) / 20))
         if rng.random() < config.noise_probability:
             speech = self._mix(speech, self.noise_window(), rng.uniform(*config.snr_db))
@@ -522,10 +613,15 @@ def mine_hard_negatives(  # noqa: PLR0917
     word_probability: float = 0.5,
     copies: int = 2,
     cache_dir: Path = CACHE_DIR,
+    synth_words_per_word: int = 30,
+    other_words: bool = False,
 ) -> Dataset:
-    """Windows of the TRAINING negatives (long speech, noise) at a 100 ms hop that ``predict`` (the distilled
-    student) still takes for the wake word (p >= wake_probability) or another word (p >= word_probability):
-    the hard negatives, kept as they are plus ``copies`` augmented versions, labelled as negatives."""
+    """Windows of the TRAINING negatives at a 100 ms hop that ``predict`` (the distilled student) still takes
+    for the wake word (p >= wake_probability) or another word (p >= word_probability): the hard negatives,
+    kept as they are plus ``copies`` augmented versions, labelled as negatives. The negatives: long speech,
+    noise, and with ``other_words`` the clips of other words (other wake words, digits, synthetic confusables
+    such as "commuter": ``synth_words_per_word`` of each), each with 0.5 s of silence either side so that
+    every position of the word in the window is tried."""
     cache = cache_dir / f"mined-{key}.npz"
     if cache.exists():
         return Dataset.load(cache)
@@ -537,8 +633,15 @@ def mine_hard_negatives(  # noqa: PLR0917
     labels: list[int] = []
     origins: list[str] = []
     negatives = [c for c in train if c.source in ("long", "noise")]
+    if other_words:
+        words = [c for c in train if c.label == UNKNOWN_LABEL and c.source in ("real", "synth")]
+        negatives += _cap_synthetic_negatives(words, synth_words_per_word)
+    pad = np.zeros(SAMPLE_RATE // 2, np.float32)
     for clip in progress(negatives, total=len(negatives), desc="mining"):
-        cut = _long_windows(read_audio(Path(clip.path)), SAMPLE_RATE // 10)
+        samples = read_audio(Path(clip.path))
+        if clip.source in ("real", "synth"):
+            samples = np.concatenate([pad, samples, pad])
+        cut = _long_windows(samples, SAMPLE_RATE // 10)
         if not cut:
             continue
         features = np.stack([window_features(window, params) for window, _ in cut])

@@ -6,10 +6,12 @@ shipped thresholds, false detections per hour on long negative speech and noise,
 DIR is laid out like ``../shared/data/speech`` (``real/<word>/*.flac``, ``real_long/``, ``noise/``).
 ``--split validation`` uses only speakers (and negative files) the training pipeline held out; ``all`` (the
 default) uses every file. Accuracy is the argmax over all labels of one 1 s window per clip (the clip, or its
-loudest second). Detections replay each file through the streaming path the runtime uses
-(StreamingFeatures, the model every hop, agent.recognizer with the smoothing, thresholds and refractory time
-of the model metadata). ``false_detections_per_hour`` counts wake-word detections (the runtime acts on
-command words only after the wake word); every word's count is listed too.
+loudest second). Detections replay each file through the runtime's own streaming path,
+:func:`agent.transcribe.transcribe_file` (what ``home-agent transcribe`` runs: StreamingFeatures, the model
+every hop, agent.recognizer with the smoothing, thresholds and refractory time of the model metadata, the
+tail padding), not a re-implementation. ``false_detections_per_hour`` counts wake-word detections (the
+runtime acts on command words only after the wake word); every word's count is listed too. The headline
+evaluation of voices never heard (issue 13) is ``training.newvoices``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from agent.messages import Scores
 from agent.plots import plot_path
 from agent.progress import progress
 from agent.recognizer import Recognizer, RecognizerSettings
+from agent.transcribe import transcribe_file
+from agent.voice import VoicePipeline, load_pipeline
 from training.common import (
     SAMPLE_RATE,
     TEACHER_LABELS,
@@ -50,14 +54,7 @@ log = logging.getLogger(__name__)
 TRAILING_SILENCE = SAMPLE_RATE // 2  # appended to word clips so the word can pass through the window
 
 
-@dataclass(frozen=True)
-class Detection:
-    word: str
-    time: float  # seconds from the start of the file, at the end of the window that fired
-    score: float
-
-
-# ----------------------------------------------------------------------------------------- streaming path
+# ------------------------------------------- raw per-hop scores (choosing thresholds in training.kws only)
 
 
 def stream_scores(
@@ -87,33 +84,6 @@ def smooth(scores: npt.NDArray[np.float32], hops: int) -> npt.NDArray[np.float32
     return means
 
 
-def detect(  # noqa: PLR0917
-    scores: npt.NDArray[np.float32],
-    labels: tuple[str, ...],
-    thresholds: dict[str, float],
-    refractory_seconds: float,
-    hop_seconds: float,
-    smoothing_seconds: float,
-) -> list[Detection]:
-    """Detections of the runtime's own recognizer (agent.recognizer) over per-hop model scores: the smoothed
-    top label fires when it reaches its threshold, once per utterance and refractory time."""
-    recognizer = Recognizer(
-        RecognizerSettings(
-            labels=labels,
-            thresholds=thresholds,
-            smoothing_seconds=smoothing_seconds,
-            refractory_seconds=refractory_seconds,
-        )
-    )
-    detections: list[Detection] = []
-    for hop_index, row in enumerate(scores):
-        now = round((hop_index + 1) * hop_seconds, 6)
-        heard = recognizer.process(Scores(labels=labels, values=row, t_audio=now))
-        if heard is not None:
-            detections.append(Detection(heard.word, now, heard.score))
-    return detections
-
-
 def timing(model: KwsModel) -> tuple[float, float, int]:
     hop_seconds = float(model.metadata.get("hop_seconds", 0.1))
     smoothing_hops = max(1, round(model.smoothing_seconds / hop_seconds))
@@ -129,31 +99,19 @@ def file_scores(model: KwsModel, path: Path, trailing: int = 0) -> npt.NDArray[n
     return stream_scores(model, samples, hop_seconds)
 
 
-def file_detections(
-    model: KwsModel, scores: npt.NDArray[np.float32], thresholds: dict[str, float] | None = None
-) -> list[Detection]:
-    hop_seconds, refractory, _ = timing(model)
-    chosen = thresholds if thresholds is not None else model.thresholds
-    return detect(scores, model.labels, chosen, refractory, hop_seconds, model.smoothing_seconds)
-
-
-def false_detections(
-    model: KwsModel, paths: list[Path], thresholds: dict[str, float] | None = None
-) -> dict[str, Any]:
-    """Detections of every word on recordings that contain none of them."""
-    hop_seconds, _, _ = timing(model)
-    thresholds = thresholds if thresholds is not None else model.thresholds
-    counts = dict.fromkeys(model.words, 0)
+def false_detections(pipeline: VoicePipeline, paths: list[Path]) -> dict[str, Any]:
+    """Detections of every word on recordings that contain none of them, through the runtime's path."""
+    counts = dict.fromkeys(pipeline.model.words, 0)
     seconds = 0.0
     cpu_seconds = 0.0
     for path in paths:
-        samples = read_audio(path)
         cpu_started = time.process_time()
-        scores = stream_scores(model, samples, hop_seconds)
-        detections = file_detections(model, scores, thresholds)
+        result = transcribe_file(pipeline, path)
         cpu_seconds += time.process_time() - cpu_started
-        seconds += len(scores) * hop_seconds
-        for detection in detections:
+        if result.error is not None:
+            raise ModelError(f"{path}: {result.error}")
+        seconds += result.duration
+        for detection in result.detections:
             counts[detection.word] += 1
     hours = seconds / 3600
     per_hour = {word: round(n / hours, 3) if hours else 0.0 for word, n in counts.items()}
@@ -164,16 +122,9 @@ def false_detections(
         "per_hour": per_hour,
         "wake_per_hour": per_hour.get(WAKE_WORD, 0.0),
         "any_word_per_hour": round(sum(counts.values()) / hours, 3) if hours else 0.0,
-        # Features + model + recognizer of the streaming path, as the runtime runs it (one thread).
+        # The whole streaming path as the runtime runs it (one thread), tail padding included.
         "cpu_seconds_per_audio_second": round(cpu_seconds / seconds, 5) if seconds else None,
     }
-
-
-def peak_scores(model: KwsModel, paths: list[Path]) -> npt.NDArray[np.float32]:
-    """Per file, the highest smoothed score of every label (for choosing thresholds on negatives)."""
-    _, _, smoothing_hops = timing(model)
-    peaks = [smooth(file_scores(model, path), smoothing_hops).max(axis=0) for path in paths]
-    return np.array(peaks, dtype=np.float32).reshape(-1, len(model.labels))
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -261,7 +212,8 @@ def evaluate(
     model_path: Path, data_dir: Path, split: str = "all", streaming: bool = True, limit: int | None = None
 ) -> dict[str, Any]:
     started = time.monotonic()
-    model = KwsModel.load(model_path)
+    pipeline = load_pipeline(None, model_path)
+    model = pipeline.model
     clips = inventory(data_dir, synth_dir=None, limit=limit)
     words = word_clips(clips, split)
     label_index = {label: i for i, label in enumerate(model.labels)}
@@ -276,18 +228,17 @@ def evaluate(
         true.append(label_index[clip.label])
         predicted.append(int(np.argmax(scores)))
         if streaming and clip.label not in NON_WORD_LABELS:
-            scores_per_hop = file_scores(model, Path(clip.path), TRAILING_SILENCE)
-            fired = {d.word for d in file_detections(model, scores_per_hop)}
+            fired = {d.word for d in transcribe_file(pipeline, Path(clip.path)).detections}
             detected.setdefault(clip.label, []).append(int(clip.label in fired))
     report = accuracy_report(np.array(true, np.int64), np.array(predicted, np.int64), model.labels)
     report["detection_rate"] = {w: round(float(np.mean(v)), 4) for w, v in detected.items()}
     negatives = negative_files(clips, split)
-    fd = false_detections(model, negatives) if streaming else {"wake_per_hour": None}
+    fd = false_detections(pipeline, negatives) if streaming else {"wake_per_hour": None}
     report["false_detections_per_hour"] = fd["wake_per_hour"]
     report["false_detections"] = fd
     if split == "validation" and streaming:
         held_out = [Path(c.path) for c in clips if c.source in ("long", "noise") and c.split == "validation"]
-        report["false_detections_held_out_only"] = false_detections(model, held_out)
+        report["false_detections_held_out_only"] = false_detections(pipeline, held_out)
     report.update(
         {
             "model": str(model_path),
@@ -368,6 +319,41 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------- DET curves
 
 DET_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+
+
+@dataclass(frozen=True)
+class Detection:
+    word: str
+    time: float  # seconds from the start of the file, at the end of the window that fired
+    score: float
+
+
+def detect(  # noqa: PLR0917
+    scores: npt.NDArray[np.float32],
+    labels: tuple[str, ...],
+    thresholds: dict[str, float],
+    refractory_seconds: float,
+    hop_seconds: float,
+    smoothing_seconds: float,
+) -> list[Detection]:
+    """Detections of the runtime's own recognizer (agent.recognizer) over per-hop model scores, at any
+    thresholds (a DET curve sweeps them): the smoothed top label fires when it reaches its threshold, once
+    per utterance and refractory time."""
+    recognizer = Recognizer(
+        RecognizerSettings(
+            labels=labels,
+            thresholds=thresholds,
+            smoothing_seconds=smoothing_seconds,
+            refractory_seconds=refractory_seconds,
+        )
+    )
+    detections: list[Detection] = []
+    for hop_index, row in enumerate(scores):
+        now = round((hop_index + 1) * hop_seconds, 6)
+        heard = recognizer.process(Scores(labels=labels, values=row, t_audio=now))
+        if heard is not None:
+            detections.append(Detection(heard.word, now, heard.score))
+    return detections
 
 
 def clip_source(path: Path) -> str:

@@ -11,7 +11,9 @@ Stages (each cached under .cache/kws/, keyed by its inputs; fixed seed):
              pruning + fine-tuning (cuts the compressed size)
 5. quantize  full-integer int8 (int8 in and out) with a fixed calibration set; thresholds per word chosen on
              held-out negative recordings with the runtime's smoothing
-6. evaluate  held-out real speakers; writes <out>/kws.tflite, kws.json, kws.md
+6. evaluate  held-out real speakers, and the new-voices validation (training.newvoices: every held-out
+             source through the runtime's streaming path, the model card's headline); writes
+             <out>/kws.tflite, kws.json, kws.md
 
 ``--smoke`` runs every stage on a tiny subset in a few minutes and writes to a temporary folder unless
 ``--out`` is given. Without the shared data it prints why and exits 0.
@@ -77,10 +79,23 @@ class RunConfig:
     wake_min_threshold: float = 0.5
     max_threshold: float = 0.99
     prune_distill_weight: float = 0.7  # the pruned copies learn mostly from the distilled student
+    # Mine hard negatives from the clips of other words too (not only long speech and noise). Tried in the
+    # issue-13 run: 26k mined windows, and after structured pruning held-out computer accuracy fell to 70.7 %
+    # (float student 98.8 %), the ten words to 86.7 %: the partial "compu-" of "computing"/"commuter" taught
+    # as _unknown_ costs the real wake word. Off.
+    mine_other_words: bool = False
     augment: dict[str, Any] = field(default_factory=dict)  # AugmentConfig overrides
 
 
-FULL = RunConfig()
+# Issue 13 (voices never heard): speaker perturbation and microphone EQ on half the word windows, rooms on
+# half, noise at 0-20 dB SNR.
+NEW_VOICES_AUGMENT: dict[str, Any] = {
+    "warp_probability": 0.5,
+    "eq_probability": 0.5,
+    "room_probability": 0.5,
+    "snr_db": (0.0, 20.0),
+}
+FULL = RunConfig(augment=NEW_VOICES_AUGMENT)
 SMOKE = RunConfig(
     limit=6,
     student_epochs=1,
@@ -88,6 +103,7 @@ SMOKE = RunConfig(
     magnitude_epochs=1,
     calibration_windows=50,
     augment={
+        **NEW_VOICES_AUGMENT,
         "word_copies": 1,
         "computer_copies": 1,
         "synth_copies": 1,
@@ -188,7 +204,12 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     # Hard negatives: training recordings (never the tuning or held-out ones) the student still mistakes for
     # a word, at every 100 ms position.
     mined = data_stage.mine_hard_negatives(
-        clips, params, lambda features: train.predict(student, features), augment, key=student_key
+        clips,
+        params,
+        lambda features: train.predict(student, features),
+        augment,
+        key=f"{student_key}-{config.mine_other_words}",
+        other_words=config.mine_other_words,
     )
     print(f"hard negatives mined from the training recordings: {len(mined)} windows", file=sys.stderr)
     prune_set = train_set.concat(mined)
@@ -324,11 +345,16 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     started = stage_banner("6/6 evaluate: held-out real speakers, streaming detections, false detections")
     report = evaluation.evaluate(model_path, data_dir, "validation", limit=config.limit)
     print(evaluation.format_report(report), file=sys.stderr)
+    from training import newvoices
+
+    new_voices = newvoices.evaluate(model_path, data_dir, SYNTH_DIR, limit=config.limit)
+    print(json.dumps(new_voices["headline"], indent=2), file=sys.stderr)
     timings["evaluate"] = time.monotonic() - started
     timings["total"] = time.monotonic() - run_started
     result = {
         "stages": stages,
         "report": report,
+        "new_voices": new_voices,
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "data": summary,
         "train_windows": counts,
@@ -341,6 +367,7 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     evaluation.write_det_plots(out_dir / DET_DIR, model_path, data_dir, "validation", limit=config.limit)
 
     write_model_card(out_dir / "kws.md", result)
+    newvoices.put_card_section(out_dir / "kws.md", newvoices.card_section({"this run": new_voices}))
     print(
         f"\nwrote {model_path} and {out_dir / 'kws.md'} in {timings['total'] / 60:.1f} min", file=sys.stderr
     )

@@ -77,11 +77,15 @@ CONFUSABLE_WORDS: tuple[str, ...] = (
     "eat", "hit", "heed", "feet", "heap", "hot",
     "van", "fun", "man", "fin",
 )  # fmt: skip
+# Hard negatives a household says to other devices, and the first syllables of the wake word.
+HARD_NEGATIVE_WORDS: tuple[str, ...] = (
+    "come", "cute", "comfort", "campus", "alexa", "jarvis", "snowboy", "mirror", "athena", "android",
+)  # fmt: skip
 COMMON_WORDS: tuple[str, ...] = (
     "hello", "weather", "music", "kitchen", "please", "thanks", "open", "close", "set", "timer",
     "morning", "bedroom", "turn", "play", "what",
 )  # fmt: skip
-NEGATIVE_WORDS: tuple[str, ...] = CONFUSABLE_WORDS + COMMON_WORDS
+NEGATIVE_WORDS: tuple[str, ...] = CONFUSABLE_WORDS + HARD_NEGATIVE_WORDS + COMMON_WORDS
 
 ENGINES: tuple[str, ...] = ("espeak", "flite", "festival", "piper")
 
