@@ -48,10 +48,11 @@ import soundfile as sf
 from agent.config import VoiceSection
 from agent.features import COMMAND_WORDS, WAKE_WORD
 from agent.kws import KwsModel
+from agent.progress import progress
 from agent.recognizer import Command
 from agent.transcribe import transcribe_file
 from agent.voice import VoicePipeline, load_pipeline, model_hop_seconds, tail_padding
-from training.common import SAMPLE_RATE, SYNTH_DIR, default_data_dir, progress, stable_fraction, write_json
+from training.common import SAMPLE_RATE, SYNTH_DIR, default_data_dir, stable_fraction, write_json
 from training.data import HELD_OUT_SYNTH_ENGINES, Clip, inventory, speech_span
 
 log = logging.getLogger(__name__)
