@@ -44,6 +44,7 @@ import numpy.typing as npt
 
 from agent.audio import SAMPLE_RATE, read_audio_file
 from bench.broker import BenchBroker
+from bench.results_file import write_results
 from bench.voice_bench import CATALOGUE, DEVICE_TOPICS, Subscriber, daemon_config, summary
 
 log = logging.getLogger("bench.arbitration")
@@ -503,8 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "single_agent_p90_rise_seconds": rise,
         "single_agent_p90_rise_ok": rise is not None and rise <= WINDOW,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_results(args.out, results, indent=2)
     print(json.dumps({k: v for k, v in results.items() if k != "three_agents"} | {
         "three_agents": {k: v for k, v in three.items() if k != "misses"}}, indent=2))
     print(f"written to {args.out}")

@@ -23,7 +23,6 @@ adaptation.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import tempfile
@@ -37,6 +36,7 @@ from agent.cli import main as cli_main
 from agent.config import load_config
 from agent.transcribe import transcribe_file
 from agent.voice import VoicePipeline, load_pipeline
+from bench.results_file import write_results
 
 log = logging.getLogger("bench.enroll")
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, files in targets.items():
             log.info("target %s: %d recordings", name, len(files))
             results["targets"][name] = run_target(Path(tmp), name, files, sets)
-            RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+            write_results(RESULTS, results)
     log.info("wrote %s", RESULTS)
     return 0
 

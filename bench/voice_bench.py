@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.new_voices_only:
         previous = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
         merged = {**results, **{k: v for k, v in previous.items() if k not in results}}
-        args.out.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+        write_results(args.out, merged, indent=2)
         print(json.dumps(results.get("new_voices", {}).get("headline"), indent=2))
         return 0
     with tempfile.TemporaryDirectory(prefix="voice-bench-") as tmp:
