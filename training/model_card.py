@@ -22,6 +22,10 @@ def _curves(card: Path) -> list[str]:
         "Held-out clips per source (file-name prefix: `sc` Speech Commands, `pvwwb` Picovoice, `precise` Mycroft Precise) over thresholds, the shipped threshold starred; false detections on the held-out negatives. Hollow markers: the MLPerf Tiny reference model (ten command words) replayed through the same streaming path and recognizer on the same clips. openWakeWord ships no model for these words, so it has no points here. Numbers in "
         f"`{DET_DIR}/det.json`. Redraw: `python -m training.evaluate --split validation --plot models/{DET_DIR}`.",
         "",
+        "These negatives are the evaluation split's long speech and noise: they hold none of the confusable "
+        "words, so a wake word's false detections here understate what a household gets. False wakes on "
+        "confusable speech (other wake words, digits, other people's phrases) are in the new-voices headline.",
+        "",
         *[f"![{p.stem[4:]}]({DET_DIR}/{p.name})" for p in images],
         "",
     ]
