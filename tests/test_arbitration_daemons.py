@@ -72,9 +72,10 @@ def test_three_agents_one_action_per_utterance_and_the_clean_one_wins(tmp_path: 
     for heard in results:  # the SNR estimates rank the rooms as they are
         ranked = sorted(heard.claims, key=lambda agent: -heard.claims[agent])
         assert ranked == [agent for agent in ROOMS if agent in heard.claims], describe(results)
-    # The noisy agent's claim came first (it heard 50 ms earlier), and still lost.
-    noisy_first = [min(heard.claimed_at, key=heard.claimed_at.__getitem__) for heard in results[2:]]
-    assert "noisy" in noisy_first, describe(results)
+    # The noisy agent heard the last two 50 ms earlier and still lost. Whether its claim also reached the
+    # broker first depends on three processes' scheduling (on a loaded CI machine it often did not), so
+    # that case is pinned deterministically in test_arbitration.py
+    # (test_the_best_snr_wins_even_when_a_noisier_agent_claims_first), not asserted here.
     assert logs["clean"].count("arbitration: won ") == len(utterances)
     for loser in ("mid", "noisy"):
         assert logs[loser].count("voice: intent ") == len(utterances)
