@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.audio import FILE_SUFFIXES, FileSource
 from agent.config import load_config
@@ -32,6 +32,9 @@ from agent.errors import AudioError
 from agent.messages import Detection, Intent
 from agent.progress import echo, progress
 from agent.voice import VoicePipeline, load_pipeline
+
+if TYPE_CHECKING:
+    from agent.plots import PosteriorTrace  # matplotlib stays a lazy import
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +103,23 @@ def transcribe_file(pipeline: VoicePipeline, path: Path) -> FileResult:
     return result
 
 
-def plot_file(pipeline: VoicePipeline, path: Path, out: Path) -> FileResult:
-    """transcribe_file, recording every hop's smoothed scores, then draw what was heard into ``out``."""
-    from agent.plots import PosteriorTrace, write_transcription_plot
+def transcribe_traced(pipeline: VoicePipeline, path: Path) -> tuple[FileResult, PosteriorTrace]:
+    """transcribe_file, recording every hop's smoothed scores as the recognizer judged them."""
+    from agent.plots import PosteriorTrace
 
     trace = PosteriorTrace()
     pipeline.on_hop = trace
     try:
-        result = transcribe_file(pipeline, path)
+        return transcribe_file(pipeline, path), trace
     finally:
         pipeline.on_hop = None
+
+
+def plot_file(pipeline: VoicePipeline, path: Path, out: Path) -> FileResult:
+    """transcribe_traced, then draw what was heard into ``out``."""
+    from agent.plots import write_transcription_plot
+
+    result, trace = transcribe_traced(pipeline, path)
     if result.error is None:
         write_transcription_plot(out, path, trace, pipeline.settings.thresholds, result.intents)
     return result

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from agent import plots
-from agent.plots import DetCurve, PosteriorTrace
-from agent.transcribe import plot_file, transcribe_file
+from agent.plots import DetCurve
+from agent.transcribe import plot_file, transcribe_traced
 from agent.voice import load_pipeline
 
 pytest.importorskip("matplotlib")
@@ -154,12 +154,7 @@ def pipeline():  # type: ignore[no-untyped-def]
 
 def test_transcription_figure_draws_the_recorded_posteriors(pipeline, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = EXAMPLES / "computer_light_on.wav"
-    trace = PosteriorTrace()
-    pipeline.on_hop = trace
-    try:
-        result = transcribe_file(pipeline, path)
-    finally:
-        pipeline.on_hop = None
+    result, trace = transcribe_traced(pipeline, path)
     assert [i.action for i in result.intents] == ["light_on"]
     assert [d for _, d in trace.fired] == result.detections  # the trace saw every word as it fired
     from agent.audio import read_audio_file
