@@ -54,6 +54,16 @@ def default_data_dir() -> Path:
     return REPO_ROOT.parent / "shared" / "data" / "speech"
 
 
+def speech_data_dir(given: Path | None) -> Path | None:
+    """``given`` (a command's --data), else ``default_data_dir()``; None, with the reason on stderr, when it
+    has no real/ folder (the command then exits 2)."""
+    data_dir = given or default_data_dir()
+    if not (data_dir / "real").is_dir():
+        print(f"error: {data_dir} has no real/ folder (set --data or DATA_DIR)", file=sys.stderr)
+        return None
+    return data_dir
+
+
 def seed_everything(seed: int = SEED) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -43,8 +43,8 @@ from training.common import (
     SAMPLE_RATE,
     TEACHER_LABELS,
     TEACHER_TFLITE,
-    default_data_dir,
     read_audio,
+    speech_data_dir,
     write_json,
 )
 from training.data import Clip, inventory, word_window
@@ -300,9 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also draw a DET curve per word and source into DIR (det_<word>.png, det.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    data_dir = args.data or default_data_dir()
-    if not (data_dir / "real").is_dir():
-        print(f"error: {data_dir} has no real/ folder (set --data or DATA_DIR)", file=sys.stderr)
+    data_dir = speech_data_dir(args.data)
+    if data_dir is None:
         return 2
     try:
         report = evaluate(args.model, data_dir, args.split, streaming=not args.no_streaming)

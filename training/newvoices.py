@@ -52,7 +52,13 @@ from agent.progress import progress
 from agent.recognizer import Command
 from agent.transcribe import transcribe_file
 from agent.voice import VoicePipeline, load_pipeline, model_hop_seconds, tail_padding
-from training.common import SAMPLE_RATE, SYNTH_DIR, default_data_dir, stable_fraction, write_json
+from training.common import (
+    SAMPLE_RATE,
+    SYNTH_DIR,
+    speech_data_dir,
+    stable_fraction,
+    write_json,
+)
 from training.data import HELD_OUT_SYNTH_ENGINES, Clip, inventory, speech_span
 
 log = logging.getLogger(__name__)
@@ -422,9 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="files per folder (quick checks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    data_dir = args.data or default_data_dir()
-    if not (data_dir / "real").is_dir():
-        print(f"error: {data_dir} has no real/ folder (set --data or DATA_DIR)", file=sys.stderr)
+    data_dir = speech_data_dir(args.data)
+    if data_dir is None:
         return 2
     report = evaluate(args.model, data_dir, args.synth if args.synth.is_dir() else None, args.limit)
     if args.json is not None:
