@@ -31,454 +31,96 @@ device's state topic) are clamped to [min_setpoint, max_setpoint] and rounded to
 "heat up" twice quickly means +2) until the device's next state report says otherwise.
 
 Template expressions: numbers, the variables ``setpoint`` (current setpoint) and ``value`` (the action's
-``value``), ``+ - * /``, unary minus and parentheses, evaluated by the small parser below (never eval).
+``value``), ``+ - * /``, unary minus and parentheses (``agent/template.py``, never eval). Each profile's
+keys and rules are its model in ``agent/config.py``; this module only renders validated sections.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from agent.config import (
+    SETPOINT_COMMAND,
+    ActionBase,
+    ActionSection,
+    EsphomeAction,
+    SetpointDeviceAction,
+    ShellyGen2Action,
+    TasmotaAction,
+    TemplateAction,
+    Zigbee2MqttAction,
+)
 from agent.errors import ActionError, ConfigError, PayloadError
 from agent.payloads import NUMBER_TEXT, decode_text, load_json, number_from_json, number_from_text, preview
-
-if TYPE_CHECKING:
-    from agent.config import ActionSection
+from agent.template import PayloadTemplate, clamp_setpoint, format_number
+from agent.topics import topic_name_problem
 
 log = logging.getLogger(__name__)
 
 RPC_SOURCE = "home-agent"  # Shelly answers on <src>/rpc
-SETPOINT_STEP = 0.5
 SWITCH_WORDS = {"on": "ON", "off": "OFF", "toggle": "TOGGLE"}
-SETPOINT_COMMAND = "setpoint"
-TEMPLATE_VARIABLES = ("setpoint", "value")
-ESPHOME_SWITCH_TYPES = ("switch", "fan", "light")
-ESPHOME_ENTITY_TYPES = (*ESPHOME_SWITCH_TYPES, "climate")
-MAX_EXPRESSION_CHARS = 200
-MAX_EXPRESSION_DEPTH = 16
-MAX_TOPIC_BYTES = 65535
 
 # ---------------------------------------------------------------------------------------------------------
-# The template language
-
-
-@dataclass(frozen=True, slots=True)
-class _Number:
-    value: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Variable:
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Negate:
-    operand: _Expr
-
-
-@dataclass(frozen=True, slots=True)
-class _Binary:
-    operator: str
-    left: _Expr
-    right: _Expr
-
-
-_Expr = _Number | _Variable | _Negate | _Binary
-
-_TOKEN = re.compile(
-    r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>[-+*/()])"
-)
-
-
-class _ExpressionParser:
-    """Recursive descent over: expr := term (('+'|'-') term)*; term := unary (('*'|'/') unary)*;
-    unary := ('-'|'+') unary | atom; atom := number | variable | '(' expr ')'."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.tokens: list[tuple[str, str, int]] = []  # (kind, text, position)
-        position = 0
-        while position < len(source):
-            if source[position] in " \t\r\n":
-                position += 1
-                continue
-            match = _TOKEN.match(source, position)
-            if match is None:
-                raise ActionError(f"unexpected character {source[position]!r} in expression {source!r}")
-            kind = match.lastgroup or "op"
-            self.tokens.append((kind, match.group(), position))
-            position = match.end()
-        self.index = 0
-        self.depth = 0
-
-    def parse(self) -> _Expr:
-        if not self.tokens:
-            raise ActionError("empty expression in '{{ }}'")
-        expr = self._expr()
-        if self.index < len(self.tokens):
-            raise ActionError(f"unexpected {self.tokens[self.index][1]!r} in expression {self.source!r}")
-        return expr
-
-    def _peek(self) -> str | None:
-        return self.tokens[self.index][1] if self.index < len(self.tokens) else None
-
-    def _expr(self) -> _Expr:
-        left = self._term()
-        while self._peek() in ("+", "-"):
-            operator = self.tokens[self.index][1]
-            self.index += 1
-            left = _Binary(operator, left, self._term())
-        return left
-
-    def _term(self) -> _Expr:
-        left = self._unary()
-        while self._peek() in ("*", "/"):
-            operator = self.tokens[self.index][1]
-            self.index += 1
-            left = _Binary(operator, left, self._unary())
-        return left
-
-    def _unary(self) -> _Expr:
-        self.depth += 1
-        if self.depth > MAX_EXPRESSION_DEPTH:
-            raise ActionError(f"expression nested too deeply: {self.source!r}")
-        try:
-            token = self._peek()
-            if token in ("-", "+"):
-                self.index += 1
-                operand = self._unary()
-                return _Negate(operand) if token == "-" else operand
-            return self._atom()
-        finally:
-            self.depth -= 1
-
-    def _atom(self) -> _Expr:
-        if self.index >= len(self.tokens):
-            raise ActionError(f"expression ends too early: {self.source!r}")
-        kind, text, _ = self.tokens[self.index]
-        self.index += 1
-        if kind == "number":
-            return _Number(float(text))
-        if kind == "name":
-            if text not in TEMPLATE_VARIABLES:
-                raise ActionError(f"unknown name {text!r} in expression {self.source!r} "
-                                  f"(only {' and '.join(TEMPLATE_VARIABLES)} are defined)")
-            return _Variable(text)
-        if text == "(":
-            inner = self._expr()
-            if self._peek() != ")":
-                raise ActionError(f"missing ')' in expression {self.source!r}")
-            self.index += 1
-            return inner
-        raise ActionError(f"unexpected {text!r} in expression {self.source!r}")
-
-
-def _variables_of(expr: _Expr) -> set[str]:
-    if isinstance(expr, _Variable):
-        return {expr.name}
-    if isinstance(expr, _Negate):
-        return _variables_of(expr.operand)
-    if isinstance(expr, _Binary):
-        return _variables_of(expr.left) | _variables_of(expr.right)
-    return set()
-
-
-def _evaluate(expr: _Expr, variables: Mapping[str, float]) -> float:
-    if isinstance(expr, _Number):
-        return expr.value
-    if isinstance(expr, _Variable):
-        return variables[expr.name]
-    if isinstance(expr, _Negate):
-        return -_evaluate(expr.operand, variables)
-    left = _evaluate(expr.left, variables)
-    right = _evaluate(expr.right, variables)
-    if expr.operator == "+":
-        return left + right
-    if expr.operator == "-":
-        return left - right
-    if expr.operator == "*":
-        return left * right
-    if right == 0:
-        raise ActionError("division by zero in payload template")
-    return left / right
-
-
-class PayloadTemplate:
-    """Literal text with ``{{ expr }}`` holes. Parsing errors raise ActionError."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        parts: list[str | _Expr] = []
-        position = 0
-        while True:
-            start = source.find("{{", position)
-            if start < 0:
-                parts.append(source[position:])
-                break
-            end = source.find("}}", start + 2)
-            if end < 0:
-                raise ActionError(f"'{{{{' at position {start} is never closed with '}}}}'")
-            expression = source[start + 2 : end].strip(" \t\r\n")
-            if len(expression) > MAX_EXPRESSION_CHARS:
-                raise ActionError(
-                    f"expression at position {start} is longer than {MAX_EXPRESSION_CHARS} characters")
-            parts.append(source[position:start])
-            parts.append(_ExpressionParser(expression).parse())
-            position = end + 2
-        self._parts = tuple(part for part in parts if part != "")
-        names: set[str] = set()
-        for part in self._parts:
-            if not isinstance(part, str):
-                names |= _variables_of(part)
-        self.variables = frozenset(names)
-        self.expression_count = sum(1 for part in self._parts if not isinstance(part, str))
-
-    def evaluate(
-        self, variables: Mapping[str, float], finish: Callable[[float], float]
-    ) -> tuple[str, list[float]]:
-        """The rendered text and the (finished) value of each expression."""
-        out: list[str] = []
-        values: list[float] = []
-        for part in self._parts:
-            if isinstance(part, str):
-                out.append(part)
-                continue
-            raw = _evaluate(part, variables)
-            if not math.isfinite(raw):
-                raise ActionError("payload template produced a number that is not finite")
-            value = finish(raw)
-            values.append(value)
-            out.append(format_number(value))
-        return "".join(out), values
-
-
-def format_number(value: float) -> str:
-    """A JSON-valid number: ``22.0``, ``21.5`` (never ``-0.0``, ``nan`` or ``inf``)."""
-    return repr(float(value) + 0.0)
-
-
-def clamp_setpoint(value: float, low: float, high: float) -> float:
-    """Round half up to SETPOINT_STEP, then clamp to [low, high]."""
-    rounded = math.floor(value / SETPOINT_STEP + 0.5) * SETPOINT_STEP
-    return min(max(rounded, low), high)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Validation and compilation of one ActionSection
-
-_COMMON_FIELDS = frozenset({"profile", "qos", "confirm", "ttl", "min_interval"})
-_SETPOINT_FIELDS = frozenset(
-    {"value", "delta", "min_setpoint", "max_setpoint", "state_topic", "setpoint_key"}
-)
-_PROFILE_FIELDS: dict[str, frozenset[str]] = {
-    "template": frozenset({"topic", "payload", "value", "min_setpoint", "max_setpoint", "state_topic",
-                           "setpoint_key"}),
-    "zigbee2mqtt": frozenset({"device", "command", "prefix"}) | _SETPOINT_FIELDS,
-    "tasmota": frozenset({"device", "command"}),
-    "shelly_gen2": frozenset({"device", "command", "prefix", "switch_id"}),
-    "esphome": frozenset({"device", "command", "prefix", "entity", "entity_type"}) | _SETPOINT_FIELDS,
-}
-# Fields this module interprets; others (added for other features) are not checked here.
-_KNOWN_FIELDS = _COMMON_FIELDS.union(*_PROFILE_FIELDS.values())
+# A validated ActionSection -> what rendering it needs
 
 Kind = Literal["switch", "setpoint", "template"]
 
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """A validated action: everything needed to render it."""
-
-    section: ActionSection
+    section: ActionBase
     topic: str
     kind: Kind
     switch_word: str | None = None  # ON / OFF / TOGGLE
     template: PayloadTemplate | None = None
     state_topic: str | None = None  # where the current setpoint comes from
+    setpoint_key: str = ""  # the setpoint's key in a JSON state on state_topic
     needs_current: bool = False  # a relative change: cannot render without the current setpoint
 
     @property
     def state_key(self) -> tuple[str, str] | None:
-        return None if self.state_topic is None else (self.state_topic, self.section.setpoint_key)
-
-    @property
-    def takes_value(self) -> bool:
-        """Whether an absolute setpoint drives it (so an external value may replace the configured one)."""
-        if self.template is not None:
-            return "value" in self.template.variables
-        return self.kind == "setpoint" and self.section.delta is None
-
-
-def _topic_problem(topic: str, what: str) -> str | None:
-    if not topic:
-        return f"{what} is empty"
-    if "+" in topic or "#" in topic:
-        return f"{what} must not contain MQTT wildcards ('+', '#'): {topic!r}"
-    if "\x00" in topic:
-        return f"{what} contains a NUL character"
-    if topic.startswith("$"):
-        return f"{what} must not start with '$' (broker-reserved): {topic!r}"
-    if len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
-        return f"{what} is longer than 65535 bytes"
-    return None
-
-
-def _require_topic(topic: str | None, what: str) -> str:
-    if topic is None:
-        raise ActionError(f"needs {what}")
-    problem = _topic_problem(topic, what)
-    if problem is not None:
-        raise ActionError(problem)
-    return topic
-
-
-def _check_fields(section: ActionSection, allowed: frozenset[str]) -> None:
-    for name in sorted((section.model_fields_set & _KNOWN_FIELDS) - allowed - _COMMON_FIELDS):
-        hint = ""
-        if name in ("topic", "payload"):
-            hint = " (topic and payload are for profile = 'template')"
-        elif name == "delta" and section.profile == "template":
-            hint = " (write the change into the payload, e.g. {{ setpoint + 1 }})"
-        elif name in _SETPOINT_FIELDS and section.profile in ("zigbee2mqtt", "esphome"):
-            hint = " (it only applies to command = 'setpoint')"
-        raise ActionError(f"{name!r} has no effect with profile = {section.profile!r}{hint}")
-
-
-def _check_setpoint_range(section: ActionSection) -> None:
-    for name in ("min_setpoint", "max_setpoint", "value", "delta"):
-        number = getattr(section, name)
-        if number is not None and not math.isfinite(number):
-            raise ActionError(f"{name} must be a finite number")
-    if section.min_setpoint > section.max_setpoint:
-        raise ActionError(f"min_setpoint ({section.min_setpoint:g}) is greater than "
-                          f"max_setpoint ({section.max_setpoint:g})")
-    if section.value is not None and not section.min_setpoint <= section.value <= section.max_setpoint:
-        raise ActionError(f"value {section.value:g} is outside [min_setpoint, max_setpoint] = "
-                          f"[{section.min_setpoint:g}, {section.max_setpoint:g}]")
-
-
-def _command(section: ActionSection, choices: tuple[str, ...]) -> str:
-    if section.command is None:
-        if SETPOINT_COMMAND in choices and (section.value is not None or section.delta is not None):
-            return SETPOINT_COMMAND
-        raise ActionError(f"needs command = {' | '.join(repr(c) for c in choices)}")
-    command = section.command.strip().lower()
-    if command not in choices:
-        raise ActionError(f"command {section.command!r} is not one of {', '.join(repr(c) for c in choices)} "
-                          f"for profile = {section.profile!r}")
-    return command
-
-
-def _setpoint_plan(section: ActionSection, topic: str, state_topic: str) -> _Plan:
-    _check_setpoint_range(section)
-    if (section.value is None) == (section.delta is None):
-        raise ActionError("command = 'setpoint' needs exactly one of value (absolute) or delta (relative)")
-    if section.delta == 0:
-        raise ActionError("delta must not be 0")
-    state = _require_topic(section.state_topic or state_topic, "state_topic")
-    return _Plan(section, topic, "setpoint", state_topic=state, needs_current=section.delta is not None)
-
-
-def _compile_template(section: ActionSection) -> _Plan:
-    topic = _require_topic(section.topic, "topic")
-    if section.payload is None:
-        raise ActionError("needs payload (profile = 'template')")
-    template = PayloadTemplate(section.payload)
-    _check_setpoint_range(section)
-    uses = template.variables
-    state_topic: str | None = None
-    if "setpoint" in uses:
-        # zigbee2mqtt convention: a device commanded on <name>/set reports its state on <name>.
-        state_topic = section.state_topic or (topic.removesuffix("/set") if topic.endswith("/set") else None)
-        if state_topic is None:
-            raise ActionError(
-                "payload uses {{ setpoint }}, so state_topic must say where the current setpoint comes from")
-        state_topic = _require_topic(state_topic, "state_topic")
-    elif section.state_topic is not None:
-        raise ActionError("state_topic is only used when the payload contains {{ setpoint }}")
-    if "value" in uses and section.value is None:
-        raise ActionError("payload uses {{ value }} but no value is configured")
-    if "value" not in uses and section.value is not None:
-        raise ActionError("value is set but the payload never uses {{ value }}")
-    # Render once with in-range numbers so a payload that looks like JSON is known to stay JSON.
-    sample = dict.fromkeys(TEMPLATE_VARIABLES, section.min_setpoint)
-    low, high = section.min_setpoint, section.max_setpoint
-    try:
-        text, _ = template.evaluate(sample, lambda v: clamp_setpoint(v, low, high))
-    except ActionError:
-        text = ""  # e.g. division by zero for these sample numbers; reported when it happens at firing
-    if text.lstrip(" \t\r\n")[:1] in ("{", "["):
-        try:
-            json.loads(text)
-        except ValueError as err:
-            raise ActionError(
-                f"payload looks like JSON but renders to invalid JSON ({err}): {text!r}") from err
-    return _Plan(section, topic, "template", template=template, state_topic=state_topic,
-                 needs_current="setpoint" in uses)
+        return None if self.state_topic is None else (self.state_topic, self.setpoint_key)
 
 
 def _compile(section: ActionSection) -> _Plan:
-    profile = section.profile
-    _check_fields(section, _PROFILE_FIELDS[profile])
-    if profile == "template":
-        return _compile_template(section)
-    if section.device is None:
-        raise ActionError(f"profile = {profile!r} needs device")
-    device = section.device
-    problem = _topic_problem(device, "device")
-    if problem is not None:
-        raise ActionError(problem)
-    if section.prefix is not None and (problem := _topic_problem(section.prefix, "prefix")) is not None:
-        raise ActionError(problem)
-    switches = tuple(SWITCH_WORDS)
-
-    if profile == "zigbee2mqtt":
-        base = f"{section.prefix or 'zigbee2mqtt'}/{device}"
-        command = _command(section, (*switches, SETPOINT_COMMAND))
-        if command == SETPOINT_COMMAND:
-            return _setpoint_plan(section, f"{base}/set", base)
-        _check_fields(section, _PROFILE_FIELDS[profile] - _SETPOINT_FIELDS)
-        return _Plan(section, f"{base}/set", "switch", switch_word=SWITCH_WORDS[command])
-
-    if profile == "tasmota":
-        command = _command(section, switches)
-        return _Plan(section, f"cmnd/{device}/POWER", "switch", switch_word=SWITCH_WORDS[command])
-
-    if profile == "shelly_gen2":
-        if section.switch_id < 0:
-            raise ActionError(f"switch_id must be >= 0, got {section.switch_id}")
-        command = _command(section, switches)
-        return _Plan(section, f"{section.prefix or device}/rpc", "switch", switch_word=SWITCH_WORDS[command])
-
-    # esphome
-    if section.entity_type not in ESPHOME_ENTITY_TYPES:
-        raise ActionError(
-            f"entity_type {section.entity_type!r} is not one of {', '.join(ESPHOME_ENTITY_TYPES)}")
-    if section.entity is None:
-        raise ActionError("profile = 'esphome' needs entity (the entity's object id, e.g. \"ceiling_fan\")")
-    problem = _topic_problem(section.entity, "entity")
-    if problem is None and "/" in section.entity:
-        problem = f"entity must be one topic level (no '/'): {section.entity!r}"
-    if problem is not None:
-        raise ActionError(problem)
-    base = f"{section.prefix or device}/{section.entity_type}/{section.entity}"
+    """Raises ActionError only for a section that bypassed validation (``model_construct``)."""
+    if isinstance(section, TemplateAction):
+        template = PayloadTemplate(section.payload)
+        uses_setpoint = "setpoint" in template.variables
+        return _Plan(section, section.topic, "template", template=template,
+                     state_topic=section.setpoint_state_topic if uses_setpoint else None,
+                     setpoint_key=section.setpoint_key, needs_current=uses_setpoint)
+    if isinstance(section, Zigbee2MqttAction):
+        base = f"{section.prefix or 'zigbee2mqtt'}/{section.device}"
+        return _device_plan(section, f"{base}/set", base)
+    if isinstance(section, TasmotaAction):
+        return _switch_plan(section, f"cmnd/{section.device}/POWER")
+    if isinstance(section, ShellyGen2Action):
+        return _switch_plan(section, f"{section.prefix or section.device}/rpc")
+    base = f"{section.prefix or section.device}/{section.entity_type}/{section.entity}"
     if section.entity_type == "climate":
-        command = _command(section, (SETPOINT_COMMAND,))
         target = f"{base}/target_temperature"
-        return _setpoint_plan(section, f"{target}/command", f"{target}/state")
-    command = _command(section, switches)
-    _check_fields(section, _PROFILE_FIELDS[profile] - _SETPOINT_FIELDS)
-    return _Plan(section, f"{base}/command", "switch", switch_word=SWITCH_WORDS[command])
+        return _device_plan(section, f"{target}/command", f"{target}/state")
+    return _switch_plan(section, f"{base}/command")
 
 
-def check_action(section: ActionSection) -> None:
-    """Raise ActionError (message without the key path) if ``section`` cannot be rendered. Used by config."""
-    _compile(section)
+def _switch_plan(section: TasmotaAction | ShellyGen2Action | SetpointDeviceAction, topic: str) -> _Plan:
+    word = SWITCH_WORDS.get(section.command_word)
+    if word is None:
+        raise ActionError(f"command {section.command!r} is not one of {', '.join(map(repr, SWITCH_WORDS))}")
+    return _Plan(section, topic, "switch", switch_word=word)
+
+
+def _device_plan(section: SetpointDeviceAction, topic: str, state_topic: str) -> _Plan:
+    """A device that takes setpoints; ``state_topic``: where it reports them unless configured."""
+    if section.command_word != SETPOINT_COMMAND:
+        return _switch_plan(section, topic)
+    return _Plan(section, topic, "setpoint", state_topic=section.state_topic or state_topic,
+                 setpoint_key=section.setpoint_key, needs_current=section.delta is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -492,19 +134,6 @@ def parse_switch_command(payload: bytes) -> bool:
     if payload == b"OFF":
         return False
     raise PayloadError(f"expected ON or OFF, got {preview(payload)}")
-
-
-def parse_number_payload(payload: bytes, what: str = "value") -> float:
-    """A finite number from a plain or JSON payload (``21.5``, ``"21.5"``); never a boolean."""
-    text = decode_text(payload)
-    stripped = text.strip(" \t\r\n")
-    if NUMBER_TEXT.fullmatch(stripped):
-        return number_from_text(stripped, what)
-    try:
-        data = load_json(text)
-    except PayloadError as err:
-        raise PayloadError(f"{what} is not a number: {preview(stripped)}") from err
-    return number_from_json(data, what)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -533,29 +162,22 @@ class ActionTable:
                 plans[name] = _compile(section)
             except ActionError as err:
                 raise ConfigError(f"actions.{name}: {err}") from err
+            problem = topic_name_problem(plans[name].topic)  # e.g. a prefix and a device too long together
+            if problem is not None:
+                raise ConfigError(f"actions.{name}: {problem}")
         self._plans = plans
         self._allowed = frozenset(plan.topic for plan in plans.values())
         self._state_keys: dict[str, set[str]] = {}
         for plan in plans.values():
             if plan.state_topic is not None:
-                self._state_keys.setdefault(plan.state_topic, set()).add(plan.section.setpoint_key)
+                self._state_keys.setdefault(plan.state_topic, set()).add(plan.setpoint_key)
         self._setpoints: dict[tuple[str, str], float] = {}
         self._last_fired: dict[str, float] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._plans)
 
     @property
     def allowed_topics(self) -> frozenset[str]:
         """Exactly the topics the configured actions can publish to."""
         return self._allowed
-
-    def is_allowed(self, topic: str) -> bool:
-        return topic in self._allowed
-
-    def section(self, name: str) -> ActionSection:
-        return self._plan(name).section
 
     def state_topics(self) -> list[str]:
         """Topics carrying thermostats' current setpoints: subscribe and feed them to ``observe_state``."""
@@ -564,10 +186,6 @@ class ActionTable:
     def needs_current_setpoint(self, name: str) -> bool:
         """Whether ``render(name)`` fails until the device's current setpoint has been observed."""
         return self._plan(name).needs_current
-
-    def state_topic_for(self, name: str) -> str | None:
-        """The topic this action's current setpoint comes from (None: the action has no setpoint)."""
-        return self._plan(name).state_topic
 
     def current_setpoint(self, name: str) -> float | None:
         """The setpoint last reported for this action's device (or last commanded), None when unknown."""
@@ -608,25 +226,12 @@ class ActionTable:
             return
         raise PayloadError(f"state is neither a JSON object nor a number: {preview(stripped)}")
 
-    def parse_setpoint_command(self, name: str, payload: bytes) -> float:
-        """Validate a setpoint that arrived from outside (Home Assistant forwards out-of-range values
-        unchanged): a finite number within [min_setpoint, max_setpoint], rounded to 0.5. Raises
-        PayloadError for a bad or out-of-range payload, ActionError when the action takes no value."""
-        plan = self._plan(name)
-        if not plan.takes_value:
-            raise ActionError(f"action {name!r} takes no setpoint value")
-        low, high = plan.section.min_setpoint, plan.section.max_setpoint
-        number = parse_number_payload(payload, "setpoint")
-        if not low <= number <= high:
-            raise PayloadError(f"setpoint {number:g} is outside the allowed range [{low:g}, {high:g}]")
-        return clamp_setpoint(number, low, high)
-
-    def render(self, name: str, now_mono: float, *, value: float | None = None,
-               created_mono: float | None = None) -> list[OutgoingCommand]:
+    def render(
+        self, name: str, now_mono: float, *, created_mono: float | None = None
+    ) -> list[OutgoingCommand]:
         """The commands for one firing of ``name``; records the firing for the rate limit.
 
-        ``value`` replaces the configured absolute setpoint (validate it with ``parse_setpoint_command``
-        first). ``created_mono``: when the request was made; past the action's ``ttl`` it is refused.
+        ``created_mono``: when the request was made; past the action's ``ttl`` it is refused.
         Raises ActionError: unknown action, expired, rate limited, or current setpoint unknown.
         """
         plan = self._plan(name)
@@ -638,11 +243,7 @@ class ActionTable:
         if last is not None and 0 <= now_mono - last < section.min_interval:
             raise ActionError(f"action {name!r} is rate limited: fired {now_mono - last:.2f} s ago "
                               f"(min_interval {section.min_interval:g} s)")
-        if value is not None and not plan.takes_value:
-            raise ActionError(f"action {name!r} takes no setpoint value")
-        if value is not None and not math.isfinite(value):
-            raise ActionError(f"setpoint for {name!r} must be a finite number")
-        payload, new_setpoint = self._payload(name, plan, value)
+        payload, new_setpoint = self._payload(name, plan)
         if plan.topic not in self._allowed:  # cannot happen: the allow-list is built from the same plans
             raise ActionError(f"topic {plan.topic!r} is not on the allow-list")
         self._last_fired[name] = now_mono
@@ -667,34 +268,37 @@ class ActionTable:
                               f"unknown (nothing usable received on {plan.state_topic!r} yet)")
         return current
 
-    def _payload(self, name: str, plan: _Plan, value: float | None) -> tuple[bytes, float | None]:
+    def _payload(self, name: str, plan: _Plan) -> tuple[bytes, float | None]:
+        """The payload, and the setpoint it sets (None: none, or not one telling which)."""
         section = plan.section
-        low, high = section.min_setpoint, section.max_setpoint
-        absolute = value if value is not None else section.value
-        if plan.template is not None:
+        if isinstance(section, TemplateAction):
+            assert plan.template is not None
+            low, high = section.min_setpoint, section.max_setpoint
             variables: dict[str, float] = {}
-            if "setpoint" in plan.template.variables:
+            if plan.needs_current:
                 variables["setpoint"] = self._current(name, plan)
-            if absolute is not None:
-                variables["value"] = absolute
+            if section.value is not None:
+                variables["value"] = section.value
             text, results = plan.template.evaluate(variables, lambda v: clamp_setpoint(v, low, high))
             # One number in the payload is the new setpoint; with several there is no telling which.
             return text.encode("utf-8"), results[0] if len(results) == 1 else None
         if plan.kind == "setpoint":
+            assert isinstance(section, SetpointDeviceAction)
+            low, high = section.min_setpoint, section.max_setpoint
             if section.delta is not None:
                 target = clamp_setpoint(self._current(name, plan) + section.delta, low, high)
             else:
-                assert absolute is not None  # validated at compile time: value xor delta
-                target = clamp_setpoint(absolute, low, high)
-            if section.profile == "zigbee2mqtt":
+                assert section.value is not None  # validated: value xor delta
+                target = clamp_setpoint(section.value, low, high)
+            if isinstance(section, Zigbee2MqttAction):
                 return _json_bytes({section.setpoint_key: target}), target
             return format_number(target).encode("ascii"), target  # esphome climate
         word = plan.switch_word
         assert word is not None
-        esphome_light = section.profile == "esphome" and section.entity_type == "light"
-        if section.profile == "zigbee2mqtt" or esphome_light:
+        esphome_light = isinstance(section, EsphomeAction) and section.entity_type == "light"
+        if isinstance(section, Zigbee2MqttAction) or esphome_light:
             return _json_bytes({"state": word}), None
-        if section.profile == "shelly_gen2":
+        if isinstance(section, ShellyGen2Action):
             if word == "TOGGLE":
                 return _json_bytes({"id": 1, "src": RPC_SOURCE, "method": "Switch.Toggle",
                                     "params": {"id": section.switch_id}}), None

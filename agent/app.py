@@ -839,11 +839,6 @@ def _next_app(previous: App, new: Config, options: RunOptions) -> App:
     return app
 
 
-def _needs_device_state(config: Config, name: str) -> bool:
-    section = config.actions[name]
-    return section.delta is not None or (section.payload is not None and "setpoint" in section.payload)
-
-
 def fire_action(args: argparse.Namespace) -> int:
     """``home-agent action NAME``: publish one configured action once (QoS >= 1), wait for the broker's
     acknowledgement, exit. Uses its own client id and no availability, so a running daemon is untouched."""
@@ -864,7 +859,7 @@ def fire_action(args: argparse.Namespace) -> int:
             actions.observe_state(message.topic, message.payload)
             observed.add(message.topic)
 
-    state_topics = actions.state_topics() if _needs_device_state(config, name) else []
+    state_topics = actions.state_topics() if actions.needs_current_setpoint(name) else []
     for topic in state_topics:
         link.subscribe(topic, on_state)
     timeout = float(getattr(args, "timeout", 10.0))

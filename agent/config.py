@@ -10,15 +10,29 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from agent.errors import ConfigError
+from agent.errors import ActionError, ConfigError
+from agent.template import PayloadTemplate, check_renders_json
+from agent.topics import topic_filter_problem, topic_name_problem
 
 PASSWORD_ENV = "HOME_AGENT_MQTT_PASSWORD"
 STATE_DIR_ENV = "STATE_DIRECTORY"  # set by systemd's StateDirectory=
@@ -122,8 +136,6 @@ class TelemetryStream(Section):
     @field_validator("topic")
     @classmethod
     def _topic_filter(cls, value: str) -> str:
-        from agent.telemetry import topic_filter_problem
-
         problem = topic_filter_problem(value)
         if problem is not None:
             raise ValueError(problem)
@@ -145,42 +157,217 @@ class TelemetryStream(Section):
         return self
 
 
-ActionProfile = Literal["template", "zigbee2mqtt", "tasmota", "shelly_gen2", "esphome"]
+SWITCH_COMMANDS = ("on", "off", "toggle")
+SETPOINT_COMMAND = "setpoint"
+_SETPOINT_FIELDS = frozenset(
+    {"value", "delta", "min_setpoint", "max_setpoint", "state_topic", "setpoint_key"})
 
 
-class ActionSection(Section):
-    """A named action: a topic + payload template, or a device profile that renders both."""
+def _check_topic(topic: str, what: str) -> None:
+    problem = topic_name_problem(topic, what)
+    if problem is not None:
+        raise ValueError(problem)
 
-    profile: ActionProfile = "template"
-    topic: str | None = None  # template profile: where to publish
-    payload: str | None = None  # template profile: safe template, e.g. '{"x": {{ setpoint + 1 }}}'
-    device: str | None = None  # profiles: device name / topic part (z2m friendly name, Tasmota topic, ...)
-    command: str | None = None  # profiles: "on" | "off" | "toggle" | "setpoint" ...
-    value: float | None = None  # absolute setpoint for command = "setpoint"
-    delta: float | None = None  # relative setpoint change (needs the current setpoint)
-    setpoint_key: str = "current_heating_setpoint"  # zigbee2mqtt thermostat key
-    state_topic: str | None = None  # where the device reports its state (for the current setpoint)
-    min_setpoint: float = 5.0  # setpoints are clamped to [min_setpoint, max_setpoint]
-    max_setpoint: float = 30.0
-    prefix: str | None = None  # topic root: zigbee2mqtt base topic, esphome / shelly_gen2 MQTT topic prefix
-    entity_type: str = "switch"  # esphome: switch | light | fan | climate
-    entity: str | None = None  # esphome: the entity's object id, e.g. "ceiling_fan"
-    switch_id: int = 0  # shelly_gen2: Switch.Set id
+
+class ActionBase(Section):
+    """What every action has, whatever its profile (``ActionSection`` is one of its subclasses, by profile)."""
+
     qos: Literal[0, 1, 2] = 1
     confirm: bool = False  # voice: needs a spoken "yes" within voice.confirm_window
     ttl: float = Field(default=5.0, gt=0, le=3600)  # a voice action not sent within this is dropped
     min_interval: float = Field(default=1.0, ge=0)  # rate limit: at most one firing per interval
 
-    @model_validator(mode="after")
-    def _renderable(self) -> ActionSection:
-        from agent.actions import check_action
-        from agent.errors import ActionError
 
+class _SetpointFields(ActionBase):
+    """An action that can write a setpoint: clamped to [min_setpoint, max_setpoint], rounded to 0.5."""
+
+    value: float | None = None  # absolute setpoint
+    min_setpoint: float = 5.0
+    max_setpoint: float = 30.0
+    state_topic: str | None = None  # where the device reports its state (for the current setpoint)
+    setpoint_key: str = "current_heating_setpoint"  # the setpoint's key in a JSON state (zigbee2mqtt)
+
+    def _check_range(self) -> None:
+        for name in ("min_setpoint", "max_setpoint", "value", "delta"):
+            number = getattr(self, name, None)
+            if number is not None and not math.isfinite(number):
+                raise ValueError(f"{name} must be a finite number")
+        if self.min_setpoint > self.max_setpoint:
+            raise ValueError(f"min_setpoint ({self.min_setpoint:g}) is greater than "
+                             f"max_setpoint ({self.max_setpoint:g})")
+        if self.value is not None and not self.min_setpoint <= self.value <= self.max_setpoint:
+            raise ValueError(f"value {self.value:g} is outside [min_setpoint, max_setpoint] = "
+                             f"[{self.min_setpoint:g}, {self.max_setpoint:g}]")
+        if self.state_topic is not None:
+            _check_topic(self.state_topic, "state_topic")
+
+
+class TemplateAction(_SetpointFields):
+    """``topic`` + ``payload``, a safe template: every ``{{ expr }}`` is a setpoint (agent/template.py)."""
+
+    profile: Literal["template"] = "template"
+    topic: str  # where to publish
+    payload: str  # e.g. '{"current_heating_setpoint": {{ setpoint + 1 }}}'
+
+    @property
+    def setpoint_state_topic(self) -> str | None:
+        """Where ``{{ setpoint }}`` comes from: ``state_topic``, else (the zigbee2mqtt convention: a device
+        commanded on <name>/set reports on <name>) ``topic`` without its ``/set``."""
+        return self.state_topic or (self.topic.removesuffix("/set") if self.topic.endswith("/set") else None)
+
+    @model_validator(mode="after")
+    def _renderable(self) -> TemplateAction:
+        _check_topic(self.topic, "topic")
+        self._check_range()
         try:
-            check_action(self)
+            template = PayloadTemplate(self.payload)
+            uses = template.variables
+            if "setpoint" in uses and self.setpoint_state_topic is None:
+                raise ValueError("payload uses {{ setpoint }}, so state_topic must say where the current "
+                                 "setpoint comes from")
+            if "setpoint" not in uses and self.state_topic is not None:
+                raise ValueError("state_topic is only used when the payload contains {{ setpoint }}")
+            if "value" in uses and self.value is None:
+                raise ValueError("payload uses {{ value }} but no value is configured")
+            if "value" not in uses and self.value is not None:
+                raise ValueError("value is set but the payload never uses {{ value }}")
+            check_renders_json(template, self.min_setpoint, self.max_setpoint)
         except ActionError as err:
             raise ValueError(str(err)) from err
         return self
+
+
+class _DeviceAction(ActionBase):
+    """A device profile: the agent writes the device's own command topic and payload."""
+
+    device: str  # the device's name in its own MQTT world (z2m friendly name, Tasmota topic, ...)
+    command: str | None = None  # "on" | "off" | "toggle" (| "setpoint"), any case
+
+    @property
+    def command_word(self) -> str:
+        """The command, lower case; "setpoint" when omitted but a setpoint value or delta is set."""
+        if self.command is not None:
+            return self.command.strip().lower()
+        implied = getattr(self, "value", None) is not None or getattr(self, "delta", None) is not None
+        return SETPOINT_COMMAND if implied else ""
+
+    def _check_device(self, choices: tuple[str, ...]) -> None:
+        _check_topic(self.device, "device")
+        prefix: str | None = getattr(self, "prefix", None)
+        if prefix is not None:
+            _check_topic(prefix, "prefix")
+        if self.command is None and self.command_word not in choices:
+            raise ValueError(f"needs command = {' | '.join(repr(c) for c in choices)}")
+        if self.command_word not in choices:
+            profile = getattr(self, "profile", "")
+            raise ValueError(f"command {self.command!r} is not one of {', '.join(repr(c) for c in choices)} "
+                             f"for profile = {profile!r}")
+
+
+class TasmotaAction(_DeviceAction):
+    """``cmnd/<device>/POWER`` with ON / OFF / TOGGLE."""
+
+    profile: Literal["tasmota"]
+
+    @model_validator(mode="after")
+    def _renderable(self) -> TasmotaAction:
+        self._check_device(SWITCH_COMMANDS)
+        return self
+
+
+class ShellyGen2Action(_DeviceAction):
+    """A Shelly Gen2 RPC ``Switch.Set`` / ``Switch.Toggle`` on ``<prefix or device>/rpc``."""
+
+    profile: Literal["shelly_gen2"]
+    prefix: str | None = None  # the device's MQTT topic prefix, when not its name
+    switch_id: int = Field(default=0, ge=0)  # Switch.Set id
+
+    @model_validator(mode="after")
+    def _renderable(self) -> ShellyGen2Action:
+        self._check_device(SWITCH_COMMANDS)
+        return self
+
+
+class SetpointDeviceAction(_DeviceAction, _SetpointFields):
+    delta: float | None = None  # relative setpoint change (needs the current setpoint)
+
+    def _check_command(self, choices: tuple[str, ...]) -> None:
+        self._check_device(choices)
+        if self.command_word != SETPOINT_COMMAND:
+            unused = sorted(self.model_fields_set & _SETPOINT_FIELDS)
+            if unused:
+                raise ValueError(f"{unused[0]!r} has no effect with command = {self.command_word!r} "
+                                 f"(it only applies to command = 'setpoint')")
+            return
+        self._check_range()
+        if (self.value is None) == (self.delta is None):
+            raise ValueError("command = 'setpoint' needs exactly one of value (absolute) or delta (relative)")
+        if self.delta == 0:
+            raise ValueError("delta must not be 0")
+
+
+class Zigbee2MqttAction(SetpointDeviceAction):
+    """``<prefix>/<device>/set``: ``{"state": "ON"}`` or ``{"<setpoint_key>": 21.5}``."""
+
+    profile: Literal["zigbee2mqtt"]
+    prefix: str | None = None  # the zigbee2mqtt base topic, when not "zigbee2mqtt"
+
+    @model_validator(mode="after")
+    def _renderable(self) -> Zigbee2MqttAction:
+        self._check_command((*SWITCH_COMMANDS, SETPOINT_COMMAND))
+        return self
+
+
+class EsphomeAction(SetpointDeviceAction):
+    """``<prefix or device>/<entity_type>/<entity>/command``; a climate entity takes setpoints."""
+
+    profile: Literal["esphome"]
+    prefix: str | None = None  # the node's MQTT topic prefix, when not its name
+    entity_type: Literal["switch", "light", "fan", "climate"] = "switch"
+    entity: str  # the entity's object id, e.g. "ceiling_fan"
+
+    @model_validator(mode="after")
+    def _renderable(self) -> EsphomeAction:
+        _check_topic(self.entity, "entity")
+        if "/" in self.entity:
+            raise ValueError(f"entity must be one topic level (no '/'): {self.entity!r}")
+        climate = self.entity_type == "climate"
+        self._check_command((SETPOINT_COMMAND,) if climate else SWITCH_COMMANDS)
+        return self
+
+
+_ACTION_MODELS: dict[str, type[ActionBase]] = {
+    "template": TemplateAction, "zigbee2mqtt": Zigbee2MqttAction, "tasmota": TasmotaAction,
+    "shelly_gen2": ShellyGen2Action, "esphome": EsphomeAction,
+}
+ACTION_PROFILES = tuple(_ACTION_MODELS)
+
+
+def _action_profile(data: Any) -> Any:
+    """The union's tag: ``profile``, "template" when the key is absent."""
+    if isinstance(data, dict):
+        return data.get("profile", "template")
+    return getattr(data, "profile", None)
+
+
+# A named action: a topic + payload template, or a device profile that renders both; one model per profile.
+ActionSection = Annotated[
+    Annotated[TemplateAction, Tag("template")]
+    | Annotated[Zigbee2MqttAction, Tag("zigbee2mqtt")]
+    | Annotated[TasmotaAction, Tag("tasmota")]
+    | Annotated[ShellyGen2Action, Tag("shelly_gen2")]
+    | Annotated[EsphomeAction, Tag("esphome")],
+    Discriminator(_action_profile, custom_error_type="unknown_profile",
+                  custom_error_message=f"must be one of {', '.join(map(repr, ACTION_PROFILES))}"),
+]
+
+
+def parse_action(fields: dict[str, Any]) -> ActionSection:
+    """One ``[actions.*]`` table, validated (pydantic's ValidationError when invalid)."""
+    return _ACTION_ADAPTER.validate_python(fields)
+
+
+_ACTION_ADAPTER: TypeAdapter[ActionSection] = TypeAdapter(ActionSection)
 
 
 class VoiceCommand(Section):
@@ -362,10 +549,43 @@ _SUFFIXES = re.compile(r", (unable to parse string as an? \w+|invalid number|inp
 _KEYED = re.compile(r"^[A-Za-z_][\w.-]*: ")
 
 
+# Why a key a profile does not have may have been written (the error names the key and the profile).
+_MISPLACED_HINTS = {
+    "topic": "topic and payload are for profile = 'template'",
+    "payload": "topic and payload are for profile = 'template'",
+    "delta": "write the change into the payload, e.g. {{ setpoint + 1 }}",
+}
+
+
+def _action_error(error: Any) -> tuple[tuple[Any, ...], str | None]:
+    """An error inside an ``[actions.*]`` table: its location without the union's profile tag
+    (``actions.x.tasmota.value`` is ``actions.x.value``), and a message naming the profile for keys
+    the profile lacks or needs."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "unknown_profile":
+        data = error.get("input")
+        if not isinstance(data, dict):
+            got = json.dumps(data) if isinstance(data, (str, int, float, bool)) else type(data).__name__
+            return loc, f"must be a table of the action's keys, got {got}"
+        return (*loc, "profile"), f"{error['msg']}, got {json.dumps(str(data.get('profile')))}"
+    if len(loc) < 3 or loc[0] != "actions" or loc[2] not in ACTION_PROFILES:
+        return loc, None
+    profile, loc = loc[2], (*loc[:2], *loc[3:])
+    if error.get("type") == "extra_forbidden":
+        hint = _MISPLACED_HINTS.get(str(loc[-1]))
+        return loc, f"has no effect with profile = {profile!r}" + (f" ({hint})" if hint else "")
+    if error.get("type") == "missing":
+        return loc, f"required with profile = {profile!r}"
+    return loc, None
+
+
 def _format_error(error: Any, source: str) -> list[str]:
     """One line per problem, each naming its key. A validator that names keys itself (a check across
     entries, such as voice.commands.3.say) keeps them rather than being prefixed with its section."""
-    loc = ".".join(str(part) for part in error.get("loc", ())) or "(top level)"
+    parts, action_message = _action_error(error)
+    loc = ".".join(str(part) for part in parts) or "(top level)"
+    if action_message is not None:
+        return [f"{loc}: {action_message} ({source})"]
     message = _SUFFIXES.sub("", str(error.get("msg", "invalid")))
     message = message.removeprefix("Value error, ")
     got = ""

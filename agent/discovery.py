@@ -34,8 +34,7 @@ from typing import Any
 
 from agent.config import Config, TelemetryStream
 from agent.errors import ConfigError
-from agent.telemetry import topic_matches
-from agent.topics import Topics
+from agent.topics import Topics, topic_matches
 
 ORIGIN_NAME = "home-agent"
 # Where HA's device page links ("origin" support URL). Placeholder until the project has a public home.

@@ -6,7 +6,7 @@ Stages do not import each other; they exchange these records. Times named ``*_mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -53,7 +53,7 @@ class Intent:
     created_mono: float
 
 
-ActionSource = Literal["voice", "anomaly", "cli", "homeassistant"]
+ActionSource = Literal["voice", "anomaly"]  # the stages that request actions
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,6 @@ class ActionRequest:
     source: ActionSource
     created_mono: float
     ttl: float | None = None
-    params: dict[str, float | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

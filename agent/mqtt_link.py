@@ -41,7 +41,7 @@ from agent.errors import (
     PayloadError,
 )
 from agent.logutil import LogThrottle, suppressed_note
-from agent.topics import Topics
+from agent.topics import Topics, topic_filter_problem, topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -161,18 +161,6 @@ class _Session:
     inflight: dict[int, _Outgoing] = field(default_factory=dict)
     delivered: list[int] = field(default_factory=list)  # mids confirmed by paho, processed by the link
     subscribed: dict[str, int] = field(default_factory=dict)
-
-
-def check_topic_filter(topic_filter: str) -> None:
-    """Raise ValueError unless ``topic_filter`` is a valid MQTT subscription filter."""
-    if not topic_filter or len(topic_filter.encode("utf-8")) > 65535 or "\0" in topic_filter:
-        raise ValueError(f"invalid MQTT topic filter {topic_filter!r}")
-    levels = topic_filter.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            raise ValueError(f"invalid MQTT topic filter {topic_filter!r}: '#' must be the whole last level")
-        if "+" in level and level != "+":
-            raise ValueError(f"invalid MQTT topic filter {topic_filter!r}: '+' must be a whole level")
 
 
 def default_client_id(config: Config) -> str:
@@ -337,7 +325,9 @@ class MqttLink:
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 0) -> Subscription:
         """Register a handler; it is (re)subscribed on every connect. Handlers run on paho's thread."""
-        check_topic_filter(topic_filter)
+        problem = topic_filter_problem(topic_filter)
+        if problem is not None:
+            raise ValueError(f"invalid MQTT topic filter {topic_filter!r}: {problem}")
         if qos not in (0, 1, 2):
             raise ValueError(f"invalid QoS {qos}")
         subscription = Subscription(topic_filter, handler, qos)
@@ -501,7 +491,7 @@ class MqttLink:
             return
         inbound = InboundMessage(topic, bytes(payload), bool(message.retain), message.qos, time.monotonic())
         for subscription in self._subscriptions:
-            if not paho.topic_matches_sub(subscription.topic_filter, topic):
+            if not topic_matches(subscription.topic_filter, topic):
                 continue
             try:
                 subscription.handler(inbound)

@@ -35,52 +35,12 @@ from agent.payloads import (
     preview,
     split_path,
 )
+from agent.topics import topic_filter_problem, topic_matches
 
 # Keys under which devices put the time of their measurement: Tasmota, zigbee2mqtt.
 TIMESTAMP_KEYS = ("Time", "last_seen")
 # A payload timestamp this far ahead of our clock is not trusted as the reading's time.
 FUTURE_TOLERANCE = 60.0
-MAX_TOPIC_BYTES = 65535  # MQTT limit
-
-
-def topic_filter_problem(topic_filter: str) -> str | None:
-    """Why ``topic_filter`` is not a valid MQTT subscription filter, or None when it is."""
-    if not topic_filter:
-        return "topic filter is empty"
-    if len(topic_filter.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
-        return "topic filter is longer than 65535 bytes"
-    if "\x00" in topic_filter:
-        return "topic filter contains a NUL character"
-    levels = topic_filter.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            return "'#' must be a whole level at the end of the filter"
-        if "+" in level and level != "+":
-            return "'+' must be a whole level"
-    return None
-
-
-def topic_matches(filter: str, topic: str) -> bool:
-    """Whether ``topic`` matches the subscription ``filter`` (MQTT 3.1.1 / 5 semantics).
-
-    ``+`` matches exactly one level (also an empty one), ``#`` matches the rest including the parent level
-    (``a/#`` matches ``a``). Wildcards at the first level do not match topics starting with ``$``.
-    Invalid filters and topics containing wildcards match nothing.
-    """
-    if not topic or "+" in topic or "#" in topic or topic_filter_problem(filter) is not None:
-        return False
-    filter_levels = filter.split("/")
-    topic_levels = topic.split("/")
-    if topic.startswith("$") and filter_levels[0] in ("+", "#"):
-        return False
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if index >= len(topic_levels):
-            return False
-        if level != "+" and level != topic_levels[index]:
-            return False
-    return len(filter_levels) == len(topic_levels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +125,6 @@ class TelemetryIntake:
     def topic_filters(self) -> list[str]:
         """The subscription filters, each once, in config order."""
         return list(dict.fromkeys(stream.config.topic for stream in self._streams))
-
-    def streams_for(self, topic: str) -> list[TelemetryStream]:
-        return [stream.config for stream in self._streams if topic_matches(stream.config.topic, topic)]
 
     def parse(self, topic: str, payload: bytes, retained: bool, now: float) -> list[Reading]:
         """Readings for every configured stream fed by this message (``now``: wall-clock seconds).

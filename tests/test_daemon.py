@@ -399,14 +399,14 @@ def test_request_action_ttl_mute_and_never_retained(
         with pytest.raises(ActionError, match="expired"):  # the action's ttl (2 s) applies to voice
             app.request_action(ActionRequest("lamp_on", "voice", created_mono=now - 3))
         with pytest.raises(ActionError, match="unknown action"):
-            app.request_action(ActionRequest("nope", "cli", created_mono=now))
+            app.request_action(ActionRequest("nope", "anomaly", created_mono=now))
         probe.publish(MUTE_SET, b"ON")
         probe.wait_for(MUTE_STATE, b"ON")
         assert wait_until(lambda: app.muted, 2)
         with pytest.raises(ActionError, match="muted"):
             app.request_action(ActionRequest("lamp_on", "voice", created_mono=time.monotonic()))
-        from_home_assistant = ActionRequest("lamp_on", "homeassistant", created_mono=time.monotonic())
-        assert app.request_action(from_home_assistant) == 1
+        not_voice = ActionRequest("lamp_on", "anomaly", created_mono=time.monotonic())  # muting is for voice
+        assert app.request_action(not_voice) == 1
         probe.wait_for("test/lamp/set", count=2, timeout=2)
         assert app.counters()["actions_rejected"] == 3
     finally:

@@ -22,8 +22,7 @@ from agent.discovery import (
     discovery_topic_filter,
     stale_discovery_topics,
 )
-from agent.telemetry import topic_matches
-from agent.topics import Topics
+from agent.topics import Topics, topic_matches
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"

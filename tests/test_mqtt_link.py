@@ -15,7 +15,7 @@ from conftest import Mosquitto, MqttProbe, base_config, set_dotted, wait_until
 
 from agent.config import Config, parse_config
 from agent.errors import ActionError, ConfigError, PayloadError
-from agent.mqtt_link import InboundMessage, MqttLink, check_topic_filter
+from agent.mqtt_link import InboundMessage, MqttLink
 
 AVAILABILITY = "home-agent/testagent/availability"
 
@@ -213,12 +213,14 @@ def test_backoff_is_capped(tmp_path: Path, mosquitto_factory: Callable[..., Mosq
     assert link.wait_connected(3)
 
 
-def test_topic_filter_validation() -> None:
+def test_subscribe_refuses_invalid_filters(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+                                          link_factory: Callable[..., MqttLink]) -> None:
+    link = link_factory(make_config(mosquitto_factory(start=False), tmp_path))
     for good in ("a/b", "a/+/c", "#", "a/#", "+"):
-        check_topic_filter(good)
+        link.unsubscribe(link.subscribe(good, lambda _message: None))
     for bad in ("", "a/#/b", "a/b#", "a+/b", "a\0b"):
-        with pytest.raises(ValueError):
-            check_topic_filter(bad)
+        with pytest.raises(ValueError, match="invalid MQTT topic filter"):
+            link.subscribe(bad, lambda _message: None)
 
 
 def make_certificates(directory: Path) -> dict[str, Path]:

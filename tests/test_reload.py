@@ -186,7 +186,7 @@ def test_known_setpoints_survive_both_kinds_of_reload(
         assert app.link.wait_connected(5)
         time.sleep(0.3)  # the state subscription is in place
         probe.publish(THERMOSTAT_STATE, json.dumps({"current_heating_setpoint": 20}))
-        request = ActionRequest("heat_up", "test", created_mono=time.monotonic())
+        request = ActionRequest("heat_up", "anomaly", created_mono=time.monotonic())
         assert wait_until(lambda: app._actions.current_setpoint("heat_up") == 20, 3)
 
         # In place (telemetry changed): the new action table keeps the setpoint.
@@ -207,7 +207,8 @@ def test_known_setpoints_survive_both_kinds_of_reload(
     try:
         assert successor.config.mqtt.keepalive == 7
         assert successor._actions.current_setpoint("heat_up") == 21  # 20, then "heat up" once
-        assert successor.request_action(ActionRequest("heat_up", "test", created_mono=time.monotonic())) == 1
+        heat_up = ActionRequest("heat_up", "anomaly", created_mono=time.monotonic())
+        assert successor.request_action(heat_up) == 1
     finally:
         successor.stop()
 

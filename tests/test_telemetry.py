@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from agent.config import TelemetryStream, load_config, parse_config
 from agent.errors import ConfigError, PayloadError
 from agent.payloads import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
-from agent.telemetry import TelemetryIntake, topic_filter_problem, topic_matches
+from agent.telemetry import TelemetryIntake
+from agent.topics import topic_filter_problem, topic_matches
 
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC).timestamp()
 REPO = Path(__file__).resolve().parent.parent

@@ -354,7 +354,7 @@ def test_mosquitto_enforces_the_example_acl(acl_broker: Mosquitto, tmp_path: Pat
         assert wait_until(lambda: app.counters()["readings"] == 2, 5)
         observer.publish("zigbee2mqtt/living_room_trv", b'{"current_heating_setpoint": 20}')
         time.sleep(0.2)
-        app.request_action(ActionRequest("heating_up", "cli", time.monotonic()))
+        app.request_action(ActionRequest("heating_up", "anomaly", time.monotonic()))
         command = observer.wait_for("zigbee2mqtt/living_room_trv/set")
         assert command.payload == b'{"current_heating_setpoint": 21.0}'
         agent_client = f"home-agent-{config.agent.id}"
