@@ -170,7 +170,7 @@ def _check_topic(topic: str, what: str) -> None:
 
 
 class ActionBase(Section):
-    """What every action has, whatever its profile (``ActionSection`` is one of its subclasses, by profile)."""
+    """What every action has, whatever its profile (``ActionSection`` is one subclass per profile)."""
 
     qos: Literal[0, 1, 2] = 1
     confirm: bool = False  # voice: needs a spoken "yes" within voice.confirm_window

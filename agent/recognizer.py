@@ -19,7 +19,6 @@ so a file processed as fast as possible behaves exactly like the same audio hear
 from __future__ import annotations
 
 import collections
-import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -29,8 +28,6 @@ import numpy.typing as npt
 
 from agent.errors import ConfigError
 from agent.messages import Detection, Intent, Scores
-
-log = logging.getLogger(__name__)
 
 NON_WORD_LABELS = frozenset({"_silence_", "_unknown_"})
 YES_WORD = "yes"
@@ -201,12 +198,8 @@ class CommandMatcher:
         self.wake_window = wake_window
         self.confirm_window = confirm_window
         self.continuation_seconds = continuation_seconds
-        by_words: dict[tuple[str, ...], Command] = {}
-        for command in self.commands:
-            if command.words in by_words:
-                raise ValueError(f"phrase {' '.join(command.words)!r} is configured twice")
-            by_words[command.words] = command
-        self._by_words = by_words
+        # Phrases are unique and never contain the wake word: config.VoiceSection refuses both.
+        self._by_words = {command.words: command for command in self.commands}
         self._prefixes = {command.words[:n] for command in self.commands
                           for n in range(1, len(command.words) + 1)}
         self._first_words = frozenset(command.words[0] for command in self.commands)
@@ -355,7 +348,8 @@ def effective_thresholds(model_thresholds: Mapping[str, float], labels: Iterable
 
 
 def check_vocabulary(labels: Iterable[str], wake_word: str, commands: Sequence[Command]) -> None:
-    """Every word the configuration relies on must be one of the model's labels (ConfigError naming them)."""
+    """Every word the configuration relies on must be one of the model's labels (ConfigError naming them).
+    What needs no model (the wake word inside a phrase, a phrase twice) config.VoiceSection checks."""
     words = {label for label in labels if label not in NON_WORD_LABELS}
     problems: list[str] = []
     if wake_word not in words:
@@ -365,8 +359,6 @@ def check_vocabulary(labels: Iterable[str], wake_word: str, commands: Sequence[C
         if unknown:
             problems.append(f"voice.commands.{index}.say: {', '.join(map(repr, unknown))} "
                             f"{'is' if len(unknown) == 1 else 'are'} not in the model's labels")
-        if wake_word in command.words:
-            problems.append(f"voice.commands.{index}.say: must not contain the wake word {wake_word!r}")
     if any(command.confirm for command in commands):
         missing = [w for w in (YES_WORD, NO_WORD) if w not in words]
         if missing:
