@@ -36,14 +36,14 @@ import numpy.typing as npt
 
 from agent.config import Config
 from agent.errors import HomeAgentError, ModelError, StateError
-from agent.features import StreamingFeatures
+from agent.features import UNKNOWN_LABEL, StreamingFeatures
 from agent.kws import KwsModel
 
 log = logging.getLogger(__name__)
 
 BANK_FORMAT = "home-agent-enrol-bank/1"
 ADAPTATION_FORMAT = "home-agent-adaptation/1"
-UNKNOWN = "_unknown_"
+UNKNOWN = UNKNOWN_LABEL
 HIDDEN_UNITS = 32
 TRAIN_STEPS = 400
 LEARNING_RATE = 0.01

@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from agent.config import AudioSection
 from agent.errors import AudioError
+from agent.features import INT16_SCALE
 from agent.messages import AudioChunk
 
 log = logging.getLogger(__name__)
@@ -108,14 +109,14 @@ class Resampler:
 
 def to_int16(samples: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.int16]:
     """Float samples in [-1, 1] to int16, clipping."""
-    scaled = np.round(np.asarray(samples, dtype=np.float64) * 32768.0)
+    scaled = np.round(np.asarray(samples, dtype=np.float64) * INT16_SCALE)
     return np.clip(scaled, INT16_MIN, INT16_MAX).astype(np.int16)
 
 
 def downmix(block: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     """(frames, channels) or (frames,) to mono float64 in [-1, 1]."""
     array = np.asarray(block)
-    scale = 32768.0 if array.dtype == np.int16 else 1.0
+    scale = INT16_SCALE if array.dtype == np.int16 else 1.0
     mono: npt.NDArray[np.float64] = array.astype(np.float64) / scale
     return mono.mean(axis=1) if mono.ndim == 2 else mono
 

@@ -33,6 +33,7 @@ from agent.adaptation import (
 from agent.audio import SAMPLE_RATE, read_audio_file
 from agent.config import Config, load_config
 from agent.errors import AudioError
+from agent.features import INT16_SCALE
 from agent.kws import KwsModel
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def check_take(name: str, samples: npt.NDArray[np.int16], *, need_utterance: boo
     magnitude = np.abs(samples.astype(np.int32))
     peak = int(magnitude.max())
     if peak < QUIET_PEAK:
-        raise EnrollError(f"{name}: too quiet (peak {20 * math.log10(max(peak, 1) / 32768):.0f} dBFS); "
+        raise EnrollError(f"{name}: too quiet (peak {20 * math.log10(max(peak, 1) / INT16_SCALE):.0f} dBFS); "
                           "speak closer to the microphone")
     if float(np.mean(magnitude >= CLIP_LEVEL)) > CLIPPED_FRACTION:
         raise EnrollError(f"{name}: clipped (the level hit full scale); speak further from the microphone "
@@ -209,7 +210,7 @@ def _list(store: Store) -> int:
 
 def level_meter(samples: npt.NDArray[np.int16], width: int = 30) -> str:
     peak = int(np.abs(samples.astype(np.int32)).max()) if len(samples) else 0
-    db = 20 * math.log10(max(peak, 1) / 32768)
+    db = 20 * math.log10(max(peak, 1) / INT16_SCALE)
     filled = max(0, min(width, round((db + 60) / 60 * width)))
     return f"[{'#' * filled}{'.' * (width - filled)}] {db:5.0f} dBFS"
 

@@ -33,6 +33,7 @@ DEVICE_WORDS = ("light", "heat", "fan")
 SILENCE_LABEL = "_silence_"
 UNKNOWN_LABEL = "_unknown_"
 LABELS = (WAKE_WORD, *COMMAND_WORDS, *DEVICE_WORDS, SILENCE_LABEL, UNKNOWN_LABEL)
+NON_WORD_LABELS = (SILENCE_LABEL, UNKNOWN_LABEL)  # the labels that are not words
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ModelError
-from agent.features import FeatureParams
+from agent.features import NON_WORD_LABELS, FeatureParams
 from agent.tflite import embedding_tensor_index, interpreter_class, metadata_path
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ REQUIRED_METADATA = (
     "smoothing_seconds",
     "sha256",
 )
-NON_WORD_LABELS = ("_silence_", "_unknown_")
 
 
 

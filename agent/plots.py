@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import HomeAgentError
+from agent.features import INT16_SCALE
 from agent.messages import Detection, Intent, Scores
 
 if TYPE_CHECKING:
@@ -278,7 +279,7 @@ class PosteriorTrace:
 
 def _envelope(samples: npt.NDArray[np.int16], rate: int) -> tuple[npt.NDArray[np.float64], ...]:
     """(times, low, high) of a min/max envelope with at most WAVEFORM_POINTS points."""
-    audio = samples.astype(np.float64) / 32768.0
+    audio = samples.astype(np.float64) / INT16_SCALE
     step = max(1, math.ceil(len(audio) / WAVEFORM_POINTS))
     usable = len(audio) // step * step
     blocks = audio[:usable].reshape(-1, step) if usable else np.zeros((0, 1))

@@ -27,9 +27,9 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ConfigError
+from agent.features import NON_WORD_LABELS
 from agent.messages import Detection, Intent, Scores
 
-NON_WORD_LABELS = frozenset({"_silence_", "_unknown_"})
 YES_WORD = "yes"
 NO_WORD = "no"
 # When a complete phrase is also the start of a longer one ("light" and "light on"), wait this long for the

@@ -207,8 +207,8 @@ def test_known_setpoints_survive_both_kinds_of_reload(
     try:
         assert successor.config.mqtt.keepalive == 7
         assert successor._actions.current_setpoint("heat_up") == 21  # 20, then "heat up" once
-        heat_up = ActionRequest("heat_up", "anomaly", created_mono=time.monotonic())
-        assert successor.request_action(heat_up) == 1
+        request = ActionRequest("heat_up", "anomaly", created_mono=time.monotonic())
+        assert successor.request_action(request) == 1
     finally:
         successor.stop()
 

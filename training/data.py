@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.audio import to_int16
 from agent.features import (
     COMMAND_WORDS,
     DEVICE_WORDS,
+    INT16_SCALE,
     LABELS,
     SILENCE_LABEL,
     UNKNOWN_LABEL,
@@ -131,17 +133,13 @@ def speech_span(samples: npt.NDArray[np.int16], floor_db: float = 30.0) -> tuple
     count = len(samples) // frame
     if count == 0:
         return None
-    frames = (samples[: count * frame].astype(np.float64) / 32768.0).reshape(count, frame)
+    frames = (samples[: count * frame].astype(np.float64) / INT16_SCALE).reshape(count, frame)
     power = np.mean(frames**2, axis=1)
     level = 10 * np.log10(power + 1e-10)
     loud = np.nonzero(level > max(level.max() - floor_db, np.percentile(level, 10) + 10))[0]
     if len(loud) == 0 or level.max() < -70:
         return None
     return int(loud[0]) * frame, (int(loud[-1]) + 1) * frame
-
-
-def to_int16(samples: npt.NDArray[Any]) -> npt.NDArray[np.int16]:
-    return np.clip(np.round(np.asarray(samples) * 32767.0), -32768, 32767).astype(np.int16)
 
 
 # ---------------------------------------------------------------------------------------------- inventory
@@ -437,13 +435,13 @@ class Augmenter:
             margin = round(rng.uniform(*config.end_margin_seconds) * SAMPLE_RATE)
             start = span[1] + margin - WINDOW  # may lie before the context: zeros there, as around a clip
             padded = np.concatenate([np.zeros(WINDOW, np.int16), context, np.zeros(WINDOW, np.int16)])
-            speech = padded[WINDOW + start : 2 * WINDOW + start].astype(np.float32) / 32768.0
+            speech = padded[WINDOW + start : 2 * WINDOW + start].astype(np.float32) / INT16_SCALE
             if self.preceding and rng.random() < config.preceding_probability:
                 self._precede(speech, span[0] - start)
         else:
             max_shift = min(round(shift_seconds * SAMPLE_RATE), CONTEXT)
             offset = CONTEXT + int(rng.integers(-max_shift, max_shift + 1))
-            speech = context[offset : offset + WINDOW].astype(np.float32) / 32768.0
+            speech = context[offset : offset + WINDOW].astype(np.float32) / INT16_SCALE
         if self.rooms and rng.random() < config.room_probability:
             rir = self.rooms[int(rng.integers(len(self.rooms)))]
             from scipy.signal import fftconvolve
@@ -461,7 +459,7 @@ class Augmenter:
         """Add a random training word ending a short gap before ``word_start`` (in place; its front may fall
         off the window's left edge)."""
         rng, config = self.rng, self.config
-        other = self.preceding[int(rng.integers(len(self.preceding)))].astype(np.float32) / 32768.0
+        other = self.preceding[int(rng.integers(len(self.preceding)))].astype(np.float32) / INT16_SCALE
         end = word_start - round(rng.uniform(*config.preceding_gap_seconds) * SAMPLE_RATE)
         if end <= 0:
             return

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.features import UNKNOWN_LABEL
 from training.common import import_tf
 
 NUM_BLOCKS = 4
@@ -128,7 +129,7 @@ def extended_from_teacher(
     kernel, bias = weights["logits"]
     rng = np.random.default_rng(7)
     new_kernel = rng.normal(0.0, 0.05, size=(kernel.shape[0], len(labels))).astype(np.float32)
-    new_bias = np.full(len(labels), bias[teacher_labels.index("_unknown_")] - 2.0, dtype=np.float32)
+    new_bias = np.full(len(labels), bias[teacher_labels.index(UNKNOWN_LABEL)] - 2.0, dtype=np.float32)
     for column, label in enumerate(labels):
         if label in teacher_labels:
             new_kernel[:, column] = kernel[:, teacher_labels.index(label)]

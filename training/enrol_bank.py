@@ -22,6 +22,7 @@ import numpy as np
 
 from agent.adaptation import Bank, bank_path, speech_span, stream_embeddings, word_windows
 from agent.audio import read_audio_file
+from agent.features import SILENCE_LABEL, UNKNOWN_LABEL
 from agent.kws import KwsModel
 from training.common import stable_fraction
 from training.data import inventory, speaker_of
@@ -56,8 +57,8 @@ def build_bank(model: KwsModel, data_dir: Path) -> Bank:
     items: list[int] = []
     seconds = 0.0
     item = 0
-    for label in (*model.words, "_unknown_"):
-        count = OTHER_CLIPS if label == "_unknown_" else CLIPS_PER_WORD
+    for label in (*model.words, UNKNOWN_LABEL):
+        count = OTHER_CLIPS if label == UNKNOWN_LABEL else CLIPS_PER_WORD
         for path in _pick(by_label.get(label, []), count):
             samples = read_audio_file(path)
             span = speech_span(samples)
@@ -73,8 +74,8 @@ def build_bank(model: KwsModel, data_dir: Path) -> Bank:
             item += 1
             seconds += len(samples) / model.params.sample_rate
     hop = round(LONG_HOP_SECONDS * model.params.sample_rate)
-    for source, label, cap in (("long", "_unknown_", MAX_LONG_WINDOWS),
-                               ("noise", "_silence_", MAX_NOISE_WINDOWS)):
+    for source, label, cap in (("long", UNKNOWN_LABEL, MAX_LONG_WINDOWS),
+                               ("noise", SILENCE_LABEL, MAX_NOISE_WINDOWS)):
         taken = 0
         for clip in sorted((c for c in clips if c.source == source), key=lambda c: stable_fraction(c.path)):
             if taken >= cap:

@@ -30,15 +30,23 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.audio import to_int16
 from agent.errors import ModelError
-from agent.features import COMMAND_WORDS, LABELS, WAKE_WORD, StreamingFeatures, window_features
-from agent.kws import NON_WORD_LABELS, KwsModel
+from agent.features import (
+    COMMAND_WORDS,
+    LABELS,
+    NON_WORD_LABELS,
+    WAKE_WORD,
+    StreamingFeatures,
+    window_features,
+)
+from agent.kws import KwsModel
 from agent.messages import Scores
 from agent.plots import plot_path
 from agent.progress import progress
 from agent.recognizer import Recognizer, RecognizerSettings
 from agent.transcribe import transcribe_file
-from agent.voice import VoicePipeline, load_pipeline
+from agent.voice import VoicePipeline, load_pipeline, model_hop_seconds
 from training.common import (
     SAMPLE_RATE,
     TEACHER_LABELS,
@@ -63,7 +71,7 @@ def stream_scores(
     """(hops, labels) probabilities: the model run every hop on the latest window, as the runtime does."""
     hop = round(hop_seconds * model.params.sample_rate)
     stream = StreamingFeatures(model.params)
-    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
+    pcm = to_int16(samples)
     scores = []
     for start in range(0, len(pcm) - hop + 1, hop):
         stream.push(pcm[start : start + hop])
@@ -85,7 +93,7 @@ def smooth(scores: npt.NDArray[np.float32], hops: int) -> npt.NDArray[np.float32
 
 
 def timing(model: KwsModel) -> tuple[float, float, int]:
-    hop_seconds = float(model.metadata.get("hop_seconds", 0.1))
+    hop_seconds = model_hop_seconds(model)  # as the runtime runs it
     smoothing_hops = max(1, round(model.smoothing_seconds / hop_seconds))
     return hop_seconds, model.refractory_seconds, smoothing_hops
 

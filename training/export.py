@@ -12,11 +12,10 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.features import FeatureParams
+from agent.voice import HOP_SECONDS  # how often the runtime invokes the model; thresholds are chosen for it
 from training.common import import_tf, write_json
 
 log = logging.getLogger(__name__)
-
-HOP_SECONDS = 0.1  # how often the runtime invokes the model; the thresholds were chosen for it
 
 
 def convert_int8(model: Any, calibration: npt.NDArray[np.float32]) -> bytes:

@@ -46,7 +46,7 @@ import numpy.typing as npt
 import soundfile as sf
 
 from agent.config import VoiceSection
-from agent.features import COMMAND_WORDS, WAKE_WORD
+from agent.features import COMMAND_WORDS, UNKNOWN_LABEL, WAKE_WORD
 from agent.kws import KwsModel
 from agent.progress import progress
 from agent.recognizer import Command
@@ -106,11 +106,11 @@ def held_out_sets(clips: list[Clip]) -> dict[str, dict[str, list[Clip]]]:
             sets["commands"].setdefault(family, []).append(clip)
             if family == "speech_commands":  # commands heard without the wake word: confusable speech
                 sets["negatives"].setdefault("speech_commands_command_words", []).append(clip)
-        elif clip.source == "synth" and clip.label == "_unknown_":
+        elif clip.source == "synth" and clip.label == UNKNOWN_LABEL:
             synth_negatives[f"{family}_confusables/{word}"].append(clip)
         elif clip.source in ("long", "noise"):
             sets["negatives"].setdefault(family, []).append(clip)
-        elif clip.label == "_unknown_":
+        elif clip.label == UNKNOWN_LABEL:
             source = {"picovoice": "picovoice_other_wake_words", "precise": "precise_other_words",
                       "speech_commands": "speech_commands_other_words"}.get(family, family)
             sets["negatives"].setdefault(source, []).append(clip)

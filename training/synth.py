@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from agent.audio import to_int16
+from agent.features import INT16_SCALE
 from agent.progress import progress
 
 log = logging.getLogger(__name__)
@@ -467,14 +469,14 @@ def _sox_to_16k(sox: str, source: Path, pitch_cents: int, tempo: float) -> np.nd
             *effects,
         ]
     )
-    return np.frombuffer(out, dtype="<i2").astype(np.float32) / 32768.0
+    return np.frombuffer(out, dtype="<i2").astype(np.float32) / INT16_SCALE
 
 
 def _sox_tempo(sox: str, audio: np.ndarray, factor: float) -> np.ndarray:
-    raw = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    raw = to_int16(audio).astype("<i2").tobytes()
     fmt = ["-t", "raw", "-e", "signed-integer", "-b", "16", "-c", "1", "-r", str(SAMPLE_RATE)]
     out = _run([sox, "-D", "-V1", *fmt, "-", *fmt, "-", "tempo", "-s", f"{factor:.4f}"], stdin=raw)
-    return np.frombuffer(out, dtype="<i2").astype(np.float32) / 32768.0
+    return np.frombuffer(out, dtype="<i2").astype(np.float32) / INT16_SCALE
 
 
 def trim_silence(
@@ -514,7 +516,7 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
     """16 kHz mono int16 WAV, written under a ``.part`` name and renamed: it appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+    pcm = to_int16(audio)
     sf.write(partial, pcm, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     os.replace(partial, path)
 
