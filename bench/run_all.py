@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             module = importlib.import_module(name)
             status = module.main(list(DEFAULT_ARGS.get(name, [])))
-        except Exception:  # one broken bench must not hide the others' numbers
+        except Exception:  # noqa: BLE001 - one broken bench must not hide the others' numbers (traceback shown)
             traceback.print_exc()
             status = 1
         verdict = "ok" if not status else f"FAILED ({status})"

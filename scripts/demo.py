@@ -229,7 +229,7 @@ def run_agent(config_path: Path, audio: Path, console: Console) -> tuple[int, li
     return process.wait(), problems
 
 
-def main() -> int:
+def main() -> int:  # noqa: C901 - a linear script: options, checks, the run and its report
     parser = argparse.ArgumentParser(description="home-agent demo: spoken commands -> MQTT")
     parser.add_argument("--audio", type=Path, default=REPO_ROOT / "examples" / "demo_commands.wav")
     parser.add_argument("--wake-threshold", type=float, default=None,

@@ -24,7 +24,7 @@ class _Job:
     def run(self) -> None:
         try:
             self.error = self.work()
-        except Exception:  # reported to the test that waits for this job, with the traceback
+        except Exception:  # noqa: BLE001 - reported to the test that waits for this job, with the traceback
             self.error = traceback.format_exc()
         finally:
             self.done.set()

@@ -41,7 +41,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+def wait_until(predicate: Callable[..., Any], timeout: float, interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy; returns it, or the last falsy value."""
     deadline = time.monotonic() + timeout
     while True:

@@ -7,6 +7,7 @@ successfully (a stamp file), so an interrupted install is redone rather than hal
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from collections.abc import Iterable
@@ -75,7 +76,7 @@ def start_installs(releases: Iterable[HaRelease]) -> None:
     for release in releases:
         python = find_python(release.python)
         if python is not None and not release.stamp.exists():
-            background.start(f"install HA {release.version}", lambda r=release, p=python: _install(r, p))
+            background.start(f"install HA {release.version}", functools.partial(_install, release, python))
 
 
 def wait_installed(release: HaRelease, python: Path) -> str | None:

@@ -4,6 +4,7 @@ conftest starts the builds the session needs in the background (tests/background
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -90,7 +91,7 @@ def start_builds(wheel: bool, versions: Iterable[str]) -> None:
         background.start("release wheel", _build_wheel)
     for version in versions:
         if find_python(version) is not None:
-            background.start(f"release venv {version}", lambda v=version: _build_venv(v))
+            background.start(f"release venv {version}", functools.partial(_build_venv, version))
 
 
 def wait_wheel() -> str | None:

@@ -413,8 +413,10 @@ def test_example_config_parses_and_every_action_builds() -> None:
     assert config.telemetry[0].topic == "zigbee2mqtt/living_room_sensor"
     assert config.telemetry[0].field == "temperature"
     assert config.telemetry[0].sensor == "living_room_temperature"
-    assert config.actions["heating_up"].topic == "zigbee2mqtt/living_room_trv/set"
-    assert config.actions["heating_up"].payload == '{"current_heating_setpoint": {{ setpoint + 1 }}}'
+    heating_up = config.actions["heating_up"]
+    assert isinstance(heating_up, TemplateAction)
+    assert heating_up.topic == "zigbee2mqtt/living_room_trv/set"
+    assert heating_up.payload == '{"current_heating_setpoint": {{ setpoint + 1 }}}'
     said = {command.say: command.action for command in config.voice.commands}
     for phrase in ("heat up", "heat down", "light on", "light off", "fan on", "fan off", "stop"):
         assert phrase in said

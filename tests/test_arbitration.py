@@ -68,7 +68,7 @@ class Home:
         self.outcomes: dict[str, list[Outcome]] = {name: [] for name in names}
         self.traffic: list[Claim | Notice] = []
 
-    def at(self, when: float, callback: Callable[[], None]) -> None:
+    def at(self, when: float, callback: Callable[..., None]) -> None:  # lambdas binding by default
         self.sequence += 1
         self.events.append((when, self.sequence, callback))
 
@@ -405,7 +405,7 @@ def test_group_arbiter_claims_closes_and_acts_on_the_main_thread_timer() -> None
     assert topics.arbitration == "home-agent/arbitration/home/claims"
     assert topics.is_own(topics.arbitration)
     link, timers, acts = FakeLink(), Timers(), Acts()
-    group = GroupArbiter(config, publish=link.publish, subscribe=link.subscribe,  # type: ignore[arg-type]
+    group = GroupArbiter(config, publish=link.publish, subscribe=link.subscribe,
                          call_later=timers.call_later, clock=lambda: timers.now)
     assert set(link.handlers) == {topics.arbitration, "home-agent/+/availability"}
     timers.now = 5.0
@@ -441,7 +441,7 @@ def test_group_arbiter_claims_closes_and_acts_on_the_main_thread_timer() -> None
 def test_group_arbiter_loses_then_takes_over_when_the_winner_dies() -> None:
     config = arbitration_config("hall")
     link, timers, acts = FakeLink(), Timers(), Acts()
-    group = GroupArbiter(config, publish=link.publish, subscribe=link.subscribe,  # type: ignore[arg-type]
+    group = GroupArbiter(config, publish=link.publish, subscribe=link.subscribe,
                          call_later=timers.call_later, clock=lambda: timers.now)
     topic = "home-agent/arbitration/home/claims"
     timers.now = 1.0

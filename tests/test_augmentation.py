@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from agent.audio import to_int16
 from training.data import (
     CONTEXT,
     WINDOW,
@@ -19,7 +20,6 @@ from training.data import (
     microphone_eq,
     preceding_words,
     speech_span,
-    to_int16,
     warp,
     word_context,
 )

@@ -103,7 +103,7 @@ class RunningApp:
     def _run(self) -> None:
         try:
             self.app.run()
-        except BaseException as err:  # surfaced by the test
+        except BaseException as err:  # noqa: BLE001 - surfaced by the test
             self.error = err
 
     def stop(self) -> None:

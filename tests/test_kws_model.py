@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from agent.audio import to_int16
 from agent.errors import ModelError
 from agent.features import LABELS, FeatureParams, StreamingFeatures, window_features
 from agent.kws import KwsModel
@@ -142,6 +143,7 @@ def test_metadata_that_is_not_json(tmp_path: Path) -> None:
 
 
 def read_wav(path: Path) -> np.ndarray:
+    samples: np.ndarray
     samples, rate = soundfile.read(str(path), dtype="int16")
     assert rate == 16000 and samples.ndim == 1
     return samples
@@ -246,7 +248,7 @@ def espeak(word: str, tmp_path: Path, voice: str = "en-us", speed: int = 150) ->
     samples, rate = soundfile.read(str(out), dtype="float32")
     scipy_signal = pytest.importorskip("scipy.signal")
     resampled = scipy_signal.resample_poly(samples, 16000 // np.gcd(rate, 16000), rate // np.gcd(rate, 16000))
-    return np.clip(resampled * 32767, -32768, 32767).astype(np.int16)
+    return to_int16(resampled)
 
 
 @pytest.mark.skipif(ESPEAK is None, reason="espeak-ng is not installed")

@@ -94,7 +94,9 @@ def test_last_will_on_an_abrupt_disconnect(broker: MiniBroker) -> None:
     watcher.subscribe("agent/availability")
     doomed = Client(broker.port, "doomed", will=("agent/availability", b"offline"))
     doomed.client.loop_stop()
-    doomed.client.socket().close()  # no DISCONNECT packet: the broker must send the will
+    sock = doomed.client.socket()
+    assert sock is not None
+    sock.close()  # no DISCONNECT packet: the broker must send the will
     assert ("agent/availability", b"offline", False, 1) in watcher.wait(1)
     watcher.close()
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from agent import plots
 from agent.plots import DetCurve
 from agent.transcribe import plot_file, transcribe_traced
 from agent.voice import load_pipeline
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 pytest.importorskip("matplotlib")
 
@@ -31,8 +35,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=180, check=False)
 
 
-def lines(axes: object, gid: str) -> list[object]:
-    return [line for line in axes.get_lines() if line.get_gid() == gid]  # type: ignore[attr-defined]
+def lines(axes: Axes, gid: str) -> list[Any]:  # Line2D, whose data matplotlib types as any ArrayLike
+    return [line for line in axes.get_lines() if line.get_gid() == gid]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -86,7 +90,7 @@ def test_sensor_figure_draws_every_alert_and_window(tmp_path: Path) -> None:
         [data[i][0].replace(" ", "T") + ".000000" for i in expected]
     for axes in (top, bottom):
         assert len([p for p in axes.patches if p.get_gid() == plots.WINDOW_GID]) == 2
-    assert list(bottom.get_lines()[0].get_ydata()) == [row[2] for row in data]
+    assert list(np.asarray(bottom.get_lines()[0].get_ydata())) == [row[2] for row in data]
     assert "3 alerts, 2 labelled windows" in top.get_title()
 
     written = plots.write_sensor_plots([(source, scored)], tmp_path / "plots", labels)
@@ -223,7 +227,9 @@ def test_det_figure_draws_the_numbers_given(tmp_path: Path) -> None:
         (line,) = lines(axes, f"peer:{name}")
         assert (list(line.get_xdata()), list(line.get_ydata())) == (x, y)
     assert axes.get_xscale() == "symlog"
-    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    legend_box = axes.get_legend()
+    assert legend_box is not None
+    legend = [text.get_text() for text in legend_box.get_texts()]
     assert legend == ["sc", "shipped threshold 0.62", "pvwwb", "openWakeWord", "MLPerf reference"]
     out = plots.write_det_plot(tmp_path / "det.png", "computer", curves, shipped=0.62)
     assert png_size(out) == (520, 400)

@@ -12,6 +12,8 @@ import pytest
 
 from agent.kws import KwsModel
 from training import evaluate
+from training.common import TEACHER_TFLITE
+from training.data import inventory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = REPO_ROOT / "models" / "kws.tflite"
@@ -53,7 +55,7 @@ def test_replaying_only_the_candidate_stretches_counts_what_a_full_replay_counts
 def test_det_points_at_the_shipped_threshold_are_the_evaluation_figures() -> None:
     model = KwsModel.load(MODEL)
     curves, hours = evaluate.det_curves(MODEL, DATA_DIR, "validation", limit=12)
-    clips = evaluate.inventory(DATA_DIR, synth_dir=None, limit=12)
+    clips = inventory(DATA_DIR, synth_dir=None, limit=12)
     # The sweep replays the model's raw per-hop scores through the runtime's recognizer; count the same way.
     hop_seconds, refractory, _ = evaluate.timing(model)
 
@@ -95,7 +97,7 @@ def test_plots_written_for_the_model_card(tmp_path: Path) -> None:
     assert images[0] == f"![computer]({DET_DIR}/det_computer.png)"
     assert len(images) == len(written)
     assert _curves(tmp_path / "elsewhere" / "kws.md") == []  # no curves drawn: no section
-    if evaluate.TEACHER_TFLITE.exists():  # the MLPerf reference, on the same clips, for its ten words
+    if TEACHER_TFLITE.exists():  # the MLPerf reference, on the same clips, for its ten words
         assert set(numbers["peers"]) == set(numbers["curves"]) - {"computer"}
         for word, peers in numbers["peers"].items():
             sources = [c["source"] for c in numbers["curves"][word]]

@@ -67,7 +67,7 @@ def test_rejected_reloads_leave_the_agent_online_with_its_old_config(
     probe.wait_for(AVAILABILITY, b"online", timeout=15)
     listener.wait_for("READY", "1", daemon=daemon)
 
-    bad_configs = {
+    bad_configs: dict[str, dict[str, Any]] = {
         "voice.commands.1.say": {"voice.commands": [{"say": "light on", "action": "lamp_on"},
                                                     {"say": "fan blast", "action": "lamp_on"}]},
         "mqtt.password_file": {"mqtt.username": "user", "mqtt.password_file": str(tmp_path / "missing")},

@@ -90,7 +90,7 @@ class NotifyListener:
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = 10.0, since: float = 0.0,
                  daemon: Daemon | None = None) -> Notification:
-        found = wait_until(lambda: self.with_field(key, value, since), timeout)
+        found: list[Notification] = wait_until(lambda: self.with_field(key, value, since), timeout)
         if not found:
             log = daemon.log_text() if daemon is not None else ""
             raise AssertionError(f"no {key}={value or '*'} within {timeout} s; got "

@@ -230,10 +230,14 @@ def test_muted_listening_hears_nothing(tmp_path: Path, mosquitto: Mosquitto) -> 
         published.append(topic)
         return True
 
+    def request_action(request: ActionRequest) -> int:
+        requests.append(request)
+        return 1
+
     def run(muted: bool) -> VoiceStage:
         stage = VoiceStage(config=config, pipeline=load_pipeline(config),
                            source=FileSource(EXAMPLES / "computer_light_on.wav"), publish=publish,
-                           request_action=lambda r: requests.append(r) or 1, is_muted=lambda: muted)
+                           request_action=request_action, is_muted=lambda: muted)
         stage.start()
         assert wait_until(lambda: stage.finished, timeout=30)
         stage.stop()

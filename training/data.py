@@ -201,7 +201,9 @@ def _cluster_validation(groups: dict[str, str]) -> set[str]:
     return held
 
 
-def inventory(data_dir: Path, synth_dir: Path | None = SYNTH_DIR, limit: int | None = None) -> list[Clip]:
+def inventory(  # noqa: C901 - one branch per corpus folder and its labelling
+    data_dir: Path, synth_dir: Path | None = SYNTH_DIR, limit: int | None = None
+) -> list[Clip]:
     """Every clip with label, group and split. ``limit`` keeps only a few files per folder (smoke runs)."""
     clips: list[Clip] = []
     real = data_dir / "real"
@@ -269,7 +271,7 @@ def summarize(clips: list[Clip]) -> dict[str, Any]:
     counts: dict[str, dict[str, int]] = {}
     for clip in clips:
         key = f"{clip.source}/{clip.split}"
-        counts.setdefault(key, Counter())[clip.label] += 1  # type: ignore[arg-type]
+        counts.setdefault(key, Counter())[clip.label] += 1
     speakers = {
         split: len({c.group for c in clips if c.split == split and c.group.startswith("sc_")})
         for split in ("train", "validation")
@@ -361,7 +363,7 @@ def warp(context: npt.NDArray[np.int16], factor: float) -> npt.NDArray[np.int16]
     size = len(context)
     if len(warped) >= size:
         start = (len(warped) - size) // 2
-        out = warped[start : start + size]
+        out: npt.NDArray[np.float32] = warped[start : start + size]
     else:
         out = np.zeros(size, np.float32)
         start = (size - len(warped)) // 2

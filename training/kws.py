@@ -448,8 +448,8 @@ def _false_events(smoothed: list[npt.NDArray[np.float32]], index: int, threshold
 def _smoothed(
     scores: list[npt.NDArray[np.float32]], smoothing_seconds: float
 ) -> list[npt.NDArray[np.float32]]:
+    from agent.voice import HOP_SECONDS
     from training.evaluate import smooth
-    from training.export import HOP_SECONDS
 
     hops = max(1, round(smoothing_seconds / HOP_SECONDS))
     return [smooth(item, hops) for item in scores]

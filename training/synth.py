@@ -291,7 +291,7 @@ def clip_path(out_dir: Path, word: str, engine: str, voice: str, variant: str) -
     return out_dir / word / f"{engine}_{_safe_name(voice)}_{_safe_name(variant)}.wav"
 
 
-def plan_jobs(
+def plan_jobs(  # noqa: C901 - engines x voices x settings, each skipping clips on disk
     words: Sequence[str], out_dir: Path, engines: Engines, only: Iterable[str] = ENGINES
 ) -> list[Job]:
     """Every (engine, voice, setting) job over ``words``, keeping only the clips not on disk yet."""

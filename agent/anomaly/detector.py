@@ -273,7 +273,7 @@ class StreamDetector:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self.last_rejection = reason
 
-    def update(self, t: float, x: float) -> Outcome | None:
+    def update(self, t: float, x: float) -> Outcome | None:  # noqa: C901 - the scoring kernel (issue 17 item 4)
         """Score the reading at UNIX time ``t`` with value ``x``, then learn it. None when refused
         (counted in ``rejected``: "invalid", "duplicate_time", "time_backwards")."""
         s = self.state
