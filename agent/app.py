@@ -382,7 +382,7 @@ class App:
 
     def _on_tick(self, now: float) -> None:
         """Runs every TICK_INTERVAL on the main thread. HOOK: send WATCHDOG=1 / STATUS= from here."""
-        for stage in self._stages:
+        for stage in (self.outbox, *self._stages):
             try:
                 ok = stage.healthy(now)
             except Exception:

@@ -139,6 +139,8 @@ class _Outgoing:
     requeue: bool = True  # False for availability messages: every connection sends its own
     # Called (under the link's lock: record and return, never publish) when the full queue drops it.
     on_dropped: Callable[[], None] | None = None
+    # Called (on the link's thread) when the client refuses it for good (e.g. a topic over 65535 bytes).
+    on_refused: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -361,11 +363,13 @@ class MqttLink:
         expires_mono: float | None = None,
         on_delivered: Callable[[], None] | None = None,
         on_dropped: Callable[[], None] | None = None,
+        on_refused: Callable[[], None] | None = None,
     ) -> bool:
         """Queue a message. Raises ActionError for a topic outside the allow-list.
 
         ``on_delivered()`` runs on the link thread once the broker acknowledged the message (QoS 1/2);
-        ``on_dropped()`` runs, under the link's lock, if the bounded queue drops it (the outbox re-sends).
+        ``on_dropped()`` runs, under the link's lock, if the bounded queue drops it (the outbox re-sends);
+        ``on_refused()`` runs on the link thread if the MQTT client refuses it (it can never be sent).
 
         Returns False when the message was not queued (already expired, or the link has stopped).
         """
@@ -377,7 +381,8 @@ class MqttLink:
         if expires_mono is not None and time.monotonic() >= expires_mono:
             self._count_expired(topic)
             return False
-        message = _Outgoing(topic, data, qos, retain, expires_mono, on_delivered, on_dropped=on_dropped)
+        message = _Outgoing(topic, data, qos, retain, expires_mono, on_delivered, on_dropped=on_dropped,
+                            on_refused=on_refused)
         with self._cond:
             if self._finished.is_set():
                 log.debug("link stopped; not publishing to %s", topic)
@@ -717,7 +722,9 @@ class MqttLink:
             )
         except ValueError as err:  # paho's own checks (e.g. payload too large for MQTT): cannot ever be sent
             self.stats.count("dropped")
-            log.error("dropped a message to %s that MQTT cannot carry: %s", message.topic, err)
+            log.error("dropped a message to %s that MQTT cannot carry: %s", message.topic[:200], err)
+            if message.on_refused is not None:
+                self._run_callback(message.on_refused, "refusal callback")
             return True
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             if message.requeue:

@@ -365,3 +365,64 @@ def test_alert_changes_are_stored_score_refreshes_are_not(
     finally:
         app.request_stop()
         thread.join(10)
+
+
+# ------------------------------------------------------------------------------------ defects (issue 17)
+
+
+def test_a_message_the_client_refuses_is_not_sent_again_forever(
+        mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe],
+        boxes: Callable[..., Outbox], links: Callable[..., MqttLink]) -> None:
+    """paho refuses a topic over 65535 bytes: the row is removed and counted, not re-sent every 120 s;
+    the messages around it are delivered."""
+    probe = mqtt_client().subscribe(TOPIC)
+    link = links(make_config(mosquitto, tmp_path))
+    box = boxes(link)
+    assert link.wait_connected(5)
+    first = box.publish(TOPIC, {"n": 0})
+    box.publish(f"{TOPIC}/{'x' * 70_000}", {"n": 1})
+    last = box.publish(TOPIC, {"n": 2})
+    probe.wait_for(TOPIC, count=2, timeout=5)
+    assert ids_of(probe.matching(TOPIC)) == [first, last]
+    assert wait_until(lambda: box.depth == 0, 5), box.pending()[:1]
+    assert box.stats()["outbox_refused"] == 1
+    assert link.stats.dropped == 1
+
+
+def test_the_worker_survives_an_unexpected_error_and_counts_it(
+        tmp_path: Path, boxes: Callable[..., Outbox], links: Callable[..., MqttLink],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    link = links(make_config(None, tmp_path), start=False)
+    box = boxes(link)
+    failures = iter([RuntimeError("boom")])
+
+    def step_that_fails_once() -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(box, "_step", step_that_fails_once)
+    box._wake.set()  # noqa: SLF001 - run a step now
+    assert wait_until(lambda: box.stats()["outbox_worker_errors"] == 1, 5)
+    box._wake.set()  # noqa: SLF001
+    time.sleep(0.2)
+    assert box.healthy(time.monotonic())
+    assert "outbox worker" in caplog.text
+
+
+def test_the_supervisor_reports_a_dead_outbox_worker(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """The watchdog withholds WATCHDOG=1 when the outbox worker is gone."""
+    from agent.app import App
+
+    app = App(make_config(mosquitto, tmp_path))
+    thread = threading.Thread(target=app.run, daemon=True)
+    thread.start()
+    try:
+        assert app.link.wait_connected(5)
+        assert app.healthy(time.monotonic())[0]
+        app.outbox.stop()
+        assert wait_until(lambda: not app.healthy(time.monotonic())[0], 5), app.healthy(time.monotonic())
+        assert "outbox" in app.healthy(time.monotonic())[1]
+    finally:
+        app.request_stop()
+        thread.join(10)
