@@ -90,3 +90,14 @@ class AnomalyEvent:
     kind: AnomalyKind
     active: bool
     time: float
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A message received from the broker, handed to subscription handlers."""
+
+    topic: str
+    payload: bytes
+    retained: bool
+    qos: int
+    received_mono: float

@@ -41,6 +41,8 @@ from agent.errors import (
     PayloadError,
 )
 from agent.logutil import LogThrottle, suppressed_note
+from agent.messages import InboundMessage
+from agent.ports import Handler
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -58,19 +60,6 @@ PROCESS_NONCE = uuid.uuid4().hex
 INSTANCE_SETTLE = 0.3  # after SUBACK: time for the retained availability and claim to arrive
 INSTANCE_REPLY_WAIT = 2.0  # how long a live claimant gets to answer a ping
 
-
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
-    """A message received from the broker, handed to subscription handlers."""
-
-    topic: str
-    payload: bytes
-    retained: bool
-    qos: int
-    received_mono: float
-
-
-Handler = Callable[[InboundMessage], None]
 Listener = Callable[[], None]
 
 

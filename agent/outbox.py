@@ -436,7 +436,8 @@ class Outbox:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            deleted = sum(conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount for seq in refused)
+            deleted = sum(conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
+                          for seq in refused)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

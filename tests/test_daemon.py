@@ -26,11 +26,11 @@ from conftest import (
 )
 
 from agent import __version__
-from agent.app import App
 from agent.config import load_config, parse_config
 from agent.discovery import discovery_messages
 from agent.errors import ActionError
 from agent.messages import ActionRequest
+from agent.wiring import build
 
 BASE = "home-agent/testagent"
 AVAILABILITY = f"{BASE}/availability"
@@ -381,32 +381,33 @@ def test_action_command_without_broker_fails_clearly(write_config: Callable[...,
 
 def test_request_action_ttl_mute_and_never_retained(
         mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe]) -> None:
-    """In-process: App.request_action renders via the action table, never retains, drops expired voice
-    requests and refuses voice while muted (other sources still act)."""
+    """In-process: ActionDispatcher.request_action renders via the action table, never retains, drops
+    expired voice requests and refuses voice while muted (other sources still act)."""
     data = base_config(mosquitto, tmp_path / "state")
     data["actions"]["lamp_on"]["ttl"] = 2.0
     config = parse_config(data, source="test.toml")
-    app = App(config)
+    daemon = build(config)
+    app, actions = daemon.app, daemon.actions
     probe = mqtt_client().subscribe("test/lamp/set", MUTE_STATE)
     runner = threading.Thread(target=app.run, name="app-under-test")
     runner.start()
     try:
         assert app.link.wait_connected(5)
         now = time.monotonic()
-        assert app.request_action(ActionRequest("lamp_on", "voice", created_mono=now)) == 1
+        assert actions.request_action(ActionRequest("lamp_on", "voice", created_mono=now)) == 1
         message = probe.wait_for("test/lamp/set", timeout=2)
         assert message.payload == b'{"state": "ON"}' and not message.retained
         with pytest.raises(ActionError, match="expired"):  # the action's ttl (2 s) applies to voice
-            app.request_action(ActionRequest("lamp_on", "voice", created_mono=now - 3))
+            actions.request_action(ActionRequest("lamp_on", "voice", created_mono=now - 3))
         with pytest.raises(ActionError, match="unknown action"):
-            app.request_action(ActionRequest("nope", "cli", created_mono=now))
+            actions.request_action(ActionRequest("nope", "cli", created_mono=now))
         probe.publish(MUTE_SET, b"ON")
         probe.wait_for(MUTE_STATE, b"ON")
-        assert wait_until(lambda: app.muted, 2)
+        assert wait_until(daemon.homeassistant.is_muted, 2)
         with pytest.raises(ActionError, match="muted"):
-            app.request_action(ActionRequest("lamp_on", "voice", created_mono=time.monotonic()))
+            actions.request_action(ActionRequest("lamp_on", "voice", created_mono=time.monotonic()))
         from_home_assistant = ActionRequest("lamp_on", "homeassistant", created_mono=time.monotonic())
-        assert app.request_action(from_home_assistant) == 1
+        assert actions.request_action(from_home_assistant) == 1
         probe.wait_for("test/lamp/set", count=2, timeout=2)
         assert app.counters()["actions_rejected"] == 3
     finally:

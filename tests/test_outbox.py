@@ -341,20 +341,22 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path,
 
 def test_alert_changes_are_stored_score_refreshes_are_not(
         mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe]) -> None:
-    """App.publish_anomaly: a stream's first event and every start/end of an alert go through the outbox;
-    score refreshes in between do not (the next one supersedes them). All carry unique ids."""
-    from agent.app import App
+    """AnomalyPublisher.publish_anomaly: a stream's first event and every start/end of an alert go through
+    the outbox; score refreshes in between do not (the next one supersedes them). All carry unique ids."""
     from agent.messages import AnomalyEvent
+    from agent.wiring import build
 
     probe = mqtt_client().subscribe(TOPIC)
-    app = App(make_config(mosquitto, tmp_path))
+    daemon = build(make_config(mosquitto, tmp_path))
+    app = daemon.app
     thread = threading.Thread(target=app.run, daemon=True)
     thread.start()
     try:
         assert app.link.wait_connected(5)
         states = [False, False, False, True, True, False, False]
-        ids = [app.publish_anomaly(AnomalyEvent("living_room_temperature", 0.1 * n, 20.0, "spike", active,
-                                                time.time())) for n, active in enumerate(states)]
+        publish = daemon.anomaly_events.publish_anomaly
+        ids = [publish(AnomalyEvent("living_room_temperature", 0.1 * n, 20.0, "spike", active, time.time()))
+               for n, active in enumerate(states)]
         probe.wait_for(TOPIC, count=len(states))
         assert ids_of(probe.matching(TOPIC)) == ids
         assert len(set(ids)) == len(ids)
@@ -402,9 +404,9 @@ def test_the_worker_survives_an_unexpected_error_and_counts_it(
             raise error
 
     monkeypatch.setattr(box, "_step", step_that_fails_once)
-    box._wake.set()  # noqa: SLF001 - run a step now
+    box._wake.set()
     assert wait_until(lambda: box.stats()["outbox_worker_errors"] == 1, 5)
-    box._wake.set()  # noqa: SLF001
+    box._wake.set()
     time.sleep(0.2)
     assert box.healthy(time.monotonic())
     assert "outbox worker" in caplog.text
@@ -412,9 +414,9 @@ def test_the_worker_survives_an_unexpected_error_and_counts_it(
 
 def test_the_supervisor_reports_a_dead_outbox_worker(mosquitto: Mosquitto, tmp_path: Path) -> None:
     """The watchdog withholds WATCHDOG=1 when the outbox worker is gone."""
-    from agent.app import App
+    from agent.wiring import build
 
-    app = App(make_config(mosquitto, tmp_path))
+    app = build(make_config(mosquitto, tmp_path)).app
     thread = threading.Thread(target=app.run, daemon=True)
     thread.start()
     try:
