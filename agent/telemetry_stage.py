@@ -41,7 +41,8 @@ class TelemetryStage:
         self._unsubscribe = unsubscribe
         self._count_bad_payload = count_bad_payload
         self._readings = readings
-        self._intake = TelemetryIntake(list(config.telemetry))
+        self._intake = TelemetryIntake(list(config.telemetry),
+                                       max_payload_bytes=config.mqtt.max_payload_bytes)
         self._sensors = {stream.sensor for stream in config.telemetry}
         self._throttle = LogThrottle()
         self._counts_lock = threading.Lock()
@@ -62,7 +63,7 @@ class TelemetryStage:
         return dict(self._last_values)
 
     def prepare_reload(self, new: Config) -> Callable[[], None]:
-        intake = TelemetryIntake(list(new.telemetry))
+        intake = TelemetryIntake(list(new.telemetry), max_payload_bytes=new.mqtt.max_payload_bytes)
 
         def apply() -> None:
             self._intake = intake

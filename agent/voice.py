@@ -427,7 +427,9 @@ class VoiceStage:
     def stats(self) -> dict[str, int]:
         with self._lock:
             counts = dict(self.counts)
-        return {**counts, **self.source.stats(), "invocations": self.pipeline.invocations}
+        # dropped_samples: 0 for a source that cannot fall behind (a file); the diagnostics sensor shows it
+        return {**counts, "dropped_samples": 0, **self.source.stats(),
+                "invocations": self.pipeline.invocations}
 
     def reload_adaptation(self) -> None:
         """SIGHUP: pick up what ``home-agent enroll`` learned (or forgot) since the start. A failure keeps the

@@ -60,10 +60,6 @@ class Daemon:
     voice: VoiceStage | None
 
 
-def scores_anomalies(config: Config) -> bool:
-    return config.anomaly.enabled and any(stream.anomaly for stream in config.telemetry)
-
-
 def build(config: Config, *, config_path: Path | None = None, options: RunOptions | None = None) -> Daemon:
     """Build the daemon for ``config``; nothing is started (``daemon.app.run()`` does)."""
     options = options or RunOptions()
@@ -89,7 +85,7 @@ def build(config: Config, *, config_path: Path | None = None, options: RunOption
 def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTable) -> Daemon:
     link, outbox = app.link, app.outbox
     readings: DropOldestQueue[Reading] | None = (
-        DropOldestQueue(READINGS_QUEUE_SIZE) if scores_anomalies(config) else None)
+        DropOldestQueue(READINGS_QUEUE_SIZE) if config.anomaly_active else None)
     telemetry = TelemetryStage(config, publish=link.publish, subscribe=link.subscribe,
                                unsubscribe=link.unsubscribe, count_bad_payload=link.stats.count_bad_payload,
                                readings=readings)
@@ -118,7 +114,11 @@ def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTab
     if readings is not None:
         from agent.anomaly import build_stage  # readings queue -> detector -> publish_anomaly / on_anomaly
 
-        app.add_stage(build_stage(config, readings, anomaly_events.publish_anomaly, actions.request_action))
+        anomaly = build_stage(config, readings, anomaly_events.publish_anomaly, actions.request_action)
+        app.add_stage(anomaly)
+        app.add_counters(lambda: {**{f"anomaly_{name}": count for name, count in anomaly.counters.items()},
+                                  **{f"anomaly_rejected_{reason}": count
+                                     for reason, count in anomaly.rejected().items()}})
         app.watch_queue("readings", readings, max_full=READINGS_MAX_FULL)
     return Daemon(app=app, link=link, outbox=outbox, actions=actions, telemetry=telemetry, homeassistant=home,
                   anomaly_events=anomaly_events, readings=readings, voice=voice)
@@ -126,6 +126,7 @@ def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTab
 
 def _add_voice(app: App, voice: VoiceStage, home: HomeAssistantStage) -> None:
     app.add_stage(voice)
+    app.add_counters(voice.stats)  # the voice stage's counts and its audio source's (dropped_samples)
     app.add_reloader(lambda _new: voice.reload_adaptation)
     app.add_status(lambda: "muted" if home.muted else "listening")
     # Watchdog: audio frames keep arriving while the source is open and unmuted; a source that is

@@ -428,3 +428,52 @@ def test_sensor_state_is_republished_only_when_the_value_changes(
     time.sleep(0.3)  # any late repeat would have arrived by now
     assert [m.payload for m in probe.matching(SENSOR_STATE)] == [b"21.5", b"22.0", b"21.5"]
     assert daemon.alive()
+
+
+def test_mqtt_max_payload_bytes_also_applies_to_telemetry(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    """Raising mqtt.max_payload_bytes lets a larger telemetry document through (the link and the parser
+    share the one limit)."""
+    probe = mqtt_client().subscribe(AVAILABILITY, SENSOR_STATE)
+    config = write_config(mosquitto, **{"mqtt.max_payload_bytes": 200_000})
+    daemon = start_online(daemon_factory, config, probe)
+    probe.publish(TELEMETRY, json.dumps({"temperature": 23.25, "padding": "x" * 100_000}))
+    probe.wait_for(SENSOR_STATE, b"23.25", timeout=5)
+    assert daemon.alive()
+
+
+def test_anomaly_stage_counters_reach_the_diagnostics(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    config = write_config(mosquitto)
+    probe = mqtt_client().subscribe(AVAILABILITY, DIAGNOSTICS)
+    start_online(daemon_factory, config, probe)
+    for value in (21.0, 21.5, 22.0):
+        probe.publish(TELEMETRY, json.dumps({"temperature": value}))
+    assert wait_until(lambda: diagnostics(probe).get("anomaly_readings") == 3, 5), diagnostics(probe)
+    assert {"anomaly_alerts", "anomaly_events"} <= set(diagnostics(probe))
+    sensors = retained_messages(mosquitto, "homeassistant/sensor/testagent/+/config")
+    assert "homeassistant/sensor/testagent/anomaly_alerts/config" in sensors
+
+
+def test_readings_are_queued_for_the_anomaly_stage_from_the_start(
+        mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe]) -> None:
+    """Whether readings are queued is decided when the daemon is built (a stream is scored), not by who
+    asked for the queue when; the watchdog watches that queue from the start."""
+    daemon = build(parse_config(base_config(mosquitto, tmp_path / "state"), source="test.toml"))
+    app = daemon.app
+    assert daemon.readings is not None
+    probe = mqtt_client()
+    runner = threading.Thread(target=app.run, name="app-under-test")
+    runner.start()
+    try:
+        assert app.link.wait_connected(5)
+        assert "readings" in app.health.stage_names()  # its queue is watched by the sd_notify watchdog
+        time.sleep(0.3)  # the telemetry subscription is in place
+        probe.publish(TELEMETRY, json.dumps({"temperature": 21.0}))
+        assert wait_until(lambda: app.counters()["readings"] == 1, 5), app.counters()
+        assert wait_until(lambda: app.counters()["anomaly_readings"] == 1, 5), app.counters()
+    finally:
+        app.request_stop()
+        runner.join(10)
