@@ -7,6 +7,7 @@ through the outbox. Both are handed the link's callables by ``agent.wiring``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -51,10 +52,9 @@ class ActionDispatcher:
             if request.source == "voice" and self._is_muted():
                 raise ActionError(f"action {request.action!r} refused: listening is muted")
             section = self.config.actions.get(request.action)
-            ttl = request.ttl
-            if ttl is None and request.source == "voice" and section is not None:
-                ttl = section.ttl
-            expires = request.created_mono + ttl if ttl is not None else None
+            if request.ttl is None and request.source == "voice" and section is not None:
+                request = dataclasses.replace(request, ttl=section.ttl)
+            expires = request.expires_mono
             if expires is not None and now >= expires:
                 raise ActionError(f"action {request.action!r} expired {now - expires:.2f} s before it "
                                   "could be sent")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from agent.actions import ActionTable
-from agent.config import Config, load_config
+from agent.config import load_config
 from agent.errors import MqttError
 from agent.messages import InboundMessage
 from agent.mqtt_link import MqttLink, own_client_id
@@ -21,11 +21,6 @@ from agent.mqtt_link import MqttLink, own_client_id
 EXIT_OK = 0
 EXIT_USAGE = 2
 FIRE_STATE_WAIT = 1.5  # wait this long for retained device state (current setpoint)
-
-
-def _needs_device_state(config: Config, name: str) -> bool:
-    section = config.actions[name]
-    return section.delta is not None or (section.payload is not None and "setpoint" in section.payload)
 
 
 def fire_action(args: argparse.Namespace) -> int:
@@ -48,7 +43,7 @@ def fire_action(args: argparse.Namespace) -> int:
             actions.observe_state(message.topic, message.payload)
             observed.add(message.topic)
 
-    state_topics = actions.state_topics() if _needs_device_state(config, name) else []
+    state_topics = actions.state_topics() if actions.needs_current_setpoint(name) else []
     for topic in state_topics:
         link.subscribe(topic, on_state)
     timeout = float(getattr(args, "timeout", 10.0))

@@ -17,9 +17,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent import __version__
+from agent.actions import parse_switch_command
 from agent.config import Config
-from agent.discovery import discovery_messages, discovery_topic_filter
-from agent.errors import PayloadError, StateError
+from agent.discovery import discovery_messages, discovery_topic_filter, stale_discovery_topics
+from agent.errors import StateError
 from agent.messages import InboundMessage
 from agent.ports import Publisher, Scheduler, Subscriber
 from agent.state import StateStore
@@ -131,7 +132,7 @@ class HomeAssistantStage:
     def _remove_stale_configs(self) -> None:
         """Delete (empty retained payload) our discovery configs the current config no longer has."""
         with self._discovery_lock:
-            stale = sorted(self._seen_configs - self._announced)
+            stale = stale_discovery_topics(self.config, self._seen_configs, dict.fromkeys(self._announced))
             self._seen_configs -= set(stale)
         for topic in stale:
             log.info("removing stale Home Assistant entity config %s", topic)
@@ -174,9 +175,7 @@ class HomeAssistantStage:
     # The handlers below run on paho's thread: parse, hand over, return. PayloadError -> bad_payloads.
 
     def _on_mute_set(self, message: InboundMessage) -> None:
-        if message.payload not in (b"ON", b"OFF"):
-            raise PayloadError(f"mute command must be exactly ON or OFF, got {message.payload[:32]!r}")
-        muted = message.payload == b"ON"
+        muted = parse_switch_command(message.payload)  # PayloadError unless exactly ON or OFF
         self._call_later(0.0, lambda: self._set_muted(muted))
 
     def _on_ha_status(self, message: InboundMessage) -> None:

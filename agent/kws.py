@@ -37,10 +37,6 @@ NON_WORD_LABELS = ("_silence_", "_unknown_")
 
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class KwsModel:
     """One loaded keyword model. Not thread-safe: use it from one worker thread."""
 

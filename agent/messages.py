@@ -66,6 +66,11 @@ class ActionRequest:
     ttl: float | None = None
     params: dict[str, float | str] = field(default_factory=dict)
 
+    @property
+    def expires_mono(self) -> float | None:
+        """When the request goes stale (``time.monotonic()``); None: it never does."""
+        return self.created_mono + self.ttl if self.ttl is not None else None
+
 
 @dataclass(frozen=True, slots=True)
 class Reading:

@@ -591,16 +591,18 @@ class VoiceStage:
     def _fire(self, intent: Intent) -> None:
         self._count("intents")
         section = self.config.actions[intent.action]
-        expires = intent.created_mono + section.ttl
+        request = ActionRequest(action=intent.action, source="voice", created_mono=intent.created_mono,
+                                ttl=section.ttl)
+        expires = request.expires_mono
+        assert expires is not None  # a voice request always carries its action's ttl
         self._last_expiry = max(self._last_expiry, expires)
         log.info("voice: intent %s from %r at %.2f s", intent.action, " ".join(intent.words), intent.t_audio)
         if self._arbiter is not None:  # the group decides; if we win, the arbiter calls _act (another thread)
-            self._arbiter.submit(intent, lambda: self._act(intent, expires), expires=expires)
+            self._arbiter.submit(intent, lambda: self._act(intent, request), expires=expires)
             return
-        self._act(intent, expires)
+        self._act(intent, request)
 
-    def _act(self, intent: Intent, expires: float) -> None:
-        section = self.config.actions[intent.action]
+    def _act(self, intent: Intent, request: ActionRequest) -> None:
         topics = self.topics
         agent = self.config.agent.id
         messages = (
@@ -609,10 +611,9 @@ class VoiceStage:
             (topics.event, event_payload(intent, agent)),
         )
         for topic, payload in messages:
-            self._publish(topic, _dumps(payload), qos=1, retain=False, expires_mono=expires)
+            self._publish(topic, _dumps(payload), qos=1, retain=False, expires_mono=request.expires_mono)
         try:
-            self._request_action(ActionRequest(action=intent.action, source="voice",
-                                               created_mono=intent.created_mono, ttl=section.ttl))
+            self._request_action(request)
             self._count("actions_requested")
         except ActionError:
             self._count("actions_refused")  # the app logged why (rate limit, expired, muted)

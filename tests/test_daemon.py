@@ -4,6 +4,7 @@ re-announce on HA birth, the mute switch, broker restarts, bad credentials, SIGH
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import signal
@@ -477,3 +478,19 @@ def test_readings_are_queued_for_the_anomaly_stage_from_the_start(
     finally:
         app.request_stop()
         runner.join(10)
+
+
+def test_action_command_waits_for_device_state_only_when_the_action_needs_it(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A payload that merely contains the text "setpoint" needs no current setpoint: the action table
+    decides (it once was a substring test here, which waited FIRE_STATE_WAIT for a state that never came)."""
+    from agent.fire import FIRE_STATE_WAIT, fire_action
+
+    config = write_config(mosquitto, **{
+        "actions.heat_up": {"topic": "zigbee2mqtt/trv/set", "state_topic": "zigbee2mqtt/trv",
+                            "payload": '{"current_heating_setpoint": {{ setpoint + 1 }}}'},
+        "actions.hold": {"topic": "zigbee2mqtt/trv/set", "payload": '{"preset": "setpoint_hold"}'}})
+    t0 = time.monotonic()
+    assert fire_action(argparse.Namespace(config=str(config), name="hold", timeout=5.0)) == 0
+    assert time.monotonic() - t0 < FIRE_STATE_WAIT
+    assert capsys.readouterr().out == 'zigbee2mqtt/trv/set {"preset": "setpoint_hold"}\n'
