@@ -68,6 +68,7 @@ def build(config: Config, *, config_path: Path | None = None, options: RunOption
     # does not disconnect one for the other (the agent-id check then tells it the service runs).
     client_id = own_client_id(config, "run") if options.audio is not None else None
     link = MqttLink(config, extra_allowed_topics=table.allowed_topics, client_id=client_id)
+    state = StateStore(config.agent.resolved_state_dir)  # StateError naming the state directory
     # Must-deliver messages (anomaly events) go through the on-disk outbox; voice actions never do
     # (they expire instead). A corrupt outbox is moved aside inside; StateError only if unusable.
     outbox = Outbox(config.agent.resolved_state_dir / OUTBOX_FILE,
@@ -75,21 +76,22 @@ def build(config: Config, *, config_path: Path | None = None, options: RunOption
     outbox.attach(link)
     app = App(config, link, outbox, config_path=config_path, options=options, needs_restart=needs_new_app)
     try:
-        daemon = _build_parts(config, options, app, table)
+        daemon = _build_parts(config, options, app, table, state)
     except BaseException:
         app.discard()  # nothing was started; the previous App may be built again in this process
         raise
     return daemon
 
 
-def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTable) -> Daemon:
+def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTable,
+                 state: StateStore) -> Daemon:
     link, outbox = app.link, app.outbox
     readings: DropOldestQueue[Reading] | None = (
         DropOldestQueue(READINGS_QUEUE_SIZE) if config.anomaly_active else None)
     telemetry = TelemetryStage(config, publish=link.publish, subscribe=link.subscribe,
                                unsubscribe=link.unsubscribe, count_bad_payload=link.stats.count_bad_payload,
                                readings=readings)
-    home = HomeAssistantStage(config, StateStore(config.agent.resolved_state_dir), publish=link.publish,
+    home = HomeAssistantStage(config, state, publish=link.publish,
                               subscribe=link.subscribe, call_later=app.call_later, counters=app.counters,
                               sensor_values=telemetry.last_values, connected=lambda: link.connected)
     actions = ActionDispatcher(config, table, publish=link.publish, subscribe=link.subscribe,
