@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 TICK_INTERVAL = 1.0  # the main loop's heartbeat (sd_notify watchdog, stage health)
 
