@@ -226,19 +226,14 @@ class ActionTable:
             return
         raise PayloadError(f"state is neither a JSON object nor a number: {preview(stripped)}")
 
-    def render(
-        self, name: str, now_mono: float, *, created_mono: float | None = None
-    ) -> list[OutgoingCommand]:
+    def render(self, name: str, now_mono: float) -> list[OutgoingCommand]:
         """The commands for one firing of ``name``; records the firing for the rate limit.
 
-        ``created_mono``: when the request was made; past the action's ``ttl`` it is refused.
-        Raises ActionError: unknown action, expired, rate limited, or current setpoint unknown.
+        Raises ActionError: unknown action, rate limited, or current setpoint unknown. (The ``ttl`` is
+        applied by ``agent.dispatch.ActionDispatcher``, through ``ActionRequest.expires_mono``.)
         """
         plan = self._plan(name)
         section = plan.section
-        if created_mono is not None and now_mono - created_mono > section.ttl:
-            raise ActionError(f"action {name!r} expired: requested {now_mono - created_mono:.1f} s ago "
-                              f"(ttl {section.ttl:g} s)")
         last = self._last_fired.get(name)
         if last is not None and 0 <= now_mono - last < section.min_interval:
             raise ActionError(f"action {name!r} is rate limited: fired {now_mono - last:.2f} s ago "

@@ -44,15 +44,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.config import Config
 from agent.errors import PayloadError
-from agent.messages import Detection, Intent
-from agent.mqtt_link import Handler, InboundMessage
+from agent.messages import Detection, InboundMessage, Intent
+from agent.ports import Publisher, Scheduler, Subscriber
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -411,15 +411,6 @@ class LevelMeter:
 
 
 # --------------------------------------------------------------------------------------------- MQTT
-
-
-class Publisher(Protocol):
-    def __call__(self, topic: str, payload: bytes | str, *, qos: int = 0, retain: bool = False,
-                 expires_mono: float | None = None) -> bool: ...
-
-
-Subscriber = Callable[[str, Handler, int], object]
-Scheduler = Callable[[float, Callable[[], None]], None]
 
 
 class GroupArbiter:

@@ -31,13 +31,13 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.app import run_daemon
+    from agent.wiring import run_daemon
 
     return run_daemon(args)
 
 
 def _action(args: argparse.Namespace) -> int:
-    from agent.app import fire_action
+    from agent.fire import fire_action
 
     return fire_action(args)
 

@@ -536,6 +536,11 @@ class Config(Section):
     def voice_active(self) -> bool:
         return self.voice.enabled and bool(self.voice.commands)
 
+    @property
+    def anomaly_active(self) -> bool:
+        """The anomaly stage runs: detection is on and at least one stream is scored."""
+        return self.anomaly.enabled and any(stream.anomaly for stream in self.telemetry)
+
     def resolve_path(self, path: Path) -> Path:
         """Resolve a configured file path: absolute, relative to the config file, or a shipped model."""
         from agent.paths import resolve_data_path

@@ -72,6 +72,18 @@ ARBITRATION_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("arbitrations_lost", "Arbitrations lost",
      {"state_class": "total_increasing", "icon": "mdi:account-voice-off"}),
 )
+# With the voice stage: what it heard and what the audio source lost (it could not keep up).
+VOICE_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("intents", "Voice intents", {"state_class": "total_increasing", "icon": "mdi:account-voice"}),
+    ("dropped_samples", "Dropped audio samples",
+     {"state_class": "total_increasing", "icon": "mdi:microphone-question"}),
+)
+# With the anomaly stage: readings scored and alerts started.
+ANOMALY_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("anomaly_readings", "Readings scored",
+     {"state_class": "total_increasing", "icon": "mdi:chart-bell-curve"}),
+    ("anomaly_alerts", "Anomaly alerts", {"state_class": "total_increasing", "icon": "mdi:alert"}),
+)
 MUTE_OBJECT = "mute"
 EVENT_OBJECT = "voice_intent"
 # Per-stream objects get a prefix per kind; built-in objects use none of these prefixes, and sensor ids
@@ -144,7 +156,9 @@ def discovery_messages(
         }
 
     for key, name, extra in (*DIAGNOSTIC_SENSORS, *DIAGNOSTIC_TEXT_SENSORS,
-                             *(ARBITRATION_SENSORS if config.arbitration else ())):
+                             *(ARBITRATION_SENSORS if config.arbitration else ()),
+                             *(VOICE_SENSORS if config.voice_active else ()),
+                             *(ANOMALY_SENSORS if config.anomaly_active else ())):
         add("sensor", key, name, {
             "state_topic": topics.diagnostics,
             "value_template": f"{{{{ value_json.{key} }}}}",

@@ -36,10 +36,6 @@ REQUIRED_METADATA = (
 
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class KwsModel:
     """One loaded keyword model. Not thread-safe: use it from one worker thread."""
 

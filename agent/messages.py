@@ -65,6 +65,11 @@ class ActionRequest:
     created_mono: float
     ttl: float | None = None
 
+    @property
+    def expires_mono(self) -> float | None:
+        """When the request goes stale (``time.monotonic()``); None: it never does."""
+        return self.created_mono + self.ttl if self.ttl is not None else None
+
 
 @dataclass(frozen=True, slots=True)
 class Reading:
@@ -89,3 +94,14 @@ class AnomalyEvent:
     kind: AnomalyKind
     active: bool
     time: float
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A message received from the broker, handed to subscription handlers."""
+
+    topic: str
+    payload: bytes
+    retained: bool
+    qos: int
+    received_mono: float

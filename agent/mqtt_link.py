@@ -14,15 +14,11 @@ at-least-once for QoS 1 and 2 (a message in flight when the connection drops is 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import random
-import socket
-import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,42 +31,26 @@ from agent.config import Config
 from agent.errors import (
     ActionError,
     AgentIdClashError,
-    ConfigError,
     HomeAgentError,
     MqttAuthError,
     PayloadError,
 )
 from agent.logutil import LogThrottle, suppressed_note
+from agent.messages import InboundMessage
+from agent.mqtt_instance import CONNECT_TIMEOUT, ONLINE, PROCESS_NONCE, check_instance, instance_claim
+from agent.mqtt_tls import build_tls_context
+from agent.ports import Handler
 from agent.topics import Topics, topic_filter_problem, topic_matches
 
 log = logging.getLogger(__name__)
 
-ONLINE = b"online"
 OFFLINE = b"offline"
 # Messages handed to paho but not yet confirmed; beyond this they wait in our queue (where TTLs apply).
 INFLIGHT_WINDOW = 20
 # CONNACK reason codes after which retrying cannot help: bad user name or password, not authorized,
 # bad authentication method (MQTT 3.1.1 return codes 4 and 5 arrive as 134 and 135).
 AUTH_FAILURE_CODES = frozenset({134, 135, 140})
-CONNECT_TIMEOUT = 5.0
-# One agent per agent id: this process's claim. The same across the Apps a reload builds in one process.
-PROCESS_NONCE = uuid.uuid4().hex
-INSTANCE_SETTLE = 0.3  # after SUBACK: time for the retained availability and claim to arrive
-INSTANCE_REPLY_WAIT = 2.0  # how long a live claimant gets to answer a ping
 
-
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
-    """A message received from the broker, handed to subscription handlers."""
-
-    topic: str
-    payload: bytes
-    retained: bool
-    qos: int
-    received_mono: float
-
-
-Handler = Callable[[InboundMessage], None]
 Listener = Callable[[], None]
 
 
@@ -139,6 +119,8 @@ class _Outgoing:
     requeue: bool = True  # False for availability messages: every connection sends its own
     # Called (under the link's lock: record and return, never publish) when the full queue drops it.
     on_dropped: Callable[[], None] | None = None
+    # Called (on the link's thread) when the client refuses it for good (e.g. a topic over 65535 bytes).
+    on_refused: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -172,72 +154,6 @@ def own_client_id(config: Config, role: str) -> str:
     """A client id for a second process next to the daemon (``action``, ``run --audio``): the broker
     disconnects an older client when a newer one connects with its id, so sharing it makes both flap."""
     return f"{default_client_id(config)}-{role}-{os.getpid()}"
-
-
-def instance_claim() -> bytes:
-    return json.dumps({"nonce": PROCESS_NONCE, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": round(time.time())}, separators=(",", ":")).encode()
-
-
-def _parse_claim(payload: bytes) -> dict[str, object] | None:
-    try:
-        claim = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return claim if isinstance(claim, dict) and isinstance(claim.get("nonce"), str) else None
-
-
-class _TlsContext(ssl.SSLContext):
-    """An SSLContext that remembers the socket it wrapped last: paho leaves a socket whose TLS handshake
-    failed (untrusted certificate, wrong host name) unclosed, so the link closes it after a failed connect."""
-
-    last_socket: ssl.SSLSocket | None = None
-
-    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        sock = super().wrap_socket(*args, **kwargs)
-        self.last_socket = sock
-        return sock
-
-    def close_failed_socket(self) -> None:
-        sock, self.last_socket = self.last_socket, None
-        if sock is not None:
-            sock.close()
-
-
-def build_tls_context(config: Config) -> _TlsContext | None:
-    """The TLS context for ``[mqtt.tls]`` (None without it). ConfigError names the key and the file that
-    cannot be read or loaded."""
-    tls = config.mqtt.tls
-    if tls is None:
-        return None
-    files = {"ca_file": tls.ca_file, "cert_file": tls.cert_file, "key_file": tls.key_file}
-    for key, path in files.items():
-        if path is None:
-            continue
-        try:
-            with path.open("rb"):
-                pass
-        except OSError as err:
-            raise ConfigError(f"mqtt.tls.{key}: cannot read {path}: {err.strerror or err}") from err
-    # As ssl.create_default_context(): certificate and host name verified, TLS >= 1.2.
-    context = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        if tls.ca_file is not None:
-            context.load_verify_locations(cafile=str(tls.ca_file))
-        else:
-            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    except (OSError, ssl.SSLError) as err:
-        raise ConfigError(f"mqtt.tls.ca_file: cannot load CA certificates from {tls.ca_file}: {err}") from err
-    if tls.cert_file is not None:
-        try:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-        except (OSError, ssl.SSLError) as err:
-            key = f" with key {tls.key_file}" if tls.key_file else ""
-            raise ConfigError(f"mqtt.tls.cert_file: cannot load the client certificate {tls.cert_file}{key}: "
-                              f"{err}") from err
-    if tls.insecure_skip_hostname_check:
-        context.check_hostname = False  # MqttLink warns about it (not check-config: it runs it too)
-    return context
 
 
 class MqttLink:
@@ -351,11 +267,13 @@ class MqttLink:
         expires_mono: float | None = None,
         on_delivered: Callable[[], None] | None = None,
         on_dropped: Callable[[], None] | None = None,
+        on_refused: Callable[[], None] | None = None,
     ) -> bool:
         """Queue a message. Raises ActionError for a topic outside the allow-list.
 
         ``on_delivered()`` runs on the link thread once the broker acknowledged the message (QoS 1/2);
-        ``on_dropped()`` runs, under the link's lock, if the bounded queue drops it (the outbox re-sends).
+        ``on_dropped()`` runs, under the link's lock, if the bounded queue drops it (the outbox re-sends);
+        ``on_refused()`` runs on the link thread if the MQTT client refuses it (it can never be sent).
 
         Returns False when the message was not queued (already expired, or the link has stopped).
         """
@@ -367,7 +285,8 @@ class MqttLink:
         if expires_mono is not None and time.monotonic() >= expires_mono:
             self._count_expired(topic)
             return False
-        message = _Outgoing(topic, data, qos, retain, expires_mono, on_delivered, on_dropped=on_dropped)
+        message = _Outgoing(topic, data, qos, retain, expires_mono, on_delivered, on_dropped=on_dropped,
+                            on_refused=on_refused)
         with self._cond:
             if self._finished.is_set():
                 log.debug("link stopped; not publishing to %s", topic)
@@ -512,94 +431,14 @@ class MqttLink:
                     self._config.agent.id)
         self.publish(self._topics.instance, instance_claim(), qos=1, retain=True)
 
-    def _check_instance(self) -> None:  # noqa: C901 - its paho callbacks are closures counted in
-        """Before the first connection: look for another live agent with our agent id, on a connection of
-        its own (its own client id, no last will: it must not disturb the other agent). The retained
-        availability says whether the claimant (the retained claim's nonce) went away; when it says
-        "online", a ping tells a live claimant from one that vanished without its will being sent yet.
-        Sets ``fatal_error`` to AgentIdClashError when one answers. Raises OSError when the broker cannot
-        be reached."""
-        topics = self._topics
-        lock = threading.Lock()
-        seen: dict[str, bytes] = {}
-        answer: list[dict[str, object]] = []
-        connected, subscribed, answered = threading.Event(), threading.Event(), threading.Event()
-        refused: list[ReasonCode] = []
-        closed: list[ReasonCode] = []
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{self._client_id}-check-{os.getpid()}",
-                             clean_session=True, protocol=paho.MQTTv311, reconnect_on_failure=False)
-        client.connect_timeout = CONNECT_TIMEOUT
-        if self._mqtt.username is not None:
-            client.username_pw_set(self._mqtt.username, self._password)
-        if self._tls_context is not None:
-            client.tls_set_context(self._tls_context)
-
-        def on_connect(_c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
-            if reason.is_failure:
-                refused.append(reason)
-            connected.set()
-
-        def on_subscribe(_c: paho.Client, _u: Any, _mid: int, _r: list[ReasonCode], _p: Any) -> None:
-            subscribed.set()
-
-        def on_disconnect(_c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
-            closed.append(reason)
-            connected.set()
-            subscribed.set()
-
-        def on_message(_c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
-            with lock:
-                if message.retain:
-                    seen[message.topic] = bytes(message.payload)
-                    return
-            claim = _parse_claim(bytes(message.payload)) if message.topic == topics.instance else None
-            if claim is not None and claim["nonce"] != PROCESS_NONCE:
-                with lock:
-                    answer.append(claim)
-                answered.set()
-
-        client.on_connect = on_connect
-        client.on_subscribe = on_subscribe
-        client.on_disconnect = on_disconnect
-        client.on_message = on_message
-        try:
-            client.connect(self._mqtt.host, self._mqtt.port, self._mqtt.keepalive)
-        except (OSError, ValueError):
-            if self._tls_context is not None:
-                self._tls_context.close_failed_socket()
-            raise
-        client.loop_start()
-        try:
-            if not connected.wait(CONNECT_TIMEOUT) or closed:
-                why = closed[0] if closed else "timeout"
-                raise OSError(f"no answer to the agent-id check's connection ({why})")
-            if refused:
-                return  # the agent's own connection reports the refusal (credentials)
-            client.subscribe([(topics.availability, 1), (topics.instance, 1)])
-            if not subscribed.wait(CONNECT_TIMEOUT) or closed:
-                raise OSError("the broker did not answer the agent-id check's subscription")
-            time.sleep(INSTANCE_SETTLE)
-            with lock:
-                availability = seen.get(topics.availability)
-                claim = _parse_claim(seen.get(topics.instance, b""))
-            if availability != ONLINE or claim is None or claim["nonce"] == PROCESS_NONCE:
-                self._instance_checked = True
-                return
-            client.publish(topics.instance_ping, PROCESS_NONCE, qos=1)
-            if not answered.wait(INSTANCE_REPLY_WAIT):
-                log.info("agent id %r: the last agent with it did not answer; it is gone",
-                         self._config.agent.id)
-                self._instance_checked = True
-                return
-            with lock:
-                other = answer[0]
-            self._fatal_error = AgentIdClashError(
-                f"agent.id: another home-agent is already running with agent id {self._config.agent.id!r} "
-                f"on this broker (host {other.get('host')}, pid {other.get('pid')}); give each agent its own "
-                "[agent] id, or stop the other one. Not starting.")
-        finally:
-            client.disconnect()
-            client.loop_stop()
+    def _check_instance(self) -> None:
+        """Before the first connection: is another live agent using our agent id? (``check_instance``)"""
+        outcome = check_instance(self._config, client_id=self._client_id, password=self._password,
+                                 tls_context=self._tls_context)
+        if isinstance(outcome, AgentIdClashError):
+            self._fatal_error = outcome
+        elif outcome:
+            self._instance_checked = True
 
     def _bad_payload(self, topic: str, reason: str) -> None:
         self.stats.count_bad_payload()
@@ -707,7 +546,9 @@ class MqttLink:
             )
         except ValueError as err:  # paho's own checks (e.g. payload too large for MQTT): cannot ever be sent
             self.stats.count("dropped")
-            log.error("dropped a message to %s that MQTT cannot carry: %s", message.topic, err)
+            log.error("dropped a message to %s that MQTT cannot carry: %s", message.topic[:200], err)
+            if message.on_refused is not None:
+                self._run_callback(message.on_refused, "refusal callback")
             return True
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             if message.requeue:

@@ -80,7 +80,8 @@ class OutboxLink(Protocol):
 
     def publish(self, topic: str, payload: bytes | str, *, qos: int = 0, retain: bool = False,
                 expires_mono: float | None = None, on_delivered: Callable[[], None] | None = None,
-                on_dropped: Callable[[], None] | None = None) -> bool: ...
+                on_dropped: Callable[[], None] | None = None,
+                on_refused: Callable[[], None] | None = None) -> bool: ...
 
 
 class _CorruptDatabaseError(Exception):
@@ -131,10 +132,11 @@ class Outbox:
         self._throttle = LogThrottle()
         self._counts = {"outbox_written": 0, "outbox_delivered": 0, "outbox_dropped": 0,
                         "outbox_resent": 0, "outbox_write_errors": 0, "outbox_corrupt": 0,
-                        "outbox_volatile": 0}
+                        "outbox_volatile": 0, "outbox_refused": 0, "outbox_worker_errors": 0}
         # Filled on the link's thread without our lock (appends are atomic); drained by the worker.
         self._acked: collections.deque[int] = collections.deque()
         self._lost: collections.deque[int] = collections.deque()
+        self._refused: collections.deque[int] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -374,6 +376,10 @@ class Outbox:
         self._lost.append(seq)
         self._wake.set()
 
+    def _on_refused(self, seq: int) -> None:  # link thread: record only
+        self._refused.append(seq)
+        self._wake.set()
+
     def _pump_locked(self) -> None:
         """Hand the next stored messages to the link, in order, while the window has room."""
         link = self._link
@@ -391,7 +397,8 @@ class Outbox:
             seq = int(row_seq)
             queued = link.publish(str(topic), bytes(payload), qos=int(qos), retain=bool(retain),
                                   on_delivered=functools.partial(self._on_delivered, seq),
-                                  on_dropped=functools.partial(self._on_dropped, seq))
+                                  on_dropped=functools.partial(self._on_dropped, seq),
+                                  on_refused=functools.partial(self._on_refused, seq))
             if not queued:
                 return  # the link has stopped; the message stays stored for the next start
             self._handed[seq] = now
@@ -418,6 +425,30 @@ class Outbox:
             self._counts["outbox_delivered"] += deleted
             for seq in batch:
                 self._handed.pop(seq, None)
+
+    def _delete_refused_locked(self) -> None:
+        """The MQTT client refused these messages for good: sending them again would never succeed."""
+        refused: list[int] = []
+        while self._refused:
+            refused.append(self._refused.popleft())
+        if not refused:
+            return
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = sum(conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
+                          for seq in refused)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._refused.extendleft(reversed(refused))
+            raise
+        self._depth -= deleted
+        self._counts["outbox_refused"] += deleted
+        for seq in refused:
+            self._handed.pop(seq, None)
+        log.error("outbox: removed %d message(s) the MQTT client cannot send", deleted)
 
     def _rewind_locked(self, lost: Iterable[int]) -> None:
         """The link dropped handed messages: send again from the oldest of them (see the module doc)."""
@@ -449,12 +480,18 @@ class Outbox:
                 if suppressed is not None:
                     log.error("outbox: database error (%s); retrying%s", err, suppressed_note(suppressed))
                 self._stop.wait(1.0)
+            except Exception:  # a bug must not end delivery silently: log, count, keep the worker alive
+                with self._lock:
+                    self._counts["outbox_worker_errors"] += 1
+                log.exception("outbox worker: unexpected error; retrying")
+                self._stop.wait(1.0)
 
     def _step(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._delete_acked_locked()
+            self._delete_refused_locked()
             link = self._link
             if link is not None and link.connected:
                 # Re-sending while disconnected would only be dropped again by the overflowing queue.

@@ -59,7 +59,7 @@ def _check_password(config: Config) -> None:
 def _check_tls(config: Config) -> None:
     if config.mqtt.tls is None:
         return
-    from agent.mqtt_link import build_tls_context  # paho only where TLS is configured
+    from agent.mqtt_tls import build_tls_context  # ssl only where TLS is configured
 
     build_tls_context(config)  # ConfigError naming the file and its key
 

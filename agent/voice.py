@@ -20,17 +20,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.audio import SAMPLE_RATE, AudioSource, EndOfAudio, FileSource, create_source
+from agent.audio import SAMPLE_RATE, AudioSource, EndOfAudio
 from agent.config import Config, VoiceSection
 from agent.errors import ActionError, AudioError, ConfigError, HomeAgentError
 from agent.features import StreamingFeatures
 from agent.kws import KwsModel
 from agent.messages import ActionRequest, Detection, Intent, Scores
+from agent.ports import Publisher
 from agent.recognizer import (
     Command,
     CommandMatcher,
@@ -44,7 +45,6 @@ from agent.topics import Topics
 
 if TYPE_CHECKING:
     from agent.adaptation import Adaptation
-    from agent.app import App
     from agent.arbitration import GroupArbiter
 
 log = logging.getLogger(__name__)
@@ -349,13 +349,8 @@ def _dumps(payload: dict[str, Any]) -> bytes:
 # --------------------------------------------------------------------------------------------- the stage
 
 
-class Publisher(Protocol):
-    def __call__(self, topic: str, payload: bytes | str, *, qos: int = 0, retain: bool = False,
-                 expires_mono: float | None = None) -> bool: ...
-
-
 class VoiceStage:
-    """The voice worker thread. Plugs into ``App`` (``start``/``stop``/``healthy``)."""
+    """The voice worker thread: a stage (``start``/``stop``/``healthy``), built by ``agent.wiring``."""
 
     name = "voice"
 
@@ -398,37 +393,6 @@ class VoiceStage:
         self.counts = {"detections": 0, "intents": 0, "actions_requested": 0, "actions_refused": 0,
                        "audio_errors": 0, "open_failures": 0, "muted_chunks": 0, "samples": 0}
 
-    @classmethod
-    def from_app(cls, app: App) -> VoiceStage:
-        """Load the model and check the vocabulary now (startup errors are ModelError / ConfigError); a file
-        given with ``--audio`` is opened now too, so a bad file fails at startup rather than in the thread."""
-        config = app.config
-        pipeline = load_pipeline(config)
-        spec = app.options.audio or config.audio.source
-        source = create_source(spec, config.audio,
-                               resolve=None if app.options.audio else config.resolve_path)
-        if source.finite and isinstance(source, FileSource):
-            source.open()
-            source.close()  # reopened by the thread; this only validated it
-        exit_at_end = app.options.exit_at_end
-        if exit_at_end and not source.finite:
-            log.warning("--exit-at-end has no effect with the %s", source.description)
-        arbiter = None
-        if config.arbitration is not None:
-            from agent.arbitration import GroupArbiter  # here: only a daemon in a group talks to one
-
-            arbiter = GroupArbiter(config, publish=app.link.publish, subscribe=app.link.subscribe,
-                                   call_later=app.call_later)
-            app.add_counters(arbiter.counters)
-
-        def queued() -> int:  # exit-at-end also waits for intents the group has not decided yet
-            return app.link.queued + (arbiter.undecided if arbiter is not None else 0)
-
-        return cls(config=config, pipeline=pipeline, source=source, publish=app.link.publish,
-                   request_action=app.request_action, is_muted=lambda: app.muted,
-                   queued=queued, wait_online=app.link.wait_connected,
-                   on_end=app.request_stop if exit_at_end else None, arbiter=arbiter)
-
     # ----------------------------------------------------------------- Stage interface
 
     def start(self) -> None:
@@ -463,7 +427,9 @@ class VoiceStage:
     def stats(self) -> dict[str, int]:
         with self._lock:
             counts = dict(self.counts)
-        return {**counts, **self.source.stats(), "invocations": self.pipeline.invocations}
+        # dropped_samples: 0 for a source that cannot fall behind (a file); the diagnostics sensor shows it
+        return {**counts, "dropped_samples": 0, **self.source.stats(),
+                "invocations": self.pipeline.invocations}
 
     def reload_adaptation(self) -> None:
         """SIGHUP: pick up what ``home-agent enroll`` learned (or forgot) since the start. A failure keeps the
@@ -625,16 +591,18 @@ class VoiceStage:
     def _fire(self, intent: Intent) -> None:
         self._count("intents")
         section = self.config.actions[intent.action]
-        expires = intent.created_mono + section.ttl
+        request = ActionRequest(action=intent.action, source="voice", created_mono=intent.created_mono,
+                                ttl=section.ttl)
+        expires = request.expires_mono
+        assert expires is not None  # a voice request always carries its action's ttl
         self._last_expiry = max(self._last_expiry, expires)
         log.info("voice: intent %s from %r at %.2f s", intent.action, " ".join(intent.words), intent.t_audio)
         if self._arbiter is not None:  # the group decides; if we win, the arbiter calls _act (another thread)
-            self._arbiter.submit(intent, lambda: self._act(intent, expires), expires=expires)
+            self._arbiter.submit(intent, lambda: self._act(intent, request), expires=expires)
             return
-        self._act(intent, expires)
+        self._act(intent, request)
 
-    def _act(self, intent: Intent, expires: float) -> None:
-        section = self.config.actions[intent.action]
+    def _act(self, intent: Intent, request: ActionRequest) -> None:
         topics = self.topics
         agent = self.config.agent.id
         messages = (
@@ -643,10 +611,9 @@ class VoiceStage:
             (topics.event, event_payload(intent, agent)),
         )
         for topic, payload in messages:
-            self._publish(topic, _dumps(payload), qos=1, retain=False, expires_mono=expires)
+            self._publish(topic, _dumps(payload), qos=1, retain=False, expires_mono=request.expires_mono)
         try:
-            self._request_action(ActionRequest(action=intent.action, source="voice",
-                                               created_mono=intent.created_mono, ttl=section.ttl))
+            self._request_action(request)
             self._count("actions_requested")
         except ActionError:
             self._count("actions_refused")  # the app logged why (rate limit, expired, muted)

@@ -7,12 +7,13 @@
 1. **CPU** (target <= 0.01 CPU s per s of audio): ``time.process_time()`` over >= 60 s of project-made speech
    through the exact path (file source -> streaming features -> model every hop -> recognizer -> matcher), as
    fast as possible; once at 16 kHz (a microphone that does 16 kHz) and once from 44.1 kHz (resampling).
-2. **Daemon, real time**: the real agent (``App`` + voice stage + MQTT link, in this process) hears the
-   recording at real-time pace against a real mosquitto on a free port (the embedded mini broker when
-   mosquitto is not installed). **Latency** (target <= 200 ms) = when ``mosquitto_sub`` (a separate process)
-   received the device command minus when the last sample of the spoken command was "captured" (the file
-   source's real-time clock + the command's end in ``examples/examples.json``). Also the process's CPU per
-   audio second while doing it (the honest number: a CPU that idles between hops runs each hop cold).
+2. **Daemon, real time**: the real agent (``agent.wiring.build``: App + voice stage + MQTT link, in this
+   process) hears the recording at real-time pace against a real mosquitto on a free port (the embedded mini
+   broker when mosquitto is not installed). **Latency** (target <= 200 ms) = when ``mosquitto_sub`` (a
+   separate process) received the device command minus when the last sample of the spoken command was
+   "captured" (the file source's real-time clock + the command's end in ``examples/examples.json``). Also
+   the process's CPU per audio second while doing it (the honest number: a CPU that idles between hops runs
+   each hop cold).
 3. **Accuracy** (only when the shared data exist; ``--data``, $DATA_DIR or ../shared/data/speech): through
    ``home-agent transcribe --json`` (the contract): per-word detection rate on the held-out real speakers of
    the training split (``training.data.inventory``), and false detections per hour on ``real_long/`` and
@@ -43,12 +44,13 @@ from typing import Any, Literal
 import numpy as np
 import soundfile as sf
 
-from agent.app import App, RunOptions
+from agent.app import RunOptions
 from agent.audio import FileSource, Resampler, read_audio_file, to_int16
 from agent.config import VoiceSection, parse_config
 from agent.kws import KwsModel
 from agent.recognizer import Command
-from agent.voice import VoicePipeline, VoiceStage, load_pipeline, tail_padding
+from agent.voice import VoicePipeline, load_pipeline, tail_padding
+from agent.wiring import build
 from bench.broker import BenchBroker
 from bench.results_file import write_results
 
@@ -352,9 +354,10 @@ def realtime_daemon(workdir: Path, path: Path, commands: list[dict[str, Any]],  
         config = parse_config(daemon_config(broker.port, workdir / "state", thresholds, model, phrases))
         topics = [*sorted(set(device_topics.values())), "home-agent/bench/intent"]
         subscriber = Subscriber(broker.port, topics)
-        app = App(config, options=RunOptions(audio=f"file:{path}", exit_at_end=True))
-        stage = VoiceStage.from_app(app)
-        app.add_stage(stage)
+        daemon = build(config, options=RunOptions(audio=f"file:{path}", exit_at_end=True))
+        app = daemon.app
+        stage = daemon.voice
+        assert stage is not None
         source = stage.source
         assert isinstance(source, FileSource)
         wall_minus_mono = time.time() - time.monotonic()

@@ -30,7 +30,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(REPO_ROOT))
 from mini_broker import MiniBroker  # noqa: E402 - a sibling script, not a package
+
+from bench.broker import free_port  # noqa: E402 - the checkout's bench package (one free_port)
 
 AGENT_ID = "demo"
 THERMOSTAT_STATE = {"current_heating_setpoint": 20.5, "local_temperature": 19.8}
@@ -106,12 +109,6 @@ class Console:
             if at is None:
                 at = time.monotonic() - self.t0 if self.t0 is not None else 0.0
             print(f"  {at:6.2f} s  {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Broker:

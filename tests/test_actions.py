@@ -220,13 +220,6 @@ def test_failed_render_is_not_a_firing() -> None:
     actions.render("heating_up", 0.1)  # not rate limited by the failed attempt
 
 
-def test_time_to_live() -> None:
-    actions = table(a={"profile": "tasmota", "device": "p", "command": "on", "ttl": 5})
-    with pytest.raises(ActionError, match=r"expired: requested 5.1 s ago \(ttl 5 s\)"):
-        actions.render("a", 105.1, created_mono=100.0)
-    actions.render("a", 105.0, created_mono=100.0)
-
-
 def test_allow_list_is_exactly_the_rendered_topics_of_the_example_config() -> None:
     config = load_config(REPO / "config.toml")
     actions = ActionTable(config.actions)

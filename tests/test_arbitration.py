@@ -21,8 +21,7 @@ from agent.arbitration import (
 from agent.config import Config, parse_config
 from agent.discovery import ARBITRATION_SENSORS, discovery_messages
 from agent.errors import ConfigError, PayloadError
-from agent.messages import Detection, Intent
-from agent.mqtt_link import InboundMessage
+from agent.messages import Detection, InboundMessage, Intent
 from agent.topics import Topics
 
 WINDOW = 0.15

@@ -1,17 +1,39 @@
-"""The runtime package's import graph: no cycles, the config schema imports no domain module, and nothing in
-``agent/`` imports ``training/``. Every import counts: those under ``TYPE_CHECKING`` and inside functions too
-(a cycle hidden in a function still ties the two modules together)."""
+"""The runtime package's shape: no import cycle, stages that never reach the supervisor or the link, a config
+schema that imports no domain module, and no import of ``training/``.
+
+Imports are read from the source (``ast``), so those under ``TYPE_CHECKING`` and inside functions count
+as much as module-level ones: a cycle hidden in a function is still a cycle for the reader.
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-import pytest
-
 AGENT = Path(__file__).resolve().parent.parent / "agent"
+
+MAX_LINES = 700
 # What agent/config.py may import of the agent: leaf helpers that import nothing of the agent but errors.
 CONFIG_MAY_IMPORT = {"agent.errors", "agent.topics", "agent.template", "agent.payloads", "agent.paths"}
+
+# What a stage may import besides its own helpers: the records, the config, the errors, the callables it
+# is handed (ports), topic names, log throttling and the queue type.
+COMMON = {"agent", "agent.messages", "agent.config", "agent.errors", "agent.ports", "agent.topics",
+          "agent.logutil", "agent.queues"}
+STAGE_HELPERS: dict[str, set[str]] = {
+    "agent.voice": {"agent.audio", "agent.features", "agent.kws", "agent.recognizer", "agent.adaptation",
+                    "agent.arbitration", "agent.paths"},
+    "agent.arbitration": set(),
+    "agent.anomaly.stage": {"agent.anomaly.streams"},
+    "agent.anomaly.streams": {"agent.anomaly.detector"},
+    "agent.anomaly.detector": set(),
+    "agent.telemetry_stage": {"agent.telemetry"},
+    "agent.homeassistant": {"agent.discovery", "agent.state", "agent.actions"},
+    "agent.dispatch": {"agent.actions"},
+}
+# Never reachable from a stage, directly or through its helpers.
+SUPERVISOR_SIDE = {"agent.app", "agent.wiring", "agent.mqtt_link", "agent.outbox", "agent.sdnotify",
+                   "agent.cli", "agent.validate", "agent.health"}
 
 
 def module_name(path: Path) -> str:
@@ -19,56 +41,59 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(AGENT.rglob("*.py"))}
+
+
 def imports_of(path: Path, known: set[str]) -> set[str]:
-    """The modules ``path`` imports (``from agent.x import y`` names agent.x.y when that is a module)."""
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    """Every ``agent`` module ``path`` imports, wherever the import statement is."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parent, *([node.module] if node.module else [])])
-            for alias in node.names:
-                submodule = f"{base}.{alias.name}"
-                found.add(submodule if submodule in known else base)
-    return found
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "agent"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] != "agent":
+                continue
+            for alias in node.names:  # `from agent import voice` imports the submodule
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in known else node.module)
+    return found & known
 
 
 def import_graph() -> dict[str, set[str]]:
-    files = {module_name(path): path for path in AGENT.rglob("*.py")}
-    known = set(files)
-    return {name: {m for m in imports_of(path, known) if m in known and m != name}
-            for name, path in files.items()}
+    known = modules()
+    names = set(known)
+    return {name: imports_of(path, names) - {name} for name, path in known.items()}
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of more than one module (Tarjan)."""
+def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
-    found: list[list[str]] = []
+    on_stack: set[str] = set()
+    found: list[frozenset[str]] = []
 
     def visit(node: str) -> None:
         index[node] = low[node] = len(index)
         stack.append(node)
-        for other in sorted(graph[node]):
-            if other not in index:
-                visit(other)
-                low[node] = min(low[node], low[other])
-            elif other in stack:
-                low[node] = min(low[node], index[other])
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
         if low[node] == index[node]:
-            component = []
+            component = set()
             while True:
                 member = stack.pop()
-                component.append(member)
+                on_stack.discard(member)
+                component.add(member)
                 if member == node:
                     break
             if len(component) > 1:
-                found.append(sorted(component))
+                found.append(frozenset(component))
 
     for node in sorted(graph):
         if node not in index:
@@ -76,24 +101,72 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_cycles_are_found() -> None:
-    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
-    assert cycles(graph) == [["a", "b", "c"]]
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in graph[todo.pop()]:
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
 
 
-@pytest.mark.xfail(reason="agent.app <-> agent.voice (from_app) and agent.validate: the wiring module of "
-                          "issue 17 (branch issue-17a) removes them; strict, so this marker must go then")
-def test_the_runtime_package_has_no_import_cycle() -> None:
-    assert cycles(import_graph()) == []
+def test_the_import_graph_is_read_from_every_statement() -> None:
+    graph = import_graph()
+    assert "agent.app" in graph["agent.wiring"]
+    assert "agent.voice" in graph["agent.wiring"]  # imported inside a function
+    assert "agent.adaptation" in graph["agent.voice"]  # imported under TYPE_CHECKING
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset({"a", "b", "c"})]
+
+
+def test_no_import_cycle_in_the_runtime_package() -> None:
+    found = [sorted(c) for c in cycles(import_graph())]
+    assert found == [], f"import cycles in agent/: {found}"
+
+
+def test_stages_import_only_records_config_errors_and_their_own_helpers() -> None:
+    graph = import_graph()
+    for stage, helpers in STAGE_HELPERS.items():
+        extra = graph[stage] - COMMON - helpers
+        assert extra == set(), f"{stage} imports {sorted(extra)}"
+
+
+def test_no_stage_reaches_the_supervisor_or_the_link() -> None:
+    graph = import_graph()
+    for stage in STAGE_HELPERS:
+        reached = reachable(graph, stage) & SUPERVISOR_SIDE
+        assert reached == set(), f"{stage} reaches {sorted(reached)}"
+
+
+def test_stages_do_not_import_each_other() -> None:
+    graph = import_graph()
+    voice_side = {"agent.voice", "agent.arbitration"}
+    for stage in STAGE_HELPERS:
+        others = {s for s in STAGE_HELPERS if s.split(".")[:2] != stage.split(".")[:2]}
+        if stage in voice_side:
+            others -= voice_side
+        crossing = graph[stage] & others
+        assert crossing == set(), f"{stage} imports the stage module(s) {sorted(crossing)}"
+
+
+def test_no_runtime_module_is_over_700_lines() -> None:
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules().items()}
+    assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
 
 
 def test_the_config_schema_imports_no_domain_module() -> None:
     graph = import_graph()
-    assert {m for m in graph["agent.config"] if m.startswith("agent")} <= CONFIG_MAY_IMPORT
+    assert graph["agent.config"] - {"agent"} <= CONFIG_MAY_IMPORT
     for helper in CONFIG_MAY_IMPORT:
-        assert graph[helper] <= {"agent.errors"}, f"{helper} is no leaf: {sorted(graph[helper])}"
+        assert graph[helper] - {"agent"} <= {"agent.errors"}, f"{helper} is no leaf: {sorted(graph[helper])}"
 
 
 def test_the_runtime_never_imports_training() -> None:
     for path in AGENT.rglob("*.py"):
-        assert not any(m.split(".")[0] == "training" for m in imports_of(path, set())), path
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+        roots |= {node.module.split(".")[0] for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        assert "training" not in roots, path

@@ -25,10 +25,10 @@ from conftest import Mosquitto, base_config, retained_messages, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import __version__
-from agent.app import App
 from agent.config import Config, parse_config
 from agent.discovery import discovery_messages
 from agent.messages import ActionRequest, AnomalyEvent
+from agent.wiring import Daemon, build
 
 BASE = "home-agent/testagent"
 ANOMALY = f"{BASE}/anomaly/#"
@@ -93,7 +93,8 @@ class RunningApp:
     """The real App on a thread (signals stay with pytest; ``request_stop`` ends it)."""
 
     def __init__(self, config: Config) -> None:
-        self.app = App(config)
+        self.daemon = build(config)
+        self.app = self.daemon.app
         self.connected_at: list[float] = []
         self.app.link.add_connect_listener(lambda: self.connected_at.append(time.monotonic()))
         self.error: BaseException | None = None
@@ -149,10 +150,10 @@ def grown(get: Callable[[], int], baseline: int) -> Callable[[], bool]:
     return lambda: get() > baseline
 
 
-def inject_event(app: App, sensor: str, n: int) -> str:
+def inject_event(daemon: Daemon, sensor: str, n: int) -> str:
     event = AnomalyEvent(sensor=sensor, score=0.5 + (n % 50) / 100, value=20.0 + n, kind="spike",
                          active=n % 2 == 0, time=time.time())
-    return app.publish_anomaly(event)
+    return daemon.anomaly_events.publish_anomaly(event)
 
 
 def test_twenty_broker_crashes_lose_no_anomaly_event_and_send_no_stale_voice_action(
@@ -168,7 +169,7 @@ def test_twenty_broker_crashes_lose_no_anomaly_event_and_send_no_stale_voice_act
     broker.start()
     assert observer.subscribed.wait(5)
     running = run_app(fault_config(broker, tmp_path / "state", voice_actions=3 * CYCLES))
-    app = running.app
+    app, daemon = running.app, running.daemon
     assert app.link.wait_connected(5)
 
     sent_events: dict[str, str] = {}  # event id -> its topic (one sensor per event: unique topics)
@@ -182,10 +183,10 @@ def test_twenty_broker_crashes_lose_no_anomaly_event_and_send_no_stale_voice_act
             # Up: events and a voice action that are likely in flight when the broker dies.
             for n in range(2):
                 sensor = f"e{len(sent_events)}"
-                sent_events[inject_event(app, sensor, n)] = f"{BASE}/anomaly/{sensor}"
+                sent_events[inject_event(daemon, sensor, n)] = f"{BASE}/anomaly/{sensor}"
             in_flight = f"v{3 * cycle}"
             now = time.monotonic()
-            app.request_action(ActionRequest(in_flight, "voice", now, ttl=IN_FLIGHT_TTL))
+            daemon.actions.request_action(ActionRequest(in_flight, "voice", now, ttl=IN_FLIGHT_TTL))
             voice_expiry[f"test/voice/{in_flight}"] = now + IN_FLIGHT_TTL
             broker.kill()
             killed = time.monotonic()
@@ -193,14 +194,14 @@ def test_twenty_broker_crashes_lose_no_anomaly_event_and_send_no_stale_voice_act
             # Down: events go to the outbox; a short-TTL action must expire, a long-TTL one must arrive.
             for n in range(3):
                 sensor = f"e{len(sent_events)}"
-                message_id = inject_event(app, sensor, n)
+                message_id = inject_event(daemon, sensor, n)
                 sent_events[message_id] = f"{BASE}/anomaly/{sensor}"
                 sent_while_down.append(message_id)
             short, long = f"v{3 * cycle + 1}", f"v{3 * cycle + 2}"
             now = time.monotonic()
-            app.request_action(ActionRequest(short, "voice", now, ttl=SHORT_TTL))
+            daemon.actions.request_action(ActionRequest(short, "voice", now, ttl=SHORT_TTL))
             voice_expiry[f"test/voice/{short}"] = now + SHORT_TTL
-            app.request_action(ActionRequest(long, "voice", now, ttl=LONG_TTL))
+            daemon.actions.request_action(ActionRequest(long, "voice", now, ttl=LONG_TTL))
             voice_expiry[f"test/voice/{long}"] = now + LONG_TTL
             must_arrive.append(f"test/voice/{long}")
             time.sleep(max(0.0, killed + DOWN_TIME - time.monotonic()))
@@ -282,13 +283,13 @@ def test_an_empty_broker_gets_discovery_availability_subscriptions_and_outbox_ba
     config = fault_config(broker, tmp_path / "state", voice_actions=0)
     expected_discovery = set(discovery_messages(config, event_types=[], sw_version=__version__))
     running = run_app(config)
-    app = running.app
+    app, daemon = running.app, running.daemon
     assert app.link.wait_connected(5)
     for cycle in range(3):
         broker.kill()
         assert wait_until(lambda: not app.link.connected, 5)
         # One event per sensor while the broker is away: the broker must end up retaining each of them.
-        latest = {f"c{cycle}s{n}": inject_event(app, f"c{cycle}s{n}", n) for n in range(4)}
+        latest = {f"c{cycle}s{n}": inject_event(daemon, f"c{cycle}s{n}", n) for n in range(4)}
         time.sleep(0.3)
         broker.start()
         started = time.monotonic()

@@ -4,6 +4,7 @@ re-announce on HA birth, the mute switch, broker restarts, bad credentials, SIGH
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import signal
@@ -26,11 +27,11 @@ from conftest import (
 )
 
 from agent import __version__
-from agent.app import App
 from agent.config import load_config, parse_config
 from agent.discovery import discovery_messages
 from agent.errors import ActionError
 from agent.messages import ActionRequest
+from agent.wiring import build
 
 BASE = "home-agent/testagent"
 AVAILABILITY = f"{BASE}/availability"
@@ -381,32 +382,33 @@ def test_action_command_without_broker_fails_clearly(write_config: Callable[...,
 
 def test_request_action_ttl_mute_and_never_retained(
         mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe]) -> None:
-    """In-process: App.request_action renders via the action table, never retains, drops expired voice
-    requests and refuses voice while muted (other sources still act)."""
+    """In-process: ActionDispatcher.request_action renders via the action table, never retains, drops
+    expired voice requests and refuses voice while muted (other sources still act)."""
     data = base_config(mosquitto, tmp_path / "state")
     data["actions"]["lamp_on"]["ttl"] = 2.0
     config = parse_config(data, source="test.toml")
-    app = App(config)
+    daemon = build(config)
+    app, actions = daemon.app, daemon.actions
     probe = mqtt_client().subscribe("test/lamp/set", MUTE_STATE)
     runner = threading.Thread(target=app.run, name="app-under-test")
     runner.start()
     try:
         assert app.link.wait_connected(5)
         now = time.monotonic()
-        assert app.request_action(ActionRequest("lamp_on", "voice", created_mono=now)) == 1
+        assert actions.request_action(ActionRequest("lamp_on", "voice", created_mono=now)) == 1
         message = probe.wait_for("test/lamp/set", timeout=2)
         assert message.payload == b'{"state": "ON"}' and not message.retained
         with pytest.raises(ActionError, match="expired"):  # the action's ttl (2 s) applies to voice
-            app.request_action(ActionRequest("lamp_on", "voice", created_mono=now - 3))
+            actions.request_action(ActionRequest("lamp_on", "voice", created_mono=now - 3))
         with pytest.raises(ActionError, match="unknown action"):
-            app.request_action(ActionRequest("nope", "anomaly", created_mono=now))
+            actions.request_action(ActionRequest("nope", "anomaly", created_mono=now))
         probe.publish(MUTE_SET, b"ON")
         probe.wait_for(MUTE_STATE, b"ON")
-        assert wait_until(lambda: app.muted, 2)
+        assert wait_until(daemon.homeassistant.is_muted, 2)
         with pytest.raises(ActionError, match="muted"):
-            app.request_action(ActionRequest("lamp_on", "voice", created_mono=time.monotonic()))
+            actions.request_action(ActionRequest("lamp_on", "voice", created_mono=time.monotonic()))
         not_voice = ActionRequest("lamp_on", "anomaly", created_mono=time.monotonic())  # muting is for voice
-        assert app.request_action(not_voice) == 1
+        assert actions.request_action(not_voice) == 1
         probe.wait_for("test/lamp/set", count=2, timeout=2)
         assert app.counters()["actions_rejected"] == 3
     finally:
@@ -427,3 +429,68 @@ def test_sensor_state_is_republished_only_when_the_value_changes(
     time.sleep(0.3)  # any late repeat would have arrived by now
     assert [m.payload for m in probe.matching(SENSOR_STATE)] == [b"21.5", b"22.0", b"21.5"]
     assert daemon.alive()
+
+
+def test_mqtt_max_payload_bytes_also_applies_to_telemetry(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    """Raising mqtt.max_payload_bytes lets a larger telemetry document through (the link and the parser
+    share the one limit)."""
+    probe = mqtt_client().subscribe(AVAILABILITY, SENSOR_STATE)
+    config = write_config(mosquitto, **{"mqtt.max_payload_bytes": 200_000})
+    daemon = start_online(daemon_factory, config, probe)
+    probe.publish(TELEMETRY, json.dumps({"temperature": 23.25, "padding": "x" * 100_000}))
+    probe.wait_for(SENSOR_STATE, b"23.25", timeout=5)
+    assert daemon.alive()
+
+
+def test_anomaly_stage_counters_reach_the_diagnostics(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    config = write_config(mosquitto)
+    probe = mqtt_client().subscribe(AVAILABILITY, DIAGNOSTICS)
+    start_online(daemon_factory, config, probe)
+    for value in (21.0, 21.5, 22.0):
+        probe.publish(TELEMETRY, json.dumps({"temperature": value}))
+    assert wait_until(lambda: diagnostics(probe).get("anomaly_readings") == 3, 5), diagnostics(probe)
+    assert {"anomaly_alerts", "anomaly_events"} <= set(diagnostics(probe))
+    sensors = retained_messages(mosquitto, "homeassistant/sensor/testagent/+/config")
+    assert "homeassistant/sensor/testagent/anomaly_alerts/config" in sensors
+
+
+def test_readings_are_queued_for_the_anomaly_stage_from_the_start(
+        mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe]) -> None:
+    """Whether readings are queued is decided when the daemon is built (a stream is scored), not by who
+    asked for the queue when; the watchdog watches that queue from the start."""
+    daemon = build(parse_config(base_config(mosquitto, tmp_path / "state"), source="test.toml"))
+    app = daemon.app
+    assert daemon.readings is not None
+    probe = mqtt_client()
+    runner = threading.Thread(target=app.run, name="app-under-test")
+    runner.start()
+    try:
+        assert app.link.wait_connected(5)
+        assert "readings" in app.health.stage_names()  # its queue is watched by the sd_notify watchdog
+        time.sleep(0.3)  # the telemetry subscription is in place
+        probe.publish(TELEMETRY, json.dumps({"temperature": 21.0}))
+        assert wait_until(lambda: app.counters()["readings"] == 1, 5), app.counters()
+        assert wait_until(lambda: app.counters()["anomaly_readings"] == 1, 5), app.counters()
+    finally:
+        app.request_stop()
+        runner.join(10)
+
+
+def test_action_command_waits_for_device_state_only_when_the_action_needs_it(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A payload that merely contains the text "setpoint" needs no current setpoint: the action table
+    decides (it once was a substring test here, which waited FIRE_STATE_WAIT for a state that never came)."""
+    from agent.fire import FIRE_STATE_WAIT, fire_action
+
+    config = write_config(mosquitto, **{
+        "actions.heat_up": {"topic": "zigbee2mqtt/trv/set", "state_topic": "zigbee2mqtt/trv",
+                            "payload": '{"current_heating_setpoint": {{ setpoint + 1 }}}'},
+        "actions.hold": {"topic": "zigbee2mqtt/trv/set", "payload": '{"preset": "setpoint_hold"}'}})
+    t0 = time.monotonic()
+    assert fire_action(argparse.Namespace(config=str(config), name="hold", timeout=5.0)) == 0
+    assert time.monotonic() - t0 < FIRE_STATE_WAIT
+    assert capsys.readouterr().out == 'zigbee2mqtt/trv/set {"preset": "setpoint_hold"}\n'

@@ -243,7 +243,7 @@ def test_a_running_voice_stage_picks_up_a_new_adaptation_on_reload(tmp_path: Pat
     assert stage.pipeline.adaptation is None
     enrol = [child_voice(name, factor, tmp_path) for name in WAKE_SOURCES[:2] for factor in (1.3, 1.4)]
     assert enroll(config_path, "--word", "computer", *enrol) == 0
-    stage.reload_adaptation()  # what SIGHUP does (App._reload's listeners)
+    stage.reload_adaptation()  # what SIGHUP does (a reloader the wiring registers with App)
     stage.start()
     deadline = time.monotonic() + 60
     while not stage.finished and time.monotonic() < deadline:

@@ -15,7 +15,8 @@ from conftest import Mosquitto, MqttProbe, base_config, set_dotted, wait_until
 
 from agent.config import Config, parse_config
 from agent.errors import ActionError, ConfigError, PayloadError
-from agent.mqtt_link import InboundMessage, MqttLink
+from agent.messages import InboundMessage
+from agent.mqtt_link import MqttLink
 
 AVAILABILITY = "home-agent/testagent/availability"
 

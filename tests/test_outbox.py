@@ -341,20 +341,22 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path,
 
 def test_alert_changes_are_stored_score_refreshes_are_not(
         mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe]) -> None:
-    """App.publish_anomaly: a stream's first event and every start/end of an alert go through the outbox;
-    score refreshes in between do not (the next one supersedes them). All carry unique ids."""
-    from agent.app import App
+    """AnomalyPublisher.publish_anomaly: a stream's first event and every start/end of an alert go through
+    the outbox; score refreshes in between do not (the next one supersedes them). All carry unique ids."""
     from agent.messages import AnomalyEvent
+    from agent.wiring import build
 
     probe = mqtt_client().subscribe(TOPIC)
-    app = App(make_config(mosquitto, tmp_path))
+    daemon = build(make_config(mosquitto, tmp_path))
+    app = daemon.app
     thread = threading.Thread(target=app.run, daemon=True)
     thread.start()
     try:
         assert app.link.wait_connected(5)
         states = [False, False, False, True, True, False, False]
-        ids = [app.publish_anomaly(AnomalyEvent("living_room_temperature", 0.1 * n, 20.0, "spike", active,
-                                                time.time())) for n, active in enumerate(states)]
+        publish = daemon.anomaly_events.publish_anomaly
+        ids = [publish(AnomalyEvent("living_room_temperature", 0.1 * n, 20.0, "spike", active, time.time()))
+               for n, active in enumerate(states)]
         probe.wait_for(TOPIC, count=len(states))
         assert ids_of(probe.matching(TOPIC)) == ids
         assert len(set(ids)) == len(ids)
@@ -362,6 +364,67 @@ def test_alert_changes_are_stored_score_refreshes_are_not(
         assert stats["outbox_written"] == 3  # the first event, the start, the end
         assert stats["outbox_volatile"] == 4
         assert [json.loads(m.payload)["active"] for m in probe.matching(TOPIC)] == states
+    finally:
+        app.request_stop()
+        thread.join(10)
+
+
+# ------------------------------------------------------------------------------------ defects (issue 17)
+
+
+def test_a_message_the_client_refuses_is_not_sent_again_forever(
+        mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe],
+        boxes: Callable[..., Outbox], links: Callable[..., MqttLink]) -> None:
+    """paho refuses a topic over 65535 bytes: the row is removed and counted, not re-sent every 120 s;
+    the messages around it are delivered."""
+    probe = mqtt_client().subscribe(TOPIC)
+    link = links(make_config(mosquitto, tmp_path))
+    box = boxes(link)
+    assert link.wait_connected(5)
+    first = box.publish(TOPIC, {"n": 0})
+    box.publish(f"{TOPIC}/{'x' * 70_000}", {"n": 1})
+    last = box.publish(TOPIC, {"n": 2})
+    probe.wait_for(TOPIC, count=2, timeout=5)
+    assert ids_of(probe.matching(TOPIC)) == [first, last]
+    assert wait_until(lambda: box.depth == 0, 5), box.pending()[:1]
+    assert box.stats()["outbox_refused"] == 1
+    assert link.stats.dropped == 1
+
+
+def test_the_worker_survives_an_unexpected_error_and_counts_it(
+        tmp_path: Path, boxes: Callable[..., Outbox], links: Callable[..., MqttLink],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    link = links(make_config(None, tmp_path), start=False)
+    box = boxes(link)
+    failures = iter([RuntimeError("boom")])
+
+    def step_that_fails_once() -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(box, "_step", step_that_fails_once)
+    box._wake.set()
+    assert wait_until(lambda: box.stats()["outbox_worker_errors"] == 1, 5)
+    box._wake.set()
+    time.sleep(0.2)
+    assert box.healthy(time.monotonic())
+    assert "outbox worker" in caplog.text
+
+
+def test_the_supervisor_reports_a_dead_outbox_worker(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """The watchdog withholds WATCHDOG=1 when the outbox worker is gone."""
+    from agent.wiring import build
+
+    app = build(make_config(mosquitto, tmp_path)).app
+    thread = threading.Thread(target=app.run, daemon=True)
+    thread.start()
+    try:
+        assert app.link.wait_connected(5)
+        assert app.healthy(time.monotonic())[0]
+        app.outbox.stop()
+        assert wait_until(lambda: not app.healthy(time.monotonic())[0], 5), app.healthy(time.monotonic())
+        assert "outbox" in app.healthy(time.monotonic())[1]
     finally:
         app.request_stop()
         thread.join(10)

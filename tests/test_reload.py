@@ -16,9 +16,10 @@ import pytest
 from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, base_config, toml_dumps, wait_until
 from test_service_signals import NotifyListener
 
-from agent.app import App, RunOptions, _needs_new_app, _next_app
+from agent.app import RunOptions
 from agent.config import parse_config
 from agent.messages import ActionRequest
+from agent.wiring import build, needs_new_app, next_daemon
 
 BASE = "home-agent/testagent"
 AVAILABILITY = f"{BASE}/availability"
@@ -178,7 +179,8 @@ def test_known_setpoints_survive_both_kinds_of_reload(
     data["actions"]["heat_up"] = HEAT_UP
     config_path = tmp_path / "config.toml"
     write(config_path, data)
-    app = App(parse_config(data, "config.toml", config_path))
+    daemon = build(parse_config(data, "config.toml", config_path))
+    app = daemon.app
     probe = mqtt_client()
     runner = threading.Thread(target=app.run, name="app-under-test")
     runner.start()
@@ -187,30 +189,30 @@ def test_known_setpoints_survive_both_kinds_of_reload(
         time.sleep(0.3)  # the state subscription is in place
         probe.publish(THERMOSTAT_STATE, json.dumps({"current_heating_setpoint": 20}))
         request = ActionRequest("heat_up", "anomaly", created_mono=time.monotonic())
-        assert wait_until(lambda: app._actions.current_setpoint("heat_up") == 20, 3)
+        assert wait_until(lambda: daemon.actions._actions.current_setpoint("heat_up") == 20, 3)
 
         # In place (telemetry changed): the new action table keeps the setpoint.
         data["telemetry"][0]["unit"] = "K"
         write(config_path, data)
         app.request_reload()
         assert wait_until(lambda: app.config.telemetry[0].unit == "K", 5)
-        assert app.request_action(request) == 1
+        assert daemon.actions.request_action(request) == 1
     finally:
         app.request_stop()
         runner.join(10)
     assert not runner.is_alive()
 
-    # Restart-type ([mqtt] changed): the next App takes over what this one knew.
+    # Restart-type ([mqtt] changed): the next daemon takes over what this one knew.
     data["mqtt"]["keepalive"] = 7
     new = parse_config(data, "config.toml", config_path)
-    successor = _next_app(app, new, RunOptions())
+    successor = next_daemon(daemon, new, RunOptions())
     try:
-        assert successor.config.mqtt.keepalive == 7
-        assert successor._actions.current_setpoint("heat_up") == 21  # 20, then "heat up" once
+        assert successor.app.config.mqtt.keepalive == 7
+        assert successor.actions._actions.current_setpoint("heat_up") == 21  # 20, then "heat up" once
         request = ActionRequest("heat_up", "anomaly", created_mono=time.monotonic())
-        assert successor.request_action(request) == 1
+        assert successor.actions.request_action(request) == 1
     finally:
-        successor.stop()
+        successor.app.stop()
 
 
 def test_a_new_config_that_cannot_be_built_falls_back_to_the_old_one(
@@ -219,18 +221,18 @@ def test_a_new_config_that_cannot_be_built_falls_back_to_the_old_one(
     config is built again, and the rejection is reported."""
     data = base_config(mosquitto, tmp_path / "state")
     config_path = tmp_path / "config.toml"
-    app = App(parse_config(data, "config.toml", config_path))
+    daemon = build(parse_config(data, "config.toml", config_path))
     vanished = tmp_path / "gone.wav"
     data["voice"]["enabled"] = True
     data["audio"] = {"source": f"file:{vanished}"}
-    successor = _next_app(app, parse_config(data, "config.toml", config_path), RunOptions())
+    successor = next_daemon(daemon, parse_config(data, "config.toml", config_path), RunOptions())
     try:
-        assert successor.config is app.config
-        assert successor.counters()["reload_failures"] == 1
-        assert str(vanished) in successor.counters()["config_status"]
+        assert successor.app.config is daemon.app.config
+        assert successor.app.counters()["reload_failures"] == 1
+        assert str(vanished) in successor.app.counters()["config_status"]
     finally:
-        successor.stop()
-        app.stop()
+        successor.app.stop()
+        daemon.app.stop()
 
 
 def test_what_the_anomaly_stage_was_built_with_rebuilds_it() -> None:
@@ -243,11 +245,11 @@ def test_what_the_anomaly_stage_was_built_with_rebuilds_it() -> None:
     def changed(**fields: Any) -> bool:
         copy = json.loads(json.dumps(data))
         copy["telemetry"][0].update(fields)
-        return _needs_new_app(old, parse_config(copy, "config.toml"))
+        return needs_new_app(old, parse_config(copy, "config.toml"))
 
     assert changed(on_anomaly="siren")
     assert changed(anomaly=False)
     assert not changed(unit="K", name="Kitchen")
     added = json.loads(json.dumps(data))
     added["telemetry"].append({"topic": "t/x", "sensor": "x"})
-    assert _needs_new_app(old, parse_config(added, "config.toml"))
+    assert needs_new_app(old, parse_config(added, "config.toml"))

@@ -37,13 +37,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import __version__
 from agent.actions import ActionTable
-from agent.app import App
 from agent.config import Config, load_config, parse_config
 from agent.discovery import discovery_messages, discovery_topic_filter
 from agent.errors import ActionError
 from agent.messages import ActionRequest
 from agent.mqtt_link import MqttLink
 from agent.topics import Topics
+from agent.wiring import build
 
 ACL_EXAMPLE = REPO_ROOT / "deploy" / "mosquitto" / "acl.example"
 EXAMPLE_CONFIG = REPO_ROOT / "config.toml"
@@ -341,7 +341,8 @@ def test_mosquitto_enforces_the_example_acl(acl_broker: Mosquitto, tmp_path: Pat
     observer = mqtt_client(acl_broker, username="observer", password="observer-pw").subscribe("#")
     monkeypatch.setenv("HOME_AGENT_MQTT_PASSWORD", PASSWORD)
     config = example_config_for(acl_broker, tmp_path / "state")
-    app = App(config)
+    daemon = build(config)
+    app = daemon.app
     thread = threading.Thread(target=app.run, daemon=True)
     thread.start()
     raw: RawClient | None = None
@@ -354,7 +355,7 @@ def test_mosquitto_enforces_the_example_acl(acl_broker: Mosquitto, tmp_path: Pat
         assert wait_until(lambda: app.counters()["readings"] == 2, 5)
         observer.publish("zigbee2mqtt/living_room_trv", b'{"current_heating_setpoint": 20}')
         time.sleep(0.2)
-        app.request_action(ActionRequest("heating_up", "anomaly", time.monotonic()))
+        daemon.actions.request_action(ActionRequest("heating_up", "anomaly", time.monotonic()))
         command = observer.wait_for("zigbee2mqtt/living_room_trv/set")
         assert command.payload == b'{"current_heating_setpoint": 21.0}'
         agent_client = f"home-agent-{config.agent.id}"
@@ -414,19 +415,20 @@ def test_voice_actions_are_rate_limited(mosquitto: Mosquitto, tmp_path: Path,
                                         mqtt_client: Callable[..., MqttProbe]) -> None:
     data = base_config(mosquitto, tmp_path / "state")
     data["actions"]["lamp_on"]["min_interval"] = 2.0
-    app = App(parse_config(data, source="t.toml"))
+    daemon = build(parse_config(data, source="t.toml"))
+    app = daemon.app
     probe = mqtt_client().subscribe("test/lamp/set")
     thread = threading.Thread(target=app.run, daemon=True)
     thread.start()
     try:
         assert app.link.wait_connected(5)
         start = time.monotonic()
-        assert app.request_action(ActionRequest("lamp_on", "voice", start)) == 1
+        assert daemon.actions.request_action(ActionRequest("lamp_on", "voice", start)) == 1
         for _ in range(5):  # a stuck recogniser or a replayed clip repeating the command
             with pytest.raises(ActionError, match="rate limited"):
-                app.request_action(ActionRequest("lamp_on", "voice", time.monotonic()))
+                daemon.actions.request_action(ActionRequest("lamp_on", "voice", time.monotonic()))
         time.sleep(max(0.0, start + 2.05 - time.monotonic()))
-        assert app.request_action(ActionRequest("lamp_on", "voice", time.monotonic())) == 1
+        assert daemon.actions.request_action(ActionRequest("lamp_on", "voice", time.monotonic())) == 1
         probe.wait_for("test/lamp/set", count=2)
         time.sleep(0.2)
         assert len(probe.matching("test/lamp/set")) == 2

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, toml_dumps, wait_until
+from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, retained_messages, toml_dumps, wait_until
 from paho.mqtt.client import topic_matches_sub
 
 from agent.audio import FileSource, read_audio_file
@@ -252,3 +252,23 @@ def test_muted_listening_hears_nothing(tmp_path: Path, mosquitto: Mosquitto) -> 
     assert requests[0].source == "voice" and requests[0].ttl == 5.0
     assert published == ["home-agent/voicetest/intent", "hermes/intent/light_on",
                          "home-agent/voicetest/event"]
+
+
+def test_voice_and_audio_counters_reach_the_diagnostics(
+        tmp_path: Path, mosquitto: Mosquitto, mqtt_client: Callable[..., MqttProbe],
+        daemon_factory: Callable[..., Daemon]) -> None:
+    diagnostics_topic = "home-agent/voicetest/diagnostics"
+    probe = mqtt_client().subscribe(diagnostics_topic)
+    daemon = daemon_factory(write(tmp_path, voice_config(mosquitto, tmp_path / "state")),
+                            extra_args=("--audio", f"file:{EXAMPLES / 'computer_light_on.wav'}"))
+
+    def counters() -> dict[str, Any]:
+        last = probe.last(diagnostics_topic)
+        return dict(json.loads(last)) if last else {}
+
+    assert wait_until(lambda: counters().get("intents", 0) >= 1, timeout=30), daemon.log_text()
+    assert {"detections", "dropped_samples", "samples", "actions_requested"} <= set(counters())
+    sensors = set(retained_messages(mosquitto, "homeassistant/sensor/voicetest/+/config"))
+    assert {"homeassistant/sensor/voicetest/intents/config",
+            "homeassistant/sensor/voicetest/dropped_samples/config"} <= sensors
+    assert daemon.terminate() == 0

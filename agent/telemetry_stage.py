@@ -1,0 +1,122 @@
+"""Telemetry in: subscribed sensor payloads -> ``TelemetryIntake.parse`` -> ``Reading``s.
+
+Each reading goes to the anomaly stage's queue (drop oldest; only when the wiring built one) and, when its
+value changed, to the sensor's state topic (retained) for Home Assistant. Handlers run on paho's thread:
+parse, hand over, return.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.config import Config
+from agent.logutil import LogThrottle, suppressed_note
+from agent.messages import InboundMessage, Reading
+from agent.ports import Publisher, Subscriber, Unsubscriber
+from agent.queues import DropOldestQueue
+from agent.telemetry import REJECT_REASONS, TelemetryIntake
+from agent.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def format_reading(value: float) -> str:
+    """A sensor state payload: the shortest text that round-trips the float (HA parses it as a number)."""
+    return repr(float(value))
+
+
+class TelemetryStage:
+    """Parses telemetry, queues readings for the anomaly stage, republishes changed sensor states."""
+
+    def __init__(self, config: Config, *, publish: Publisher, subscribe: Subscriber,
+                 unsubscribe: Unsubscriber, count_bad_payload: Callable[[], None],
+                 readings: DropOldestQueue[Reading] | None) -> None:
+        self.topics = Topics.from_config(config)
+        self._publish = publish
+        self._subscribe = subscribe
+        self._unsubscribe = unsubscribe
+        self._count_bad_payload = count_bad_payload
+        self._readings = readings
+        self._intake = TelemetryIntake(list(config.telemetry),
+                                       max_payload_bytes=config.mqtt.max_payload_bytes)
+        self._sensors = {stream.sensor for stream in config.telemetry}
+        self._throttle = LogThrottle()
+        self._counts_lock = threading.Lock()
+        self._counts = {"readings": 0, "telemetry_ignored": 0, "readings_rejected": 0,
+                        **{f"rejected_{reason}": 0 for reason in REJECT_REASONS}}
+        self._last_values: dict[str, str] = {}
+        self._telemetry_subscriptions: list[Any] = []
+        self._subscribe_telemetry()
+
+    def counters(self) -> dict[str, int]:
+        with self._counts_lock:
+            counts = dict(self._counts)
+        counts["readings_dropped"] = self._readings.dropped if self._readings is not None else 0
+        return counts
+
+    def last_values(self) -> dict[str, str]:
+        """Each sensor's last state payload (republished after a reconnect)."""
+        return dict(self._last_values)
+
+    def prepare_reload(self, new: Config) -> Callable[[], None]:
+        intake = TelemetryIntake(list(new.telemetry), max_payload_bytes=new.mqtt.max_payload_bytes)
+
+        def apply() -> None:
+            self._intake = intake
+            self._subscribe_telemetry()
+            self._sensors = {stream.sensor for stream in new.telemetry}
+            self._last_values = {k: v for k, v in self._last_values.items() if k in self._sensors}
+
+        return apply
+
+    def carry_over(self, previous: TelemetryStage) -> None:
+        """The last readings of streams still configured, from the stage of the previous config."""
+        self._last_values = {k: v for k, v in previous._last_values.items() if k in self._sensors}
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[name] = self._counts.get(name, 0) + amount
+
+    def _subscribe_telemetry(self) -> None:
+        for subscription in self._telemetry_subscriptions:
+            self._unsubscribe(subscription)
+        self._telemetry_subscriptions = [
+            self._subscribe(topic_filter, self._on_telemetry, 0)
+            for topic_filter in self._intake.topic_filters()
+        ]
+
+    def _on_telemetry(self, message: InboundMessage) -> None:
+        outcome = self._intake.parse_detailed(message.topic, message.payload, message.retained, time.time())
+        for reason, text in outcome.rejected:
+            self._reject_reading(reason, text)
+        readings = outcome.readings
+        if not readings:
+            if outcome.rejected:
+                self._count_bad_payload()  # nothing usable in it (counted once per message)
+            else:
+                self._count("telemetry_ignored")  # carries none of its streams' fields
+            return
+        self._count("readings", len(readings))
+        for reading in readings:
+            if self._readings is not None:
+                self._readings.offer(reading)
+            value = format_reading(reading.value)
+            if self._last_values.get(reading.sensor) == value:
+                continue  # the broker retains this very state (and a reconnect republishes it): no repeat
+            self._last_values[reading.sensor] = value
+            self._publish(self.topics.sensor_state(reading.sensor), value, retain=True)
+
+    def _reject_reading(self, reason: str, text: str) -> None:
+        """A stream refused a reading: counted per reason (diagnostics), logged once per reason and
+        throttle interval."""
+        with self._counts_lock:
+            self._counts["readings_rejected"] += 1
+            key = f"rejected_{reason}"
+            self._counts[key] = self._counts.get(key, 0) + 1
+        suppressed = self._throttle.ready(f"rejected:{reason}")
+        if suppressed is not None:
+            log.warning("telemetry: rejected a reading (%s): %s%s", reason, text, suppressed_note(suppressed))
