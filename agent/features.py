@@ -356,7 +356,6 @@ class StreamingFeatures:
         self._chunk_peaks.clear()
         self._partial_peak = 0.0
         self._partial_fill = 0
-        self._cached: npt.NDArray[np.float32] | None = None
 
     @property
     def samples_seen(self) -> int:
@@ -370,7 +369,6 @@ class StreamingFeatures:
         if len(signal) == 0:
             return
         self._samples_seen += len(signal)
-        self._cached = None
         self._update_peaks(signal)
         params = self.params
         pending = np.concatenate((self._pending, signal))
@@ -411,10 +409,6 @@ class StreamingFeatures:
         first_frame = window_end - self._chunks_per_window  # global index of the window's first frame
         masked_frames = 0 if silence_before is None else \
             min(params.num_frames, max(0, -(-silence_before // hop) - first_frame))
-        if masked_frames == 0:
-            if self._cached is None:
-                self._cached = self._window_mfcc(first_frame, 0)
-            return self._cached.copy()
         return self._window_mfcc(first_frame, masked_frames)
 
     def _window_mfcc(self, first_frame: int, masked_frames: int) -> npt.NDArray[np.float32]:
