@@ -27,8 +27,9 @@ import numpy.typing as npt
 
 INT16_SCALE = 32768.0
 FILTERBANKS = ("tf_htk", "psf")
-# Frames framed by one gather of cached indices (a streaming push of up to 1 s); longer blocks use a view.
-MAX_GATHERED_FRAMES = 64
+# Pushes of up to this many frames (a streaming hop is 5) are framed by one gather of cached indices; longer
+# blocks (a whole window or file) by a strided view, so the cached indices stay small (under 0.6 MB).
+MAX_GATHERED_FRAMES = 16
 
 # The shipped keyword model's labels (a contract with the runtime and the config); the model metadata repeats
 # them and is what the runtime trusts.
