@@ -53,6 +53,10 @@ class EndOfAudio(Exception):  # noqa: N818 - a control-flow signal like StopIter
 
 # --------------------------------------------------------------------------------------------- resampling
 
+# Blocks of up to 1 s of output (a file source decodes 1 s at a time) keep their gather and tap matrices
+# (16 bytes per output and tap: up to 6 MB; a microphone's 0.1-0.3 s blocks keep up to 1.8 MB).
+MAX_PLANNED_OUTPUTS = 16000
+
 
 class Resampler:
     """Streaming polyphase resampler by a rational factor (Kaiser-windowed sinc low-pass).
@@ -82,6 +86,27 @@ class Resampler:
         self._history = np.zeros(self._taps - 1)
         self._consumed = 0  # input samples seen before the history's end
         self._next_out = 0  # index of the next output sample
+        # The (input index, taps) matrices of the last block: a steady stream of equal blocks (a microphone)
+        # needs the same ones every block, up to where they start in the buffer.
+        self._plan_key: tuple[int, int, int] | None = None
+        self._plan: tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]] | None = None
+
+    def _block_plan(self, count: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+        """For the next ``count`` outputs: the buffer index of every tap's input sample and the taps."""
+        first_phase = self._next_out % self.up
+        base = self._next_out * self.down // self.up - (self._consumed - (self._taps - 1))
+        key = (first_phase, count, base)
+        if key == self._plan_key and self._plan is not None:
+            return self._plan
+        m = self._next_out + np.arange(count)
+        position = m * self.down
+        phase = position % self.up
+        newest = position // self.up - (self._consumed - (self._taps - 1))  # index into buffer
+        gather = newest[:, None] - np.arange(self._taps)[None, :]
+        plan = (gather, self._phases[phase])
+        if count <= MAX_PLANNED_OUTPUTS:  # a longer block would keep too much memory
+            self._plan_key, self._plan = key, plan
+        return plan
 
     def process(self, block: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
         samples = np.asarray(block, dtype=np.float64)
@@ -93,12 +118,8 @@ class Resampler:
         last_out = (total_in * self.up - 1) // self.down if total_in else -1
         count = max(0, last_out - self._next_out + 1)
         if count:
-            m = self._next_out + np.arange(count)
-            position = m * self.down
-            phase = position % self.up
-            newest = position // self.up - (self._consumed - (self._taps - 1))  # index into buffer
-            gather = newest[:, None] - np.arange(self._taps)[None, :]
-            output: npt.NDArray[np.float64] = np.einsum("ij,ij->i", buffer[gather], self._phases[phase])
+            gather, taps = self._block_plan(count)
+            output: npt.NDArray[np.float64] = np.einsum("ij,ij->i", buffer[gather], taps)
             self._next_out += count
         else:
             output = np.zeros(0)
