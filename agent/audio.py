@@ -6,7 +6,8 @@ file provides (other rates are resampled with :class:`Resampler`, channels are a
 - ``read(timeout)`` returns a chunk, or ``None`` when no audio arrived within ``timeout`` (not an error), and
   raises :class:`EndOfAudio` once a finite source (file, stdin) is exhausted and :class:`AudioError` when the
   source failed (missing or unplugged microphone, malformed file). End of stream and failure are never
-  confused with "nothing yet".
+  confused with "nothing yet". ``read(timeout, seconds=...)`` waits for that much audio instead of the
+  source's usual block (the voice stage reads bigger blocks while no command is under way).
 - The microphone's PortAudio callback only copies into a bounded :class:`RingBuffer`; when the reader falls
   behind, the oldest audio is dropped and counted (``stats()["dropped_samples"]``).
 """
@@ -53,6 +54,10 @@ class EndOfAudio(Exception):  # noqa: N818 - a control-flow signal like StopIter
 
 # --------------------------------------------------------------------------------------------- resampling
 
+# Blocks of up to 1 s of output (a file source decodes 1 s at a time) keep their gather and tap matrices
+# (16 bytes per output and tap: up to 6 MB; a microphone's 0.1-0.3 s blocks keep up to 1.8 MB).
+MAX_PLANNED_OUTPUTS = 16000
+
 
 class Resampler:
     """Streaming polyphase resampler by a rational factor (Kaiser-windowed sinc low-pass).
@@ -82,6 +87,27 @@ class Resampler:
         self._history = np.zeros(self._taps - 1)
         self._consumed = 0  # input samples seen before the history's end
         self._next_out = 0  # index of the next output sample
+        # The (input index, taps) matrices of the last block: a steady stream of equal blocks (a microphone)
+        # needs the same ones every block, up to where they start in the buffer.
+        self._plan_key: tuple[int, int, int] | None = None
+        self._plan: tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]] | None = None
+
+    def _block_plan(self, count: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+        """For the next ``count`` outputs: the buffer index of every tap's input sample and the taps."""
+        first_phase = self._next_out % self.up
+        base = self._next_out * self.down // self.up - (self._consumed - (self._taps - 1))
+        key = (first_phase, count, base)
+        if key == self._plan_key and self._plan is not None:
+            return self._plan
+        m = self._next_out + np.arange(count)
+        position = m * self.down
+        phase = position % self.up
+        newest = position // self.up - (self._consumed - (self._taps - 1))  # index into buffer
+        gather = newest[:, None] - np.arange(self._taps)[None, :]
+        plan = (gather, self._phases[phase])
+        if count <= MAX_PLANNED_OUTPUTS:  # a longer block would keep too much memory
+            self._plan_key, self._plan = key, plan
+        return plan
 
     def process(self, block: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
         samples = np.asarray(block, dtype=np.float64)
@@ -93,12 +119,8 @@ class Resampler:
         last_out = (total_in * self.up - 1) // self.down if total_in else -1
         count = max(0, last_out - self._next_out + 1)
         if count:
-            m = self._next_out + np.arange(count)
-            position = m * self.down
-            phase = position % self.up
-            newest = position // self.up - (self._consumed - (self._taps - 1))  # index into buffer
-            gather = newest[:, None] - np.arange(self._taps)[None, :]
-            output: npt.NDArray[np.float64] = np.einsum("ij,ij->i", buffer[gather], self._phases[phase])
+            gather, taps = self._block_plan(count)
+            output: npt.NDArray[np.float64] = np.einsum("ij,ij->i", buffer[gather], taps)
             self._next_out += count
         else:
             output = np.zeros(0)
@@ -137,6 +159,7 @@ class RingBuffer:
         self._start = 0
         self._size = 0
         self._cond = threading.Condition()
+        self._wanted = 1  # what the waiting reader needs: the writer wakes it only then (not per block)
         self.dropped = 0
         self.written = 0
         self.last_write_mono = 0.0
@@ -167,14 +190,17 @@ class RingBuffer:
             self._size += n
             self.written += n
             self.last_write_mono = now
-            self._cond.notify()
+            if self._size >= self._wanted:
+                self._cond.notify()
 
     def read(self, timeout: float, max_samples: int | None = None,
              min_samples: int = 1) -> npt.NDArray[np.int16] | None:
         """Everything buffered (up to ``max_samples``) once at least ``min_samples`` are there, waiting up to
         ``timeout``; after the timeout whatever there is; None if still empty."""
         with self._cond:
-            self._cond.wait_for(lambda: self._size >= min(min_samples, self.capacity), timeout)
+            self._wanted = max(1, min(min_samples, self.capacity))
+            self._cond.wait_for(lambda: self._size >= self._wanted, timeout)
+            self._wanted = 1
             if self._size == 0:
                 return None
             count = self._size if max_samples is None else min(self._size, max_samples)
@@ -203,7 +229,8 @@ class AudioSource(abc.ABC):
         """Start delivering audio; AudioError (clear message) when the source cannot be opened."""
 
     @abc.abstractmethod
-    def read(self, timeout: float) -> AudioChunk | None: ...
+    def read(self, timeout: float, seconds: float | None = None) -> AudioChunk | None:
+        """The next chunk; ``seconds``: wait for about that much audio (default: the source's block)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -345,11 +372,12 @@ class MicSource(AudioSource):
         raise AudioError(f"microphone {info['name']!r} supports none of the sample rates {rate_options} "
                          "with 16-bit samples")
 
-    def read(self, timeout: float) -> AudioChunk | None:
+    def read(self, timeout: float, seconds: float | None = None) -> AudioChunk | None:
         ring, stream = self._ring, self._stream
         if ring is None or stream is None:
             raise AudioError("microphone is not open")
-        data = ring.read(timeout, min_samples=max(1, round(self._rate * self.read_seconds)) * self._channels)
+        wanted = self.read_seconds if seconds is None else seconds
+        data = ring.read(timeout, min_samples=max(1, round(self._rate * wanted)) * self._channels)
         if data is None:
             now = self._clock()
             last = ring.last_write_mono or self._opened_mono
@@ -465,7 +493,7 @@ class FileSource(AudioSource):
             if chunk is not None:
                 yield chunk
 
-    def read(self, timeout: float) -> AudioChunk | None:
+    def read(self, timeout: float, seconds: float | None = None) -> AudioChunk | None:
         if self._file is None:
             raise AudioError(f"audio file {self.path} is not open")
         if self.realtime:
@@ -477,7 +505,7 @@ class FileSource(AudioSource):
                 time.sleep(min(due - now, timeout))
                 if self._clock() < due:
                     return None
-        size = max(1, round(SAMPLE_RATE * self.block_seconds))
+        size = max(1, round(SAMPLE_RATE * (self.block_seconds if seconds is None else seconds)))
         while len(self._ahead) < size and not self._exhausted:
             self._decode_ahead()
         if len(self._ahead) == 0:
@@ -552,14 +580,15 @@ class StdinSource(AudioSource):
         if os.isatty(self._fd):
             log.warning("stdin is a terminal: pipe raw 16 kHz S16_LE mono audio into home-agent")
 
-    def read(self, timeout: float) -> AudioChunk | None:
+    def read(self, timeout: float, seconds: float | None = None) -> AudioChunk | None:
         if self._fd is None:
             raise AudioError("stdin source is not open")
+        size = self.block_bytes if seconds is None else 2 * max(1, round(SAMPLE_RATE * seconds))
         try:
             ready, _, _ = select.select([self._fd], [], [], timeout)
             if not ready:
                 return None
-            data = os.read(self._fd, self.block_bytes)
+            data = os.read(self._fd, size)
         except OSError as err:
             raise AudioError(f"cannot read audio from stdin: {err}") from err
         if not data:

@@ -11,6 +11,9 @@ and peak normalisation of the window.
 Peak normalisation is applied to the mel energies (``mel(x/p) == mel(x)/p``), so the streaming extractor keeps
 the un-normalised per-frame mel energies and per-hop peaks and redoes only ``log`` and the DCT per call; this
 keeps streaming output bit-identical to :func:`window_features` of the same window.
+
+The streaming path runs every 100 ms on a CPU that idles in between, so each call runs cold: it keeps its
+history in preallocated buffers (:class:`RowHistory`) and uses few numpy calls per push.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import numpy.typing as npt
 
 INT16_SCALE = 32768.0
 FILTERBANKS = ("tf_htk", "psf")
+# Pushes of up to this many frames (a streaming hop is 5) are framed by one gather of cached indices; longer
+# blocks (a whole window or file) by a strided view, so the cached indices stay small (under 0.6 MB).
+MAX_GATHERED_FRAMES = 16
 
 # The shipped keyword model's labels (a contract with the runtime and the config); the model metadata repeats
 # them and is what the runtime trusts.
@@ -117,8 +123,11 @@ class FeatureParams:
         return cls(**data)
 
 
+@functools.lru_cache(maxsize=8)
 def _hann_periodic(length: int) -> npt.NDArray[np.float64]:
-    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(length) / length)
+    window: npt.NDArray[np.float64] = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(length) / length)
+    window.setflags(write=False)
+    return window
 
 
 def _psf_filterbank(params: FeatureParams) -> npt.NDArray[np.float64]:
@@ -184,33 +193,75 @@ def to_float(samples: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     if array.ndim != 1:
         raise ValueError(f"expected 1-D mono samples, got shape {array.shape}")
     if array.dtype == np.int16:
-        return array.astype(np.float64) / INT16_SCALE
+        scaled: npt.NDArray[np.float64] = np.divide(array, INT16_SCALE, dtype=np.float64)
+        return scaled
     if np.issubdtype(array.dtype, np.floating):
         return array.astype(np.float64)
     raise ValueError(f"expected int16 or float samples, got {array.dtype}")
 
 
-def _frame_mel_energies(segment: npt.NDArray[np.float64], params: FeatureParams) -> npt.NDArray[np.float64]:
-    """Un-normalised mel energies of every frame in ``segment`` (its length is whole frames on the hop grid).
+class _FrontEnd:
+    """The constants of one parameter set (window, frame indices, mel and DCT matrices), looked up once:
+    the streaming path runs every hop, cold."""
 
-    Frames are processed one at a time so the result of a frame never depends on how many frames were computed
-    together (BLAS may round differently per matrix shape); that is what keeps streaming bit-identical."""
-    count = 1 + (len(segment) - params.frame_samples) // params.hop_samples
-    # As python_speech_features' framesig and magspec: windowed frames, then |rfft| of the whole stack.
-    frames = np.lib.stride_tricks.sliding_window_view(segment, params.frame_samples)[:: params.hop_samples]
-    frames = frames[:count] * _hann_periodic(params.frame_samples)
-    spectrum = np.absolute(np.fft.rfft(frames, params.fft_size))
-    mel = _mel_matrix(params)
-    return np.stack([row @ mel for row in spectrum])
+    def __init__(self, params: FeatureParams) -> None:
+        self.params = params
+        self.hann = _hann_periodic(params.frame_samples)
+        self.mel_matrix = _mel_matrix(params)
+        self.dct_matrix = _dct_matrix(params)
+        self._frame_indices: dict[int, npt.NDArray[np.intp]] = {}
+
+    def frames(self, segment: npt.NDArray[np.float64], count: int) -> npt.NDArray[np.float64]:
+        """The first ``count`` frames of ``segment``, windowed: (count, frame_samples), a new array."""
+        params = self.params
+        if count > MAX_GATHERED_FRAMES:  # a long block (a whole file pushed at once): a strided view
+            view = np.lib.stride_tricks.sliding_window_view(segment, params.frame_samples)
+            windowed: npt.NDArray[np.float64] = view[:: params.hop_samples][:count] * self.hann
+            return windowed
+        indices = self._frame_indices.get(count)
+        if indices is None:
+            starts = np.arange(count)[:, None] * params.hop_samples
+            indices = starts + np.arange(params.frame_samples)[None, :]
+            self._frame_indices[count] = indices
+        frames = segment[indices]  # one gather: cheaper per call than building the strided view
+        np.multiply(frames, self.hann, out=frames)
+        return frames
+
+    def mel_energies(self, segment: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Un-normalised mel energies of every frame in ``segment`` (whole frames on the hop grid).
+
+        Each frame's spectrum goes through the mel matrix as a matrix of its own (a stack of (1, bins)
+        matrices): one BLAS call per frame, so the result of a frame never depends on how many frames were
+        computed together (one (frames, bins) product may round differently per shape); that is what keeps
+        streaming bit-identical."""
+        params = self.params
+        count = 1 + (len(segment) - params.frame_samples) // params.hop_samples
+        # As python_speech_features' framesig and magspec: windowed frames, then |rfft| of the whole stack.
+        spectrum = np.absolute(np.fft.rfft(self.frames(segment, count), params.fft_size))
+        mel: npt.NDArray[np.float64] = np.matmul(spectrum[:, None, :], self.mel_matrix)[:, 0, :]
+        return mel
+
+    def mfcc(self, mel_energies: npt.NDArray[np.float64], peak: float) -> npt.NDArray[np.float32]:
+        params = self.params
+        if params.peak_normalize:
+            log_mel = np.divide(mel_energies, max(peak, params.min_peak))
+            np.add(log_mel, params.log_offset, out=log_mel)
+        else:
+            log_mel = np.add(mel_energies, params.log_offset)
+        np.log(log_mel, out=log_mel)
+        mfcc: npt.NDArray[np.float32] = (log_mel @ self.dct_matrix).astype(np.float32)
+        return mfcc
+
+
+@functools.lru_cache(maxsize=8)
+def _front_end(params: FeatureParams) -> _FrontEnd:
+    return _FrontEnd(params)
 
 
 def _mfcc(
     mel_energies: npt.NDArray[np.float64], peak: float, params: FeatureParams
 ) -> npt.NDArray[np.float32]:
-    if params.peak_normalize:
-        mel_energies = mel_energies / max(peak, params.min_peak)
-    log_mel = np.log(mel_energies + params.log_offset)
-    return (log_mel @ _dct_matrix(params)).astype(np.float32)
+    return _front_end(params).mfcc(mel_energies, peak)
 
 
 def window_features(samples: npt.NDArray[Any], params: FeatureParams) -> npt.NDArray[np.float32]:
@@ -223,9 +274,55 @@ def window_features(samples: npt.NDArray[Any], params: FeatureParams) -> npt.NDA
     else:
         signal = np.concatenate([np.zeros(size - len(signal)), signal])
     used = params.frame_samples + (params.num_frames - 1) * params.hop_samples
-    mel = _frame_mel_energies(signal[:used], params)
+    front_end = _front_end(params)
+    mel = front_end.mel_energies(signal[:used])
     peak = float(np.max(np.abs(signal))) if size else 0.0
-    return _mfcc(mel, peak, params)
+    return front_end.mfcc(mel, peak)
+
+
+class RowHistory:
+    """The newest ``keep`` rows of a stream, oldest first, as one contiguous array, without allocating per
+    append: rows go into a buffer with ``spare`` rows of room, and the history moves back to its front when
+    the room is used up (once every ``spare`` rows). Starts as ``keep`` rows of zeros."""
+
+    def __init__(self, keep: int, row_shape: tuple[int, ...] = (), spare: int = 64,
+                 dtype: npt.DTypeLike = np.float64) -> None:
+        if keep <= 0 or spare <= 0:
+            raise ValueError("keep and spare must be positive")
+        self.keep = keep
+        self._buffer = np.zeros((keep + spare, *row_shape), dtype=dtype)
+        self._end = keep  # the history is _buffer[_end - keep : _end]
+
+    def clear(self) -> None:
+        self._buffer[:] = 0
+        self._end = self.keep
+
+    def extend(self, rows: npt.NDArray[Any]) -> None:
+        count = len(rows)
+        keep, end = self.keep, self._end
+        if count >= keep:
+            self._buffer[:keep] = rows[count - keep :]
+            self._end = keep
+            return
+        if end + count > len(self._buffer):
+            self._buffer[: keep - count] = self._buffer[end - keep + count : end]
+            end = keep - count
+        self._buffer[end : end + count] = rows
+        self._end = end + count
+
+    def append(self, row: npt.ArrayLike) -> None:
+        end = self._end
+        if end == len(self._buffer):
+            keep = self.keep
+            self._buffer[: keep - 1] = self._buffer[end - keep + 1 : end]
+            end = keep - 1
+        self._buffer[end] = row
+        self._end = end + 1
+
+    def latest(self, count: int | None = None) -> npt.NDArray[Any]:
+        """The newest ``count`` (default ``keep``) rows, oldest first: a view, valid until the next append."""
+        end = self._end
+        return self._buffer[end - (self.keep if count is None else count) : end]
 
 
 class StreamingFeatures:
@@ -236,11 +333,18 @@ class StreamingFeatures:
     window exactly. Push whole hops (e.g. 100 ms = 1600 samples at the default 320-sample hop) and it is
     always the window ending at the newest sample. Before a full window has been heard the front counts as
     zeros, like ``window_features`` pads it; ``ready()`` says when a full window has been heard.
+
+    Only the frames a push completes are analysed (window, FFT, mel); each ``features()`` call redoes the
+    peak normalisation, ``log`` and DCT of the window, which depend on the whole window's peak.
     """
 
     def __init__(self, params: FeatureParams) -> None:
         self.params = params
+        self._front_end = _FrontEnd(params)
         self._chunks_per_window = params.window_samples // params.hop_samples
+        # The newest num_frames + 1 frames: half a hop past a boundary, one frame beyond the window exists.
+        self._mel = RowHistory(params.num_frames + 1, (params.num_mel_bands,))
+        self._chunk_peaks = RowHistory(self._chunks_per_window)  # |peak| of each complete hop-sized chunk
         self.reset()
 
     def reset(self) -> None:
@@ -250,12 +354,10 @@ class StreamingFeatures:
         # history before the first sample counts as zeros (the frame starting one hop early is the next one).
         self._pending = np.zeros(params.hop_samples)
         self._next_frame = -1  # global index of the next frame: it starts at _next_frame * hop_samples
-        # The newest num_frames + 1 frames: half a hop past a boundary, one frame beyond the window exists.
-        self._mel = np.zeros((params.num_frames + 1, params.num_mel_bands))
-        self._chunk_peaks = np.zeros(self._chunks_per_window)  # |peak| of each complete hop-sized chunk
+        self._mel.clear()
+        self._chunk_peaks.clear()
         self._partial_peak = 0.0
         self._partial_fill = 0
-        self._cached: npt.NDArray[np.float32] | None = None
 
     @property
     def samples_seen(self) -> int:
@@ -269,16 +371,13 @@ class StreamingFeatures:
         if len(signal) == 0:
             return
         self._samples_seen += len(signal)
-        self._cached = None
         self._update_peaks(signal)
         params = self.params
-        pending = np.concatenate([self._pending, signal])
+        pending = np.concatenate((self._pending, signal))
         if len(pending) >= params.frame_samples:
             count = 1 + (len(pending) - params.frame_samples) // params.hop_samples
             used = params.frame_samples + (count - 1) * params.hop_samples
-            new_mel = _frame_mel_energies(pending[:used], params)
-            keep = self._mel.shape[0]
-            self._mel = np.concatenate([self._mel, new_mel])[-keep:]
+            self._mel.extend(self._front_end.mel_energies(pending[:used]))
             self._next_frame += count
             pending = pending[count * params.hop_samples :]
         self._pending = pending
@@ -286,22 +385,19 @@ class StreamingFeatures:
     def _update_peaks(self, signal: npt.NDArray[np.float64]) -> None:
         hop = self.params.hop_samples
         magnitude = np.abs(signal)
-        head = min(hop - self._partial_fill, len(magnitude))
-        self._partial_peak = max(self._partial_peak, float(magnitude[:head].max()))
-        self._partial_fill += head
-        completed: list[npt.NDArray[np.float64]] = []
-        if self._partial_fill == hop:
-            completed.append(np.array([self._partial_peak]))
-            self._partial_peak, self._partial_fill = 0.0, 0
-        rest = magnitude[head:]
-        whole = len(rest) // hop * hop
+        if self._partial_fill:
+            head = min(hop - self._partial_fill, len(magnitude))
+            self._partial_peak = max(self._partial_peak, float(magnitude[:head].max()))
+            self._partial_fill += head
+            if self._partial_fill == hop:
+                self._chunk_peaks.append(self._partial_peak)
+                self._partial_peak, self._partial_fill = 0.0, 0
+            magnitude = magnitude[head:]
+        whole = len(magnitude) // hop * hop
         if whole:
-            completed.append(rest[:whole].reshape(-1, hop).max(axis=1))
-        tail = rest[whole:]
-        if len(tail):
-            self._partial_peak, self._partial_fill = float(tail.max()), len(tail)
-        if completed:
-            self._chunk_peaks = np.concatenate([self._chunk_peaks, *completed])[-self._chunks_per_window :]
+            self._chunk_peaks.extend(magnitude[:whole].reshape(-1, hop).max(axis=1))
+        if whole < len(magnitude):
+            self._partial_peak, self._partial_fill = float(magnitude[whole:].max()), len(magnitude) - whole
 
     def features(self, silence_before: int | None = None) -> npt.NDArray[np.float32]:
         """(num_frames, num_features) MFCC of the window ending at the latest hop boundary.
@@ -315,27 +411,24 @@ class StreamingFeatures:
         first_frame = window_end - self._chunks_per_window  # global index of the window's first frame
         masked_frames = 0 if silence_before is None else \
             min(params.num_frames, max(0, -(-silence_before // hop) - first_frame))
-        if masked_frames == 0:
-            if self._cached is None:
-                self._cached = self._window_mfcc(first_frame, 0)
-            return self._cached.copy()
         return self._window_mfcc(first_frame, masked_frames)
 
     def _window_mfcc(self, first_frame: int, masked_frames: int) -> npt.NDArray[np.float32]:
         params = self.params
         newest_needed = first_frame + params.num_frames - 1
         extra = (self._next_frame - 1) - newest_needed  # frames computed beyond this window
-        stop = self._mel.shape[0] - extra
-        mel = self._mel[stop - params.num_frames : stop]
-        peaks = self._chunk_peaks
+        frames = self._mel.latest()
+        stop = len(frames) - extra
+        mel = frames[stop - params.num_frames : stop]
+        peaks = self._chunk_peaks.latest()
         if masked_frames:
             mel = mel.copy()
             mel[:masked_frames] = 0.0
             peaks = peaks[masked_frames:]  # masked_frames <= num_frames < chunks per window: never empty
-        return _mfcc(mel, float(peaks.max()), params)
+        return self._front_end.mfcc(mel, float(peaks.max()))
 
     def recent_frame_energies(self) -> tuple[int, npt.NDArray[np.float64]]:
         """(global index of the first frame, mel energy of each frame) of the newest frames computed (frame
         ``i`` starts at sample ``i * hop_samples``): enough to find pauses between words."""
-        energies: npt.NDArray[np.float64] = self._mel.sum(axis=1)
+        energies: npt.NDArray[np.float64] = self._mel.latest().sum(axis=1)
         return self._next_frame - len(energies), energies

@@ -21,13 +21,13 @@ from __future__ import annotations
 import collections
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ConfigError
-from agent.features import NON_WORD_LABELS
+from agent.features import NON_WORD_LABELS, RowHistory
 from agent.messages import Detection, Intent, Scores
 
 YES_WORD = "yes"
@@ -35,6 +35,7 @@ NO_WORD = "no"
 # When a complete phrase is also the start of a longer one ("light" and "light on"), wait this long for the
 # next word before firing the shorter one.
 DEFAULT_CONTINUATION_SECONDS = 1.0
+HISTORY_ROWS = 16  # posteriors kept at first (5 at the default 0.5 s smoothing, 100 ms hops); grows if needed
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,27 +74,44 @@ class Recognizer:
 
     def reset(self) -> None:
         """Forget everything (a new stream starts at audio time 0)."""
-        self._history: collections.deque[tuple[float, npt.NDArray[np.float32]]] = collections.deque()
+        # The posteriors of the last smoothing_seconds, oldest first: their times, and the values as rows of
+        # one array (averaging them is then one reduction, not a stack of arrays per hop).
+        self._times: collections.deque[float] = collections.deque()
+        self._rows = RowHistory(HISTORY_ROWS, (len(self._labels),), dtype=np.float32)
         self._last_time: float | None = None
         self._last_fired: dict[str, float] = {}
-        self._armed: dict[str, bool] = {}
+        self._armed = np.ones(len(self._labels), dtype=bool)  # a word may fire (again) when it tops
         self.detections = 0
         # What the last hop was judged on: each label's smoothed score (an expected word's over the listening
         # smoothing). Read by `transcribe --plot`.
         self.judged: npt.NDArray[np.float64] = np.zeros(len(self._labels))
 
+    def _recent(self, count: int) -> npt.NDArray[np.float32]:
+        """The newest ``count`` posteriors, oldest first, as rows."""
+        if count > self._rows.keep:  # more hops in the smoothing time than ever before: a bigger buffer
+            grown = RowHistory(max(count, 2 * self._rows.keep), (len(self._labels),), dtype=np.float32)
+            grown.extend(self._rows.latest())
+            self._rows = grown
+        return self._rows.latest(count)
+
+    def _average(self, count: int) -> npt.NDArray[Any]:
+        """Mean of the newest ``count`` posteriors (float32), computed as np.mean of their stack computes it:
+        the float32 sum over the rows in order, divided by the count as an intp, cast back to float32."""
+        total: npt.NDArray[Any] = np.add.reduce(self._rows.latest(count), axis=0)
+        np.true_divide(total, np.intp(count), out=total, casting="unsafe")
+        return total
+
     def smoothed(self, seconds: float | None = None) -> npt.NDArray[np.float64]:
         """The posteriors averaged over the last ``seconds`` (default: smoothing_seconds); zeros before the
         first scores."""
-        if not self._history:
+        times = self._times
+        if not times:
             return np.zeros(len(self._labels))
-        entries = self._history
+        count = len(times)
         if seconds is not None and seconds < self.settings.smoothing_seconds:
-            horizon = self._history[-1][0] - seconds + 1e-6
-            entries = collections.deque(e for e in self._history if e[0] > horizon) or \
-                collections.deque([self._history[-1]])
-        average: npt.NDArray[np.float64] = np.mean(np.stack([v for _, v in entries]), axis=0)
-        return average
+            horizon = times[-1] - seconds + 1e-6
+            count = max(1, sum(1 for t in times if t > horizon))
+        return self._average(count)
 
     def process(self, scores: Scores, *, expected: Collection[str] = ()) -> Detection | None:
         """Feed one model invocation; returns the word heard on this hop, if any. ``expected``: the words a
@@ -104,12 +122,14 @@ class Recognizer:
         if self._last_time is not None and now <= self._last_time:
             raise ValueError(f"audio time must increase: {now} after {self._last_time} (call reset() first)")
         self._last_time = now
-        values = np.asarray(scores.values, dtype=np.float32)
-        self._history.append((now, values))
+        times = self._times
+        times.append(now)
         horizon = now - self.settings.smoothing_seconds + 1e-6  # tolerate float drift of summed hop times
-        while len(self._history) > 1 and self._history[0][0] <= horizon:
-            self._history.popleft()
-        average = self.smoothed()
+        while len(times) > 1 and times[0] <= horizon:
+            times.popleft()
+        self._recent(len(times))  # room for the whole smoothing history
+        self._rows.append(np.asarray(scores.values, dtype=np.float32))
+        average = self._average(len(times))
         fast = self.settings.listening_smoothing_seconds
         if expected and fast is not None and fast < self.settings.smoothing_seconds:
             quick = self.smoothed(fast)
@@ -120,25 +140,27 @@ class Recognizer:
         self.judged = average
 
         top = int(np.argmax(average))
-        top_label = self._labels[top]
         # Re-arm every word that is not (or no longer) confidently on top: the next utterance may fire it.
-        for index, label in enumerate(self._labels):
-            if self._is_word[index] and (index != top or average[index] < self._threshold[index]):
-                self._armed[label] = True
+        armed = self._armed
+        top_was_armed = bool(armed[top])
+        armed[:] = True
         if not self._is_word[top] or average[top] < self._threshold[top]:
             return None
-        if not self._armed.get(top_label, True):
+        armed[top] = top_was_armed
+        if not top_was_armed:
             return None
+        top_label = self._labels[top]
         last = self._last_fired.get(top_label)
         if last is not None and now - last < self.settings.refractory_seconds:
             return None
-        self._armed[top_label] = False
+        armed[top] = False
         self._last_fired[top_label] = now
         self.detections += 1
         # The first window in the smoothing history that scored the word above its threshold ends about where
         # the word ended; its start bounds where the word began.
         threshold = self._threshold[top]
-        end = next((t for t, v in self._history if v[top] >= threshold), now)
+        rows = self._rows.latest(len(times))
+        end = next((t for t, row in zip(times, rows, strict=True) if row[top] >= threshold), now)
         start = max(0.0, end - self.settings.window_seconds)
         return Detection(word=top_label, score=round(float(average[top]), 4), start=round(start, 3),
                          end=round(end, 3))

@@ -71,6 +71,13 @@ LISTENING_SMOOTHING = 0.4
 PAUSE_FRAMES = 3
 PAUSE_DB = 20.0
 READ_TIMEOUT = 0.25  # the stage loop turns at least this often (stop requests, heartbeats)
+# While no wake window is open, the stage reads audio in blocks of this much (one per 100 ms otherwise): the
+# hops of a block then run back to back on a warm CPU instead of each waking a CPU gone cold in the 100 ms
+# between them (bench/results/voice.json daemon_realtime). Only the wake word waits for its block (up to 0.2 s
+# longer); once a window is open every 100 ms is fed at once, so a command's latency is unchanged: over the
+# ~1100 held-out commands of bench/voice_bench.py recognition_latency, an intent came at the earliest three
+# hops after the wake word's, never inside its block. What is detected, and every capture time, is the same.
+IDLE_READ_SECONDS = 0.3
 HEARTBEAT_LIMIT = 10.0  # healthy() is False when the loop has not turned for this long
 # Audio fed after the end of a finite stream so that a word at its very end still passes through the whole
 # window and the smoothing. Quiet dither rather than digital zero, like a real room.
@@ -171,6 +178,11 @@ class VoicePipeline:
     @property
     def hop_seconds(self) -> float:
         return self.hop_samples / SAMPLE_RATE
+
+    @property
+    def listening(self) -> bool:
+        """A wake window (or a confirmation) is open: the next words are a command's."""
+        return self.matcher.state != "idle"
 
     @property
     def silence_before(self) -> int | None:
@@ -475,7 +487,10 @@ class VoiceStage:
                 self._wait(retry_interval)
                 continue
             try:
-                chunk = self.source.read(READ_TIMEOUT)
+                if self.pipeline.listening:
+                    chunk = self.source.read(READ_TIMEOUT)
+                else:
+                    chunk = self.source.read(READ_TIMEOUT + IDLE_READ_SECONDS, seconds=IDLE_READ_SECONDS)
             except EndOfAudio:
                 self._end_of_stream(failed=False)
                 return

@@ -73,6 +73,44 @@ def test_resampling_in_blocks_equals_resampling_at_once() -> None:
     np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-12)
 
 
+def _resample_reference(rate_in: int, blocks: list[np.ndarray]) -> list[np.ndarray]:
+    """The resampler's arithmetic with its gather and tap matrices built afresh for every block."""
+    resampler = Resampler(rate_in)
+    up, down, taps, phases = resampler.up, resampler.down, resampler._taps, resampler._phases
+    history, consumed, next_out = np.zeros(taps - 1), 0, 0
+    outputs = []
+    for block in blocks:
+        buffer = np.concatenate([history, block])
+        total_in = consumed + len(block)
+        count = max(0, (total_in * up - 1) // down - next_out + 1)
+        m = next_out + np.arange(count)
+        newest = m * down // up - (consumed - (taps - 1))
+        gather = newest[:, None] - np.arange(taps)[None, :]
+        outputs.append(np.einsum("ij,ij->i", buffer[gather], phases[m * down % up]))
+        next_out += count
+        history, consumed = buffer[len(buffer) - (taps - 1) :], total_in
+    return outputs
+
+
+@pytest.mark.parametrize("rate", [44100, 48000, 22050])
+def test_resampling_reuses_its_block_plan_with_identical_output(rate: int) -> None:
+    """Equal blocks (a microphone's) reuse the last block's gather and taps; other sizes rebuild them: the
+    output equals the plain computation bit for bit either way."""
+    rng = np.random.default_rng(rate)
+    sizes = [rate // 10] * 12 + [int(n) for n in rng.integers(1, 3000, 20)] + [rate // 10] * 5 + \
+        [rate // 20] * 6
+    blocks = [rng.standard_normal(size) * 0.1 for size in sizes]
+    resampler = Resampler(rate)
+    got = []
+    plans = []
+    for block in blocks:
+        got.append(resampler.process(block))
+        plans.append(resampler._plan)
+    assert all(plan is plans[1] for plan in plans[1:12])  # 100 ms blocks: one plan after the first block
+    for mine, reference in zip(got, _resample_reference(rate, blocks), strict=True):
+        np.testing.assert_array_equal(mine, reference)
+
+
 def test_16_khz_passes_through_unchanged() -> None:
     signal = np.random.default_rng(5).standard_normal(1000)
     np.testing.assert_array_equal(Resampler(16000).process(signal), signal)
@@ -391,3 +429,41 @@ def test_ring_buffer_reader_waits_for_a_whole_block() -> None:
     ring.write(np.ones(5, dtype=np.int16), now=0.0)
     out = ring.read(timeout=0.01, min_samples=40)  # after the timeout: whatever is there
     assert out is not None and len(out) == 5
+
+
+def test_a_read_can_ask_for_more_audio_than_the_block(tmp_path: Path) -> None:
+    """``read(timeout, seconds=...)``: a file source hands out that much (the rest of the file at the end),
+    stdin reads up to that much, the microphone's ring waits for that much; nothing is lost or repeated."""
+    samples = (np.random.default_rng(2).standard_normal(15000) * 3000).astype(np.int16)
+    path = tmp_path / "short.wav"
+    sf.write(path, samples, 16000, subtype="PCM_16")
+    source = FileSource(path, block_seconds=0.1)
+    got = []
+    with source:
+        for seconds in (0.3, None, 0.3, 0.3):
+            chunk = source.read(timeout=1.0, seconds=seconds)
+            assert chunk is not None
+            got.append(chunk.samples)
+        with pytest.raises(EndOfAudio):
+            source.read(timeout=1.0, seconds=0.3)
+    assert [len(g) for g in got] == [4800, 1600, 4800, 3800]
+    np.testing.assert_array_equal(np.concatenate(got), samples)
+
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "rb", buffering=0) as reader:
+        stdin = StdinSource(reader, block_seconds=0.01)
+        stdin.open()
+        os.write(write_fd, samples[:4000].astype("<i2").tobytes())
+        chunk = stdin.read(timeout=1.0, seconds=0.3)
+        assert chunk is not None and len(chunk.samples) == 4000  # more than a 10 ms block, all there was
+        os.close(write_fd)
+
+    ring = RingBuffer(16000)
+    writes = [threading.Timer(0.02 * (i + 1), lambda: ring.write(np.ones(800, dtype=np.int16), now=0.0))
+              for i in range(6)]
+    for timer in writes:
+        timer.start()
+    block = ring.read(timeout=5.0, min_samples=4800)  # woken once 4800 are there, not by each 800
+    for timer in writes:
+        timer.join()
+    assert block is not None and len(block) == 4800

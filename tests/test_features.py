@@ -8,7 +8,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from agent.features import LABELS, FeatureParams, StreamingFeatures, window_features
+from agent.features import (
+    LABELS,
+    MAX_GATHERED_FRAMES,
+    FeatureParams,
+    RowHistory,
+    StreamingFeatures,
+    window_features,
+)
 
 PARAMS = FeatureParams()
 
@@ -193,3 +200,39 @@ def test_silence_before_a_position_is_as_if_the_stream_started_there() -> None:
     np.testing.assert_array_equal(heard.features(silence_before=0), heard.features())
     np.testing.assert_array_equal(heard.features(silence_before=None), window_features(
         np.concatenate([loud, later]), params))
+
+
+def test_row_history_holds_the_newest_rows_oldest_first() -> None:
+    """Appends and extends of every size, across many moves back to the buffer's front, against a list."""
+    rng = np.random.default_rng(6)
+    history = RowHistory(7, (3,), spare=5)
+    reference = [np.zeros(3)] * 7
+    for _ in range(300):
+        if rng.random() < 0.5:
+            row = rng.normal(size=3)
+            history.append(row)
+            reference.append(row)
+        else:
+            rows = rng.normal(size=(int(rng.integers(0, 12)), 3))
+            history.extend(rows)
+            reference.extend(rows)
+        reference = reference[-7:]
+        np.testing.assert_array_equal(history.latest(), np.array(reference))
+        count = int(rng.integers(1, 8))
+        np.testing.assert_array_equal(history.latest(count), np.array(reference[-count:]))
+    history.clear()
+    np.testing.assert_array_equal(history.latest(), np.zeros((7, 3)))
+
+
+def test_a_long_push_equals_hop_pushes_and_the_whole_window() -> None:
+    """A block of more than MAX_GATHERED_FRAMES frames is framed by a strided view instead of a gather:
+    the same numbers."""
+    audio = speech_like(3.0, seed=12)
+    assert len(audio) // PARAMS.hop_samples > MAX_GATHERED_FRAMES
+    whole, hops = StreamingFeatures(PARAMS), StreamingFeatures(PARAMS)
+    whole.push(audio)
+    for end in range(1600, len(audio) + 1, 1600):
+        hops.push(audio[end - 1600 : end])
+    np.testing.assert_array_equal(whole.features(), hops.features())
+    np.testing.assert_array_equal(whole.features(), window_features(audio, PARAMS))
+    np.testing.assert_array_equal(whole.recent_frame_energies()[1], hops.recent_frame_energies()[1])

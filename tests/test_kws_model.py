@@ -293,3 +293,31 @@ def test_evaluation_on_held_out_speakers() -> None:
     # Wake-word false detections on the negatives the training never used (0.6 h: one event is 1.7/h).
     assert report["false_detections_per_hour"] <= 0.5, report["false_detections"]
     assert report["macs"] > 0 and report["median_invoke_ms"] > 0
+
+
+def test_predict_quantizes_and_dequantizes_as_the_plain_formula(model: KwsModel) -> None:
+    """predict() quantizes into a preallocated buffer and dequantizes through a table of all 256 outputs:
+    the same numbers as round/clip/astype on the input and (q - zero) * scale on the output, for features
+    across the whole int8 range and beyond it (clipped)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=MODEL.read_bytes(), num_threads=1)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    in_scale, in_zero = (float(v) for v in inp["quantization"])
+    out_scale, out_zero = (float(v) for v in out["quantization"])
+    rng = np.random.default_rng(2)
+    outputs_seen: set[int] = set()
+    for spread in (1.0, 20.0, 80.0, 400.0):
+        for _ in range(25):
+            features = (rng.normal(0.0, spread, model.params.shape)).astype(np.float32)
+            quantized = np.clip(np.round(features / in_scale + in_zero), -128, 127).astype(np.int8)
+            interpreter.set_tensor(inp["index"], quantized.reshape(inp["shape"]))
+            interpreter.invoke()
+            raw = interpreter.get_tensor(out["index"])[0]
+            outputs_seen.update(int(v) for v in raw)
+            expected = ((raw.astype(np.float32) - out_zero) * out_scale).astype(np.float32)
+            got = model.predict(features)
+            np.testing.assert_array_equal(got, expected)
+            assert got.dtype == np.float32
+    assert min(outputs_seen) < 0 < max(outputs_seen)  # both halves of the table were used

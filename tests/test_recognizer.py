@@ -372,3 +372,81 @@ def test_listening_smoothing_cannot_exceed_the_smoothing() -> None:
     with pytest.raises(ValueError, match="listening_smoothing_seconds"):
         RecognizerSettings(labels=LABELS, thresholds=settings().thresholds, smoothing_seconds=0.2,
                            refractory_seconds=1.0, listening_smoothing_seconds=0.3)
+
+
+class _StackedMeanRecognizer:
+    """The recognizer as it was before its history became one preallocated array: a deque of (time, scores)
+    averaged by np.mean(np.stack(...)), and a dict of armed words. The reference for the equivalence test."""
+
+    def __init__(self, config: RecognizerSettings) -> None:
+        self.settings = config
+        self.history: list[tuple[float, np.ndarray]] = []
+        self.armed: dict[str, bool] = {}
+        self.last_fired: dict[str, float] = {}
+        self.is_word = [label not in ("_silence_", "_unknown_") for label in LABELS]
+        self.threshold = [config.thresholds.get(label, 1.0) for label in LABELS]
+
+    def mean(self, entries: list[tuple[float, np.ndarray]]) -> np.ndarray:
+        mean: np.ndarray = np.mean(np.stack([v for _, v in entries]), axis=0)
+        return mean
+
+    def process(self, scores: Scores, expected: frozenset[str]) -> tuple[np.ndarray, Detection | None]:
+        now = scores.t_audio
+        self.history.append((now, np.asarray(scores.values, dtype=np.float32)))
+        horizon = now - self.settings.smoothing_seconds + 1e-6
+        while len(self.history) > 1 and self.history[0][0] <= horizon:
+            self.history.pop(0)
+        average = self.mean(self.history)
+        fast = self.settings.listening_smoothing_seconds
+        if expected and fast is not None and fast < self.settings.smoothing_seconds:
+            recent = [e for e in self.history if e[0] > now - fast + 1e-6] or [self.history[-1]]
+            quick = self.mean(recent)
+            for word in expected:
+                average[LABELS.index(word)] = quick[LABELS.index(word)]
+        top = int(np.argmax(average))
+        for index, label in enumerate(LABELS):
+            if self.is_word[index] and (index != top or average[index] < self.threshold[index]):
+                self.armed[label] = True
+        label = LABELS[top]
+        if not self.is_word[top] or average[top] < self.threshold[top] or not self.armed.get(label, True):
+            return average, None
+        last = self.last_fired.get(label)
+        if last is not None and now - last < self.settings.refractory_seconds:
+            return average, None
+        self.armed[label] = False
+        self.last_fired[label] = now
+        end = next((t for t, v in self.history if v[top] >= self.threshold[top]), now)
+        return average, Detection(word=label, score=round(float(average[top]), 4),
+                                  start=round(max(0.0, end - 1.0), 3), end=round(end, 3))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3, 0.5, 2.5])
+def test_smoothing_equals_the_mean_of_the_stacked_history(smoothing: float) -> None:
+    """The same averages, bit for bit, and the same detections as np.mean over a stack of the history, on
+    random posteriors at uneven hop times (more hops in the smoothing time than the first buffer holds),
+    with and without a listening smoothing for expected words."""
+    rng = np.random.default_rng(int(smoothing * 10))
+    config = RecognizerSettings(labels=LABELS, thresholds={w: 0.4 for w in LABELS if not w.startswith("_")},
+                                smoothing_seconds=smoothing, refractory_seconds=0.3,
+                                listening_smoothing_seconds=smoothing * 0.6)
+    recognizer, reference = Recognizer(config), _StackedMeanRecognizer(config)
+    t = 0.0
+    detections = 0
+    speaking = 0
+    for step in range(2000):
+        t = round(t + float(rng.choice([0.01, 0.05, 0.1, 0.3])), 6)
+        if rng.random() < 0.05:  # another label takes over for a while, as a spoken word does
+            speaking = int(rng.integers(len(LABELS)))
+        values = rng.dirichlet(np.full(len(LABELS), 0.2))
+        values[speaking] += 3.0
+        values = (values / values.sum()).astype(np.float32)
+        expected = frozenset(rng.choice(LABELS[:14], size=int(rng.integers(0, 4)), replace=False)) \
+            if step % 3 else frozenset()
+        scores = Scores(labels=LABELS, values=values, t_audio=t)
+        detection = recognizer.process(scores, expected=expected)
+        average, expected_detection = reference.process(scores, expected)
+        np.testing.assert_array_equal(recognizer.judged, average)
+        assert recognizer.judged.dtype == average.dtype
+        assert detection == expected_detection
+        detections += detection is not None
+    assert detections > 20

@@ -21,8 +21,8 @@ from paho.mqtt.client import topic_matches_sub
 
 from agent.audio import FileSource, read_audio_file
 from agent.config import parse_config
-from agent.messages import ActionRequest
-from agent.voice import VoiceStage, load_pipeline
+from agent.messages import ActionRequest, AudioChunk
+from agent.voice import IDLE_READ_SECONDS, VoiceStage, load_pipeline
 
 EXAMPLES = REPO_ROOT / "examples"
 THERMOSTAT_STATE = b'{"current_heating_setpoint": 20.5}'
@@ -272,3 +272,47 @@ def test_voice_and_audio_counters_reach_the_diagnostics(
     assert {"homeassistant/sensor/voicetest/intents/config",
             "homeassistant/sensor/voicetest/dropped_samples/config"} <= sensors
     assert daemon.terminate() == 0
+
+
+class _RecordedReads(FileSource):
+    """A file source that records how much audio each read asked for (None: the source's 100 ms block)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.asked: list[float | None] = []
+
+    def read(self, timeout: float, seconds: float | None = None) -> AudioChunk | None:
+        self.asked.append(seconds)
+        return super().read(timeout, seconds)
+
+
+def test_the_stage_reads_bigger_blocks_only_while_no_command_is_under_way(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """In-process: while idle the stage reads IDLE_READ_SECONDS at a time (its hops then run back to back),
+    once the wake word opened a window it reads 100 ms at a time; the intents and the model invocations are
+    those of the same file fed 100 ms at a time."""
+    config = parse_config(voice_config(mosquitto, tmp_path / "state"))
+    requests: list[ActionRequest] = []
+    source = _RecordedReads(EXAMPLES / "demo_commands.wav")
+
+    def request_action(request: ActionRequest) -> int:
+        requests.append(request)
+        return 1
+
+    stage = VoiceStage(config=config, pipeline=load_pipeline(config), source=source,
+                       publish=lambda *_a, **_k: True, request_action=request_action)
+    stage.start()
+    assert wait_until(lambda: stage.finished, timeout=60)
+    stage.stop()
+    assert IDLE_READ_SECONDS in source.asked and None in source.asked
+    assert source.asked[0] == IDLE_READ_SECONDS  # nothing is under way at the start
+
+    pipeline = load_pipeline(config)
+    expected = []
+    hop_reads = FileSource(EXAMPLES / "demo_commands.wav")
+    with hop_reads:
+        for chunk in hop_reads.chunks():
+            expected += pipeline.feed(chunk.samples).intents
+    expected += pipeline.finish().intents
+    assert [r.action for r in requests] == [i.action for i in expected] == ["light_on", "heating_up"]
+    assert stage.pipeline.invocations == pipeline.invocations
