@@ -45,7 +45,7 @@ from agent.outbox import FILE_NAME as OUTBOX_FILE
 from agent.outbox import Outbox
 from agent.sdnotify import ServiceNotifier
 from agent.state import StateStore
-from agent.telemetry import REJECT_REASONS, TelemetryIntake
+from agent.telemetry import REJECT_REASONS, StateThrottle, TelemetryIntake
 from agent.topics import Topics
 from agent.validate import load_checked
 
@@ -156,6 +156,7 @@ class App:
                         "actions_sent": 0, "actions_rejected": 0,
                         "announcements": 0, "stale_configs_removed": 0, "reloads": 0, "reload_failures": 0}
         self._last_values: dict[str, str] = {}
+        self._state_throttle = StateThrottle()  # a sensor's mirrored state at most once per second
         self._anomaly_active: dict[str, bool] = {}  # per sensor, as last published (see publish_anomaly)
         self._stages: list[Stage] = []
         self._stage_health: dict[str, bool] = {}
@@ -310,6 +311,7 @@ class App:
             stage.start()
             self._stage_health[stage.name] = True
         self.call_later(self.config.homeassistant.diagnostics_interval, self._diagnostics_timer)
+        self.call_later(self._state_throttle.interval, self._state_timer)
         # Connected but not sending while messages wait: the link is wedged. The limit leaves paho's own
         # keepalive (1.5x) time to notice a dead broker first; a disconnected link is not wedged.
         self.health.register("mqtt", max_silence=2.0 * self.config.mqtt.keepalive + 10.0)
@@ -563,7 +565,16 @@ class App:
             if self._last_values.get(reading.sensor) == value:
                 continue  # the broker retains this very state (and _after_connect restores it): no repeat
             self._last_values[reading.sensor] = value
-            self.link.publish(self.topics.sensor_state(reading.sensor), value, retain=True)
+            if self._state_throttle.offer(reading.sensor, value, time.monotonic()):
+                self.link.publish(self.topics.sensor_state(reading.sensor), value, retain=True)
+
+    def _state_timer(self) -> None:
+        """Publish the sensor states the throttle held back (the latest value of each)."""
+        try:
+            for sensor, value in self._state_throttle.due(time.monotonic()):
+                self.link.publish(self.topics.sensor_state(sensor), value, retain=True)
+        finally:
+            self.call_later(self._state_throttle.interval, self._state_timer)
 
     def _reject_reading(self, reason: str, text: str) -> None:
         """A stream refused a reading: counted per reason (diagnostics), logged once per reason and
