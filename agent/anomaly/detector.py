@@ -83,7 +83,7 @@ class Tuning:
     dropout_factor: float = 10.0  # dropout probability 1 at this many usual intervals (at least) ...
     dropout_history: float = 3.0  # ... or at this many times the longest gap the stream had
     envelope_limit: float = 0.8  # out of the stream's range by this fraction of it: probability 1 ...
-    envelope_young_days: float = 14.0  # ... times (1 + this / age in days): a young stream's range is loose
+    envelope_young_days: float = 2.5  # ... times (1 + this / age in days): a young stream's range is loose
     envelope_growth: float = 0.1  # after learning, the range widens by at most this fraction per day ...
     accept_readings: int = 60  # an episode this long is the stream's new normal: it relearns its level
     run_span: float = 50.0  # usual run length of identical values (runs)
@@ -93,6 +93,8 @@ class Tuning:
     shift_looks: float = 0.5  # ... plus this x log10 of its looks so far (readings of history / scale)
     shift_clip: float = 3.0  # a recent level beyond this many usual distances is learnt at it
     shift_warmup: int = 30  # readings of history before the shift test accumulates
+    evidence_allowance: float = 3.0  # evidence (decades of the reading's p) a reading may bring unnoticed ...
+    evidence_cap: float = 4.0  # ... and at most this much counts from one reading (a spike alerts alone)
 
 
 TUNING = Tuning()
@@ -121,6 +123,7 @@ class StreamState:
     base: float = math.nan  # the shift test: mean of the stream's history (expanding, capped) ...
     base_var: float = 0.0  # ... and the usual squared distance of the recent level from it
     base_n: int = 0  # readings behind the baseline
+    evidence: float = 0.0  # accumulated evidence of recent readings (a CUSUM of decades beyond the allowance)
     fast: list[float] = field(default_factory=list)  # per scale: fast average
     ref: list[float] = field(default_factory=list)  # per scale: reference average
     tails: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)])
@@ -257,7 +260,12 @@ class StreamDetector:
             tail[1] += 1.0
             return
         q = value / mean
-        tail[0] = mean + self._a_tail * ((value if q < 10.0 else 10.0 * mean) - mean)
+        # an expanding mean while the history is shorter than tail_span: an exponential mean started at the
+        # first (small) value lags for ~tail_span readings, and every reading meanwhile counted as a tail
+        # exceedance taught a young stream that huge values are usual
+        a = 1.0 / (tail[1] + 1.0)
+        a = a if a > self._a_tail else self._a_tail
+        tail[0] = mean + a * ((value if q < 10.0 else 10.0 * mean) - mean)
         keep = self._keep
         tail[1] = tail[1] * keep + 1.0
         if q > self._u:
@@ -381,6 +389,14 @@ class StreamDetector:
                 lp += tu.shift_looks * math.log10(looks)
             if lp < log10_p:
                 log10_p, kind = lp, KIND_SHIFT
+        # persistence: moderate evidence reading after reading (a ramp, a slow step) adds up; a CUSUM of the
+        # decades of each reading's p beyond the allowance
+        decades = -(log10_p + self._log_bonferroni)
+        decades = decades if decades < tu.evidence_cap else tu.evidence_cap
+        evidence = s.evidence + decades - tu.evidence_allowance
+        s.evidence = evidence if evidence > 0.0 else 0.0
+        if -s.evidence < log10_p + self._log_bonferroni:
+            log10_p = -s.evidence - self._log_bonferroni
         score = self.probability(log10_p + self._log_bonferroni)
         if dropout > score:
             score, kind = dropout, KIND_DROPOUT
