@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 OFFLINE = b"offline"
 # Messages handed to paho but not yet confirmed; beyond this they wait in our queue (where TTLs apply).
 INFLIGHT_WINDOW = 20
+ROUTES_MAX = 4096  # topics whose matching subscriptions the link remembers
 # CONNACK reason codes after which retrying cannot help: bad user name or password, not authorized,
 # bad authentication method (MQTT 3.1.1 return codes 4 and 5 arrive as 134 and 135).
 AUTH_FAILURE_CODES = frozenset({134, 135, 140})
@@ -143,6 +144,8 @@ class _Session:
     inflight: dict[int, _Outgoing] = field(default_factory=dict)
     delivered: list[int] = field(default_factory=list)  # mids confirmed by paho, processed by the link
     subscribed: dict[str, int] = field(default_factory=dict)
+    # the subscriptions last found all subscribed (the link thread checks on every turn: compare only anew)
+    synced_for: tuple[Subscription, ...] | None = None
 
 
 def default_client_id(config: Config) -> str:
@@ -183,6 +186,10 @@ class MqttLink:
         self._cond = threading.Condition()
         self._queue: collections.deque[_Outgoing] = collections.deque()
         self._subscriptions: tuple[Subscription, ...] = ()
+        # topic -> its subscriptions, for the subscriptions it was built from (matching every filter per
+        # message was the largest cost of the reading path); bounded: cleared when it holds ROUTES_MAX topics
+        self._routes: dict[str, tuple[Subscription, ...]] = {}
+        self._routes_for: tuple[Subscription, ...] = ()
         self._connect_listeners: list[Listener] = []
         self._session: _Session | None = None
         self._connected = threading.Event()
@@ -409,9 +416,7 @@ class MqttLink:
                                      f"({self._mqtt.max_payload_bytes})")
             return
         inbound = InboundMessage(topic, bytes(payload), bool(message.retain), message.qos, time.monotonic())
-        for subscription in self._subscriptions:
-            if not topic_matches(subscription.topic_filter, topic):
-                continue
+        for subscription in self._routes_of(topic):
             try:
                 subscription.handler(inbound)
             except PayloadError as err:
@@ -422,6 +427,17 @@ class MqttLink:
                 if suppressed is not None:
                     log.exception("handler for %s failed on a message to %s%s", subscription.topic_filter,
                                   topic, suppressed_note(suppressed))
+
+    def _routes_of(self, topic: str) -> tuple[Subscription, ...]:
+        """The subscriptions matching ``topic`` (paho's thread; a subscribe or unsubscribe starts afresh)."""
+        subscriptions = self._subscriptions
+        if self._routes_for is not subscriptions or len(self._routes) >= ROUTES_MAX:
+            self._routes, self._routes_for = {}, subscriptions
+        routes = self._routes.get(topic)
+        if routes is None:
+            routes = self._routes[topic] = tuple(
+                s for s in subscriptions if topic_matches(s.topic_filter, topic))
+        return routes
 
     def _on_instance_ping(self, message: InboundMessage) -> None:
         """Another process with our agent id is starting: show it that we are alive (it will refuse)."""
@@ -661,7 +677,13 @@ class MqttLink:
             session.client.disconnect()
 
     def _subscriptions_changed(self, session: _Session) -> bool:
-        desired = {s.topic_filter for s in self._subscriptions}
-        return desired != set(session.subscribed) or any(
-            session.subscribed.get(s.topic_filter, -1) < s.qos for s in self._subscriptions
+        subscriptions = self._subscriptions
+        if session.synced_for is subscriptions:
+            return False
+        desired = {s.topic_filter for s in subscriptions}
+        changed = desired != set(session.subscribed) or any(
+            session.subscribed.get(s.topic_filter, -1) < s.qos for s in subscriptions
         )
+        if not changed:
+            session.synced_for = subscriptions
+        return changed

@@ -16,6 +16,8 @@ battery report for a temperature stream) is not an error: the stream ignores it.
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +43,9 @@ from agent.topics import topic_filter_problem, topic_matches
 TIMESTAMP_KEYS = ("Time", "last_seen")
 # A payload timestamp this far ahead of our clock is not trusted as the reading's time.
 FUTURE_TOLERANCE = 60.0
+ROUTES_MAX = 4096  # topics whose matching streams an intake remembers
+# A sensor's mirrored state is published at most this often; a newer value waits for the interval's end.
+SENSOR_STATE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,42 @@ class _Document:
         return self._json
 
 
+class StateThrottle:
+    """At most one state message per sensor and ``interval`` seconds; the latest value held back in between
+    is handed out by ``due`` once its interval has passed, unless it is the value last handed out.
+    Thread-safe (readings arrive on paho's thread, ``due`` runs on a timer)."""
+
+    def __init__(self, interval: float = SENSOR_STATE_INTERVAL) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._sent: dict[str, tuple[float, str]] = {}  # sensor -> when (monotonic) and what was handed out
+        self._held: dict[str, str] = {}  # sensor -> its latest value, waiting
+
+    def offer(self, sensor: str, value: str, now: float) -> bool:
+        """True: publish ``value`` now; False: it is held (``due`` hands it out later) or already out."""
+        with self._lock:
+            when, sent = self._sent.get(sensor, (-math.inf, ""))
+            if now - when >= self.interval:
+                self._sent[sensor] = (now, value)
+                self._held.pop(sensor, None)
+                return True
+            if value == sent:
+                self._held.pop(sensor, None)  # back to the state already out
+            else:
+                self._held[sensor] = value
+            return False
+
+    def due(self, now: float) -> list[tuple[str, str]]:
+        """The held values whose sensor's interval has passed (each handed out once)."""
+        with self._lock:
+            ready = [(sensor, value) for sensor, value in self._held.items()
+                     if now - self._sent[sensor][0] >= self.interval]
+            for sensor, value in ready:
+                del self._held[sensor]
+                self._sent[sensor] = (now, value)
+            return ready
+
+
 class TelemetryIntake:
     """Routes payloads of the configured telemetry topics to their streams and validates them."""
 
@@ -118,6 +159,9 @@ class TelemetryIntake:
                     raise ConfigError(f"telemetry.{index}.field: {err}: {stream.field!r}") from err
             compiled.append(_Stream(stream, path))
         self._streams = tuple(compiled)
+        # topic -> its streams (matching every stream's filter per message cost more than the parsing);
+        # bounded: cleared when it holds ROUTES_MAX topics
+        self._routes: dict[str, tuple[_Stream, ...]] = {}
         self._max_payload_bytes = max_payload_bytes
         # Messages some streams accepted while others on the same topic refused them (not raised, see parse).
         self.partial_rejections = 0
@@ -125,6 +169,15 @@ class TelemetryIntake:
     def topic_filters(self) -> list[str]:
         """The subscription filters, each once, in config order."""
         return list(dict.fromkeys(stream.config.topic for stream in self._streams))
+
+    def _streams_of(self, topic: str) -> tuple[_Stream, ...]:
+        streams = self._routes.get(topic)
+        if streams is None:
+            if len(self._routes) >= ROUTES_MAX:
+                self._routes = {}
+            streams = self._routes[topic] = tuple(
+                stream for stream in self._streams if topic_matches(stream.config.topic, topic))
+        return streams
 
     def parse(self, topic: str, payload: bytes, retained: bool, now: float) -> list[Reading]:
         """Readings for every configured stream fed by this message (``now``: wall-clock seconds).
@@ -144,7 +197,7 @@ class TelemetryIntake:
     def parse_detailed(self, topic: str, payload: bytes, retained: bool, now: float) -> ParseOutcome:
         """Like ``parse``, but reports each refusing stream's reason instead of raising."""
         outcome = ParseOutcome()
-        streams = [stream for stream in self._streams if topic_matches(stream.config.topic, topic)]
+        streams = self._streams_of(topic)
         if not streams:
             return outcome
         try:

@@ -1,8 +1,9 @@
 """Telemetry in: subscribed sensor payloads -> ``TelemetryIntake.parse`` -> ``Reading``s.
 
 Each reading goes to the anomaly stage's queue (drop oldest; only when the wiring built one) and, when its
-value changed, to the sensor's state topic (retained) for Home Assistant. Handlers run on paho's thread:
-parse, hand over, return.
+value changed, to the sensor's state topic (retained) for Home Assistant, at most once a second per sensor
+(``StateThrottle``: Home Assistant's recorder stores every state; the latest value follows the second).
+Handlers run on paho's thread: parse, hand over, return.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 from agent.config import Config
 from agent.logutil import LogThrottle, suppressed_note
 from agent.messages import InboundMessage, Reading
-from agent.ports import Publisher, Subscriber, Unsubscriber
+from agent.ports import Publisher, Scheduler, Subscriber, Unsubscriber
 from agent.queues import DropOldestQueue
-from agent.telemetry import REJECT_REASONS, TelemetryIntake
+from agent.telemetry import REJECT_REASONS, StateThrottle, TelemetryIntake
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,11 @@ def format_reading(value: float) -> str:
 class TelemetryStage:
     """Parses telemetry, queues readings for the anomaly stage, republishes changed sensor states."""
 
+    name = "telemetry"
+
     def __init__(self, config: Config, *, publish: Publisher, subscribe: Subscriber,
                  unsubscribe: Unsubscriber, count_bad_payload: Callable[[], None],
-                 readings: DropOldestQueue[Reading] | None) -> None:
+                 readings: DropOldestQueue[Reading] | None, call_later: Scheduler) -> None:
         self.topics = Topics.from_config(config)
         self._publish = publish
         self._subscribe = subscribe
@@ -49,8 +52,19 @@ class TelemetryStage:
         self._counts = {"readings": 0, "telemetry_ignored": 0, "readings_rejected": 0,
                         **{f"rejected_{reason}": 0 for reason in REJECT_REASONS}}
         self._last_values: dict[str, str] = {}
+        self._state_throttle = StateThrottle()
+        self._call_later = call_later
         self._telemetry_subscriptions: list[Any] = []
         self._subscribe_telemetry()
+
+    def start(self) -> None:
+        self._call_later(self._state_throttle.interval, self._state_timer)
+
+    def stop(self) -> None:
+        """Nothing to stop: the supervisor's timers end with its loop."""
+
+    def healthy(self, now: float) -> bool:
+        return True
 
     def counters(self) -> dict[str, int]:
         with self._counts_lock:
@@ -108,7 +122,16 @@ class TelemetryStage:
             if self._last_values.get(reading.sensor) == value:
                 continue  # the broker retains this very state (and a reconnect republishes it): no repeat
             self._last_values[reading.sensor] = value
-            self._publish(self.topics.sensor_state(reading.sensor), value, retain=True)
+            if self._state_throttle.offer(reading.sensor, value, time.monotonic()):
+                self._publish(self.topics.sensor_state(reading.sensor), value, retain=True)
+
+    def _state_timer(self) -> None:
+        """Publish the sensor states the throttle held back (the latest value of each)."""
+        try:
+            for sensor, value in self._state_throttle.due(time.monotonic()):
+                self._publish(self.topics.sensor_state(sensor), value, retain=True)
+        finally:
+            self._call_later(self._state_throttle.interval, self._state_timer)
 
     def _reject_reading(self, reason: str, text: str) -> None:
         """A stream refused a reading: counted per reason (diagnostics), logged once per reason and

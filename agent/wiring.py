@@ -90,7 +90,7 @@ def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTab
         DropOldestQueue(READINGS_QUEUE_SIZE) if config.anomaly_active else None)
     telemetry = TelemetryStage(config, publish=link.publish, subscribe=link.subscribe,
                                unsubscribe=link.unsubscribe, count_bad_payload=link.stats.count_bad_payload,
-                               readings=readings)
+                               readings=readings, call_later=app.call_later)
     home = HomeAssistantStage(config, state, publish=link.publish,
                               subscribe=link.subscribe, call_later=app.call_later, counters=app.counters,
                               sensor_values=telemetry.last_values, connected=lambda: link.connected)
@@ -106,6 +106,7 @@ def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTab
     app.add_connect_listener(home.on_connected)
     app.add_status_listener(home.publish_diagnostics)
     app.add_stage(home)
+    app.add_stage(telemetry)
 
     voice = None
     if config.voice_active or options.audio is not None:

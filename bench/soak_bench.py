@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                                         / max(1, publisher.published), 4),
             "note": "daemon CPU (all threads) over the run / readings published; with telemetry_only false "
                     "it includes the voice stage. messages_out counts every publish of the daemon, including "
-                    "the sensor state it republishes per reading (TelemetryStage._on_telemetry)",
+                    "the sensor states it mirrors (a changed value, at most once per sensor and second: "
+                    "agent.telemetry.StateThrottle)",
         },
         "errors_in_log": sum(1 for line in log_text.splitlines() if " ERROR " in line or "Traceback" in line),
         "samples": samples,

@@ -383,3 +383,30 @@ def test_sustained_level_shift_is_caught_by_the_shift_test(config: AnomalySectio
     assert starts(run(StreamDetector(config, tuning=dataclasses.replace(TUNING, shift_gain=0.0)), times,
                       shifted)) == []
     assert starts(run(StreamDetector(config), times, 10.0 + noise)) == []
+
+
+def test_a_stream_that_starts_in_an_unusual_state_is_not_alerted_when_learning_ends(
+        config: AnomalySection) -> None:
+    """A light on when the agent started, then off: the change happened while learning (the statistics still
+    see it when learning ends); it is not alerted as if it had just happened."""
+    rng = np.random.default_rng(4)
+    times = T0 + np.arange(1200) * 60.0
+    values = np.zeros(1200)
+    values[:120] = np.round(400.0 + rng.normal(0.0, 5.0, 120))
+    assert starts(run(StreamDetector(config), times, values)) == []
+
+
+@pytest.mark.data
+def test_office_lights_do_not_alert_when_they_turn_on_or_when_learning_ends() -> None:
+    """The office logs' light: 0 lux every night, on by day. A night at rest does not make the morning's
+    changes a louder stream (noise); a log that starts in the evening is not alerted when learning ends."""
+    from training.anomaly_data import default_telemetry_dir, load_streams, replay
+
+    data_dir = default_telemetry_dir()
+    if not data_dir.is_dir():
+        pytest.skip(f"telemetry data not found at {data_dir}")
+    config = AnomalySection()
+    lights = [s for s in load_streams(data_dir) if s.name.endswith("/Light")]
+    assert len(lights) == 3
+    alerts = [(s.name, a.index, a.kind) for s in lights for a in replay(config, s).alerts]
+    assert [a for a in alerts if a[2] == "noise" or a[1] == config.learning_readings] == []

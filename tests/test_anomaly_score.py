@@ -6,6 +6,7 @@ temporary file). Runs the real CLI."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -228,3 +229,18 @@ def test_real_stream_through_the_cli(tmp_path: Path) -> None:
     assert len(out) == len(rows)
     alerts = [i for i, r in enumerate(out) if r[3] == "1"]
     assert 6000 in alerts and len(alerts) <= 3
+
+
+def test_the_readme_example_stuck_heater_raises_one_alert_inside_its_window(tmp_path: Path) -> None:
+    """README "Seeing what it did": examples/sensor_living_room.csv, three days of a living-room temperature
+    with a heater stuck on for two hours (labelled in sensor_living_room_windows.json)."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    windows = json.loads((examples / "sensor_living_room_windows.json").read_text(encoding="utf-8"))
+    ((start, end),) = windows["sensor_living_room.csv"]
+    result = run_cli("anomaly-score", "--input", str(examples / "sensor_living_room.csv"),
+                     "--output", str(tmp_path / "out.csv"))
+    assert result.returncode == 0, result.stderr
+    _, out = read_output(tmp_path / "out.csv")
+    alerts = [r[0] for r in out if r[3] == "1"]
+    assert len(alerts) == 1, alerts
+    assert parse_timestamp(start) <= parse_timestamp(alerts[0]) <= parse_timestamp(end)

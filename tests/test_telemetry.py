@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from agent.config import TelemetryStream, load_config, parse_config
 from agent.errors import ConfigError, PayloadError
 from agent.payloads import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
-from agent.telemetry import TelemetryIntake
+from agent.telemetry import ROUTES_MAX, StateThrottle, TelemetryIntake
 from agent.topics import topic_filter_problem, topic_matches
 
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC).timestamp()
@@ -125,6 +125,32 @@ def test_zigbee2mqtt_one_payload_feeds_two_streams() -> None:
         ("living_room_temperature", 21.5, Z2M, NOW),
         ("living_room_humidity", 40.0, Z2M, NOW),
     ]
+
+
+def test_routes_are_remembered_per_topic_and_bounded() -> None:
+    intake = TelemetryIntake([stream(topic="zigbee2mqtt/+", field="temperature", sensor="a"),
+                              stream(topic="zigbee2mqtt/hall", field="temperature", sensor="b")])
+    for index in range(ROUTES_MAX + 10):  # more topics than it remembers: it starts afresh, still right
+        topic = f"zigbee2mqtt/room{index}"
+        assert [r.sensor for r in intake.parse(topic, b'{"temperature": 1}', False, NOW)] == ["a"]
+    hall = intake.parse("zigbee2mqtt/hall", b'{"temperature": 1}', False, NOW)
+    assert [r.sensor for r in hall] == ["a", "b"]
+    assert intake.parse("other/hall", b'{"temperature": 1}', False, NOW) == []
+
+
+def test_state_throttle_sends_one_state_per_interval_and_the_latest_value_after_it() -> None:
+    throttle = StateThrottle(interval=1.0)
+    assert throttle.offer("a", "21.5", 100.0)  # the first value goes out at once
+    assert throttle.offer("b", "5", 100.1)  # another sensor has its own interval
+    assert not throttle.offer("a", "22.0", 100.2)
+    assert not throttle.offer("a", "22.5", 100.4)  # held: the latest replaces the earlier one
+    assert throttle.due(100.9) == []  # a's interval has not passed
+    assert throttle.due(101.0) == [("a", "22.5")]
+    assert throttle.due(103.0) == []  # handed out once
+    assert not throttle.offer("a", "23.0", 101.5)
+    assert not throttle.offer("a", "22.5", 101.6)  # back to the value already out: nothing is held
+    assert throttle.due(102.5) == []
+    assert throttle.offer("a", "24.0", 102.5)  # a whole interval after the last state: at once
 
 
 def test_wildcard_stream_reports_the_actual_topic() -> None:

@@ -205,7 +205,7 @@ def detect(config: AnomalySection, stream: Stream, fault: Fault, *, state: Strea
     detection. For dropouts, the daemon's silence check runs every ``check_interval`` seconds over the gap."""
     state = copy.deepcopy(state)
     # measure the detector, not the cooldown of an unrelated earlier alert
-    state.active, state.quiet, state.episode_end = False, 0, -math.inf
+    state.active, state.quiet, state.episode_end, state.armed = False, 0, -math.inf, True
     detector = StreamDetector(config, state, tuning=tuning)
     t0 = float(stream.times[fault.start])
     if fault.kind == "dropout":

@@ -25,16 +25,21 @@ Statistics (each a non-negative number per reading):
 
 Likelihood against the stream's own history (NAB's anomaly likelihood, with a heavier tail): each
 statistic is divided by its own running mean; below ``tail_u`` times the mean an exponential body, above it
-a Pareto tail whose index is estimated online (Hill) with a conservative prior while the history is short.
-The smallest tail probability times the number of statistics (Bonferroni) is the reading's p; the score is
+a Pareto tail whose index is estimated online (Hill) with a conservative prior while the history is short
+(the running mean is an expanding average until ``tail_span`` readings are behind it).
+The smallest tail probability times the number of statistics (Bonferroni) is the reading's p. Persistence:
+a CUSUM of each reading's decades of evidence beyond ``evidence_allowance`` (a ramp, a slow step: moderate
+evidence reading after reading) is a p of its own. The score is
 the posterior probability of an anomaly with a prior rate ``prior_rate`` and a Bayes factor of 1/p:
 ``1 / (1 + (p / prior odds))``. A threshold on the score is a threshold on evidence.
 
 Alerts (``_track``, the one place that decides whether a stream's alert is active): an alert starts when
 the score reaches ``threshold`` after ``learning_readings``, outside the cooldown after the previous episode
 (the configured cooldown, at most ``cooldown_readings`` of the stream's usual intervals: a 1-second stream
-does not wait an hour). The episode ends by itself after ``end_readings`` readings below
-``clear_threshold``; after ``accept_readings`` the stream's new level is its normal and is learnt afresh.
+does not wait an hour), and not while an episode that began in the learning period lasts (a stream that
+starts in an unusual state is not alerted when learning ends). The episode ends by itself after
+``end_readings`` readings below ``clear_threshold``; after ``accept_readings`` the stream's new level is its
+normal and is learnt afresh.
 """
 
 from __future__ import annotations
@@ -83,16 +88,18 @@ class Tuning:
     dropout_factor: float = 10.0  # dropout probability 1 at this many usual intervals (at least) ...
     dropout_history: float = 3.0  # ... or at this many times the longest gap the stream had
     envelope_limit: float = 0.8  # out of the stream's range by this fraction of it: probability 1 ...
-    envelope_young_days: float = 14.0  # ... times (1 + this / age in days): a young stream's range is loose
+    envelope_young_days: float = 2.5  # ... times (1 + this / age in days): a young stream's range is loose
     envelope_growth: float = 0.1  # after learning, the range widens by at most this fraction per day ...
     accept_readings: int = 60  # an episode this long is the stream's new normal: it relearns its level
     run_span: float = 50.0  # usual run length of identical values (runs)
     stuck_table: int = 4  # values the stream rests on, tracked with their own usual run length
     shift_span: float = 2048.0  # the shift test's baseline: the mean of the stream's history, up to this span
-    shift_gain: float = 0.2  # log10 of the shift test's p per squared usual distance ...
-    shift_looks: float = 0.5  # ... plus this x log10 of its looks so far (readings of history / scale)
+    shift_gain: float = 0.27  # log10 of the shift test's p per squared usual distance ...
+    shift_looks: float = 1.0  # ... plus this x log10 of its looks so far (readings of history / scale)
     shift_clip: float = 3.0  # a recent level beyond this many usual distances is learnt at it
     shift_warmup: int = 30  # readings of history before the shift test accumulates
+    evidence_allowance: float = 3.0  # evidence (decades of the reading's p) a reading may bring unnoticed ...
+    evidence_cap: float = 4.0  # ... and at most this much counts from one reading (a spike alerts alone)
 
 
 TUNING = Tuning()
@@ -121,6 +128,7 @@ class StreamState:
     base: float = math.nan  # the shift test: mean of the stream's history (expanding, capped) ...
     base_var: float = 0.0  # ... and the usual squared distance of the recent level from it
     base_n: int = 0  # readings behind the baseline
+    evidence: float = 0.0  # accumulated evidence of recent readings (a CUSUM of decades beyond the allowance)
     fast: list[float] = field(default_factory=list)  # per scale: fast average
     ref: list[float] = field(default_factory=list)  # per scale: reference average
     tails: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0, 0.0, 0.0] for _ in range(N_STATS)])
@@ -135,6 +143,7 @@ class StreamState:
     quiet: int = 0  # readings below clear_threshold in a row while active
     length: int = 0  # readings in the current episode
     episode_end: float = -math.inf
+    armed: bool = True  # False while an episode that began in the learning period lasts (it is not alerted)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -257,7 +266,12 @@ class StreamDetector:
             tail[1] += 1.0
             return
         q = value / mean
-        tail[0] = mean + self._a_tail * ((value if q < 10.0 else 10.0 * mean) - mean)
+        # an expanding mean while the history is shorter than tail_span: an exponential mean started at the
+        # first (small) value lags for ~tail_span readings, and every reading meanwhile counted as a tail
+        # exceedance taught a young stream that huge values are usual
+        a = 1.0 / (tail[1] + 1.0)
+        a = a if a > self._a_tail else self._a_tail
+        tail[0] = mean + a * ((value if q < 10.0 else 10.0 * mean) - mean)
         keep = self._keep
         tail[1] = tail[1] * keep + 1.0
         if q > self._u:
@@ -381,6 +395,14 @@ class StreamDetector:
                 lp += tu.shift_looks * math.log10(looks)
             if lp < log10_p:
                 log10_p, kind = lp, KIND_SHIFT
+        # persistence: moderate evidence reading after reading (a ramp, a slow step) adds up; a CUSUM of the
+        # decades of each reading's p beyond the allowance
+        decades = -(log10_p + self._log_bonferroni)
+        decades = decades if decades < tu.evidence_cap else tu.evidence_cap
+        evidence = s.evidence + decades - tu.evidence_allowance
+        s.evidence = evidence if evidence > 0.0 else 0.0
+        if -s.evidence < log10_p + self._log_bonferroni:
+            log10_p = -s.evidence - self._log_bonferroni
         score = self.probability(log10_p + self._log_bonferroni)
         if dropout > score:
             score, kind = dropout, KIND_DROPOUT
@@ -402,8 +424,9 @@ class StreamDetector:
         bound = tu.clip * noise
         clipped_diff = diff if noise <= 0.0 or -bound <= diff <= bound else (bound if diff > 0.0 else -bound)
         s.trend += self._a_trend * (clipped_diff - s.trend)
-        s.noise_fast = noise_fast
-        s.noise_ref += self._a_nref * (noise_fast - s.noise_ref)
+        if size > 0.0 or not at_rest:  # a night resting at 0 lux does not make the morning's changes loud
+            s.noise_fast = noise_fast
+            s.noise_ref += self._a_nref * (noise_fast - s.noise_ref)
         if size > 0.0:  # the noise measures real changes: a sensor resting on 0 keeps its scale
             s.noise = size if noise <= 0.0 else noise + self._a_noise * (capped - noise)
         self._learn_interval(gap, score)
@@ -544,7 +567,12 @@ class StreamDetector:
                 s.active, s.quiet, s.episode_end = False, 0, t
                 return Outcome(score, KINDS[kind], ended=True)
             return Outcome(score, KINDS[kind])
-        if score >= cfg.threshold and s.n > self.learning and t - s.episode_end >= self.cooldown():
+        if score < cfg.clear_threshold:
+            s.armed = True
+        elif s.n <= self.learning:
+            s.armed = False  # a stream that starts in an unusual state is not alerted when learning ends
+        ready = s.n > self.learning and s.armed and t - s.episode_end >= self.cooldown()
+        if score >= cfg.threshold and ready:
             s.active, s.quiet, s.length = True, 0, 0
             return Outcome(score, KINDS[kind], started=True)
         return Outcome(score, KINDS[kind])
