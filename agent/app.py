@@ -793,6 +793,10 @@ def _add_stages(app: App, config: Config, options: RunOptions) -> None:
         voice = VoiceStage.from_app(app)  # ModelError / ConfigError / AudioError surface at startup
         app.add_stage(voice)
         app.add_reload_listener(voice.reload_adaptation)
+        if config.voice.capture:
+            from agent.false_wake import attach_capture  # the capture, its worker and command topic
+
+            attach_capture(app, voice)
         # Watchdog: audio frames keep arriving while the source is open and unmuted; a source that is
         # being reopened (unplugged microphone) or ended is not wedged.
         app.watch_progress("audio", voice.stats, progress=("samples", "muted_chunks"),

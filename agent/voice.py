@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from agent.adaptation import Adaptation
     from agent.app import App
     from agent.arbitration import GroupArbiter
+    from agent.capture import WakeCapture
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +396,7 @@ class VoiceStage:
         self._retry_logged = False
         self._lock = threading.Lock()
         self._next_pipeline: VoicePipeline | None = None  # from a reload, swapped in by the voice thread
+        self.capture: WakeCapture | None = None  # [voice] capture: agent.false_wake.attach_capture sets it
         self.counts = {"detections": 0, "intents": 0, "actions_requested": 0, "actions_refused": 0,
                        "audio_errors": 0, "open_failures": 0, "muted_chunks": 0, "samples": 0}
 
@@ -532,6 +534,8 @@ class VoiceStage:
             self._count("samples", len(chunk.samples))
             wall = time.time() - (self._clock() - chunk.t_mono)
             output = self.pipeline.feed(chunk.samples, mono_end=chunk.t_mono, wall_end=wall)
+            if self.capture is not None:
+                self.capture.hear(chunk.samples, output, self.pipeline.t_audio)
             if self._arbiter is not None:
                 self._arbiter.hear(chunk.samples, output.detections)
             self._handle(output)
@@ -590,6 +594,8 @@ class VoiceStage:
         if not failed:
             now = self._clock()
             self._handle(self.pipeline.finish(mono_end=now, wall_end=time.time()))
+            if self.capture is not None:
+                self.capture.finish()
             log.info("voice: end of %s (%.1f s of audio)", self.source.description, self.pipeline.t_audio)
         self._close_source()
         self._finished = True
