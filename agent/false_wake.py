@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 LATEST = None  # a request for the latest capture not yet marked
 QUEUE_SIZE = 8  # presses beyond this while learning are refused (counted), not queued without bound
 HEARTBEAT_LIMIT = 120.0  # one learning run may take this long before the worker counts as stuck
+STOP_WAIT = 30.0  # a stop waits this long for a learning run to finish (it takes seconds)
 
 
 class FalseWakeMarker:
@@ -84,12 +85,12 @@ class FalseWakeMarker:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(HEARTBEAT_LIMIT)
+            self._thread.join(STOP_WAIT)
 
     def healthy(self, now: float) -> bool:
         busy = self._busy_since
         alive = self._thread is not None and self._thread.is_alive()
-        return alive and (busy is None or time.monotonic() - busy < HEARTBEAT_LIMIT)
+        return alive and (busy is None or now - busy < HEARTBEAT_LIMIT)
 
     def _run(self) -> None:
         while not self._stop.is_set():
