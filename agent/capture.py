@@ -82,9 +82,13 @@ class CaptureStore:
         StateError when the folder cannot be written."""
         import soundfile
 
-        self._sequence += 1
-        name = time.strftime("%Y%m%d-%H%M%S", time.localtime()) + f"-{self._sequence % 1000:03d}" + WAV_SUFFIX
-        path = self.directory / name
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime())
+        while True:  # unique also against an earlier run's captures of the same second
+            self._sequence += 1
+            name = f"{stamp}-{self._sequence % 1000:03d}{WAV_SUFFIX}"
+            path = self.directory / name
+            if not path.exists() and not path.with_name(name[: -len(WAV_SUFFIX)] + FALSE_SUFFIX).exists():
+                break
         temporary = self.directory / (name + ".tmp")
         buffer = io.BytesIO()
         soundfile.write(buffer, samples, SAMPLE_RATE, format="WAV", subtype="PCM_16")

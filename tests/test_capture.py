@@ -122,6 +122,11 @@ def test_captures_are_bounded_in_count_and_bytes(tmp_path: Path) -> None:
     store = CaptureStore(tmp_path / "captures2", max_files=100, max_bytes=2 * 2 * SAMPLE_RATE + 200)
     paths = [store.save(second) for _ in range(4)]
     assert [c.path for c in store.list()] == paths[2:]
+    # A restarted daemon (a new store, its count from 1 again) never overwrites a capture.
+    again = CaptureStore(tmp_path / "captures3", max_files=100, max_bytes=10**9)
+    first = again.save(second)
+    assert CaptureStore(again.directory, max_files=100, max_bytes=10**9).save(second) != first
+    assert len(again.list()) == 2
 
 
 def test_a_capture_that_cannot_be_written_is_counted_and_listening_goes_on(tmp_path: Path) -> None:
