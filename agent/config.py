@@ -399,6 +399,12 @@ class VoiceSection(Section):
     # ``home-agent enroll``: false wakes per hour of the built-in reference speech a household head may add
     # (its threshold is set to stay within it; an enrolment that cannot is refused).
     enroll_false_wake_budget: float = Field(default=0.0, ge=0, le=100)
+    # Keep the audio around each wake word (2 s before it and the wake window after) in state_dir/captures,
+    # so a false wake can be marked and unlearned (agent.capture). Off by default; captures never leave the
+    # machine.
+    capture: bool = False
+    capture_max_files: int = Field(default=20, ge=1, le=1000)
+    capture_max_mb: float = Field(default=10.0, gt=0, le=1000)
 
     @field_validator("thresholds")
     @classmethod

@@ -22,6 +22,8 @@ What the agent must publish on the state topics these payloads point to:
   ``arbitrations_lost``) and the text ``config_status`` (``ok`` or why the last reload was rejected);
 - ``Topics.sensor_state(sensor)``: the last accepted reading as a plain number;
 - ``Topics.mute_state``: ``ON`` / ``OFF`` (retained); commands arrive on ``Topics.mute_set``;
+- with ``[voice] capture``: the button "Last wake was false" sends ``PRESS_PAYLOAD`` to
+  ``Topics.last_wake_false`` (a command topic only; a button has no state);
 - ``Topics.event``: ``{"event_type": <one of event_types>, ...}``, never retained;
 - ``Topics.anomaly(sensor)``: JSON with ``active`` (bool) and ``score`` (number), plus anything else
   (shown as attributes).
@@ -45,7 +47,8 @@ PAYLOAD_ON = "ON"
 PAYLOAD_OFF = "OFF"
 AVAILABLE = "online"
 NOT_AVAILABLE = "offline"
-COMPONENTS = ("sensor", "binary_sensor", "switch", "event")
+COMPONENTS = ("sensor", "binary_sensor", "switch", "event", "button")
+PRESS_PAYLOAD = "PRESS"
 
 # (key in the diagnostics JSON = object id, entity name, extra discovery fields)
 DIAGNOSTIC_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
@@ -85,6 +88,7 @@ ANOMALY_SENSORS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("anomaly_alerts", "Anomaly alerts", {"state_class": "total_increasing", "icon": "mdi:alert"}),
 )
 MUTE_OBJECT = "mute"
+FALSE_WAKE_OBJECT = "last_wake_false"
 EVENT_OBJECT = "voice_intent"
 # Per-stream objects get a prefix per kind; built-in objects use none of these prefixes, and sensor ids
 # are unique, so no two entities can share an object id (and thus a unique_id).
@@ -173,6 +177,13 @@ def discovery_messages(
         "payload_off": PAYLOAD_OFF,
         "icon": "mdi:microphone-off",
     })
+
+    if config.voice_active and config.voice.capture:
+        add("button", FALSE_WAKE_OBJECT, "Last wake was false", {
+            "command_topic": topics.last_wake_false,
+            "payload_press": PRESS_PAYLOAD,
+            "icon": "mdi:account-voice-off",
+        })
 
     types = [event_type for event_type in dict.fromkeys(event_types) if event_type]
     if types:

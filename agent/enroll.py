@@ -31,6 +31,7 @@ from agent.adaptation import (
     stream_embeddings,
 )
 from agent.audio import SAMPLE_RATE, read_audio_file
+from agent.capture import CaptureStore
 from agent.config import Config, load_config
 from agent.errors import AudioError
 from agent.features import INT16_SCALE
@@ -114,7 +115,7 @@ def enroll_main(args: argparse.Namespace) -> int:
         print("household adaptation removed" if store.reset() else "no household adaptation to remove")
         return 0
     if args.list:
-        return _list(store)
+        return _list(store, CaptureStore.of(config))
     model, bank = load_model_and_bank(config)
     if args.not_word is not None:
         if not args.not_word:
@@ -152,8 +153,18 @@ def _check_word(model: KwsModel, take: Take, word: str) -> None:
                               f"({own:.2f}); record {word!r} alone")
 
 
-def _update(config: Config, store: Store, model: KwsModel, bank: Bank, *, positives: Sequence[Take],
-            negatives: Sequence[Take], word: str | None) -> int:
+@dataclass(frozen=True)
+class Update:
+    adaptation: Adaptation
+    seconds: float
+    still_waking: list[tuple[str, list[str]]]  # not-word recordings that still wake, and what
+
+
+def update_adaptation(config: Config, store: Store, model: KwsModel, bank: Bank, *, positives: Sequence[Take],
+                      negatives: Sequence[Take], word: str | None) -> Update:
+    """Re-learn with the new takes added; store them and the new heads only when learning succeeded (an
+    EnrollError or StateError changes nothing). ``enroll --word``, ``enroll --not-word`` and a capture
+    marked as a false wake (:mod:`agent.capture`) all come through here."""
     store.check_writable()
     started = time.monotonic()
     stored = store.positives()
@@ -168,10 +179,17 @@ def _update(config: Config, store: Store, model: KwsModel, bank: Bank, *, positi
         store.add(store.positive_dir / word, [(t.samples, t.span) for t in positives], SAMPLE_RATE)
     store.add(store.negative_dir, [(t.samples, t.span) for t in negatives], SAMPLE_RATE)
     adaptation.save(store.directory)
-    print(f"learned in {time.monotonic() - started:.1f} s:")
-    for line in adaptation.describe():
+    return Update(adaptation, time.monotonic() - started, still)
+
+
+def _update(config: Config, store: Store, model: KwsModel, bank: Bank, *, positives: Sequence[Take],
+            negatives: Sequence[Take], word: str | None) -> int:
+    update = update_adaptation(config, store, model, bank, positives=positives, negatives=negatives,
+                               word=word)
+    print(f"learned in {update.seconds:.1f} s:")
+    for line in update.adaptation.describe():
         print(f"  {line}")
-    for name, words in still:
+    for name, words in update.still_waking:
         print(f"  warning: {name} still wakes {', '.join(words)} (its windows are too close to real "
               "recordings of the word to reject without losing them)")
     print("a running daemon uses it after a reload (systemctl reload home-agent, or SIGHUP)")
@@ -194,14 +212,23 @@ def _still_waking(model: KwsModel, adaptation: Adaptation, takes: Sequence[Take]
     return result
 
 
-def _list(store: Store) -> int:
+def _list(store: Store, captures: CaptureStore) -> int:
     adaptation = Adaptation.load(store.directory)
     if adaptation is None:
         print(f"no household adaptation in {store.directory}")
+    else:
+        print(f"household adaptation in {store.directory} (model sha256 {adaptation.model_sha256[:12]}...):")
+        for line in adaptation.describe():
+            print(f"  {line}")
+    listed = captures.list()
+    if not listed:
+        print(f"no captured wakes in {captures.directory} ([voice] capture = true keeps them; they never "
+              "leave this machine)")
         return 0
-    print(f"household adaptation in {store.directory} (model sha256 {adaptation.model_sha256[:12]}...):")
-    for line in adaptation.describe():
-        print(f"  {line}")
+    print(f"captured wakes in {captures.directory} (they never leave this machine):")
+    for capture in listed:
+        state = "marked as a false wake (learned)" if capture.marked else "not marked"
+        print(f"  {capture.path.name}  {capture.seconds:.1f} s  {state}")
     return 0
 
 

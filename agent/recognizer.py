@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -188,6 +188,18 @@ class MatchEvent:
     words: tuple[str, ...] = ()
     intent: Intent | None = None
     reason: str = ""
+
+
+@dataclass(slots=True)
+class PipelineOutput:
+    """What one feed of the voice pipeline produced: the words heard and the matcher's events."""
+
+    detections: list[Detection] = field(default_factory=list)
+    events: list[MatchEvent] = field(default_factory=list)
+
+    @property
+    def intents(self) -> list[Intent]:
+        return [event.intent for event in self.events if event.intent is not None]
 
 
 @dataclass(slots=True)

@@ -157,6 +157,10 @@ class Topics:
         return f"{self.base}/mute/set"  # HA switch command topic: "ON" / "OFF"
 
     @property
+    def last_wake_false(self) -> str:
+        return f"{self.base}/voice/last_wake_false"  # HA button command topic: "PRESS" ([voice] capture)
+
+    @property
     def ha_status(self) -> str:
         return f"{self.discovery_prefix}/status"  # HA birth / last will: "online" / "offline"
 

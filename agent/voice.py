@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +34,7 @@ from agent.ports import Publisher
 from agent.recognizer import (
     Command,
     CommandMatcher,
-    MatchEvent,
+    PipelineOutput,
     Recognizer,
     RecognizerSettings,
     check_vocabulary,
@@ -46,6 +45,7 @@ from agent.topics import Topics
 if TYPE_CHECKING:
     from agent.adaptation import Adaptation
     from agent.arbitration import GroupArbiter
+    from agent.capture import WakeCapture
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +121,6 @@ def commands_from_config(config: Config) -> list[Command]:
     """``[[voice.commands]]`` with each action's ``confirm`` flag."""
     return [Command(command.words, command.action, config.actions[command.action].confirm)
             for command in config.voice.commands]
-
-
-@dataclass(slots=True)
-class PipelineOutput:
-    detections: list[Detection] = field(default_factory=list)
-    events: list[MatchEvent] = field(default_factory=list)
-
-    @property
-    def intents(self) -> list[Intent]:
-        return [event.intent for event in self.events if event.intent is not None]
 
 
 class VoicePipeline:
@@ -402,6 +392,7 @@ class VoiceStage:
         self._retry_logged = False
         self._lock = threading.Lock()
         self._next_pipeline: VoicePipeline | None = None  # from a reload, swapped in by the voice thread
+        self.capture: WakeCapture | None = None  # [voice] capture: agent.false_wake.attach_capture sets it
         self.counts = {"detections": 0, "intents": 0, "actions_requested": 0, "actions_refused": 0,
                        "audio_errors": 0, "open_failures": 0, "muted_chunks": 0, "samples": 0}
 
@@ -513,6 +504,8 @@ class VoiceStage:
             self._count("samples", len(chunk.samples))
             wall = time.time() - (self._clock() - chunk.t_mono)
             output = self.pipeline.feed(chunk.samples, mono_end=chunk.t_mono, wall_end=wall)
+            if self.capture is not None:
+                self.capture.hear(chunk.samples, output, self.pipeline.t_audio)
             if self._arbiter is not None:
                 self._arbiter.hear(chunk.samples, output.detections)
             self._handle(output)
@@ -571,6 +564,8 @@ class VoiceStage:
         if not failed:
             now = self._clock()
             self._handle(self.pipeline.finish(mono_end=now, wall_end=time.time()))
+            if self.capture is not None:
+                self.capture.finish()
             log.info("voice: end of %s (%.1f s of audio)", self.source.description, self.pipeline.t_audio)
         self._close_source()
         self._finished = True

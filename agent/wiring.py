@@ -32,6 +32,7 @@ from agent.outbox import Outbox
 from agent.queues import DropOldestQueue
 from agent.state import StateStore
 from agent.telemetry_stage import TelemetryStage
+from agent.topics import Topics
 from agent.validate import load_checked
 
 if TYPE_CHECKING:
@@ -129,6 +130,8 @@ def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTab
 
 def _add_voice(app: App, voice: VoiceStage, home: HomeAssistantStage) -> None:
     app.add_stage(voice)
+    if app.config.voice.capture:
+        _add_capture(app, voice)
     app.add_counters(voice.stats)  # the voice stage's counts and its audio source's (dropped_samples)
     app.add_reloader(lambda _new: voice.reload_adaptation)
     app.add_status(lambda: "muted" if home.muted else "listening")
@@ -137,6 +140,23 @@ def _add_voice(app: App, voice: VoiceStage, home: HomeAssistantStage) -> None:
     app.watch_progress("audio", voice.stats, progress=("samples", "muted_chunks"),
                        retrying=("open_failures", "audio_errors"),
                        paused=lambda: home.muted or voice.finished, max_silence=AUDIO_MAX_SILENCE)
+
+
+def _add_capture(app: App, voice: VoiceStage) -> None:
+    """``[voice] capture``: the audio around each wake kept on the voice stage, the worker that learns a
+    capture marked as a false wake, its command topic (the Home Assistant button) and its counters."""
+    from agent.capture import CaptureStore, WakeCapture
+    from agent.false_wake import FalseWakeMarker
+
+    config = app.config
+    captures = CaptureStore.of(config)
+    marker = FalseWakeMarker(config, captures, on_learned=voice.reload_adaptation)
+    capture = WakeCapture(captures, wake_word=config.voice.wake_word, window_seconds=config.voice.wake_window,
+                          confirm_seconds=config.voice.confirm_window, on_false_wake=marker.request)
+    voice.capture = capture
+    app.add_stage(marker)
+    app.add_counters(lambda: {**marker.stats(), **capture.counts})
+    app.link.subscribe(Topics.from_config(config).last_wake_false, marker.on_command, qos=1)
 
 
 def _voice_stage(config: Config, options: RunOptions, app: App, actions: ActionDispatcher,

@@ -3,7 +3,8 @@ Python 3.11) and HA 2025.4.4 (the newest the harness runs, on Python 3.13), ever
 
 Proves what HA does with our discovery, not what we think it should do: HA creates the agent's device and
 entities with the right states; availability offline makes them unavailable and online brings them back;
-an HA service call on the mute switch reaches the agent.
+an HA service call on the mute switch reaches the agent, and so does a press of the "Last wake was false"
+button (``[voice] capture`` is on).
 
 Each HA venv is installed once into .cache/ (2024: .cache/ha-venv, about 100 s; 2025: .cache/ha2025-venv,
 about 120-170 s; both need PyPI) and reused; tests/ha_install.py starts the installs in the background at the
@@ -107,10 +108,12 @@ def home_assistant(request: pytest.FixtureRequest,
 
 @pytest.fixture
 def agent(home_assistant: HomeAssistant) -> Iterator[Callable[[], Daemon]]:
-    """Starts the daemon (voice on, so the intent event entity exists) and waits for ``online``."""
+    """Starts the daemon (voice on, so the intent event entity exists; capture on, so the false-wake button
+    does) and waits for ``online``."""
     data = base_config(home_assistant.broker, home_assistant.workdir / "state", agent_id=AGENT_ID)
     data["agent"]["name"] = "HA Test agent"
     data["voice"]["enabled"] = True
+    data["voice"]["capture"] = True
     config_path = home_assistant.workdir / "config.toml"
     config_path.write_text(toml_dumps(data), encoding="utf-8")
     daemons: list[Daemon] = []
@@ -221,6 +224,26 @@ def test_service_call_on_mute_switch_reaches_the_agent(
         home_assistant.call("switch", "turn_off", {"entity_id": switch})
         probe.wait_for(f"{BASE}/mute/state", b"OFF", timeout=5)
         assert wait_until(lambda: home_assistant.ours()[f"home_agent_{AGENT_ID}_mute"]["state"] == "off", 10)
+    finally:
+        probe.close()
+
+
+def test_the_false_wake_button_press_reaches_the_agent(
+        home_assistant: HomeAssistant, agent: Callable[[], Daemon]) -> None:
+    """HA's button.press sends PRESS on the command topic; the agent takes it (with no capture yet it refuses,
+    says why and counts it: the diagnostics show the refusal)."""
+    expected = set(expected_unique_ids(home_assistant))
+    daemon = agent()
+    ours = wait_for_entities(home_assistant, expected, available=True)
+    button = ours[f"home_agent_{AGENT_ID}_last_wake_false"]
+    assert button["entity_id"].startswith("button.") and button["name"] == "Last wake was false"
+    probe = MqttProbe(home_assistant.broker).subscribe(f"{BASE}/voice/last_wake_false", f"{BASE}/diagnostics")
+    try:
+        home_assistant.call("button", "press", {"entity_id": button["entity_id"]})
+        assert probe.wait_for(f"{BASE}/voice/last_wake_false", timeout=5).payload == b"PRESS"
+        assert wait_until(lambda: any(json.loads(m.payload).get("false_wakes_refused") == 1
+                                      for m in probe.matching(f"{BASE}/diagnostics")), 10)
+        assert "false wake not marked: no capture to mark" in daemon.log_text()
     finally:
         probe.close()
 
