@@ -750,8 +750,8 @@ def build_training_set(
     stored = np.lib.format.open_memmap(
         training_audio_path(key, cache_dir), mode="w+", dtype=np.int16, shape=(len(windows), WINDOW)
     )
-    for index, window in enumerate(windows):
-        stored[index] = window
+    for index in range(len(windows)):
+        stored[index] = windows[index]
     stored.flush()
     del stored
     dataset.save(cache)
