@@ -8,7 +8,8 @@ The embedding, run here with LiteRT as openWakeWord's two-model pipeline: ``mels
 int16 samples (as float) into 32 mel bands every 10 ms (frame i covers samples [160 i, 160 i + 560)), scaled
 x/10 + 2; ``embedding_model.tflite`` turns 76 mel frames into one 96-dim embedding, one every 8 frames
 (80 ms): embedding t covers samples [1280 t, 1280 t + 12560). The head reads HEAD_EMBEDDINGS (16) in a row,
-TEACHER_SAMPLES (1.985 s) of audio.
+TEACHER_SAMPLES (1.985 s) of audio. The melspectrogram floors its log at 80 dB below the loudest value of what
+it is given: a training window is given alone (its 2 s), a clip under evaluation whole.
 
 Alignment with the student (1 s MFCC windows): each training window is the last second of the teacher's
 input, zero-padded in front, so the teacher judges the same audio ending at the same point. Long recordings
@@ -85,8 +86,13 @@ class SpeechEmbedding:
         return out
 
     def embed(self, audio: npt.NDArray[np.int16]) -> npt.NDArray[np.float32]:
-        """(batch, samples) int16 -> (batch, embeddings, 96): every embedding that fits, one per 80 ms."""
-        mel = self._run(self._mel, np.ascontiguousarray(audio, dtype=np.float32))[:, 0] / 10.0 + 2.0
+        """(batch, samples) int16 -> (batch, embeddings, 96): every embedding that fits, one per 80 ms.
+
+        The melspectrogram floors its log at 80 dB below the loudest value of its whole input tensor (batch
+        included), so each row gets its own call: a row's embeddings must not depend on its neighbours."""
+        rows = np.ascontiguousarray(audio, dtype=np.float32)
+        mel = np.concatenate([self._run(self._mel, rows[i : i + 1]) for i in range(len(rows))])
+        mel = mel[:, 0] / 10.0 + 2.0
         starts = range(0, mel.shape[1] - EMBEDDING_FRAMES + 1, EMBEDDING_STEP)
         windows = np.stack([mel[:, s : s + EMBEDDING_FRAMES] for s in starts], axis=1)
         batch, count = windows.shape[:2]
