@@ -5,6 +5,7 @@ window ends."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,11 +59,22 @@ def test_each_window_is_embedded_on_its_own() -> None:
 
 @pytest.mark.train
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
-def test_head_reads_sixteen_embeddings_and_gives_probabilities() -> None:
-    head = oww_teacher.build_head(oww_teacher.HeadConfig())
-    weights = oww_teacher.head_weights(head)
-    windows = np.zeros((3, oww_teacher.HEAD_EMBEDDINGS, oww_teacher.EMBEDDING_DIM), np.float32)
-    probabilities = oww_teacher.head_probabilities(weights, windows)
+def test_numpy_head_matches_the_trained_keras_head(tmp_path: Path) -> None:
+    """The head trained on standardised embeddings, saved as arrays, scores like Keras does."""
+    rng = np.random.default_rng(0)
+    count = 64
+    shape = (count, oww_teacher.HEAD_EMBEDDINGS, oww_teacher.EMBEDDING_DIM)
+    embeddings = (rng.normal(size=shape) * 17).astype(np.float16)
+    labels = np.arange(count, dtype=np.int64) % 16
+    origins = np.array([f"clip{i}.flac" for i in range(count)])
+    config = oww_teacher.HeadConfig(epochs=1)
+    head_path, out_of_fold = oww_teacher.train_teacher(embeddings, labels, origins, "test", config, tmp_path)
+    assert out_of_fold.shape == (count, 16)
+    head = oww_teacher.load_head(head_path)
+    probabilities = oww_teacher.head_probabilities(head, embeddings)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    keras = oww_teacher.soft_labels(np.asarray(head.predict(windows, verbose=0)), 1.0)
-    np.testing.assert_allclose(probabilities, keras, atol=1e-5)
+    keras = oww_teacher.build_head(config)
+    keras.set_weights([head["w1"], head["b1"], head["w2"], head["b2"]])
+    standardized = (embeddings.astype(np.float32) - head["mean"]) / head["std"]
+    expected = oww_teacher.soft_labels(np.asarray(keras.predict(standardized, verbose=0)), 1.0)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)

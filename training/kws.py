@@ -166,7 +166,7 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     train_config = train.TrainConfig(epochs=config.student_epochs)
     if use_embedding:
         soft, mask = _speech_embedding_targets(train_set, train_key, config, train_config.temperature)
-        teacher_name = f"openwakeword-{config.teacher_head_epochs}"
+        teacher_name = f"openwakeword-{config.teacher_head_epochs}-standardized"
     else:
         teacher_name = "mlperf"
         soft_cache = CACHE_DIR / f"soft-{train_key}-{train_config.temperature}.npz"
@@ -399,9 +399,10 @@ def _speech_embedding_targets(
     audio = np.load(training_audio_path(train_key), mmap_mode="r")
     embeddings = oww_teacher.embed_windows(audio, train_key)
     head_config = oww_teacher.HeadConfig(epochs=config.teacher_head_epochs)
-    _, logits = oww_teacher.train_teacher(
+    head_path, logits = oww_teacher.train_teacher(
         embeddings, train_set.labels, train_set.origin, train_key, head_config
     )
+    print(f"speech-embedding teacher head: {head_path}", file=sys.stderr)
     # Where the teacher's top label is not the window's label, the label is right (a word clip, or speech
     # that is not the wake word): those windows learn the hard label only.
     agrees = logits.argmax(axis=1) == train_set.labels

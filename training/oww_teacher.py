@@ -227,32 +227,38 @@ def train_teacher(  # noqa: PLR0917
     key: str,
     config: HeadConfig = HeadConfig(),
     cache_dir: Path = CACHE_DIR,
-) -> tuple[Any, npt.NDArray[np.float32]]:
-    """The head on every training window, and out-of-fold logits for every window (cached)."""
+) -> tuple[Path, npt.NDArray[np.float32]]:
+    """The head on every training window (saved as ``.npz``: HEAD_ARRAYS), and out-of-fold logits for
+    every window (cached)."""
     tf = import_tf()
     name = head_key(key, labels, config)
-    weights, logits_cache = cache_dir / f"oww-head-{name}.weights.h5", cache_dir / f"oww-oof-{name}.npy"
-    head = build_head(config)
-    if weights.exists() and logits_cache.exists():
-        head.load_weights(str(weights))
+    head_path, logits_cache = cache_dir / f"oww-head-{name}.npz", cache_dir / f"oww-oof-{name}.npy"
+    if head_path.exists() and logits_cache.exists():
         cached: npt.NDArray[np.float32] = np.load(logits_cache)
-        return head, cached
+        return head_path, cached
     started = time.monotonic()
+    # The embedding's values are large (std ~17): without standardising them the head does not learn the
+    # words at all (tried: 0 % on every command word).
+    flat = embeddings.astype(np.float32).reshape(-1, EMBEDDING_DIM)
+    mean, std = flat.mean(axis=0), flat.std(axis=0) + 1e-3
+    del flat
+    standardized = (embeddings.astype(np.float32) - mean) / std
     folds = fold_of(origins, config.folds)
     out_of_fold = np.zeros((len(labels), len(LABELS)), np.float32)
     for fold in range(config.folds):
         held = folds == fold
-        fold_head = _fit_head(embeddings[~held], labels[~held], config, SEED + fold)
-        out_of_fold[held] = fold_head.predict(embeddings[held].astype(np.float32), batch_size=2048, verbose=0)
+        fold_head = _fit_head(standardized[~held], labels[~held], config, SEED + fold)
+        out_of_fold[held] = fold_head.predict(standardized[held], batch_size=2048, verbose=0)
         agreement = float((out_of_fold[held].argmax(axis=1) == labels[held]).mean())
         log.info("teacher fold %d: out-of-fold agreement with the labels %.3f", fold, agreement)
         tf.keras.backend.clear_session()
-    head = _fit_head(embeddings, labels, config, SEED)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    head.save_weights(str(weights))
+    head = _fit_head(standardized, labels, config, SEED)
+    w1, b1, w2, b2 = (np.asarray(w, np.float32) for w in head.get_weights())
+    head_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(head_path, mean=mean, std=std, w1=w1, b1=b1, w2=w2, b2=b2)
     np.save(logits_cache, out_of_fold)
     log.info("teacher head trained in %.0f s", time.monotonic() - started)
-    return head, out_of_fold
+    return head_path, out_of_fold
 
 
 def soft_labels(logits: npt.NDArray[np.float32], temperature: float) -> npt.NDArray[np.float32]:
@@ -266,15 +272,20 @@ def soft_labels(logits: npt.NDArray[np.float32], temperature: float) -> npt.NDAr
 # ---------------------------------------------------------------------------- the teacher on the new voices
 
 
-def head_weights(head: Any) -> list[npt.NDArray[np.float32]]:
-    """[W1, b1, W2, b2] of a trained head (numpy inference: thousands of short clips, no Keras call each)."""
-    return [np.asarray(w, np.float32) for w in head.get_weights()]
+HEAD_ARRAYS = ("mean", "std", "w1", "b1", "w2", "b2")
 
 
-def head_probabilities(weights: list[npt.NDArray[np.float32]], windows: npt.NDArray[Any]) -> Any:
-    w1, b1, w2, b2 = weights
-    hidden = np.maximum(windows.reshape(len(windows), -1).astype(np.float32) @ w1 + b1, 0.0)
-    return soft_labels(hidden @ w2 + b2, 1.0)
+def load_head(path: Path) -> dict[str, npt.NDArray[np.float32]]:
+    with np.load(path) as stored:
+        return {name: np.asarray(stored[name], np.float32) for name in HEAD_ARRAYS}
+
+
+def head_probabilities(head: dict[str, npt.NDArray[np.float32]], windows: npt.NDArray[Any]) -> Any:
+    """(n, 16, 96) embeddings -> (n, 16) probabilities (numpy: thousands of short clips, no Keras
+    call each)."""
+    standardized = (windows.astype(np.float32) - head["mean"]) / head["std"]
+    hidden = np.maximum(standardized.reshape(len(windows), -1) @ head["w1"] + head["b1"], 0.0)
+    return soft_labels(hidden @ head["w2"] + head["b2"], 1.0)
 
 
 TAIL_SAMPLES = SAMPLE_RATE // 2  # silence after a clip: the runtime's tail padding lets a word end
@@ -282,7 +293,7 @@ REFRACTORY_POSITIONS = round(1.0 * SAMPLE_RATE / EMBEDDING_HOP)
 
 
 def clip_events(
-    embedding: SpeechEmbedding, weights: list[npt.NDArray[np.float32]], samples: npt.NDArray[np.int16],
+    embedding: SpeechEmbedding, head: dict[str, npt.NDArray[np.float32]], samples: npt.NDArray[np.int16],
     threshold: float,
 ) -> list[str]:
     """Words the teacher fires on in a clip, streamed at 80 ms with 1 s of zeros before the clip and
@@ -295,7 +306,7 @@ def clip_events(
     if count <= 0:
         return []
     windows = np.stack([embedded[i : i + HEAD_EMBEDDINGS] for i in range(count)])
-    probabilities = head_probabilities(weights, windows)
+    probabilities = head_probabilities(head, windows)
     top = probabilities.argmax(axis=1)
     events: list[str] = []
     last: dict[int, int] = {}
@@ -321,9 +332,7 @@ def evaluate_new_voices(
     from training import newvoices
     from training.data import inventory
 
-    head = build_head(HeadConfig())
-    head.load_weights(str(head_path))
-    weights = head_weights(head)
+    head = load_head(head_path)
     embedding = SpeechEmbedding()
     sets = newvoices.held_out_sets(inventory(data_dir, synth_dir, limit=limit))
     started, cpu = time.monotonic(), time.process_time()
@@ -336,7 +345,7 @@ def evaluate_new_voices(
             data, rate = sf.read(clip.path, dtype="int16", always_2d=True)
             if rate != SAMPLE_RATE:
                 raise ValueError(f"{clip.path}: {rate} Hz, expected {SAMPLE_RATE}")
-            out.append((clip_events(embedding, weights, data[:, 0], threshold), len(data) / SAMPLE_RATE))
+            out.append((clip_events(embedding, head, data[:, 0], threshold), len(data) / SAMPLE_RATE))
             audio_seconds += len(data) / SAMPLE_RATE
         return out
 
@@ -391,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m training.oww_teacher",
         description="The speech-embedding teacher on the new-voices validation (offline; see the docstring).",
     )
-    parser.add_argument("--head", type=Path, required=True, help=".cache/kws/oww-head-*.weights.h5")
+    parser.add_argument("--head", type=Path, required=True, help=".cache/kws/oww-head-*.npz")
     parser.add_argument("--data", type=Path, default=None, help="default: $DATA_DIR or ../shared/data/speech")
     parser.add_argument("--synth", type=Path, default=SYNTH_DIR)
     parser.add_argument("--threshold", type=float, default=0.5)
