@@ -539,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="default: $DATA_DIR or ../shared/data/speech")
     parser.add_argument("--out", type=Path, default=None, help="default: models/ (smoke: a temporary folder)")
     parser.add_argument("--smoke", action="store_true", help="tiny subset, one epoch per stage (CI)")
+    parser.add_argument(
+        "--teacher", choices=("openwakeword", "mlperf"), default="openwakeword",
+        help="who the student distils from (default %(default)s; mlperf: the control of the ablation)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data_dir = (args.data or default_data_dir()).resolve()
@@ -551,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     if not TEACHER_TFLITE.exists():
         print(f"training.kws: teacher model {TEACHER_TFLITE} is missing; nothing to do", file=sys.stderr)
         return 0
-    config = SMOKE if args.smoke else FULL
+    config = replace(SMOKE if args.smoke else FULL, teacher=args.teacher)
     if args.out is not None:
         out_dir = args.out
     elif args.smoke:
