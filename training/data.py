@@ -692,7 +692,7 @@ def build_training_set(
     """Augmented feature windows of every training clip (cached by inventory + parameters + config)."""
     key = cache_key(clips, params, config, "train")
     cache = cache_dir / f"train-{key}.npz"
-    if cache.exists():
+    if cache.exists() and training_audio_path(key, cache_dir).exists():
         log.info("training windows from cache %s", cache)
         return Dataset.load(cache)
     started = time.monotonic()
@@ -746,9 +746,22 @@ def build_training_set(
         add(augmenter.quiet(), SILENCE_LABEL, "quiet", f"quiet{index}")
     features = np.stack([window_features(w, params) for w in progress(windows, len(windows), "features")])
     dataset = Dataset(features, np.array(labels), np.array(sources), np.array(origins), np.array(at_end))
+    # The windows' audio too: the speech-embedding teacher (training.oww_teacher) judges the same samples.
+    stored = np.lib.format.open_memmap(
+        training_audio_path(key, cache_dir), mode="w+", dtype=np.int16, shape=(len(windows), WINDOW)
+    )
+    for index in range(len(windows)):
+        stored[index] = windows[index]
+    stored.flush()
+    del stored
     dataset.save(cache)
     log.info("%d training windows in %.0f s -> %s", len(dataset), time.monotonic() - started, cache)
     return dataset
+
+
+def training_audio_path(key: str, cache_dir: Path = CACHE_DIR) -> Path:
+    """The int16 samples of the training windows with cache key ``key`` (same order as their features)."""
+    return cache_dir / f"train-audio-{key}.npy"
 
 
 def build_eval_set(
