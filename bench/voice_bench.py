@@ -569,6 +569,33 @@ def accuracy(data_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- main
 
 
+def verdict(results: dict[str, Any]) -> dict[str, Any]:
+    """Each measured figure against its target."""
+    cpu = results["cpu_16k"]["cpu_seconds_per_audio_second"]
+    realtime = results.get("daemon_realtime_loose_wake", results["daemon_realtime"])
+    latency = realtime["latency_seconds"]
+    checks: dict[str, Any] = {
+        "cpu_ok": cpu <= CPU_TARGET,
+        "daemon_cpu_ok": realtime["process_cpu_seconds_per_audio_second"] <= DAEMON_CPU_TARGET,
+        "latency_measured_with": realtime["threshold_overrides"] or "shipped thresholds",
+        "latency_ok": latency is not None and latency["max"] <= LATENCY_TARGET,
+        "latency_median_ok": latency is not None and latency["median"] <= LATENCY_TARGET,
+    }
+    side = results.get("cpu_side_by_side_openwakeword")
+    if side:
+        checks["cpu_ratio_to_openwakeword_ok"] = \
+            side["ratio_ours_to_openwakeword"]["median"] <= SIDE_BY_SIDE_TARGET
+    real = results.get("daemon_realtime_real_speakers", {}).get("latency_seconds")
+    if real:
+        checks["real_speakers_latency_median_ok"] = real["median"] <= LATENCY_TARGET
+        checks["real_speakers_latency_p90_ok"] = real["p90"] <= LATENCY_TARGET
+    for context, measured in results.get("recognition_latency_held_out", {}).items():
+        latency = measured["latency_seconds"]
+        if latency:
+            checks[f"held_out_{context}_recognition_p90_ok"] = latency["p90"] <= LATENCY_TARGET
+    return checks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="voice path benchmark")
     parser.add_argument("--quick", action="store_true", help="30 s instead of 60+ s of audio per measurement")
@@ -668,28 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     elif "accuracy" in kept:
         results["accuracy"] = previous["accuracy"]
 
-    cpu = results["cpu_16k"]["cpu_seconds_per_audio_second"]
-    realtime = results.get("daemon_realtime_loose_wake", results["daemon_realtime"])
-    latency = realtime["latency_seconds"]
-    results["verdict"] = {
-        "cpu_ok": cpu <= CPU_TARGET,
-        "daemon_cpu_ok": realtime["process_cpu_seconds_per_audio_second"] <= DAEMON_CPU_TARGET,
-        "latency_measured_with": realtime["threshold_overrides"] or "shipped thresholds",
-        "latency_ok": latency is not None and latency["max"] <= LATENCY_TARGET,
-        "latency_median_ok": latency is not None and latency["median"] <= LATENCY_TARGET,
-    }
-    side = results.get("cpu_side_by_side_openwakeword")
-    if side:
-        results["verdict"]["cpu_ratio_to_openwakeword_ok"] = \
-            side["ratio_ours_to_openwakeword"]["median"] <= SIDE_BY_SIDE_TARGET
-    real = results.get("daemon_realtime_real_speakers", {}).get("latency_seconds")
-    if real:
-        results["verdict"]["real_speakers_latency_median_ok"] = real["median"] <= LATENCY_TARGET
-        results["verdict"]["real_speakers_latency_p90_ok"] = real["p90"] <= LATENCY_TARGET
-    for context, measured in results.get("recognition_latency_held_out", {}).items():
-        latency = measured["latency_seconds"]
-        if latency:
-            results["verdict"][f"held_out_{context}_recognition_p90_ok"] = latency["p90"] <= LATENCY_TARGET
+    results["verdict"] = verdict(results)
+    if "enrolment" in previous:  # bench/enroll_bench.py's section
+        results["enrolment"] = previous["enrolment"]
     write_results(args.out, results, indent=2)
     shown = ("cpu_side_by_side_openwakeword", "cpu_16k", "cpu_44k1_resampled", "daemon_realtime",
              "daemon_realtime_no_wake_word",
