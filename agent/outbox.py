@@ -405,50 +405,41 @@ class Outbox:
             self._cursor = seq
 
     def _delete_acked_locked(self) -> None:
-        while self._acked:
+        self._delete_rows_locked(self._acked, "outbox_delivered")
+
+    def _delete_refused_locked(self) -> None:
+        """The MQTT client refused these messages for good: sending them again would never succeed."""
+        if not self._refused:
+            return
+        deleted = self._delete_rows_locked(self._refused, "outbox_refused")
+        log.error("outbox: removed %d message(s) the MQTT client cannot send", deleted)
+
+    def _delete_rows_locked(self, pending: collections.deque[int], counter: str) -> int:
+        """Delete the rows ``pending`` names (drained, in transactions of DELETE_BATCH), count them under
+        ``counter``; a failed transaction puts its rows back in ``pending`` and raises. Returns the rows
+        deleted."""
+        total = 0
+        while pending:
             batch: list[int] = []
-            while self._acked and len(batch) < DELETE_BATCH:
-                batch.append(self._acked.popleft())
+            while pending and len(batch) < DELETE_BATCH:
+                batch.append(pending.popleft())
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                deleted = 0
-                for seq in batch:
-                    deleted += conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
+                deleted = sum(conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
+                              for seq in batch)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                self._acked.extendleft(reversed(batch))
+                pending.extendleft(reversed(batch))
                 raise
             self._depth -= deleted
-            self._counts["outbox_delivered"] += deleted
+            self._counts[counter] += deleted
             for seq in batch:
                 self._handed.pop(seq, None)
-
-    def _delete_refused_locked(self) -> None:
-        """The MQTT client refused these messages for good: sending them again would never succeed."""
-        refused: list[int] = []
-        while self._refused:
-            refused.append(self._refused.popleft())
-        if not refused:
-            return
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            deleted = sum(conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
-                          for seq in refused)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self._refused.extendleft(reversed(refused))
-            raise
-        self._depth -= deleted
-        self._counts["outbox_refused"] += deleted
-        for seq in refused:
-            self._handed.pop(seq, None)
-        log.error("outbox: removed %d message(s) the MQTT client cannot send", deleted)
+            total += deleted
+        return total
 
     def _rewind_locked(self, lost: Iterable[int]) -> None:
         """The link dropped handed messages: send again from the oldest of them (see the module doc)."""
