@@ -12,7 +12,6 @@ them all.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from agent.adaptation import write_atomically
 from agent.audio import SAMPLE_RATE
 from agent.config import Config
 from agent.errors import StateError
@@ -85,19 +85,13 @@ class CaptureStore:
             path = self.directory / name
             if not path.exists() and not path.with_name(name[: -len(WAV_SUFFIX)] + FALSE_SUFFIX).exists():
                 break
-        temporary = self.directory / (name + ".tmp")
-        buffer = io.BytesIO()
+        buffer = io.BytesIO()  # encoded first: a failure of soundfile leaves nothing on disk
         soundfile.write(buffer, samples, SAMPLE_RATE, format="WAV", subtype="PCM_16")
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with open(temporary, "wb") as handle:
-                temporary.chmod(0o600)
-                handle.write(buffer.getvalue())
-            temporary.replace(path)
         except OSError as err:
-            with contextlib.suppress(OSError):  # the folder may not exist at all
-                temporary.unlink(missing_ok=True)
             raise StateError(f"cannot write the capture {path}: {err.strerror or err}") from err
+        write_atomically(path, lambda handle: handle.write(buffer.getvalue()))
         self._prune()
         return path
 
