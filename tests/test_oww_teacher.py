@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from training import oww_teacher
+from training.common import soft_labels
 
 pytestmark = [
     pytest.mark.data,
@@ -76,5 +77,5 @@ def test_numpy_head_matches_the_trained_keras_head(tmp_path: Path) -> None:
     keras = oww_teacher.build_head(config)
     keras.set_weights([head["w1"], head["b1"], head["w2"], head["b2"]])
     standardized = (embeddings.astype(np.float32) - head["mean"]) / head["std"]
-    expected = oww_teacher.soft_labels(np.asarray(keras.predict(standardized, verbose=0)), 1.0)
+    expected = soft_labels(np.asarray(keras.predict(standardized, verbose=0)), 1.0)
     np.testing.assert_allclose(probabilities, expected, atol=1e-4)

@@ -105,6 +105,15 @@ def read_audio(path: Path) -> npt.NDArray[np.float32]:
     return mono
 
 
+def soft_labels(logits: npt.NDArray[np.float32], temperature: float) -> npt.NDArray[np.float32]:
+    """A teacher's probabilities at ``temperature`` (a softmax over each row of ``logits``)."""
+    scaled = logits / temperature
+    scaled = scaled - scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    probabilities: npt.NDArray[np.float32] = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    return probabilities
+
+
 def keras_verbose() -> int:
     """Keras ``fit`` verbosity: its bar with the time left on a terminal, a line per epoch in logs."""
     return 1 if shown() else 2

@@ -47,6 +47,7 @@ from training.common import (
     TEACHER_TFLITE,
     default_data_dir,
     seed_everything,
+    soft_labels,
     stage_banner,
     write_json,
 )
@@ -415,7 +416,7 @@ def _speech_embedding_targets(
         f"speech-embedding teacher: out-of-fold agreement with the labels {agrees.mean():.3f} {per_label}",
         file=sys.stderr,
     )
-    return oww_teacher.soft_labels(logits, temperature), agrees.astype(np.float32)
+    return soft_labels(logits, temperature), agrees.astype(np.float32)
 
 
 def _hash(value: Any, full: bool = False) -> str:

@@ -37,7 +37,15 @@ import numpy.typing as npt
 
 from agent.features import LABELS
 from agent.progress import progress
-from training.common import CACHE_DIR, PEERS_DIR, SAMPLE_RATE, SEED, import_tf, stable_fraction
+from training.common import (
+    CACHE_DIR,
+    PEERS_DIR,
+    SAMPLE_RATE,
+    SEED,
+    import_tf,
+    soft_labels,
+    stable_fraction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -259,14 +267,6 @@ def train_teacher(  # noqa: PLR0917
     np.save(logits_cache, out_of_fold)
     log.info("teacher head trained in %.0f s", time.monotonic() - started)
     return head_path, out_of_fold
-
-
-def soft_labels(logits: npt.NDArray[np.float32], temperature: float) -> npt.NDArray[np.float32]:
-    scaled = logits / temperature
-    scaled = scaled - scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    probabilities: npt.NDArray[np.float32] = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-    return probabilities
 
 
 # ---------------------------------------------------------------------------- the teacher on the new voices

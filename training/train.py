@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.features import LABELS, SILENCE_LABEL, UNKNOWN_LABEL
-from training.common import SEED, TEACHER_LABELS, import_tf, keras_verbose
+from training.common import SEED, TEACHER_LABELS, import_tf, keras_verbose, soft_labels
 from training.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,7 @@ def soft_targets(teacher: Any, dataset: Dataset, temperature: float) -> tuple[np
     whose label the teacher knows (its ten words, silence, and real Speech Commands other words) and where it
     was trained to know it (not the windows with the word placed at their end)."""
     logits = logits_model(teacher).predict(dataset.features[..., None], batch_size=512, verbose=0)
-    scaled = logits / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    probabilities = np.exp(scaled) / np.exp(scaled).sum(axis=1, keepdims=True)
-    soft = (probabilities @ teacher_mapping()).astype(np.float32)
+    soft = (soft_labels(logits, temperature) @ teacher_mapping()).astype(np.float32)
     known = {LABELS.index(label) for label in TEACHER_LABELS if label != UNKNOWN_LABEL}
     mask = np.isin(dataset.labels, sorted(known))
     real_unknown = (dataset.labels == LABELS.index(UNKNOWN_LABEL)) & (dataset.sources == "real")
