@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.atomic_file import replace_atomically
 from agent.config import Config
 from agent.errors import HomeAgentError, ModelError, StateError
 from agent.features import UNKNOWN_LABEL, StreamingFeatures
@@ -399,15 +400,11 @@ class Adaptation:
 
 
 def write_atomically(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename, mode 0600: a crash never leaves half a file."""
-    temporary = path.with_name(path.name + ".tmp")
+    """Write a state file through ``agent.atomic_file`` (mode 0600): a crash never leaves half a file."""
     try:
-        with open(temporary, "wb") as handle:
-            temporary.chmod(0o600)
+        with replace_atomically(path) as handle:
             write(handle)
-        temporary.replace(path)
     except OSError as err:
-        temporary.unlink(missing_ok=True)
         raise StateError(f"cannot write {path}: {err.strerror or err}") from err
 
 

@@ -32,13 +32,13 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.anomaly import StreamDetector
+from agent.atomic_file import replace_atomically
 from agent.config import AnomalySection
 from agent.errors import HomeAgentError
 from agent.progress import progress
@@ -113,26 +113,17 @@ def score_file(config: AnomalySection, source: Path, target: Path) -> FileResult
     except OSError as err:
         raise InputError(f"cannot read {source}: {err.strerror}") from err
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with handle:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with replace_atomically(target, "w", newline="", encoding="utf-8") as out:
+                writer = csv.writer(out, lineterminator="\n")
+                writer.writerow(OUTPUT_HEADER)
+                try:
+                    writer.writerows(_score_rows(StreamDetector(config), csv.reader(handle), source, result))
+                except (csv.Error, UnicodeDecodeError) as err:
+                    raise InputError(f"{source}: not a readable CSV file: {err}") from err
     except OSError as err:
-        handle.close()
         raise InputError(f"cannot write {target}: {err.strerror}") from err
-    try:
-        with handle, os.fdopen(fd, "w", newline="", encoding="utf-8") as out:
-            writer = csv.writer(out, lineterminator="\n")
-            writer.writerow(OUTPUT_HEADER)
-            try:
-                writer.writerows(_score_rows(StreamDetector(config), csv.reader(handle), source, result))
-            except (csv.Error, UnicodeDecodeError) as err:
-                raise InputError(f"{source}: not a readable CSV file: {err}") from err
-        os.replace(tmp_name, target)
-    except OSError as err:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise InputError(f"cannot write {target}: {err.strerror}") from err
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     result.seconds = time.perf_counter() - started
     for what, count in result.warnings.items():
         log.warning("%s: %d of %d rows: %s (not learnt, alert 0)", source, count, result.rows, what)

@@ -11,12 +11,12 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from agent.atomic_file import replace_atomically
 from agent.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -85,18 +85,8 @@ class StateStore:
             self._write(text)
 
     def _write(self, text: str) -> None:
-        directory = self.path.parent
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        except OSError as err:
-            raise StateError(f"cannot write state to {directory}: {err.strerror}") from err
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            with replace_atomically(self.path, "w", encoding="utf-8") as handle:
                 handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise StateError(f"cannot write the state file {self.path}: {err.strerror}") from err
+            raise StateError(f"cannot write state to {self.path}: {err.strerror}") from err

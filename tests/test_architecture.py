@@ -45,19 +45,22 @@ def modules() -> dict[str, Path]:
     return {module_name(path): path for path in sorted(AGENT.rglob("*.py"))}
 
 
-def imports_of(path: Path, known: set[str]) -> set[str]:
-    """Every ``agent`` module ``path`` imports, wherever the import statement is."""
+def imported_names(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports, wherever the import statement is. ``from m import n``
+    gives both ``m`` and ``m.n``, since ``n`` may be a submodule."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "agent"}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] != "agent":
-                continue
-            for alias in node.names:  # `from agent import voice` imports the submodule
-                submodule = f"{node.module}.{alias.name}"
-                found.add(submodule if submodule in known else node.module)
-    return found & known
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """Every ``agent`` module ``path`` imports (``from agent import voice`` imports the submodule)."""
+    return imported_names(path) & known
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -164,9 +167,4 @@ def test_the_config_schema_imports_no_domain_module() -> None:
 
 def test_the_runtime_never_imports_training() -> None:
     for path in AGENT.rglob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                 for alias in node.names}
-        roots |= {node.module.split(".")[0] for node in ast.walk(tree)
-                  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
-        assert "training" not in roots, path
+        assert "training" not in {name.split(".")[0] for name in imported_names(path)}, path
