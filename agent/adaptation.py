@@ -505,7 +505,7 @@ def _item_peaks(scores: FloatArray, bank: Bank, word: str) -> FloatArray:
 def speech_span(samples: npt.NDArray[np.int16], floor_db: float = 30.0,
                 above_noise_db: float = 6.0) -> tuple[int, int] | None:
     """(first, last + 1) sample of the 10 ms frames within ``floor_db`` of the loudest and ``above_noise_db``
-    above the background (the 10th percentile frame); None for silence."""
+    above the background (the 10th percentile frame); None for silence or a steady sound."""
     frame = 160
     count = len(samples) // frame
     if count == 0:
@@ -518,6 +518,8 @@ def speech_span(samples: npt.NDArray[np.int16], floor_db: float = 30.0,
     background = float(np.percentile(energy, 10))
     level = max(loudest * 10 ** (-floor_db / 10), background * 10 ** (above_noise_db / 10))
     loud = np.flatnonzero(energy >= level)
+    if loud.size == 0:  # no frame stands out of the background: a steady hum or tone, no utterance
+        return None
     return int(loud[0]) * frame, (int(loud[-1]) + 1) * frame
 
 
