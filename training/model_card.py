@@ -175,8 +175,10 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         ),
         "- Thresholds: per word on the 'tune' quarter of the negatives (never trained on): `computer` the "
         f"lowest threshold (>= {config.get('wake_min_threshold', config['min_threshold'])}) with no false wake "
-        "there and at most "
-        f"{config.get('wake_confusable_budget', 0):.0%} false wakes per clip on "
+        "there and "
+        + (f"at most {config['wake_confusable_budget']:.0%} false wakes per clip"
+           if config.get("wake_confusable_budget") else "none")
+        + " on "
         f"{config.get('tune_confusables_per_word', 0)} synthetic confusables per word of the training voices "
         "that training does not use (other wake words, hard negatives like come/cute, everyday words; not the "
         "words that hold most of `computer`, such as computing), "
