@@ -61,6 +61,10 @@ SYNTH_VALIDATION_FRACTION = 0.15  # of the other engines' voices, also held out 
 # Synthetic "confusables" that contain the wake word whole: as negatives they would teach the model to
 # reject a real "computer" followed by any sound.
 EXCLUDED_SYNTH = ("computers",)
+# Confusables that hold most of the wake word ("computing", "commuter"): trained on as negatives, but not
+# counted in the wake threshold's false-wake budget (a threshold high enough to reject them rejects
+# "computer" too).
+WAKE_FRAGMENT_WORDS = ("commuter", "compute", "puter", "commute", "computing", "competitor")
 COMPUTER_CLUSTERS = 36
 DATA_VERSION = 12  # bump when the windows or augmentation change (invalidates the cache)
 
@@ -594,6 +598,28 @@ def _cap_synthetic_negatives(clips: list[Clip], per_word: int) -> list[Clip]:
     for group in by_word.values():
         kept.extend(sorted(group, key=lambda c: stable_fraction(c.path))[:per_word])
     return kept
+
+
+def tuning_confusables(clips: list[Clip], trained_per_word: int, per_word: int) -> list[Clip]:
+    """Synthetic confusables of the TRAINING voices that training never uses: per word the ``per_word`` clips
+    that come right after the ``trained_per_word`` that :func:`_cap_synthetic_negatives` keeps (same order).
+    They choose the wake threshold (training.kws): confusable words, voices the model knows, clips it has
+    not heard. Words that hold most of the wake word (WAKE_FRAGMENT_WORDS) are left out."""
+    by_word: dict[str, list[Clip]] = {}
+    for clip in clips:
+        word = Path(clip.path).parent.name
+        if (
+            clip.split == "train"
+            and clip.source == "synth"
+            and clip.label == UNKNOWN_LABEL
+            and word not in WAKE_FRAGMENT_WORDS
+        ):
+            by_word.setdefault(word, []).append(clip)
+    chosen: list[Clip] = []
+    for _, group in sorted(by_word.items()):
+        ordered = sorted(group, key=lambda c: stable_fraction(c.path))
+        chosen.extend(ordered[trained_per_word : trained_per_word + per_word])
+    return chosen
 
 
 def _noise_pool(train: list[Clip]) -> npt.NDArray[np.float32]:

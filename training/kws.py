@@ -61,8 +61,12 @@ class RunConfig:
     student_epochs: int = 24
     structured_epochs: int = 16
     magnitude_epochs: int = 10
-    channels: tuple[int, ...] = (56, 56, 56, 56, 56)
-    sparsity: float = 0.4
+    # Issue 13: pruning to 56 channels and 40 % magnitude sparsity cost the wake word about 10 points on
+    # held-out speakers (float student 95.1 % -> int8 85.4 %) for nothing at run time (LiteRT runs int8
+    # weights dense; 0.04 ms per invoke). The full teacher width (64) fits the 64 KB int8 budget: the pruning
+    # stage then only fine-tunes on the mined hard negatives, and no magnitude pruning (sparsity 0) is done.
+    channels: tuple[int, ...] = (64, 64, 64, 64, 64)
+    sparsity: float = 0.0
     calibration_windows: int = 500
     # The smoothing the runtime will use is picked from these by the detection rate of TRAINING-speaker
     # `computer` clips at each one's wake threshold (held-out speakers stay untouched by every choice).
@@ -73,6 +77,14 @@ class RunConfig:
     smoothing_tolerance: float = 0.01
     refractory_seconds: float = 1.0
     wake_margin: float = 0.03  # above the lowest threshold without a false wake on the tuning negatives
+    # Issue 13: real_long/ and noise/ hold no confusable word, so on them alone the wake threshold came out at
+    # its floor. The wake word's threshold must also keep false wakes on confusable words within a budget:
+    # synthetic confusables of the training voices that training does not use (training.data
+    # .tuning_confusables, this many per word), at most wake_confusable_budget false wakes per clip. These
+    # voices are known to the model: 41cbe029 woke on 2 of 2,720 such clips at 0.5, none from 0.65 (it
+    # woke on about 1 % of new voices' other words), so the budget is none at all.
+    tune_confusables_per_word: int = 40
+    wake_confusable_budget: float = 0.0
     word_false_events: int = 1  # command words: at most this many false events on the tuning negatives
     min_threshold: float = 0.6
     # The wake word's floor. Since words are also trained at the window's end the model is less sure of
@@ -91,7 +103,7 @@ class RunConfig:
     # Who teaches the student: "openwakeword" (a head on openWakeWord's speech embedding, all 16 labels, every
     # window: training.oww_teacher) or "mlperf" (the MLPerf DS-CNN, its ten words only). The student starts
     # from the MLPerf weights either way. Without the openWakeWord models the MLPerf teacher is used.
-    teacher: str = "openwakeword"
+    teacher: str = "mlperf"
     teacher_head_epochs: int = 20
 
 
@@ -245,7 +257,9 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     else:
         train.fit(narrow, prune_set, student_soft, student_mask, structured_config)
         _save_weights(narrow, narrow_weights)
-    stages[f"structured pruned {config.channels[0]} ch (float)"] = _keras_stage(
+    full_width = config.channels == student_arch.channels
+    narrow_name = "hard-negative fine-tuned" if full_width else "structured pruned"
+    stages[f"{narrow_name} {config.channels[0]} ch (float)"] = _keras_stage(
         narrow, validation, synth_validation, export.convert_float(narrow), narrow_arch.macs()
     )
     _print_stage(stages)
@@ -253,11 +267,13 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     steps = int(np.ceil(len(prune_set) / magnitude_config.batch_size)) * config.magnitude_epochs
     sparse_key = f"{narrow_key}-{_hash([config.sparsity, asdict(magnitude_config)])}"
     sparse_weights = _keras_cache("magnitude", sparse_key)
-    wrapped = prune.magnitude_prune_wrap(narrow, config.sparsity, 0, max(1, int(steps * 0.6)))
-    if sparse_weights.exists():
+    if config.sparsity <= 0:
+        sparse = narrow  # no magnitude pruning (see RunConfig.sparsity)
+    elif sparse_weights.exists():
         sparse = tf.keras.models.clone_model(narrow)
         sparse.load_weights(str(sparse_weights))
     else:
+        wrapped = prune.magnitude_prune_wrap(narrow, config.sparsity, 0, max(1, int(steps * 0.6)))
         train.fit(
             wrapped,
             prune_set,
@@ -268,12 +284,13 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         )
         sparse = prune.strip(wrapped)
         _save_weights(sparse, sparse_weights)
-    sparse_float = export.convert_float(sparse)
-    stages[f"+ magnitude pruned {config.sparsity:.0%} (float)"] = {
-        **_keras_stage(sparse, validation, synth_validation, sparse_float, narrow_arch.macs()),
-        "sparsity": prune.sparsity_report(sparse),
-    }
-    _print_stage(stages)
+    if config.sparsity > 0:
+        sparse_float = export.convert_float(sparse)
+        stages[f"+ magnitude pruned {config.sparsity:.0%} (float)"] = {
+            **_keras_stage(sparse, validation, synth_validation, sparse_float, narrow_arch.macs()),
+            "sparsity": prune.sparsity_report(sparse),
+        }
+        _print_stage(stages)
     timings["prune"] = time.monotonic() - started
 
     # 5. quantize -------------------------------------------------------------------------------------------
@@ -313,9 +330,16 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         wake_scores = [
             evaluation.file_scores(int8_model, path, evaluation.TRAILING_SILENCE) for path in wake_files[::2]
         ]
+        confusables = data_stage.tuning_confusables(
+            clips, augment.synth_negatives_per_word, config.tune_confusables_per_word
+        )
+        confusable_scores = [
+            evaluation.file_scores(int8_model, Path(c.path), evaluation.TRAILING_SILENCE) for c in confusables
+        ]
     choices = []
     for smoothing in config.smoothing_candidates:
-        candidate = _choose_thresholds(tune_scores, config, smoothing)
+        _print_wake_curve(tune_scores, confusable_scores, wake_scores, config, smoothing)
+        candidate = _choose_thresholds(tune_scores, confusable_scores, config, smoothing)
         rate = _detection_rate(wake_scores, LABELS.index(WAKE_WORD), candidate[WAKE_WORD], smoothing)
         print(
             f"smoothing {smoothing} s: wake threshold {candidate[WAKE_WORD]}, train-speaker wake detection "
@@ -331,7 +355,8 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     )
     smoothing_seconds = -negative_smoothing
     print(
-        f"thresholds ({len(tune_files)} tuning negatives, smoothing {smoothing_seconds} s): {thresholds}",
+        f"thresholds ({len(tune_files)} tuning negatives, {len(confusables)} tuning confusables, smoothing "
+        f"{smoothing_seconds} s): {thresholds}",
         file=sys.stderr,
     )
     calibration_list = sorted(set(calibration.origin.tolist()))
@@ -511,13 +536,41 @@ def _detection_rate(
     return float(np.mean(hits)) if hits else 0.0
 
 
+def _print_wake_curve(
+    tune_scores: list[npt.NDArray[np.float32]],
+    confusable_scores: list[npt.NDArray[np.float32]],
+    wake_scores: list[npt.NDArray[np.float32]],
+    config: RunConfig,
+    smoothing_seconds: float,
+) -> None:
+    """The wake word's trade-off on training-side data, for the log: per threshold the false wakes on the
+    tuning negatives and confusables, and the detection rate of training-speaker `computer` clips."""
+    wake = LABELS.index(WAKE_WORD)
+    negatives = _smoothed(tune_scores, smoothing_seconds)
+    confusables = _smoothed(confusable_scores, smoothing_seconds)
+    for threshold in np.arange(config.wake_min_threshold, config.max_threshold, 0.05):
+        print(
+            f"wake threshold {threshold:.2f}: tuning negatives {_false_events(negatives, wake, threshold)}, "
+            f"confusables {_false_events(confusables, wake, threshold)}/{len(confusables)}, train-speaker "
+            f"detection {_detection_rate(wake_scores, wake, threshold, smoothing_seconds):.3f}",
+            file=sys.stderr,
+        )
+
+
 def _choose_thresholds(
-    tune_scores: list[npt.NDArray[np.float32]], config: RunConfig, smoothing_seconds: float
+    tune_scores: list[npt.NDArray[np.float32]],
+    confusable_scores: list[npt.NDArray[np.float32]],
+    config: RunConfig,
+    smoothing_seconds: float,
 ) -> dict[str, float]:
     """Per word, on the tuning negatives (held-out long speech and noise) smoothed like the runtime does:
-    the wake word gets the lowest threshold with no false event there plus a margin; command and device
-    words (acted on only right after the wake word) the lowest with at most ``word_false_events``."""
+    the wake word gets the lowest threshold with no false event there and at most ``wake_confusable_budget``
+    false events per tuning confusable clip, plus a margin; command and device words (acted on only right
+    after the wake word) the lowest with at most ``word_false_events`` on the tuning negatives."""
     smoothed = _smoothed(tune_scores, smoothing_seconds)
+    confusables = _smoothed(confusable_scores, smoothing_seconds)
+    confusable_allowed = int(config.wake_confusable_budget * len(confusables))
+    wake = LABELS.index(WAKE_WORD)
     thresholds = {}
     for index, label in enumerate(LABELS):
         if label.startswith("_"):
@@ -525,7 +578,15 @@ def _choose_thresholds(
         floor = config.wake_min_threshold if label == WAKE_WORD else config.min_threshold
         grid = np.round(np.arange(floor, config.max_threshold + 1e-9, 0.01), 3)
         allowed = 0 if label == WAKE_WORD else config.word_false_events
-        chosen = next((float(t) for t in grid if _false_events(smoothed, index, float(t)) <= allowed), None)
+        chosen = next(
+            (
+                float(t)
+                for t in grid
+                if _false_events(smoothed, index, float(t)) <= allowed
+                and (index != wake or _false_events(confusables, index, float(t)) <= confusable_allowed)
+            ),
+            None,
+        )
         if chosen is None:
             chosen = config.max_threshold
         elif label == WAKE_WORD and chosen > floor:
@@ -541,8 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: models/ (smoke: a temporary folder)")
     parser.add_argument("--smoke", action="store_true", help="tiny subset, one epoch per stage (CI)")
     parser.add_argument(
-        "--teacher", choices=("openwakeword", "mlperf"), default="openwakeword",
-        help="who the student distils from (default %(default)s; mlperf: the control of the ablation)",
+        "--teacher", choices=("openwakeword", "mlperf"), default=FULL.teacher,
+        help="who the student distils from (default %(default)s; openwakeword: candidate 0d046f2b of the "
+        "model card, which lost to the MLPerf teacher on the new voices)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
