@@ -434,3 +434,19 @@ def test_office_lights_do_not_alert_when_they_turn_on_or_when_learning_ends() ->
     assert len(lights) == 3
     alerts = [(s.name, a.index, a.kind) for s in lights for a in replay(config, s).alerts]
     assert [a for a in alerts if a[2] == "noise" or a[1] == config.learning_readings] == []
+
+
+@pytest.mark.data
+def test_a_young_stream_learns_its_range_over_a_whole_day() -> None:
+    """The office logs (1-minute readings): 300 learning readings are 5 hours, not the room's day. The
+    humidity of a drying room and the humidity ratio walked out of their first hours' range (1 and 2 false
+    alerts); the range now learns every reading for the stream's first day."""
+    from training.anomaly_data import default_telemetry_dir, load_streams, replay
+
+    data_dir = default_telemetry_dir()
+    if not data_dir.is_dir():
+        pytest.skip(f"telemetry data not found at {data_dir}")
+    names = {"occupancy/datatest2/Humidity", "occupancy/datatraining/HumidityRatio"}
+    streams = [s for s in load_streams(data_dir) if s.name in names]
+    assert len(streams) == 2
+    assert [(s.name, a.index) for s in streams for a in replay(AnomalySection(), s).alerts] == []

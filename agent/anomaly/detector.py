@@ -21,7 +21,9 @@ Statistics (each a non-negative number per reading):
   false-alarm rate per unit of the stream's own history. Catches the sustained 1-5 sigma level shifts of
   SKAB's valve faults that the tail likelihood below learns away as the stream's new normal.
 - ``dropout`` and out of range (kind ``spike`` or ``drift``) are probabilities of their own: the gap against
-  the usual interval and the longest gap seen; the distance beyond the stream's range, loose while young.
+  the usual interval and the longest gap seen; the distance beyond the stream's range, loose while young. The
+  range learns every reading until the stream is a day old (its daily cycle; a 1-minute stream's 300 learning
+  readings are 5 hours), then widens at a limited rate.
 
 Likelihood against the stream's own history (NAB's anomaly likelihood, with a heavier tail): each
 statistic is divided by its own running mean; below ``tail_u`` times the mean an exponential body, above it
@@ -118,9 +120,10 @@ class Tuning:
     end_readings: int = 3  # an episode ends after this many readings below clear_threshold
     dropout_factor: float = 10.0  # dropout probability 1 at this many usual intervals (at least) ...
     dropout_history: float = 3.0  # ... or at this many times the longest gap the stream had
-    envelope_limit: float = 0.8  # out of the stream's range by this fraction of it: probability 1 ...
+    envelope_limit: float = 0.7  # out of the stream's range by this fraction of it: probability 1 ...
     envelope_young_days: float = 2.5  # ... times (1 + this / age in days): a young stream's range is loose
     envelope_growth: float = 0.1  # after learning, the range widens by at most this fraction per day ...
+    envelope_learn_days: float = 1.0  # ... and it learns freely until the stream is this old (a day's cycle)
     accept_readings: int = 60  # an episode this long is the stream's new normal: it relearns its level
     run_span: float = 50.0  # usual run length of identical values (runs)
     stuck_table: int = 4  # values the stream rests on, tracked with their own usual run length
@@ -497,7 +500,7 @@ class StreamDetector:
         if high > low and age > 0.0:
             value = min(1.0, outside / (high - low) / (tu.envelope_limit * (1.0 + tu.envelope_young_days * DAY
                                                                               / age)))
-        if s.n < self.learning or high <= low:
+        if s.n < self.learning or high <= low or age < tu.envelope_learn_days * DAY:
             s.low, s.high = min(low, x), max(high, x)
         else:
             widen = (high - low) * tu.envelope_growth * gap / DAY
