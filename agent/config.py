@@ -453,7 +453,9 @@ _warned_deprecated: set[str] = set()
 
 class AnomalySection(Section):
     enabled: bool = True
-    threshold: float = Field(default=0.99, gt=0, le=1)  # score at which an anomaly starts
+    # The thresholds apply to the detector's evidence (its posterior at a 2 % prior), not to the published,
+    # calibrated score (agent/anomaly/detector.py CALIBRATION maps one to the other).
+    threshold: float = Field(default=0.99, gt=0, le=1)  # evidence at which an anomaly starts
     clear_threshold: float = Field(default=0.9, gt=0, le=1)  # hysteresis: the anomaly ends below this
     cooldown: float = Field(default=3600.0, ge=0)  # quiet period after an episode (seconds)
     learning_readings: int = Field(default=300, ge=10)  # readings per stream before any alert

@@ -21,7 +21,9 @@ Statistics (each a non-negative number per reading):
   false-alarm rate per unit of the stream's own history. Catches the sustained 1-5 sigma level shifts of
   SKAB's valve faults that the tail likelihood below learns away as the stream's new normal.
 - ``dropout`` and out of range (kind ``spike`` or ``drift``) are probabilities of their own: the gap against
-  the usual interval and the longest gap seen; the distance beyond the stream's range, loose while young.
+  the usual interval and the longest gap seen; the distance beyond the stream's range, loose while young. The
+  range learns every reading until the stream is a day old (its daily cycle; a 1-minute stream's 300 learning
+  readings are 5 hours), then widens at a limited rate.
 
 Likelihood against the stream's own history (NAB's anomaly likelihood, with a heavier tail): each
 statistic is divided by its own running mean; below ``tail_u`` times the mean an exponential body, above it
@@ -29,14 +31,15 @@ a Pareto tail whose index is estimated online (Hill) with a conservative prior w
 (the running mean is an expanding average until ``tail_span`` readings are behind it).
 The smallest tail probability times the number of statistics (Bonferroni) is the reading's p. Persistence:
 a CUSUM of each reading's decades of evidence beyond ``evidence_allowance`` (a ramp, a slow step: moderate
-evidence reading after reading) is a p of its own. The score is
-the posterior probability of an anomaly with a prior rate ``prior_rate`` and a Bayes factor of 1/p:
-``1 / (1 + (p / prior odds))``. A threshold on the score is a threshold on evidence.
+evidence reading after reading) is a p of its own. The evidence is the posterior probability of an anomaly
+with a prior rate ``prior_rate`` and a Bayes factor of 1/p: ``1 / (1 + (p / prior odds))``; the alert
+thresholds apply to it. The published score is its calibration (``CALIBRATION``, a monotone map fitted on
+labelled development data): a threshold on the score is a threshold on a probability.
 
 Alerts (``_track``, the one place that decides whether a stream's alert is active): an alert starts when
-the score reaches ``threshold`` after ``learning_readings``, outside the cooldown after the previous episode
-(the configured cooldown, at most ``cooldown_readings`` of the stream's usual intervals: a 1-second stream
-does not wait an hour), and not while an episode that began in the learning period lasts (a stream that
+the evidence reaches ``threshold`` after ``learning_readings``, outside the cooldown after the previous
+episode (the configured cooldown, at most ``cooldown_readings`` of the stream's usual intervals: a 1-second
+stream does not wait an hour), and not while an episode that began in the learning period lasts (a stream that
 starts in an unusual state is not alerted when learning ends). The episode ends by itself after
 ``end_readings`` readings below ``clear_threshold``; after ``accept_readings`` the stream's new level is its
 normal and is learnt afresh.
@@ -44,6 +47,7 @@ normal and is learnt afresh.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final, NamedTuple
@@ -61,6 +65,35 @@ NOISE_SCALE = 16  # readings per fast average of |difference| (the noise statist
 N_STATS = len(SCALES) + 3
 DAY = 86400.0
 LN10 = math.log(10.0)
+# The calibration of the published score (``anomaly_score``), defined here only: (evidence, probability)
+# points, the evidence in decades of the detector's posterior odds (at the prior rate ``prior_rate``: what
+# alerts are decided on), the probability that a reading with that evidence lies inside a labelled
+# anomaly window. Isotonic fit on the SKAB development rows (every row of the 24 development runs; base rate
+# 25 %), written by ``python -m bench.anomaly_bench --fit-calibration``; linear between the points, constant
+# beyond the ends. It inherits SKAB's base rate: read it as "how often readings scored like this were
+# anomalous on the development corpus", not as a home sensor's own rate.
+CALIBRATION: Final[tuple[tuple[float, float], ...]] = (
+    (-30.0, 0.0), (-1.69, 0.244), (1.99, 0.244), (2.0, 0.45), (2.99, 0.45), (3.0, 0.522), (3.99, 0.522),
+    (4.0, 0.571), (6.0, 0.571), (6.01, 0.602), (15.65, 0.602), (30.0, 0.623))
+_CAL_X: Final = tuple(x for x, _ in CALIBRATION)
+_CAL_Y: Final = tuple(y for _, y in CALIBRATION)
+
+
+def calibrated(posterior: float) -> float:
+    """The published score of a reading whose evidence (the posterior alerts are decided on) is ``posterior``:
+    monotone, from ``CALIBRATION``."""
+    if posterior <= 0.0:
+        return _CAL_Y[0]
+    if posterior >= 1.0:
+        return _CAL_Y[-1]
+    decades = math.log10(posterior / (1.0 - posterior))
+    i = bisect.bisect_right(_CAL_X, decades)
+    if i == 0:
+        return _CAL_Y[0]
+    if i == len(_CAL_X):
+        return _CAL_Y[-1]
+    x0, x1 = _CAL_X[i - 1], _CAL_X[i]
+    return _CAL_Y[i - 1] + (_CAL_Y[i] - _CAL_Y[i - 1]) * (decades - x0) / (x1 - x0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +120,10 @@ class Tuning:
     end_readings: int = 3  # an episode ends after this many readings below clear_threshold
     dropout_factor: float = 10.0  # dropout probability 1 at this many usual intervals (at least) ...
     dropout_history: float = 3.0  # ... or at this many times the longest gap the stream had
-    envelope_limit: float = 0.8  # out of the stream's range by this fraction of it: probability 1 ...
+    envelope_limit: float = 0.7  # out of the stream's range by this fraction of it: probability 1 ...
     envelope_young_days: float = 2.5  # ... times (1 + this / age in days): a young stream's range is loose
     envelope_growth: float = 0.1  # after learning, the range widens by at most this fraction per day ...
+    envelope_learn_days: float = 1.0  # ... and it learns freely until the stream is this old (a day's cycle)
     accept_readings: int = 60  # an episode this long is the stream's new normal: it relearns its level
     run_span: float = 50.0  # usual run length of identical values (runs)
     stuck_table: int = 4  # values the stream rests on, tracked with their own usual run length
@@ -137,7 +171,7 @@ class StreamState:
     run_mean: float = 1.0  # usual run length of identical values (values outside the table)
     resting: list[list[float]] = field(default_factory=list)  # [value, usual run length, weight]
     # the episode tracker
-    score: float = 0.0
+    score: float = 0.0  # the last published (calibrated) score
     kind: int = 0
     active: bool = False
     quiet: int = 0  # readings below clear_threshold in a row while active
@@ -185,13 +219,14 @@ class StreamState:
 
 
 class Outcome(NamedTuple):
-    """What one reading did: its score and kind, and whether it started or ended an alert (a tuple: one
-    is made per reading)."""
+    """What one reading did: its published score (calibrated) and kind, whether it started or ended an alert,
+    and the detector's posterior that alerts are decided on (a tuple: one is made per reading)."""
 
     score: float
     kind: AnomalyKind
     started: bool = False
     ended: bool = False
+    evidence: float = 0.0
 
 
 def _weight(span: float) -> float:
@@ -465,7 +500,7 @@ class StreamDetector:
         if high > low and age > 0.0:
             value = min(1.0, outside / (high - low) / (tu.envelope_limit * (1.0 + tu.envelope_young_days * DAY
                                                                               / age)))
-        if s.n < self.learning or high <= low:
+        if s.n < self.learning or high <= low or age < tu.envelope_learn_days * DAY:
             s.low, s.high = min(low, x), max(high, x)
         else:
             widen = (high - low) * tu.envelope_growth * gap / DAY
@@ -549,9 +584,11 @@ class StreamDetector:
             return self.config.cooldown
         return min(self.config.cooldown, self.tuning.cooldown_readings * math.exp(s.log_interval))
 
-    def _track(self, t: float, score: float, kind: int) -> Outcome:
-        """The episode tracker: one alert per episode, episodes end by themselves."""
+    def _track(self, t: float, evidence: float, kind: int) -> Outcome:
+        """The episode tracker: one alert per episode, episodes end by themselves. ``evidence`` is the
+        reading's posterior (the thresholds apply to it); the outcome's score is its calibration."""
         s, cfg = self.state, self.config
+        score = calibrated(evidence)
         s.score, s.kind = score, kind
         if s.active:
             s.length += 1
@@ -562,20 +599,20 @@ class StreamDetector:
                 s.slope = 0.0
                 s.base_n = 0
                 s.low, s.high = min(s.low, s.last_value), max(s.high, s.last_value)
-            s.quiet = s.quiet + 1 if score < cfg.clear_threshold else 0
+            s.quiet = s.quiet + 1 if evidence < cfg.clear_threshold else 0
             if s.quiet >= self.tuning.end_readings:
                 s.active, s.quiet, s.episode_end = False, 0, t
-                return Outcome(score, KINDS[kind], ended=True)
-            return Outcome(score, KINDS[kind])
-        if score < cfg.clear_threshold:
+                return Outcome(score, KINDS[kind], ended=True, evidence=evidence)
+            return Outcome(score, KINDS[kind], evidence=evidence)
+        if evidence < cfg.clear_threshold:
             s.armed = True
         elif s.n <= self.learning:
             s.armed = False  # a stream that starts in an unusual state is not alerted when learning ends
         ready = s.n > self.learning and s.armed and t - s.episode_end >= self.cooldown()
-        if score >= cfg.threshold and ready:
+        if evidence >= cfg.threshold and ready:
             s.active, s.quiet, s.length = True, 0, 0
-            return Outcome(score, KINDS[kind], started=True)
-        return Outcome(score, KINDS[kind])
+            return Outcome(score, KINDS[kind], started=True, evidence=evidence)
+        return Outcome(score, KINDS[kind], evidence=evidence)
 
     def silence(self, now: float) -> Outcome | None:
         """The daemon's check of a silent stream: an alert once the dropout probability reaches the
@@ -586,6 +623,6 @@ class StreamDetector:
         value = self.dropout_probability(now - s.last_time)
         if value < self.config.threshold or now - s.episode_end < self.cooldown():
             return None
-        s.active, s.quiet, s.length, s.score, s.kind = True, 0, 0, value, KIND_DROPOUT
-        return Outcome(value, "dropout", started=True)
+        s.active, s.quiet, s.length, s.score, s.kind = True, 0, 0, calibrated(value), KIND_DROPOUT
+        return Outcome(s.score, "dropout", started=True, evidence=value)
 
