@@ -51,6 +51,7 @@ MIN_DYNAMIC_DB = 10.0
 MAX_UTTERANCE_SECONDS = 2.5
 # Another word: the base model is this sure of a different vocabulary word and gives the enrolled one almost
 # nothing. (A hard speaker's "computer" heard as "yes" keeps some "computer": it is the case to adapt to.)
+# Two words: it is this sure of a different word, and reaches the enrolled word's threshold elsewhere.
 OTHER_WORD_SCORE = 0.9
 OWN_WORD_FLOOR = 0.05
 RECORD_SECONDS = 2.5
@@ -150,6 +151,10 @@ def _check_word(model: KwsModel, take: Take, word: str) -> None:
         score = float(posteriors[:, model.labels.index(other)].max())
         if other != word and score >= OTHER_WORD_SCORE and own < OWN_WORD_FLOOR:
             raise EnrollError(f"{take.name}: this sounds like {other!r} ({score:.2f}), not {word!r} "
+                              f"({own:.2f}); record {word!r} alone")
+        if other != word and score >= OTHER_WORD_SCORE and own >= model.thresholds[word]:
+            # Both words, each sure (the posteriors sum to 1, so on different windows): two words.
+            raise EnrollError(f"{take.name}: this holds {other!r} ({score:.2f}) as well as {word!r} "
                               f"({own:.2f}); record {word!r} alone")
 
 
