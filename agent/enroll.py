@@ -51,6 +51,10 @@ MIN_DYNAMIC_DB = 10.0
 MAX_UTTERANCE_SECONDS = 2.5
 # Another word: the base model is this sure of a different vocabulary word and gives the enrolled one almost
 # nothing. (A hard speaker's "computer" heard as "yes" keeps some "computer": it is the case to adapt to.)
+# Two words: the voice path (shipped model, smoothing, thresholds) hears the enrolled word and, at least
+# SEPARATE_SECONDS from it, another one ("computer heat up" as "heat": 0.9 s; a part of a word heard as
+# another, as "on" in some Picovoice speakers' "computer": 0.4-0.5 s).
+SEPARATE_SECONDS = 0.75
 OTHER_WORD_SCORE = 0.9
 OWN_WORD_FLOOR = 0.05
 RECORD_SECONDS = 2.5
@@ -133,7 +137,7 @@ def enroll_main(args: argparse.Namespace) -> int:
     else:
         takes = [read_take(p) for p in args.files]
     for take in takes:
-        _check_word(model, take, args.word)
+        _check_word(model, take, args.word, config)
     return _update(config, store, model, bank, positives=takes, negatives=[], word=args.word)
 
 
@@ -142,7 +146,7 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
-def _check_word(model: KwsModel, take: Take, word: str) -> None:
+def _check_word(model: KwsModel, take: Take, word: str, config: Config) -> None:
     _, posteriors, _ = stream_embeddings(model, take.samples, model.params.hop_samples * 5,
                                          tail_samples=model.params.window_samples)
     own = float(posteriors[:, model.labels.index(word)].max())
@@ -151,6 +155,13 @@ def _check_word(model: KwsModel, take: Take, word: str) -> None:
         if other != word and score >= OTHER_WORD_SCORE and own < OWN_WORD_FLOOR:
             raise EnrollError(f"{take.name}: this sounds like {other!r} ({score:.2f}), not {word!r} "
                               f"({own:.2f}); record {word!r} alone")
+    heard = heard_words(model, take, config)
+    own_ends = [end for heard_word, end in heard if heard_word == word]
+    apart = sorted({other for other, end in heard if other != word
+                    and all(abs(end - own) >= SEPARATE_SECONDS for own in own_ends)})
+    if own_ends and apart:
+        raise EnrollError(f"{take.name}: this holds {', '.join(map(repr, apart))} as well as {word!r}; "
+                          f"record {word!r} alone")
 
 
 @dataclass(frozen=True)
@@ -199,17 +210,22 @@ def _update(config: Config, store: Store, model: KwsModel, bank: Bank, *, positi
 def _still_waking(model: KwsModel, adaptation: Adaptation, takes: Sequence[Take],
                   config: Config) -> list[tuple[str, list[str]]]:
     """Replay each not-word recording through the voice path with the new adaptation."""
+    result = []
+    for take in takes:
+        words = {word for word, _ in heard_words(model, take, config, adaptation)}
+        if words:
+            result.append((take.name, sorted(words)))
+    return result
+
+
+def heard_words(model: KwsModel, take: Take, config: Config,
+                adaptation: Adaptation | None = None) -> list[tuple[str, float]]:
+    """The words the voice path (with ``adaptation``, if any) hears in one recording, with their end times."""
     from agent.voice import VoicePipeline, model_hop_seconds
 
     pipeline = VoicePipeline(model, config.voice, hop_seconds=model_hop_seconds(model), adaptation=adaptation)
-    result = []
-    for take in takes:
-        pipeline.reset()
-        output = pipeline.feed(take.samples)
-        detections = output.detections + pipeline.finish().detections
-        if detections:
-            result.append((take.name, sorted({d.word for d in detections})))
-    return result
+    detections = pipeline.feed(take.samples).detections + pipeline.finish().detections
+    return [(d.word, d.end) for d in detections]
 
 
 def _list(store: Store, captures: CaptureStore) -> int:

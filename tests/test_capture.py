@@ -25,6 +25,7 @@ from agent.discovery import discovery_messages
 from agent.errors import PayloadError
 from agent.false_wake import FalseWakeMarker
 from agent.messages import InboundMessage
+from agent.recognizer import PipelineOutput
 from agent.transcribe import transcribe_file
 from agent.voice import VoiceStage, load_pipeline
 
@@ -213,6 +214,52 @@ def test_a_spoken_no_right_after_a_false_wake_marks_its_capture(tmp_path: Path) 
         pytest.skip("the model did not hear this 'no'")
     [kept] = CaptureStore.of(config).list()
     assert marked == [kept.path]
+
+
+class RecordingCapture(WakeCapture):
+    """A WakeCapture that also records what the pipeline said about each block (detections, events)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.words: list[str] = []
+        self.events: list[tuple[str, str]] = []
+
+    def hear(self, samples: np.ndarray, output: PipelineOutput, t_audio: float) -> None:
+        self.words += [d.word for d in output.detections]
+        self.events += [(e.kind, e.reason) for e in output.events]
+        super().hear(samples, output, t_audio)
+
+
+@pytest.mark.data
+def test_a_spoken_no_after_a_confirmation_prompt_is_an_answer_not_a_false_wake(tmp_path: Path) -> None:
+    """"computer light on" with an action that needs confirmation: the agent asks for "yes"; the "no" that
+    follows within the window cancels the action, and does not mark the wake (which was real) as false."""
+    if not (DATA / "real" / "no").is_dir():
+        pytest.skip("no ../shared/data/speech")
+    noes = sorted((DATA / "real" / "no").glob("sc_*.flac"))
+    data = config_data(tmp_path / "state")
+    data["actions"]["light_on"]["confirm"] = True
+    config = parse_config(data)
+    pause = np.zeros(SAMPLE_RATE // 2, np.int16)
+    for no in noes[:10]:  # the first "no" the model hears after the prompt
+        audio = tmp_path / "confirm_then_no.wav"
+        sf.write(audio, np.concatenate([read_audio_file(EXAMPLES / "computer_light_on.wav"), pause,
+                                        read_audio_file(no), np.zeros(4 * SAMPLE_RATE, np.int16)]),
+                 SAMPLE_RATE)
+        marked: list[Path] = []
+        store = CaptureStore(tmp_path / f"captures-{no.stem}", max_files=20, max_bytes=10**8)
+        capture = RecordingCapture(store, wake_word="computer", window_seconds=3.0, confirm_seconds=5.0,
+                                   on_false_wake=marked.append)
+        stage = run_stage(config, audio, capture)
+        if ("cancelled", 'heard "no"') in capture.events:
+            break
+    else:
+        pytest.skip("the model heard none of these 'no's after the prompt")
+    assert [kind for kind, _ in capture.events] == ["wake", "confirm_pending", "cancelled"]
+    assert stage.counts["intents"] == 0
+    assert capture.words.count("computer") == 1
+    [kept] = store.list()  # the wake's capture is kept ...
+    assert marked == [] and not kept.marked  # ... and not taken for a false wake
 
 
 @pytest.mark.data

@@ -38,7 +38,7 @@ MAX_LONG_WINDOWS = 3000
 MAX_NOISE_WINDOWS = 600
 
 
-def _pick(paths: list[str], count: int) -> list[str]:
+def pick(paths: list[str], count: int) -> list[str]:
     """A stable, hash-ordered choice (the same clips on every run)."""
     return sorted(paths, key=lambda p: stable_fraction("bank-" + Path(p).name))[:count]
 
@@ -59,7 +59,7 @@ def build_bank(model: KwsModel, data_dir: Path) -> Bank:
     item = 0
     for label in (*model.words, UNKNOWN_LABEL):
         count = OTHER_CLIPS if label == UNKNOWN_LABEL else CLIPS_PER_WORD
-        for path in _pick(by_label.get(label, []), count):
+        for path in pick(by_label.get(label, []), count):
             samples = read_audio_file(path)
             span = speech_span(samples)
             if span is None:
