@@ -55,7 +55,7 @@ class EndOfAudio(Exception):  # noqa: N818 - a control-flow signal like StopIter
 # --------------------------------------------------------------------------------------------- resampling
 
 # Blocks of up to 1 s of output (a file source decodes 1 s at a time) keep their gather and tap matrices
-# (16 bytes per output and tap: up to 6 MB; a microphone's 0.1-0.3 s blocks keep up to 1.8 MB).
+# (16 bytes per output and tap: up to 6 MB; a microphone's 0.1-0.5 s blocks keep up to 3 MB).
 MAX_PLANNED_OUTPUTS = 16000
 
 

@@ -8,9 +8,10 @@ so a file processed as fast as possible behaves exactly like the same audio hear
   a vocabulary word above that word's threshold. A word is reported once per utterance: it fires again only
   after its refractory time AND after its smoothed score fell back below the threshold (or another label took
   over). The detection is reported on the hop where the smoothed score first crosses the threshold, which
-  keeps the command latency low; ``end`` is the end of the first window that scored the word above its
-  threshold (about where the word ended) and ``start`` the beginning of that 1 s window, a bound on where it
-  began.
+  keeps the command latency low (a word a wake window expects fires sooner once it is over, see
+  ``RecognizerSettings.settled_seconds``); ``end`` is the end of the first window that scored the word above
+  its threshold (about where the word ended) and ``start`` the beginning of that 1 s window, a bound on where
+  it began.
 - :class:`CommandMatcher`: the wake word opens a window of ``wake_window`` seconds in which the words of a
   configured phrase must follow in order; a complete phrase becomes an :class:`~agent.messages.Intent`.
   Actions marked ``confirm`` wait up to ``confirm_window`` seconds for ``yes`` (``no`` cancels).
@@ -49,6 +50,12 @@ class RecognizerSettings:
     # continue a configured phrase are smoothed less, for a faster reaction; every other word keeps
     # smoothing_seconds, so an unexpected word needs the full evidence. None: smoothing_seconds for all.
     listening_smoothing_seconds: float | None = None
+    # A word the wake window expects, once it is over (``process(..., settled=True)``), fires as soon as each
+    # of its posteriors of the last settled_seconds is at least its threshold plus settled_margin, without
+    # waiting for the listening smoothing to catch up: the whole word is in the model's window by then, so
+    # the onset confusions (the "d" of "down" heard as "no") that smoothing guards against are past.
+    settled_seconds: float = 0.2
+    settled_margin: float = 0.05
 
     def __post_init__(self) -> None:
         missing = [w for w in self.labels if w not in NON_WORD_LABELS and w not in self.thresholds]
@@ -59,6 +66,8 @@ class RecognizerSettings:
         if self.listening_smoothing_seconds is not None and not \
                 0 <= self.listening_smoothing_seconds <= self.smoothing_seconds:
             raise ValueError("listening_smoothing_seconds must be in [0, smoothing_seconds]")
+        if self.settled_seconds <= 0 or self.settled_margin < 0:
+            raise ValueError("settled_seconds must be positive and settled_margin >= 0")
 
 
 class Recognizer:
@@ -113,9 +122,24 @@ class Recognizer:
             count = max(1, sum(1 for t in times if t > horizon))
         return self._average(count)
 
-    def process(self, scores: Scores, *, expected: Collection[str] = ()) -> Detection | None:
+    def _settle(self, average: npt.NDArray[Any], expected: Collection[str], now: float) -> None:
+        """An expected word whose smoothed score is still below its threshold is judged by its lowest
+        posterior of the last settled_seconds instead, when that is at least its threshold plus settled_margin
+        (a word the smoothing already passes keeps its score)."""
+        horizon = now - self.settings.settled_seconds + 1e-6
+        count = sum(1 for t in self._times if t > horizon)
+        floor = np.min(self._rows.latest(count), axis=0)
+        margin = self.settings.settled_margin
+        for word in expected:
+            index = self._index.get(word)
+            if index is not None and average[index] < self._threshold[index] <= floor[index] - margin:
+                average[index] = floor[index]
+
+    def process(self, scores: Scores, *, expected: Collection[str] = (),
+                settled: bool = False) -> Detection | None:
         """Feed one model invocation; returns the word heard on this hop, if any. ``expected``: the words a
-        wake window waits for (``listening_smoothing_seconds`` applies to them)."""
+        wake window waits for (``listening_smoothing_seconds`` applies to them); ``settled``: the word now in
+        the model's window is over (see ``settled_seconds``)."""
         if scores.labels != self._labels:
             raise ValueError("scores come from a model with different labels")
         now = scores.t_audio
@@ -137,6 +161,8 @@ class Recognizer:
                 index = self._index.get(word)
                 if index is not None:
                     average[index] = quick[index]
+        if expected and settled:
+            self._settle(average, expected, now)
         self.judged = average
 
         top = int(np.argmax(average))

@@ -68,16 +68,25 @@ LISTENING_SMOOTHING = 0.4
 #   0.4 s, silencing (this)     0.18 s  72.8 %  2.3 %          0.22 s  61.3 %  4.2 %
 # (0.2 s without silencing: another command word fired first twice as often as at 0.3 s.) Fewer wrong
 # actions were worth 60-70 ms of the tail.
+# Once the word after such a pause is over (its last PAUSE_FRAMES frames PAUSE_DB below its loudest), it no
+# longer waits for the 0.4 s average: RecognizerSettings.settled_seconds. On the training speakers (the same
+# construction over split "train", 2220 commands each), p90 / right / wrong / none:
+#                               one word after "computer"         second of two words
+#   0.4 s                       0.210 s  1800  81  339            0.234 s  1436  124  660
+#   0.4 s, settled words        0.158 s  1800  82  338            0.170 s  1439  125  656
+# (every command fired at the same hop or earlier; 5 of 4440 outcomes changed, all from "none").
 PAUSE_FRAMES = 3
 PAUSE_DB = 20.0
 READ_TIMEOUT = 0.25  # the stage loop turns at least this often (stop requests, heartbeats)
 # While no wake window is open, the stage reads audio in blocks of this much (one per 100 ms otherwise): the
 # hops of a block then run back to back on a warm CPU instead of each waking a CPU gone cold in the 100 ms
-# between them (bench/results/voice.json daemon_realtime). Only the wake word waits for its block (up to 0.2 s
-# longer); once a window is open every 100 ms is fed at once, so a command's latency is unchanged: over the
-# ~1100 held-out commands of bench/voice_bench.py recognition_latency, an intent came at the earliest three
-# hops after the wake word's, never inside its block. What is detected, and every capture time, is the same.
-IDLE_READ_SECONDS = 0.3
+# between them (bench/results/voice.json daemon_realtime). Only the wake word waits for its block (up to 0.4 s
+# longer); once a window is open every 100 ms is fed at once, so a command's latency is unchanged: over 1978
+# commands of the training speakers (bench/voice_bench.py recognition_latency's construction, fed in these
+# blocks), no intent came inside the wake word's block, and every latency was the same with 0.3 s, 0.4 s,
+# 0.5 s or no blocks. What is detected, and every capture time, is the same. 0.5 s rather than 0.3 s: the
+# whole daemon's CPU per audio second -7 % on the demo, -10 % on speech without the wake word.
+IDLE_READ_SECONDS = 0.5
 HEARTBEAT_LIMIT = 10.0  # healthy() is False when the loop has not turned for this long
 # Audio fed after the end of a finite stream so that a word at its very end still passes through the whole
 # window and the smoothing. Quiet dither rather than digital zero, like a real room.
@@ -109,6 +118,15 @@ def pause_start(first_frame: int, energies: npt.NDArray[np.float64], search_from
         else:
             run = 0
     return None
+
+
+def word_over(energies: npt.NDArray[np.float64], min_frames: int, floor_db: float) -> bool:
+    """Whether the sound in ``energies`` (the frames since a pause) has ended: there is sound, and its last
+    ``min_frames`` frames are ``floor_db`` or more below its loudest (the start of the next pause)."""
+    if len(energies) <= min_frames:
+        return False
+    loudest = float(energies.max())
+    return loudest > 0.0 and bool(np.all(energies[-min_frames:] < loudest * 10 ** (-floor_db / 10)))
 
 
 def tail_padding(seconds: float = TAIL_SECONDS, seed: int = 0) -> npt.NDArray[np.int16]:
@@ -228,7 +246,8 @@ class VoicePipeline:
             probabilities = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding())
         self.invocations += 1
         scores = Scores(self.model.labels, probabilities, round(t_audio, 6))
-        detection = self.recognizer.process(scores, expected=expected)
+        settled = bool(expected) and self._word_over()
+        detection = self.recognizer.process(scores, expected=expected, settled=settled)
         if self.on_hop is not None:
             self.on_hop(scores, self.recognizer.judged, detection)
         if detection is None:
@@ -251,6 +270,16 @@ class VoicePipeline:
         if frame is not None:
             self._silence_before = (frame + 1) * self.model.params.hop_samples
             self._pause_search_from = None
+
+    def _word_over(self) -> bool:
+        """The model hears only what followed the pause after the last word heard, and that has ended (see
+        ``RecognizerSettings.settled_seconds``). False while no such pause was found: words said without one
+        wait for the listening smoothing."""
+        if self._silence_before is None or self._pause_search_from is not None:
+            return False
+        first, energies = self.features.recent_frame_energies()
+        since = self._silence_before // self.model.params.hop_samples - first
+        return word_over(energies[max(0, since):], PAUSE_FRAMES, PAUSE_DB)
 
     def finish(self, *, mono_end: float | None = None, wall_end: float | None = None) -> PipelineOutput:
         """End of a finite stream: feed quiet padding so a word at the very end is still recognised."""

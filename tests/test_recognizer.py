@@ -357,6 +357,44 @@ def test_an_unexpected_spike_still_needs_the_full_smoothing() -> None:
     assert [d.word for d in found] == ["off"]
 
 
+def fired_at(recognizer: Recognizer, frames: Sequence[dict[str, float]], *, expected: Sequence[str] = (),
+             settled_from: int | None = None) -> list[float]:
+    """The hop times of the detections; ``settled_from``: the hop from which the word is over."""
+    times = []
+    for index, scores in enumerate(frames):
+        t = round(1.0 + index * HOP, 3)
+        settled = settled_from is not None and index >= settled_from
+        if recognizer.process(frame(t, **scores), expected=expected, settled=settled) is not None:
+            times.append(t)
+    return times
+
+
+def listening_settings() -> RecognizerSettings:
+    """The shipped model's timing: 0.5 s smoothing, 0.4 s for the words a wake window expects."""
+    return RecognizerSettings(labels=LABELS, thresholds=settings().thresholds, smoothing_seconds=0.5,
+                              refractory_seconds=1.0, listening_smoothing_seconds=0.4)
+
+
+def test_an_expected_word_that_is_over_fires_once_its_last_posteriors_clear_the_threshold() -> None:
+    frames = silence(5) + word("up", 6, score=0.9) + silence(3)
+    # Smoothed over 0.4 s, "up" reaches 0.6 on its third hop (0.675); once over, on its second.
+    assert fired_at(Recognizer(listening_settings()), frames, expected=("up",)) == [1.7]
+    assert fired_at(Recognizer(listening_settings()), frames, expected=("up",), settled_from=0) == [1.6]
+    # Not while it is still being said, and never for a word the window does not expect.
+    assert fired_at(Recognizer(listening_settings()), frames, expected=("up",), settled_from=7) == [1.7]
+    assert fired_at(Recognizer(listening_settings()), frames, expected=("down",), settled_from=0) == [1.8]
+
+
+def test_a_settled_word_needs_every_recent_posterior_above_threshold_plus_margin() -> None:
+    # 0.64 is above the threshold (0.6) but within the margin (0.05): the listening smoothing decides.
+    frames = silence(5) + word("up", 6, score=0.64) + silence(3)
+    assert fired_at(Recognizer(listening_settings()), frames, expected=("up",), settled_from=0) == \
+        fired_at(Recognizer(listening_settings()), frames, expected=("up",)) == [1.8]
+    # One hop below the bar within the last 0.2 s is enough to wait.
+    dip = silence(5) + word("up", 1, score=0.9) + word("up", 1, score=0.5) + word("up", 4, score=0.9)
+    assert fired_at(Recognizer(listening_settings()), dip, expected=("up",), settled_from=0) == [1.8]
+
+
 def test_the_matcher_says_which_words_it_expects() -> None:
     m = matcher()
     assert m.expected_words() == frozenset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from agent.audio import read_audio_file
 from agent.config import VoiceSection
 from agent.kws import KwsModel
 from agent.recognizer import Command
-from agent.voice import VoicePipeline, pause_start, tail_padding
+from agent.voice import VoicePipeline, pause_start, tail_padding, word_over
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOUD, QUIET = 1.0, 1e-3  # 30 dB apart
@@ -40,6 +41,15 @@ def test_a_pause_that_began_before_the_search_counts_from_where_the_search_start
     assert pause_start(0, frames, 14, 3, 20.0) == 14
 
 
+def test_a_word_is_over_at_the_start_of_the_next_pause() -> None:
+    assert word_over(energies((QUIET, 2), (LOUD, 10), (QUIET, 3)), 3, 20.0)
+    assert not word_over(energies((QUIET, 2), (LOUD, 10), (QUIET, 2)), 3, 20.0)  # not quiet long enough
+    assert not word_over(energies((LOUD, 10), (0.1, 5)), 3, 20.0)  # only 10 dB down
+    assert not word_over(energies((QUIET, 4), (LOUD, 1)), 3, 20.0)  # still sounding
+    assert not word_over(np.zeros(8), 3, 20.0)  # nothing heard
+    assert not word_over(energies((QUIET, 3)), 3, 20.0)
+
+
 def test_the_command_after_the_wake_word_is_heard_with_the_wake_word_silenced() -> None:
     """"computer, heat up" (examples/, the demo's voice) through the real model: the intent fires, and the
     pipeline silenced the audio before the pause after the wake word while its window was open."""
@@ -48,12 +58,20 @@ def test_the_command_after_the_wake_word_is_heard_with_the_wake_word_silenced() 
     audio = np.concatenate([read_audio_file(REPO_ROOT / "examples" / "computer_heat_up.wav"), tail_padding()])
     silenced: list[int] = []
     intents = []
+    fired_at = []  # the end of the hop that emitted each intent, in audio seconds
     hop = pipeline.hop_samples
     for offset in range(0, len(audio) // hop * hop, hop):
         output = pipeline.feed(audio[offset : offset + hop])
         intents += output.intents
+        fired_at += [(offset + hop) / 16000] * len(output.intents)
         if pipeline.silence_before is not None:
             silenced.append(pipeline.silence_before)
     assert [intent.action for intent in intents] == ["heating_up"]
+    # "up" is over once the pause after it starts: the intent comes on the next hop, not when the 0.4 s
+    # average catches up (0.2 s after the end).
+    catalogue = json.loads((REPO_ROOT / "examples" / "examples.json").read_text(encoding="utf-8"))
+    entry = next(f for f in catalogue["files"] if f["file"] == "computer_heat_up.wav")
+    spoken_end = entry["commands"][0]["end"]
+    assert fired_at[0] - spoken_end <= 0.1 + 1e-9
     assert silenced, "no pause was found after the wake word"
     assert pipeline.silence_before is None  # the window closed: the model hears its whole window again
