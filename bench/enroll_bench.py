@@ -182,25 +182,31 @@ def hardest_cluster(sets: dict[str, Any]) -> tuple[str, list[str]]:
     return worst[1], worst[2]
 
 
-def faster_voice(paths: list[str], workdir: Path, factor: float = FASTER) -> list[str]:
-    """The recordings played ``factor`` times faster (higher and quicker, like a child): a voice the shipped
-    model has never heard and mostly misses, for want of a real one in ../shared."""
+def transformed_voice(paths: list[str], workdir: Path, name: str, transform: Any) -> list[str]:
+    """The recordings passed through ``transform`` (float samples -> float samples), as WAV files in
+    ``workdir/name``."""
     import numpy as np
     import soundfile
-    from scipy.signal import resample
 
     from agent.audio import SAMPLE_RATE, read_audio_file
 
-    folder = workdir / "faster"
+    folder = workdir / name
     folder.mkdir(exist_ok=True)
     result = []
     for path in paths:
-        samples = read_audio_file(path).astype(np.float64)
         out = folder / (Path(path).stem + ".wav")
-        faster = resample(samples, int(len(samples) / factor))
-        soundfile.write(out, faster.clip(-32768, 32767).astype(np.int16), SAMPLE_RATE)
+        changed = transform(read_audio_file(path).astype(np.float64))
+        soundfile.write(out, changed.clip(-32768, 32767).astype(np.int16), SAMPLE_RATE)
         result.append(str(out))
     return result
+
+
+def faster_voice(paths: list[str], workdir: Path, factor: float = FASTER) -> list[str]:
+    """The recordings played ``factor`` times faster (higher and quicker, like a child): a voice the shipped
+    model has never heard and mostly misses, for want of a real one in ../shared."""
+    from scipy.signal import resample
+
+    return transformed_voice(paths, workdir, "faster", lambda s: resample(s, int(len(s) / factor)))
 
 
 def stretch(samples: Any, factor: float, frame: int = 640, hop: int = 160, search: int = 160) -> Any:
@@ -231,22 +237,10 @@ def stretch(samples: Any, factor: float, frame: int = 640, hop: int = 160, searc
 def child_voice(paths: list[str], workdir: Path, factor: float = CHILD) -> list[str]:
     """The recordings with pitch and formants ``factor`` times higher and the same tempo: resampled (which
     raises both and speeds up), then stretched back to their length."""
-    import numpy as np
-    import soundfile
     from scipy.signal import resample
 
-    from agent.audio import SAMPLE_RATE, read_audio_file
-
-    folder = workdir / "child"
-    folder.mkdir(exist_ok=True)
-    result = []
-    for path in paths:
-        samples = read_audio_file(path).astype(np.float64)
-        out = folder / (Path(path).stem + ".wav")
-        higher = stretch(resample(samples, int(len(samples) / factor)), factor)
-        soundfile.write(out, higher.clip(-32768, 32767).astype(np.int16), SAMPLE_RATE)
-        result.append(str(out))
-    return result
+    return transformed_voice(paths, workdir, "child",
+                             lambda s: stretch(resample(s, int(len(s) / factor)), factor))
 
 
 def largest_cluster(sets: dict[str, Any]) -> tuple[str, list[str]]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.anomaly.detector import Outcome, StreamDetector, StreamState
+from agent.atomic_file import replace_atomically
 from agent.config import AnomalySection
 from agent.errors import StateError
 from agent.messages import AnomalyEvent, Reading
@@ -112,16 +112,8 @@ class AnomalyDetector:
         text = json.dumps(self.state_dict(), separators=(",", ":"))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    handle.write(text)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp_name, path)
-            except BaseException:
-                Path(tmp_name).unlink(missing_ok=True)
-                raise
+            with replace_atomically(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
         except OSError as err:
             raise StateError(f"cannot write anomaly state {path}: {err.strerror}") from err
 
