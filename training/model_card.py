@@ -233,7 +233,7 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "## Reproduce",
         f"`make train-kws` (= `python -m training.kws --data ../shared/data/speech --out models/`), seed fixed. "
         f"Full run on this machine (2 shared cores, {platform.processor() or platform.machine()}): "
-        f"{minutes:.1f} min ({timings}); stages are cached under `.cache/kws/`; with the fixed seed a run from an empty cache reproduced the shipped model bit for bit. "
+        f"{minutes:.1f} min ({timings}); stages are cached under `.cache/kws/`; the seed is fixed (a run from an empty cache reproduced an earlier shipped model bit for bit; that was not re-checked for this one). "
         "`python -m training.kws --smoke` runs every stage on a tiny subset in a few minutes.",
         "",
         "## Limits",
