@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
 from agent.config import Config
+from agent.counts import Counts
 from agent.discovery import CONFIG_STATUS_KEY
 from agent.errors import ActionError, ConfigError
 from agent.health import CounterWatch, HealthRegistry
@@ -88,8 +89,7 @@ class App:
         self.link = link
         self.outbox = outbox
         self._needs_restart = needs_restart
-        self._counts_lock = threading.Lock()
-        self._counts = {"reloads": 0, "reload_failures": 0}
+        self._counts = Counts("reloads", "reload_failures")
         self._stages: list[Stage] = []
         self._stage_health: dict[str, bool] = {}
         self._counter_sources: list[Callable[[], Mapping[str, Any]]] = []
@@ -168,8 +168,7 @@ class App:
 
     def counters(self) -> dict[str, Any]:
         """Everything the diagnostics topic reports."""
-        with self._counts_lock:
-            counts = dict(self._counts)
+        counts = self._counts.snapshot()
         return {
             "uptime": int(time.monotonic() - self._started_mono),
             **counts,
@@ -388,10 +387,6 @@ class App:
             else:
                 signal.signal(signum, handler)
 
-    def _count(self, name: str, amount: int = 1) -> None:
-        with self._counts_lock:
-            self._counts[name] = self._counts.get(name, 0) + amount
-
     # ----------------------------------------------------------------- connection and reload (SIGHUP)
 
     def _on_link_connected(self) -> None:  # link thread
@@ -407,7 +402,7 @@ class App:
     def _reload(self) -> None:
         """Re-read the config; take it only once it passed every start-up check (models loaded included).
         A rejected config leaves everything running as it was: logged, in STATUS= and the diagnostics."""
-        self._count("reloads")
+        self._counts.add("reloads")
         if self.config_path is None:
             self.reload_rejected("no config file to re-read")
             return
@@ -430,7 +425,7 @@ class App:
 
     def reload_rejected(self, reason: str) -> None:
         """The new config was not taken: say so in the journal, STATUS= and the diagnostics."""
-        self._count("reload_failures")
+        self._counts.add("reload_failures")
         log.error("configuration reload failed; keeping the running configuration:\n%s", reason)
         self._status_note = "new config rejected, old one running (see the journal)"
         first = reason.splitlines()[0] if reason else "unknown reason"
@@ -446,9 +441,6 @@ class App:
     def carry_over(self, previous: App) -> None:
         """Take over what the App of the previous config knew (a restart-type reload): the reload counters
         and status (the parts carry over their own state, see ``agent.wiring``)."""
-        with previous._counts_lock:
-            carried = {name: previous._counts[name] for name in ("reloads", "reload_failures")}
-        with self._counts_lock:
-            self._counts.update(carried)
+        self._counts.update(previous._counts.snapshot())
         self._status_note = previous._status_note
         self._config_status = previous._config_status

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from agent.actions import ActionTable
 from agent.config import Config
+from agent.counts import Counts
 from agent.errors import ActionError
 from agent.messages import ActionRequest, AnomalyEvent, InboundMessage
 from agent.ports import Publisher, Subscriber, Unsubscriber
@@ -38,8 +39,7 @@ class ActionDispatcher:
         self._allow_topics = allow_topics
         self._is_muted = is_muted
         self._actions_lock = threading.Lock()
-        self._counts_lock = threading.Lock()
-        self._counts = {"actions_sent": 0, "actions_rejected": 0}
+        self._counts = Counts("actions_sent", "actions_rejected")
         self._action_subscriptions: list[Any] = []
         self._subscribe_action_states()
 
@@ -64,16 +64,15 @@ class ActionDispatcher:
                 self._publish(command.topic, command.payload, qos=command.qos, retain=False,
                               expires_mono=expires)
         except ActionError as err:
-            self._count("actions_rejected")
+            self._counts.add("actions_rejected")
             log.warning("%s (requested by %s)", err, request.source)
             raise
-        self._count("actions_sent")
+        self._counts.add("actions_sent")
         log.info("action %s (%s): %d message(s) queued", request.action, request.source, len(commands))
         return len(commands)
 
     def counters(self) -> dict[str, int]:
-        with self._counts_lock:
-            return dict(self._counts)
+        return self._counts.snapshot()
 
     def prepare_reload(self, new: Config) -> Callable[[], None]:
         """Build the new action table (ActionError if it cannot be); the returned callable swaps it in."""
@@ -93,10 +92,6 @@ class ActionDispatcher:
         """Take over the thermostats' setpoints the dispatcher of the previous config knew."""
         with previous._actions_lock, self._actions_lock:
             self._actions.carry_setpoints(previous._actions)
-
-    def _count(self, name: str, amount: int = 1) -> None:
-        with self._counts_lock:
-            self._counts[name] = self._counts.get(name, 0) + amount
 
     def _subscribe_action_states(self) -> None:
         for subscription in self._action_subscriptions:

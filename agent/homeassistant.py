@@ -19,6 +19,7 @@ from typing import Any
 from agent import __version__
 from agent.actions import parse_switch_command
 from agent.config import Config
+from agent.counts import Counts
 from agent.discovery import discovery_messages, discovery_topic_filter, stale_discovery_topics
 from agent.errors import StateError
 from agent.messages import InboundMessage
@@ -48,8 +49,7 @@ class HomeAssistantStage:
         self._counters = counters
         self._sensor_values = sensor_values
         self._connected = connected
-        self._counts_lock = threading.Lock()
-        self._counts = {"announcements": 0, "stale_configs_removed": 0}
+        self._counts = Counts("announcements", "stale_configs_removed")
         self._muted = self._load_muted()
         # Discovery bookkeeping: what we announced, and retained configs of ours seen on the broker.
         self._discovery_lock = threading.Lock()
@@ -68,8 +68,7 @@ class HomeAssistantStage:
         return self._muted
 
     def counters(self) -> dict[str, Any]:
-        with self._counts_lock:
-            return {**self._counts, "muted": self._muted}
+        return {**self._counts.snapshot(), "muted": self._muted}
 
     # ----------------------------------------------------------------- stage
 
@@ -103,10 +102,6 @@ class HomeAssistantStage:
 
         return apply
 
-    def _count(self, name: str, amount: int = 1) -> None:
-        with self._counts_lock:
-            self._counts[name] = self._counts.get(name, 0) + amount
-
     # ----------------------------------------------------------------- discovery
 
     def _event_types(self) -> list[str]:
@@ -126,7 +121,7 @@ class HomeAssistantStage:
             self._publish(topic, json.dumps(payload, separators=(",", ":")), qos=1, retain=True)
         with self._discovery_lock:
             self._announced = set(messages)
-        self._count("announcements")
+        self._counts.add("announcements")
         self._publish_states()
 
     def _remove_stale_configs(self) -> None:
@@ -138,7 +133,7 @@ class HomeAssistantStage:
             log.info("removing stale Home Assistant entity config %s", topic)
             self._publish(topic, b"", qos=1, retain=True)
         if stale:
-            self._count("stale_configs_removed", len(stale))
+            self._counts.add("stale_configs_removed", len(stale))
 
     def _publish_states(self) -> None:
         self._publish(self.topics.mute_state, b"ON" if self._muted else b"OFF", qos=1, retain=True)

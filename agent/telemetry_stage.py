@@ -9,12 +9,12 @@ Handlers run on paho's thread: parse, hand over, return.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from agent.config import Config
+from agent.counts import Counts
 from agent.logutil import LogThrottle, suppressed_note
 from agent.messages import InboundMessage, Reading
 from agent.ports import Publisher, Scheduler, Subscriber, Unsubscriber
@@ -48,9 +48,8 @@ class TelemetryStage:
                                        max_payload_bytes=config.mqtt.max_payload_bytes)
         self._sensors = {stream.sensor for stream in config.telemetry}
         self._throttle = LogThrottle()
-        self._counts_lock = threading.Lock()
-        self._counts = {"readings": 0, "telemetry_ignored": 0, "readings_rejected": 0,
-                        **{f"rejected_{reason}": 0 for reason in REJECT_REASONS}}
+        self._counts = Counts("readings", "telemetry_ignored", "readings_rejected",
+                              *(f"rejected_{reason}" for reason in REJECT_REASONS))
         self._last_values: dict[str, str] = {}
         self._state_throttle = StateThrottle()
         self._call_later = call_later
@@ -67,8 +66,7 @@ class TelemetryStage:
         return True
 
     def counters(self) -> dict[str, int]:
-        with self._counts_lock:
-            counts = dict(self._counts)
+        counts = self._counts.snapshot()
         counts["readings_dropped"] = self._readings.dropped if self._readings is not None else 0
         return counts
 
@@ -91,10 +89,6 @@ class TelemetryStage:
         """The last readings of streams still configured, from the stage of the previous config."""
         self._last_values = {k: v for k, v in previous._last_values.items() if k in self._sensors}
 
-    def _count(self, name: str, amount: int = 1) -> None:
-        with self._counts_lock:
-            self._counts[name] = self._counts.get(name, 0) + amount
-
     def _subscribe_telemetry(self) -> None:
         for subscription in self._telemetry_subscriptions:
             self._unsubscribe(subscription)
@@ -112,9 +106,9 @@ class TelemetryStage:
             if outcome.rejected:
                 self._count_bad_payload()  # nothing usable in it (counted once per message)
             else:
-                self._count("telemetry_ignored")  # carries none of its streams' fields
+                self._counts.add("telemetry_ignored")  # carries none of its streams' fields
             return
-        self._count("readings", len(readings))
+        self._counts.add("readings", len(readings))
         for reading in readings:
             if self._readings is not None:
                 self._readings.offer(reading)
@@ -136,10 +130,8 @@ class TelemetryStage:
     def _reject_reading(self, reason: str, text: str) -> None:
         """A stream refused a reading: counted per reason (diagnostics), logged once per reason and
         throttle interval."""
-        with self._counts_lock:
-            self._counts["readings_rejected"] += 1
-            key = f"rejected_{reason}"
-            self._counts[key] = self._counts.get(key, 0) + 1
+        self._counts.add("readings_rejected")
+        self._counts.add(f"rejected_{reason}")
         suppressed = self._throttle.ready(f"rejected:{reason}")
         if suppressed is not None:
             log.warning("telemetry: rejected a reading (%s): %s%s", reason, text, suppressed_note(suppressed))

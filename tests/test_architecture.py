@@ -17,9 +17,9 @@ MAX_LINES = 700
 CONFIG_MAY_IMPORT = {"agent.errors", "agent.topics", "agent.template", "agent.payloads", "agent.paths"}
 
 # What a stage may import besides its own helpers: the records, the config, the errors, the callables it
-# is handed (ports), topic names, log throttling, the queue type and the atomic file writer.
+# is handed (ports), topic names, log throttling, the queue type, counters and the atomic file writer.
 COMMON = {"agent", "agent.messages", "agent.config", "agent.errors", "agent.ports", "agent.topics",
-          "agent.logutil", "agent.queues", "agent.atomic_file"}
+          "agent.logutil", "agent.queues", "agent.counts", "agent.atomic_file"}
 STAGE_HELPERS: dict[str, set[str]] = {
     "agent.voice": {"agent.audio", "agent.features", "agent.kws", "agent.recognizer", "agent.adaptation",
                     "agent.arbitration", "agent.paths", "agent.capture"},
