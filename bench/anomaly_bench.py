@@ -108,7 +108,8 @@ KEPT_CHANGES = [
      "skab_dev_nab_standard": 30.39, "home_false_alerts_per_stream_day": 0.0079,
      "home_faults_detected": "402/460"},
 ]
-CALIBRATION_BANDS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
+# reliability table bands (0.05 wide where the calibrated score lives)
+CALIBRATION_BANDS = (0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.9, 1.0)
 EXAMPLE = REPO_ROOT / "examples" / "sensor_living_room.csv"  # the README's stuck heater
 EXAMPLE_WINDOWS = REPO_ROOT / "examples" / "sensor_living_room_windows.json"
 
@@ -151,33 +152,61 @@ def score_rows(rows: list[list[str]], tuning: Tuning) -> tuple[list[float], list
     return scores, alerts, evidence
 
 
+CAL_BULK_BINS = 10  # equal-count bins of the evidence below CAL_FINE_FROM decades (the ordinary readings)
+CAL_FINE_FROM = 0.0  # from here, bins CAL_FINE_STEP decades wide up to CAL_FINE_TO, then CAL_COARSE
+CAL_FINE_STEP = 0.5
+CAL_FINE_TO = 10.0
+CAL_COARSE = (15.0, 20.0)
+CAL_MIN_ROWS = 100  # a bin with fewer rows joins the next one
+CAL_FLAT = 2.0  # a pooled block wider than this many decades is flat across its span
+
+
 def fit_calibration(evidence: np.ndarray, inside: np.ndarray) -> list[tuple[float, float]]:
-    """``detector.CALIBRATION`` from development rows: the evidence in decades of posterior odds, binned (20
-    equal-count bins that do not split equal values, the strong evidence in bins of its own from 2 decades
-    up), the share inside a window per bin made monotone (pool adjacent violators); each pooled block gives
-    two points, its share at its lowest and at its highest evidence (a step, linear across the small gap
-    between blocks)."""
+    """``detector.CALIBRATION`` from development rows: the evidence in decades of posterior odds, binned (the
+    stream's first reading, which has no evidence at all, in a bin of its own; ``CAL_BULK_BINS`` equal-count
+    bins of the ordinary readings that do not split equal values; bins ``CAL_FINE_STEP`` decades wide from
+    ``CAL_FINE_FROM`` to ``CAL_FINE_TO``, where the share inside a window rises; wider ones beyond; a bin of
+    fewer than ``CAL_MIN_ROWS`` rows joins the next), the share inside a window per bin made monotone (pool
+    adjacent violators). A pooled block wider than ``CAL_FLAT`` decades (the ordinary readings) gives two
+    points, at its lowest and highest evidence (flat across it); a narrower one a point at its rows' mean
+    evidence.
+    ``calibrated`` is linear between the points: where the share rises (0.5-6 decades) the map rises with it
+    rather than in a few steps."""
     with np.errstate(divide="ignore"):
         decades = np.clip(np.log10(evidence) - np.log10(1.0 - evidence), -30.0, 30.0)
     order = np.argsort(decades, kind="stable")
     decades, inside = decades[order], inside[order].astype(float)
-    strong = int(np.searchsorted(decades, 2.0))
-    cuts = [*np.linspace(0, strong, 21).astype(int)[1:-1].tolist(), strong]
-    cut_values = [decades[min(c, len(decades) - 1)] for c in cuts] + [3.0, 4.0, 6.0, 10.0, 16.0]
-    edges = sorted({0, len(decades), *np.searchsorted(decades, cut_values, side="left").tolist()})
-    bins = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
-    # pool adjacent violators over the bins: [sum of labels, rows, first row, end row]
+    first = int(np.searchsorted(decades, -30.0, side="right"))  # no evidence at all: a stream's first reading
+    fine = int(np.searchsorted(decades, CAL_FINE_FROM))
+    bulk = np.linspace(first, fine, CAL_BULK_BINS + 1).astype(int)[1:-1]
+    cut_values = [decades[min(c, len(decades) - 1)] for c in bulk.tolist()]
+    cut_values += [*np.arange(CAL_FINE_FROM, CAL_FINE_TO, CAL_FINE_STEP).tolist(), CAL_FINE_TO, *CAL_COARSE]
+    edges = sorted({0, first, len(decades), *np.searchsorted(decades, cut_values, side="left").tolist()})
+    bins: list[list[int]] = []
+    for lo, hi in itertools.pairwise(edges):
+        if hi <= lo:
+            continue
+        if bins and bins[-1][1] - bins[-1][0] < CAL_MIN_ROWS and bins[-1][0] >= first:
+            bins[-1][1] = hi  # (the first-reading bin stays on its own, however small)
+        else:
+            bins.append([lo, hi])
+    if len(bins) > 1 and bins[-1][1] - bins[-1][0] < CAL_MIN_ROWS:
+        bins[-2][1] = bins.pop()[1]
+    # pool adjacent violators over the bins: [sum of labels, rows, sum of evidence, first row, end row]
     blocks: list[list[float]] = []
     for lo, hi in bins:
-        blocks.append([float(inside[lo:hi].sum()), float(hi - lo), lo, hi])
+        blocks.append([float(inside[lo:hi].sum()), float(hi - lo), float(decades[lo:hi].sum()), lo, hi])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
             last = blocks.pop()
-            blocks[-1] = [blocks[-1][0] + last[0], blocks[-1][1] + last[1], blocks[-1][2], last[3]]
+            blocks[-1] = [blocks[-1][0] + last[0], blocks[-1][1] + last[1], blocks[-1][2] + last[2],
+                          blocks[-1][3], last[4]]
     points: list[tuple[float, float]] = []
-    for total, rows, lo, hi in blocks:
+    for total, rows, total_x, lo, hi in blocks:
         share = round(total / rows, 3)
         low, high = round(float(decades[int(lo)]), 2), round(float(decades[int(hi) - 1]), 2)
-        points += [(low, share)] if high <= low else [(low, share), (high, share)]
+        # a wide block (the ordinary readings, pooled) is flat across its span; a narrow one is a point
+        points += [(low, share), (high, share)] if high - low > CAL_FLAT else [(round(total_x / rows, 2),
+                                                                                      share)]
     return points
 
 
@@ -218,12 +247,16 @@ def skab_part(part: list[str], runs: dict[str, list[str]], labels: dict[str, Any
             calibration.append({"score": f"[{lo}, {hi}{']' if hi == 1.0 else ')'}", "rows": int(band.sum()),
                                 "mean_score": round(float(score_a[band].mean()), 4),
                                 "share_in_window": round(float(inside_a[band].mean()), 4)})
+    gap = sum(band["rows"] * abs(band["mean_score"] - band["share_in_window"]) for band in calibration)
     return {
         "runs": len(part), "files": len(files),
         "nab_standard": round(standard["normalized"], 2),
         "windows_detected": f"{standard['windows_detected']}/{standard['windows_scorable']}",
         "fp_alerts": standard["fp_alerts"], "fp_alerts_per_day": round(standard["fp_alerts_per_day"], 2),
         "calibration": calibration,
+        # mean absolute gap between a band's score and its share in a window, weighted by rows; Brier score
+        "calibration_gap": round(gap / len(score_a), 4),
+        "brier": round(float(np.mean((score_a - inside_a) ** 2)), 4),
         "fitted_calibration": fit_calibration(np.array(all_evidence), inside_a),
     }
 

@@ -374,6 +374,26 @@ def test_the_calibration_is_monotone_and_separates_the_alert_threshold() -> None
     assert calibrated(AnomalySection().threshold) > calibrated(TUNING.prior_rate)
 
 
+def test_the_calibration_fit_follows_a_share_that_rises_through_sparse_strong_evidence() -> None:
+    """Like SKAB: 97 % of rows are ordinary readings (about -1.5 decades of evidence, 20 % in a window); the
+    rest spread over 0-8 decades where the share in a window rises from 30 % to 62 %. The fitted map follows
+    that rise within 0.05 (the first fit pooled everything below 2 decades into the ordinary rows' share and
+    stepped above: 0.20 at 1 decade where the share is 0.34)."""
+    from bench.anomaly_bench import fit_calibration
+
+    rng = np.random.default_rng(5)
+    decades = np.concatenate([rng.normal(-1.5, 0.4, 97_000), rng.uniform(0.0, 8.0, 3_000)])
+    share = np.where(decades < 0.0, 0.2, 0.3 + 0.04 * decades)
+    inside = rng.random(decades.size) < share
+    evidence = 1.0 / (1.0 + 10.0 ** -decades)
+    points = fit_calibration(evidence, inside)
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    assert xs == sorted(xs) and ys == sorted(ys)
+    for d in (-1.5, 1.0, 2.0, 3.0, 5.0, 7.0):
+        truth = 0.2 if d < 0.0 else 0.3 + 0.04 * d
+        assert abs(float(np.interp(d, xs, ys)) - truth) <= 0.05, (d, points)
+
+
 @pytest.mark.data
 def test_the_published_score_is_calibrated_on_the_development_runs() -> None:
     """Per score band, the share of SKAB development rows inside a labelled window is close to the band's mean
