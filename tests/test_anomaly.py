@@ -403,9 +403,10 @@ def test_the_published_score_is_calibrated_on_the_development_runs() -> None:
 
     if not SKAB.is_dir() or not NAB_SCORE.is_file():
         pytest.skip(f"SKAB or its scorer not found at {SKAB}")
-    bands = skab(["development"], TUNING)["development"]["calibration"]
-    for band in bands:
-        if band["rows"] >= 100:
+    development = skab(["development"], TUNING)["development"]
+    assert development["calibration_gap"] <= 0.01
+    for band in development["calibration"]:  # 0.05 wide: a band of a few hundred rows is noisy
+        if band["rows"] >= 1000:
             assert abs(band["share_in_window"] - band["mean_score"]) <= 0.03, band
 
 

@@ -69,12 +69,14 @@ LN10 = math.log(10.0)
 # points, the evidence in decades of the detector's posterior odds (at the prior rate ``prior_rate``: what
 # alerts are decided on), the probability that a reading with that evidence lies inside a labelled
 # anomaly window. Isotonic fit on the SKAB development rows (every row of the 24 development runs; base rate
-# 25 %), written by ``python -m bench.anomaly_bench --fit-calibration``; linear between the points, constant
-# beyond the ends. It inherits SKAB's base rate: read it as "how often readings scored like this were
-# anomalous on the development corpus", not as a home sensor's own rate.
+# 25 %; 0.5-decade bins where the share rises, one point per narrow pooled block: ``fit_calibration`` in
+# bench/anomaly_bench.py, which writes the fit it would make as ``skab.development.fitted_calibration`` in
+# bench/results/anomaly.json); linear between the points, constant beyond the ends. It inherits SKAB's base
+# rate: read it as "how often readings scored like this were anomalous on the development corpus", not as a
+# home sensor's own rate.
 CALIBRATION: Final[tuple[tuple[float, float], ...]] = (
-    (-30.0, 0.0), (-1.69, 0.244), (1.99, 0.244), (2.0, 0.45), (2.99, 0.45), (3.0, 0.522), (3.99, 0.522),
-    (4.0, 0.571), (6.0, 0.571), (6.01, 0.602), (15.65, 0.602), (30.0, 0.623))
+    (-30.0, 0.0), (-1.69, 0.244), (0.5, 0.244), (0.72, 0.292), (1.21, 0.403), (1.93, 0.479), (2.99, 0.497),
+    (4.0, 0.556), (4.98, 0.569), (5.98, 0.579), (6.51, 0.609), (14.95, 0.609), (15.05, 0.622), (30.0, 0.622))
 _CAL_X: Final = tuple(x for x, _ in CALIBRATION)
 _CAL_Y: Final = tuple(y for _, y in CALIBRATION)
 
