@@ -17,6 +17,9 @@ Stages (each cached under .cache/kws/, keyed by its inputs; fixed seed):
              source through the runtime's streaming path, the model card's headline); writes
              <out>/kws.tflite, kws.json, kws.md
 
+The second-stage wake verifier is trained against the model this writes by ``python -m training.verifier``
+(``make train-kws`` runs both); the metadata written here names no verifier until then.
+
 ``--smoke`` runs every stage on a tiny subset in a few minutes and writes to a temporary folder unless
 ``--out`` is given. Without the shared data it prints why and exits 0.
 """

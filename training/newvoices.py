@@ -400,12 +400,13 @@ def card_section(reports: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def put_card_section(card: Path, section: str) -> None:
-    """Replace the new-voices section of a model card, or put it right after the title."""
+def put_card_section(card: Path, section: str, begin: str = CARD_BEGIN, end: str = CARD_END) -> None:
+    """Replace the section between ``begin`` and ``end`` (default: the new-voices one, whose text starts and
+    ends with them) of a model card, or put it right after the title."""
     text = card.read_text(encoding="utf-8") if card.exists() else "# kws\n"
-    if CARD_BEGIN in text and CARD_END in text:
-        before, rest = text.split(CARD_BEGIN, 1)
-        after = rest.split(CARD_END, 1)[1]
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        after = rest.split(end, 1)[1]
         text = before + section + after
     else:
         title, _, body = text.partition("\n")
