@@ -47,10 +47,8 @@ bench: setup
 soak: setup
 	$(BIN)/python bench/soak_bench.py --minutes 60
 
-# The keyword model, then its second-stage wake verifier (trained against the keyword model just built).
 train-kws: setup-train
 	$(BIN)/python -m training.kws --data $(DATA_DIR) --out models/
-	$(BIN)/python -m training.verifier --model models/kws.tflite --data $(DATA_DIR) --out models/
 
 install:
 	bash scripts/install.sh

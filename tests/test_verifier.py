@@ -253,3 +253,11 @@ def test_smoke_training_writes_a_verifier_the_model_loads(tmp_path: Path) -> Non
     meta = json.loads((tmp_path / "kws_verifier.json").read_text(encoding="utf-8"))
     assert meta["training"]["smoke"] is True and 0.0 <= meta["threshold"] <= 1.0
     assert model.size_bytes + (tmp_path / "kws_verifier.tflite").stat().st_size <= 64 * 1024
+
+
+def test_the_shipped_models_together_fit_the_budget() -> None:
+    model = KwsModel.load(MODEL)
+    verifier_bytes = model.verifier.path.stat().st_size if model.verifier is not None else 0
+    assert model.size_bytes + verifier_bytes <= 64 * 1024
+    if model.verifier is not None:
+        assert model.verifier.word == WAKE_WORD and model.verifier.frames == FRAMES

@@ -2,6 +2,11 @@
 
     python -m training.verifier [--model models/kws.tflite] [--data DIR] [--out DIR] [--smoke]
 
+Not shipped (the model card's new-voices column "42e8fec0 + wake verifier 32e24c39" says why): by default
+it writes a candidate folder, ``.cache/kws/verifier-candidate/`` (the model, its metadata naming the
+verifier, the verifier), to score with ``python -m training.newvoices --model
+.cache/kws/verifier-candidate/kws.tflite``; ``--out models/`` would ship it.
+
 The verifier only ever sees what the keyword model fires on, so it learns from exactly that: every training
 recording (never a held-out one: ``training.data``'s split, so ``training.newvoices`` stays untouched) is
 streamed through the runtime's own :class:`agent.voice.VoicePipeline` with the keyword model alone, and at
@@ -131,6 +136,7 @@ class VerifierConfig:
     workers: int = 2
 
 
+CANDIDATE_DIR = CACHE_DIR / "verifier-candidate"
 THRESHOLD_FIELDS = ("keep_rate", "threshold_sources", "calibration_windows")
 FULL = VerifierConfig()
 SMOKE = VerifierConfig(limit=4, real_computer_copies=1, synth_computer_copies=1, real_negative_copies=1,
@@ -549,7 +555,7 @@ def card_section(metadata: dict[str, Any], verifier: WakeVerifier, keyword_bytes
         VERIFIER_BEGIN,
         "## Second-stage wake verifier",
         "",
-        f"- `models/kws_verifier.tflite`: int8 DS-CNN, {size:,} bytes ({parameters:,} parameters; with the "
+        f"- `{verifier.path.name}`: int8 DS-CNN, {size:,} bytes ({parameters:,} parameters; with the "
         f"keyword model {keyword_bytes + size:,} bytes of the 64 KB budget), median {invoke_ms(verifier)} ms "
         "of CPU per verification here. It runs only when the keyword model fires the wake word "
         "(`agent/voice.py` `VoicePipeline`, the one path of the daemon, `home-agent transcribe` and every "
@@ -557,7 +563,7 @@ def card_section(metadata: dict[str, Any], verifier: WakeVerifier, keyword_bytes
         f"{metadata['seconds']} s ({metadata['frames']} frames x {metadata['num_mel_bands']} bands) of log "
         "mel energies the streaming front end already computed, each band minus its mean over the window "
         f"(`agent/verifier.py`); below {metadata['threshold']} the wake word is dropped. Parameters in "
-        "`models/kws_verifier.json`, checked on load with the keyword model's sha256.",
+        f"`{metadata_path(verifier.path).name}`, checked on load with the keyword model's sha256.",
         "- A household's enrolled wake word (`agent/adaptation.py`'s boost on a hop of the smoothing time) "
         "is not judged: the verifier never heard that voice.",
         "- Trained on training-side data only (`python -m training.verifier`): every training recording "
@@ -615,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=Path("models/kws.tflite"))
     parser.add_argument("--data", type=Path, default=None, help="default: $DATA_DIR or ../shared/data/speech")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: beside --model (smoke: a temporary folder)")
+                        help=f"default: {CANDIDATE_DIR} (smoke: a temporary folder); models/ ships it")
     parser.add_argument("--smoke", action="store_true", help="tiny subset, one epoch (CI)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -626,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         out_dir = args.out
     else:
-        out_dir = Path(tempfile.mkdtemp(prefix="verifier-smoke-")) if args.smoke else args.model.parent
+        out_dir = Path(tempfile.mkdtemp(prefix="verifier-smoke-")) if args.smoke else CANDIDATE_DIR
     run(args.model, data_dir, out_dir, config)
     return 0
 
