@@ -338,12 +338,15 @@ class StreamingFeatures:
     peak normalisation, ``log`` and DCT of the window, which depend on the whole window's peak.
     """
 
-    def __init__(self, params: FeatureParams) -> None:
+    def __init__(self, params: FeatureParams, history_frames: int = 0) -> None:
+        """``history_frames``: keep at least this many frames of mel energies ending with the window (for
+        :meth:`recent_mel`, e.g. a wake verifier that looks further back than the model's window)."""
         self.params = params
         self._front_end = _FrontEnd(params)
         self._chunks_per_window = params.window_samples // params.hop_samples
         # The newest num_frames + 1 frames: half a hop past a boundary, one frame beyond the window exists.
-        self._mel = RowHistory(params.num_frames + 1, (params.num_mel_bands,))
+        self._window_rows = params.num_frames + 1
+        self._mel = RowHistory(max(self._window_rows, history_frames + 1), (params.num_mel_bands,))
         self._chunk_peaks = RowHistory(self._chunks_per_window)  # |peak| of each complete hop-sized chunk
         self.reset()
 
@@ -430,5 +433,18 @@ class StreamingFeatures:
     def recent_frame_energies(self) -> tuple[int, npt.NDArray[np.float64]]:
         """(global index of the first frame, mel energy of each frame) of the newest frames computed (frame
         ``i`` starts at sample ``i * hop_samples``): enough to find pauses between words."""
-        energies: npt.NDArray[np.float64] = self._mel.latest().sum(axis=1)
+        energies: npt.NDArray[np.float64] = self._mel.latest(self._window_rows).sum(axis=1)
         return self._next_frame - len(energies), energies
+
+    def recent_mel(self, count: int) -> npt.NDArray[np.float64]:
+        """(count, num_mel_bands) un-normalised mel energies of the ``count`` frames that end where
+        :meth:`features`' window ends (frames before the stream started are zeros); a copy. ``count`` may
+        exceed the window's frames up to the ``history_frames`` given at construction."""
+        if count > self._mel.keep - 1:
+            raise ValueError(f"{count} frames asked, {self._mel.keep - 1} kept (raise history_frames)")
+        newest_needed = self._samples_seen // self.params.hop_samples - self._chunks_per_window \
+            + self.params.num_frames - 1
+        extra = (self._next_frame - 1) - newest_needed  # frames computed beyond the window
+        frames = self._mel.latest()
+        stop = len(frames) - extra
+        return frames[stop - count : stop].copy()

@@ -3,7 +3,8 @@ each other, and turns one feature window into per-label probabilities.
 
 Metadata (``<model>.json`` beside the model) holds at least: ``labels``, ``feature_params``
 (:class:`agent.features.FeatureParams`), ``thresholds`` (per vocabulary word), ``refractory_seconds``,
-``smoothing_seconds`` and ``sha256`` of the ``.tflite``. Every problem becomes
+``smoothing_seconds`` and ``sha256`` of the ``.tflite``; optionally ``verifier``, the file name of a
+second-stage wake verifier beside it (:mod:`agent.verifier`). Every problem becomes
 :class:`agent.errors.ModelError`.
 """
 
@@ -22,6 +23,7 @@ import numpy.typing as npt
 from agent.errors import ModelError
 from agent.features import NON_WORD_LABELS, FeatureParams
 from agent.tflite import embedding_tensor_index, interpreter_class, metadata_path
+from agent.verifier import WakeVerifier
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,10 @@ class KwsModel:
         smoothing_seconds: float,
         size_bytes: int,
         embedding_index: int | None = None,
+        verifier: WakeVerifier | None = None,
     ) -> None:
         self.path = path
+        self.verifier = verifier  # judges each wake word the model fires (agent.voice.VoicePipeline)
         self.metadata = metadata
         self.labels = labels
         self.params = params
@@ -99,9 +103,11 @@ class KwsModel:
         return self.input_dtype in (np.dtype(np.int8), np.dtype(np.uint8))
 
     @classmethod
-    def load(cls, path: Path, num_threads: int = 1, *, embedding: bool = False) -> KwsModel:
+    def load(cls, path: Path, num_threads: int = 1, *, embedding: bool = False,
+             verifier: bool = True) -> KwsModel:
         """``embedding``: also expose the penultimate embedding (:meth:`embedding`), for household adaptation;
-        off by default, so a model without adaptation runs exactly as before."""
+        off by default, so a model without adaptation runs exactly as before. ``verifier``: load the wake
+        verifier the metadata names (False: the keyword model alone, as training the verifier needs it)."""
         path = Path(path)
         try:
             model_bytes = path.read_bytes()
@@ -157,6 +163,7 @@ class KwsModel:
             smoothing_seconds=smoothing,
             size_bytes=len(model_bytes),
             embedding_index=embedding_index,
+            verifier=_load_verifier(path, metadata, labels, params) if verifier else None,
         )
         try:  # one inference now: a file that loads but cannot run fails at startup, not in the voice thread
             model.predict(np.zeros(params.shape, dtype=np.float32))
@@ -207,6 +214,22 @@ class KwsModel:
 
     def __repr__(self) -> str:
         return f"KwsModel({str(self.path)!r}, labels={len(self.labels)}, input={self.input_dtype})"
+
+
+def _load_verifier(path: Path, metadata: dict[str, Any], labels: tuple[str, ...],
+                   params: FeatureParams) -> WakeVerifier | None:
+    """The wake verifier the metadata names (a file beside the model), or None when it names none."""
+    name = metadata.get("verifier")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ModelError(f"{metadata_path(path)}: verifier must be a file name beside the model, "
+                         f"got {name!r}")
+    verifier = WakeVerifier.load(path.parent / name, params, metadata["sha256"])
+    if verifier.word not in labels:
+        raise ModelError(f"wake verifier {path.parent / name} verifies {verifier.word!r}, not a word of "
+                         f"{path}")
+    return verifier
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:

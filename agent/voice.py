@@ -170,7 +170,15 @@ class VoicePipeline:
             window_seconds=params.window_seconds,
             listening_smoothing_seconds=_listening_smoothing(model),
         )
-        self.features = StreamingFeatures(params)
+        # The second-stage wake verifier (agent.verifier), for the word it was trained on: it judges the
+        # keyword model's own wake decisions. One a household's enrolment raised (agent.adaptation's boost
+        # on a hop of the smoothing time) stands unjudged: the verifier never heard that voice.
+        self.verifier = model.verifier if model.verifier is not None and \
+            model.verifier.word == voice.wake_word else None
+        self._verified_index = model.labels.index(voice.wake_word) if self.verifier is not None else -1
+        self._raised_at: float | None = None  # audio time of the last hop the household raised the wake word
+        self.rejected_wakes = 0
+        self.features = StreamingFeatures(params, self.verifier.frames if self.verifier is not None else 0)
         self.recognizer = Recognizer(self.settings)
         self.matcher = CommandMatcher(voice.wake_word, self.commands, wake_window=voice.wake_window,
                                       confirm_window=voice.confirm_window)
@@ -211,6 +219,7 @@ class VoicePipeline:
         self._samples = 0
         self._pause_search_from = None
         self._silence_before = None
+        self._raised_at = None
 
     def feed(self, samples: npt.NDArray[np.int16], *, mono_end: float | None = None,
              wall_end: float | None = None) -> PipelineOutput:
@@ -243,11 +252,15 @@ class VoicePipeline:
         self._update_silence(listening=bool(expected))
         probabilities = self.model.predict(self.features.features(self._silence_before))
         if self.adaptation is not None:
-            probabilities = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding())
+            adapted = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding())
+            index = self._verified_index
+            if index >= 0 and adapted[index] > probabilities[index]:
+                self._raised_at = t_audio
+            probabilities = adapted
         self.invocations += 1
         scores = Scores(self.model.labels, probabilities, round(t_audio, 6))
         settled = bool(expected) and self._word_over()
-        detection = self.recognizer.process(scores, expected=expected, settled=settled)
+        detection = self._verify(self.recognizer.process(scores, expected=expected, settled=settled), t_audio)
         if self.on_hop is not None:
             self.on_hop(scores, self.recognizer.judged, detection)
         if detection is None:
@@ -256,6 +269,19 @@ class VoicePipeline:
         output.events.extend(self.matcher.on_detection(detection, wall_time=wall, mono_time=mono))
         if self.matcher.expected_words():  # a window is open (or still open): look for the pause after it
             self._pause_search_from = round(detection.end * SAMPLE_RATE) // self.model.params.hop_samples
+
+    def _verify(self, detection: Detection | None, t_audio: float) -> Detection | None:
+        """The detection, or None when it is the keyword model's wake word and the verifier rejects the
+        last ``verifier.frames`` of audio (the recognizer counts it as fired: an utterance is judged once)."""
+        verifier = self.verifier
+        if verifier is None or detection is None or detection.word != verifier.word:
+            return detection
+        if self._raised_at is not None and t_audio - self._raised_at < self.settings.smoothing_seconds + 1e-6:
+            return detection
+        if verifier.accepts(self.features.recent_mel(verifier.frames)):
+            return detection
+        self.rejected_wakes += 1
+        return None
 
     def _update_silence(self, *, listening: bool) -> None:
         """While a wake window is open, move the start of what the model sees to the pause after the last
@@ -461,7 +487,7 @@ class VoiceStage:
             counts = dict(self.counts)
         # dropped_samples: 0 for a source that cannot fall behind (a file); the diagnostics sensor shows it
         return {**counts, "dropped_samples": 0, **self.source.stats(),
-                "invocations": self.pipeline.invocations}
+                "invocations": self.pipeline.invocations, "rejected_wakes": self.pipeline.rejected_wakes}
 
     def reload_adaptation(self) -> None:
         """SIGHUP: pick up what ``home-agent enroll`` learned (or forgot) since the start. A failure keeps the

@@ -17,6 +17,9 @@ Stages (each cached under .cache/kws/, keyed by its inputs; fixed seed):
              source through the runtime's streaming path, the model card's headline); writes
              <out>/kws.tflite, kws.json, kws.md
 
+A second-stage wake verifier can be trained against the model this writes (``python -m training.verifier``;
+not shipped: the model card's new-voices column 32e24c39 says why); the metadata written here names none.
+
 ``--smoke`` runs every stage on a tiny subset in a few minutes and writes to a temporary folder unless
 ``--out`` is given. Without the shared data it prints why and exits 0.
 """

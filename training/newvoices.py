@@ -268,6 +268,9 @@ def evaluate(model_path: Path, data_dir: Path, synth_dir: Path | None = SYNTH_DI
                 f"commands {name}")
     report = {"model": str(model_path), "sha256": model.sha256, "size_bytes": model.size_bytes,
               "thresholds": {WAKE_WORD: model.thresholds.get(WAKE_WORD)},
+              "verifier": None if model.verifier is None else {
+                  "sha256": model.verifier.sha256, "size_bytes": model.verifier.path.stat().st_size,
+                  "threshold": model.verifier.threshold},
               "smoothing_seconds": model.smoothing_seconds, "wake_word": wake, "command_words": commands,
               "false_wakes": negatives, "whole_commands": whole}
     report["headline"] = headline(report)
@@ -340,6 +343,16 @@ def _worst_cells(report: dict[str, Any]) -> tuple[str, str]:
             f"{fw['source']} {fw['false_wakes']}/{fw['clips']} clips ({fw['false_wakes_per_hour']}/h)")
 
 
+def _model_cell(report: dict[str, Any]) -> str:
+    cell = (f"`{report['sha256'][:8]}`, {report['size_bytes']:,} B, computer threshold "
+            f"{report['thresholds'][WAKE_WORD]}")
+    verifier = report.get("verifier")
+    if verifier:
+        cell += (f"; wake verifier `{verifier['sha256'][:8]}`, {verifier['size_bytes']:,} B, threshold "
+                 f"{verifier['threshold']}")
+    return cell
+
+
 def card_section(reports: dict[str, dict[str, Any]]) -> str:
     """A markdown section, one column per model (``reports``: column title -> report)."""
     names = list(reports)
@@ -392,20 +405,20 @@ def card_section(reports: dict[str, dict[str, Any]]) -> str:
               row("wake word (real)", lambda r: _worst_cells(r)[0]),
               row("false wakes", lambda r: _worst_cells(r)[1]),
               row("whole commands (real)", lambda r: str(r["headline"]["worst_whole_command_source"])),
-              row("model", lambda r: f"`{r['sha256'][:8]}`, {r['size_bytes']:,} B, computer threshold "
-                                     f"{r['thresholds'][WAKE_WORD]}"),
+              row("model", _model_cell),
               ""]
     lines += [f"- **{name}**: {reports[name]['note']}" for name in names if reports[name].get("note")]
     lines += ["", CARD_END]
     return "\n".join(lines)
 
 
-def put_card_section(card: Path, section: str) -> None:
-    """Replace the new-voices section of a model card, or put it right after the title."""
+def put_card_section(card: Path, section: str, begin: str = CARD_BEGIN, end: str = CARD_END) -> None:
+    """Replace the section between ``begin`` and ``end`` (default: the new-voices one, whose text starts and
+    ends with them) of a model card, or put it right after the title."""
     text = card.read_text(encoding="utf-8") if card.exists() else "# kws\n"
-    if CARD_BEGIN in text and CARD_END in text:
-        before, rest = text.split(CARD_BEGIN, 1)
-        after = rest.split(CARD_END, 1)[1]
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        after = rest.split(end, 1)[1]
         text = before + section + after
     else:
         title, _, body = text.partition("\n")
