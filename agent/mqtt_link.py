@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import random
+import select
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -48,6 +50,11 @@ OFFLINE = b"offline"
 # Messages handed to paho but not yet confirmed; beyond this they wait in our queue (where TTLs apply).
 INFLIGHT_WINDOW = 20
 ROUTES_MAX = 4096  # topics whose matching subscriptions the link remembers
+# Under a flood of inbound messages (one within this many seconds of the previous), paho's thread pauses this
+# long once the socket has nothing more to read: it then wakes once per batch of messages instead of once per
+# message (each wake-up of a thread runs cold and cost more CPU than the message). A message with a
+# time-to-live (a voice command) ends the pause at once; nothing else waits longer than this.
+READ_PAUSE = 0.02
 # CONNACK reason codes after which retrying cannot help: bad user name or password, not authorized,
 # bad authentication method (MQTT 3.1.1 return codes 4 and 5 arrive as 134 and 135).
 AUTH_FAILURE_CODES = frozenset({134, 135, 140})
@@ -193,6 +200,8 @@ class MqttLink:
         self._connect_listeners: list[Listener] = []
         self._session: _Session | None = None
         self._connected = threading.Event()
+        self._read_wake = threading.Event()  # ends paho's read pause (READ_PAUSE)
+        self._last_inbound = -math.inf  # monotonic time of the previous inbound message (paho's thread)
         self._stop_event = threading.Event()
         self._stop_deadline = 0.0
         self._finished = threading.Event()
@@ -403,7 +412,34 @@ class MqttLink:
         client.on_subscribe = on_subscribe
         client.on_message = self._on_message
 
-    def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        received = time.monotonic()
+        try:
+            self._handle_message(message, received)
+        finally:
+            self._pace_reads(client, received)
+
+    def _pace_reads(self, client: paho.Client, received: float) -> None:
+        """paho's thread, after a message: under a flood, pause up to READ_PAUSE when nothing more waits on
+        the socket (``_read_wake`` ends the pause), so that the next wake-up reads a batch."""
+        previous, self._last_inbound = self._last_inbound, received
+        if received - previous >= READ_PAUSE:
+            return  # not a flood: read every message at once
+        sock = client.socket()
+        if sock is None:
+            return
+        pending = getattr(sock, "pending", None)  # a TLS socket may hold decrypted bytes already
+        if pending is not None and pending():
+            return
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError, TypeError):  # the connection is going away: paho's loop sees to it
+            return
+        if not readable:
+            self._read_wake.wait(READ_PAUSE)
+            self._read_wake.clear()
+
+    def _handle_message(self, message: paho.MQTTMessage, received: float) -> None:
         self.stats.count("messages_in")
         payload = message.payload
         try:
@@ -415,7 +451,7 @@ class MqttLink:
             self._bad_payload(topic, f"payload of {len(payload)} bytes exceeds mqtt.max_payload_bytes "
                                      f"({self._mqtt.max_payload_bytes})")
             return
-        inbound = InboundMessage(topic, bytes(payload), bool(message.retain), message.qos, time.monotonic())
+        inbound = InboundMessage(topic, bytes(payload), bool(message.retain), message.qos, received)
         for subscription in self._routes_of(topic):
             try:
                 subscription.handler(inbound)
@@ -572,6 +608,8 @@ class MqttLink:
                     self._queue.appendleft(message)
                     self._enforce_bound_locked()
             return False
+        if message.expires_mono is not None:
+            self._read_wake.set()  # time-critical: paho's thread sends it now, not after its read pause
         with self._cond:
             session.inflight[info.mid] = message
         return True

@@ -1,6 +1,6 @@
 """The daemon's reading path, MQTT message in -> link -> telemetry stage -> readings queue -> anomaly stage ->
 events out, replayed in process on a fixed clock: what it publishes and counts must not change when the
-path is made cheaper (issue 15 item 4).
+path is made cheaper (issue 15 item 4). And the link's read pacing under a flood (``READ_PAUSE``).
 
 The golden digests were taken from the code before the reading path was optimised (c32014a). A deliberate
 change of what the path publishes (the detector's scores, a parse rule) changes them: check the change,
@@ -14,18 +14,21 @@ import hashlib
 import json
 import math
 import random
+import socket
 import types
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import MQTTErrorCode
 
 from agent import mqtt_link, telemetry_stage
 from agent.anomaly import build_stage
 from agent.config import Config, parse_config
 from agent.dispatch import AnomalyPublisher
 from agent.messages import ActionRequest, Reading
-from agent.mqtt_link import MqttLink
+from agent.mqtt_link import READ_PAUSE, MqttLink, _Outgoing
 from agent.queues import DropOldestQueue
 from agent.telemetry_stage import TelemetryStage
 
@@ -157,7 +160,7 @@ def replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     client = NoSocket()
     for index, (topic, payload, retained) in enumerate(messages()):
         clock.now = T0 + (index // 4) * STEP + (index % 4) * 0.5
-        message = mqtt_link.paho.MQTTMessage(topic=topic.encode())
+        message = paho.MQTTMessage(topic=topic.encode())
         message.payload = payload
         message.retain = retained
         link._on_message(client, None, message)  # type: ignore[arg-type]
@@ -181,3 +184,70 @@ def test_the_reading_path_publishes_and_counts_exactly_what_it_did(tmp_path: Pat
     kinds = {entry[0] for entry in outputs}
     assert {"state", "event", "held", "counters"} <= kinds  # the replay exercises every output
     assert digest(outputs) == GOLDEN_OUTPUTS, f"the reading path's outputs changed: digest {digest(outputs)}"
+
+
+# --------------------------------------------------------------------------------------- read pacing
+
+
+class PacedClient:
+    """A paho client whose socket is one end of a socket pair: readable once the test writes to the other."""
+
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+
+    def socket(self) -> Any:
+        return self.ours
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+
+
+def paced_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[MqttLink, list[float]]:
+    link = MqttLink(config(tmp_path), availability=False)
+    pauses: list[float] = []
+
+    def wait(timeout: float) -> bool:
+        pauses.append(timeout)
+        return False
+
+    monkeypatch.setattr(link._read_wake, "wait", wait)
+    return link, pauses
+
+
+def test_under_a_flood_the_link_pauses_once_the_socket_is_drained(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    link, pauses = paced_link(tmp_path, monkeypatch)
+    client = PacedClient()
+    try:
+        link._pace_reads(client, 100.0)  # type: ignore[arg-type]
+        assert pauses == []  # one message after a quiet spell: no flood, no pause
+        client.theirs.send(b"x")
+        link._pace_reads(client, 100.001)  # type: ignore[arg-type]
+        assert pauses == []  # a flood, but the next message is waiting: read on
+        client.ours.recv(1)
+        link._pace_reads(client, 100.002)  # type: ignore[arg-type]
+        assert pauses == [READ_PAUSE]  # a flood and nothing waiting: pause, read the next batch at once
+        link._pace_reads(client, 100.002 + 2 * READ_PAUSE)  # type: ignore[arg-type]
+        assert pauses == [READ_PAUSE]  # the flood is over
+    finally:
+        client.close()
+
+
+def test_a_message_with_a_time_to_live_ends_the_read_pause(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    link = MqttLink(config(tmp_path), availability=False)
+
+    class Info:
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        mid = 1
+
+    class Client:
+        def publish(self, *_args: Any, **_kwargs: Any) -> Info:
+            return Info()
+
+    session = mqtt_link._Session(Client())  # type: ignore[arg-type]
+    link._send(session, _Outgoing("home-agent/replay/state", b"1", 0, True, None, None))
+    assert not link._read_wake.is_set()  # a sensor state waits for the pause's end
+    link._send(session, _Outgoing("home-agent/replay/cmd", b"1", 1, False, 5.0, None))
+    assert link._read_wake.is_set()  # a voice command does not
