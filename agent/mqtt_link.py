@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import random
-import select
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +40,7 @@ from agent.messages import InboundMessage
 from agent.mqtt_instance import CONNECT_TIMEOUT, ONLINE, PROCESS_NONCE, check_instance, instance_claim
 from agent.mqtt_tls import build_tls_context
 from agent.ports import Handler
+from agent.read_pacing import ReadPacer
 from agent.topics import Topics, topic_filter_problem, topic_matches
 
 log = logging.getLogger(__name__)
@@ -50,11 +49,6 @@ OFFLINE = b"offline"
 # Messages handed to paho but not yet confirmed; beyond this they wait in our queue (where TTLs apply).
 INFLIGHT_WINDOW = 20
 ROUTES_MAX = 4096  # topics whose matching subscriptions the link remembers
-# Under a flood of inbound messages (one within this many seconds of the previous), paho's thread pauses this
-# long once the socket has nothing more to read: it then wakes once per batch of messages instead of once per
-# message (each wake-up of a thread runs cold and cost more CPU than the message). A message with a
-# time-to-live (a voice command) ends the pause at once; nothing else waits longer than this.
-READ_PAUSE = 0.02
 # CONNACK reason codes after which retrying cannot help: bad user name or password, not authorized,
 # bad authentication method (MQTT 3.1.1 return codes 4 and 5 arrive as 134 and 135).
 AUTH_FAILURE_CODES = frozenset({134, 135, 140})
@@ -200,8 +194,7 @@ class MqttLink:
         self._connect_listeners: list[Listener] = []
         self._session: _Session | None = None
         self._connected = threading.Event()
-        self._read_wake = threading.Event()  # ends paho's read pause (READ_PAUSE)
-        self._last_inbound = -math.inf  # monotonic time of the previous inbound message (paho's thread)
+        self._pacer = ReadPacer()  # batches paho's reads under a flood
         self._stop_event = threading.Event()
         self._stop_deadline = 0.0
         self._finished = threading.Event()
@@ -417,27 +410,7 @@ class MqttLink:
         try:
             self._handle_message(message, received)
         finally:
-            self._pace_reads(client, received)
-
-    def _pace_reads(self, client: paho.Client, received: float) -> None:
-        """paho's thread, after a message: under a flood, pause up to READ_PAUSE when nothing more waits on
-        the socket (``_read_wake`` ends the pause), so that the next wake-up reads a batch."""
-        previous, self._last_inbound = self._last_inbound, received
-        if received - previous >= READ_PAUSE:
-            return  # not a flood: read every message at once
-        sock = client.socket()
-        if sock is None:
-            return
-        pending = getattr(sock, "pending", None)  # a TLS socket may hold decrypted bytes already
-        if pending is not None and pending():
-            return
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-        except (OSError, ValueError, TypeError):  # the connection is going away: paho's loop sees to it
-            return
-        if not readable:
-            self._read_wake.wait(READ_PAUSE)
-            self._read_wake.clear()
+            self._pacer.after_message(client.socket(), received)
 
     def _handle_message(self, message: paho.MQTTMessage, received: float) -> None:
         self.stats.count("messages_in")
@@ -609,7 +582,7 @@ class MqttLink:
                     self._enforce_bound_locked()
             return False
         if message.expires_mono is not None:
-            self._read_wake.set()  # time-critical: paho's thread sends it now, not after its read pause
+            self._pacer.wake()  # time-critical: paho's thread sends it now, not after its read pause
         with self._cond:
             session.inflight[info.mid] = message
         return True

@@ -28,8 +28,9 @@ from agent.anomaly import build_stage
 from agent.config import Config, parse_config
 from agent.dispatch import AnomalyPublisher
 from agent.messages import ActionRequest, Reading
-from agent.mqtt_link import READ_PAUSE, MqttLink, _Outgoing
+from agent.mqtt_link import MqttLink, _Outgoing
 from agent.queues import DropOldestQueue
+from agent.read_pacing import READ_PAUSE, ReadPacer
 from agent.telemetry_stage import TelemetryStage
 
 T0 = 1_717_243_200.0  # 2024-06-01 12:00 UTC
@@ -189,53 +190,40 @@ def test_the_reading_path_publishes_and_counts_exactly_what_it_did(tmp_path: Pat
 # --------------------------------------------------------------------------------------- read pacing
 
 
-class PacedClient:
-    """A paho client whose socket is one end of a socket pair: readable once the test writes to the other."""
-
-    def __init__(self) -> None:
-        self.ours, self.theirs = socket.socketpair()
-
-    def socket(self) -> Any:
-        return self.ours
-
-    def close(self) -> None:
-        self.ours.close()
-        self.theirs.close()
-
-
-def paced_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[MqttLink, list[float]]:
-    link = MqttLink(config(tmp_path), availability=False)
+def paced(monkeypatch: pytest.MonkeyPatch) -> tuple[ReadPacer, list[float]]:
+    pacer = ReadPacer()
     pauses: list[float] = []
 
     def wait(timeout: float) -> bool:
         pauses.append(timeout)
         return False
 
-    monkeypatch.setattr(link._read_wake, "wait", wait)
-    return link, pauses
+    monkeypatch.setattr(pacer._wake, "wait", wait)
+    return pacer, pauses
 
 
-def test_under_a_flood_the_link_pauses_once_the_socket_is_drained(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    link, pauses = paced_link(tmp_path, monkeypatch)
-    client = PacedClient()
+def test_under_a_flood_the_link_pauses_once_the_socket_is_drained(monkeypatch: pytest.MonkeyPatch) -> None:
+    pacer, pauses = paced(monkeypatch)
+    ours, theirs = socket.socketpair()  # ours: paho's socket, readable once the test writes to theirs
     try:
-        link._pace_reads(client, 100.0)  # type: ignore[arg-type]
+        pacer.after_message(ours, 100.0)
         assert pauses == []  # one message after a quiet spell: no flood, no pause
-        client.theirs.send(b"x")
-        link._pace_reads(client, 100.001)  # type: ignore[arg-type]
+        theirs.send(b"x")
+        pacer.after_message(ours, 100.001)
         assert pauses == []  # a flood, but the next message is waiting: read on
-        client.ours.recv(1)
-        link._pace_reads(client, 100.002)  # type: ignore[arg-type]
+        ours.recv(1)
+        pacer.after_message(ours, 100.002)
         assert pauses == [READ_PAUSE]  # a flood and nothing waiting: pause, read the next batch at once
-        link._pace_reads(client, 100.002 + 2 * READ_PAUSE)  # type: ignore[arg-type]
+        pacer.after_message(ours, 100.002 + 2 * READ_PAUSE)
         assert pauses == [READ_PAUSE]  # the flood is over
+        pacer.after_message(None, 100.003 + 2 * READ_PAUSE)
+        assert pauses == [READ_PAUSE]  # no connection: nothing to wait for
     finally:
-        client.close()
+        ours.close()
+        theirs.close()
 
 
-def test_a_message_with_a_time_to_live_ends_the_read_pause(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_message_with_a_time_to_live_ends_the_read_pause(tmp_path: Path) -> None:
     link = MqttLink(config(tmp_path), availability=False)
 
     class Info:
@@ -248,6 +236,6 @@ def test_a_message_with_a_time_to_live_ends_the_read_pause(tmp_path: Path,
 
     session = mqtt_link._Session(Client())  # type: ignore[arg-type]
     link._send(session, _Outgoing("home-agent/replay/state", b"1", 0, True, None, None))
-    assert not link._read_wake.is_set()  # a sensor state waits for the pause's end
+    assert not link._pacer._wake.is_set()  # a sensor state waits for the pause's end
     link._send(session, _Outgoing("home-agent/replay/cmd", b"1", 1, False, 5.0, None))
-    assert link._read_wake.is_set()  # a voice command does not
+    assert link._pacer._wake.is_set()  # a voice command does not
