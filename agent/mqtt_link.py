@@ -40,6 +40,7 @@ from agent.messages import InboundMessage
 from agent.mqtt_instance import CONNECT_TIMEOUT, ONLINE, PROCESS_NONCE, check_instance, instance_claim
 from agent.mqtt_tls import build_tls_context
 from agent.ports import Handler
+from agent.read_pacing import ReadPacer
 from agent.topics import Topics, topic_filter_problem, topic_matches
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class MqttLink:
         self._connect_listeners: list[Listener] = []
         self._session: _Session | None = None
         self._connected = threading.Event()
+        self._pacer = ReadPacer()  # batches paho's reads under a flood
         self._stop_event = threading.Event()
         self._stop_deadline = 0.0
         self._finished = threading.Event()
@@ -403,7 +405,14 @@ class MqttLink:
         client.on_subscribe = on_subscribe
         client.on_message = self._on_message
 
-    def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        received = time.monotonic()
+        try:
+            self._handle_message(message, received)
+        finally:
+            self._pacer.after_message(client.socket(), received)
+
+    def _handle_message(self, message: paho.MQTTMessage, received: float) -> None:
         self.stats.count("messages_in")
         payload = message.payload
         try:
@@ -415,7 +424,7 @@ class MqttLink:
             self._bad_payload(topic, f"payload of {len(payload)} bytes exceeds mqtt.max_payload_bytes "
                                      f"({self._mqtt.max_payload_bytes})")
             return
-        inbound = InboundMessage(topic, bytes(payload), bool(message.retain), message.qos, time.monotonic())
+        inbound = InboundMessage(topic, bytes(payload), bool(message.retain), message.qos, received)
         for subscription in self._routes_of(topic):
             try:
                 subscription.handler(inbound)
@@ -572,6 +581,8 @@ class MqttLink:
                     self._queue.appendleft(message)
                     self._enforce_bound_locked()
             return False
+        if message.expires_mono is not None:
+            self._pacer.wake()  # time-critical: paho's thread sends it now, not after its read pause
         with self._cond:
             session.inflight[info.mid] = message
         return True

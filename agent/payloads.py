@@ -61,10 +61,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a finite number")
 
 
+# One decoder for every payload: ``json.loads`` with ``parse_constant`` builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def load_json(text: str) -> Any:
     """Parse JSON, refusing NaN/Infinity literals and nesting deeper than MAX_JSON_DEPTH."""
     try:
-        document = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads: the decoder itself would only say "Expecting value"
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        document = _DECODER.decode(text)
     except RecursionError as err:  # the C scanner stops at the interpreter's recursion limit
         raise PayloadError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from err
     except ValueError as err:  # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
@@ -132,19 +138,25 @@ def get_path(document: object, path: Sequence[str]) -> object:
     """Follow a split dotted path through JSON objects (and arrays, by decimal index)."""
     current = document
     for depth, key in enumerate(path):
-        where = ".".join(path[:depth]) or "payload"
         if isinstance(current, dict):
             if key not in current:
-                raise PayloadError(f"missing field {'.'.join(path)!r} (no {key!r} in {where})")
+                raise PayloadError(f"missing field {'.'.join(path)!r} (no {key!r} in {_where(path, depth)})")
             current = current[key]
         elif isinstance(current, list) and key.isascii() and key.isdigit():
             index = int(key)
             if index >= len(current):
-                raise PayloadError(f"missing field {'.'.join(path)!r} ({where} has {len(current)} items)")
+                raise PayloadError(f"missing field {'.'.join(path)!r} ({_where(path, depth)} has "
+                                   f"{len(current)} items)")
             current = current[index]
         else:
-            raise PayloadError(f"missing field {'.'.join(path)!r} ({where} is {json_type_name(current)})")
+            raise PayloadError(f"missing field {'.'.join(path)!r} ({_where(path, depth)} is "
+                               f"{json_type_name(current)})")
     return current
+
+
+def _where(path: Sequence[str], depth: int) -> str:
+    """Where in the document the key at ``depth`` of ``path`` was looked for (error messages only)."""
+    return ".".join(path[:depth]) or "payload"
 
 
 def parse_timestamp(raw: object) -> float | None:

@@ -52,6 +52,7 @@ SENSOR_STATE_INTERVAL = 1.0
 class _Stream:
     config: TelemetryStream
     path: tuple[str, ...] | None  # split ``field``; None for plain-number payloads
+    what: str  # the field as error messages name it (made once, not per reading)
 
 
 # Why a stream refused a reading (diagnostics count each as ``rejected_<reason>``).
@@ -157,7 +158,7 @@ class TelemetryIntake:
                     path = split_path(stream.field)
                 except ValueError as err:
                     raise ConfigError(f"telemetry.{index}.field: {err}: {stream.field!r}") from err
-            compiled.append(_Stream(stream, path))
+            compiled.append(_Stream(stream, path, f"field {stream.field!r}"))
         self._streams = tuple(compiled)
         # topic -> its streams (matching every stream's filter per message cost more than the parsing);
         # bounded: cleared when it holds ROUTES_MAX topics
@@ -238,7 +239,7 @@ class TelemetryIntake:
                     return None
                 raise RejectedError("invalid_payload", str(err)) from err
             try:
-                value = number_from_json(raw, f"field {config.field!r}")
+                value = number_from_json(raw, stream.what)
             except PayloadError as err:
                 raise RejectedError("not_a_number", str(err)) from err
             timestamp = _own_timestamp(data)
