@@ -344,9 +344,10 @@ class RowHistory:
         self._buffer[end] = row
         self._end = end + 1
 
-    def latest(self, count: int | None = None) -> npt.NDArray[Any]:
-        """The newest ``count`` (default ``keep``) rows, oldest first: a view, valid until the next append."""
-        end = self._end
+    def latest(self, count: int | None = None, skip: int = 0) -> npt.NDArray[Any]:
+        """The newest ``count`` (default ``keep``) rows before the newest ``skip`` ones, oldest first: a view,
+        valid until the next append."""
+        end = self._end - skip
         return self._buffer[end - (self.keep if count is None else count) : end]
 
 
@@ -366,15 +367,27 @@ class StreamingFeatures:
     preallocated float buffer (the unfinished frame's samples at its front) and its frames are read through
     a strided view of that buffer made once per frame count, windowed into another preallocated buffer; a
     long push is taken MAX_GATHERED_FRAMES frames at a time (the frames are the same, see ``mel_of_frames``).
+
+    ``behind``: ``features`` and ``recent_frame_energies`` may also be asked about an earlier hop boundary
+    (``end``), up to this many samples before the newest sample, and answer exactly what they answered when
+    the stream had been pushed up to ``end``; so several hops can be pushed at once (one push, one FFT call)
+    and then analysed hop by hop.
     """
 
-    def __init__(self, params: FeatureParams) -> None:
+    def __init__(self, params: FeatureParams, behind: int = 0) -> None:
+        if behind < 0 or behind % params.hop_samples:
+            raise ValueError("behind must be a whole number of hops (hop_samples), at least 0")
         self.params = params
+        self.behind = behind
         self._front_end = _FrontEnd(params)
         self._chunks_per_window = params.window_samples // params.hop_samples
-        # The newest num_frames + 1 frames: half a hop past a boundary, one frame beyond the window exists.
-        self._mel = RowHistory(params.num_frames + 1, (params.num_mel_bands,))
-        self._chunk_peaks = RowHistory(self._chunks_per_window)  # |peak| of each complete hop-sized chunk
+        lag = behind // params.hop_samples  # frames (and hop-sized chunks) that may follow the asked-for end
+        # The newest num_frames + 1 frames (half a hop past a boundary, one frame beyond the window exists),
+        # and the lag's.
+        self._energy_frames = params.num_frames + 1
+        self._mel = RowHistory(self._energy_frames + lag, (params.num_mel_bands,))
+        # |peak| of each complete hop-sized chunk of the window, and of the lag's
+        self._chunk_peaks = RowHistory(self._chunks_per_window + lag)
         self._piece = MAX_GATHERED_FRAMES * params.hop_samples  # samples taken per step of a long push
         # The samples of the frames still to compute (under frame_samples left over) plus one piece.
         self._signal = np.zeros(params.frame_samples + self._piece)
@@ -458,34 +471,43 @@ class StreamingFeatures:
         if whole < len(magnitude):
             self._partial_peak, self._partial_fill = float(magnitude[whole:].max()), len(magnitude) - whole
 
-    def features(self, silence_before: int | None = None) -> npt.NDArray[np.float32]:
-        """(num_frames, num_features) MFCC of the window ending at the latest hop boundary.
+    def features(self, silence_before: int | None = None, end: int | None = None) -> npt.NDArray[np.float32]:
+        """(num_frames, num_features) MFCC of the window ending at the latest hop boundary (``end``: at that
+        sample position instead, see ``behind``).
 
         ``silence_before``: a sample position (counted from reset); the window's audio before it counts as
         digital silence, as if the stream had started there (frames starting before it, and the peak of hops
         ending before it, are left out)."""
         params = self.params
         hop = params.hop_samples
-        window_end = self._samples_seen // hop  # in hops
+        lag = self._lag(end)
+        window_end = self._samples_seen // hop - lag  # in hops
         first_frame = window_end - self._chunks_per_window  # global index of the window's first frame
         masked_frames = 0 if silence_before is None else \
             min(params.num_frames, max(0, -(-silence_before // hop) - first_frame))
-        return self._window_mfcc(first_frame, masked_frames)
-
-    def _window_mfcc(self, first_frame: int, masked_frames: int) -> npt.NDArray[np.float32]:
-        params = self.params
         newest_needed = first_frame + params.num_frames - 1
         extra = (self._next_frame - 1) - newest_needed  # frames computed beyond this window
         frames = self._mel.latest()
         stop = len(frames) - extra
         mel = frames[stop - params.num_frames : stop]
-        peaks = self._chunk_peaks.latest()
-        if masked_frames:
-            peaks = peaks[masked_frames:]  # masked_frames <= num_frames < chunks per window: never empty
+        # masked_frames <= num_frames < chunks per window: never empty
+        peaks = self._chunk_peaks.latest(self._chunks_per_window - masked_frames, skip=lag)
         return self._front_end.mfcc(mel, float(peaks.max()), masked_frames=masked_frames, work=self._log_mel)
 
-    def recent_frame_energies(self) -> tuple[int, npt.NDArray[np.float64]]:
+    def recent_frame_energies(self, end: int | None = None) -> tuple[int, npt.NDArray[np.float64]]:
         """(global index of the first frame, mel energy of each frame) of the newest frames computed (frame
-        ``i`` starts at sample ``i * hop_samples``): enough to find pauses between words."""
-        energies: npt.NDArray[np.float64] = self._mel.latest().sum(axis=1)
-        return self._next_frame - len(energies), energies
+        ``i`` starts at sample ``i * hop_samples``; ``end``: those computed once the stream was pushed up to
+        that sample position, see ``behind``): enough to find pauses between words."""
+        lag = self._lag(end)
+        energies: npt.NDArray[np.float64] = self._mel.latest(self._energy_frames, skip=lag).sum(axis=1)
+        return self._next_frame - lag - len(energies), energies
+
+    def _lag(self, end: int | None) -> int:
+        """How many hops (frames, chunks) the stream has been pushed beyond sample position ``end``."""
+        if end is None:
+            return 0
+        behind = self._samples_seen - end
+        if not 0 <= behind <= self.behind or behind % self.params.hop_samples:
+            raise ValueError(f"end {end} is not a whole number of hops, at most {self.behind} samples, "
+                             f"before the newest sample ({self._samples_seen})")
+        return behind // self.params.hop_samples
