@@ -53,8 +53,7 @@ DELETE_BATCH = 500
 UNACKED_RESEND_AFTER = 120.0
 # The worker sleeps until there is work (a message stored, acknowledged, dropped or refused, a reconnect,
 # stop) or the next unacknowledged message is due for that safety net; at the latest after this long, so
-# ``healthy`` (which allows HEALTHY_BEAT_LIMIT between turns) sees it turn. It used to wake every second to
-# poll the database.
+# ``healthy`` (which allows HEALTHY_BEAT_LIMIT between turns) sees it turn: no database query every second.
 IDLE_WAIT = 20.0
 RETRY_AFTER_ERROR = 1.0
 HEALTHY_BEAT_LIMIT = 60.0
