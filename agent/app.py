@@ -106,6 +106,7 @@ class App:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._loop_thread: int | None = None  # the thread running the main loop (it needs no wake-up)
         self._stop_requested = False
         self._stop_signal: str | None = None
         self._reload_requested = False
@@ -159,7 +160,10 @@ class App:
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         with self._timers_lock:
             heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), callback))
-        self._wake()
+        # The main loop itself (a timer re-arming itself, a stage starting) computes its next wait after this
+        # returns: waking it would only turn the loop once more for nothing.
+        if threading.get_ident() != self._loop_thread:
+            self._wake()
 
     def healthy(self, now: float) -> tuple[bool, list[str]]:
         """(all stages healthy, names of unhealthy ones); the shape sd_notify's health check expects."""
@@ -224,6 +228,7 @@ class App:
     def run(self) -> RunResult:
         """Start, serve until SIGTERM/SIGINT (or a fatal MQTT error), stop. Installs signal handlers."""
         previous = self._install_signals()
+        self._loop_thread = threading.get_ident()
         try:
             self.start()
             log.info("home-agent %s running as %r (%s)", __version__, self.config.agent.id, self.topics.base)

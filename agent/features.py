@@ -189,15 +189,28 @@ def _dct_matrix(params: FeatureParams) -> npt.NDArray[np.float64]:
 
 def to_float(samples: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     """int16 PCM or float in [-1, 1] as a 1-D float64 array."""
+    array = _mono(samples)
+    scaled: npt.NDArray[np.float64] = np.empty(len(array))
+    _to_float_into(array, scaled)
+    return scaled
+
+
+def _mono(samples: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``samples`` as a 1-D int16 or float array (ValueError otherwise)."""
     array = np.asarray(samples)
     if array.ndim != 1:
         raise ValueError(f"expected 1-D mono samples, got shape {array.shape}")
+    if array.dtype != np.int16 and not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"expected int16 or float samples, got {array.dtype}")
+    return array
+
+
+def _to_float_into(array: npt.NDArray[Any], out: npt.NDArray[np.float64]) -> None:
+    """What ``to_float`` returns, written into ``out`` (same length) without allocating."""
     if array.dtype == np.int16:
-        scaled: npt.NDArray[np.float64] = np.divide(array, INT16_SCALE, dtype=np.float64)
-        return scaled
-    if np.issubdtype(array.dtype, np.floating):
-        return array.astype(np.float64)
-    raise ValueError(f"expected int16 or float samples, got {array.dtype}")
+        np.divide(array, INT16_SCALE, out=out)
+    else:
+        np.copyto(out, array)
 
 
 class _FrontEnd:
@@ -228,26 +241,38 @@ class _FrontEnd:
         return frames
 
     def mel_energies(self, segment: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Un-normalised mel energies of every frame in ``segment`` (whole frames on the hop grid).
-
-        Each frame's spectrum goes through the mel matrix as a matrix of its own (a stack of (1, bins)
-        matrices): one BLAS call per frame, so the result of a frame never depends on how many frames were
-        computed together (one (frames, bins) product may round differently per shape); that is what keeps
-        streaming bit-identical."""
+        """Un-normalised mel energies of every frame in ``segment`` (whole frames on the hop grid)."""
         params = self.params
         count = 1 + (len(segment) - params.frame_samples) // params.hop_samples
-        # As python_speech_features' framesig and magspec: windowed frames, then |rfft| of the whole stack.
-        spectrum = np.absolute(np.fft.rfft(self.frames(segment, count), params.fft_size))
+        return self.mel_of_frames(self.frames(segment, count))
+
+    def mel_of_frames(self, windowed: npt.NDArray[np.float64],
+                      magnitude: npt.NDArray[np.float64] | None = None) -> npt.NDArray[np.float64]:
+        """Un-normalised mel energies of windowed frames (rows); ``magnitude``: room for their spectra.
+
+        As python_speech_features' magspec: |rfft| of the whole stack. Each frame's spectrum goes through the
+        mel matrix as a matrix of its own (a stack of (1, bins) matrices): one BLAS call per frame, so the
+        result of a frame never depends on how many frames were computed together (one (frames, bins)
+        product may round differently per shape); that is what keeps streaming bit-identical."""
+        spectrum = np.absolute(np.fft.rfft(windowed, self.params.fft_size), out=magnitude)
         mel: npt.NDArray[np.float64] = np.matmul(spectrum[:, None, :], self.mel_matrix)[:, 0, :]
         return mel
 
-    def mfcc(self, mel_energies: npt.NDArray[np.float64], peak: float) -> npt.NDArray[np.float32]:
+    def mfcc(self, mel_energies: npt.NDArray[np.float64], peak: float, *, masked_frames: int = 0,
+             work: npt.NDArray[np.float64] | None = None) -> npt.NDArray[np.float32]:
+        """MFCC of the frames' mel energies; ``masked_frames``: the first frames count as digital silence;
+        ``work``: room for the log-mel energies (the shape of ``mel_energies``), else allocated."""
         params = self.params
         if params.peak_normalize:
-            log_mel = np.divide(mel_energies, max(peak, params.min_peak))
-            np.add(log_mel, params.log_offset, out=log_mel)
+            log_mel = np.divide(mel_energies, max(peak, params.min_peak), out=work)
+        elif work is not None:
+            log_mel = work
+            np.copyto(log_mel, mel_energies)
         else:
-            log_mel = np.add(mel_energies, params.log_offset)
+            log_mel = mel_energies.copy()
+        if masked_frames:
+            log_mel[:masked_frames] = 0.0  # as zero energies: 0 / peak is 0
+        np.add(log_mel, params.log_offset, out=log_mel)
         np.log(log_mel, out=log_mel)
         mfcc: npt.NDArray[np.float32] = (log_mel @ self.dct_matrix).astype(np.float32)
         return mfcc
@@ -319,9 +344,10 @@ class RowHistory:
         self._buffer[end] = row
         self._end = end + 1
 
-    def latest(self, count: int | None = None) -> npt.NDArray[Any]:
-        """The newest ``count`` (default ``keep``) rows, oldest first: a view, valid until the next append."""
-        end = self._end
+    def latest(self, count: int | None = None, skip: int = 0) -> npt.NDArray[Any]:
+        """The newest ``count`` (default ``keep``) rows before the newest ``skip`` ones, oldest first: a view,
+        valid until the next append."""
+        end = self._end - skip
         return self._buffer[end - (self.keep if count is None else count) : end]
 
 
@@ -336,26 +362,52 @@ class StreamingFeatures:
 
     Only the frames a push completes are analysed (window, FFT, mel); each ``features()`` call redoes the
     peak normalisation, ``log`` and DCT of the window, which depend on the whole window's peak.
+
+    A push runs every hop on a CPU that idles in between (so cold): the samples go straight into one
+    preallocated float buffer (the unfinished frame's samples at its front) and its frames are read through
+    a strided view of that buffer made once per frame count, windowed into another preallocated buffer; a
+    long push is taken MAX_GATHERED_FRAMES frames at a time (the frames are the same, see ``mel_of_frames``).
+
+    ``behind``: ``features`` and ``recent_frame_energies`` may also be asked about an earlier hop boundary
+    (``end``), up to this many samples before the newest sample, and answer exactly what they answered when
+    the stream had been pushed up to ``end``; so several hops can be pushed at once (one push, one FFT call)
+    and then analysed hop by hop.
     """
 
-    def __init__(self, params: FeatureParams, history_frames: int = 0) -> None:
+    def __init__(self, params: FeatureParams, *, behind: int = 0, history_frames: int = 0) -> None:
         """``history_frames``: keep at least this many frames of mel energies ending with the window (for
         :meth:`recent_mel`, e.g. a wake verifier that looks further back than the model's window)."""
+        if behind < 0 or behind % params.hop_samples:
+            raise ValueError("behind must be a whole number of hops (hop_samples), at least 0")
         self.params = params
+        self.behind = behind
         self._front_end = _FrontEnd(params)
         self._chunks_per_window = params.window_samples // params.hop_samples
-        # The newest num_frames + 1 frames: half a hop past a boundary, one frame beyond the window exists.
-        self._window_rows = params.num_frames + 1
-        self._mel = RowHistory(max(self._window_rows, history_frames + 1), (params.num_mel_bands,))
-        self._chunk_peaks = RowHistory(self._chunks_per_window)  # |peak| of each complete hop-sized chunk
+        lag = behind // params.hop_samples  # frames (and hop-sized chunks) that may follow the asked-for end
+        # The newest num_frames + 1 frames (half a hop past a boundary, one frame beyond the window exists),
+        # and the lag's.
+        self._energy_frames = params.num_frames + 1
+        self._mel = RowHistory(max(self._energy_frames, history_frames + 1) + lag, (params.num_mel_bands,))
+        # |peak| of each complete hop-sized chunk of the window, and of the lag's
+        self._chunk_peaks = RowHistory(self._chunks_per_window + lag)
+        self._piece = MAX_GATHERED_FRAMES * params.hop_samples  # samples taken per step of a long push
+        # The samples of the frames still to compute (under frame_samples left over) plus one piece.
+        self._signal = np.zeros(params.frame_samples + self._piece)
+        self._magnitude = np.zeros(self._piece)  # |samples| of a piece, for the peaks
+        self._windowed = np.zeros((MAX_GATHERED_FRAMES + 1, params.frame_samples))
+        self._spectra = np.zeros((MAX_GATHERED_FRAMES + 1, params.fft_size // 2 + 1))
+        self._log_mel = np.zeros((params.num_frames, params.num_mel_bands))
+        self._frame_views: dict[int, npt.NDArray[np.float64]] = {}
         self.reset()
 
     def reset(self) -> None:
         params = self.params
         self._samples_seen = 0
-        # Samples from the start of the next frame to compute; frames start on the global hop grid and the
-        # history before the first sample counts as zeros (the frame starting one hop early is the next one).
-        self._pending = np.zeros(params.hop_samples)
+        # Samples from the start of the next frame to compute (at the front of _signal); frames start on the
+        # global hop grid and the history before the first sample counts as zeros (the frame starting one
+        # hop early is the next one).
+        self._signal[: params.hop_samples] = 0.0
+        self._pending = params.hop_samples
         self._next_frame = -1  # global index of the next frame: it starts at _next_frame * hop_samples
         self._mel.clear()
         self._chunk_peaks.clear()
@@ -370,24 +422,43 @@ class StreamingFeatures:
         return self._samples_seen >= self.params.window_samples
 
     def push(self, samples: npt.NDArray[np.int16]) -> None:
-        signal = to_float(samples)
-        if len(signal) == 0:
-            return
-        self._samples_seen += len(signal)
-        self._update_peaks(signal)
-        params = self.params
-        pending = np.concatenate((self._pending, signal))
-        if len(pending) >= params.frame_samples:
-            count = 1 + (len(pending) - params.frame_samples) // params.hop_samples
-            used = params.frame_samples + (count - 1) * params.hop_samples
-            self._mel.extend(self._front_end.mel_energies(pending[:used]))
-            self._next_frame += count
-            pending = pending[count * params.hop_samples :]
-        self._pending = pending
+        array = _mono(samples)
+        piece = self._piece
+        for offset in range(0, len(array), piece):
+            self._push_piece(array[offset : offset + piece])
 
-    def _update_peaks(self, signal: npt.NDArray[np.float64]) -> None:
+    def _push_piece(self, array: npt.NDArray[Any]) -> None:
+        params = self.params
+        start, count = self._pending, len(array)
+        end = start + count
+        signal = self._signal
+        _to_float_into(array, signal[start:end])
+        self._samples_seen += count
+        self._update_peaks(np.abs(signal[start:end], out=self._magnitude[:count]))
+        if end < params.frame_samples:
+            self._pending = end
+            return
+        frames = 1 + (end - params.frame_samples) // params.hop_samples
+        windowed = np.multiply(self._frames_view(frames), self._front_end.hann, out=self._windowed[:frames])
+        self._mel.extend(self._front_end.mel_of_frames(windowed, self._spectra[:frames]))
+        self._next_frame += frames
+        consumed = frames * params.hop_samples
+        signal[: end - consumed] = signal[consumed:end]
+        self._pending = end - consumed
+
+    def _frames_view(self, count: int) -> npt.NDArray[np.float64]:
+        """The first ``count`` frames of the buffer: a read-only strided view, made once per count."""
+        view = self._frame_views.get(count)
+        if view is None:
+            params = self.params
+            view = np.lib.stride_tricks.as_strided(
+                self._signal, (count, params.frame_samples),
+                (params.hop_samples * self._signal.itemsize, self._signal.itemsize), writeable=False)
+            self._frame_views[count] = view
+        return view
+
+    def _update_peaks(self, magnitude: npt.NDArray[np.float64]) -> None:
         hop = self.params.hop_samples
-        magnitude = np.abs(signal)
         if self._partial_fill:
             head = min(hop - self._partial_fill, len(magnitude))
             self._partial_peak = max(self._partial_peak, float(magnitude[:head].max()))
@@ -402,47 +473,55 @@ class StreamingFeatures:
         if whole < len(magnitude):
             self._partial_peak, self._partial_fill = float(magnitude[whole:].max()), len(magnitude) - whole
 
-    def features(self, silence_before: int | None = None) -> npt.NDArray[np.float32]:
-        """(num_frames, num_features) MFCC of the window ending at the latest hop boundary.
+    def features(self, silence_before: int | None = None, end: int | None = None) -> npt.NDArray[np.float32]:
+        """(num_frames, num_features) MFCC of the window ending at the latest hop boundary (``end``: at that
+        sample position instead, see ``behind``).
 
         ``silence_before``: a sample position (counted from reset); the window's audio before it counts as
         digital silence, as if the stream had started there (frames starting before it, and the peak of hops
         ending before it, are left out)."""
         params = self.params
         hop = params.hop_samples
-        window_end = self._samples_seen // hop  # in hops
+        lag = self._lag(end)
+        window_end = self._samples_seen // hop - lag  # in hops
         first_frame = window_end - self._chunks_per_window  # global index of the window's first frame
         masked_frames = 0 if silence_before is None else \
             min(params.num_frames, max(0, -(-silence_before // hop) - first_frame))
-        return self._window_mfcc(first_frame, masked_frames)
-
-    def _window_mfcc(self, first_frame: int, masked_frames: int) -> npt.NDArray[np.float32]:
-        params = self.params
         newest_needed = first_frame + params.num_frames - 1
         extra = (self._next_frame - 1) - newest_needed  # frames computed beyond this window
         frames = self._mel.latest()
         stop = len(frames) - extra
         mel = frames[stop - params.num_frames : stop]
-        peaks = self._chunk_peaks.latest()
-        if masked_frames:
-            mel = mel.copy()
-            mel[:masked_frames] = 0.0
-            peaks = peaks[masked_frames:]  # masked_frames <= num_frames < chunks per window: never empty
-        return self._front_end.mfcc(mel, float(peaks.max()))
+        # masked_frames <= num_frames < chunks per window: never empty
+        peaks = self._chunk_peaks.latest(self._chunks_per_window - masked_frames, skip=lag)
+        return self._front_end.mfcc(mel, float(peaks.max()), masked_frames=masked_frames, work=self._log_mel)
 
-    def recent_frame_energies(self) -> tuple[int, npt.NDArray[np.float64]]:
+    def recent_frame_energies(self, end: int | None = None) -> tuple[int, npt.NDArray[np.float64]]:
         """(global index of the first frame, mel energy of each frame) of the newest frames computed (frame
-        ``i`` starts at sample ``i * hop_samples``): enough to find pauses between words."""
-        energies: npt.NDArray[np.float64] = self._mel.latest(self._window_rows).sum(axis=1)
-        return self._next_frame - len(energies), energies
+        ``i`` starts at sample ``i * hop_samples``; ``end``: those computed once the stream was pushed up to
+        that sample position, see ``behind``): enough to find pauses between words."""
+        lag = self._lag(end)
+        energies: npt.NDArray[np.float64] = self._mel.latest(self._energy_frames, skip=lag).sum(axis=1)
+        return self._next_frame - lag - len(energies), energies
 
-    def recent_mel(self, count: int) -> npt.NDArray[np.float64]:
+    def _lag(self, end: int | None) -> int:
+        """How many hops (frames, chunks) the stream has been pushed beyond sample position ``end``."""
+        if end is None:
+            return 0
+        behind = self._samples_seen - end
+        if not 0 <= behind <= self.behind or behind % self.params.hop_samples:
+            raise ValueError(f"end {end} is not a whole number of hops, at most {self.behind} samples, "
+                             f"before the newest sample ({self._samples_seen})")
+        return behind // self.params.hop_samples
+
+    def recent_mel(self, count: int, end: int | None = None) -> npt.NDArray[np.float64]:
         """(count, num_mel_bands) un-normalised mel energies of the ``count`` frames that end where
-        :meth:`features`' window ends (frames before the stream started are zeros); a copy. ``count`` may
-        exceed the window's frames up to the ``history_frames`` given at construction."""
-        if count > self._mel.keep - 1:
-            raise ValueError(f"{count} frames asked, {self._mel.keep - 1} kept (raise history_frames)")
-        newest_needed = self._samples_seen // self.params.hop_samples - self._chunks_per_window \
+        :meth:`features`' window ends (``end``: see ``behind``; frames before the stream started are zeros); a
+        copy. ``count`` may exceed the window's frames up to the ``history_frames`` given at construction."""
+        lag = self._lag(end)
+        if count > self._mel.keep - lag - 1:
+            raise ValueError(f"{count} frames asked, {self._mel.keep - lag - 1} kept (raise history_frames)")
+        newest_needed = self._samples_seen // self.params.hop_samples - lag - self._chunks_per_window \
             + self.params.num_frames - 1
         extra = (self._next_frame - 1) - newest_needed  # frames computed beyond the window
         frames = self._mel.latest()

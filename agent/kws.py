@@ -81,7 +81,10 @@ class KwsModel:
         if self._input_quantized:
             info = np.iinfo(self.input_dtype)
             self._input_range = (float(info.min), float(info.max))
-        self._quantize_buffer = np.zeros(self.params.shape, dtype=np.float32)
+        self._features_shape = self.params.shape
+        self._quantize_buffer = np.zeros(self._features_shape, dtype=np.float32)
+        self._input_buffer = np.zeros(self._input_shape, dtype=self.input_dtype)  # what set_tensor copies
+        self._input_view = self._input_buffer.reshape(self._features_shape)  # the same memory
         self._output_table: npt.NDArray[np.float32] | None = None
         if self.output_dtype in (np.dtype(np.int8), np.dtype(np.uint8)):
             # Every possible output value dequantized once, indexed by its byte (np.take wraps int8's
@@ -181,20 +184,23 @@ class KwsModel:
     def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Per-label probabilities (in ``labels`` order) for one (num_frames, num_features) window."""
         array = np.asarray(features, dtype=np.float32)
-        if array.shape != self.params.shape:
-            raise ValueError(f"features of shape {array.shape}, the model expects {self.params.shape}")
+        if array.shape != self._features_shape:
+            raise ValueError(f"features of shape {array.shape}, the model expects {self._features_shape}")
         if self._input_quantized:
             # round(x / scale + zero_point), clipped to the integer range, in float32 as numpy computes
             # `array / scale + zero` (Python floats stay weak), into one preallocated buffer.
+            # (np.minimum and np.maximum: np.clip's Python-level argument handling costs more than both.)
             work = self._quantize_buffer
             np.divide(array, self._input_scale, out=work)
             np.add(work, self._input_zero, out=work)
             np.rint(work, out=work)
-            np.clip(work, *self._input_range, out=work)
-            model_input = work.astype(self.input_dtype)
+            np.maximum(work, self._input_range[0], out=work)
+            np.minimum(work, self._input_range[1], out=work)
+            model_input = work
         else:
-            model_input = array.astype(self.input_dtype)
-        self._interpreter.set_tensor(self._input_index, model_input.reshape(self._input_shape))
+            model_input = array
+        np.copyto(self._input_view, model_input, casting="unsafe")  # what astype(input_dtype) computes
+        self._interpreter.set_tensor(self._input_index, self._input_buffer)
         self._interpreter.invoke()
         output = self._interpreter.get_tensor(self._output_index)[0]
         if self._output_table is not None:

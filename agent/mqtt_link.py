@@ -645,10 +645,16 @@ class MqttLink:
                     message = self._queue.popleft()
                 idle = not (callbacks or need_connect or subscriptions_dirty or message)
                 if idle and not stopping:
-                    if not session.connack and time.monotonic() > connack_deadline:
+                    if session.connack:
+                        # Every change this loop serves notifies the condition (paho's callbacks, publish,
+                        # (un)subscribe, stop): sleep until one does rather than polling.
+                        self._cond.wait()
+                        continue
+                    remaining = connack_deadline - time.monotonic()
+                    if remaining < 0:
                         log.warning("no CONNACK from the broker in time; reconnecting")
                         break
-                    self._cond.wait(1.0)
+                    self._cond.wait(remaining)
                     continue
             for callback in callbacks:
                 self._run_callback(callback, "delivery callback")

@@ -51,6 +51,12 @@ DELETE_BATCH = 500
 # Safety net: a message handed to a connected link and not acknowledged for this long is sent again
 # (normally the link re-queues whatever a lost connection left unacknowledged, so this never fires).
 UNACKED_RESEND_AFTER = 120.0
+# The worker sleeps until there is work (a message stored, acknowledged, dropped or refused, a reconnect,
+# stop) or the next unacknowledged message is due for that safety net; at the latest after this long, so
+# ``healthy`` (which allows HEALTHY_BEAT_LIMIT between turns) sees it turn: no database query every second.
+IDLE_WAIT = 20.0
+RETRY_AFTER_ERROR = 1.0
+HEALTHY_BEAT_LIMIT = 60.0
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 # SQLite errors that mean "cannot use the file now" (another process, permissions, I/O), not corruption:
 # those must never make us move a good database aside.
@@ -325,7 +331,7 @@ class Outbox:
             self._conn.close()
 
     def healthy(self, now: float) -> bool:
-        return self._thread is not None and self._thread.is_alive() and now - self._beat < 60.0
+        return self._thread is not None and self._thread.is_alive() and now - self._beat < HEALTHY_BEAT_LIMIT
 
     def pending(self) -> list[tuple[int, str, bytes]]:
         """(seq, topic, payload) of every undelivered message, oldest first (for tests and tools)."""
@@ -458,7 +464,7 @@ class Outbox:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._beat = time.monotonic()
-            self._wake.wait(1.0)
+            self._wake.wait(self._idle_wait(self._beat))
             self._wake.clear()
             if self._stop.is_set():
                 break
@@ -470,12 +476,29 @@ class Outbox:
                 suppressed = self._throttle.ready("worker")
                 if suppressed is not None:
                     log.error("outbox: database error (%s); retrying%s", err, suppressed_note(suppressed))
-                self._stop.wait(1.0)
+                self._retry_soon()
             except Exception:  # a bug must not end delivery silently: log, count, keep the worker alive
                 with self._lock:
                     self._counts["outbox_worker_errors"] += 1
                 log.exception("outbox worker: unexpected error; retrying")
-                self._stop.wait(1.0)
+                self._retry_soon()
+
+    def _idle_wait(self, now: float) -> float:
+        """How long the worker may sleep when nothing wakes it: while connected, until the oldest handed
+        message is due for the unacknowledged-resend safety net (``_step`` checks it only then; a reconnect
+        wakes the worker), at most IDLE_WAIT."""
+        link = self._link
+        with self._lock:
+            oldest = min(self._handed.values(), default=None)
+        if oldest is None or link is None or not link.connected:
+            return IDLE_WAIT
+        due = max(oldest, self._connected_at) + UNACKED_RESEND_AFTER
+        return min(IDLE_WAIT, max(0.0, due - now))
+
+    def _retry_soon(self) -> None:
+        """After a failed step: pause, then step again (the failure may have left work undone)."""
+        self._stop.wait(RETRY_AFTER_ERROR)
+        self._wake.set()
 
     def _step(self) -> None:
         with self._lock:

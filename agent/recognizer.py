@@ -76,8 +76,10 @@ class Recognizer:
     def __init__(self, settings: RecognizerSettings) -> None:
         self.settings = settings
         self._labels = settings.labels
-        self._is_word = np.array([label not in NON_WORD_LABELS for label in self._labels])
+        # Per label, as Python objects: process() reads one entry per hop (a numpy scalar costs more).
+        self._is_word = tuple(label not in NON_WORD_LABELS for label in self._labels)
         self._threshold = np.array([settings.thresholds.get(label, 1.0) for label in self._labels])
+        self._threshold_of = tuple(float(value) for value in self._threshold)
         self._index = {label: i for i, label in enumerate(self._labels) if label not in NON_WORD_LABELS}
         self.reset()
 
@@ -89,7 +91,9 @@ class Recognizer:
         self._rows = RowHistory(HISTORY_ROWS, (len(self._labels),), dtype=np.float32)
         self._last_time: float | None = None
         self._last_fired: dict[str, float] = {}
-        self._armed = np.ones(len(self._labels), dtype=bool)  # a word may fire (again) when it tops
+        # A word may fire (again) when it tops; every label is re-armed on each hop it is not confidently on
+        # top, so at most one (the top one, after it fired) is not armed at a time.
+        self._disarmed: int | None = None
         self.detections = 0
         # What the last hop was judged on: each label's smoothed score (an expected word's over the listening
         # smoothing). Read by `transcribe --plot`.
@@ -140,7 +144,7 @@ class Recognizer:
         """Feed one model invocation; returns the word heard on this hop, if any. ``expected``: the words a
         wake window waits for (``listening_smoothing_seconds`` applies to them); ``settled``: the word now in
         the model's window is over (see ``settled_seconds``)."""
-        if scores.labels != self._labels:
+        if scores.labels is not self._labels and scores.labels != self._labels:
             raise ValueError("scores come from a model with different labels")
         now = scores.t_audio
         if self._last_time is not None and now <= self._last_time:
@@ -151,7 +155,8 @@ class Recognizer:
         horizon = now - self.settings.smoothing_seconds + 1e-6  # tolerate float drift of summed hop times
         while len(times) > 1 and times[0] <= horizon:
             times.popleft()
-        self._recent(len(times))  # room for the whole smoothing history
+        if len(times) > self._rows.keep:
+            self._recent(len(times))  # room for the whole smoothing history
         self._rows.append(np.asarray(scores.values, dtype=np.float32))
         average = self._average(len(times))
         fast = self.settings.listening_smoothing_seconds
@@ -165,21 +170,21 @@ class Recognizer:
             self._settle(average, expected, now)
         self.judged = average
 
-        top = int(np.argmax(average))
+        top = int(average.argmax())
         # Re-arm every word that is not (or no longer) confidently on top: the next utterance may fire it.
-        armed = self._armed
-        top_was_armed = bool(armed[top])
-        armed[:] = True
-        if not self._is_word[top] or average[top] < self._threshold[top]:
+        top_was_armed = self._disarmed != top
+        self._disarmed = None
+        # float(): compared as float64, as with the array of thresholds (a float32 would round the threshold)
+        if not self._is_word[top] or float(average[top]) < self._threshold_of[top]:
             return None
-        armed[top] = top_was_armed
         if not top_was_armed:
+            self._disarmed = top
             return None
         top_label = self._labels[top]
         last = self._last_fired.get(top_label)
         if last is not None and now - last < self.settings.refractory_seconds:
             return None
-        armed[top] = False
+        self._disarmed = top
         self._last_fired[top_label] = now
         self.detections += 1
         # The first window in the smoothing history that scored the word above its threshold ends about where

@@ -162,6 +162,9 @@ class VoicePipeline:
         # A whole number of feature hops, so every model window ends on a hop boundary.
         per_hop = max(1, round(hop_seconds * SAMPLE_RATE / params.hop_samples))
         self.hop_samples = per_hop * params.hop_samples
+        # The hops of a block go into the features in one push of up to an idle read's worth (one FFT call
+        # for all their frames); each hop is then analysed as if pushed alone (StreamingFeatures' ``behind``).
+        self._batch_hops = max(1, round(IDLE_READ_SECONDS * SAMPLE_RATE / self.hop_samples))
         self.settings = RecognizerSettings(
             labels=model.labels,
             thresholds=thresholds,
@@ -178,7 +181,8 @@ class VoicePipeline:
         self._verified_index = model.labels.index(voice.wake_word) if self.verifier is not None else -1
         self._raised_at: float | None = None  # audio time of the last hop the household raised the wake word
         self.rejected_wakes = 0
-        self.features = StreamingFeatures(params, self.verifier.frames if self.verifier is not None else 0)
+        self.features = StreamingFeatures(params, behind=(self._batch_hops - 1) * self.hop_samples,
+                                          history_frames=self.verifier.frames if self.verifier is not None else 0)
         self.recognizer = Recognizer(self.settings)
         self.matcher = CommandMatcher(voice.wake_word, self.commands, wake_window=voice.wake_window,
                                       confirm_window=voice.confirm_window)
@@ -232,25 +236,29 @@ class VoicePipeline:
             else np.asarray(samples, dtype=np.int16)
         hop = self.hop_samples
         whole = len(buffer) // hop * hop
-        for offset in range(0, whole, hop):
-            self.features.push(buffer[offset : offset + hop])
-            self._samples += hop
-            behind = (len(buffer) - offset - hop) / SAMPLE_RATE  # audio after this hop in the block
-            t_audio = self.t_audio
-            mono = mono_end - behind if mono_end is not None else t_audio
-            wall = wall_end - behind if wall_end is not None else t_audio
-            # From the first hop on, like the evaluation: until a whole window has been heard its front
-            # counts as digital silence (as short training clips were padded), so a word at the very start
-            # of a stream or a clip is seen at every position in the window, not only at its left edge.
-            self._invoke(t_audio, mono, wall, output)
-            output.events.extend(self.matcher.tick(t_audio, wall_time=wall, mono_time=mono))
+        batch = self._batch_hops * hop
+        for start in range(0, whole, batch):
+            stop = min(start + batch, whole)
+            self.features.push(buffer[start:stop])
+            for offset in range(start, stop, hop):
+                self._samples += hop
+                behind = (len(buffer) - offset - hop) / SAMPLE_RATE  # audio after this hop in the block
+                t_audio = self.t_audio
+                mono = mono_end - behind if mono_end is not None else t_audio
+                wall = wall_end - behind if wall_end is not None else t_audio
+                # From the first hop on, like the evaluation: until a whole window has been heard its front
+                # counts as digital silence (as short training clips were padded), so a word at the very
+                # start of a stream or a clip is seen at every position in the window, not only at its left
+                # edge.
+                self._invoke(t_audio, mono, wall, output)
+                output.events.extend(self.matcher.tick(t_audio, wall_time=wall, mono_time=mono))
         self._pending = buffer[whole:].copy()
         return output
 
     def _invoke(self, t_audio: float, mono: float, wall: float, output: PipelineOutput) -> None:
         expected = self.matcher.expected_words()
         self._update_silence(listening=bool(expected))
-        probabilities = self.model.predict(self.features.features(self._silence_before))
+        probabilities = self.model.predict(self.features.features(self._silence_before, end=self._samples))
         if self.adaptation is not None:
             adapted = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding())
             index = self._verified_index
@@ -278,7 +286,7 @@ class VoicePipeline:
             return detection
         if self._raised_at is not None and t_audio - self._raised_at < self.settings.smoothing_seconds + 1e-6:
             return detection
-        if verifier.accepts(self.features.recent_mel(verifier.frames)):
+        if verifier.accepts(self.features.recent_mel(verifier.frames, end=self._samples)):
             return detection
         self.rejected_wakes += 1
         return None
@@ -291,7 +299,7 @@ class VoicePipeline:
             return
         if self._pause_search_from is None:
             return
-        first, energies = self.features.recent_frame_energies()
+        first, energies = self.features.recent_frame_energies(end=self._samples)
         frame = pause_start(first, energies, self._pause_search_from, PAUSE_FRAMES, PAUSE_DB)
         if frame is not None:
             self._silence_before = (frame + 1) * self.model.params.hop_samples
@@ -303,7 +311,7 @@ class VoicePipeline:
         wait for the listening smoothing."""
         if self._silence_before is None or self._pause_search_from is not None:
             return False
-        first, energies = self.features.recent_frame_energies()
+        first, energies = self.features.recent_frame_energies(end=self._samples)
         since = self._silence_before // self.model.params.hop_samples - first
         return word_over(energies[max(0, since):], PAUSE_FRAMES, PAUSE_DB)
 

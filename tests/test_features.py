@@ -236,3 +236,28 @@ def test_a_long_push_equals_hop_pushes_and_the_whole_window() -> None:
     np.testing.assert_array_equal(whole.features(), hops.features())
     np.testing.assert_array_equal(whole.features(), window_features(audio, PARAMS))
     np.testing.assert_array_equal(whole.recent_frame_energies()[1], hops.recent_frame_energies()[1])
+
+
+def test_an_earlier_hop_boundary_is_answered_as_when_the_stream_had_only_reached_it() -> None:
+    """``behind``: several hops pushed at once, then features and frame energies asked hop by hop (the
+    voice path does this with a whole idle block), are exactly what a stream pushed hop by hop answered,
+    silenced fronts included; a boundary further back than ``behind`` is refused."""
+    audio = speech_like(4.0, seed=21)
+    block, hop = 8000, 1600
+    batched = StreamingFeatures(PARAMS, behind=block - hop)
+    single = StreamingFeatures(PARAMS)
+    for start in range(0, len(audio) // block * block, block):
+        batched.push(audio[start : start + block])
+        for end in range(start + hop, start + block + 1, hop):
+            single.push(audio[end - hop : end])
+            silence = max(0, end - 9600)  # a pause found 0.6 s back: some of the window silenced
+            np.testing.assert_array_equal(batched.features(end=end), single.features())
+            np.testing.assert_array_equal(batched.features(silence, end=end), single.features(silence))
+            first, energies = batched.recent_frame_energies(end=end)
+            assert first == single.recent_frame_energies()[0]
+            np.testing.assert_array_equal(energies, single.recent_frame_energies()[1])
+    newest = batched.samples_seen
+    np.testing.assert_array_equal(batched.features(end=newest), batched.features())
+    for wrong in (newest - block, newest - hop + PARAMS.hop_samples // 2, newest + hop):
+        with pytest.raises(ValueError, match="whole number of hops"):
+            batched.features(end=wrong)

@@ -391,6 +391,34 @@ def test_a_message_the_client_refuses_is_not_sent_again_forever(
     assert link.stats.dropped == 1
 
 
+def test_an_idle_worker_sleeps_until_there_is_work(  # noqa: PLR0917 - fixtures
+        mosquitto: Mosquitto, tmp_path: Path, boxes: Callable[..., Outbox], links: Callable[..., MqttLink],
+        mqtt_client: Callable[[], MqttProbe], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing stored, nothing handed out: the worker does not turn (no database query) until a message
+    comes, which it then delivers at once; it stays healthy while asleep."""
+    probe = mqtt_client().subscribe(TOPIC)
+    link = links(make_config(mosquitto, tmp_path))
+    box = boxes(link)
+    assert link.wait_connected(5)
+    time.sleep(1.0)  # the turns of the start and of the connection are over
+    steps: list[float] = []
+    step = box._step
+
+    def counted_step() -> None:
+        steps.append(time.monotonic())
+        step()
+
+    monkeypatch.setattr(box, "_step", counted_step)
+    time.sleep(2.5)  # the worker used to step (and query the database) every second
+    assert steps == []
+    assert box.healthy(time.monotonic())
+    message_id = box.publish(TOPIC, {"n": 1})
+    probe.wait_for(TOPIC, timeout=5)
+    assert ids_of(probe.matching(TOPIC)) == [message_id]
+    assert wait_until(lambda: box.depth == 0, 5)  # the acknowledgement woke the worker to delete it
+    assert steps
+
+
 def test_the_worker_survives_an_unexpected_error_and_counts_it(
         tmp_path: Path, boxes: Callable[..., Outbox], links: Callable[..., MqttLink],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

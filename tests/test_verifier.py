@@ -42,7 +42,7 @@ PARAMS = FeatureParams()
 def test_recent_mel_is_the_mel_of_the_audio_ending_with_the_window() -> None:
     rng = np.random.default_rng(0)
     audio = (rng.normal(0, 3000, 16000 * 3)).astype(np.int16)
-    stream = StreamingFeatures(PARAMS, FRAMES)
+    stream = StreamingFeatures(PARAMS, history_frames=FRAMES)
     front_end = _front_end(PARAMS)
     for end in range(1600, len(audio) + 1, 1600):
         stream.push(audio[end - 1600 : end])
@@ -55,11 +55,25 @@ def test_recent_mel_is_the_mel_of_the_audio_ending_with_the_window() -> None:
         StreamingFeatures(PARAMS).recent_mel(FRAMES)
 
 
+def test_recent_mel_of_an_earlier_hop_is_what_it_was_when_the_stream_had_only_reached_it() -> None:
+    # The voice pipeline pushes up to an idle read's hops at once, then asks about each hop (``end``).
+    rng = np.random.default_rng(2)
+    audio = (rng.normal(0, 3000, 16000 * 3)).astype(np.int16)
+    hop, block = PARAMS.hop_samples, 5 * PARAMS.hop_samples
+    batched = StreamingFeatures(PARAMS, behind=block - hop, history_frames=FRAMES)
+    single = StreamingFeatures(PARAMS, history_frames=FRAMES)
+    for start in range(0, len(audio), block):
+        batched.push(audio[start : start + block])
+        for end in range(start + hop, start + block + 1, hop):
+            single.push(audio[end - hop : end])
+            np.testing.assert_array_equal(batched.recent_mel(FRAMES, end=end), single.recent_mel(FRAMES))
+
+
 def test_a_longer_history_changes_nothing_else() -> None:
     rng = np.random.default_rng(1)
     audio = (rng.normal(0, 2000, 16000 * 4)).astype(np.int16)
     audio[20000:30000] = 0  # a pause
-    plain, longer = StreamingFeatures(PARAMS), StreamingFeatures(PARAMS, FRAMES)
+    plain, longer = StreamingFeatures(PARAMS), StreamingFeatures(PARAMS, history_frames=FRAMES)
     for start in range(0, len(audio), 1600):
         plain.push(audio[start : start + 1600])
         longer.push(audio[start : start + 1600])

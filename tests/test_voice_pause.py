@@ -75,3 +75,34 @@ def test_the_command_after_the_wake_word_is_heard_with_the_wake_word_silenced() 
     assert fired_at[0] - spoken_end <= 0.1 + 1e-9
     assert silenced, "no pause was found after the wake word"
     assert pipeline.silence_before is None  # the window closed: the model hears its whole window again
+
+
+def test_blocks_of_any_size_are_heard_as_hop_by_hop() -> None:
+    """The pipeline pushes a block's hops into the features at once (an idle read: one push) and analyses
+    them hop by hop: posteriors, judged scores, the silenced front, detections and events are those of the
+    same audio fed one hop at a time, for idle-sized blocks, ragged blocks and the whole recording at once."""
+    model = KwsModel.load(REPO_ROOT / "models" / "kws.tflite")
+    commands = [Command(("heat", "up"), "heating_up"), Command(("light", "on"), "light_on"),
+                Command(("fan", "off"), "fan_off")]
+    audio = np.concatenate([read_audio_file(REPO_ROOT / "examples" / "demo_commands.wav"), tail_padding()])
+
+    def heard(sizes: list[int]) -> tuple[list[object], list[str]]:
+        pipeline = VoicePipeline(model, VoiceSection(), commands)
+        hops: list[object] = []
+        pipeline.on_hop = lambda scores, judged, detection: hops.append(
+            (scores.t_audio, scores.values.tobytes(), judged.tobytes(), detection, pipeline.silence_before))
+        said: list[str] = []
+        offset = 0
+        for size in sizes:
+            output = pipeline.feed(audio[offset : offset + size])
+            offset += size
+            said += [repr(event) for event in output.events]
+        return hops, said
+
+    hop = 1600
+    reference = heard([hop] * (len(audio) // hop + 1))
+    assert sum(1 for event in reference[1] if "'intent'" in event) >= 2  # commands were heard
+    rng = np.random.default_rng(2)
+    for sizes in ([8000] * (len(audio) // 8000 + 1), [int(n) for n in rng.integers(1, 20000, 200)],
+                  [len(audio)]):
+        assert heard(sizes) == reference

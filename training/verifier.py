@@ -200,7 +200,8 @@ def _init_worker(model_path: str, config: VerifierConfig, noise: npt.NDArray[np.
     model = KwsModel.load(Path(model_path), verifier=False)
     pipeline = VoicePipeline(model, VoiceSection(), hop_seconds=model_hop_seconds(model))
     frames = frames_for(config.seconds, model.params.hop_samples)
-    pipeline.features = StreamingFeatures(model.params, frames)  # the verifier's longer history
+    # the verifier's longer history, on the pipeline's own batching
+    pipeline.features = StreamingFeatures(model.params, behind=pipeline.features.behind, history_frames=frames)
     _WORKER.update(pipeline=pipeline, config=config, noise=noise, rooms=rooms, context=context, frames=frames,
                    wake=model.labels.index(WAKE_WORD))
 
