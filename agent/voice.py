@@ -181,8 +181,9 @@ class VoicePipeline:
         self._verified_index = model.labels.index(voice.wake_word) if self.verifier is not None else -1
         self._raised_at: float | None = None  # audio time of the last hop the household raised the wake word
         self.rejected_wakes = 0
+        history = self.verifier.frames if self.verifier is not None else 0
         self.features = StreamingFeatures(params, behind=(self._batch_hops - 1) * self.hop_samples,
-                                          history_frames=self.verifier.frames if self.verifier is not None else 0)
+                                          history_frames=history)
         self.recognizer = Recognizer(self.settings)
         self.matcher = CommandMatcher(voice.wake_word, self.commands, wake_window=voice.wake_window,
                                       confirm_window=voice.confirm_window)

@@ -37,7 +37,7 @@ T0 = 1_717_243_200.0  # 2024-06-01 12:00 UTC
 STEP = 10.0  # fake seconds between two messages
 
 # sha256 of the replay's outputs (see digest): taken on c32014a, then re-taken after the finer anomaly
-# calibration of issue 15 (only the published scores changed: every event, time, state and counter is the same)
+# calibration of issue 15 (only the published scores changed: every event, time, state and counter stayed)
 GOLDEN_OUTPUTS = "21df5d5c79da81a53e138d6150e42bfc34f263722f92cd646d2c5e45209bdc91"
 
 

@@ -201,7 +201,8 @@ def _init_worker(model_path: str, config: VerifierConfig, noise: npt.NDArray[np.
     pipeline = VoicePipeline(model, VoiceSection(), hop_seconds=model_hop_seconds(model))
     frames = frames_for(config.seconds, model.params.hop_samples)
     # the verifier's longer history, on the pipeline's own batching
-    pipeline.features = StreamingFeatures(model.params, behind=pipeline.features.behind, history_frames=frames)
+    pipeline.features = StreamingFeatures(model.params, behind=pipeline.features.behind,
+                                          history_frames=frames)
     _WORKER.update(pipeline=pipeline, config=config, noise=noise, rooms=rooms, context=context, frames=frames,
                    wake=model.labels.index(WAKE_WORD))
 
