@@ -14,8 +14,9 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample
 
-from agent.adaptation import Adaptation, Bank, EnrollError, Store, bank_path, train_head
+from agent.adaptation import Adaptation, EnrollError, Store, train_head
 from agent.audio import SAMPLE_RATE, read_audio_file
+from agent.bank import Bank, bank_path
 from agent.cli import main as cli_main
 from agent.config import load_config
 from agent.enroll import check_take, level_meter
@@ -299,7 +300,8 @@ def test_a_head_that_would_wake_on_speech_it_was_not_trained_on_is_refused(
     speech: the head, never trained against them, wakes on them, and enrolment refuses, says why and keeps
     nothing. (Checked only on the recordings it was fitted to, the head looked clean.)"""
     import agent.enroll
-    from agent.adaptation import CHECK_EVERY, speech_span, word_windows
+    from agent.adaptation import speech_span, word_windows
+    from agent.bank import CHECK_EVERY
 
     model = KwsModel.load(MODEL, embedding=True)
     bank = Bank.load(bank_path(MODEL), model)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.adaptation import Bank, bank_path, speech_span, stream_embeddings, word_windows
+from agent.adaptation import speech_span, stream_embeddings, word_windows
 from agent.audio import read_audio_file
+from agent.bank import Bank, bank_path
 from agent.features import SILENCE_LABEL, UNKNOWN_LABEL
 from agent.kws import KwsModel
 from training.common import stable_fraction

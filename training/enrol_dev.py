@@ -31,8 +31,9 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from agent.adaptation import Adaptation, Bank, EnrollError, bank_path, learn
+from agent.adaptation import Adaptation, EnrollError, learn
 from agent.audio import read_audio_file
+from agent.bank import Bank, bank_path
 from agent.config import VoiceSection
 from agent.kws import KwsModel
 from agent.messages import Scores
