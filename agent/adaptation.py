@@ -7,9 +7,13 @@ MLP scores it. The head's score changes the model's posterior for that word befo
 - *boost*: a score at or above ``boost`` replaces the word's posterior on that hop when it is higher (the
   other labels are scaled down), so a household member the base model misses is heard; the recognizer's
   smoothing and the word's threshold still apply, so one stray hop does not wake. ``boost`` is set at
-  enrolment from the built-in negative bank, so that false wakes stay within
-  ``[voice] enroll_false_wake_budget``, plus a margin: the bank is small and held-out confusable speech
-  scores higher than it.
+  enrolment from the built-in negative bank (which holds confusable speech: other systems' wake words), so
+  that false wakes on it stay within ``[voice] enroll_false_wake_budget``.
+- *activation check*: every CHECK_EVERY-th bank recording of another label is held back from the head's
+  training and from its thresholds; if the finished head (boost and gate) would wake on more of those than
+  the budget allows, enrolment refuses and changes nothing. A head checked on the recordings it was fitted to
+  always looks clean: with the shipped model, such enrolments raised held-out "smart mirror" false wakes by
+  up to 14.6/h while the old check saw none.
 - *distance gate*: the boost applies only to a window whose embedding lies within ``radius`` of one of the
   household's own word windows (the head's standardised space). A head alone learns "this voice" as much as
   "this word", and then wakes on the same voice saying other wake words (without the gate, enrolling the
@@ -26,7 +30,9 @@ MLP scores it. The head's score changes the model's posterior for that word befo
 Everything else (smoothing, thresholds, refractory time, the command matcher) is unchanged. The head is
 trained on: the household's recordings of the word (several window positions each), the bank's recordings of
 the word and of every other label (training-side audio only, ``training/enrol_bank.py``), and the household's
-not-word recordings. The bank is a small file beside the model and records the model's sha256: a retrained
+not-word recordings. The boost threshold (no margin above the bank), the gate and the bank's make-up were
+chosen on a development split (``training/enrol_dev.py``), never on what ``bench/enroll_bench.py`` reports.
+The bank is a small file beside the model and records the model's sha256: a retrained
 model needs a rebuilt bank, and the household's recordings (kept in ``state_dir``) are re-learned on it.
 """
 
@@ -36,7 +42,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +50,15 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.atomic_file import replace_atomically
+from agent.bank import Bank, FloatArray, bank_path
 from agent.config import Config
-from agent.errors import HomeAgentError, ModelError, StateError
+from agent.errors import HomeAgentError, StateError
 from agent.features import UNKNOWN_LABEL, StreamingFeatures
 from agent.kws import KwsModel
 
 log = logging.getLogger(__name__)
 
-BANK_FORMAT = "home-agent-enrol-bank/1"
-ADAPTATION_FORMAT = "home-agent-adaptation/2"
+ADAPTATION_FORMAT = "home-agent-adaptation/3"
 UNKNOWN = UNKNOWN_LABEL
 HIDDEN_UNITS = 32
 TRAIN_STEPS = 400
@@ -63,10 +69,12 @@ SEED = 0
 # 1 s window, so the head sees the word at every position the streaming model will.
 WINDOW_MARGIN_SECONDS = 0.1
 MIN_BOOST = 0.5  # the head must be at least this sure before it overrules the base model
-# The boost sits this much (in log-odds) above the highest bank recording it may wake on. Without it,
-# held-out "smart mirror" clips (no wake words of other systems are in the bank) rose from 1 to 3 false wakes
-# in 40 (bench/enroll_bench.py --quick, precise_eltocino enrolled).
-BOOST_MARGIN_LOGIT = 3.0
+# The boost threshold sits just above the highest bank recording of another label (allowing for the budget),
+# with no margin: on the development split (python -m training.enrol_dev: 12 enrolments of training speaker
+# clusters and child-like versions of them; 100 other recordings, 76 heard by the shipped model), a margin of
+# 1 logit heard 81, 3 logits (the old setting, with the bank without confusables) 76, none 91; false wakes on
+# the development confusables stayed 0 in each. Capping the gate radius at 2.2 heard 85, with no false wake
+# either; the household's own recordings time-reversed as extra negatives changed nothing (85 -> 85).
 # A veto may reject at most this fraction of the bank's own recordings of the word (the everyone-else
 # detection must not drop by more than about a point).
 MAX_VETO_LOSS = 0.01
@@ -91,7 +99,6 @@ POSITIVE_DIR = "words"
 NEGATIVE_DIR = "not_words"
 HEADS_FILE = "heads.npz"
 KEEP_AROUND_SECONDS = 0.25  # silence kept either side of a stored word: its windows see the word's edges
-FloatArray = npt.NDArray[np.float32]
 
 
 class EnrollError(HomeAgentError):
@@ -100,11 +107,6 @@ class EnrollError(HomeAgentError):
 
 class OutdatedAdaptationError(StateError):
     """An adaptation stored in an older format: it is re-learned from the stored recordings."""
-
-
-def bank_path(model_path: Path) -> Path:
-    """The negative bank lives beside the model: ``models/kws.tflite`` -> ``models/kws.bank.npz``."""
-    return model_path.with_name(model_path.stem + ".bank.npz")
 
 
 # --------------------------------------------------------------------------------------------- embeddings
@@ -222,56 +224,6 @@ def train_head(positives: FloatArray, negatives: FloatArray, *, positive_weights
 # --------------------------------------------------------------------------------------------- the bank
 
 
-@dataclass(frozen=True)
-class Bank:
-    """Embeddings of training-side audio: each row a window, ``labels`` its label, ``items`` which recording
-    (clip or stretch of long audio) it came from; ``hours`` of audio the recordings hold."""
-
-    embeddings: FloatArray
-    labels: npt.NDArray[np.str_]
-    items: npt.NDArray[np.int32]
-    hours: float
-    model_sha256: str
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, path: Path) -> None:
-        np.savez_compressed(path, embeddings=self.embeddings.astype(np.float16), labels=self.labels,
-                            items=self.items, meta=np.array(json.dumps(
-                                {"format": BANK_FORMAT, "hours": self.hours,
-                                 "model_sha256": self.model_sha256, **self.info})))
-
-    @classmethod
-    def load(cls, path: Path, model: KwsModel) -> Bank:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                embeddings = data["embeddings"].astype(np.float32)
-                labels, items = data["labels"], data["items"].astype(np.int32)
-        except FileNotFoundError as err:
-            raise ModelError(f"no negative bank for household adaptation at {path}: build it with "
-                             f"`python -m training.enrol_bank --model {model.path}`") from err
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-            raise ModelError(f"the negative bank {path} is unreadable or corrupt: {err}") from err
-        if meta.get("format") != BANK_FORMAT:
-            raise ModelError(f"{path}: not a negative bank of format {BANK_FORMAT}")
-        if meta.get("model_sha256") != model.sha256:
-            raise ModelError(
-                f"the negative bank {path} was built for another keyword model (sha256 "
-                f"{str(meta.get('model_sha256'))[:12]}..., the model is {model.sha256[:12]}...): rebuild it "
-                f"with `python -m training.enrol_bank --model {model.path}`")
-        return cls(embeddings, labels, items, float(meta["hours"]), model.sha256,
-                   {k: v for k, v in meta.items() if k not in ("format", "hours", "model_sha256")})
-
-    def of_label(self, label: str) -> FloatArray:
-        result: FloatArray = self.embeddings[self.labels == label]
-        return result
-
-    def false_wakes(self, scores: FloatArray, word: str, threshold: float) -> int:
-        """Recordings of other labels with any window scoring ``threshold`` or more."""
-        others = self.labels != word
-        return len(np.unique(self.items[others & (scores >= threshold)]))
-
-
 # --------------------------------------------------------------------------------------------- adaptation
 
 
@@ -291,7 +243,8 @@ class WordHead:
     head: Head
     boost: float | None  # None: the household has no recordings of the word, only not-words
     veto: float | None  # None: no not-word recordings woke this word
-    bank_false_wakes: int  # bank recordings of other labels the boost would wake on
+    bank_false_wakes: int  # held-back bank recordings of other labels the boost would wake on
+    check_hours: float  # how much audio those held-back recordings hold
     recordings: int
     not_words: int
     prototypes: FloatArray  # the household's word windows, standardised by the head (the gate's centres)
@@ -350,8 +303,8 @@ class Adaptation:
             parts = [f"{entry.word}: {entry.recordings} recordings, {entry.not_words} not-word recordings"]
             if entry.boost is not None:
                 parts.append(f"head threshold {entry.boost:.3f} within {entry.radius:.2f} of your "
-                             f"recordings ({entry.bank_false_wakes} false wakes in {self.bank_hours:.2f} h "
-                             "of bank audio)")
+                             f"recordings ({entry.bank_false_wakes} false wakes in {entry.check_hours:.2f} h "
+                             "of reference speech it was not trained on)")
             if entry.veto is not None:
                 parts.append(f"veto below {entry.veto:.3f} or within {entry.veto_radius:.2f} of the "
                              "not-word recordings")
@@ -367,7 +320,8 @@ class Adaptation:
             arrays[f"h{n}_not_words"] = entry.not_word_prototypes
             words.append({"word": entry.word, "boost": entry.boost, "veto": entry.veto,
                           "radius": entry.radius, "veto_radius": entry.veto_radius,
-                          "bank_false_wakes": entry.bank_false_wakes, "recordings": entry.recordings,
+                          "bank_false_wakes": entry.bank_false_wakes, "check_hours": entry.check_hours,
+                          "recordings": entry.recordings,
                           "not_words": entry.not_words})
         meta = {"format": ADAPTATION_FORMAT, "model_sha256": self.model_sha256, "bank_hours": self.bank_hours,
                 "words": words}
@@ -389,7 +343,8 @@ class Adaptation:
                 if meta.get("format") != ADAPTATION_FORMAT:
                     raise StateError(f"{path}: not a household adaptation of format {ADAPTATION_FORMAT}")
                 heads = tuple(WordHead(w["word"], Head.from_arrays(data, f"h{n}_"), w["boost"], w["veto"],
-                                       int(w["bank_false_wakes"]), int(w["recordings"]), int(w["not_words"]),
+                                       int(w["bank_false_wakes"]), float(w["check_hours"]),
+                                       int(w["recordings"]), int(w["not_words"]),
                                        np.asarray(data[f"h{n}_prototypes"], np.float32), float(w["radius"]),
                                        np.asarray(data[f"h{n}_not_words"], np.float32),
                                        float(w["veto_radius"]))
@@ -408,11 +363,15 @@ def write_atomically(path: Path, write: Any) -> None:
         raise StateError(f"cannot write {path}: {err.strerror or err}") from err
 
 
-def fit_word(word: str, bank: Bank, positives: Iterable[FloatArray], not_words: Iterable[FloatArray],
+def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_words: Iterable[FloatArray],
              budget_per_hour: float) -> tuple[WordHead, list[float]]:
-    """Train the head of one word and set its thresholds. ``positives``: per household recording, its word
-    windows; ``not_words``: per not-word recording, the windows that raised this word. Returns the head and,
-    per household recording, its best head score (to explain a refusal)."""
+    """Train the head of one word and set its thresholds on the bank less its held-back recordings
+    (:meth:`Bank.held_back`), then count the held-back recordings of other labels it would wake on.
+    ``positives``: per household recording, its word windows; ``not_words``: per not-word recording, the
+    windows that raised this word. Returns the head and, per household recording, its best head score (to
+    explain a refusal)."""
+    held_back = full_bank.held_back(word)
+    bank = full_bank.rows(~held_back)
     positive_sets = [p for p in positives if len(p)]
     negative_sets = [n for n in not_words if len(n)]
     bank_positives = bank.of_label(word)
@@ -432,20 +391,21 @@ def fit_word(word: str, bank: Bank, positives: Iterable[FloatArray], not_words: 
     radius = gate_radius(head, [head.standardise(p) for p in positive_sets], bank, bank_scores, word)
     boost: float | None = None
     false_wakes = 0
+    check = full_bank.rows(held_back)
     if positive_sets:
         allowed = int(np.floor(budget_per_hour * bank.hours))
         other_peaks = np.sort(_item_peaks(bank_scores, bank, word))[::-1]
-        # The lowest threshold with at most `allowed` bank recordings above it, never below MIN_BOOST, and
-        # above every household not-word window.
+        # The lowest threshold with at most `allowed` bank recordings at or above it, never below MIN_BOOST,
+        # and above every household not-word window.
         boost = MIN_BOOST
         if len(other_peaks) > allowed:
-            peak = float(np.clip(other_peaks[allowed], 1e-6, 1 - 1e-6))
-            boost = max(boost, 1 / (1 + np.exp(-(np.log(peak / (1 - peak)) + BOOST_MARGIN_LOGIT))))
+            boost = max(boost, float(np.nextafter(other_peaks[allowed], np.float32(1.0))))
         if len(user_neg):
             boost = max(boost, float(np.nextafter(head.score(user_neg).max(), np.float32(1.0))))
-        gated = WordHead(word, head, boost, None, 0, 0, 0, prototypes, radius, prototypes[:0], 0.0)
-        false_wakes = bank.false_wakes(np.where(gated.boosts(bank.embeddings, bank_scores), bank_scores, 0.0),
-                                       word, boost)
+        gated = WordHead(word, head, boost, None, 0, 0.0, 0, 0, prototypes, radius, prototypes[:0], 0.0)
+        check_scores = head.score(check.embeddings)
+        false_wakes = check.false_wakes(np.where(gated.boosts(check.embeddings, check_scores), check_scores,
+                                                 0.0), word, boost)
     veto: float | None = None
     not_word_prototypes = head.standardise(user_neg) if len(user_neg) else prototypes[:0]
     veto_radius = 0.0
@@ -454,8 +414,8 @@ def fit_word(word: str, bank: Bank, positives: Iterable[FloatArray], not_words: 
         ceiling = float(word_scores[int(MAX_VETO_LOSS * len(word_scores))]) if len(word_scores) else 0.0
         veto = min(ceiling, 0.5)
         veto_radius = _veto_radius(head, bank_positives, prototypes, not_word_prototypes)
-    return WordHead(word, head, boost, veto, false_wakes, len(positive_sets), len(negative_sets), prototypes,
-                    radius, not_word_prototypes, veto_radius), best
+    return WordHead(word, head, boost, veto, false_wakes, check.hours, len(positive_sets),
+                    len(negative_sets), prototypes, radius, not_word_prototypes, veto_radius), best
 
 
 def _veto_radius(head: Head, bank_positives: FloatArray, prototypes: FloatArray,
@@ -640,8 +600,24 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
                     f"{heard} of your {len(best)} recordings (their best scores: "
                     f"{', '.join(f'{s:.2f}' for s in best)}). Is each recording {word!r} alone? Record "
                     "again, closer to the microphone and with less background, or raise the budget.")
+        if entry.boost is not None:
+            check_false_wakes(entry, budget)
         heads.append(entry)
     return Adaptation(model.sha256, tuple(heads), bank.hours)
+
+
+def check_false_wakes(entry: WordHead, budget: float) -> None:
+    """The activation check: EnrollError when the head would wake on more of the held-back bank recordings
+    than ``budget`` per hour allows."""
+    allowed = int(np.floor(budget * entry.check_hours))
+    if entry.bank_false_wakes > allowed:
+        raise EnrollError(
+            f"refused: the head for {entry.word!r} would wake on {entry.bank_false_wakes} recordings of "
+            f"other speech in {entry.check_hours:.2f} h of reference speech it was not trained on "
+            f"({entry.bank_false_wakes / entry.check_hours:.1f} false wakes per hour; the budget, [voice] "
+            f"enroll_false_wake_budget, is {budget:g}/h): your recordings are too close to other words or "
+            f"voices to tell {entry.word!r} apart. Nothing was changed. Record {entry.word!r} alone, "
+            "clearly, with less background, or raise the budget.")
 
 
 def load_model_and_bank(config: Config) -> tuple[KwsModel, Bank]:

@@ -22,7 +22,6 @@ import numpy.typing as npt
 
 from agent.adaptation import (
     Adaptation,
-    Bank,
     EnrollError,
     Store,
     learn,
@@ -31,6 +30,7 @@ from agent.adaptation import (
     stream_embeddings,
 )
 from agent.audio import SAMPLE_RATE, read_audio_file
+from agent.bank import Bank
 from agent.capture import CaptureStore
 from agent.config import Config, load_config
 from agent.errors import AudioError

@@ -7,8 +7,9 @@ without the adaptation, over:
 - the speaker's other recordings (detection of "computer");
 - everyone else: the held-out ``computer`` speaker clusters and held-out Speech Commands speakers' command
   words (``training.data.inventory`` validation split), each word's detection rate;
-- held-out confusable speech: the other wake words (no clip of them is in the negative bank), the held-out
-  part of ``real_long/`` and ``noise/``: wake words per hour.
+- held-out confusable speech: the validation split of the other wake words (the model, the negative bank and
+  the enrolment's development set use only their training split), the held-out quarter of ``real_long/`` and
+  ``noise/``: wake words per hour.
 
 Then ``enroll --not-word`` with up to 5 confusable recordings that woke the agent, and whether they still do.
 Besides the first five recordings, DRAWS more hash-chosen sets of five are enrolled per speaker (each tested
@@ -16,18 +17,21 @@ on the rest of the speaker's recordings): ``draws`` and ``summary`` (the worst d
 of recordings matters.
 
 Bank vs evaluation: the negative bank (``training/enrol_bank.py``) holds only training-split Speech Commands
-words, the training ``computer`` clusters, and the training halves of ``real_long/`` and ``noise/``; the
-false-wake figures here come from the five Picovoice wake words (no clip of them is in the bank, and no
-threshold or gate radius is chosen on them) and the held-out quarters of ``real_long/`` and ``noise/``.
+words, the training ``computer`` clusters, half of the training split of the five other Picovoice wake words
+(the other half is the development set, ``training/enrol_dev.py``, where the gate and thresholds are chosen),
+and the training halves of ``real_long/`` and ``noise/``; the false-wake figures here come from the
+validation split of the five other wake words and the held-out quarters of ``real_long/`` and ``noise/``,
+none of which any of those saw.
 Targets: the Precise speaker of ``hey_computer`` (the only Precise speaker saying the wake word), the
 held-out Picovoice speaker cluster the shipped model misses most (an approximate speaker: the corpus has no
 speaker ids), that cluster played 1.3x faster (higher and quicker), and the hard speaker: the held-out
 Picovoice cluster with the most recordings made child-like (pitch and formants 1.3x higher by resampling,
 its tempo kept: a voice the shipped model misses nearly always; ../shared holds no real speaker it misses
-often). Gates and weights for the enrolment are compared on child-like versions of two other held-out
-clusters (computer-cluster06 and -26) and on the Precise speakers' other wake words, which this bench does
-not use, not here. Also the daemon's extra CPU per audio second with an adaptation. Nothing here
-depends on the particular model weights: run it again after a new ``models/kws.tflite`` (and its rebuilt
+often). The gate, thresholds and weights of the enrolment are chosen on its
+development set (``python -m training.enrol_dev``: training speaker clusters and child-like versions of them,
+against the development half of the other wake words' training split), never here. Also the daemon's
+extra CPU per audio second with an adaptation. Nothing here depends on the particular model weights: run
+it again after a new ``models/kws.tflite`` (and its rebuilt
 ``models/kws.bank.npz``).
 
     .venv/bin/python -m bench.enroll_bench [--data DIR] [--quick]
@@ -51,6 +55,7 @@ from agent.config import load_config
 from agent.transcribe import transcribe_file
 from agent.voice import VoicePipeline, load_pipeline
 from bench.results_file import write_results
+from training.enrol_bank import CONFUSABLE_WAKE_WORDS
 
 log = logging.getLogger("bench.enroll")
 
@@ -59,7 +64,6 @@ RESULTS = REPO_ROOT / "bench" / "results" / "enroll.json"
 VOICE_RESULTS = REPO_ROOT / "bench" / "results" / "voice.json"  # its "enrolment" section comes from here
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "speech"
 WAKE = "computer"
-CONFUSABLE_WAKE_WORDS = ("alexa", "jarvis", "smart_mirror", "snowboy", "view_glass")
 ENROL = 5
 DRAWS = 2  # further enrolment draws per speaker (each costs a pass over the evaluation sets)
 FASTER = 1.3
@@ -150,8 +154,10 @@ def shared_sets(data_dir: Path, quick: bool) -> tuple[dict[str, Any], dict[str, 
     commands = sorted((c.path for c in held if c.source == "real" and c.label not in (WAKE, "_unknown_")
                        and c.path.split("/")[-1].startswith("sc_")), key=lambda p: stable_fraction("b" + p))
     commands = commands[: 150 if quick else 600]
+    # Only the validation split of the other wake words: their training split trained the model, and the
+    # negative bank and the enrolment's development set (training/enrol_dev.py) share it.
     confusable: dict[str, list[str]] = {
-        word: sorted(str(p) for p in (data_dir / "real" / word).glob("*.flac"))
+        word: sorted(c.path for c in held if c.source == "real" and Path(c.path).parent.name == word)
         for word in CONFUSABLE_WAKE_WORDS}
     confusable["real_long_held_out"] = [c.path for c in held if c.source == "long"]
     confusable["noise_held_out"] = [c.path for c in held if c.source == "noise"]

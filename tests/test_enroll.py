@@ -14,8 +14,9 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample
 
-from agent.adaptation import Adaptation, Bank, EnrollError, Store, bank_path, train_head
+from agent.adaptation import Adaptation, EnrollError, Store, train_head
 from agent.audio import SAMPLE_RATE, read_audio_file
+from agent.bank import Bank, bank_path
 from agent.cli import main as cli_main
 from agent.config import load_config
 from agent.enroll import check_take, level_meter
@@ -80,7 +81,7 @@ def test_the_embedding_is_the_input_of_the_final_layer_and_costs_nothing_when_of
 def test_a_bank_of_another_model_is_refused(tmp_path: Path) -> None:
     model = KwsModel.load(MODEL, embedding=True)
     bank = Bank.load(bank_path(MODEL), model)
-    other = Bank(bank.embeddings[:10], bank.labels[:10], bank.items[:10], 0.01, "0" * 64)
+    other = Bank(bank.embeddings[:10], bank.labels[:10], bank.items[:10], bank.item_seconds, "0" * 64)
     other.save(tmp_path / "kws.bank.npz")
     with pytest.raises(ModelError, match=r"another keyword model.*rebuild"):
         Bank.load(tmp_path / "kws.bank.npz", model)
@@ -289,3 +290,44 @@ def test_an_adaptation_that_cannot_be_used_leaves_the_shipped_model_listening(
     pipeline = load_pipeline(load_config(config))
     assert pipeline.adaptation is None
     assert "household adaptation is not used" in caplog.text
+
+
+
+def test_a_head_that_would_wake_on_speech_it_was_not_trained_on_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The activation check counts false wakes on bank recordings held back from the head's training. Here the
+    held-back part holds the same voices as the household's recordings at another speed, labelled as other
+    speech: the head, never trained against them, wakes on them, and enrolment refuses, says why and keeps
+    nothing. (Checked only on the recordings it was fitted to, the head looked clean.)"""
+    import agent.enroll
+    from agent.adaptation import speech_span, word_windows
+    from agent.bank import CHECK_EVERY
+
+    model = KwsModel.load(MODEL, embedding=True)
+    bank = Bank.load(bank_path(MODEL), model)
+    rows, items = [], []
+    item = len(bank.item_seconds) + (CHECK_EVERY - 1 - len(bank.item_seconds)) % CHECK_EVERY
+    for name in WAKE_SOURCES:
+        samples = read_audio_file(child_voice(name, 1.35, tmp_path))
+        span = speech_span(samples)
+        assert span is not None
+        windows = word_windows(model, samples, span)
+        rows.append(windows)
+        items += [item] * len(windows)
+        item += CHECK_EVERY
+    seconds = np.concatenate([bank.item_seconds, np.ones(item - len(bank.item_seconds), np.float32)])
+    poisoned = Bank(np.concatenate([bank.embeddings, *rows]),
+                    np.concatenate([bank.labels, np.full(len(items), "_unknown_")]),
+                    np.concatenate([bank.items, np.array(items, np.int32)]), seconds, bank.model_sha256)
+    assert poisoned.held_back("computer")[len(bank.labels):].all()
+    monkeypatch.setattr(agent.enroll, "load_model_and_bank", lambda _config: (model, poisoned))
+    config = write_config(tmp_path)
+    takes = [child_voice(name, 1.3, tmp_path) for name in WAKE_SOURCES]
+    assert enroll(config, "--word", "computer", *takes) == 1
+    message = capsys.readouterr().err
+    assert "refused: the head for 'computer' would wake on 3 recordings of other speech" in message
+    assert "Nothing was changed" in message
+    assert not (Store.of(load_config(config)).directory / "heads.npz").exists()
+    # The shipped bank holds no such recordings: the same takes are learned.
+    monkeypatch.undo()
+    assert enroll(config, "--word", "computer", *takes) == 0

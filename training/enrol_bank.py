@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.adaptation import Bank, bank_path, speech_span, stream_embeddings, word_windows
+from agent.adaptation import speech_span, stream_embeddings, word_windows
 from agent.audio import read_audio_file
+from agent.bank import Bank, bank_path
 from agent.features import SILENCE_LABEL, UNKNOWN_LABEL
 from agent.kws import KwsModel
 from training.common import stable_fraction
@@ -36,11 +37,21 @@ LONG_HOP_SECONDS = 0.25
 STRETCH_SECONDS = 10.0
 MAX_LONG_WINDOWS = 3000
 MAX_NOISE_WINDOWS = 600
+# The other wake words of the Picovoice corpus: confusable speech. Their training-split clips are split in two
+# by a hash (bank_part): one half goes into the bank, the other is the development set where enrolment's
+# parameters are chosen (training/enrol_dev.py); bench/enroll_bench.py reports only the validation split.
+CONFUSABLE_WAKE_WORDS = ("alexa", "jarvis", "smart_mirror", "snowboy", "view_glass")
+CONFUSABLE_HOP_SECONDS = 0.1  # every hop of the voice path: a confusable may wake it at any offset
 
 
 def pick(paths: list[str], count: int) -> list[str]:
     """A stable, hash-ordered choice (the same clips on every run)."""
     return sorted(paths, key=lambda p: stable_fraction("bank-" + Path(p).name))[:count]
+
+
+def bank_part(path: str) -> bool:
+    """Whether a training-split confusable clip belongs to the bank (else to the development set)."""
+    return stable_fraction("enrol-bank-" + Path(path).name) < 0.5
 
 
 def build_bank(model: KwsModel, data_dir: Path) -> Bank:
@@ -55,8 +66,7 @@ def build_bank(model: KwsModel, data_dir: Path) -> Bank:
     rows: list[np.ndarray] = []
     labels: list[str] = []
     items: list[int] = []
-    seconds = 0.0
-    item = 0
+    item_seconds: list[float] = []
     for label in (*model.words, UNKNOWN_LABEL):
         count = OTHER_CLIPS if label == UNKNOWN_LABEL else CLIPS_PER_WORD
         for path in pick(by_label.get(label, []), count):
@@ -70,9 +80,22 @@ def build_bank(model: KwsModel, data_dir: Path) -> Bank:
             chosen = windows[np.linspace(0, len(windows) - 1, WINDOWS_PER_CLIP).round().astype(int)]
             rows.append(chosen)
             labels += [label] * len(chosen)
-            items += [item] * len(chosen)
-            item += 1
-            seconds += len(samples) / model.params.sample_rate
+            items += [len(item_seconds)] * len(chosen)
+            item_seconds.append(len(samples) / model.params.sample_rate)
+    confusable_hop = round(CONFUSABLE_HOP_SECONDS * model.params.sample_rate)
+    for clip in clips:
+        if clip.source != "real" or Path(clip.path).parent.name not in CONFUSABLE_WAKE_WORDS \
+                or not bank_part(clip.path):
+            continue
+        samples = read_audio_file(clip.path)
+        _, _, embeddings = stream_embeddings(model, samples, confusable_hop,
+                                             tail_samples=model.params.window_samples // 2)
+        if not len(embeddings):
+            continue
+        rows.append(embeddings)
+        labels += [UNKNOWN_LABEL] * len(embeddings)
+        items += [len(item_seconds)] * len(embeddings)
+        item_seconds.append(len(samples) / model.params.sample_rate)
     hop = round(LONG_HOP_SECONDS * model.params.sample_rate)
     for source, label, cap in (("long", UNKNOWN_LABEL, MAX_LONG_WINDOWS),
                                ("noise", SILENCE_LABEL, MAX_NOISE_WINDOWS)):
@@ -88,12 +111,14 @@ def build_bank(model: KwsModel, data_dir: Path) -> Bank:
             stretch = (ends[:keep] // STRETCH_SECONDS).astype(int)
             rows.append(embeddings[:keep])
             labels += [label] * keep
-            items += list(item + stretch)
-            item += int(stretch.max()) + 1
+            items += list(len(item_seconds) + stretch)
+            heard = min(len(samples) / model.params.sample_rate, float(ends[keep - 1]))
+            item_seconds += [min(STRETCH_SECONDS, heard - n * STRETCH_SECONDS)
+                             for n in range(int(stretch.max()) + 1)]
             taken += keep
-            seconds += min(len(samples) / model.params.sample_rate, float(ends[keep - 1]))
     return Bank(np.concatenate(rows).astype(np.float32), np.array(labels), np.array(items, dtype=np.int32),
-                seconds / 3600, model.sha256, {"data": str(data_dir), "recordings": item})
+                np.array(item_seconds, np.float32), model.sha256,
+                {"data": str(data_dir), "recordings": len(item_seconds)})
 
 
 def main() -> None:
