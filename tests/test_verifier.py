@@ -248,6 +248,49 @@ def test_a_wake_word_the_household_raised_is_not_second_guessed(tmp_path: Path, 
 # ------------------------------------------------------------------------------------- training
 
 
+def test_phrase_copies_of_every_computer_clip_and_of_the_negatives_the_model_nearly_woke_on() -> None:
+    from training.verifier import Mined, Task, VerifierConfig, phrase_tasks
+
+    config = VerifierConfig(phrase_computer_copies=3, phrase_synth_computer_copies=1,
+                            phrase_hard_negative_copies=2, phrase_negative_fraction=0.0)
+    tasks = [Task("real/computer/a.flac", "word", True, False, "real", 0),
+             Task("real/computer/a.flac", "word", True, False, "real", 1),  # a copy: phrased once per clip
+             Task("synth/computer/b.wav", "word", True, True, "synth", 0),  # no candidate: still phrased
+             Task("real/up/near.flac", "word", False, False, "real", 0),
+             Task("synth/compute/far.wav", "word", False, False, "synth", 0),
+             Task("real_long/x.flac", "long", False, False, "long", 0)]
+    rows = np.array([0, 3, 4, 5])
+    mined = Mined(windows=np.zeros((4, FRAMES, 40), np.float32), positive=np.array([1, 0, 0, 0], bool),
+                  calibration=np.zeros(4, bool), fired=np.array([0, 0, 0, 1], bool),
+                  score=np.array([0.9, 0.35, 0.1, 0.2], np.float32), task=rows,
+                  source=np.array([tasks[i].source for i in rows]))
+    phrases = phrase_tasks(tasks, mined, config)
+    assert [(t.path, t.source, t.calibration, t.copy) for t in phrases] == [
+        ("real/computer/a.flac", "real-phrase", False, 0), ("real/computer/a.flac", "real-phrase", False, 1),
+        ("real/computer/a.flac", "real-phrase", False, 2), ("synth/computer/b.wav", "synth-phrase", True, 0),
+        ("real/up/near.flac", "real-phrase", False, 0), ("real/up/near.flac", "real-phrase", False, 1)]
+    assert {t.kind for t in phrases} == {"phrase"}
+
+
+def test_a_phrase_copy_has_words_around_the_clip_and_its_own_seed() -> None:
+    from training.verifier import Task, VerifierConfig, _seed, augment
+
+    config = VerifierConfig(warp_probability=0.0, room_probability=0.0, eq_probability=0.0,
+                            noise_probability=0.0, phrase_before_probability=1.0,
+                            phrase_after_probability=1.0, phrase_gap_seconds=(0.1, 0.1))
+    clip = np.full(8000, 0.5, np.float32)
+    word = np.full(3200, 10000, np.int16)
+    pad = round(config.pad_seconds * 16000)
+    phrase = Task("real/computer/a.flac", "phrase", True, False, "real-phrase", 0)
+    out = augment(clip, phrase, np.random.default_rng(0), config=config, noise=np.zeros(0, np.float32),
+                  rooms=[], context=[word])
+    assert len(out) == 2 * pad + 2 * (3200 + 1600) + 8000
+    speech = np.flatnonzero(out)
+    assert speech[0] == pad and speech[-1] == len(out) - pad - 1  # a word first and last, the clip between
+    assert not out[pad + 3200 : pad + 4800].any()  # the gap
+    assert _seed(phrase) != _seed(Task(phrase.path, "word", True, False, "real", 0))
+
+
 @pytest.mark.train
 @pytest.mark.slow
 @needs_tf
