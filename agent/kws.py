@@ -11,7 +11,6 @@ second-stage wake verifier beside it (:mod:`agent.verifier`). Every problem beco
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features import NON_WORD_LABELS, FeatureParams
-from agent.tflite import embedding_tensor_index, interpreter_class, metadata_path
+from agent.tflite import embedding_tensor_index, interpreter_class, metadata_path, read_metadata
 from agent.verifier import WakeVerifier
 
 log = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ class KwsModel:
             model_bytes = path.read_bytes()
         except OSError as err:
             raise ModelError(f"cannot read keyword model {path}: {err.strerror or err}") from err
-        metadata = _read_metadata(metadata_path(path))
+        metadata = read_metadata(metadata_path(path), "keyword model metadata", REQUIRED_METADATA)
         labels, params, thresholds, refractory, smoothing = _parse_metadata(metadata, metadata_path(path))
         actual_sha = hashlib.sha256(model_bytes).hexdigest()
         if actual_sha != metadata["sha256"]:
@@ -236,23 +235,6 @@ def _load_verifier(path: Path, metadata: dict[str, Any], labels: tuple[str, ...]
         raise ModelError(f"wake verifier {path.parent / name} verifies {verifier.word!r}, not a word of "
                          f"{path}")
     return verifier
-
-
-def _read_metadata(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ModelError(f"cannot read keyword model metadata {path}: {err.strerror or err}") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ModelError(f"keyword model metadata {path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ModelError(f"keyword model metadata {path} must be a JSON object")
-    missing = [key for key in REQUIRED_METADATA if key not in data]
-    if missing:
-        raise ModelError(f"keyword model metadata {path} lacks {', '.join(missing)}")
-    return data
 
 
 def _parse_metadata(

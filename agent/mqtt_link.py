@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import Config
+from agent.counts import Counts
 from agent.errors import (
     ActionError,
     AgentIdClashError,
@@ -56,38 +57,20 @@ AUTH_FAILURE_CODES = frozenset({134, 135, 140})
 Listener = Callable[[], None]
 
 
-class LinkStats:
-    """Thread-safe counters of the link (and of bad payloads seen by any stage)."""
+class LinkStats(Counts):
+    """The link's counters (and of bad payloads seen by any stage): agent.counts.Counts with their names."""
 
-    NAMES = (
-        "messages_in",
-        "messages_out",
-        "dropped",
-        "expired",
-        "bad_payloads",
-        "handler_errors",
-        "connects",
-        "connect_failures",
-    )
+    NAMES = ("messages_in", "messages_out", "dropped", "expired", "bad_payloads", "handler_errors",
+             "connects", "connect_failures")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(self.NAMES, 0)
-
-    def count(self, name: str, amount: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += amount
+        super().__init__(*self.NAMES)
 
     def count_bad_payload(self) -> None:
-        self.count("bad_payloads")
+        self.add("bad_payloads")
 
     def get(self, name: str) -> int:
-        with self._lock:
-            return self._counts[name]
-
-    @property
-    def messages_in(self) -> int:
-        return self.get("messages_in")
+        return self.snapshot()[name]
 
     @property
     def messages_out(self) -> int:
@@ -96,18 +79,6 @@ class LinkStats:
     @property
     def dropped(self) -> int:
         return self.get("dropped")
-
-    @property
-    def expired(self) -> int:
-        return self.get("expired")
-
-    @property
-    def bad_payloads(self) -> int:
-        return self.get("bad_payloads")
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
 
 
 @dataclass(slots=True)
@@ -328,7 +299,7 @@ class MqttLink:
     def _enforce_bound_locked(self) -> None:
         while len(self._queue) > self._mqtt.max_queued_messages:
             dropped = self._queue.popleft()
-            self.stats.count("dropped")
+            self.stats.add("dropped")
             if dropped.on_dropped is not None:
                 dropped.on_dropped()
             suppressed = self._throttle.ready("dropped")
@@ -337,7 +308,7 @@ class MqttLink:
                             self._mqtt.max_queued_messages, dropped.topic, suppressed_note(suppressed))
 
     def _count_expired(self, topic: str) -> None:
-        self.stats.count("expired")
+        self.stats.add("expired")
         suppressed = self._throttle.ready("expired")
         if suppressed is not None:
             log.warning("dropped an expired message to %s: its time-to-live passed before it could be sent%s",
@@ -413,7 +384,7 @@ class MqttLink:
             self._pacer.after_message(client.socket(), received)
 
     def _handle_message(self, message: paho.MQTTMessage, received: float) -> None:
-        self.stats.count("messages_in")
+        self.stats.add("messages_in")
         payload = message.payload
         try:
             topic = message.topic
@@ -431,7 +402,7 @@ class MqttLink:
             except PayloadError as err:
                 self._bad_payload(topic, str(err))
             except Exception:
-                self.stats.count("handler_errors")
+                self.stats.add("handler_errors")
                 suppressed = self._throttle.ready(f"handler:{subscription.topic_filter}")
                 if suppressed is not None:
                     log.exception("handler for %s failed on a message to %s%s", subscription.topic_filter,
@@ -479,7 +450,7 @@ class MqttLink:
                     try:
                         self._check_instance()
                     except (OSError, ValueError) as err:  # broker unreachable: as a failed connect
-                        self.stats.count("connect_failures")
+                        self.stats.add("connect_failures")
                         failures += 1
                         self._log_connect_failure(str(err), failures)
                         self._backoff(failures)
@@ -496,7 +467,7 @@ class MqttLink:
                 except (OSError, ValueError) as err:  # refused, unreachable, DNS, TLS handshake/verification
                     if self._tls_context is not None:
                         self._tls_context.close_failed_socket()
-                    self.stats.count("connect_failures")
+                    self.stats.add("connect_failures")
                     failures += 1
                     self._log_connect_failure(str(err), failures)
                     self._backoff(failures)
@@ -505,7 +476,7 @@ class MqttLink:
                 try:
                     self._serve(session)
                 except Exception:  # a bug must not kill the only thread that talks to the broker
-                    self.stats.count("handler_errors")
+                    self.stats.add("handler_errors")
                     log.exception("MQTT link failure; reconnecting")
                 finally:
                     if not session.ended:
@@ -518,7 +489,7 @@ class MqttLink:
                 if session.ready:
                     failures = 0
                 else:
-                    self.stats.count("connect_failures")
+                    self.stats.add("connect_failures")
                 failures += 1
                 if not self._stop_event.is_set():
                     self._backoff(failures)
@@ -557,7 +528,7 @@ class MqttLink:
             message = session.inflight.pop(mid, None)
             if message is None:
                 continue
-            self.stats.count("messages_out")
+            self.stats.add("messages_out")
             if message.on_delivered is not None:
                 callbacks.append(message.on_delivered)
         session.delivered.clear()
@@ -570,7 +541,7 @@ class MqttLink:
                 message.topic, message.payload, qos=message.qos, retain=message.retain
             )
         except ValueError as err:  # paho's own checks (e.g. payload too large for MQTT): cannot ever be sent
-            self.stats.count("dropped")
+            self.stats.add("dropped")
             log.error("dropped a message to %s that MQTT cannot carry: %s", message.topic[:200], err)
             if message.on_refused is not None:
                 self._run_callback(message.on_refused, "refusal callback")
@@ -589,7 +560,7 @@ class MqttLink:
 
     def _on_connected(self, session: _Session) -> None:
         log.info("connected to MQTT broker %s:%d as %s", self._mqtt.host, self._mqtt.port, self._client_id)
-        self.stats.count("connects")
+        self.stats.add("connects")
         # Subscribe first: the broker handles one connection's packets in order, so whoever sees "online"
         # and publishes to a subscribed topic right away is heard.
         self._sync_subscriptions(session)
@@ -608,7 +579,7 @@ class MqttLink:
         try:
             callback()
         except Exception:
-            self.stats.count("handler_errors")
+            self.stats.add("handler_errors")
             log.exception("%s failed", what)
 
     def _sync_subscriptions(self, session: _Session) -> None:

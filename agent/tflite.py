@@ -5,6 +5,8 @@ interpreter under numpy 2 (SystemError from CreateWrapperFromFile), and has no w
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,25 @@ def interpreter_class() -> Any:
 def metadata_path(model_path: Path) -> Path:
     """A model's metadata JSON lives beside it: ``models/kws.tflite`` -> ``models/kws.json``."""
     return model_path.with_suffix(".json")
+
+
+def read_metadata(path: Path, what: str, required: Iterable[str]) -> dict[str, Any]:
+    """A model's metadata JSON object (``what``: e.g. "keyword model metadata", for the messages), with every
+    ``required`` key present; every problem becomes :class:`ModelError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ModelError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{what} {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ModelError(f"{what} {path} must be a JSON object")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise ModelError(f"{what} {path} lacks {', '.join(missing)}")
+    return data
 
 
 def embedding_tensor_index(interpreter: Any) -> int:

@@ -18,7 +18,6 @@ missing, corrupt or mismatched verifier is a :class:`agent.errors.ModelError`. B
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features import FeatureParams
-from agent.tflite import interpreter_class, metadata_path
+from agent.tflite import interpreter_class, metadata_path, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,8 @@ class WakeVerifier:
             raise ModelError(f"cannot read the wake verifier {path}: {err.strerror or err} (the keyword "
                              "model's metadata names it; rebuild it with python -m training.verifier)"
                              ) from err
-        metadata = _read_metadata(metadata_path(path))
+        meta_path = metadata_path(path)
+        metadata = _check_metadata(meta_path, read_metadata(meta_path, "wake verifier metadata", REQUIRED))
         actual = hashlib.sha256(model_bytes).hexdigest()
         if actual != metadata["sha256"]:
             raise ModelError(f"wake verifier {path} does not match its metadata: sha256 {actual[:12]}..., "
@@ -138,18 +138,8 @@ class WakeVerifier:
         return self.score(mel) >= self.threshold
 
 
-def _read_metadata(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ModelError(f"cannot read wake verifier metadata {path}: {err.strerror or err}") from err
-    except json.JSONDecodeError as err:
-        raise ModelError(f"wake verifier metadata {path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ModelError(f"wake verifier metadata {path} must be a JSON object")
-    missing = [key for key in REQUIRED if key not in data]
-    if missing:
-        raise ModelError(f"wake verifier metadata {path} lacks {', '.join(missing)}")
+def _check_metadata(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``data``, the verifier metadata read from ``path``, once its values are checked."""
     if data["format"] != VERIFIER_FORMAT:
         raise ModelError(f"wake verifier metadata {path}: format {data['format']!r}, expected "
                          f"{VERIFIER_FORMAT}")
