@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features import NON_WORD_LABELS, FeatureParams
-from agent.tflite import embedding_tensor_index, interpreter_class, metadata_path, read_metadata
+from agent.tflite import embedding_tensor_index, load_interpreter, metadata_path, read_metadata
 from agent.verifier import WakeVerifier
 
 log = logging.getLogger(__name__)
@@ -123,18 +122,13 @@ class KwsModel:
                 f"keyword model {path} does not match its metadata: sha256 {actual_sha[:12]}..., "
                 f"metadata expects {str(metadata['sha256'])[:12]}... (model or metadata replaced or corrupt)"
             )
-        interpreter_type = interpreter_class()
-        try:
-            extra = {"experimental_preserve_all_tensors": True} if embedding else {}
-            with warnings.catch_warnings():  # LiteRT warns that the option is for debugging: 56 bytes here
-                warnings.simplefilter("ignore", UserWarning)
-                interpreter = interpreter_type(model_content=model_bytes, num_threads=num_threads, **extra)
-            interpreter.allocate_tensors()
-            # Inside the try: a corrupt file can carry tensor names that are not UTF-8 (ValueError).
-            inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+        what = f"keyword model {path}"
+        interpreter, inputs, outputs = load_interpreter(model_bytes, what, num_threads,
+                                                        preserve_all_tensors=embedding)
+        try:  # the ops' details, like the tensors', may not decode in a corrupt file (ValueError)
             embedding_index = embedding_tensor_index(interpreter) if embedding else None
         except (ValueError, RuntimeError) as err:
-            raise ModelError(f"cannot load keyword model {path}: {err}") from err
+            raise ModelError(f"cannot load {what}: {err}") from err
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelError(
                 f"keyword model {path}: expected 1 input and 1 output, got {len(inputs)}/{len(outputs)}"

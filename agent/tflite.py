@@ -6,6 +6,7 @@ interpreter under numpy 2 (SystemError from CreateWrapperFromFile), and has no w
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,27 @@ def interpreter_class() -> Any:
         raise ModelError("no TFLite interpreter: install ai-edge-litert (it has wheels for Linux x86_64 and "
                          "aarch64, i.e. 64-bit Raspberry Pi OS; a 32-bit OS is not supported)") from err
     return Interpreter
+
+
+TensorDetails = list[dict[str, Any]]  # Interpreter.get_input_details() / get_output_details()
+
+
+def load_interpreter(model_bytes: bytes, what: str, num_threads: int, *,
+                     preserve_all_tensors: bool = False) -> tuple[Any, TensorDetails, TensorDetails]:
+    """(interpreter with its tensors allocated, input details, output details) of a .tflite's bytes; any
+    failure is ``ModelError("cannot load {what}: ...")``. ``preserve_all_tensors``: keep every intermediate
+    tensor readable (see :func:`embedding_tensor_index`)."""
+    interpreter_type = interpreter_class()
+    extra = {"experimental_preserve_all_tensors": True} if preserve_all_tensors else {}
+    try:
+        with warnings.catch_warnings():  # LiteRT warns that that option is for debugging: 56 bytes here
+            warnings.simplefilter("ignore", UserWarning)
+            interpreter = interpreter_type(model_content=model_bytes, num_threads=num_threads, **extra)
+        interpreter.allocate_tensors()
+        # Inside the try: a corrupt file can carry tensor names that are not UTF-8 (ValueError).
+        return interpreter, interpreter.get_input_details(), interpreter.get_output_details()
+    except (ValueError, RuntimeError) as err:
+        raise ModelError(f"cannot load {what}: {err}") from err
 
 
 def metadata_path(model_path: Path) -> Path:

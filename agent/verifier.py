@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features import FeatureParams
-from agent.tflite import interpreter_class, metadata_path, read_metadata
+from agent.tflite import load_interpreter, metadata_path, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +91,7 @@ class WakeVerifier:
         if metadata["num_mel_bands"] != params.num_mel_bands:
             raise ModelError(f"wake verifier {path}: {metadata['num_mel_bands']} mel bands, the keyword "
                              f"model's front end has {params.num_mel_bands}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                interpreter = interpreter_class()(model_content=model_bytes, num_threads=num_threads)
-            interpreter.allocate_tensors()
-            inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-        except (ValueError, RuntimeError) as err:
-            raise ModelError(f"cannot load the wake verifier {path}: {err}") from err
+        interpreter, inputs, outputs = load_interpreter(model_bytes, f"the wake verifier {path}", num_threads)
         expected = (metadata["frames"], metadata["num_mel_bands"])
         if len(inputs) != 1 or len(outputs) != 1 or \
                 tuple(int(n) for n in inputs[0]["shape"]) not in ((1, *expected, 1), (1, *expected)) or \
