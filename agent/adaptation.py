@@ -393,7 +393,7 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
     false_wakes = 0
     check = full_bank.rows(held_back)
     if positive_sets:
-        allowed = int(np.floor(budget_per_hour * bank.hours))
+        allowed = allowed_false_wakes(budget_per_hour, bank.hours)
         other_peaks = np.sort(_item_peaks(bank_scores, bank, word))[::-1]
         # The lowest threshold with at most `allowed` bank recordings at or above it, never below MIN_BOOST,
         # and above every household not-word window.
@@ -606,11 +606,15 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
     return Adaptation(model.sha256, tuple(heads), bank.hours)
 
 
+def allowed_false_wakes(budget_per_hour: float, hours: float) -> int:
+    """The false-wake budget in whole events: how many wakes on ``hours`` of other speech it allows."""
+    return int(np.floor(budget_per_hour * hours))
+
+
 def check_false_wakes(entry: WordHead, budget: float) -> None:
     """The activation check: EnrollError when the head would wake on more of the held-back bank recordings
     than ``budget`` per hour allows."""
-    allowed = int(np.floor(budget * entry.check_hours))
-    if entry.bank_false_wakes > allowed:
+    if entry.bank_false_wakes > allowed_false_wakes(budget, entry.check_hours):
         raise EnrollError(
             f"refused: the head for {entry.word!r} would wake on {entry.bank_false_wakes} recordings of "
             f"other speech in {entry.check_hours:.2f} h of reference speech it was not trained on "

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample
 
-from agent.adaptation import Adaptation, EnrollError, Store, train_head
+from agent.adaptation import Adaptation, EnrollError, Store, allowed_false_wakes, train_head
 from agent.audio import SAMPLE_RATE, read_audio_file
 from agent.bank import Bank, bank_path
 from agent.cli import main as cli_main
@@ -205,6 +205,14 @@ def test_a_word_the_reference_speech_holds_as_another_label_is_refused_by_the_bu
     assert enroll(config, "--word", "computer", *takes) == 1
     assert "refused: to keep false wakes within the budget" in capsys.readouterr().err
     assert not (Store.of(load_config(config)).directory / "heads.npz").exists()
+
+
+def test_the_false_wake_budget_allows_whole_events_rounded_down() -> None:
+    """Fitting a head and the activation check both count the budget this way: a part of a wake is none."""
+    assert allowed_false_wakes(2.0, 0.74) == 1
+    assert allowed_false_wakes(0.5, 4.0) == 2
+    assert allowed_false_wakes(0.5, 1.99) == 0
+    assert allowed_false_wakes(0.0, 10.0) == 0
 
 
 def test_an_unwritable_state_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
