@@ -50,6 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.config import Config
+from agent.counts import Counts
 from agent.errors import PayloadError
 from agent.messages import Detection, InboundMessage, Intent
 from agent.ports import Publisher, Scheduler, Subscriber
@@ -439,13 +440,12 @@ class GroupArbiter:
         self._sequence = itertools.count(1)
         self._meter = LevelMeter()
         self._wake_score = 0.0
-        self._counts = {"arbitrations_won": 0, "arbitrations_lost": 0, "arbitration_takeovers": 0}
+        self._counts = Counts("arbitrations_won", "arbitrations_lost", "arbitration_takeovers")
         subscribe(self.topic, self._on_message, 1)
         subscribe(topics.peers_availability, self._on_availability, 1)
 
     def counters(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+        return self._counts.snapshot()
 
     @property
     def undecided(self) -> int:
@@ -534,23 +534,19 @@ class GroupArbiter:
             # best takes over; once it has left, the others stand down.
             self._publish(self.topic, Notice("won", self.agent_id, claim.id).payload(), qos=1,
                           expires_mono=outcome.expires)
-            self._count("arbitrations_won")
+            self._counts.add("arbitrations_won")
             if outcome.kind == "took_over":
-                self._count("arbitration_takeovers")
+                self._counts.add("arbitration_takeovers")
                 log.warning("arbitration: took over %s (the better claimant left without acting)",
                             claim.intent)
             else:
                 log.info("arbitration: won %s against %d other claim(s)", claim.intent, outcome.rivals)
             outcome.act()
             return
-        self._count("arbitrations_lost")
+        self._counts.add("arbitrations_lost")
         if outcome.kind == "unheard":
             log.warning("arbitration: not acting on %s: %s", claim.intent, outcome.reason)
             return
         winner = outcome.winner.describe() if outcome.winner is not None else "nobody left"
         log.info("arbitration: lost %s to %s; ours: snr %.1f dB%s", claim.intent, winner, claim.snr,
                  f" ({outcome.reason})" if outcome.reason else "")
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self._counts[name] += 1

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from agent.adaptation import write_atomically
 from agent.audio import SAMPLE_RATE
 from agent.config import Config
+from agent.counts import Counts
 from agent.errors import StateError
 from agent.recognizer import NO_WORD, PipelineOutput
 
@@ -143,7 +144,11 @@ class WakeCapture:
         self._heard = 0  # samples written into the ring, ever
         self._pending: list[_Pending] = []
         self._last_wake: _Pending | None = None  # the latest wake no command followed yet
-        self.counts = {"captures": 0, "capture_failures": 0}
+        self._counts = Counts("captures", "capture_failures")
+
+    def stats(self) -> dict[str, int]:
+        """The counters (read by diagnostics on another thread than the voice thread that adds to them)."""
+        return self._counts.snapshot()
 
     def hear(self, samples: npt.NDArray[np.int16], output: PipelineOutput, t_audio: float) -> None:
         """``samples``: the block just fed; ``output``: what the pipeline made of it; ``t_audio``: the
@@ -198,10 +203,10 @@ class WakeCapture:
             try:
                 pending.path = self.store.save(self._slice(pending.start, pending.end))
             except StateError as err:
-                self.counts["capture_failures"] += 1
+                self._counts.add("capture_failures")
                 log.error("voice: capture not kept: %s", err)
                 continue
-            self.counts["captures"] += 1
+            self._counts.add("captures")
             log.info("voice: kept the audio around the wake word in %s", pending.path)
             if pending.false:
                 self.on_false_wake(pending.path)

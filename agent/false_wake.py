@@ -21,6 +21,7 @@ from pathlib import Path
 from agent.adaptation import Store, load_model_and_bank
 from agent.capture import CaptureStore
 from agent.config import Config
+from agent.counts import Counts
 from agent.discovery import PRESS_PAYLOAD
 from agent.enroll import read_take, update_adaptation
 from agent.errors import HomeAgentError, PayloadError
@@ -47,8 +48,7 @@ class FalseWakeMarker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None
-        self._lock = threading.Lock()
-        self.counts = {"false_wakes_marked": 0, "false_wakes_refused": 0}
+        self._counts = Counts("false_wakes_marked", "false_wakes_refused")
 
     # ----------------------------------------------------------------- requests (any thread)
 
@@ -63,12 +63,11 @@ class FalseWakeMarker:
         try:
             self._requests.put_nowait(path)
         except queue.Full:
-            self._count("false_wakes_refused")
+            self._counts.add("false_wakes_refused")
             log.error("false wake not marked: %d requests are already waiting", QUEUE_SIZE)
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.counts)
+        return self._counts.snapshot()
 
     # ----------------------------------------------------------------- the stage
 
@@ -100,17 +99,13 @@ class FalseWakeMarker:
             finally:
                 self._busy_since = None
 
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self.counts[name] += 1
-
     # ----------------------------------------------------------------- learning
 
     def learn(self, path: Path | None) -> bool:
         """Learn one capture as a not-word; True when it was learned (and the adaptation reloaded)."""
         target = path if path is not None else self.captures.latest_unmarked()
         if target is None:
-            self._count("false_wakes_refused")
+            self._counts.add("false_wakes_refused")
             log.error("false wake not marked: no capture to mark in %s (captures are kept only with "
                       "[voice] capture = true, after a wake word)", self.captures.directory)
             return False
@@ -121,10 +116,10 @@ class FalseWakeMarker:
                                        negatives=[take], word=None)
             self.captures.mark(target)
         except HomeAgentError as err:
-            self._count("false_wakes_refused")
+            self._counts.add("false_wakes_refused")
             log.error("false wake not marked, nothing changed: %s", err)
             return False
-        self._count("false_wakes_marked")
+        self._counts.add("false_wakes_marked")
         log.info("false wake %s learned in %.1f s: %s", target.name, update.seconds,
                  "; ".join(update.adaptation.describe()))
         for name, words in update.still_waking:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.counts import Counts
 from agent.errors import StateError
 from agent.logutil import LogThrottle, suppressed_note
 
@@ -136,9 +137,9 @@ class Outbox:
         self.window = window
         self._lock = threading.Lock()
         self._throttle = LogThrottle()
-        self._counts = {"outbox_written": 0, "outbox_delivered": 0, "outbox_dropped": 0,
-                        "outbox_resent": 0, "outbox_write_errors": 0, "outbox_corrupt": 0,
-                        "outbox_volatile": 0, "outbox_refused": 0, "outbox_worker_errors": 0}
+        self._counts = Counts("outbox_written", "outbox_delivered", "outbox_dropped", "outbox_resent",
+                              "outbox_write_errors", "outbox_corrupt", "outbox_volatile", "outbox_refused",
+                              "outbox_worker_errors")
         # Filled on the link's thread without our lock (appends are atomic); drained by the worker.
         self._acked: collections.deque[int] = collections.deque()
         self._lost: collections.deque[int] = collections.deque()
@@ -226,7 +227,7 @@ class Outbox:
         except OSError as err:
             raise StateError(f"outbox {self.path} is corrupt ({reason}) and cannot be moved aside: "
                              f"{err.strerror}") from err
-        self._counts["outbox_corrupt"] += 1
+        self._counts.add("outbox_corrupt")
         log.error("outbox %s is corrupt (%s); moved it to %s and starting an empty outbox (messages in it "
                   "are not sent)", self.path, reason, aside)
 
@@ -254,7 +255,7 @@ class Outbox:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {**self._counts, "outbox_depth": self._depth}
+            return {**self._counts.snapshot(), "outbox_depth": self._depth}
 
     def attach(self, link: OutboxLink) -> None:
         """Deliver through ``link``; call before ``start``."""
@@ -278,12 +279,12 @@ class Outbox:
             try:
                 self._insert_locked(seq, topic, data, qos, retain)
             except sqlite3.Error as err:
-                self._counts["outbox_write_errors"] += 1
+                self._counts.add("outbox_write_errors")
                 log.error("outbox: cannot store the message to %s (%s); sending it without the "
                           "durability guarantee", topic, err)
                 self._send_volatile(topic, data, qos, retain)
                 return message_id
-            self._counts["outbox_written"] += 1
+            self._counts.add("outbox_written")
             self._pump_locked()
         return message_id
 
@@ -295,7 +296,7 @@ class Outbox:
         with self._lock:
             self._volatile_seq += 1
             message_id = f"{self._volatile_prefix}{self._volatile_seq}"
-            self._counts["outbox_volatile"] += 1
+            self._counts.add("outbox_volatile")
         data = encode_message(payload, message_id)
         if self._link is not None:
             self._link.publish(topic, data, qos=qos, retain=retain)
@@ -360,7 +361,7 @@ class Outbox:
             raise
         self._depth += 1 - dropped
         if dropped:
-            self._counts["outbox_dropped"] += dropped
+            self._counts.add("outbox_dropped", dropped)
             suppressed = self._throttle.ready("dropped")
             if suppressed is not None:
                 log.warning("outbox full (%d messages): dropped the %d oldest undelivered message(s)%s",
@@ -441,7 +442,7 @@ class Outbox:
                 pending.extendleft(reversed(batch))
                 raise
             self._depth -= deleted
-            self._counts[counter] += deleted
+            self._counts.add(counter, deleted)
             for seq in batch:
                 self._handed.pop(seq, None)
             total += deleted
@@ -453,7 +454,7 @@ class Outbox:
         resend = [seq for seq in self._handed if seq >= oldest]
         for seq in resend:
             del self._handed[seq]
-        self._counts["outbox_resent"] += len(resend)
+        self._counts.add("outbox_resent", len(resend))
         self._cursor = min(self._cursor, oldest - 1)
         suppressed = self._throttle.ready("resend")
         if suppressed is not None:
@@ -471,15 +472,13 @@ class Outbox:
             try:
                 self._step()
             except sqlite3.Error as err:
-                with self._lock:
-                    self._counts["outbox_write_errors"] += 1
+                self._counts.add("outbox_write_errors")
                 suppressed = self._throttle.ready("worker")
                 if suppressed is not None:
                     log.error("outbox: database error (%s); retrying%s", err, suppressed_note(suppressed))
                 self._retry_soon()
             except Exception:  # a bug must not end delivery silently: log, count, keep the worker alive
-                with self._lock:
-                    self._counts["outbox_worker_errors"] += 1
+                self._counts.add("outbox_worker_errors")
                 log.exception("outbox worker: unexpected error; retrying")
                 self._retry_soon()
 

@@ -155,7 +155,7 @@ def _add_capture(app: App, voice: VoiceStage) -> None:
                           confirm_seconds=config.voice.confirm_window, on_false_wake=marker.request)
     voice.capture = capture
     app.add_stage(marker)
-    app.add_counters(lambda: {**marker.stats(), **capture.counts})
+    app.add_counters(lambda: {**marker.stats(), **capture.stats()})
     app.link.subscribe(Topics.from_config(config).last_wake_false, marker.on_command, qos=1)
 
 
