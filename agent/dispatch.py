@@ -19,7 +19,7 @@ from agent.config import Config
 from agent.counts import Counts
 from agent.errors import ActionError
 from agent.messages import ActionRequest, AnomalyEvent, InboundMessage
-from agent.ports import Publisher, Subscriber, Unsubscriber
+from agent.ports import Publisher, Resubscriber
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,12 @@ log = logging.getLogger(__name__)
 class ActionDispatcher:
     """Fires named actions and keeps the action table's device state (current setpoints) up to date."""
 
-    def __init__(self, config: Config, table: ActionTable, *, publish: Publisher, subscribe: Subscriber,
-                 unsubscribe: Unsubscriber, allow_topics: Callable[[Iterable[str]], None],
-                 is_muted: Callable[[], bool]) -> None:
+    def __init__(self, config: Config, table: ActionTable, *, publish: Publisher, resubscribe: Resubscriber,
+                 allow_topics: Callable[[Iterable[str]], None], is_muted: Callable[[], bool]) -> None:
         self.config = config
         self._actions = table
         self._publish = publish
-        self._subscribe = subscribe
-        self._unsubscribe = unsubscribe
+        self._resubscribe = resubscribe
         self._allow_topics = allow_topics
         self._is_muted = is_muted
         self._actions_lock = threading.Lock()
@@ -94,11 +92,8 @@ class ActionDispatcher:
             self._actions.carry_setpoints(previous._actions)
 
     def _subscribe_action_states(self) -> None:
-        for subscription in self._action_subscriptions:
-            self._unsubscribe(subscription)
-        self._action_subscriptions = [
-            self._subscribe(topic, self._on_action_state, 0) for topic in self._actions.state_topics()
-        ]
+        self._action_subscriptions = self._resubscribe(self._action_subscriptions,
+                                                       self._actions.state_topics(), self._on_action_state, 0)
 
     def _on_action_state(self, message: InboundMessage) -> None:  # paho's thread
         with self._actions_lock:

@@ -221,16 +221,26 @@ class MqttLink:
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 0) -> Subscription:
         """Register a handler; it is (re)subscribed on every connect. Handlers run on paho's thread."""
-        problem = topic_filter_problem(topic_filter)
-        if problem is not None:
-            raise ValueError(f"invalid MQTT topic filter {topic_filter!r}: {problem}")
+        [subscription] = self.resubscribe((), [topic_filter], handler, qos)
+        return subscription
+
+    def resubscribe(self, previous: Iterable[Subscription], topic_filters: Iterable[str], handler: Handler,
+                    qos: int = 0) -> list[Subscription]:
+        """Replace ``previous`` by subscriptions of ``handler`` to ``topic_filters`` in one step (a reload's
+        new set): a filter both sets hold is never unsubscribed at the broker, which would send its retained
+        message again. ValueError for an invalid filter or QoS, and then nothing changes."""
+        new = [Subscription(topic_filter, handler, qos) for topic_filter in topic_filters]
+        for subscription in new:
+            problem = topic_filter_problem(subscription.topic_filter)
+            if problem is not None:
+                raise ValueError(f"invalid MQTT topic filter {subscription.topic_filter!r}: {problem}")
         if qos not in (0, 1, 2):
             raise ValueError(f"invalid QoS {qos}")
-        subscription = Subscription(topic_filter, handler, qos)
+        replaced = set(previous)  # by identity: a Subscription is its own handle
         with self._cond:
-            self._subscriptions = (*self._subscriptions, subscription)
+            self._subscriptions = (*(s for s in self._subscriptions if s not in replaced), *new)
             self._cond.notify_all()
-        return subscription
+        return new
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._cond:

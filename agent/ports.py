@@ -5,14 +5,15 @@ Typing only: a stage that publishes, subscribes or schedules names these and nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from agent.messages import InboundMessage
 
 Handler = Callable[[InboundMessage], None]
 Subscriber = Callable[[str, Handler, int], Any]  # (topic filter, handler, qos) -> subscription handle
-Unsubscriber = Callable[[Any], None]  # takes a handle Subscriber returned
+# (handles Subscriber or Resubscriber returned, topic filters, handler, qos) -> the new handles, in one step
+Resubscriber = Callable[[Sequence[Any], Iterable[str], Handler, int], list[Any]]
 Scheduler = Callable[[float, Callable[[], None]], None]  # (delay in seconds, callback on the main thread)
 
 

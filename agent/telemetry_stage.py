@@ -17,7 +17,7 @@ from agent.config import Config
 from agent.counts import Counts
 from agent.logutil import LogThrottle, suppressed_note
 from agent.messages import InboundMessage, Reading
-from agent.ports import Publisher, Scheduler, Subscriber, Unsubscriber
+from agent.ports import Publisher, Resubscriber, Scheduler
 from agent.queues import DropOldestQueue
 from agent.telemetry import REJECT_REASONS, StateThrottle, TelemetryIntake
 from agent.topics import Topics
@@ -35,13 +35,12 @@ class TelemetryStage:
 
     name = "telemetry"
 
-    def __init__(self, config: Config, *, publish: Publisher, subscribe: Subscriber,
-                 unsubscribe: Unsubscriber, count_bad_payload: Callable[[], None],
+    def __init__(self, config: Config, *, publish: Publisher, resubscribe: Resubscriber,
+                 count_bad_payload: Callable[[], None],
                  readings: DropOldestQueue[Reading] | None, call_later: Scheduler) -> None:
         self.topics = Topics.from_config(config)
         self._publish = publish
-        self._subscribe = subscribe
-        self._unsubscribe = unsubscribe
+        self._resubscribe = resubscribe
         self._count_bad_payload = count_bad_payload
         self._readings = readings
         self._intake = TelemetryIntake(list(config.telemetry),
@@ -90,12 +89,8 @@ class TelemetryStage:
         self._last_values = {k: v for k, v in previous._last_values.items() if k in self._sensors}
 
     def _subscribe_telemetry(self) -> None:
-        for subscription in self._telemetry_subscriptions:
-            self._unsubscribe(subscription)
-        self._telemetry_subscriptions = [
-            self._subscribe(topic_filter, self._on_telemetry, 0)
-            for topic_filter in self._intake.topic_filters()
-        ]
+        self._telemetry_subscriptions = self._resubscribe(self._telemetry_subscriptions,
+                                                          self._intake.topic_filters(), self._on_telemetry, 0)
 
     def _on_telemetry(self, message: InboundMessage) -> None:
         outcome = self._intake.parse_detailed(message.topic, message.payload, message.retained, time.time())

@@ -89,14 +89,14 @@ def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTab
     link, outbox = app.link, app.outbox
     readings: DropOldestQueue[Reading] | None = (
         DropOldestQueue(READINGS_QUEUE_SIZE) if config.anomaly_active else None)
-    telemetry = TelemetryStage(config, publish=link.publish, subscribe=link.subscribe,
-                               unsubscribe=link.unsubscribe, count_bad_payload=link.stats.count_bad_payload,
+    telemetry = TelemetryStage(config, publish=link.publish, resubscribe=link.resubscribe,
+                               count_bad_payload=link.stats.count_bad_payload,
                                readings=readings, call_later=app.call_later)
     home = HomeAssistantStage(config, state, publish=link.publish,
                               subscribe=link.subscribe, call_later=app.call_later, counters=app.counters,
                               sensor_values=telemetry.last_values, connected=lambda: link.connected)
-    actions = ActionDispatcher(config, table, publish=link.publish, subscribe=link.subscribe,
-                               unsubscribe=link.unsubscribe, allow_topics=link.set_extra_allowed_topics,
+    actions = ActionDispatcher(config, table, publish=link.publish, resubscribe=link.resubscribe,
+                               allow_topics=link.set_extra_allowed_topics,
                                is_muted=home.is_muted)
     anomaly_events = AnomalyPublisher(config, store=outbox.publish, send=outbox.publish_volatile)
     app.add_counters(lambda: {**link.stats.snapshot(), "queued": link.queued})

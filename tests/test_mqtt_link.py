@@ -177,6 +177,37 @@ def test_resubscribes_and_reannounces_after_broker_restart(mosquitto: Mosquitto,
     assert mqtt_client().subscribe(AVAILABILITY).wait_for(AVAILABILITY, b"online", retained=True)
 
 
+def test_resubscribe_replaces_a_set_in_one_step(mosquitto: Mosquitto, tmp_path: Path,
+                                                mqtt_client: Callable[..., MqttProbe],
+                                                link_factory: Callable[..., MqttLink]) -> None:
+    """A reload's new subscriptions: the new handler hears its filters and the old one nothing more; a filter
+    both sets hold stays subscribed at the broker (its retained message is not sent again); an invalid
+    filter changes nothing."""
+    probe = mqtt_client()
+    probe.publish("in/kept", b"retained", retain=True)
+    link = link_factory(make_config(mosquitto, tmp_path), start=False)
+    old: list[InboundMessage] = []
+    new: list[InboundMessage] = []
+    previous = link.resubscribe([], ["in/kept", "in/dropped"], old.append)
+    link.start()
+    assert wait_until(lambda: [m.payload for m in old] == [b"retained"], 5)
+    current = link.resubscribe(previous, ["in/kept", "in/added"], new.append)
+    with pytest.raises(ValueError, match="invalid MQTT topic filter"):
+        link.resubscribe(current, ["in/#/bad"], old.append)
+
+    def heard_added() -> bool:  # the link subscribes the new filter on its own thread: ask until it has
+        probe.publish("in/added", b"added")
+        return bool(wait_until(lambda: any(m.topic == "in/added" for m in new), 0.2))
+
+    assert wait_until(heard_added, 5)
+    probe.publish("in/dropped", b"dropped")
+    probe.publish("in/kept", b"live")
+    assert wait_until(lambda: any(m.payload == b"live" for m in new), 3)
+    assert [m.payload for m in old] == [b"retained"]
+    assert not [m for m in new if m.retained or m.topic == "in/dropped"]
+    assert link.stats.get("handler_errors") == 0
+
+
 def test_bad_credentials_stop_retrying(mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path,
                                        link_factory: Callable[..., MqttLink],
                                        monkeypatch: pytest.MonkeyPatch) -> None:

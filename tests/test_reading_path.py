@@ -153,7 +153,7 @@ def replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         return "id"
 
     readings: DropOldestQueue[Reading] = DropOldestQueue(1000)
-    stage = TelemetryStage(cfg, publish=publish, subscribe=link.subscribe, unsubscribe=link.unsubscribe,
+    stage = TelemetryStage(cfg, publish=publish, resubscribe=link.resubscribe,
                            count_bad_payload=link.stats.count_bad_payload, readings=readings,
                            call_later=lambda _delay, _callback: None)
     events = AnomalyPublisher(cfg, store=store, send=store)
