@@ -75,9 +75,7 @@ class HealthRegistry:
         """The stage made progress. Unknown names are registered on the fly without limits."""
         now = self._clock() if now is None else now
         with self._lock:
-            stage = self._stages.get(name)
-            if stage is None:
-                stage = self._stages[name] = _Stage(name=name, max_silence=None, max_full=None, last_beat=now)
+            stage = self._stage_locked(name, now)
             stage.last_beat = now
             stage.beats += 1
             if queue_depth is not None:
@@ -88,10 +86,14 @@ class HealthRegistry:
         """The depth of the bounded queue this stage feeds (or drains); not a heartbeat by itself."""
         now = self._clock() if now is None else now
         with self._lock:
-            stage = self._stages.get(name)
-            if stage is None:
-                stage = self._stages[name] = _Stage(name=name, max_silence=None, max_full=None, last_beat=now)
-            self._set_queue(stage, depth, capacity, now)
+            self._set_queue(self._stage_locked(name, now), depth, capacity, now)
+
+    def _stage_locked(self, name: str, now: float) -> _Stage:
+        """The stage called ``name``; an unknown one is registered on the fly, without limits."""
+        stage = self._stages.get(name)
+        if stage is None:
+            stage = self._stages[name] = _Stage(name=name, max_silence=None, max_full=None, last_beat=now)
+        return stage
 
     @staticmethod
     def _set_queue(stage: _Stage, depth: int, capacity: int | None, now: float) -> None:

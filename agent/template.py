@@ -86,19 +86,18 @@ class _ExpressionParser:
         return self.tokens[self.index][1] if self.index < len(self.tokens) else None
 
     def _expr(self) -> _Expr:
-        left = self._term()
-        while self._peek() in ("+", "-"):
-            operator = self.tokens[self.index][1]
-            self.index += 1
-            left = _Binary(operator, left, self._term())
-        return left
+        return self._left_associative(("+", "-"), self._term)
 
     def _term(self) -> _Expr:
-        left = self._unary()
-        while self._peek() in ("*", "/"):
+        return self._left_associative(("*", "/"), self._unary)
+
+    def _left_associative(self, operators: tuple[str, ...], operand: Callable[[], _Expr]) -> _Expr:
+        """``operand (operator operand)*`` with any of ``operators``, grouped from the left."""
+        left = operand()
+        while self._peek() in operators:
             operator = self.tokens[self.index][1]
             self.index += 1
-            left = _Binary(operator, left, self._unary())
+            left = _Binary(operator, left, operand())
         return left
 
     def _unary(self) -> _Expr:

@@ -30,14 +30,15 @@ def find_mosquitto() -> str | None:
 
 class BenchBroker:
     """``BenchBroker(workdir)`` starts the broker and returns once it accepts connections; ``stop()`` ends it.
-    ``process`` is mosquitto's (None for the embedded broker), ``kind`` says which one runs."""
+    ``process`` is mosquitto's (None for the embedded broker), ``kind`` says which one runs. ``embedded``:
+    the embedded broker even where mosquitto is installed (``scripts/demo.py --embedded-broker``)."""
 
-    def __init__(self, workdir: Path, *, allow_embedded: bool = True) -> None:
+    def __init__(self, workdir: Path, *, allow_embedded: bool = True, embedded: bool = False) -> None:
         self.process: subprocess.Popen[bytes] | None = None
         self._mini: Any = None
-        mosquitto = find_mosquitto()
+        mosquitto = None if embedded else find_mosquitto()
         if mosquitto is None:
-            if not allow_embedded:
+            if not (allow_embedded or embedded):
                 raise RuntimeError("mosquitto is not installed (make setup installs it where it can)")
             sys.path.insert(0, str(REPO_ROOT / "scripts"))
             from mini_broker import MiniBroker
@@ -56,6 +57,9 @@ class BenchBroker:
         self.kind = "mosquitto"
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:  # a bad config or a taken port: no use waiting
+                raise RuntimeError(f"mosquitto exited with status {self.process.returncode} before accepting "
+                                   f"connections on port {self.port}")
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", self.port)) == 0:
                     return

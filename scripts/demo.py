@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,11 +27,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(REPO_ROOT))
-from mini_broker import MiniBroker  # noqa: E402 - a sibling script, not a package
-
-from bench.broker import free_port  # noqa: E402 - the checkout's bench package (one free_port)
+sys.path.insert(0, str(REPO_ROOT))
+from bench.broker import BenchBroker  # noqa: E402 - the checkout's bench package (one broker starter)
 
 AGENT_ID = "demo"
 THERMOSTAT_STATE = {"current_heating_setpoint": 20.5, "local_temperature": 19.8}
@@ -109,52 +104,6 @@ class Console:
             if at is None:
                 at = time.monotonic() - self.t0 if self.t0 is not None else 0.0
             print(f"  {at:6.2f} s  {text}", flush=True)
-
-
-class Broker:
-    """mosquitto on a free port when installed, else the embedded mini broker."""
-
-    def __init__(self, workdir: Path, embedded: bool = False) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
-        self.mini: MiniBroker | None = None
-        mosquitto = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
-        if mosquitto and not embedded:
-            self.port = free_port()
-            conf = workdir / "mosquitto.conf"
-            conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n",
-                            encoding="utf-8")
-            self.process = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
-            self.kind = f"mosquitto ({mosquitto}) on 127.0.0.1:{self.port}"
-            self._wait_listening()
-        else:
-            self.mini = MiniBroker(port=0)
-            self.mini.start()
-            self.port = self.mini.port
-            self.kind = f"embedded mini broker (no mosquitto installed) on 127.0.0.1:{self.port}"
-
-    def _wait_listening(self) -> None:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise SystemExit(f"demo: mosquitto exited with status {self.process.returncode}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise SystemExit("demo: mosquitto did not start listening within 5 s")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        if self.mini is not None:
-            self.mini.stop()
 
 
 class Watcher:
@@ -259,11 +208,14 @@ def main() -> int:  # noqa: C901 - a linear script: options, checks, the run and
 
     with tempfile.TemporaryDirectory(prefix="home-agent-demo-") as tmp:
         workdir = Path(tmp)
-        broker = Broker(workdir, embedded=args.embedded_broker)
+        try:
+            broker = BenchBroker(workdir, embedded=args.embedded_broker)
+        except RuntimeError as err:
+            raise SystemExit(f"demo: {err}") from err
         console = Console()
         watcher: Watcher | None = None
         try:
-            print(f"Broker: {broker.kind}")
+            print(f"Broker: {broker.kind} on 127.0.0.1:{broker.port}")
             commands = "\n".join(f'[[voice.commands]]\nsay = "{say}"\naction = "{action}"'
                                  for say, action in COMMANDS.items())
             config_path = workdir / "config.toml"
