@@ -583,30 +583,6 @@ class Config(Section):
             if group.on_anomaly is not None and group.on_anomaly not in self.actions:
                 raise ValueError(f"{where}.on_anomaly: no [actions.{group.on_anomaly}] is configured")
 
-    def anomaly_groups(self) -> dict[str, tuple[str, ...]]:
-        """Device group name -> its sensors: the explicit groups, then (``anomaly.device_groups``) the scored
-        streams reading two or more fields of one topic without wildcards, named after the topic (its
-        characters outside [a-zA-Z0-9_-] as '_'), unless one of those streams is in an explicit group."""
-        groups = {group.name: tuple(group.sensors) for group in self.anomaly.groups}
-        if not self.anomaly.device_groups:
-            return groups
-        taken = {sensor for members in groups.values() for sensor in members}
-        taken_names = set(groups) | {stream.sensor for stream in self.telemetry}
-        by_topic: dict[str, list[str]] = {}
-        for stream in self.telemetry:
-            if stream.anomaly and stream.field is not None and "+" not in stream.topic \
-                    and "#" not in stream.topic:
-                by_topic.setdefault(stream.topic, []).append(stream.sensor)
-        for topic, members in by_topic.items():
-            if len(members) < 2 or any(sensor in taken for sensor in members):
-                continue
-            name = re.sub(r"[^a-zA-Z0-9_-]", "_", topic)[:64]
-            while name in taken_names:
-                name = f"{name[:60]}_dev"
-            taken_names.add(name)
-            groups[name] = tuple(members)
-        return groups
-
     @property
     def base_topic(self) -> str:
         return f"{self.mqtt.topic_prefix}/{self.agent.id}"

@@ -27,11 +27,12 @@ episode tracker, bounded by the group's size.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 from agent.anomaly.detector import TUNING, Tuning, calibrated
-from agent.config import AnomalySection
+from agent.config import AnomalySection, Config
 
 LN10: Final = math.log(10.0)
 SQRT2: Final = math.sqrt(2.0)
@@ -248,3 +249,29 @@ class GroupDetector:
             raise ValueError(f"group {self.name}: sum_mean and sum_var must be positive")
         self.learnt = int(data["learnt"])
         return True
+
+
+def device_groups(config: Config) -> dict[str, tuple[str, ...]]:
+    """Device group name -> its sensors: the explicit ``[[anomaly.groups]]``, then (``anomaly.device_groups``)
+    the scored streams reading two or more fields of one topic without wildcards (a zigbee2mqtt device's
+    JSON, a Tasmota SENSOR message), named after the topic (characters outside [a-zA-Z0-9_-] as '_'),
+    unless one of those streams is in an explicit group."""
+    groups = {group.name: tuple(group.sensors) for group in config.anomaly.groups}
+    if not config.anomaly.device_groups:
+        return groups
+    taken = {sensor for members in groups.values() for sensor in members}
+    taken_names = set(groups) | {stream.sensor for stream in config.telemetry}
+    by_topic: dict[str, list[str]] = {}
+    for stream in config.telemetry:
+        wildcard = "+" in stream.topic or "#" in stream.topic
+        if stream.anomaly and stream.field is not None and not wildcard:
+            by_topic.setdefault(stream.topic, []).append(stream.sensor)
+    for topic, members in by_topic.items():
+        if len(members) < 2 or any(sensor in taken for sensor in members):
+            continue
+        name = re.sub(r"[^a-zA-Z0-9_-]", "_", topic)[:64]
+        while name in taken_names:
+            name = f"{name[:60]}_dev"
+        taken_names.add(name)
+        groups[name] = tuple(members)
+    return groups

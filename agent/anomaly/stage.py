@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from agent.anomaly.group import device_groups
 from agent.anomaly.streams import STATE_FILE_NAME, AnomalyDetector
 from agent.config import Config
 from agent.errors import ActionError, StateError
@@ -171,7 +172,7 @@ def build_stage(config: Config, readings: queue.Queue[Reading], publish: Callabl
         with contextlib.suppress(ActionError):
             request_action(ActionRequest(action=action, source="anomaly", created_mono=time.monotonic()))
 
-    detector = AnomalyDetector(config.anomaly, config.anomaly_groups())
+    detector = AnomalyDetector(config.anomaly, device_groups(config))
     return AnomalyStage(detector, readings, publish, on_anomaly,
                         state_path=config.agent.resolved_state_dir / STATE_FILE_NAME,
                         sensors=[s.sensor for s in config.telemetry if s.anomaly])
