@@ -469,11 +469,12 @@ class AnomalyGroup(Section):
 
 class AnomalySection(Section):
     enabled: bool = True
-    # Device groups (off by default): the streams of one device also raise one alert for the device when
-    # their evidence together is improbable. ``device_groups``: the telemetry streams reading fields of one
-    # MQTT topic without wildcards (a zigbee2mqtt device's JSON, a Tasmota SENSOR message) form a group
-    # named after their topic; ``groups``: explicit ones.
-    device_groups: bool = False
+    # Device groups: the streams of one device also raise one alert for the device when their evidence
+    # together is improbable (agent/anomaly/group.py). ``device_groups``: the telemetry streams reading fields
+    # of one MQTT topic without wildcards (a zigbee2mqtt device's JSON, a Tasmota SENSOR message) form a group
+    # named after their topic (on since session 8: models/anomaly.md has the rule it passed); ``groups``:
+    # explicit ones.
+    device_groups: bool = True
     groups: list[AnomalyGroup] = Field(default_factory=list)
     # The thresholds apply to the detector's evidence (its posterior at a 2 % prior), not to the published,
     # calibrated score (agent/anomaly/detector.py CALIBRATION maps one to the other).

@@ -256,9 +256,9 @@ def base(**anomaly: Any) -> dict[str, Any]:
     }
 
 
-def test_device_groups_come_from_topics_only_when_asked() -> None:
-    assert device_groups(parse_config(base())) == {}
-    groups = device_groups(parse_config(base(device_groups=True)))
+def test_device_groups_come_from_topics_by_default_and_can_be_turned_off() -> None:
+    assert device_groups(parse_config(base(device_groups=False))) == {}
+    groups = device_groups(parse_config(base()))
     # wildcard topics may cover several devices: not grouped
     assert groups == {"zigbee2mqtt_kitchen_sensor": ("kitchen_t", "kitchen_h"),
                       "tele_plug_SENSOR": ("plug_power", "plug_voltage")}
