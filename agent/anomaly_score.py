@@ -19,6 +19,11 @@ row with an unreadable timestamp or value (text, NaN, infinity), and a row whose
 previous row's (time going backwards, or a duplicate). Such rows are not learnt: they get the stream's
 last score and ``alert`` 0.
 
+Device groups (``--group``): the input files are the streams of one device (``score_group``): merged by
+time, rows with one timestamp are one tick of ``agent.anomaly.group.GroupDetector`` (the daemon's group
+code); each file keeps its own scores and alerts, and a device alert puts ``alert`` = 1 on the rows of the
+streams it names. One output per input.
+
 Timestamps: ISO 8601 (``2024-01-31T12:00:00``, with or without ``Z``/offset), ``YYYY-MM-DD HH:MM:SS``
 (fractions allowed), or UNIX seconds.
 """

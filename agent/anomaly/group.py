@@ -6,14 +6,19 @@ combines the members' evidence of one *tick* (the readings that share a timestam
 message) with Fisher's method: each member's reading brings the decades of its p (``StreamDetector.decades``:
 its statistics' p with persistence, at most ``evidence_cap`` decades; not its dropout and range
 probabilities: a gap in a device's messages is one event, not one per field), the sum is a chi-square with
-2 m degrees of freedom for the m members that reported, and its tail probability is the group's p. Several
-members each moderately unusual at once (a device whose readings all moved a little) make a small group p
-where no member alerts on its own. The group's evidence is the posterior at its own prior rate
-(``prior_rate``, a tenth of a stream's: a device anomaly is rarer than one stream's odd reading); the same
-``threshold``, ``clear_threshold``, learning period and cooldown as a stream's apply, and one alert is
-raised per episode for the device.
+2 m degrees of freedom for the m members that reported, and its tail probability is the group's p. Two
+corrections learnt online keep that p honest on real streams (running means over ``span`` ticks, starting at
+the independent, uniform values, learnt while the device is not in alert): a member's decades are scaled so
+that their usual mean is a uniform p's (1 / ln 10: a stream whose p's are usually small counts for what it
+usually says), and the sum is read as a scaled chi-square whose scale and degrees of freedom match its learnt
+mean and variance (Brown's method: members that move together, a room's temperature and humidity, count
+for fewer independent ones). Several members each moderately unusual at once (a device whose readings all
+moved a little) make a small group p where no member alerts on its own. The group's evidence is the
+posterior at its own prior rate (``prior_rate``, a tenth of a stream's: a device anomaly is rarer than one
+stream's odd reading); the same ``threshold``, ``clear_threshold``, learning period and cooldown as a
+stream's apply, and one alert is raised per episode for the device.
 
-The alert names the members that contributed most: those of the tick whose evidence reached
+The alert names the members that contributed most: those of the tick whose scaled evidence reached
 ``contributor_decades`` (at least the strongest one). The daemon publishes one event for the device that
 lists them; ``home-agent anomaly-score --group`` puts ``alert`` = 1 on their rows of that tick.
 
