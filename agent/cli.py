@@ -122,7 +122,9 @@ alert=1 where the daemon would raise a new alert). Repeat --input/--output for s
 folder for each. Exit status 2, naming the file and line: an empty file, a header without 'timestamp' and
 'value' columns (or a separator other than the comma), a header without rows, an --output that is an
 --input. Counted warnings (the row is not learnt; alert 0): an unreadable timestamp or value, a time going
-backwards or repeated.""",
+backwards or repeated.
+Device group: --group scores every input as one device's streams (e.g. one zigbee2mqtt device's fields):
+  home-agent anomaly-score --group --input pump/ --output scored/""",
 }
 
 SUMMARIES = {
@@ -208,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV file or folder (repeatable)")
     p.add_argument("--output", action="append", type=Path, required=True,
                    help="CSV file or folder (repeatable, one per --input); never one of the inputs")
+    p.add_argument("--group", action="store_true",
+                   help="score every input file as one device group (one output per file): a device alert "
+                        "puts alert=1 on the rows of the streams it names")
     p.add_argument("--plot", type=_plot_path, default=None, metavar="DIR",
                    help="draw one PNG per stream: values, score, alerts (and labelled windows)")
     p.add_argument("--labels", type=Path, default=None, metavar="FILE",

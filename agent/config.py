@@ -451,8 +451,31 @@ DEPRECATED_ANOMALY_KEYS = {"model": "the anomaly detector no longer uses a model
 _warned_deprecated: set[str] = set()
 
 
+class AnomalyGroup(Section):
+    """Streams of one device scored together as well as one by one (``agent/anomaly/group.py``)."""
+
+    name: ObjectName  # the device: its alerts are published on <base>/anomaly/<name>
+    sensors: list[ObjectName] = Field(min_length=2)  # telemetry sensor ids (each scored: anomaly = true)
+    on_anomaly: str | None = None  # an [actions.*] name fired when the device's alert starts
+
+    @field_validator("sensors")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        repeated = sorted({s for s in value if value.count(s) > 1})
+        if repeated:
+            raise ValueError(f"a sensor is listed twice: {', '.join(repeated)}")
+        return value
+
+
 class AnomalySection(Section):
     enabled: bool = True
+    # Device groups: the streams of one device also raise one alert for the device when their evidence
+    # together is improbable (agent/anomaly/group.py). ``device_groups``: the telemetry streams reading fields
+    # of one MQTT topic without wildcards (a zigbee2mqtt device's JSON, a Tasmota SENSOR message) form a group
+    # named after their topic (on since session 8: models/anomaly.md has the rule it passed); ``groups``:
+    # explicit ones.
+    device_groups: bool = True
+    groups: list[AnomalyGroup] = Field(default_factory=list)
     # The thresholds apply to the detector's evidence (its posterior at a 2 % prior), not to the published,
     # calibrated score (agent/anomaly/detector.py CALIBRATION maps one to the other).
     threshold: float = Field(default=0.99, gt=0, le=1)  # evidence at which an anomaly starts
@@ -534,7 +557,32 @@ class Config(Section):
                 raise ValueError(
                     f"telemetry.{index}.on_anomaly: no [actions.{stream.on_anomaly}] is configured"
                 )
+        self._check_groups(set(sensors))
         return self
+
+    def _check_groups(self, sensors: set[str]) -> None:
+        scored = {stream.sensor for stream in self.telemetry if stream.anomaly}
+        member_of: dict[str, str] = {}
+        names: set[str] = set()
+        for index, group in enumerate(self.anomaly.groups):
+            where = f"anomaly.groups.{index}"
+            if group.name in names:
+                raise ValueError(f"{where}.name: the group {group.name!r} is defined twice")
+            if group.name in sensors:
+                raise ValueError(f"{where}.name: {group.name!r} is a telemetry sensor id (they share the "
+                                 "anomaly topics); pick another name")
+            names.add(group.name)
+            for sensor in group.sensors:
+                if sensor not in sensors:
+                    raise ValueError(f"{where}.sensors: no telemetry stream has the sensor id {sensor!r}")
+                if sensor not in scored:
+                    raise ValueError(f"{where}.sensors: {sensor!r} has anomaly = false (not scored)")
+                if sensor in member_of:
+                    raise ValueError(f"{where}.sensors: {sensor!r} is already in the group "
+                                     f"{member_of[sensor]!r}; a stream belongs to one group")
+                member_of[sensor] = group.name
+            if group.on_anomaly is not None and group.on_anomaly not in self.actions:
+                raise ValueError(f"{where}.on_anomaly: no [actions.{group.on_anomaly}] is configured")
 
     @property
     def base_topic(self) -> str:

@@ -123,8 +123,10 @@ class AnomalyPublisher:
         them. Score refreshes within an unchanged state are sent without storing: the next refresh
         supersedes them, and a durable write per reading would wear an SD card. Every payload carries a
         unique ``id`` for de-duplication; returns it. Thread-safe."""
-        payload = {"score": event.score, "value": event.value, "kind": event.kind, "active": event.active,
-                   "time": event.time}
+        payload: dict[str, object] = {"score": event.score, "value": event.value, "kind": event.kind,
+                                      "active": event.active, "time": event.time}
+        if event.streams:  # a device group's alert names its streams
+            payload["streams"] = list(event.streams)
         topic = self.topics.anomaly(event.sensor)
         with self._lock:
             changed = self._anomaly_active.get(event.sensor) != event.active

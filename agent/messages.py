@@ -94,6 +94,8 @@ class AnomalyEvent:
     kind: AnomalyKind
     active: bool
     time: float
+    # a device group's alert (``sensor`` is the group's name): the member streams it names, strongest first
+    streams: tuple[str, ...] = ()
 
 
 class InboundMessage(NamedTuple):

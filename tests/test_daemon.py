@@ -458,6 +458,26 @@ def test_anomaly_stage_counters_reach_the_diagnostics(
     assert "homeassistant/sensor/testagent/anomaly_alerts/config" in sensors
 
 
+def test_device_group_counters_reach_the_diagnostics(
+        mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
+        mqtt_client: Callable[..., MqttProbe]) -> None:
+    """Two fields of one zigbee2mqtt device form a device group (on by default): each message is one tick,
+    a message without one of the fields an incomplete one; both counted in the diagnostics."""
+    config = write_config(mosquitto, overrides={"telemetry": [
+        {"topic": TELEMETRY, "field": "temperature", "sensor": "living_room_temperature"},
+        {"topic": TELEMETRY, "field": "humidity", "sensor": "living_room_humidity"}]})
+    probe = mqtt_client().subscribe(AVAILABILITY, DIAGNOSTICS)
+    start_online(daemon_factory, config, probe)
+    for index, value in enumerate((21.0, 21.5, 22.0)):
+        probe.publish(TELEMETRY, json.dumps({"temperature": value, "humidity": 40.0 + index}))
+    probe.publish(TELEMETRY, json.dumps({"temperature": 22.5}))  # no humidity: an incomplete tick ...
+    probe.publish(TELEMETRY, json.dumps({"temperature": 23.0, "humidity": 44.0}))  # ... closed by the next
+    assert wait_until(lambda: diagnostics(probe).get("anomaly_group_ticks") == 5, 5), diagnostics(probe)
+    counts = diagnostics(probe)
+    assert counts["anomaly_group_incomplete_ticks"] == 1 and counts["anomaly_group_single_ticks"] == 1
+    assert counts["anomaly_group_alerts"] == 0
+
+
 def test_readings_are_queued_for_the_anomaly_stage_from_the_start(
         mosquitto: Mosquitto, tmp_path: Path, mqtt_client: Callable[..., MqttProbe]) -> None:
     """Whether readings are queued is decided when the daemon is built (a stream is scored), not by who

@@ -1,8 +1,9 @@
-"""Sensor anomaly detection, strictly online and per stream.
+"""Sensor anomaly detection, strictly online, per stream and per device (groups of streams).
 
 - ``detector``: one stream's statistics, calibrated score and alert episodes (shared by the daemon and
   ``home-agent anomaly-score``).
-- ``streams``: every stream of the daemon, throttled events, saved state.
+- ``group``: device groups: a device's streams combined per tick, one alert for the device naming them.
+- ``streams``: every stream of the daemon, throttled events, device alerts, saved state.
 - ``stage``: the daemon's worker thread.
 """
 

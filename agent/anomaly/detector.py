@@ -271,6 +271,10 @@ class StreamDetector:
         self._log_bonferroni = math.log10(N_STATS)
         self._log_prior = math.log10(tu.prior_rate / (1.0 - tu.prior_rate))
         self.learning = config.learning_readings
+        # the latest reading's evidence from its statistics: -log10 of its p (Bonferroni, with persistence;
+        # not the dropout and range probabilities, which a device's streams share); a device group combines
+        # its members' (agent/anomaly/group.py)
+        self.decades = 0.0
 
     # ---- calibration
 
@@ -440,6 +444,7 @@ class StreamDetector:
         s.evidence = evidence if evidence > 0.0 else 0.0
         if -s.evidence < log10_p + self._log_bonferroni:
             log10_p = -s.evidence - self._log_bonferroni
+        self.decades = -(log10_p + self._log_bonferroni)
         score = self.probability(log10_p + self._log_bonferroni)
         if dropout > score:
             score, kind = dropout, KIND_DROPOUT

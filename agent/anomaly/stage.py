@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from agent.anomaly.group import device_groups
 from agent.anomaly.streams import STATE_FILE_NAME, AnomalyDetector
 from agent.config import Config
 from agent.errors import ActionError, StateError
@@ -103,6 +104,9 @@ class AnomalyStage:
         publication = self.detector.score(reading)
         if publication is not None:
             self._emit(publication.event, started=publication.started)
+        if self.detector.group_publications:  # a device group's alert started or ended
+            for device in self.detector.take_group_publications():
+                self._emit(device.event, started=device.started)
 
     def _emit(self, event: AnomalyEvent, *, started: bool) -> None:
         self.counters["events"] += 1
@@ -114,8 +118,12 @@ class AnomalyStage:
         if not started:
             return
         self.counters["alerts"] += 1
-        log.warning("anomaly on %s: %s (score %.4f, value %s)", event.sensor, event.kind, event.score,
-                    event.value)
+        if event.streams:
+            log.warning("anomaly on device %s: %s (score %.4f) in %s", event.sensor, event.kind, event.score,
+                        ", ".join(event.streams))
+        else:
+            log.warning("anomaly on %s: %s (score %.4f, value %s)", event.sensor, event.kind, event.score,
+                        event.value)
         if self.on_anomaly is not None:
             try:
                 self.on_anomaly(event.sensor)
@@ -154,6 +162,7 @@ def build_stage(config: Config, readings: queue.Queue[Reading], publish: Callabl
     """The daemon's stage for ``config``: its streams (``anomaly = true``), their ``on_anomaly`` actions,
     its state file. Called again with the new config on reload."""
     actions = {s.sensor: s.on_anomaly for s in config.telemetry if s.anomaly and s.on_anomaly}
+    actions |= {g.name: g.on_anomaly for g in config.anomaly.groups if g.on_anomaly}
 
     def on_anomaly(sensor: str) -> None:
         action = actions.get(sensor)
@@ -163,6 +172,7 @@ def build_stage(config: Config, readings: queue.Queue[Reading], publish: Callabl
         with contextlib.suppress(ActionError):
             request_action(ActionRequest(action=action, source="anomaly", created_mono=time.monotonic()))
 
-    return AnomalyStage(AnomalyDetector(config.anomaly), readings, publish, on_anomaly,
+    detector = AnomalyDetector(config.anomaly, device_groups(config))
+    return AnomalyStage(detector, readings, publish, on_anomaly,
                         state_path=config.agent.resolved_state_dir / STATE_FILE_NAME,
                         sensors=[s.sensor for s in config.telemetry if s.anomaly])

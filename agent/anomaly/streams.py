@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.anomaly.detector import Outcome, StreamDetector, StreamState
+from agent.anomaly.detector import KINDS, Outcome, StreamDetector, StreamState
+from agent.anomaly.group import GroupDetector, GroupOutcome
 from agent.atomic_file import replace_atomically
 from agent.config import AnomalySection
 from agent.errors import StateError
@@ -39,10 +40,14 @@ class Publication:
 class AnomalyDetector:
     """``score(reading)`` -> what to publish, or None. Not thread-safe (the stage's thread owns it)."""
 
-    def __init__(self, config: AnomalySection) -> None:
+    def __init__(self, config: AnomalySection, groups: dict[str, tuple[str, ...]] | None = None) -> None:
         self.config = config
         self.streams: dict[str, StreamDetector] = {}
         self._published: dict[str, float] = {}  # sensor -> time of its last event
+        # device groups (``agent.anomaly.group``): their alerts wait in ``group_publications`` for the stage
+        self.groups = {name: GroupDetector(name, members, config) for name, members in (groups or {}).items()}
+        self._group_of = {sensor: group for group in self.groups.values() for sensor in group.members}
+        self.group_publications: list[Publication] = []
 
     def stream(self, sensor: str) -> StreamDetector:
         detector = self.streams.get(sensor)
@@ -58,9 +63,29 @@ class AnomalyDetector:
                 total[reason] = total.get(reason, 0) + count
         return total
 
+    def group_counters(self) -> dict[str, int]:
+        """The device groups' counters (ticks, incomplete ticks, refused readings, alerts), summed."""
+        total: dict[str, int] = {}
+        for group in self.groups.values():
+            for key, count in group.counters.items():
+                total[key] = total.get(key, 0) + count
+        return total
+
+    def take_group_publications(self) -> list[Publication]:
+        """The device alerts that started or ended since the last call."""
+        taken, self.group_publications = self.group_publications, []
+        return taken
+
     def score(self, reading: Reading) -> Publication | None:
+        """The stream's event to publish, if any; a device group's alert goes to ``group_publications``."""
         detector = self.stream(reading.sensor)
         outcome = detector.update(reading.time, reading.value)
+        group = self._group_of.get(reading.sensor)
+        if group is not None:
+            if outcome is None:
+                group.refused()
+            else:
+                self._group_event(group, group.observe(reading.sensor, reading.time, detector.decades))
         if outcome is None:
             return None
         last = self._published.get(reading.sensor)
@@ -69,6 +94,15 @@ class AnomalyDetector:
             event = self._event(reading.sensor, outcome, reading.value, detector.state.active, reading.time)
             return Publication(event, outcome.started)
         return None
+
+    def _group_event(self, group: GroupDetector, closed: GroupOutcome | None) -> None:
+        if closed is None or not (closed.started or closed.ended):
+            return
+        strongest = self.streams.get(closed.contributors[0]) if closed.contributors else None
+        kind = KINDS[strongest.state.kind] if strongest is not None else "step"
+        event = AnomalyEvent(sensor=group.name, score=closed.score, value=None, kind=kind,
+                             active=closed.started, time=closed.time, streams=closed.contributors)
+        self.group_publications.append(Publication(event, closed.started))
 
     def check_silence(self, now: float) -> list[AnomalyEvent]:
         """Streams that went silent: a dropout alert once the silence is improbable enough."""
@@ -88,8 +122,11 @@ class AnomalyDetector:
     # ---- persistence
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION,
-                "streams": {name: det.state.to_dict() for name, det in self.streams.items()}}
+        data: dict[str, Any] = {"version": STATE_VERSION,
+                                "streams": {name: det.state.to_dict() for name, det in self.streams.items()}}
+        if self.groups:
+            data["groups"] = {name: group.state_dict() for name, group in self.groups.items()}
+        return data
 
     def load_state_dict(self, data: dict[str, Any]) -> bool:
         """Restore saved streams; False (logged) when the state was saved by the earlier detector."""
@@ -103,6 +140,13 @@ class AnomalyDetector:
         if not isinstance(streams, dict):
             raise ValueError("'streams' is not an object")
         restored = {name: StreamState.from_dict(raw) for name, raw in streams.items()}
+        groups = data.get("groups", {})
+        if not isinstance(groups, dict):
+            raise ValueError("'groups' is not an object")
+        for name, raw in groups.items():
+            group = self.groups.get(name)
+            if group is not None and isinstance(raw, dict) and not group.load_state_dict(raw):
+                log.info("anomaly group %s has other members now; it learns afresh", name)
         for name, state in restored.items():
             self.streams[name] = StreamDetector(self.config, state)
         return bool(restored)
