@@ -1,10 +1,13 @@
 """Train the second-stage wake verifier (:mod:`agent.verifier`) for a keyword model.
 
     python -m training.verifier [--model models/kws.tflite] [--data DIR] [--out DIR] [--smoke]
+                                [--input mel|posteriors] [--hops N]
 
-Not shipped (the model card's new-voices columns "42e8fec0 + wake verifier 32e24c39" and "... abd6bbf8
-(phrase-trained)" say why): by default it writes a candidate folder, ``.cache/kws/verifier-candidate/`` (the
-model, its metadata naming the verifier, the verifier), to score with ``python -m training.newvoices --model
+Not shipped (the model card's new-voices columns "42e8fec0 + wake verifier 32e24c39", "... abd6bbf8
+(phrase-trained)" and "... 815d70db (3 epochs, synthetic-safe threshold)" say why: the first two cost the
+Precise speaker his wake word, the third, which keeps it, removes none of the real false wakes): by default
+it writes a candidate folder, ``.cache/kws/verifier-candidate/`` (the model, its metadata naming the
+verifier, the verifier), to score with ``python -m training.newvoices --model
 .cache/kws/verifier-candidate/kws.tflite``; ``--out models/`` would ship it.
 
 The verifier only ever sees what the keyword model fires on, so it learns from exactly that: every training
