@@ -8,6 +8,11 @@ microphone's colouring and the level cancel out. Its probability that this is th
 ``threshold``, or the detection is dropped (:class:`agent.voice.VoicePipeline`). It costs one small
 inference per candidate, nothing per hop.
 
+A verifier may instead read the keyword model's own posteriors (metadata ``"input": "posteriors"``): all
+its labels over its last ``hops`` hops (the recognizer keeps them for smoothing), as log(p + log_offset), so
+it judges the shape of the wake word's trajectory (how it rose, how long it held, what the other labels did)
+rather than the sound. Without ``input`` a verifier reads mel energies, as the first ones did.
+
 Files beside the keyword model: ``<stem>_verifier.tflite`` and ``<stem>_verifier.json`` (every parameter,
 the sha256 of the verifier and of the keyword model it was trained against); the keyword model's metadata
 names the verifier (``"verifier": "kws_verifier.tflite"``), so a model without that key has none. A
@@ -32,16 +37,23 @@ from agent.tflite import load_interpreter, metadata_path, read_metadata
 log = logging.getLogger(__name__)
 
 VERIFIER_FORMAT = "home-agent-wake-verifier/1"
-REQUIRED = ("format", "word", "frames", "num_mel_bands", "log_offset", "threshold", "sha256",
-            "keyword_model_sha256")
+REQUIRED = ("format", "word", "log_offset", "threshold", "sha256", "keyword_model_sha256")
+MEL, POSTERIORS = "mel", "posteriors"
+INPUT_SHAPE_KEYS = {MEL: ("frames", "num_mel_bands"), POSTERIORS: ("hops", "num_labels")}
 
 
-def verifier_input(mel: npt.NDArray[np.float64], log_offset: float) -> npt.NDArray[np.float32]:
+def verifier_input(mel: npt.NDArray[np.floating[Any]], log_offset: float) -> npt.NDArray[np.float32]:
     """The verifier's (frames, bands) input from un-normalised mel energies: log(mel + log_offset), each
     band minus its mean over the frames. Training computes it with this function too."""
     log_mel = np.log(np.asarray(mel, dtype=np.float64) + log_offset)
     normalised: npt.NDArray[np.float32] = (log_mel - log_mel.mean(axis=0, keepdims=True)).astype(np.float32)
     return normalised
+
+
+def posterior_input(posteriors: npt.NDArray[np.floating[Any]], log_offset: float) -> npt.NDArray[np.float32]:
+    """A posterior verifier's (hops, labels) input from the keyword model's posteriors: log(p + log_offset)
+    (its confidence near 0 and 1 both matter). Training computes it with this function too."""
+    return np.log(np.asarray(posteriors, dtype=np.float64) + log_offset).astype(np.float32)
 
 
 class WakeVerifier:
@@ -51,8 +63,12 @@ class WakeVerifier:
         self.path = path
         self.metadata = metadata
         self.word: str = metadata["word"]
-        self.frames: int = int(metadata["frames"])
-        self.num_mel_bands: int = int(metadata["num_mel_bands"])
+        self.input: str = metadata.get("input", MEL)
+        # The mel history it needs (0 for a posterior verifier), and the posterior hops (0 for a mel one).
+        self.frames: int = int(metadata["frames"]) if self.input == MEL else 0
+        self.num_mel_bands: int = int(metadata["num_mel_bands"]) if self.input == MEL else 0
+        self.hops: int = int(metadata["hops"]) if self.input == POSTERIORS else 0
+        self.evidence_shape = tuple(int(metadata[key]) for key in INPUT_SHAPE_KEYS[self.input])
         self.log_offset: float = float(metadata["log_offset"])
         self.threshold: float = float(metadata["threshold"])
         self.sha256: str = metadata["sha256"]
@@ -69,9 +85,9 @@ class WakeVerifier:
 
     @classmethod
     def load(cls, path: Path, params: FeatureParams, keyword_sha256: str,
-             num_threads: int = 1) -> WakeVerifier:
-        """Load and check the verifier at ``path`` for the keyword model with ``params`` and
-        ``keyword_sha256``."""
+             num_threads: int = 1, num_labels: int | None = None) -> WakeVerifier:
+        """Load and check the verifier at ``path`` for the keyword model with ``params``, ``keyword_sha256``
+        and ``num_labels`` labels (checked when given)."""
         try:
             model_bytes = path.read_bytes()
         except OSError as err:
@@ -88,11 +104,15 @@ class WakeVerifier:
             raise ModelError(f"wake verifier {path} was trained against keyword model "
                              f"{str(metadata['keyword_model_sha256'])[:12]}..., not "
                              f"{keyword_sha256[:12]}...: rebuild it with python -m training.verifier")
-        if metadata["num_mel_bands"] != params.num_mel_bands:
+        kind = metadata.get("input", MEL)
+        if kind == MEL and metadata["num_mel_bands"] != params.num_mel_bands:
             raise ModelError(f"wake verifier {path}: {metadata['num_mel_bands']} mel bands, the keyword "
                              f"model's front end has {params.num_mel_bands}")
+        if kind == POSTERIORS and num_labels is not None and metadata["num_labels"] != num_labels:
+            raise ModelError(f"wake verifier {path}: {metadata['num_labels']} posteriors per hop, the "
+                             f"keyword model has {num_labels} labels")
         interpreter, inputs, outputs = load_interpreter(model_bytes, f"the wake verifier {path}", num_threads)
-        expected = (metadata["frames"], metadata["num_mel_bands"])
+        expected = tuple(metadata[key] for key in INPUT_SHAPE_KEYS[kind])
         if len(inputs) != 1 or len(outputs) != 1 or \
                 tuple(int(n) for n in inputs[0]["shape"]) not in ((1, *expected, 1), (1, *expected)) or \
                 int(np.prod(outputs[0]["shape"])) != 1:
@@ -100,16 +120,19 @@ class WakeVerifier:
                              "and one score out")
         verifier = cls(path, metadata, interpreter)
         try:  # fail at startup, not at the first wake word
-            verifier.score(np.ones(expected, dtype=np.float64))
+            verifier.score(np.full(expected, 0.5, dtype=np.float64))
         except (ValueError, RuntimeError) as err:
             raise ModelError(f"wake verifier {path} loads but cannot run: {err}") from err
         log.info("loaded wake verifier %s (%d bytes, threshold %.3f)", path, len(model_bytes),
                  verifier.threshold)
         return verifier
 
-    def score(self, mel: npt.NDArray[np.float64]) -> float:
-        """The probability that the ``frames`` mel frames (un-normalised energies) hold the wake word."""
-        return self.score_input(verifier_input(mel, self.log_offset))
+    def score(self, evidence: npt.NDArray[np.floating[Any]]) -> float:
+        """The probability that this is the wake word, from ``evidence``: the last ``frames`` mel frames
+        (un-normalised energies), or for a posterior verifier the keyword model's last ``hops`` posteriors."""
+        if self.input == POSTERIORS:
+            return self.score_input(posterior_input(evidence, self.log_offset))
+        return self.score_input(verifier_input(evidence, self.log_offset))
 
     def score_input(self, features: npt.NDArray[np.float32]) -> float:
         """:meth:`score` of an input already made by :func:`verifier_input`."""
@@ -126,8 +149,8 @@ class WakeVerifier:
             return float((float(raw) - self._output_zero) * self._output_scale)
         return float(raw)
 
-    def accepts(self, mel: npt.NDArray[np.float64]) -> bool:
-        return self.score(mel) >= self.threshold
+    def accepts(self, evidence: npt.NDArray[np.floating[Any]]) -> bool:
+        return self.score(evidence) >= self.threshold
 
 
 def _check_metadata(path: Path, data: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +161,12 @@ def _check_metadata(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     threshold = data["threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
         raise ModelError(f"{path}: threshold must be a number in [0, 1], got {threshold!r}")
-    for key in ("frames", "num_mel_bands"):
+    kind = data.get("input", MEL)
+    if kind not in INPUT_SHAPE_KEYS:
+        raise ModelError(f"{path}: input must be one of {', '.join(INPUT_SHAPE_KEYS)}, got {kind!r}")
+    for key in INPUT_SHAPE_KEYS[kind]:
+        if key not in data:
+            raise ModelError(f"{path}: a {kind} verifier needs {key!r}")
         value = data[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ModelError(f"{path}: {key} must be a positive integer, got {value!r}")

@@ -22,8 +22,10 @@ from agent.config import VoiceSection
 from agent.errors import ModelError
 from agent.features import WAKE_WORD, FeatureParams, StreamingFeatures, _front_end
 from agent.kws import KwsModel
+from agent.messages import Scores
+from agent.recognizer import Recognizer, RecognizerSettings
 from agent.transcribe import transcribe_file
-from agent.verifier import VERIFIER_FORMAT, WakeVerifier, verifier_input
+from agent.verifier import POSTERIORS, VERIFIER_FORMAT, WakeVerifier, posterior_input, verifier_input
 from agent.voice import VoicePipeline, model_hop_seconds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +35,7 @@ WAKE_CLIP = EXAMPLES / "computer_heat_up.wav"  # piper joe: the shipped model wa
 DATA_DIR = Path(os.environ.get("DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "speech"))
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 FRAMES = 74  # 1.5 s of 20 ms frames
+HOPS = 10  # a posterior verifier's hops
 PARAMS = FeatureParams()
 
 
@@ -94,6 +97,25 @@ def test_verifier_input_removes_the_level_and_the_microphone_colouring() -> None
     assert np.allclose(verifier_input(mel, 1e-4).mean(axis=0), 0.0, atol=1e-5)
 
 
+def test_recent_posteriors_are_the_last_hops_oldest_first_with_zeros_before_the_stream() -> None:
+    labels = (WAKE_WORD, "_silence_", "_unknown_")
+    recognizer = Recognizer(RecognizerSettings(labels=labels, thresholds={WAKE_WORD: 0.5},
+                                               smoothing_seconds=0.5, refractory_seconds=1.0))
+    rows = [np.array([0.1, 0.8, 0.1], np.float32), np.array([0.7, 0.1, 0.2], np.float32)]
+    for hop, row in enumerate(rows, start=1):
+        recognizer.process(Scores(labels, row, hop * 0.1))
+    recent = recognizer.recent_posteriors(4)
+    np.testing.assert_array_equal(recent, np.stack([np.zeros(3), np.zeros(3), *rows]))
+    recent[:] = 1.0  # a copy: the verifier may not change what the recognizer smooths
+    np.testing.assert_array_equal(recognizer.recent_posteriors(1), rows[-1][None])
+    assert recognizer.recent_posteriors(20).shape == (20, 3)  # more than it kept: it keeps more from now
+
+
+def test_posterior_input_is_the_log_of_the_posteriors() -> None:
+    posteriors = np.array([[0.0, 1.0], [0.5, 0.25]])
+    np.testing.assert_allclose(posterior_input(posteriors, 1e-4), np.log(posteriors + 1e-4), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------- its files
 
 needs_tf = pytest.mark.skipif(not HAS_TF, reason="building a test verifier needs tensorflow")
@@ -110,6 +132,22 @@ def verifier_bytes() -> bytes:
     model = build_model(FRAMES, PARAMS.num_mel_bands, (4, 8, 8, 8))
     calibration = np.random.default_rng(3).normal(0, 2, (20, FRAMES, PARAMS.num_mel_bands)).astype(np.float32)
     with warnings.catch_warnings():  # the converter's own chatter (int8 input statistics)
+        warnings.simplefilter("ignore")
+        return export.convert_int8(model, calibration)
+
+
+@pytest.fixture(scope="module")
+def posterior_verifier_bytes() -> bytes:
+    """A tiny untrained int8 posterior verifier (HOPS x 16 log posteriors)."""
+    if not HAS_TF:
+        pytest.skip("needs tensorflow")
+    from training import export
+    from training.verifier import build_posterior_model
+
+    model = build_posterior_model(HOPS, 16)
+    rng = np.random.default_rng(3)
+    calibration = posterior_input(rng.dirichlet(np.ones(16), (20, HOPS)), 1e-4)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return export.convert_int8(model, calibration)
 
@@ -216,6 +254,57 @@ def test_the_verifier_runs_only_when_the_wake_word_fires(tmp_path: Path, verifie
     assert calls == [FRAMES] * words.count(WAKE_WORD) and pipeline.invocations > 20 * len(calls)
 
 
+def install_posterior(tmp_path: Path, tflite: bytes, threshold: float, **changes: Any) -> Path:
+    """The shipped keyword model in ``tmp_path`` with a posterior verifier named in its metadata."""
+    path = install(tmp_path, tflite, threshold)
+    meta_path = path.with_name("kws_verifier.json")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    for key in ("frames", "num_mel_bands"):
+        meta.pop(key)
+    meta.update({"input": POSTERIORS, "hops": HOPS, "num_labels": 16, **changes})
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    return path
+
+
+@needs_tf
+def test_a_posterior_verifier_judges_the_wake_word_on_the_recognizers_last_posteriors(
+        tmp_path: Path, posterior_verifier_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    without, _ = wake_words(KwsModel.load(MODEL, verifier=False))
+    accepting = KwsModel.load(install_posterior(tmp_path / "a", posterior_verifier_bytes, 0.0))
+    assert accepting.verifier is not None and accepting.verifier.hops == HOPS
+    assert accepting.verifier.frames == 0  # no longer mel history
+    seen: list[npt.NDArray[np.float32]] = []
+    original = Recognizer.recent_posteriors
+
+    def recorded(self: Recognizer, count: int) -> npt.NDArray[np.float32]:
+        rows = original(self, count)
+        seen.append(rows.copy())
+        return rows
+
+    monkeypatch.setattr(Recognizer, "recent_posteriors", recorded)
+    words, pipeline = wake_words(accepting)
+    assert words == without
+    assert [rows.shape for rows in seen] == [(HOPS, 16)] * without.count(WAKE_WORD)
+    wake = accepting.labels.index(WAKE_WORD)
+    assert all(rows[-1, wake] > 0.3 for rows in seen)  # the newest hop: the one that fired
+    rejecting, pipeline = wake_words(KwsModel.load(install_posterior(tmp_path / "r", posterior_verifier_bytes,
+                                                                     1.0)))
+    assert rejecting == [word for word in without if word != WAKE_WORD]
+    assert pipeline.rejected_wakes == without.count(WAKE_WORD)
+
+
+@needs_tf
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"num_labels": 12}, "12 posteriors per hop, the keyword model has 16"),
+    ({"input": "spectrogram"}, "input must be one of mel, posteriors"),
+    ({"hops": 0}, "hops must be a positive integer"),
+])
+def test_a_posterior_verifier_that_does_not_fit_the_model_is_a_model_error(
+        tmp_path: Path, posterior_verifier_bytes: bytes, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        KwsModel.load(install_posterior(tmp_path, posterior_verifier_bytes, 0.5, **changes))
+
+
 class RaisingHousehold:
     """Stands in for agent.adaptation.Adaptation: the household's head raises the wake word on every hop
     where the base model already gives it some weight (or on none)."""
@@ -263,13 +352,41 @@ def test_phrase_copies_of_every_computer_clip_and_of_the_negatives_the_model_nea
     mined = Mined(windows=np.zeros((4, FRAMES, 40), np.float32), positive=np.array([1, 0, 0, 0], bool),
                   calibration=np.zeros(4, bool), fired=np.array([0, 0, 0, 1], bool),
                   score=np.array([0.9, 0.35, 0.1, 0.2], np.float32), task=rows,
-                  source=np.array([tasks[i].source for i in rows]))
+                  source=np.array([tasks[i].source for i in rows]),
+                  posteriors=np.zeros((4, 16, 16), np.float32))
     phrases = phrase_tasks(tasks, mined, config)
     assert [(t.path, t.source, t.calibration, t.copy) for t in phrases] == [
         ("real/computer/a.flac", "real-phrase", False, 0), ("real/computer/a.flac", "real-phrase", False, 1),
         ("real/computer/a.flac", "real-phrase", False, 2), ("synth/computer/b.wav", "synth-phrase", True, 0),
         ("real/up/near.flac", "real-phrase", False, 0), ("real/up/near.flac", "real-phrase", False, 1)]
     assert {t.kind for t in phrases} == {"phrase"}
+
+
+def test_every_training_voice_clip_of_the_hard_negative_words_and_more_calibration_copies() -> None:
+    from training.common import stable_fraction
+    from training.data import Clip
+    from training.verifier import VerifierConfig, tasks_for
+
+    def synth(word: str, n: int, split: str = "train") -> Clip:
+        return Clip(f"/s/{word}/v{n}.wav", "_unknown_", f"voice{n}", split, "synth")
+
+    groups = [f"cluster{n}" for n in range(50)]
+    calibration = next(g for g in groups if stable_fraction("verifier-" + g) < 0.2)
+    training = next(g for g in groups if stable_fraction("verifier-" + g) >= 0.2)
+    clips = [*(synth("athena", n) for n in range(3)), *(synth("mirror", n) for n in range(3)),
+             synth("athena", 9, "validation"),
+             Clip("/r/computer/a.flac", WAKE_WORD, calibration, "train", "real"),
+             Clip("/r/computer/b.flac", WAKE_WORD, training, "train", "real")]
+    config = VerifierConfig(synth_negatives_per_word=1, synth_hard_negative_words=("athena",),
+                            calibration_copy_factor=3, real_computer_copies=2)
+    tasks = tasks_for(clips, config)
+    words = [Path(t.path).parent.name for t in tasks if not t.positive]
+    assert words.count("athena") == 3 and words.count("mirror") == 1  # never a held-out voice's
+    paths = ("/r/computer/a.flac", "/r/computer/b.flac")
+    copies = {path: sum(t.path == path for t in tasks) for path in paths}
+    assert copies == {"/r/computer/a.flac": 6, "/r/computer/b.flac": 2}
+    plain = tasks_for(clips, VerifierConfig(synth_negatives_per_word=1, real_computer_copies=2))
+    assert [Path(t.path).parent.name for t in plain if not t.positive].count("athena") == 1
 
 
 def test_a_phrase_copy_has_words_around_the_clip_and_its_own_seed() -> None:
