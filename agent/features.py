@@ -277,6 +277,22 @@ class _FrontEnd:
         mfcc: npt.NDArray[np.float32] = (log_mel @ self.dct_matrix).astype(np.float32)
         return mfcc
 
+    def mfcc_stack(self, mel_energies: npt.NDArray[np.float64], peaks: npt.NDArray[np.float64],
+                   work: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+        """(windows, frames, coefficients): :meth:`mfcc` of each of a stack of windows' mel energies (none
+        masked) with its own peak, in one call of each numpy function; ``work``: room for the log-mel energies
+        (the stack's shape). The same values: division, addition and log act on each value alone, and
+        np.matmul multiplies each window of the stack with the same BLAS call as a window alone."""
+        params = self.params
+        if params.peak_normalize:
+            np.divide(mel_energies, np.maximum(peaks, params.min_peak)[:, None, None], out=work)
+        else:
+            np.copyto(work, mel_energies)
+        np.add(work, params.log_offset, out=work)
+        np.log(work, out=work)
+        mfcc: npt.NDArray[np.float32] = np.matmul(work, self.dct_matrix).astype(np.float32)
+        return mfcc
+
 
 @functools.lru_cache(maxsize=8)
 def _front_end(params: FeatureParams) -> _FrontEnd:
@@ -366,12 +382,13 @@ class StreamingFeatures:
     A push runs every hop on a CPU that idles in between (so cold): the samples go straight into one
     preallocated float buffer (the unfinished frame's samples at its front) and its frames are read through
     a strided view of that buffer made once per frame count, windowed into another preallocated buffer; a
-    long push is taken MAX_GATHERED_FRAMES frames at a time (the frames are the same, see ``mel_of_frames``).
+    long push is taken MAX_GATHERED_FRAMES frames, and those of ``behind``, at a time (the frames are the
+    same, see ``mel_of_frames``).
 
     ``behind``: ``features`` and ``recent_frame_energies`` may also be asked about an earlier hop boundary
     (``end``), up to this many samples before the newest sample, and answer exactly what they answered when
     the stream had been pushed up to ``end``; so several hops can be pushed at once (one push, one FFT call)
-    and then analysed hop by hop.
+    and then analysed hop by hop, or their windows all at once (``recent_windows``).
     """
 
     def __init__(self, params: FeatureParams, *, behind: int = 0, history_frames: int = 0) -> None:
@@ -390,13 +407,17 @@ class StreamingFeatures:
         self._mel = RowHistory(max(self._energy_frames, history_frames + 1) + lag, (params.num_mel_bands,))
         # |peak| of each complete hop-sized chunk of the window, and of the lag's
         self._chunk_peaks = RowHistory(self._chunks_per_window + lag)
-        self._piece = MAX_GATHERED_FRAMES * params.hop_samples  # samples taken per step of a long push
+        # Samples taken per step of a long push: a push of up to ``behind`` and MAX_GATHERED_FRAMES more hops
+        # (the voice pipeline's idle block) is one step (one FFT call and one mel product for all its frames).
+        piece_frames = MAX_GATHERED_FRAMES + lag
+        self._piece = piece_frames * params.hop_samples
         # The samples of the frames still to compute (under frame_samples left over) plus one piece.
         self._signal = np.zeros(params.frame_samples + self._piece)
         self._magnitude = np.zeros(self._piece)  # |samples| of a piece, for the peaks
-        self._windowed = np.zeros((MAX_GATHERED_FRAMES + 1, params.frame_samples))
-        self._spectra = np.zeros((MAX_GATHERED_FRAMES + 1, params.fft_size // 2 + 1))
+        self._windowed = np.zeros((piece_frames + 1, params.frame_samples))
+        self._spectra = np.zeros((piece_frames + 1, params.fft_size // 2 + 1))
         self._log_mel = np.zeros((params.num_frames, params.num_mel_bands))
+        self._log_mel_stacks: dict[int, npt.NDArray[np.float64]] = {}  # window count -> room (recent_windows)
         self._frame_views: dict[int, npt.NDArray[np.float64]] = {}
         self.reset()
 
@@ -495,6 +516,37 @@ class StreamingFeatures:
         # masked_frames <= num_frames < chunks per window: never empty
         peaks = self._chunk_peaks.latest(self._chunks_per_window - masked_frames, skip=lag)
         return self._front_end.mfcc(mel, float(peaks.max()), masked_frames=masked_frames, work=self._log_mel)
+
+    def recent_windows(self, count: int, step: int) -> npt.NDArray[np.float32]:
+        """(count, num_frames, num_features): :meth:`features` (nothing silenced) of the windows ending at the
+        newest hop boundary and at the ``count - 1`` boundaries before it ``step`` samples apart, oldest
+        first, computed together (:meth:`_FrontEnd.mfcc_stack`: the same values, a few numpy calls for all).
+        ``(count - 1) * step`` may not exceed ``behind``."""
+        params = self.params
+        hop = params.hop_samples
+        if count < 1 or step <= 0 or step % hop or (count - 1) * step > self.behind:
+            raise ValueError(f"{count} windows {step} samples apart: need whole hops ({hop} samples), at "
+                             f"most {self.behind} samples (behind) from the first to the last")
+        shift = step // hop  # frames (and hop-sized chunks) from one window to the next
+        first_frame = self._samples_seen // hop - self._chunks_per_window  # of the newest window
+        extra = (self._next_frame - 1) - (first_frame + params.num_frames - 1)  # frames computed beyond it
+        # Overlapping views of the contiguous histories (np.ndarray over their memory: as_strided's
+        # Python-level checks cost more than the rest of this)
+        frames = self._mel.latest()
+        oldest = len(frames) - extra - params.num_frames - (count - 1) * shift  # the first window's first row
+        row, column = frames.strides
+        mel = np.ndarray((count, params.num_frames, params.num_mel_bands), np.float64, frames, oldest * row,
+                         (shift * row, row, column))
+        chunk_peaks = self._chunk_peaks.latest()
+        chunks = self._chunks_per_window
+        start = len(chunk_peaks) - chunks - (count - 1) * shift
+        (stride,) = chunk_peaks.strides
+        peaks = np.ndarray((count, chunks), np.float64, chunk_peaks, start * stride,
+                           (shift * stride, stride)).max(axis=1)
+        work = self._log_mel_stacks.get(count)
+        if work is None:
+            work = self._log_mel_stacks[count] = np.zeros((count, params.num_frames, params.num_mel_bands))
+        return self._front_end.mfcc_stack(mel, peaks, work)
 
     def recent_frame_energies(self, end: int | None = None) -> tuple[int, npt.NDArray[np.float64]]:
         """(global index of the first frame, mel energy of each frame) of the newest frames computed (frame

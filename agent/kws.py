@@ -20,7 +20,13 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features import NON_WORD_LABELS, FeatureParams
-from agent.tflite import embedding_tensor_index, load_interpreter, metadata_path, read_metadata
+from agent.tflite import (
+    InputQuantizer,
+    embedding_tensor_index,
+    load_interpreter,
+    metadata_path,
+    read_metadata,
+)
 from agent.verifier import WakeVerifier
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,17 @@ REQUIRED_METADATA = (
     "sha256",
 )
 
+
+class _Batch:
+    """An interpreter of the keyword model resized to take ``windows`` windows per invocation, with its
+    preallocated input (what set_tensor copies) and quantization room."""
+
+    def __init__(self, interpreter: Any, windows: int, features_shape: tuple[int, int],
+                 input_shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        self.interpreter = interpreter
+        self.input_buffer = np.zeros((windows, *input_shape[1:]), dtype=dtype)
+        self.input_view = self.input_buffer.reshape((windows, *features_shape))  # the same memory
+        self.work = np.zeros((windows, *features_shape), dtype=np.float32)
 
 
 class KwsModel:
@@ -51,6 +68,7 @@ class KwsModel:
         refractory_seconds: float,
         smoothing_seconds: float,
         size_bytes: int,
+        model_bytes: bytes = b"",
         embedding_index: int | None = None,
         verifier: WakeVerifier | None = None,
     ) -> None:
@@ -65,24 +83,22 @@ class KwsModel:
         self.size_bytes = size_bytes
         self.sha256: str = metadata["sha256"]
         self._interpreter = interpreter
+        self._model_bytes = model_bytes  # for the interpreters that take several windows at once
         input_detail = interpreter.get_input_details()[0]
         output_detail = interpreter.get_output_details()[0]
         self._input_index: int = input_detail["index"]
         self._output_index: int = output_detail["index"]
         self._input_shape = tuple(int(n) for n in input_detail["shape"])
-        self.input_dtype: np.dtype[Any] = np.dtype(input_detail["dtype"])
+        self._quantizer = InputQuantizer(input_detail)
+        self.input_dtype: np.dtype[Any] = self._quantizer.dtype
         self.output_dtype: np.dtype[Any] = np.dtype(output_detail["dtype"])
-        self._input_scale, self._input_zero = (float(v) for v in input_detail["quantization"])
         self._output_scale, self._output_zero = (float(v) for v in output_detail["quantization"])
         # predict() runs every hop on a CPU that idles in between (so cold): what it can, it computes here.
-        self._input_quantized = self.input_dtype in (np.dtype(np.int8), np.dtype(np.uint8))
-        if self._input_quantized:
-            info = np.iinfo(self.input_dtype)
-            self._input_range = (float(info.min), float(info.max))
         self._features_shape = self.params.shape
         self._quantize_buffer = np.zeros(self._features_shape, dtype=np.float32)
         self._input_buffer = np.zeros(self._input_shape, dtype=self.input_dtype)  # what set_tensor copies
         self._input_view = self._input_buffer.reshape(self._features_shape)  # the same memory
+        self._batches: dict[int, _Batch] = {}  # windows per invocation (> 1) -> its interpreter
         self._output_table: npt.NDArray[np.float32] | None = None
         if self.output_dtype in (np.dtype(np.int8), np.dtype(np.uint8)):
             # Every possible output value dequantized once, indexed by its byte (np.take wraps int8's
@@ -98,6 +114,12 @@ class KwsModel:
     def words(self) -> tuple[str, ...]:
         """The vocabulary words (labels other than ``_silence_`` and ``_unknown_``)."""
         return tuple(label for label in self.labels if label not in NON_WORD_LABELS)
+
+    @property
+    def max_output(self) -> float | None:
+        """The largest probability the model can output (its int8 output's largest value); None when its
+        output is not quantized (no bound known)."""
+        return float(self._output_table.max()) if self._output_table is not None else None
 
     @property
     def is_quantized(self) -> bool:
@@ -158,6 +180,7 @@ class KwsModel:
             refractory_seconds=refractory,
             smoothing_seconds=smoothing,
             size_bytes=len(model_bytes),
+            model_bytes=model_bytes,
             embedding_index=embedding_index,
             verifier=_load_verifier(path, metadata, labels, params) if verifier else None,
         )
@@ -179,23 +202,40 @@ class KwsModel:
         array = np.asarray(features, dtype=np.float32)
         if array.shape != self._features_shape:
             raise ValueError(f"features of shape {array.shape}, the model expects {self._features_shape}")
-        if self._input_quantized:
-            # round(x / scale + zero_point), clipped to the integer range, in float32 as numpy computes
-            # `array / scale + zero` (Python floats stay weak), into one preallocated buffer.
-            # (np.minimum and np.maximum: np.clip's Python-level argument handling costs more than both.)
-            work = self._quantize_buffer
-            np.divide(array, self._input_scale, out=work)
-            np.add(work, self._input_zero, out=work)
-            np.rint(work, out=work)
-            np.maximum(work, self._input_range[0], out=work)
-            np.minimum(work, self._input_range[1], out=work)
-            model_input = work
-        else:
-            model_input = array
-        np.copyto(self._input_view, model_input, casting="unsafe")  # what astype(input_dtype) computes
+        self._quantizer.into(array, self._input_view, self._quantize_buffer)
         self._interpreter.set_tensor(self._input_index, self._input_buffer)
         self._interpreter.invoke()
-        output = self._interpreter.get_tensor(self._output_index)[0]
+        return self._scores(self._interpreter.get_tensor(self._output_index)[0])
+
+    def predict_batch(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """(windows, labels): :meth:`predict` of each of a stack of (num_frames, num_features) windows, in one
+        invocation of an interpreter made for that many windows (made on first use, then kept): the same
+        probabilities, bit for bit (int8 kernels add exact integers and requantize each value alone), for
+        fewer calls per window. :meth:`embedding` then still describes the last :meth:`predict`."""
+        array = np.asarray(features, dtype=np.float32)
+        if array.ndim != 3 or array.shape[1:] != self._features_shape or not len(array):
+            raise ValueError(f"features of shape {array.shape}, the model expects (windows, "
+                             f"{self._features_shape[0]}, {self._features_shape[1]})")
+        batch = self._batches.get(len(array))
+        if batch is None:
+            batch = self._batches[len(array)] = self._make_batch(len(array))
+        self._quantizer.into(array, batch.input_view, batch.work)
+        batch.interpreter.set_tensor(self._input_index, batch.input_buffer)
+        batch.interpreter.invoke()
+        return self._scores(batch.interpreter.get_tensor(self._output_index))
+
+    def _make_batch(self, windows: int) -> _Batch:
+        interpreter, _inputs, _outputs = load_interpreter(self._model_bytes, f"keyword model {self.path}", 1)
+        try:
+            interpreter.resize_tensor_input(self._input_index, [windows, *self._input_shape[1:]])
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            raise ModelError(f"keyword model {self.path} cannot take {windows} windows at once: {err}") \
+                from err
+        return _Batch(interpreter, windows, self._features_shape, self._input_shape, self.input_dtype)
+
+    def _scores(self, output: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """Dequantized model output (any shape)."""
         if self._output_table is not None:
             scores: npt.NDArray[np.float32] = np.take(self._output_table, output, mode="wrap")
             return scores

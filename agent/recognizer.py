@@ -37,6 +37,10 @@ NO_WORD = "no"
 # next word before firing the shorter one.
 DEFAULT_CONTINUATION_SECONDS = 1.0
 HISTORY_ROWS = 16  # posteriors kept at first (5 at the default 0.5 s smoothing, 100 ms hops); grows if needed
+MAX_EXPECTED_SETS = 64  # the label indices of this many sets of expected words are kept
+# The most a posterior can be (a probability): what may_detect_next assumes of posteriors not yet seen.
+MAX_POSTERIOR = 1.0
+REACH_SLACK = 1e-4  # may_detect_next's margin for the float32 rounding of the averages
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +82,12 @@ class Recognizer:
         self._labels = settings.labels
         # Per label, as Python objects: process() reads one entry per hop (a numpy scalar costs more).
         self._is_word = tuple(label not in NON_WORD_LABELS for label in self._labels)
-        self._threshold = np.array([settings.thresholds.get(label, 1.0) for label in self._labels])
-        self._threshold_of = tuple(float(value) for value in self._threshold)
+        # float64, compared with float32 scores as float64 (a float32 threshold would be rounded); a label
+        # that is no word never fires
+        self._threshold = np.array([settings.thresholds[label] if is_word else np.inf
+                                    for label, is_word in zip(self._labels, self._is_word, strict=True)])
         self._index = {label: i for i, label in enumerate(self._labels) if label not in NON_WORD_LABELS}
+        self._indices: dict[frozenset[str], npt.NDArray[np.intp]] = {}  # expected words -> their labels
         self.reset()
 
     def reset(self) -> None:
@@ -127,22 +134,70 @@ class Recognizer:
             return np.zeros(len(self._labels))
         count = len(times)
         if seconds is not None and seconds < self.settings.smoothing_seconds:
-            horizon = times[-1] - seconds + 1e-6
-            count = max(1, sum(1 for t in times if t > horizon))
+            count = max(1, self._count_since(seconds, times[-1]))
         return self._average(count)
 
-    def _settle(self, average: npt.NDArray[Any], expected: Collection[str], now: float) -> None:
-        """An expected word whose smoothed score is still below its threshold is judged by its lowest
-        posterior of the last settled_seconds instead, when that is at least its threshold plus settled_margin
-        (a word the smoothing already passes keeps its score)."""
-        horizon = now - self.settings.settled_seconds + 1e-6
-        count = sum(1 for t in self._times if t > horizon)
-        floor = np.min(self._rows.latest(count), axis=0)
-        margin = self.settings.settled_margin
-        for word in expected:
-            index = self._index.get(word)
-            if index is not None and average[index] < self._threshold[index] <= floor[index] - margin:
-                average[index] = floor[index]
+    def may_detect_next(self, now: float) -> bool:
+        """Whether :meth:`process` of the next hop (scores of audio time ``now``) could report a word,
+        whatever its posteriors (each at most MAX_POSTERIOR) and the ``expected`` and ``settled`` it is given:
+        False only when no word can reach its threshold even so, by the full or the listening smoothing, nor
+        settle (its lowest posterior of the last settled_seconds already known to be below its threshold plus
+        settled_margin). A bound for the voice stage, which then reads two hops at once (nothing can be heard
+        on the first)."""
+        settings = self.settings
+        fast = settings.listening_smoothing_seconds
+        if fast is None or fast >= settings.smoothing_seconds:
+            fast = settings.smoothing_seconds
+        # The posteriors each average then keeps besides the next one (the newest ones): with none, the next
+        # one alone decides.
+        full, quick = self._count_since(settings.smoothing_seconds, now), self._count_since(fast, now)
+        settling = self._count_since(settings.settled_seconds, now)
+        if not (full and quick and settling):
+            return True
+        rows = self._rows.latest(max(full, quick, settling))
+        # The most each word can reach: by either smoothing, the next posterior at its largest; by settling,
+        # the lowest posterior already known less the margin.
+        reach = (np.add.reduce(rows[-full:], axis=0, dtype=np.float64) + MAX_POSTERIOR) / (full + 1)
+        quickly = (np.add.reduce(rows[-quick:], axis=0, dtype=np.float64) + MAX_POSTERIOR) / (quick + 1)
+        np.maximum(reach, quickly, out=reach)
+        np.maximum(reach, np.minimum.reduce(rows[-settling:], axis=0) - settings.settled_margin, out=reach)
+        reachable = reach >= self._threshold - REACH_SLACK
+        for word, last in self._last_fired.items():
+            if now - last < settings.refractory_seconds:  # still in its refractory time: cannot fire
+                reachable[self._index[word]] = False
+        return bool(reachable.any())
+
+    def _expected_indices(self, expected: Collection[str]) -> npt.NDArray[np.intp]:
+        """The label indices of the ``expected`` words (a wake window expects a few sets, over and over)."""
+        key = expected if isinstance(expected, frozenset) else frozenset(expected)
+        indices = self._indices.get(key)
+        if indices is None:
+            if len(self._indices) >= MAX_EXPECTED_SETS:
+                self._indices.clear()
+            indices = np.array(sorted(self._index[w] for w in key if w in self._index), dtype=np.intp)
+            self._indices[key] = indices
+        return indices
+
+    def _count_since(self, seconds: float, now: float) -> int:
+        """How many of the kept posteriors are from the last ``seconds`` before ``now`` (the newest first)."""
+        horizon = now - seconds + 1e-6
+        count = 0
+        for t in reversed(self._times):
+            if t <= horizon:
+                break
+            count += 1
+        return count
+
+    def _settle(self, average: npt.NDArray[Any], indices: npt.NDArray[np.intp], now: float) -> None:
+        """An expected word (``indices``) whose smoothed score is still below its threshold is judged by its
+        lowest posterior of the last settled_seconds instead, when that is at least its threshold plus
+        settled_margin (a word the smoothing already passes keeps its score)."""
+        recent = self._rows.latest(self._count_since(self.settings.settled_seconds, now))
+        floor = np.min(recent, axis=0)[indices]
+        threshold = self._threshold[indices]
+        # as for each word alone: float32 score < float64 threshold <= float32 (floor - margin)
+        settles = (average[indices] < threshold) & (threshold <= floor - self.settings.settled_margin)
+        average[indices[settles]] = floor[settles]
 
     def process(self, scores: Scores, *, expected: Collection[str] = (),
                 settled: bool = False) -> Detection | None:
@@ -164,23 +219,21 @@ class Recognizer:
             self._recent(len(times))  # room for the whole smoothing history
         self._rows.append(np.asarray(scores.values, dtype=np.float32))
         average = self._average(len(times))
-        fast = self.settings.listening_smoothing_seconds
-        if expected and fast is not None and fast < self.settings.smoothing_seconds:
-            quick = self.smoothed(fast)
-            for word in expected:
-                index = self._index.get(word)
-                if index is not None:
-                    average[index] = quick[index]
-        if expected and settled:
-            self._settle(average, expected, now)
+        if expected:
+            indices = self._expected_indices(expected)
+            fast = self.settings.listening_smoothing_seconds
+            if fast is not None and fast < self.settings.smoothing_seconds:
+                average[indices] = self._average(max(1, self._count_since(fast, now)))[indices]
+            if settled:
+                self._settle(average, indices, now)
         self.judged = average
 
         top = int(average.argmax())
         # Re-arm every word that is not (or no longer) confidently on top: the next utterance may fire it.
         top_was_armed = self._disarmed != top
         self._disarmed = None
-        # float(): compared as float64, as with the array of thresholds (a float32 would round the threshold)
-        if not self._is_word[top] or float(average[top]) < self._threshold_of[top]:
+        # Both as Python floats: compared as float64, as with the array of thresholds
+        if not self._is_word[top] or float(average[top]) < self._threshold.item(top):
             return None
         if not top_was_armed:
             self._disarmed = top
@@ -281,6 +334,7 @@ class CommandMatcher:
         self._heard: _Heard | None = None
         self._pending: tuple[Command, _Heard] | None = None  # a complete phrase that a longer one extends
         self._confirming: tuple[Command, _Heard] | None = None
+        self._expected: frozenset[str] | None = None  # expected_words() until a word or a tick changes it
 
     @property
     def state(self) -> str:
@@ -289,6 +343,12 @@ class CommandMatcher:
     def expected_words(self) -> frozenset[str]:
         """The words that would make progress now: continuations of the phrase heard so far and the first
         words of every phrase while listening; yes/no while confirming; nothing while idle."""
+        expected = self._expected
+        if expected is None:
+            expected = self._expected = self._expected_now()
+        return expected
+
+    def _expected_now(self) -> frozenset[str]:
         if self._state == "confirming":
             return frozenset((YES_WORD, NO_WORD))
         if self._state != "listening" or self._heard is None:
@@ -299,6 +359,11 @@ class CommandMatcher:
 
     def on_detection(self, detection: Detection, *, wall_time: float, mono_time: float) -> list[MatchEvent]:
         """Feed one detected word (in audio-time order)."""
+        events = self._on_detection(detection, wall_time=wall_time, mono_time=mono_time)
+        self._expected = None  # the word may have changed what comes next
+        return events
+
+    def _on_detection(self, detection: Detection, *, wall_time: float, mono_time: float) -> list[MatchEvent]:
         now = detection.end
         events = self.tick(now, wall_time=wall_time, mono_time=mono_time)
         word = detection.word
@@ -352,21 +417,38 @@ class CommandMatcher:
         events.extend(self._complete(command_match, heard, wall_time, mono_time))
         return events
 
+    def quiet_at(self, t_audio: float) -> bool:
+        """Whether :meth:`tick` at ``t_audio`` (with no word heard since) would change nothing: no pending
+        phrase is due and no window expires."""
+        if self._state == "idle":
+            return True
+        pending = self._pending if self._state == "listening" else None
+        if pending is not None and t_audio >= self._pending_due(pending):
+            return False
+        return t_audio <= self._deadline
+
+    def _pending_due(self, pending: tuple[Command, _Heard]) -> float:
+        """When a complete phrase that a longer one extends fires if the longer one does not come."""
+        return min(pending[1].last_end + self.continuation_seconds, self._deadline)
+
     def tick(self, t_audio: float, *, wall_time: float, mono_time: float) -> list[MatchEvent]:
         """Advance audio time: fire a pending phrase whose continuation did not come, expire windows."""
         events: list[MatchEvent] = []
         if self._state == "listening":
             if self._pending is not None:
                 command, heard = self._pending
-                if t_audio >= min(heard.last_end + self.continuation_seconds, self._deadline):
+                if t_audio >= self._pending_due(self._pending):
+                    self._expected = None
                     events.extend(self._complete(command, heard, wall_time, mono_time))
                     return events
             if t_audio > self._deadline:
+                self._expected = None
                 partial = tuple(self._heard.words) if self._heard else ()
                 self._go_idle()
                 events.append(MatchEvent("expired", t_audio, words=partial,
                                          reason="no command after the wake word"))
         elif self._state == "confirming" and self._confirming is not None and t_audio > self._deadline:
+            self._expected = None
             command = self._confirming[0]
             self._go_idle()
             events.append(self._cancel(command, t_audio, 'no "yes" in time', kind="expired"))

@@ -130,6 +130,11 @@ class StateThrottle:
                 self._held[sensor] = value
             return False
 
+    def holding(self) -> bool:
+        """Whether a value is held back (``due`` will hand it out)."""
+        with self._lock:
+            return bool(self._held)
+
     def due(self, now: float) -> list[tuple[str, str]]:
         """The held values whose sensor's interval has passed (each handed out once)."""
         with self._lock:

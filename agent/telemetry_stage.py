@@ -9,6 +9,7 @@ Handlers run on paho's thread: parse, hand over, return.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,11 +53,15 @@ class TelemetryStage:
         self._last_values: dict[str, str] = {}
         self._state_throttle = StateThrottle()
         self._call_later = call_later
+        # The state timer runs only while the throttle holds a value back (one at a time): a daemon without
+        # telemetry, or whose sensors report slower than the interval, never wakes for it.
+        self._timer_lock = threading.Lock()
+        self._timer_armed = False
         self._telemetry_subscriptions: list[Any] = []
         self._subscribe_telemetry()
 
     def start(self) -> None:
-        self._call_later(self._state_throttle.interval, self._state_timer)
+        """Nothing to start: the state timer is armed when a value is held back."""
 
     def stop(self) -> None:
         """Nothing to stop: the supervisor's timers end with its loop."""
@@ -113,14 +118,28 @@ class TelemetryStage:
             self._last_values[reading.sensor] = value
             if self._state_throttle.offer(reading.sensor, value, time.monotonic()):
                 self._publish(self.topics.sensor_state(reading.sensor), value, retain=True)
+            elif self._state_throttle.holding():
+                self._arm_state_timer()
+
+    def _arm_state_timer(self) -> None:
+        """Run the state timer once the interval has passed, unless it is armed already."""
+        with self._timer_lock:
+            if self._timer_armed:
+                return
+            self._timer_armed = True
+        self._call_later(self._state_throttle.interval, self._state_timer)
 
     def _state_timer(self) -> None:
-        """Publish the sensor states the throttle held back (the latest value of each)."""
+        """Publish the sensor states the throttle held back (the latest value of each); again later while
+        some are still held (their interval has not passed yet)."""
+        with self._timer_lock:
+            self._timer_armed = False  # a value held from now on arms it again
         try:
             for sensor, value in self._state_throttle.due(time.monotonic()):
                 self._publish(self.topics.sensor_state(sensor), value, retain=True)
         finally:
-            self._call_later(self._state_throttle.interval, self._state_timer)
+            if self._state_throttle.holding():
+                self._arm_state_timer()
 
     def _reject_reading(self, reason: str, text: str) -> None:
         """A stream refused a reading: counted per reason (diagnostics), logged once per reason and

@@ -11,6 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from agent.errors import ModelError
 
 
@@ -43,6 +46,34 @@ def load_interpreter(model_bytes: bytes, what: str, num_threads: int, *,
         return interpreter, interpreter.get_input_details(), interpreter.get_output_details()
     except (ValueError, RuntimeError) as err:
         raise ModelError(f"cannot load {what}: {err}") from err
+
+
+class InputQuantizer:
+    """How a model's input tensor takes float features (its input details' dtype and quantization): an int8
+    or uint8 input gets ``round(x / scale + zero_point)`` clipped to its range, computed in the features'
+    dtype as numpy computes ``x / scale + zero`` (Python floats stay weak); any other dtype gets the values
+    cast. The keyword model (every hop) and the wake verifier share it."""
+
+    def __init__(self, detail: dict[str, Any]) -> None:
+        self.dtype: np.dtype[Any] = np.dtype(detail["dtype"])
+        self.scale, self.zero = (float(v) for v in detail["quantization"])
+        self.quantized = self.dtype in (np.dtype(np.int8), np.dtype(np.uint8))
+        info = np.iinfo(self.dtype) if self.quantized else None
+        self._low, self._high = (float(info.min), float(info.max)) if info is not None else (0.0, 0.0)
+
+    def into(self, values: npt.NDArray[Any], out: npt.NDArray[Any],
+             work: npt.NDArray[Any] | None = None) -> None:
+        """``values`` quantized into ``out`` (the input's dtype, the same number of values in the same
+        order); ``work``: room for the intermediate values (the shape and dtype of ``values``), else
+        allocated. (np.minimum and np.maximum: np.clip's Python-level argument handling costs more.)"""
+        if self.quantized:
+            work = np.divide(values, self.scale, out=work)
+            np.add(work, self.zero, out=work)
+            np.rint(work, out=work)
+            np.maximum(work, self._low, out=work)
+            np.minimum(work, self._high, out=work)
+            values = work
+        np.copyto(out, values.reshape(out.shape), casting="unsafe")  # what astype(dtype) computes
 
 
 def metadata_path(model_path: Path) -> Path:

@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features import FeatureParams
-from agent.tflite import load_interpreter, metadata_path, read_metadata
+from agent.tflite import InputQuantizer, load_interpreter, metadata_path, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ class WakeVerifier:
         self._input_index = int(input_detail["index"])
         self._output_index = int(output_detail["index"])
         self._input_shape = tuple(int(n) for n in input_detail["shape"])
-        self._input_dtype = np.dtype(input_detail["dtype"])
-        self._input_scale, self._input_zero = (float(v) for v in input_detail["quantization"])
+        self._quantizer = InputQuantizer(input_detail)
         self._output_scale, self._output_zero = (float(v) for v in output_detail["quantization"])
         self._output_quantized = np.dtype(output_detail["dtype"]) in (np.dtype(np.int8), np.dtype(np.uint8))
 
@@ -136,13 +135,9 @@ class WakeVerifier:
 
     def score_input(self, features: npt.NDArray[np.float32]) -> float:
         """:meth:`score` of an input already made by :func:`verifier_input`."""
-        if self._input_dtype in (np.dtype(np.int8), np.dtype(np.uint8)):
-            info = np.iinfo(self._input_dtype)
-            scaled = np.clip(np.rint(features / self._input_scale + self._input_zero), info.min, info.max)
-            model_input = scaled.astype(self._input_dtype)
-        else:
-            model_input = features.astype(self._input_dtype)
-        self._interpreter.set_tensor(self._input_index, model_input.reshape(self._input_shape))
+        model_input = np.empty(self._input_shape, dtype=self._quantizer.dtype)
+        self._quantizer.into(np.asarray(features), model_input)
+        self._interpreter.set_tensor(self._input_index, model_input)
         self._interpreter.invoke()
         raw = np.asarray(self._interpreter.get_tensor(self._output_index)).reshape(-1)[0]
         if self._output_quantized:

@@ -12,14 +12,12 @@ by the MQTT link), never sent late.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -28,10 +26,12 @@ from agent.audio import SAMPLE_RATE, AudioSource, EndOfAudio
 from agent.config import Config, VoiceSection
 from agent.errors import ActionError, AudioError, ConfigError, HomeAgentError
 from agent.features import StreamingFeatures
+from agent.intent_payloads import encode, event_payload, hermes_payload, intent_payload
 from agent.kws import KwsModel
 from agent.messages import ActionRequest, Detection, Intent, Scores
 from agent.ports import Publisher
 from agent.recognizer import (
+    MAX_POSTERIOR,
     Command,
     CommandMatcher,
     PipelineOutput,
@@ -86,6 +86,9 @@ READ_TIMEOUT = 0.25  # the stage loop turns at least this often (stop requests, 
 # blocks), no intent came inside the wake word's block, and every latency was the same with 0.3 s, 0.4 s,
 # 0.5 s or no blocks. What is detected, and every capture time, is the same. 0.5 s rather than 0.3 s: the
 # whole daemon's CPU per audio second -7 % on the demo, -10 % on speech without the wake word.
+# While a window is open, the stage reads two hops at once when nothing can happen on the first
+# (VoicePipeline.read_seconds): the hop that may bring a word is always the last of its read, so no intent
+# comes later, and the stage wakes about half as often while a command is spoken.
 IDLE_READ_SECONDS = 0.5
 HEARTBEAT_LIMIT = 10.0  # healthy() is False when the loop has not turned for this long
 # Audio fed after the end of a finite stream so that a word at its very end still passes through the whole
@@ -180,6 +183,10 @@ class VoicePipeline:
             model.verifier.word == voice.wake_word else None
         self._verified_index = model.labels.index(voice.wake_word) if self.verifier is not None else -1
         self._raised_at: float | None = None  # audio time of the last hop the household raised the wake word
+        # read_seconds() may skip a wake-up only if no posterior can exceed what Recognizer.may_detect_next
+        # assumes (the household heads' scores are probabilities too)
+        ceiling = model.max_output
+        self._posteriors_bounded = ceiling is not None and ceiling <= MAX_POSTERIOR
         self.rejected_wakes = 0
         history = self.verifier.frames if self.verifier is not None else 0
         self.features = StreamingFeatures(params, behind=(self._batch_hops - 1) * self.hop_samples,
@@ -204,6 +211,20 @@ class VoicePipeline:
     def listening(self) -> bool:
         """A wake window (or a confirmation) is open: the next words are a command's."""
         return self.matcher.state != "idle"
+
+    def read_seconds(self) -> float | None:
+        """How much audio the voice stage reads next (None: its source's usual block, one hop):
+        IDLE_READ_SECONDS while no wake window is open; while one is, two hops when nothing can happen on the
+        next one (no word can reach its threshold there, whatever the model says, and no phrase or window is
+        due), so the stage wakes once for both, else one. Every hop that can bring a word or an intent is the
+        last of its read, handled as soon as it is heard: the latency is unchanged."""
+        if not self.listening:
+            return IDLE_READ_SECONDS
+        following = (self._samples + self.hop_samples) / SAMPLE_RATE  # the next hop's audio time
+        if self._posteriors_bounded and self.matcher.quiet_at(following) and \
+                not self.recognizer.may_detect_next(round(following, 6)):  # as its Scores will say
+            return 2 * self.hop_seconds
+        return None
 
     @property
     def silence_before(self) -> int | None:
@@ -241,7 +262,8 @@ class VoicePipeline:
         for start in range(0, whole, batch):
             stop = min(start + batch, whole)
             self.features.push(buffer[start:stop])
-            for offset in range(start, stop, hop):
+            idle = self._idle_posteriors((stop - start) // hop)
+            for index, offset in enumerate(range(start, stop, hop)):
                 self._samples += hop
                 behind = (len(buffer) - offset - hop) / SAMPLE_RATE  # audio after this hop in the block
                 t_audio = self.t_audio
@@ -251,15 +273,30 @@ class VoicePipeline:
                 # counts as digital silence (as short training clips were padded), so a word at the very
                 # start of a stream or a clip is seen at every position in the window, not only at its left
                 # edge.
-                self._invoke(t_audio, mono, wall, output)
+                self._invoke(t_audio, mono, wall, output, None if idle is None else idle[index])
                 output.events.extend(self.matcher.tick(t_audio, wall_time=wall, mono_time=mono))
         self._pending = buffer[whole:].copy()
         return output
 
-    def _invoke(self, t_audio: float, mono: float, wall: float, output: PipelineOutput) -> None:
+    def _idle_posteriors(self, hops: int) -> npt.NDArray[np.float32] | None:
+        """The model's posteriors for each of the ``hops`` hops just pushed, as they are while no wake window
+        is open (nothing silenced), all windows in one invocation; None when a window is open (its hops are
+        analysed one by one), for a single hop, or with household heads (they need each hop's embedding)."""
+        if hops < 2 or self.matcher.state != "idle" or self.adaptation is not None:
+            return None
+        return self.model.predict_batch(self.features.recent_windows(hops, self.hop_samples))
+
+    def _invoke(self, t_audio: float, mono: float, wall: float, output: PipelineOutput,
+                idle_posteriors: npt.NDArray[np.float32] | None) -> None:
+        """``idle_posteriors``: this hop's posteriors if no wake window is open (``_idle_posteriors``); used
+        when none is, or else the hop's window is analysed now (the block's earlier hops opened one)."""
         expected = self.matcher.expected_words()
         self._update_silence(listening=bool(expected))
-        probabilities = self.model.predict(self.features.features(self._silence_before, end=self._samples))
+        if idle_posteriors is not None and not expected:
+            probabilities = idle_posteriors  # what predict() gives: the window with nothing silenced
+        else:
+            features = self.features.features(self._silence_before, end=self._samples)
+            probabilities = self.model.predict(features)
         if self.adaptation is not None:
             adapted = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding())
             index = self._verified_index
@@ -367,51 +404,6 @@ def model_hop_seconds(model: KwsModel) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= HOP_SECONDS:
         return float(value)
     return HOP_SECONDS
-
-
-# --------------------------------------------------------------------------------------------- payloads
-
-
-def intent_payload(intent: Intent, agent: str) -> dict[str, Any]:
-    """``agent``: the agent that acts on it (the one that won the arbitration, when there is one)."""
-    return {"intent": intent.action, "words": list(intent.words),
-            "scores": [round(s, 4) for s in intent.scores], "time": round(intent.time, 3), "agent": agent}
-
-
-def hermes_payload(intent: Intent, site_id: str, wake_word: str) -> dict[str, Any]:
-    """The ``hermes/intent/<name>`` message as Rhasspy 2.5 publishes it."""
-    text = " ".join(intent.words)
-    tokens = []
-    position = 0
-    for word, score in zip(intent.words, intent.scores, strict=True):
-        tokens.append({"value": word, "confidence": round(score, 4), "rangeStart": position,
-                       "rangeEnd": position + len(word)})
-        position += len(word) + 1
-    confidence = round(min(intent.scores), 4) if intent.scores else 1.0
-    return {
-        "input": text,
-        "rawInput": text,
-        "intent": {"intentName": intent.action, "confidenceScore": confidence},
-        "siteId": site_id,
-        "id": None,
-        "slots": [],
-        "sessionId": uuid.uuid4().hex,
-        "customData": None,
-        "asrTokens": [tokens],
-        "asrConfidence": confidence,
-        "wakewordId": wake_word,
-        "lang": None,
-    }
-
-
-def event_payload(intent: Intent, agent: str) -> dict[str, Any]:
-    """Home Assistant MQTT event entity: ``event_type`` plus attributes (``agent``: which agent acted)."""
-    return {"event_type": intent.action, "words": list(intent.words),
-            "scores": [round(s, 4) for s in intent.scores], "time": round(intent.time, 3), "agent": agent}
-
-
-def _dumps(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -544,10 +536,8 @@ class VoiceStage:
                 self._wait(retry_interval)
                 continue
             try:
-                if self.pipeline.listening:
-                    chunk = self.source.read(READ_TIMEOUT)
-                else:
-                    chunk = self.source.read(READ_TIMEOUT + IDLE_READ_SECONDS, seconds=IDLE_READ_SECONDS)
+                seconds = self.pipeline.read_seconds()
+                chunk = self.source.read(READ_TIMEOUT + (seconds or 0.0), seconds=seconds)
             except EndOfAudio:
                 self._end_of_stream(failed=False)
                 return
@@ -687,7 +677,7 @@ class VoiceStage:
             (topics.event, event_payload(intent, agent)),
         )
         for topic, payload in messages:
-            self._publish(topic, _dumps(payload), qos=1, retain=False, expires_mono=request.expires_mono)
+            self._publish(topic, encode(payload), qos=1, retain=False, expires_mono=request.expires_mono)
         try:
             self._request_action(request)
             self._count("actions_requested")

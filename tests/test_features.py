@@ -238,6 +238,24 @@ def test_a_long_push_equals_hop_pushes_and_the_whole_window() -> None:
     np.testing.assert_array_equal(whole.recent_frame_energies()[1], hops.recent_frame_energies()[1])
 
 
+def test_the_windows_of_a_block_computed_together_are_those_asked_one_by_one() -> None:
+    """``recent_windows``: the windows ending at each hop of the last push (the voice path's idle block),
+    computed together, are exactly what ``features(end=...)`` answers for each, from the very first block
+    (front still zeros) on; a window further back than ``behind`` is refused."""
+    audio = speech_like(4.0, seed=23)
+    block, hop = 8000, 1600
+    stream = StreamingFeatures(PARAMS, behind=block - hop)
+    for start in range(0, len(audio) // block * block, block):
+        stream.push(audio[start : start + block])
+        together = stream.recent_windows(block // hop, hop)
+        assert together.shape == (block // hop, *PARAMS.shape) and together.dtype == np.float32
+        for index, end in enumerate(range(start + hop, start + block + 1, hop)):
+            np.testing.assert_array_equal(together[index], stream.features(end=end))
+    np.testing.assert_array_equal(stream.recent_windows(1, hop)[0], stream.features())
+    with pytest.raises(ValueError, match="behind"):
+        stream.recent_windows(block // hop + 1, hop)
+
+
 def test_an_earlier_hop_boundary_is_answered_as_when_the_stream_had_only_reached_it() -> None:
     """``behind``: several hops pushed at once, then features and frame energies asked hop by hop (the
     voice path does this with a whole idle block), are exactly what a stream pushed hop by hop answered,

@@ -76,6 +76,23 @@ def test_predict_rejects_wrong_shape(model: KwsModel) -> None:
         model.predict(np.zeros((40, 10), np.float32))
 
 
+def test_a_stack_of_windows_in_one_invocation_gets_each_window_s_probabilities(model: KwsModel) -> None:
+    """predict_batch (the voice path's idle block: its windows in one invocation) is predict of each window,
+    bit for bit: windows of speech, of silence, and values beyond the input's range (clipped)."""
+    rng = np.random.default_rng(5)
+    speech = to_int16(rng.normal(0, 0.2, 16000 * 3))
+    windows = [window_features(speech[end - 16000 : end], model.params)
+               for end in range(16000, len(speech), 4000)]
+    windows += [window_features(np.zeros(16000, np.int16), model.params),
+                rng.uniform(-300, 300, model.params.shape).astype(np.float32)]
+    stack = np.stack(windows)
+    for count in (2, 5, len(stack)):
+        np.testing.assert_array_equal(model.predict_batch(stack[:count]),
+                                      np.stack([model.predict(w) for w in stack[:count]]))
+    with pytest.raises(ValueError, match="expects"):
+        model.predict_batch(stack[0])
+
+
 # ------------------------------------------------------------------------------------------ broken files
 
 

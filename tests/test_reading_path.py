@@ -240,3 +240,44 @@ def test_a_message_with_a_time_to_live_ends_the_read_pause(tmp_path: Path) -> No
     assert not link._pacer._wake.is_set()  # a sensor state waits for the pause's end
     link._send(session, _Outgoing("home-agent/replay/cmd", b"1", 1, False, 5.0, None))
     assert link._pacer._wake.is_set()  # a voice command does not
+
+
+def test_the_state_timer_runs_only_while_a_state_is_held_back(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The telemetry stage schedules its state timer only when the throttle holds a value back, one at a
+    time: a daemon without telemetry, or whose sensors report less than once a second, never wakes for it
+    (it used to every second). The timer publishes the held value and stops once nothing is held."""
+    clock = FakeClock()
+    monkeypatch.setattr(telemetry_stage, "time", types.SimpleNamespace(time=clock.time,
+                                                                      monotonic=clock.monotonic))
+    cfg = config(tmp_path)
+    link = MqttLink(cfg, availability=False)
+    published: list[bytes | str] = []
+    timers: list[tuple[float, Any]] = []
+
+    def publish(topic: str, payload: bytes | str, *, qos: int = 0, retain: bool = False,
+                expires_mono: float | None = None) -> bool:
+        published.append(payload)
+        return True
+
+    stage = TelemetryStage(cfg, publish=publish, subscribe=link.subscribe, unsubscribe=link.unsubscribe,
+                           count_bad_payload=link.stats.count_bad_payload, readings=None,
+                           call_later=lambda delay, callback: timers.append((delay, callback)))
+
+    def hear(value: float) -> None:
+        message = paho.MQTTMessage(topic=b"zigbee2mqtt/sensor/kitchen")
+        message.payload = json.dumps({"temperature": value}).encode()
+        link._on_message(NoSocket(), None, message)  # type: ignore[arg-type]
+
+    stage.start()
+    hear(21.0)
+    clock.now += 2.0
+    hear(21.5)  # a second later: published at once
+    assert published == ["21.0", "21.5"] and timers == []
+    clock.now += 0.2
+    hear(22.0)
+    hear(22.5)  # both held back: one timer
+    assert published == ["21.0", "21.5"] and [delay for delay, _ in timers] == [1.0]
+    clock.now += 1.0
+    timers.pop()[1]()
+    assert published == ["21.0", "21.5", "22.5"] and timers == []  # nothing held: no timer

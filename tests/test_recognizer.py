@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -404,6 +405,55 @@ def test_the_matcher_says_which_words_it_expects() -> None:
     assert m.expected_words() == {"on", "off", "heat", "light", "fan", "stop"}
     feed(m, [("off", 1.8)])  # a confirm action
     assert m.expected_words() == {"yes", "no"}
+
+
+def test_a_hop_the_bound_calls_out_of_reach_never_reports_a_word() -> None:
+    """may_detect_next(t) False (the voice stage then reads two hops at once): whatever the next posteriors
+    (any word at 1.0), whichever words are expected and whether the word is over, process() at t reports
+    nothing. Over a stream of words at random levels, some firing, and the bound is often False."""
+    rng = np.random.default_rng(8)
+    recognizer = Recognizer(listening_settings())
+    words = [label for label in LABELS if not label.startswith("_")]
+    everything = frozenset(words)
+    out_of_reach = detections = 0
+    speaking: str | None = None
+    for step in range(800):
+        now = round(1.0 + step * HOP, 6)
+        if not recognizer.may_detect_next(now):
+            out_of_reach += 1
+            for name in words:
+                for expected, settled in ((frozenset(), False), (everything, False), (everything, True)):
+                    probe = copy.deepcopy(recognizer)
+                    heard = probe.process(frame(now, **{name: 1.0}), expected=expected, settled=settled)
+                    assert heard is None, (now, name, expected, settled)
+        if rng.random() < 0.15:  # a word starts, or silence
+            speaking = str(rng.choice(words)) if rng.random() < 0.6 else None
+        level = float(rng.uniform(0.3, 1.0))
+        expected = frozenset(rng.choice(words, size=3, replace=False)) if step % 2 else frozenset()
+        scores = frame(now, **({speaking: level} if speaking else {}))
+        detection = recognizer.process(scores, expected=expected, settled=bool(rng.random() < 0.3))
+        detections += detection is not None
+    assert detections > 20 and out_of_reach > 200
+
+
+def test_the_matcher_says_when_a_tick_would_change_nothing() -> None:
+    """quiet_at(t): tick(t) emits nothing and leaves the state alone, exactly then (pending phrases that
+    a longer one extends, open wake windows, confirmations, idle)."""
+    rng = np.random.default_rng(3)
+    m = matcher(wake_window=2.0, confirm_window=1.5, continuation_seconds=0.7)
+    now = 0.0
+    checked = {True: 0, False: 0}
+    for _ in range(300):
+        now = round(now + float(rng.uniform(0.05, 1.2)), 3)
+        spoken = str(rng.choice(["computer", "computer", "heat", "up", "light", "off", "on", "stop", "fan",
+                                 "yes", "no"]))
+        m.on_detection(Detection(spoken, 0.9, max(0.0, now - 1), now), wall_time=now, mono_time=now)
+        for later in np.arange(now, now + 3.0, 0.1):
+            probe = copy.deepcopy(m)
+            changed = bool(probe.tick(float(later), wall_time=0.0, mono_time=0.0))
+            assert m.quiet_at(float(later)) is not changed, (spoken, later, m.state)
+            checked[changed] += 1
+    assert min(checked.values()) > 100
 
 
 def test_listening_smoothing_cannot_exceed_the_smoothing() -> None:

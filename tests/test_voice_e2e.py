@@ -289,8 +289,8 @@ class _RecordedReads(FileSource):
 def test_the_stage_reads_bigger_blocks_only_while_no_command_is_under_way(
         tmp_path: Path, mosquitto: Mosquitto) -> None:
     """In-process: while idle the stage reads IDLE_READ_SECONDS at a time (its hops then run back to back),
-    once the wake word opened a window it reads 100 ms at a time; the intents and the model invocations are
-    those of the same file fed 100 ms at a time."""
+    once the wake word opened a window it reads 100 ms at a time, or 200 ms when nothing can happen in the
+    first 100 ms; the intents and the model invocations are those of the same file fed 100 ms at a time."""
     config = parse_config(voice_config(mosquitto, tmp_path / "state"))
     requests: list[ActionRequest] = []
     source = _RecordedReads(EXAMPLES / "demo_commands.wav")
@@ -305,6 +305,7 @@ def test_the_stage_reads_bigger_blocks_only_while_no_command_is_under_way(
     assert wait_until(lambda: stage.finished, timeout=60)
     stage.stop()
     assert IDLE_READ_SECONDS in source.asked and None in source.asked
+    assert 2 * stage.pipeline.hop_seconds in source.asked
     assert source.asked[0] == IDLE_READ_SECONDS  # nothing is under way at the start
 
     pipeline = load_pipeline(config)

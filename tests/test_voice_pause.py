@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from agent.audio import read_audio_file
 from agent.config import VoiceSection
@@ -77,32 +79,52 @@ def test_the_command_after_the_wake_word_is_heard_with_the_wake_word_silenced() 
     assert pipeline.silence_before is None  # the window closed: the model hears its whole window again
 
 
-def test_blocks_of_any_size_are_heard_as_hop_by_hop() -> None:
-    """The pipeline pushes a block's hops into the features at once (an idle read: one push) and analyses
-    them hop by hop: posteriors, judged scores, the silenced front, detections and events are those of the
-    same audio fed one hop at a time, for idle-sized blocks, ragged blocks and the whole recording at once."""
+@pytest.mark.parametrize("recording", ["demo_commands.wav", "heat_up_no_wake.wav", "computer_light_on.wav"])
+def test_blocks_of_any_size_are_heard_as_hop_by_hop(recording: str) -> None:
+    """The pipeline pushes a block's hops into the features at once (an idle read: one push, and while no wake
+    window is open their windows in one model invocation) and analyses them hop by hop: posteriors, judged
+    scores, the silenced front, detections and events are those of the same audio fed one hop at a time, for
+    idle-sized blocks, ragged blocks, the whole recording at once, and the reads the voice stage makes
+    (read_seconds), where the first hop of a two-hop read brings nothing."""
     model = KwsModel.load(REPO_ROOT / "models" / "kws.tflite")
     commands = [Command(("heat", "up"), "heating_up"), Command(("light", "on"), "light_on"),
                 Command(("fan", "off"), "fan_off")]
-    audio = np.concatenate([read_audio_file(REPO_ROOT / "examples" / "demo_commands.wav"), tail_padding()])
+    audio = np.concatenate([read_audio_file(REPO_ROOT / "examples" / recording), tail_padding()])
+    hop = 1600
 
-    def heard(sizes: list[int]) -> tuple[list[object], list[str]]:
+    def heard(block: Callable[[VoicePipeline], int]) -> tuple[list[object], list[str]]:
         pipeline = VoicePipeline(model, VoiceSection(), commands)
         hops: list[object] = []
         pipeline.on_hop = lambda scores, judged, detection: hops.append(
             (scores.t_audio, scores.values.tobytes(), judged.tobytes(), detection, pipeline.silence_before))
         said: list[str] = []
         offset = 0
-        for size in sizes:
+        while offset < len(audio):
+            size = block(pipeline)
+            if size == 2 * hop:  # fed as two hops here, to see what the first one brings
+                first = pipeline.feed(audio[offset : offset + hop])
+                assert not first.detections and not first.events, f"the quiet hop at {offset / 16000} s"
+                said += [repr(event) for event in first.events]
+                offset += hop
+                size = hop
             output = pipeline.feed(audio[offset : offset + size])
             offset += size
             said += [repr(event) for event in output.events]
         return hops, said
 
-    hop = 1600
-    reference = heard([hop] * (len(audio) // hop + 1))
-    assert sum(1 for event in reference[1] if "'intent'" in event) >= 2  # commands were heard
+    reference = heard(lambda _pipeline: hop)
+    if recording != "heat_up_no_wake.wav":
+        assert sum(1 for event in reference[1] if "'intent'" in event) >= 1  # commands were heard
     rng = np.random.default_rng(2)
-    for sizes in ([8000] * (len(audio) // 8000 + 1), [int(n) for n in rng.integers(1, 20000, 200)],
-                  [len(audio)]):
-        assert heard(sizes) == reference
+    ragged = iter([int(n) for n in rng.integers(1, 20000, len(audio))])
+    two_hop_reads = 0
+
+    def as_the_stage_reads(pipeline: VoicePipeline) -> int:
+        nonlocal two_hop_reads
+        size = round((pipeline.read_seconds() or pipeline.hop_seconds) * 16000)
+        two_hop_reads += size == 2 * hop
+        return size
+
+    for block in (lambda _p: 8000, lambda _p: next(ragged), lambda _p: len(audio), as_the_stage_reads):
+        assert heard(block) == reference
+    assert two_hop_reads > 0 or recording == "heat_up_no_wake.wav"
