@@ -260,7 +260,7 @@ def test_the_state_timer_runs_only_while_a_state_is_held_back(tmp_path: Path,
         published.append(payload)
         return True
 
-    stage = TelemetryStage(cfg, publish=publish, subscribe=link.subscribe, unsubscribe=link.unsubscribe,
+    stage = TelemetryStage(cfg, publish=publish, resubscribe=link.resubscribe,
                            count_bad_payload=link.stats.count_bad_payload, readings=None,
                            call_later=lambda delay, callback: timers.append((delay, callback)))
 
