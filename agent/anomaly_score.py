@@ -144,57 +144,6 @@ def score_file(config: AnomalySection, source: Path, target: Path) -> FileResult
 REFUSED = {"time_backwards": "time going backwards", "duplicate_time": "duplicate timestamp"}
 
 
-def _score_rows(detector: StreamDetector, reader: Iterator[list[str]], source: Path,
-                result: FileResult) -> Iterator[tuple[str, str, str, str]]:
-    columns: tuple[int, int] | None = None
-    update = detector.update
-    state = detector.state
-    for row in reader:
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue  # blank line
-        if columns is None:
-            columns = _header(row, source, getattr(reader, "line_num", 1))
-            ts_col, value_col = columns
-            continue
-        result.rows += 1
-        ts_text = row[ts_col] if len(row) > ts_col else ""
-        value_text = row[value_col] if len(row) > value_col else ""
-        try:
-            t = parse_timestamp(ts_text)
-            value = float(value_text)
-        except (ValueError, OverflowError):
-            _warn(result, source, reader, "unreadable timestamp or value", f"{ts_text!r}, {value_text!r}")
-            yield ts_text, value_text, repr(state.score), "0"
-            continue
-        outcome = update(t, value)
-        if outcome is None:
-            _warn(result, source, reader, REFUSED.get(detector.last_rejection, "not a finite number"),
-                  f"{ts_text!r}, {value_text!r}")
-            yield ts_text, value_text, repr(state.score), "0"
-            continue
-        if outcome.started:
-            result.alerts += 1
-        yield ts_text, value_text, repr(outcome.score), "1" if outcome.started else "0"
-    if columns is None:
-        raise InputError(f"{source}: empty: no header and no rows")
-    if result.rows == 0:
-        raise InputError(f"{source}: a header and no rows")
-
-
-# ------------------------------------------------------------------------------------------ device groups
-
-
-class _Row:
-    """One input row of a group's file, held until its tick is decided (the group may name its stream)."""
-
-    __slots__ = ("alert", "file", "score", "tick", "ts_text", "value_text")
-
-    def __init__(self, file: int, ts_text: str, value_text: str, *, score: float, alert: bool,
-                 tick: float) -> None:
-        self.file, self.ts_text, self.value_text = file, ts_text, value_text
-        self.score, self.alert, self.tick = score, alert, tick
-
-
 # (merge time, file, row, timestamp text, value text, time, value)
 ParsedRow = tuple[float, int, int, str, str, float | None, float | None]
 
@@ -228,6 +177,39 @@ def _parsed_rows(index: int, reader: Iterator[list[str]], source: Path,
         raise InputError(f"{source}: empty: no header and no rows")
     if result.rows == 0:
         raise InputError(f"{source}: a header and no rows")
+
+
+def _score_rows(detector: StreamDetector, reader: Iterator[list[str]], source: Path,
+                result: FileResult) -> Iterator[tuple[str, str, str, str]]:
+    update = detector.update
+    state = detector.state
+    for _, _, _, ts_text, value_text, t, value in _parsed_rows(0, reader, source, result):
+        if t is None or value is None:  # unreadable: _parsed_rows warned
+            yield ts_text, value_text, repr(state.score), "0"
+            continue
+        outcome = update(t, value)
+        if outcome is None:
+            _warn(result, source, reader, REFUSED.get(detector.last_rejection, "not a finite number"),
+                  f"{ts_text!r}, {value_text!r}")
+            yield ts_text, value_text, repr(state.score), "0"
+            continue
+        if outcome.started:
+            result.alerts += 1
+        yield ts_text, value_text, repr(outcome.score), "1" if outcome.started else "0"
+
+
+# ------------------------------------------------------------------------------------------ device groups
+
+
+class _Row:
+    """One input row of a group's file, held until its tick is decided (the group may name its stream)."""
+
+    __slots__ = ("alert", "file", "score", "tick", "ts_text", "value_text")
+
+    def __init__(self, file: int, ts_text: str, value_text: str, *, score: float, alert: bool,
+                 tick: float) -> None:
+        self.file, self.ts_text, self.value_text = file, ts_text, value_text
+        self.score, self.alert, self.tick = score, alert, tick
 
 
 def score_group(config: AnomalySection, pairs: list[tuple[Path, Path]], name: str = "group", *,
