@@ -331,3 +331,26 @@ def test_a_head_that_would_wake_on_speech_it_was_not_trained_on_is_refused(
     # The shipped bank holds no such recordings: the same takes are learned.
     monkeypatch.undo()
     assert enroll(config, "--word", "computer", *takes) == 0
+
+
+# ------------------------------------------------------------------------------------------ development split
+
+
+def test_the_development_split_takes_the_target_speaker_out_of_the_bank() -> None:
+    """training.enrol_dev enrols training speaker clusters whose clips the bank may hold as the word's
+    positives: a head trained on the very recordings it is tested on hears them too easily. Those rows go;
+    every other row stays, and a bank that does not match the data is refused with what to do."""
+    from training.enrol_dev import enrolment_draws, without_clips
+
+    labels = np.array(["computer"] * 6 + ["_unknown_"] * 2)
+    items = np.array([0, 0, 1, 1, 2, 2, 3, 3], np.int32)
+    bank = Bank(np.arange(16, dtype=np.float32).reshape(8, 2), labels, items, np.ones(4, np.float32), "sha")
+    kept = without_clips(bank, ["a.flac", "b.flac", "c.flac"], {"b.flac", "elsewhere.flac"})
+    assert kept.items.tolist() == [0, 0, 2, 2, 3, 3]
+    assert kept.labels.tolist() == ["computer"] * 4 + ["_unknown_"] * 2
+    with pytest.raises(ValueError, match="rebuild"):
+        without_clips(bank, ["a.flac", "b.flac"], {"a.flac"})
+    paths = [f"clip{n:02d}.flac" for n in range(12)]
+    draws = enrolment_draws(paths, 3)
+    assert draws[0] == paths[:5] and len(draws) == 3 and all(len(d) == 5 for d in draws)
+    assert len({tuple(d) for d in draws}) == 3
