@@ -49,8 +49,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from agent.config import AnomalySection
 from agent.messages import AnomalyKind
@@ -139,6 +140,39 @@ class Tuning:
 
 
 TUNING = Tuning()
+
+
+EPISODE_STARTED, EPISODE_ENDED = "started", "ended"
+
+
+class Episode(Protocol):
+    """What :func:`episode_step` keeps of a stream's or a device group's alert episode."""
+
+    active: bool
+    armed: bool
+    quiet: int
+    episode_end: float
+
+
+def episode_step(ep: Episode, t: float, evidence: float, cfg: AnomalySection, *, learnt: bool,
+                 cooldown: Callable[[], float], end_readings: int) -> str | None:
+    """One reading's (or tick's) step of an alert episode, shared by streams and device groups: an alert
+    starts at ``cfg.threshold`` once learnt, re-armed by a reading below ``cfg.clear_threshold`` and past
+    the cooldown; it ends after ``end_readings`` quiet readings. EPISODE_STARTED, EPISODE_ENDED or None."""
+    if ep.active:
+        ep.quiet = ep.quiet + 1 if evidence < cfg.clear_threshold else 0
+        if ep.quiet >= end_readings:
+            ep.active, ep.quiet, ep.episode_end = False, 0, t
+            return EPISODE_ENDED
+        return None
+    if evidence < cfg.clear_threshold:
+        ep.armed = True
+    elif not learnt:
+        ep.armed = False  # a stream that starts in an unusual state is not alerted when learning ends
+    if evidence >= cfg.threshold and learnt and ep.armed and t - ep.episode_end >= cooldown():
+        ep.active, ep.quiet = True, 0
+        return EPISODE_STARTED
+    return None
 
 
 @dataclass(slots=True)
@@ -594,7 +628,7 @@ class StreamDetector:
     def _track(self, t: float, evidence: float, kind: int) -> Outcome:
         """The episode tracker: one alert per episode, episodes end by themselves. ``evidence`` is the
         reading's posterior (the thresholds apply to it); the outcome's score is its calibration."""
-        s, cfg = self.state, self.config
+        s = self.state
         score = calibrated(evidence)
         s.score, s.kind = score, kind
         if s.active:
@@ -606,20 +640,12 @@ class StreamDetector:
                 s.slope = 0.0
                 s.base_n = 0
                 s.low, s.high = min(s.low, s.last_value), max(s.high, s.last_value)
-            s.quiet = s.quiet + 1 if evidence < cfg.clear_threshold else 0
-            if s.quiet >= self.tuning.end_readings:
-                s.active, s.quiet, s.episode_end = False, 0, t
-                return Outcome(score, KINDS[kind], ended=True, evidence=evidence)
-            return Outcome(score, KINDS[kind], evidence=evidence)
-        if evidence < cfg.clear_threshold:
-            s.armed = True
-        elif s.n <= self.learning:
-            s.armed = False  # a stream that starts in an unusual state is not alerted when learning ends
-        ready = s.n > self.learning and s.armed and t - s.episode_end >= self.cooldown()
-        if evidence >= cfg.threshold and ready:
-            s.active, s.quiet, s.length = True, 0, 0
-            return Outcome(score, KINDS[kind], started=True, evidence=evidence)
-        return Outcome(score, KINDS[kind], evidence=evidence)
+        step = episode_step(s, t, evidence, self.config, learnt=s.n > self.learning,
+                            cooldown=self.cooldown, end_readings=self.tuning.end_readings)
+        if step is EPISODE_STARTED:
+            s.length = 0
+        return Outcome(score, KINDS[kind], started=step is EPISODE_STARTED, ended=step is EPISODE_ENDED,
+                       evidence=evidence)
 
     def silence(self, now: float) -> Outcome | None:
         """The daemon's check of a silent stream: an alert once the dropout probability reaches the

@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from agent.anomaly.detector import TUNING, Tuning, calibrated
+from agent.anomaly.detector import EPISODE_ENDED, EPISODE_STARTED, TUNING, Tuning, calibrated, episode_step
 from agent.config import AnomalySection, Config
 
 LN10: Final = math.log(10.0)
@@ -190,22 +190,12 @@ class GroupDetector:
         self.last_tick = t if math.isnan(self.last_tick) else max(t, self.last_tick)
         self.ticks += 1
         score = calibrated(evidence)
-        if self.active:
-            self.quiet = self.quiet + 1 if evidence < cfg.clear_threshold else 0
-            if self.quiet >= self.tuning.end_readings:
-                self.active, self.quiet, self.episode_end = False, 0, t
-                return GroupOutcome(t, evidence, score, ended=True)
-            return GroupOutcome(t, evidence, score)
-        if evidence < cfg.clear_threshold:
-            self.armed = True
-        elif self.ticks <= cfg.learning_readings:
-            self.armed = False  # a device that starts in an unusual state is not alerted when learning ends
-        ready = self.ticks > cfg.learning_readings and self.armed and t - self.episode_end >= self.cooldown()
-        if evidence >= cfg.threshold and ready:
-            self.active, self.quiet = True, 0
+        step = episode_step(self, t, evidence, cfg, learnt=self.ticks > cfg.learning_readings,
+                            cooldown=self.cooldown, end_readings=self.tuning.end_readings)
+        if step is EPISODE_STARTED:
             self.counters["alerts"] += 1
             return GroupOutcome(t, evidence, score, started=True, contributors=self._contributors(pending))
-        return GroupOutcome(t, evidence, score)
+        return GroupOutcome(t, evidence, score, ended=step is EPISODE_ENDED)
 
     def _contributors(self, pending: dict[str, float]) -> tuple[str, ...]:
         ranked = sorted(pending.items(), key=lambda item: -item[1])
