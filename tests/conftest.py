@@ -241,6 +241,12 @@ class MqttProbe:
         msgs = self.matching(topic)
         return msgs[-1].payload if msgs else None
 
+    def last_json(self, topic: str) -> dict[str, Any]:
+        """The newest JSON object on ``topic``, or {} before the first one (so a ``wait_until`` predicate
+        keeps polling while a message such as the diagnostics is still on its way)."""
+        payload = self.last(topic)
+        return {} if payload is None else dict(json.loads(payload))
+
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:

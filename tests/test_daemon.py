@@ -61,12 +61,6 @@ def start_online(daemon_factory: Callable[..., Daemon], config: Path, probe: Mqt
     return daemon
 
 
-def diagnostics(probe: MqttProbe) -> dict[str, Any]:
-    payload = probe.last(DIAGNOSTICS)
-    assert payload is not None, "no diagnostics yet"
-    return dict(json.loads(payload))
-
-
 def test_online_within_5s_with_every_discovery_config_retained(
         mosquitto: Mosquitto, write_config: Callable[..., Path], daemon_factory: Callable[..., Daemon],
         mqtt_client: Callable[..., MqttProbe]) -> None:
@@ -161,7 +155,7 @@ def test_mute_switch_round_trip_and_persistence(
     probe.publish(MUTE_SET, b"on")  # HA payloads are case-sensitive: rejected and counted
     probe.publish(MUTE_SET, b"ON")
     probe.wait_for(MUTE_STATE, b"ON", timeout=2)
-    assert wait_until(lambda: diagnostics(probe)["bad_payloads"] >= 1, 3)
+    assert wait_until(lambda: probe.last_json(DIAGNOSTICS).get("bad_payloads", 0) >= 1, 3)
     state = json.loads((tmp_path / "state" / "state.json").read_text())
     assert state["muted"] is True
     assert daemon.terminate(5) == 0
@@ -317,19 +311,20 @@ def test_ten_thousand_malformed_payloads_are_all_counted(
     probe = mqtt_client().subscribe(AVAILABILITY, DIAGNOSTICS)
     daemon = start_online(daemon_factory, config, probe)
     probe.wait_for(DIAGNOSTICS)
-    before = diagnostics(probe)
+    before = probe.last_json(DIAGNOSTICS)
     payloads = random_payloads(10_000)
     for index, payload in enumerate(payloads):
         probe.client.publish(TELEMETRY, payload, qos=1 if index % 500 == 499 else 0).wait_for_publish(5)
     total = len(payloads)
 
     def all_counted() -> bool:
-        d = diagnostics(probe)
+        d = probe.last_json(DIAGNOSTICS)
         handled = sum(int(d[k]) - int(before[k]) for k in ("bad_payloads", "readings", "telemetry_ignored"))
         return handled >= total
 
-    assert wait_until(all_counted, 10, interval=0.2), (diagnostics(probe), daemon.log_text()[-3000:])
-    after = diagnostics(probe)
+    assert wait_until(all_counted, 10, interval=0.2), (probe.last_json(DIAGNOSTICS),
+                                                        daemon.log_text()[-3000:])
+    after = probe.last_json(DIAGNOSTICS)
     keys = ("bad_payloads", "readings", "telemetry_ignored", "handler_errors")
     delta = {k: after[k] - before[k] for k in keys}
     assert delta["bad_payloads"] + delta["readings"] + delta["telemetry_ignored"] == total, delta
@@ -452,8 +447,9 @@ def test_anomaly_stage_counters_reach_the_diagnostics(
     start_online(daemon_factory, config, probe)
     for value in (21.0, 21.5, 22.0):
         probe.publish(TELEMETRY, json.dumps({"temperature": value}))
-    assert wait_until(lambda: diagnostics(probe).get("anomaly_readings") == 3, 5), diagnostics(probe)
-    assert {"anomaly_alerts", "anomaly_events"} <= set(diagnostics(probe))
+    assert wait_until(lambda: probe.last_json(DIAGNOSTICS).get("anomaly_readings") == 3, 5), \
+        probe.last_json(DIAGNOSTICS)
+    assert {"anomaly_alerts", "anomaly_events"} <= set(probe.last_json(DIAGNOSTICS))
     sensors = retained_messages(mosquitto, "homeassistant/sensor/testagent/+/config")
     assert "homeassistant/sensor/testagent/anomaly_alerts/config" in sensors
 
@@ -472,8 +468,9 @@ def test_device_group_counters_reach_the_diagnostics(
         probe.publish(TELEMETRY, json.dumps({"temperature": value, "humidity": 40.0 + index}))
     probe.publish(TELEMETRY, json.dumps({"temperature": 22.5}))  # no humidity: an incomplete tick ...
     probe.publish(TELEMETRY, json.dumps({"temperature": 23.0, "humidity": 44.0}))  # ... closed by the next
-    assert wait_until(lambda: diagnostics(probe).get("anomaly_group_ticks") == 5, 5), diagnostics(probe)
-    counts = diagnostics(probe)
+    assert wait_until(lambda: probe.last_json(DIAGNOSTICS).get("anomaly_group_ticks") == 5, 5), \
+        probe.last_json(DIAGNOSTICS)
+    counts = probe.last_json(DIAGNOSTICS)
     assert counts["anomaly_group_incomplete_ticks"] == 1 and counts["anomaly_group_single_ticks"] == 1
     assert counts["anomaly_group_alerts"] == 0
 

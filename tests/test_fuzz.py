@@ -106,12 +106,6 @@ def fuzz_config(broker: Mosquitto, state_dir: Path) -> dict[str, Any]:
     return data
 
 
-def diagnostics(probe: MqttProbe) -> dict[str, Any]:
-    payload = probe.last(DIAGNOSTICS)
-    assert payload is not None
-    return dict(json.loads(payload))
-
-
 def test_ten_thousand_hostile_payloads_on_every_listened_topic_are_each_counted(
         mosquitto: Mosquitto, tmp_path: Path, daemon_factory: Callable[..., Daemon],
         mqtt_client: Callable[..., MqttProbe]) -> None:
@@ -127,12 +121,12 @@ def test_ten_thousand_hostile_payloads_on_every_listened_topic_are_each_counted(
     probe.wait_for(DIAGNOSTICS, timeout=5)
     # Settle: the daemon's own announcements (it hears its discovery configs back) are done.
     def settled() -> bool:
-        first = diagnostics(probe)["messages_in"]
+        first = probe.last_json(DIAGNOSTICS)["messages_in"]
         time.sleep(1.1)  # one diagnostics period
-        return bool(diagnostics(probe)["messages_in"] == first)
+        return bool(probe.last_json(DIAGNOSTICS)["messages_in"] == first)
 
     assert wait_until(settled, 10)
-    before = diagnostics(probe)
+    before = probe.last_json(DIAGNOSTICS)
 
     # The daemon's own parsers, run here, say what each payload should come to.
     intake = TelemetryIntake(list(config.telemetry))
@@ -165,7 +159,7 @@ def test_ten_thousand_hostile_payloads_on_every_listened_topic_are_each_counted(
             info.wait_for_publish(10)
 
     def delta() -> dict[str, int]:
-        now = diagnostics(probe)
+        now = probe.last_json(DIAGNOSTICS)
         return {k: int(now[k]) - int(before[k]) for k in
                 ("messages_in", "bad_payloads", "readings", "telemetry_ignored", "handler_errors")}
 

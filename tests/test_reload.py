@@ -48,13 +48,6 @@ def write(path: Path, data: dict[str, Any]) -> None:
     path.write_text(toml_dumps(data), encoding="utf-8")
 
 
-def diagnostics(probe: MqttProbe) -> dict[str, Any]:
-    payload = probe.last(DIAGNOSTICS)
-    assert payload is not None, "no diagnostics yet"
-    result: dict[str, Any] = json.loads(payload)
-    return result
-
-
 def test_rejected_reloads_leave_the_agent_online_with_its_old_config(
         mosquitto: Mosquitto, daemon_factory: Callable[..., Daemon], mqtt_client: Callable[..., MqttProbe],
         listener: NotifyListener, tmp_path: Path) -> None:
@@ -86,8 +79,9 @@ def test_rejected_reloads_leave_the_agent_online_with_its_old_config(
         ready = listener.wait_for("READY", "1", since=since, daemon=daemon)
         assert "new config rejected, old one running" in ready.fields["STATUS"]
         assert wait_until(lambda key=key: key in daemon.log_text(), 5), daemon.log_text()[-3000:]
-        assert wait_until(lambda failures=failures: diagnostics(probe).get("reload_failures") == failures, 5)
-        assert diagnostics(probe)["config_status"].startswith(f"reload rejected: {key}")
+        assert wait_until(
+            lambda failures=failures: probe.last_json(DIAGNOSTICS).get("reload_failures") == failures, 5)
+        assert probe.last_json(DIAGNOSTICS)["config_status"].startswith(f"reload rejected: {key}")
         assert daemon.alive(), daemon.log_text()[-3000:]
     # Never offline: the old config kept running throughout.
     assert [m.payload for m in probe.matching(AVAILABILITY)] == [b"online"]
@@ -99,7 +93,7 @@ def test_rejected_reloads_leave_the_agent_online_with_its_old_config(
     daemon.signal(signal.SIGHUP)
     ready = listener.wait_for("READY", "1", since=since, daemon=daemon)
     assert "rejected" not in ready.fields["STATUS"]
-    assert wait_until(lambda: diagnostics(probe).get("config_status") == "ok", 5)
+    assert wait_until(lambda: probe.last_json(DIAGNOSTICS).get("config_status") == "ok", 5)
     assert daemon.terminate(10) == 0
 
 
@@ -145,18 +139,18 @@ def test_refused_readings_are_counted_per_reason_and_logged(
     probe = mqtt_client().subscribe(AVAILABILITY, DIAGNOSTICS, f"{BASE}/sensor/+/state")
     daemon = daemon_factory(config)
     probe.wait_for(AVAILABILITY, b"online", timeout=15)
-    before = diagnostics(probe) if probe.last(DIAGNOSTICS) else {}
+    before = probe.last_json(DIAGNOSTICS) if probe.last(DIAGNOSTICS) else {}
     probe.publish(SENSOR_TOPIC, json.dumps({"temperature": 150, "humidity": 41}))
     probe.publish(SENSOR_TOPIC, json.dumps({"battery": 90}))
     probe.publish(SENSOR_TOPIC, json.dumps({"temperature": "hot", "humidity": 40}))
     assert probe.wait_for(f"{BASE}/sensor/living_room_humidity/state", count=2, timeout=5)
 
     def counted() -> bool:
-        d = diagnostics(probe)
+        d = probe.last_json(DIAGNOSTICS)
         return bool(d["rejected_out_of_range"] == 1 and d["rejected_not_a_number"] == 1)
 
-    assert wait_until(counted, 5), diagnostics(probe)
-    after = diagnostics(probe)
+    assert wait_until(counted, 5), probe.last_json(DIAGNOSTICS)
+    after = probe.last_json(DIAGNOSTICS)
     assert after["readings_rejected"] == 2
     assert after["bad_payloads"] == before.get("bad_payloads", 0)  # battery-only: ignored, not bad
     assert after["telemetry_ignored"] == before.get("telemetry_ignored", 0) + 1
