@@ -142,6 +142,14 @@ class Tuning:
 TUNING = Tuning()
 
 
+def capped_cooldown(cooldown: float, readings: int, log_interval: float) -> float:
+    """``cooldown``, at most ``readings`` usual intervals (``log_interval``: their log; NaN until known) of a
+    stream or a device group, so a slow one is not kept quiet for many readings."""
+    if math.isnan(log_interval):
+        return cooldown
+    return min(cooldown, readings * math.exp(log_interval))
+
+
 EPISODE_STARTED, EPISODE_ENDED = "started", "ended"
 
 
@@ -620,10 +628,7 @@ class StreamDetector:
 
     def cooldown(self) -> float:
         """The configured cooldown, at most ``cooldown_readings`` of the stream's usual intervals."""
-        s = self.state
-        if math.isnan(s.log_interval):
-            return self.config.cooldown
-        return min(self.config.cooldown, self.tuning.cooldown_readings * math.exp(s.log_interval))
+        return capped_cooldown(self.config.cooldown, self.tuning.cooldown_readings, self.state.log_interval)
 
     def _track(self, t: float, evidence: float, kind: int) -> Outcome:
         """The episode tracker: one alert per episode, episodes end by themselves. ``evidence`` is the

@@ -36,7 +36,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from agent.anomaly.detector import EPISODE_ENDED, EPISODE_STARTED, TUNING, Tuning, calibrated, episode_step
+from agent.anomaly.detector import (
+    EPISODE_ENDED,
+    EPISODE_STARTED,
+    TUNING,
+    Tuning,
+    calibrated,
+    capped_cooldown,
+    episode_step,
+)
 from agent.config import AnomalySection, Config
 
 LN10: Final = math.log(10.0)
@@ -204,9 +212,7 @@ class GroupDetector:
 
     def cooldown(self) -> float:
         """The configured cooldown, at most ``cooldown_readings`` of the group's usual tick intervals."""
-        if math.isnan(self.log_interval):
-            return self.config.cooldown
-        return min(self.config.cooldown, self.tuning.cooldown_readings * math.exp(self.log_interval))
+        return capped_cooldown(self.config.cooldown, self.tuning.cooldown_readings, self.log_interval)
 
     # ---- persistence (the daemon's saved state)
 
