@@ -508,10 +508,8 @@ class StreamingFeatures:
         first_frame = window_end - self._chunks_per_window  # global index of the window's first frame
         masked_frames = 0 if silence_before is None else \
             min(params.num_frames, max(0, -(-silence_before // hop) - first_frame))
-        newest_needed = first_frame + params.num_frames - 1
-        extra = (self._next_frame - 1) - newest_needed  # frames computed beyond this window
         frames = self._mel.latest()
-        stop = len(frames) - extra
+        stop = len(frames) - self._frames_beyond(lag)
         mel = frames[stop - params.num_frames : stop]
         # masked_frames <= num_frames < chunks per window: never empty
         peaks = self._chunk_peaks.latest(self._chunks_per_window - masked_frames, skip=lag)
@@ -528,8 +526,7 @@ class StreamingFeatures:
             raise ValueError(f"{count} windows {step} samples apart: need whole hops ({hop} samples), at "
                              f"most {self.behind} samples (behind) from the first to the last")
         shift = step // hop  # frames (and hop-sized chunks) from one window to the next
-        first_frame = self._samples_seen // hop - self._chunks_per_window  # of the newest window
-        extra = (self._next_frame - 1) - (first_frame + params.num_frames - 1)  # frames computed beyond it
+        extra = self._frames_beyond(0)  # of the newest window
         # Overlapping views of the contiguous histories (np.ndarray over their memory: as_strided's
         # Python-level checks cost more than the rest of this)
         frames = self._mel.latest()
@@ -573,9 +570,13 @@ class StreamingFeatures:
         lag = self._lag(end)
         if count > self._mel.keep - lag - 1:
             raise ValueError(f"{count} frames asked, {self._mel.keep - lag - 1} kept (raise history_frames)")
-        newest_needed = self._samples_seen // self.params.hop_samples - lag - self._chunks_per_window \
-            + self.params.num_frames - 1
-        extra = (self._next_frame - 1) - newest_needed  # frames computed beyond the window
         frames = self._mel.latest()
-        stop = len(frames) - extra
+        stop = len(frames) - self._frames_beyond(lag)
         return frames[stop - count : stop].copy()
+
+    def _frames_beyond(self, lag: int) -> int:
+        """Mel frames computed beyond the last frame of the window that ends ``lag`` hops back (the frames of
+        hops pushed since that window's end)."""
+        window_end = self._samples_seen // self.params.hop_samples - lag  # in hops
+        newest_needed = window_end - self._chunks_per_window + self.params.num_frames - 1
+        return (self._next_frame - 1) - newest_needed
