@@ -220,7 +220,12 @@ class _FrontEnd:
     def __init__(self, params: FeatureParams) -> None:
         self.params = params
         self.hann = _hann_periodic(params.frame_samples)
-        self.mel_matrix = _mel_matrix(params)
+        # The bins above the top band's upper edge (upper_hz) have no weight in any band: the spectrum is cut
+        # after the last weighted bin (128 of 257 at 4 kHz of 8), which halves the magnitude and mel work and
+        # leaves every sum the same (only trailing zero products go).
+        full = _mel_matrix(params)
+        self.spectrum_bins = int(np.flatnonzero(full.any(axis=1))[-1]) + 1
+        self.mel_matrix = full[: self.spectrum_bins]
         self.dct_matrix = _dct_matrix(params)
         self._frame_indices: dict[int, npt.NDArray[np.intp]] = {}
 
@@ -248,13 +253,16 @@ class _FrontEnd:
 
     def mel_of_frames(self, windowed: npt.NDArray[np.float64],
                       magnitude: npt.NDArray[np.float64] | None = None) -> npt.NDArray[np.float64]:
-        """Un-normalised mel energies of windowed frames (rows); ``magnitude``: room for their spectra.
+        """Un-normalised mel energies of windowed frames (rows); ``magnitude``: room for their spectra
+        (``spectrum_bins`` of them a frame).
 
-        As python_speech_features' magspec: |rfft| of the whole stack. Each frame's spectrum goes through the
-        mel matrix as a matrix of its own (a stack of (1, bins) matrices): one BLAS call per frame, so the
-        result of a frame never depends on how many frames were computed together (one (frames, bins)
-        product may round differently per shape); that is what keeps streaming bit-identical."""
-        spectrum = np.absolute(np.fft.rfft(windowed, self.params.fft_size), out=magnitude)
+        As python_speech_features' magspec: |rfft| of the whole stack (up to the last weighted bin). Each
+        frame's spectrum goes through the mel matrix as a matrix of its own (a stack of (1, bins) matrices):
+        one BLAS call per frame, so the result of a frame never depends on how many frames were computed
+        together (one (frames, bins) product may round differently per shape); that is what keeps streaming
+        bit-identical."""
+        spectrum = np.absolute(np.fft.rfft(windowed, self.params.fft_size)[:, : self.spectrum_bins],
+                               out=magnitude)
         mel: npt.NDArray[np.float64] = np.matmul(spectrum[:, None, :], self.mel_matrix)[:, 0, :]
         return mel
 
@@ -415,7 +423,7 @@ class StreamingFeatures:
         self._signal = np.zeros(params.frame_samples + self._piece)
         self._magnitude = np.zeros(self._piece)  # |samples| of a piece, for the peaks
         self._windowed = np.zeros((piece_frames + 1, params.frame_samples))
-        self._spectra = np.zeros((piece_frames + 1, params.fft_size // 2 + 1))
+        self._spectra = np.zeros((piece_frames + 1, self._front_end.spectrum_bins))
         self._log_mel = np.zeros((params.num_frames, params.num_mel_bands))
         self._log_mel_stacks: dict[int, npt.NDArray[np.float64]] = {}  # window count -> room (recent_windows)
         self._frame_views: dict[int, npt.NDArray[np.float64]] = {}

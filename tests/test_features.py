@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 
 from agent.features import (
+    FILTERBANKS,
     LABELS,
     MAX_GATHERED_FRAMES,
     FeatureParams,
     RowHistory,
     StreamingFeatures,
+    _front_end,
+    _mel_matrix,
     window_features,
 )
 
@@ -157,6 +160,25 @@ def test_psf_filterbank_variant_streams_exactly_too() -> None:
     stream = StreamingFeatures(params)
     for end in range(1600, len(audio) + 1, 1600):
         stream.push(audio[end - 1600 : end])
+    np.testing.assert_array_equal(stream.features(), window_features(audio, params))
+
+
+@pytest.mark.parametrize("filterbank", FILTERBANKS)
+@pytest.mark.parametrize(("upper_hz", "weighted_bins"), [(4000.0, 128), (6000.0, 192)])
+def test_the_spectrum_stops_at_the_last_bin_with_mel_weight(filterbank: str, upper_hz: float,
+                                                             weighted_bins: int) -> None:
+    """The bins from upper_hz up (bin 128 is 4 kHz) carry no weight in any band, so the front end leaves
+    them out of the magnitude and mel product; the streaming tests above show the values are unchanged."""
+    params = replace(PARAMS, filterbank=filterbank, upper_hz=upper_hz)
+    full = _mel_matrix(params)
+    used = _front_end(params).mel_matrix
+    assert len(used) == weighted_bins
+    np.testing.assert_array_equal(used, full[:weighted_bins])
+    assert used[-1].any()
+    assert not full[weighted_bins:].any()
+    audio = speech_like(1.5, seed=9)
+    stream = StreamingFeatures(params)
+    stream.push(audio)
     np.testing.assert_array_equal(stream.features(), window_features(audio, params))
 
 
