@@ -120,12 +120,7 @@ def _build_parts(config: Config, options: RunOptions, app: App, table: ActionTab
 
         anomaly = build_stage(config, readings, anomaly_events.publish_anomaly, actions.request_action)
         app.add_stage(anomaly)
-        app.add_counters(lambda: {**{f"anomaly_{name}": count for name, count in anomaly.counters.items()},
-                                  **{f"anomaly_rejected_{reason}": count
-                                     for reason, count in anomaly.rejected().items()},
-                                  # device groups: ticks, incomplete and single ticks, refused, alerts
-                                  **{f"anomaly_group_{name}": count
-                                     for name, count in anomaly.detector.group_counters().items()}})
+        app.add_counters(anomaly.counters)
         app.watch_queue("readings", readings, max_full=READINGS_MAX_FULL)
     return Daemon(app=app, link=link, outbox=outbox, actions=actions, telemetry=telemetry, homeassistant=home,
                   anomaly_events=anomaly_events, readings=readings, voice=voice)

@@ -263,7 +263,7 @@ def test_stage_survives_a_failing_publisher() -> None:
     stage = AnomalyStage(AnomalyDetector(AnomalySection()), readings, publish)
     stage.handle(Reading("a", 1.0, T0, "t"))
     stage.handle(Reading("a", 1.0, T0 - 5.0, "t"))  # time going backwards: refused, counted
-    assert stage.counters["callback_errors"] == 1
+    assert stage.counts["callback_errors"] == 1
     assert stage.rejected() == {"time_backwards": 1}
 
 

@@ -205,6 +205,21 @@ def test_nan_and_refused_readings_of_a_member_are_counted_not_grouped() -> None:
     assert detector.take_group_publications() == []
 
 
+def test_the_stage_counters_name_its_own_the_refused_and_the_groups_counts() -> None:
+    """What the daemon's diagnostics publish of the anomaly stage (``AnomalyStage.counters``)."""
+    stage = AnomalyStage(AnomalyDetector(AnomalySection(), {"dev": ("a", "b")}), queue.Queue(),
+                         lambda _event: None)
+    for i in range(3):
+        stage.handle(Reading("a", 1.0, T0 + STEP * i, "t"))
+        stage.handle(Reading("b", 2.0, T0 + STEP * i, "t"))
+    stage.handle(Reading("b", 2.0, T0, "t"))  # time going backwards
+    counters = stage.counters()
+    assert counters["anomaly_readings"] == 7 and counters["anomaly_events"] == 2
+    assert counters["anomaly_rejected_time_backwards"] == 1
+    assert counters["anomaly_group_refused"] == 1 and counters["anomaly_group_alerts"] == 0
+    assert set(counters) >= {f"anomaly_group_{name}" for name in stage.detector.group_counters()}
+
+
 def test_group_state_is_saved_and_restored(tmp_path: Path) -> None:
     names = tuple(f"s{j}" for j in range(4))
     detector = AnomalyDetector(AnomalySection(), {"pump": names})

@@ -172,7 +172,7 @@ def replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
             anomaly._drain()
     anomaly._drain()
     outputs.append(("counters", sorted(link.stats.snapshot().items()), sorted(stage.counters().items()),
-                    sorted(anomaly.counters.items()), sorted(anomaly.rejected().items()), len(actions)))
+                    sorted(anomaly.counts.items()), sorted(anomaly.rejected().items()), len(actions)))
     return outputs
 
 

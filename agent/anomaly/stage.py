@@ -45,8 +45,8 @@ class AnomalyStage:
         self.state_path = state_path
         self.sensors = set(sensors) if sensors is not None else None  # None: every sensor is scored
         self.silence_check_interval = silence_check_interval
-        self.counters = {"readings": 0, "ignored": 0, "events": 0, "alerts": 0, "callback_errors": 0,
-                         "save_errors": 0}
+        self.counts = {"readings": 0, "ignored": 0, "events": 0, "alerts": 0, "callback_errors": 0,
+                       "save_errors": 0}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_progress = time.monotonic()
@@ -61,6 +61,14 @@ class AnomalyStage:
     def rejected(self) -> dict[str, int]:
         """Readings the detectors refused, per reason (diagnostics)."""
         return self.detector.rejected()
+
+    def counters(self) -> dict[str, int]:
+        """The diagnostics' anomaly counters: the stage's (``anomaly_``), the readings the detectors refused
+        per reason (``anomaly_rejected_``) and the device groups' ticks, incomplete and single ticks, refused
+        readings and alerts, summed over the groups (``anomaly_group_``)."""
+        return {**{f"anomaly_{name}": count for name, count in self.counts.items()},
+                **{f"anomaly_rejected_{reason}": count for reason, count in self.rejected().items()},
+                **{f"anomaly_group_{name}": count for name, count in self.detector.group_counters().items()}}
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -92,15 +100,15 @@ class AnomalyStage:
         try:
             self.detector.save(self.state_path)
         except StateError as err:
-            self.counters["save_errors"] += 1
+            self.counts["save_errors"] += 1
             log.error("%s", err)
 
     def handle(self, reading: Reading) -> None:
         """Score one reading and emit its event (public for tests and synchronous use)."""
         if self.sensors is not None and reading.sensor not in self.sensors:
-            self.counters["ignored"] += 1
+            self.counts["ignored"] += 1
             return
-        self.counters["readings"] += 1
+        self.counts["readings"] += 1
         publication = self.detector.score(reading)
         if publication is not None:
             self._emit(publication.event, started=publication.started)
@@ -109,15 +117,15 @@ class AnomalyStage:
                 self._emit(device.event, started=device.started)
 
     def _emit(self, event: AnomalyEvent, *, started: bool) -> None:
-        self.counters["events"] += 1
+        self.counts["events"] += 1
         try:
             self.publish(event)
         except Exception:  # a broken publisher must not kill the stage
-            self.counters["callback_errors"] += 1
+            self.counts["callback_errors"] += 1
             log.exception("publishing the anomaly event for %s failed", event.sensor)
         if not started:
             return
-        self.counters["alerts"] += 1
+        self.counts["alerts"] += 1
         if event.streams:
             log.warning("anomaly on device %s: %s (score %.4f) in %s", event.sensor, event.kind, event.score,
                         ", ".join(event.streams))
@@ -128,7 +136,7 @@ class AnomalyStage:
             try:
                 self.on_anomaly(event.sensor)
             except Exception:  # an action failing must not stop the scoring
-                self.counters["callback_errors"] += 1
+                self.counts["callback_errors"] += 1
                 log.exception("the on_anomaly action for %s failed", event.sensor)
 
     def _drain(self) -> None:
