@@ -264,7 +264,7 @@ def _load_verifier(path: Path, metadata: dict[str, Any], labels: tuple[str, ...]
     if not isinstance(name, str) or not name or Path(name).name != name:
         raise ModelError(f"{metadata_path(path)}: verifier must be a file name beside the model, "
                          f"got {name!r}")
-    verifier = WakeVerifier.load(path.parent / name, params, metadata["sha256"], num_labels=len(labels))
+    verifier = WakeVerifier.load(path.parent / name, params, metadata["sha256"])
     if verifier.word not in labels:
         raise ModelError(f"wake verifier {path.parent / name} verifies {verifier.word!r}, not a word of "
                          f"{path}")

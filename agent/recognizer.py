@@ -114,11 +114,6 @@ class Recognizer:
             self._rows = grown
         return self._rows.latest(count)
 
-    def recent_posteriors(self, count: int) -> npt.NDArray[np.float32]:
-        """The model's posteriors of the last ``count`` hops, oldest first (rows of zeros before the stream's
-        first hop): a copy, for a wake verifier that reads their trajectory (agent.verifier)."""
-        return self._recent(count).copy()
-
     def _average(self, count: int) -> npt.NDArray[Any]:
         """Mean of the newest ``count`` posteriors (float32), computed as np.mean of their stack computes it:
         the float32 sum over the rows in order, divided by the count as an intp, cast back to float32."""

@@ -8,11 +8,6 @@ microphone's colouring and the level cancel out. Its probability that this is th
 ``threshold``, or the detection is dropped (:class:`agent.voice.VoicePipeline`). It costs one small
 inference per candidate, nothing per hop.
 
-A verifier may instead read the keyword model's own posteriors (metadata ``"input": "posteriors"``): all
-its labels over its last ``hops`` hops (the recognizer keeps them for smoothing), as log(p + log_offset), so
-it judges the shape of the wake word's trajectory (how it rose, how long it held, what the other labels did)
-rather than the sound. Without ``input`` a verifier reads mel energies, as the first ones did.
-
 Files beside the keyword model: ``<stem>_verifier.tflite`` and ``<stem>_verifier.json`` (every parameter,
 the sha256 of the verifier and of the keyword model it was trained against); the keyword model's metadata
 names the verifier (``"verifier": "kws_verifier.tflite"``), so a model without that key has none. A
@@ -37,9 +32,8 @@ from agent.tflite import InputQuantizer, load_interpreter, metadata_path, read_m
 log = logging.getLogger(__name__)
 
 VERIFIER_FORMAT = "home-agent-wake-verifier/1"
-REQUIRED = ("format", "word", "log_offset", "threshold", "sha256", "keyword_model_sha256")
-MEL, POSTERIORS = "mel", "posteriors"
-INPUT_SHAPE_KEYS = {MEL: ("frames", "num_mel_bands"), POSTERIORS: ("hops", "num_labels")}
+REQUIRED = ("format", "word", "frames", "num_mel_bands", "log_offset", "threshold", "sha256",
+            "keyword_model_sha256")
 
 
 def verifier_input(mel: npt.NDArray[np.floating[Any]], log_offset: float) -> npt.NDArray[np.float32]:
@@ -50,12 +44,6 @@ def verifier_input(mel: npt.NDArray[np.floating[Any]], log_offset: float) -> npt
     return normalised
 
 
-def posterior_input(posteriors: npt.NDArray[np.floating[Any]], log_offset: float) -> npt.NDArray[np.float32]:
-    """A posterior verifier's (hops, labels) input from the keyword model's posteriors: log(p + log_offset)
-    (its confidence near 0 and 1 both matter). Training computes it with this function too."""
-    return np.log(np.asarray(posteriors, dtype=np.float64) + log_offset).astype(np.float32)
-
-
 class WakeVerifier:
     """One loaded verifier. Not thread-safe: use it from the voice thread (as the keyword model)."""
 
@@ -63,12 +51,8 @@ class WakeVerifier:
         self.path = path
         self.metadata = metadata
         self.word: str = metadata["word"]
-        self.input: str = metadata.get("input", MEL)
-        # The mel history it needs (0 for a posterior verifier), and the posterior hops (0 for a mel one).
-        self.frames: int = int(metadata["frames"]) if self.input == MEL else 0
-        self.num_mel_bands: int = int(metadata["num_mel_bands"]) if self.input == MEL else 0
-        self.hops: int = int(metadata["hops"]) if self.input == POSTERIORS else 0
-        self.evidence_shape = tuple(int(metadata[key]) for key in INPUT_SHAPE_KEYS[self.input])
+        self.frames: int = int(metadata["frames"])
+        self.num_mel_bands: int = int(metadata["num_mel_bands"])
         self.log_offset: float = float(metadata["log_offset"])
         self.threshold: float = float(metadata["threshold"])
         self.sha256: str = metadata["sha256"]
@@ -84,9 +68,9 @@ class WakeVerifier:
 
     @classmethod
     def load(cls, path: Path, params: FeatureParams, keyword_sha256: str,
-             num_threads: int = 1, num_labels: int | None = None) -> WakeVerifier:
-        """Load and check the verifier at ``path`` for the keyword model with ``params``, ``keyword_sha256``
-        and ``num_labels`` labels (checked when given)."""
+             num_threads: int = 1) -> WakeVerifier:
+        """Load and check the verifier at ``path`` for the keyword model with ``params`` and
+        ``keyword_sha256``."""
         try:
             model_bytes = path.read_bytes()
         except OSError as err:
@@ -103,15 +87,11 @@ class WakeVerifier:
             raise ModelError(f"wake verifier {path} was trained against keyword model "
                              f"{str(metadata['keyword_model_sha256'])[:12]}..., not "
                              f"{keyword_sha256[:12]}...: rebuild it with python -m training.verifier")
-        kind = metadata.get("input", MEL)
-        if kind == MEL and metadata["num_mel_bands"] != params.num_mel_bands:
+        if metadata["num_mel_bands"] != params.num_mel_bands:
             raise ModelError(f"wake verifier {path}: {metadata['num_mel_bands']} mel bands, the keyword "
                              f"model's front end has {params.num_mel_bands}")
-        if kind == POSTERIORS and num_labels is not None and metadata["num_labels"] != num_labels:
-            raise ModelError(f"wake verifier {path}: {metadata['num_labels']} posteriors per hop, the "
-                             f"keyword model has {num_labels} labels")
         interpreter, inputs, outputs = load_interpreter(model_bytes, f"the wake verifier {path}", num_threads)
-        expected = tuple(metadata[key] for key in INPUT_SHAPE_KEYS[kind])
+        expected = (metadata["frames"], metadata["num_mel_bands"])
         if len(inputs) != 1 or len(outputs) != 1 or \
                 tuple(int(n) for n in inputs[0]["shape"]) not in ((1, *expected, 1), (1, *expected)) or \
                 int(np.prod(outputs[0]["shape"])) != 1:
@@ -126,12 +106,10 @@ class WakeVerifier:
                  verifier.threshold)
         return verifier
 
-    def score(self, evidence: npt.NDArray[np.floating[Any]]) -> float:
-        """The probability that this is the wake word, from ``evidence``: the last ``frames`` mel frames
-        (un-normalised energies), or for a posterior verifier the keyword model's last ``hops`` posteriors."""
-        if self.input == POSTERIORS:
-            return self.score_input(posterior_input(evidence, self.log_offset))
-        return self.score_input(verifier_input(evidence, self.log_offset))
+    def score(self, mel: npt.NDArray[np.floating[Any]]) -> float:
+        """The probability that this is the wake word, from the last ``frames`` mel frames (un-normalised
+        energies)."""
+        return self.score_input(verifier_input(mel, self.log_offset))
 
     def score_input(self, features: npt.NDArray[np.float32]) -> float:
         """:meth:`score` of an input already made by :func:`verifier_input`."""
@@ -144,8 +122,8 @@ class WakeVerifier:
             return float((float(raw) - self._output_zero) * self._output_scale)
         return float(raw)
 
-    def accepts(self, evidence: npt.NDArray[np.floating[Any]]) -> bool:
-        return self.score(evidence) >= self.threshold
+    def accepts(self, mel: npt.NDArray[np.floating[Any]]) -> bool:
+        return self.score(mel) >= self.threshold
 
 
 def _check_metadata(path: Path, data: dict[str, Any]) -> dict[str, Any]:
@@ -156,12 +134,7 @@ def _check_metadata(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     threshold = data["threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
         raise ModelError(f"{path}: threshold must be a number in [0, 1], got {threshold!r}")
-    kind = data.get("input", MEL)
-    if kind not in INPUT_SHAPE_KEYS:
-        raise ModelError(f"{path}: input must be one of {', '.join(INPUT_SHAPE_KEYS)}, got {kind!r}")
-    for key in INPUT_SHAPE_KEYS[kind]:
-        if key not in data:
-            raise ModelError(f"{path}: a {kind} verifier needs {key!r}")
+    for key in ("frames", "num_mel_bands"):
         value = data[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ModelError(f"{path}: {key} must be a positive integer, got {value!r}")

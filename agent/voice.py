@@ -324,9 +324,7 @@ class VoicePipeline:
             return detection
         if self._raised_at is not None and t_audio - self._raised_at < self.settings.smoothing_seconds + 1e-6:
             return detection
-        evidence = self.recognizer.recent_posteriors(verifier.hops) if verifier.hops else \
-            self.features.recent_mel(verifier.frames, end=self._samples)
-        if verifier.accepts(evidence):
+        if verifier.accepts(self.features.recent_mel(verifier.frames, end=self._samples)):
             return detection
         self.rejected_wakes += 1
         return None

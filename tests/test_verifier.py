@@ -22,10 +22,8 @@ from agent.config import VoiceSection
 from agent.errors import ModelError
 from agent.features import WAKE_WORD, FeatureParams, StreamingFeatures, _front_end
 from agent.kws import KwsModel
-from agent.messages import Scores
-from agent.recognizer import Recognizer, RecognizerSettings
 from agent.transcribe import transcribe_file
-from agent.verifier import POSTERIORS, VERIFIER_FORMAT, WakeVerifier, posterior_input, verifier_input
+from agent.verifier import VERIFIER_FORMAT, WakeVerifier, verifier_input
 from agent.voice import VoicePipeline, model_hop_seconds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +33,6 @@ WAKE_CLIP = EXAMPLES / "computer_heat_up.wav"  # piper joe: the shipped model wa
 DATA_DIR = Path(os.environ.get("DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "speech"))
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 FRAMES = 74  # 1.5 s of 20 ms frames
-HOPS = 10  # a posterior verifier's hops
 PARAMS = FeatureParams()
 
 
@@ -97,25 +94,6 @@ def test_verifier_input_removes_the_level_and_the_microphone_colouring() -> None
     assert np.allclose(verifier_input(mel, 1e-4).mean(axis=0), 0.0, atol=1e-5)
 
 
-def test_recent_posteriors_are_the_last_hops_oldest_first_with_zeros_before_the_stream() -> None:
-    labels = (WAKE_WORD, "_silence_", "_unknown_")
-    recognizer = Recognizer(RecognizerSettings(labels=labels, thresholds={WAKE_WORD: 0.5},
-                                               smoothing_seconds=0.5, refractory_seconds=1.0))
-    rows = [np.array([0.1, 0.8, 0.1], np.float32), np.array([0.7, 0.1, 0.2], np.float32)]
-    for hop, row in enumerate(rows, start=1):
-        recognizer.process(Scores(labels, row, hop * 0.1))
-    recent = recognizer.recent_posteriors(4)
-    np.testing.assert_array_equal(recent, np.stack([np.zeros(3), np.zeros(3), *rows]))
-    recent[:] = 1.0  # a copy: the verifier may not change what the recognizer smooths
-    np.testing.assert_array_equal(recognizer.recent_posteriors(1), rows[-1][None])
-    assert recognizer.recent_posteriors(20).shape == (20, 3)  # more than it kept: it keeps more from now
-
-
-def test_posterior_input_is_the_log_of_the_posteriors() -> None:
-    posteriors = np.array([[0.0, 1.0], [0.5, 0.25]])
-    np.testing.assert_allclose(posterior_input(posteriors, 1e-4), np.log(posteriors + 1e-4), rtol=1e-6)
-
-
 # ----------------------------------------------------------------------------------- its files
 
 needs_tf = pytest.mark.skipif(not HAS_TF, reason="building a test verifier needs tensorflow")
@@ -132,22 +110,6 @@ def verifier_bytes() -> bytes:
     model = build_model(FRAMES, PARAMS.num_mel_bands, (4, 8, 8, 8))
     calibration = np.random.default_rng(3).normal(0, 2, (20, FRAMES, PARAMS.num_mel_bands)).astype(np.float32)
     with warnings.catch_warnings():  # the converter's own chatter (int8 input statistics)
-        warnings.simplefilter("ignore")
-        return export.convert_int8(model, calibration)
-
-
-@pytest.fixture(scope="module")
-def posterior_verifier_bytes() -> bytes:
-    """A tiny untrained int8 posterior verifier (HOPS x 16 log posteriors)."""
-    if not HAS_TF:
-        pytest.skip("needs tensorflow")
-    from training import export
-    from training.verifier import build_posterior_model
-
-    model = build_posterior_model(HOPS, 16)
-    rng = np.random.default_rng(3)
-    calibration = posterior_input(rng.dirichlet(np.ones(16), (20, HOPS)), 1e-4)
-    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return export.convert_int8(model, calibration)
 
@@ -187,6 +149,7 @@ def test_the_model_loads_the_verifier_its_metadata_names(tmp_path: Path, verifie
     ("bad threshold", "threshold must be a number"),
     ("not a label", "not a word of"),
     ("a path", "must be a file name beside the model"),
+    ("posterior input", "lacks frames, num_mel_bands"),
 ])
 def test_a_missing_or_broken_verifier_is_a_clear_model_error(tmp_path: Path, verifier_bytes: bytes,
                                                              damage: str, message: str) -> None:
@@ -209,6 +172,10 @@ def test_a_missing_or_broken_verifier_is_a_clear_model_error(tmp_path: Path, ver
         verifier_json.write_text(json.dumps({**meta, "threshold": 2}), encoding="utf-8")
     elif damage == "not a label":
         verifier_json.write_text(json.dumps({**meta, "word": "sheila"}), encoding="utf-8")
+    elif damage == "posterior input":  # the keyword model's posteriors instead of mel: no longer read
+        meta = {k: v for k, v in meta.items() if k not in ("frames", "num_mel_bands")}
+        verifier_json.write_text(json.dumps({**meta, "input": "posteriors", "hops": 10, "num_labels": 16}),
+                                 encoding="utf-8")
     else:
         model_meta = json.loads(model_path.with_suffix(".json").read_text(encoding="utf-8"))
         model_meta["verifier"] = "../kws_verifier.tflite"
@@ -252,57 +219,6 @@ def test_the_verifier_runs_only_when_the_wake_word_fires(tmp_path: Path, verifie
     monkeypatch.setattr(WakeVerifier, "score", counted)
     words, pipeline = wake_words(model)
     assert calls == [FRAMES] * words.count(WAKE_WORD) and pipeline.invocations > 20 * len(calls)
-
-
-def install_posterior(tmp_path: Path, tflite: bytes, threshold: float, **changes: Any) -> Path:
-    """The shipped keyword model in ``tmp_path`` with a posterior verifier named in its metadata."""
-    path = install(tmp_path, tflite, threshold)
-    meta_path = path.with_name("kws_verifier.json")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    for key in ("frames", "num_mel_bands"):
-        meta.pop(key)
-    meta.update({"input": POSTERIORS, "hops": HOPS, "num_labels": 16, **changes})
-    meta_path.write_text(json.dumps(meta), encoding="utf-8")
-    return path
-
-
-@needs_tf
-def test_a_posterior_verifier_judges_the_wake_word_on_the_recognizers_last_posteriors(
-        tmp_path: Path, posterior_verifier_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    without, _ = wake_words(KwsModel.load(MODEL, verifier=False))
-    accepting = KwsModel.load(install_posterior(tmp_path / "a", posterior_verifier_bytes, 0.0))
-    assert accepting.verifier is not None and accepting.verifier.hops == HOPS
-    assert accepting.verifier.frames == 0  # no longer mel history
-    seen: list[npt.NDArray[np.float32]] = []
-    original = Recognizer.recent_posteriors
-
-    def recorded(self: Recognizer, count: int) -> npt.NDArray[np.float32]:
-        rows = original(self, count)
-        seen.append(rows.copy())
-        return rows
-
-    monkeypatch.setattr(Recognizer, "recent_posteriors", recorded)
-    words, pipeline = wake_words(accepting)
-    assert words == without
-    assert [rows.shape for rows in seen] == [(HOPS, 16)] * without.count(WAKE_WORD)
-    wake = accepting.labels.index(WAKE_WORD)
-    assert all(rows[-1, wake] > 0.3 for rows in seen)  # the newest hop: the one that fired
-    rejecting, pipeline = wake_words(KwsModel.load(install_posterior(tmp_path / "r", posterior_verifier_bytes,
-                                                                     1.0)))
-    assert rejecting == [word for word in without if word != WAKE_WORD]
-    assert pipeline.rejected_wakes == without.count(WAKE_WORD)
-
-
-@needs_tf
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"num_labels": 12}, "12 posteriors per hop, the keyword model has 16"),
-    ({"input": "spectrogram"}, "input must be one of mel, posteriors"),
-    ({"hops": 0}, "hops must be a positive integer"),
-])
-def test_a_posterior_verifier_that_does_not_fit_the_model_is_a_model_error(
-        tmp_path: Path, posterior_verifier_bytes: bytes, changes: dict[str, Any], message: str) -> None:
-    with pytest.raises(ModelError, match=message):
-        KwsModel.load(install_posterior(tmp_path, posterior_verifier_bytes, 0.5, **changes))
 
 
 class RaisingHousehold:
@@ -352,14 +268,31 @@ def test_phrase_copies_of_every_computer_clip_and_of_the_negatives_the_model_nea
     mined = Mined(windows=np.zeros((4, FRAMES, 40), np.float32), positive=np.array([1, 0, 0, 0], bool),
                   calibration=np.zeros(4, bool), fired=np.array([0, 0, 0, 1], bool),
                   score=np.array([0.9, 0.35, 0.1, 0.2], np.float32), task=rows,
-                  source=np.array([tasks[i].source for i in rows]),
-                  posteriors=np.zeros((4, 16, 16), np.float32))
+                  source=np.array([tasks[i].source for i in rows]))
     phrases = phrase_tasks(tasks, mined, config)
     assert [(t.path, t.source, t.calibration, t.copy) for t in phrases] == [
         ("real/computer/a.flac", "real-phrase", False, 0), ("real/computer/a.flac", "real-phrase", False, 1),
         ("real/computer/a.flac", "real-phrase", False, 2), ("synth/computer/b.wav", "synth-phrase", True, 0),
         ("real/up/near.flac", "real-phrase", False, 0), ("real/up/near.flac", "real-phrase", False, 1)]
     assert {t.kind for t in phrases} == {"phrase"}
+
+
+def test_a_mining_cached_with_the_keyword_models_posteriors_loads_without_them(tmp_path: Path) -> None:
+    """Minings cached from ec0ef91 on also hold each hop's posteriors (for the removed posterior verifier);
+    the rest of them is the mining of now, so they load as they are."""
+    from training.verifier import Mined
+
+    mined = Mined(windows=np.ones((2, FRAMES, 40), np.float32), positive=np.array([1, 0], bool),
+                  calibration=np.zeros(2, bool), fired=np.array([1, 0], bool),
+                  score=np.array([0.9, 0.4], np.float32), task=np.array([0, 1]),
+                  source=np.array(["real"] * 2))
+    cache = tmp_path / "verifier-mined.npz"
+    np.savez(cache, **{name: getattr(mined, name) for name in mined.__dataclass_fields__},
+             posteriors=np.zeros((2, 16, 16), np.float32))
+    loaded = Mined.load(cache)
+    assert list(loaded.__dataclass_fields__) == list(mined.__dataclass_fields__)
+    for name in mined.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(mined, name))
 
 
 def test_every_training_voice_clip_of_the_hard_negative_words_and_more_calibration_copies() -> None:
