@@ -471,3 +471,18 @@ def test_a_young_stream_learns_its_range_over_a_whole_day() -> None:
     streams = [s for s in load_streams(data_dir) if s.name in names]
     assert len(streams) == 2
     assert [(s.name, a.index) for s in streams for a in replay(AnomalySection(), s).alerts] == []
+
+
+def test_rejected_counts_survive_a_stream_added_while_they_are_summed(config: AnomalySection) -> None:
+    """The diagnostics thread sums the refused readings while the stage's thread may meet a new sensor: a
+    stream added mid-sum must not raise 'dictionary changed size during iteration'."""
+    detector = AnomalyDetector(config)
+    detector.stream("a").rejected["nan"] = 1
+
+    class AddsAStreamWhenRead(dict[str, int]):
+        def items(self) -> Any:
+            detector.stream("new sensor")  # what the stage's thread does meanwhile
+            return super().items()
+
+    detector.stream("b").rejected = AddsAStreamWhenRead(nan=2)
+    assert detector.rejected()["nan"] == 3

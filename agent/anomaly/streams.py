@@ -56,18 +56,19 @@ class AnomalyDetector:
         return detector
 
     def rejected(self) -> dict[str, int]:
-        """Readings refused by the detectors, per reason, over every stream."""
+        """Readings refused by the detectors, per reason, over every stream. The diagnostics thread calls this
+        while the stage's thread may add a stream or a reason: it sums over snapshots of both dicts."""
         total: dict[str, int] = {}
-        for detector in self.streams.values():
-            for reason, count in detector.rejected.items():
+        for detector in tuple(self.streams.values()):
+            for reason, count in tuple(detector.rejected.items()):
                 total[reason] = total.get(reason, 0) + count
         return total
 
     def group_counters(self) -> dict[str, int]:
         """The device groups' counters (ticks, incomplete ticks, refused readings, alerts), summed."""
         total: dict[str, int] = {}
-        for group in self.groups.values():
-            for key, count in group.counters.items():
+        for group in self.groups.values():  # fixed at start; a group's counters may gain a key meanwhile
+            for key, count in tuple(group.counters.items()):
                 total[key] = total.get(key, 0) + count
         return total
 
