@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.features import UNKNOWN_LABEL
-from training.common import import_tf
+from training.common import SEED, import_tf
 
 NUM_BLOCKS = 4
 
@@ -57,6 +57,55 @@ def build(arch: Architecture, dropout: float = 0.0) -> Any:
     logits = layers.Dense(arch.num_classes, name="logits")(x)
     outputs = layers.Softmax(name="probs")(logits)
     return tf.keras.Model(inputs, outputs, name="dscnn")
+
+
+def dropout_of(model: Any) -> float:
+    """The ``dropout`` ``model`` was built with (0 without dropout layers)."""
+    return max((float(layer.rate) for layer in model.layers if hasattr(layer, "rate")), default=0.0)
+
+
+def channels_of(model: Any) -> tuple[int, ...]:
+    names = ["conv0", *(f"pw{block + 1}" for block in range(NUM_BLOCKS))]
+    return tuple(int(model.get_layer(name).get_weights()[1].shape[0]) for name in names)
+
+
+def widened(model: Any, channels: tuple[int, ...], noise: float = 0.1, seed: int = SEED) -> Any:
+    """A wider copy of ``model`` computing the same function (Net2Net's WiderNet), so that a wider student
+    can start from the 64-channel teacher instead of from scratch.
+
+    Per channel group (the output of conv0 and of every pointwise conv), each new channel copies a randomly
+    chosen existing one: its producing conv filter and its depthwise filter. Copies of a channel have the same
+    activation (ReLU and the depthwise conv act per channel), so the function is kept when the weights that
+    READ them (the next pointwise conv, or the dense layer) share the original weight between the copies.
+    The shares are random (1 +- ``noise``, normalised to sum to 1) rather than equal: the copies then get
+    different gradients and grow apart, while the output stays the same.
+    """
+    old = channels_of(model)
+    if len(channels) != len(old) or any(new < width for new, width in zip(channels, old, strict=True)):
+        raise ValueError(f"cannot widen channels {old} to {channels}")
+    rng = np.random.default_rng(seed)
+    sources, shares = [], []
+    for width, new in zip(old, channels, strict=True):
+        extra = rng.choice(width, new - width, replace=new - width > width)
+        source = np.concatenate([np.arange(width), extra])
+        share = 1.0 + noise * rng.uniform(-1.0, 1.0, new)
+        totals = np.bincount(source, weights=share, minlength=width)
+        sources.append(source)
+        shares.append((share / totals[source]).astype(np.float32))
+    num_classes = model.get_layer("logits").get_weights()[1].shape[0]
+    wide = build(Architecture(channels=tuple(channels), num_classes=num_classes), dropout=dropout_of(model))
+    kernel, bias = model.get_layer("conv0").get_weights()
+    wide.get_layer("conv0").set_weights([kernel[..., sources[0]], bias[sources[0]]])
+    for block in range(NUM_BLOCKS):
+        src_in, src_out = sources[block], sources[block + 1]
+        dw_kernel, dw_bias = model.get_layer(f"dw{block + 1}").get_weights()
+        wide.get_layer(f"dw{block + 1}").set_weights([dw_kernel[:, :, src_in, :], dw_bias[src_in]])
+        pw_kernel, pw_bias = model.get_layer(f"pw{block + 1}").get_weights()
+        pw_kernel = pw_kernel[:, :, src_in, :] * shares[block][None, None, :, None]
+        wide.get_layer(f"pw{block + 1}").set_weights([pw_kernel[..., src_out], pw_bias[src_out]])
+    dense_kernel, dense_bias = model.get_layer("logits").get_weights()
+    wide.get_layer("logits").set_weights([dense_kernel[sources[-1]] * shares[-1][:, None], dense_bias])
+    return wide
 
 
 def _dequantize(tensor: npt.NDArray[Any], detail: dict[str, Any]) -> npt.NDArray[np.float32]:

@@ -68,6 +68,8 @@ class RunConfig:
     # held-out speakers (float student 95.1 % -> int8 85.4 %) for nothing at run time (LiteRT runs int8
     # weights dense; 0.04 ms per invoke). The full teacher width (64) fits the 64 KB int8 budget: the pruning
     # stage then only fine-tunes on the mined hard negatives, and no magnitude pruning (sparsity 0) is done.
+    # Wider than the teacher (e.g. 80 everywhere, within the 64 KB int8 budget): the student starts from the
+    # teacher widened function-preservingly (dscnn.widened), distilled at that width; narrower: stage 4 prunes
     channels: tuple[int, ...] = (64, 64, 64, 64, 64)
     sparsity: float = 0.0
     calibration_windows: int = 500
@@ -209,7 +211,15 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     student = dscnn.extended_from_teacher(
         TEACHER_TFLITE, TEACHER_LABELS, LABELS, dropout=train_config.dropout
     )
-    student_key = f"{train_key}-{_hash([asdict(train_config), teacher_name])}"
+    student_arch = dscnn.Architecture(
+        channels=tuple(max(c, w) for c, w in zip(config.channels, dscnn.channels_of(student), strict=True)),
+        num_classes=len(LABELS),
+    )
+    student_id: list[Any] = [asdict(train_config), teacher_name]
+    if student_arch.channels != dscnn.channels_of(student):
+        student = dscnn.widened(student, student_arch.channels)
+        student_id.append(student_arch.channels)  # the teacher's width keeps its cache key
+    student_key = f"{train_key}-{_hash(student_id)}"
     student_weights = _keras_cache("student", student_key)
     if student_weights.exists():
         student.load_weights(str(student_weights))
@@ -217,7 +227,6 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     else:
         train.fit(student, train_set, soft, mask, train_config)
         _save_weights(student, student_weights)
-    student_arch = dscnn.teacher_architecture(len(LABELS))
     stages["float student (distilled, 16 labels)"] = _keras_stage(
         student, validation, synth_validation, export.convert_float(student), student_arch.macs()
     )
@@ -609,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
         help="who the student distils from (default %(default)s; openwakeword: candidate 0d046f2b of the "
         "model card, which lost to the MLPerf teacher on the new voices)",
     )
+    parser.add_argument(
+        "--channels", type=int, default=None,
+        help=f"channels of every layer (default {FULL.channels[0]}, the teacher's; wider: the teacher "
+        "widened function-preservingly, then distilled; narrower: structured pruning)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data_dir = (args.data or default_data_dir()).resolve()
@@ -622,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training.kws: teacher model {TEACHER_TFLITE} is missing; nothing to do", file=sys.stderr)
         return 0
     config = replace(SMOKE if args.smoke else FULL, teacher=args.teacher)
+    if args.channels is not None:
+        config = replace(config, channels=(args.channels,) * len(config.channels))
     if args.out is not None:
         out_dir = args.out
     elif args.smoke:

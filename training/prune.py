@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from training.common import import_tf
-from training.dscnn import NUM_BLOCKS, Architecture, build
+from training.dscnn import NUM_BLOCKS, Architecture, build, dropout_of
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ def structured_prune(model: Any, calibration: npt.NDArray[np.float32], channels:
     importance = _channel_importance(model, calibration)
     keep = [np.sort(np.argsort(-score)[:width]) for score, width in zip(importance, channels, strict=True)]
     num_classes = model.get_layer("logits").get_weights()[1].shape[0]
-    dropout = max((float(layer.rate) for layer in model.layers if hasattr(layer, "rate")), default=0.0)
-    pruned = build(Architecture(channels=tuple(channels), num_classes=num_classes), dropout=dropout)
+    pruned = build(Architecture(channels=tuple(channels), num_classes=num_classes), dropout=dropout_of(model))
     kernel, bias = model.get_layer("conv0").get_weights()
     pruned.get_layer("conv0").set_weights([kernel[..., keep[0]], bias[keep[0]]])
     for block in range(NUM_BLOCKS):
