@@ -113,17 +113,17 @@ def test_after_the_first_steps_the_head_trains_on_the_hard_negatives_and_a_rewei
 def test_the_gate_stays_a_quarter_short_of_the_nearest_word_like_bank_window() -> None:
     """The boost applies only near the household's windows; the radius, however spread the recordings, stays
     at GATE_BANK_MARGIN (0.75) of the distance to the nearest bank window of another label the head finds
-    word-like: at 0.8 the development split's enrolments raised the word on confusable clips. Each prototype
-    keeps its own distance: one near a word-like window does not shrink the gate around the others."""
-    from agent.gate import gate_radius, within
+    word-like: at 0.8 the development split's enrolments raised the word on confusable clips."""
+    from agent.adaptation import Head, gate_radius
 
-    recordings = [np.array([[0.0, 0.0]], np.float32), np.array([[20.0, 0.0]], np.float32)]
-    word_like = np.array([[0.0, 4.0], [20.0, 8.0]], np.float32)
-    radius = gate_radius(recordings, word_like)
-    assert radius.tolist() == pytest.approx([3.0, 6.0])
-    assert gate_radius(recordings, np.zeros((0, 2), np.float32)).tolist() == [40.0, 40.0]
-    points = np.array([[0.0, 2.9], [0.0, 3.1], [20.0, 5.9], [20.0, 6.1]], np.float32)
-    assert within(points, np.concatenate(recordings), radius).tolist() == [True, False, True, False]
+    head = Head(np.zeros(2, np.float32), np.ones(2, np.float32), np.eye(2, 1, dtype=np.float32),
+                np.zeros(1, np.float32), np.ones(1, np.float32), 0.0)
+    recordings = [np.array([[0.0, 0.0]], np.float32), np.array([[5.0, 0.0]], np.float32)]
+    bank = Bank(np.array([[0.0, 4.0], [0.0, -2.0]], np.float32), np.array(["_unknown_", "computer"]),
+                np.array([0, 1], np.int32), np.ones(2, np.float32), "sha")
+    word_like = np.array([0.9, 0.9], np.float32)
+    assert gate_radius(head, recordings, bank, word_like, "computer") == pytest.approx(3.0)
+    assert gate_radius(head, recordings, bank, np.array([0.4, 0.9], np.float32), "computer") == 10.0
 
 
 def test_a_head_learns_a_separable_pair() -> None:
@@ -180,21 +180,6 @@ def test_enrolling_a_voice_the_model_misses_makes_it_heard_and_keeps_the_rest(tm
     assert "computer: 5 recordings" in listing
     assert enroll(config, "--reset") == 0
     assert heard(config, tests[0]) == []
-
-
-def test_a_voice_the_model_misses_is_heard_a_little_faster_than_it_was_enrolled(tmp_path: Path) -> None:
-    """Five takes of a voice the shipped model misses (the examples played 1.3x faster) are learned with
-    their perturbed copies (agent.perturb), and each gate centre keeps its own distance to the bank: the same
-    voice a little faster still (1.4-1.45x, the spread of a speaker's own takes) is heard. Without them,
-    none of these was (the gate's radius then stopped short of all of them)."""
-    enrol = [child_voice(name, 1.3, tmp_path) for name in WAKE_SOURCES]
-    enrol += [child_voice(name, 1.32, tmp_path) for name in WAKE_SOURCES[:2]]
-    tests = [child_voice(name, factor, tmp_path) for factor in (1.4, 1.45) for name in WAKE_SOURCES]
-    config = write_config(tmp_path)
-    assert not any("computer" in heard(None, t) for t in tests)
-    assert enroll(config, "--word", "computer", *enrol) == 0
-    assert sum("computer" in heard(config, t) for t in tests) >= len(tests) / 2
-    assert "computer" not in heard(config, EXAMPLES / "heat_up_no_wake.wav")
 
 
 def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
