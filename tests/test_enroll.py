@@ -401,3 +401,17 @@ def test_the_development_split_takes_the_target_speaker_out_of_the_bank() -> Non
     draws = enrolment_draws(paths, 3)
     assert draws[0] == paths[:5] and len(draws) == 3 and all(len(d) == 5 for d in draws)
     assert len({tuple(d) for d in draws}) == 3
+
+
+def test_the_development_split_records_every_hop_of_the_voice_path() -> None:
+    """training.enrol_dev replays each clip's recorded posteriors and embeddings: the voice path hands idle
+    hops to the model in batches, and the recorder must still keep one row per hop (it kept none)."""
+    from agent.voice import model_hop_seconds, tail_padding
+    from training.enrol_dev import record
+
+    model = KwsModel.load(MODEL, embedding=True)
+    samples = read_audio_file(EXAMPLES / "computer_heat_up.wav")
+    posteriors, embeddings = record(model, samples)
+    hop = round(model_hop_seconds(model) * SAMPLE_RATE)
+    assert len(posteriors) == len(embeddings) == (len(samples) + len(tail_padding())) // hop
+    assert posteriors[:, model.labels.index("computer")].max() > 0.5
