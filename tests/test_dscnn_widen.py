@@ -1,4 +1,4 @@
-"""Widening the DS-CNN (Net2Net, ``training.dscnn.widened``): a wider student starts as the teacher."""
+"""Copying DS-CNN channels (``training.dscnn.copied_channels``): widening (Net2Net) and pruning."""
 
 from __future__ import annotations
 
@@ -46,3 +46,23 @@ def test_widening_cannot_narrow() -> None:
 
     with pytest.raises(ValueError, match="cannot widen"):
         dscnn.widened(_random_model((8, 8, 8, 8, 8)), (8, 8, 4, 8, 8))
+
+
+def test_structured_pruning_keeps_the_chosen_channels_weights() -> None:
+    """Pruning and widening share dscnn.copied_channels: pruned to its full width the model is unchanged, and
+    a narrower copy holds exactly the kept channels' filters."""
+    from training import dscnn, prune
+
+    model = _random_model((8, 8, 6, 8, 8))
+    features = np.random.default_rng(5).normal(0, 5, (16, 49, 10, 1)).astype(np.float32)
+    same = prune.structured_prune(model, features, (8, 8, 6, 8, 8))
+    outputs = [m.predict(features, verbose=0) for m in (same, model)]
+    np.testing.assert_allclose(*outputs, atol=1e-5)
+    narrow = prune.structured_prune(model, features, (4, 8, 6, 8, 5))
+    assert dscnn.channels_of(narrow) == (4, 8, 6, 8, 5)
+    kernel = model.get_layer("conv0").get_weights()[0]
+    kept = [next(i for i in range(8) if np.array_equal(kernel[..., i], column))
+            for column in np.moveaxis(narrow.get_layer("conv0").get_weights()[0], -1, 0)]
+    assert kept == sorted(set(kept))  # four distinct original filters, in their order
+    biases = [m.get_layer("logits").get_weights()[1] for m in (narrow, model)]
+    np.testing.assert_array_equal(*biases)

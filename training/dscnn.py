@@ -69,6 +69,30 @@ def channels_of(model: Any) -> tuple[int, ...]:
     return tuple(int(model.get_layer(name).get_weights()[1].shape[0]) for name in names)
 
 
+def copied_channels(model: Any, sources: list[npt.NDArray[np.intp]],
+                    reading_scales: list[npt.NDArray[np.float32]] | None = None) -> Any:
+    """A copy of ``model`` whose channel group ``g`` (the output of conv0 and of every pointwise conv) is made
+    of ``model``'s channels ``sources[g]``, in that order: their producing filters, depthwise filters and the
+    weights reading them, scaled by ``reading_scales[g]`` (per new channel; none: unscaled). A subset of the
+    channels prunes the model, repeated channels widen it."""
+    scales = reading_scales or [np.ones(len(source), dtype=np.float32) for source in sources]
+    num_classes = model.get_layer("logits").get_weights()[1].shape[0]
+    channels = tuple(len(source) for source in sources)
+    copy = build(Architecture(channels=channels, num_classes=num_classes), dropout=dropout_of(model))
+    kernel, bias = model.get_layer("conv0").get_weights()
+    copy.get_layer("conv0").set_weights([kernel[..., sources[0]], bias[sources[0]]])
+    for block in range(NUM_BLOCKS):
+        src_in, src_out = sources[block], sources[block + 1]
+        dw_kernel, dw_bias = model.get_layer(f"dw{block + 1}").get_weights()
+        copy.get_layer(f"dw{block + 1}").set_weights([dw_kernel[:, :, src_in, :], dw_bias[src_in]])
+        pw_kernel, pw_bias = model.get_layer(f"pw{block + 1}").get_weights()
+        pw_kernel = pw_kernel[:, :, src_in, :] * scales[block][None, None, :, None]
+        copy.get_layer(f"pw{block + 1}").set_weights([pw_kernel[..., src_out], pw_bias[src_out]])
+    dense_kernel, dense_bias = model.get_layer("logits").get_weights()
+    copy.get_layer("logits").set_weights([dense_kernel[sources[-1]] * scales[-1][:, None], dense_bias])
+    return copy
+
+
 def widened(model: Any, channels: tuple[int, ...], noise: float = 0.1, seed: int = SEED) -> Any:
     """A wider copy of ``model`` computing the same function (Net2Net's WiderNet), so that a wider student
     can start from the 64-channel teacher instead of from scratch.
@@ -92,20 +116,7 @@ def widened(model: Any, channels: tuple[int, ...], noise: float = 0.1, seed: int
         totals = np.bincount(source, weights=share, minlength=width)
         sources.append(source)
         shares.append((share / totals[source]).astype(np.float32))
-    num_classes = model.get_layer("logits").get_weights()[1].shape[0]
-    wide = build(Architecture(channels=tuple(channels), num_classes=num_classes), dropout=dropout_of(model))
-    kernel, bias = model.get_layer("conv0").get_weights()
-    wide.get_layer("conv0").set_weights([kernel[..., sources[0]], bias[sources[0]]])
-    for block in range(NUM_BLOCKS):
-        src_in, src_out = sources[block], sources[block + 1]
-        dw_kernel, dw_bias = model.get_layer(f"dw{block + 1}").get_weights()
-        wide.get_layer(f"dw{block + 1}").set_weights([dw_kernel[:, :, src_in, :], dw_bias[src_in]])
-        pw_kernel, pw_bias = model.get_layer(f"pw{block + 1}").get_weights()
-        pw_kernel = pw_kernel[:, :, src_in, :] * shares[block][None, None, :, None]
-        wide.get_layer(f"pw{block + 1}").set_weights([pw_kernel[..., src_out], pw_bias[src_out]])
-    dense_kernel, dense_bias = model.get_layer("logits").get_weights()
-    wide.get_layer("logits").set_weights([dense_kernel[sources[-1]] * shares[-1][:, None], dense_bias])
-    return wide
+    return copied_channels(model, sources, shares)
 
 
 def _dequantize(tensor: npt.NDArray[Any], detail: dict[str, Any]) -> npt.NDArray[np.float32]:

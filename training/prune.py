@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from training.common import import_tf
-from training.dscnn import NUM_BLOCKS, Architecture, build, dropout_of
+from training.dscnn import NUM_BLOCKS, copied_channels
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +43,7 @@ def structured_prune(model: Any, calibration: npt.NDArray[np.float32], channels:
     """A narrower copy of ``model`` keeping, per channel group, the ``channels[g]`` most important ones."""
     importance = _channel_importance(model, calibration)
     keep = [np.sort(np.argsort(-score)[:width]) for score, width in zip(importance, channels, strict=True)]
-    num_classes = model.get_layer("logits").get_weights()[1].shape[0]
-    pruned = build(Architecture(channels=tuple(channels), num_classes=num_classes), dropout=dropout_of(model))
-    kernel, bias = model.get_layer("conv0").get_weights()
-    pruned.get_layer("conv0").set_weights([kernel[..., keep[0]], bias[keep[0]]])
-    for block in range(NUM_BLOCKS):
-        kept_in, kept_out = keep[block], keep[block + 1]
-        dw_kernel, dw_bias = model.get_layer(f"dw{block + 1}").get_weights()
-        pruned.get_layer(f"dw{block + 1}").set_weights([dw_kernel[:, :, kept_in, :], dw_bias[kept_in]])
-        pw_kernel, pw_bias = model.get_layer(f"pw{block + 1}").get_weights()
-        pruned.get_layer(f"pw{block + 1}").set_weights(
-            [pw_kernel[:, :, kept_in, :][..., kept_out], pw_bias[kept_out]]
-        )
-    dense_kernel, dense_bias = model.get_layer("logits").get_weights()
-    pruned.get_layer("logits").set_weights([dense_kernel[keep[-1]], dense_bias])
-    return pruned
+    return copied_channels(model, keep)
 
 
 def magnitude_prune_wrap(model: Any, sparsity: float, begin_step: int, end_step: int) -> Any:
