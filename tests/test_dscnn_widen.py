@@ -56,13 +56,13 @@ def test_structured_pruning_keeps_the_chosen_channels_weights() -> None:
     model = _random_model((8, 8, 6, 8, 8))
     features = np.random.default_rng(5).normal(0, 5, (16, 49, 10, 1)).astype(np.float32)
     same = prune.structured_prune(model, features, (8, 8, 6, 8, 8))
-    outputs = [m.predict(features, verbose=0) for m in (same, model)]
-    np.testing.assert_allclose(*outputs, atol=1e-5)
+    pruned_out, model_out = (m.predict(features, verbose=0) for m in (same, model))
+    np.testing.assert_allclose(pruned_out, model_out, atol=1e-5)
     narrow = prune.structured_prune(model, features, (4, 8, 6, 8, 5))
     assert dscnn.channels_of(narrow) == (4, 8, 6, 8, 5)
     kernel = model.get_layer("conv0").get_weights()[0]
     kept = [next(i for i in range(8) if np.array_equal(kernel[..., i], column))
             for column in np.moveaxis(narrow.get_layer("conv0").get_weights()[0], -1, 0)]
     assert kept == sorted(set(kept))  # four distinct original filters, in their order
-    biases = [m.get_layer("logits").get_weights()[1] for m in (narrow, model)]
-    np.testing.assert_array_equal(*biases)
+    narrow_bias, model_bias = (m.get_layer("logits").get_weights()[1] for m in (narrow, model))
+    np.testing.assert_array_equal(narrow_bias, model_bias)
