@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,17 @@ class Publication:
     started: bool
 
 
+
+def _summed(counters: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Counters by name, summed. The diagnostics thread calls this while the stage's thread may add a stream
+    or a counter name: each dict is read through a snapshot of its items."""
+    total: dict[str, int] = {}
+    for counts in counters:
+        for name, count in tuple(counts.items()):
+            total[name] = total.get(name, 0) + count
+    return total
+
+
 class AnomalyDetector:
     """``score(reading)`` -> what to publish, or None. Not thread-safe (the stage's thread owns it)."""
 
@@ -56,21 +68,13 @@ class AnomalyDetector:
         return detector
 
     def rejected(self) -> dict[str, int]:
-        """Readings refused by the detectors, per reason, over every stream. The diagnostics thread calls this
-        while the stage's thread may add a stream or a reason: it sums over snapshots of both dicts."""
-        total: dict[str, int] = {}
-        for detector in tuple(self.streams.values()):
-            for reason, count in tuple(detector.rejected.items()):
-                total[reason] = total.get(reason, 0) + count
-        return total
+        """Readings refused by the detectors, per reason, over every stream."""
+        return _summed(detector.rejected for detector in tuple(self.streams.values()))
 
     def group_counters(self) -> dict[str, int]:
-        """The device groups' counters (ticks, incomplete ticks, refused readings, alerts), summed."""
-        total: dict[str, int] = {}
-        for group in self.groups.values():  # fixed at start; a group's counters may gain a key meanwhile
-            for key, count in tuple(group.counters.items()):
-                total[key] = total.get(key, 0) + count
-        return total
+        """The device groups' counters (ticks, incomplete ticks, refused readings, alerts), summed (the groups
+        are fixed at start)."""
+        return _summed(group.counters for group in self.groups.values())
 
     def take_group_publications(self) -> list[Publication]:
         """The device alerts that started or ended since the last call."""
