@@ -98,7 +98,7 @@ class _Outgoing:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Subscription:
-    """Handle returned by ``MqttLink.subscribe``; pass it to ``unsubscribe``."""
+    """Handle returned by ``MqttLink.subscribe``; pass it to ``resubscribe`` to replace or drop it."""
 
     topic_filter: str
     handler: Handler
@@ -241,11 +241,6 @@ class MqttLink:
             self._subscriptions = (*(s for s in self._subscriptions if s not in replaced), *new)
             self._cond.notify_all()
         return new
-
-    def unsubscribe(self, subscription: Subscription) -> None:
-        with self._cond:
-            self._subscriptions = tuple(s for s in self._subscriptions if s is not subscription)
-            self._cond.notify_all()
 
     def publish(
         self,
@@ -419,7 +414,7 @@ class MqttLink:
                                   topic, suppressed_note(suppressed))
 
     def _routes_of(self, topic: str) -> tuple[Subscription, ...]:
-        """The subscriptions matching ``topic`` (paho's thread; a subscribe or unsubscribe starts afresh)."""
+        """The subscriptions matching ``topic`` (paho's thread; a subscribe or resubscribe starts afresh)."""
         subscriptions = self._subscriptions
         if self._routes_for is not subscriptions or len(self._routes) >= ROUTES_MAX:
             self._routes, self._routes_for = {}, subscriptions

@@ -248,8 +248,11 @@ def test_backoff_is_capped(tmp_path: Path, mosquitto_factory: Callable[..., Mosq
 def test_subscribe_refuses_invalid_filters(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
                                           link_factory: Callable[..., MqttLink]) -> None:
     link = link_factory(make_config(mosquitto_factory(start=False), tmp_path))
+    def ignore(_message: InboundMessage) -> None:
+        pass
+
     for good in ("a/b", "a/+/c", "#", "a/#", "+"):
-        link.unsubscribe(link.subscribe(good, lambda _message: None))
+        link.resubscribe([link.subscribe(good, ignore)], [], ignore)  # subscribed, then dropped
     for bad in ("", "a/#/b", "a/b#", "a+/b", "a\0b"):
         with pytest.raises(ValueError, match="invalid MQTT topic filter"):
             link.subscribe(bad, lambda _message: None)
