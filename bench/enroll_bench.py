@@ -210,9 +210,18 @@ def transformed_voice(paths: list[str], workdir: Path, name: str, transform: Any
 def faster_voice(paths: list[str], workdir: Path, factor: float = FASTER) -> list[str]:
     """The recordings played ``factor`` times faster (higher and quicker, like a child): a voice the shipped
     model has never heard and mostly misses, for want of a real one in ../shared."""
+    return transformed_voice(paths, workdir, "faster",
+                             lambda s: changed_voice(s, factor, keep_tempo=False))
+
+
+def changed_voice(samples: Any, factor: float, *, keep_tempo: bool) -> Any:
+    """Float samples with pitch and formants ``factor`` times higher: resampled (which raises both and speeds
+    up), then, with ``keep_tempo``, stretched back to their length (the child-like voice); without, played
+    ``factor`` times faster (the faster voice). training.enrol_dev changes its training clusters so."""
     from scipy.signal import resample
 
-    return transformed_voice(paths, workdir, "faster", lambda s: resample(s, int(len(s) / factor)))
+    changed = resample(samples, int(len(samples) / factor))
+    return stretch(changed, factor) if keep_tempo else changed
 
 
 def stretch(samples: Any, factor: float, frame: int = 640, hop: int = 160, search: int = 160) -> Any:
@@ -241,12 +250,8 @@ def stretch(samples: Any, factor: float, frame: int = 640, hop: int = 160, searc
 
 
 def child_voice(paths: list[str], workdir: Path, factor: float = CHILD) -> list[str]:
-    """The recordings with pitch and formants ``factor`` times higher and the same tempo: resampled (which
-    raises both and speeds up), then stretched back to their length."""
-    from scipy.signal import resample
-
-    return transformed_voice(paths, workdir, "child",
-                             lambda s: stretch(resample(s, int(len(s) / factor)), factor))
+    """The recordings with pitch and formants ``factor`` times higher, the same tempo (``changed_voice``)."""
+    return transformed_voice(paths, workdir, "child", lambda s: changed_voice(s, factor, keep_tempo=True))
 
 
 def largest_cluster(sets: dict[str, Any]) -> tuple[str, list[str]]:

@@ -47,6 +47,8 @@ from agent.kws import KwsModel
 from agent.messages import Scores
 from agent.recognizer import Recognizer, RecognizerSettings
 from agent.voice import VoicePipeline, model_hop_seconds, tail_padding
+from bench.enroll_bench import CHILD, FASTER
+from bench.enroll_bench import changed_voice as bench_changed_voice
 from training.common import stable_fraction
 from training.data import inventory
 from training.enrol_bank import CONFUSABLE_WAKE_WORDS, bank_part
@@ -58,8 +60,6 @@ ENROL = 5
 MIN_CLIPS = 8  # 5 enrolled and at least 3 tested: 11 training clusters
 DRAWS = 3  # the first five recordings, then hash-chosen sets of five (as bench/enroll_bench.py draws them)
 TARGET_PERCENT = 90.0  # a draw hears at least this much of the speaker's other recordings (the issue's goal)
-CHILD = 1.3
-FASTER = 1.3
 # The changed voices: key prefix -> (pitch and formant factor, whether the tempo is kept). "faster:" is the
 # recording played FASTER times faster (higher and quicker), as the bench's faster voice: the other kind of
 # voice the shipped model misses that the held-out targets hold.
@@ -124,17 +124,10 @@ def touched(adaptation: Adaptation | None, embeddings: npt.NDArray[np.float32]) 
     return False
 
 
-def child_like(samples: npt.NDArray[np.int16], factor: float = CHILD,
-               keep_tempo: bool = True) -> npt.NDArray[np.int16]:
-    """Pitch and formants ``factor`` times higher, tempo kept (as the bench's child-like voice), or with
-    ``keep_tempo`` false the recording played ``factor`` times faster (as the bench's faster voice)."""
-    from scipy.signal import resample
-
-    from bench.enroll_bench import stretch
-
-    changed = resample(samples.astype(np.float64), int(len(samples) / factor))
-    if keep_tempo:
-        changed = stretch(changed, factor)
+def changed_voice(samples: npt.NDArray[np.int16], factor: float,
+                  keep_tempo: bool) -> npt.NDArray[np.int16]:
+    """The bench's voice change (:func:`bench.enroll_bench.changed_voice`) of int16 samples."""
+    changed = bench_changed_voice(samples.astype(np.float64), factor, keep_tempo=keep_tempo)
     return np.asarray(changed.clip(-32768, 32767), dtype=np.int16)
 
 
@@ -171,7 +164,7 @@ def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any
         for path in paths:
             audio[path] = read_audio_file(path)
             for prefix, (factor, keep_tempo) in VOICES.items():
-                audio[f"{prefix}{path}"] = child_like(audio[path], factor, keep_tempo)
+                audio[f"{prefix}{path}"] = changed_voice(audio[path], factor, keep_tempo)
     recorded = {p: record(model, read_audio_file(p)) for paths in confusable.values() for p in paths}
     recorded.update({key: record(model, samples) for key, samples in audio.items()})
     result = {"model_sha256": model.sha256, "voices": VOICES, "min_clips": MIN_CLIPS,
