@@ -18,6 +18,7 @@ from agent.features import UNKNOWN_LABEL
 from training.common import SEED, import_tf
 
 NUM_BLOCKS = 4
+TEACHER_WIDTH = 64  # channels of every layer of the MLPerf Tiny DS-CNN
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def read_teacher_weights(path: Path) -> dict[str, list[npt.NDArray[np.float32]]]
 
 
 def teacher_architecture(num_classes: int = 12) -> Architecture:
-    return Architecture(channels=(64,) * (NUM_BLOCKS + 1), num_classes=num_classes)
+    return Architecture(channels=(TEACHER_WIDTH,) * (NUM_BLOCKS + 1), num_classes=num_classes)
 
 
 def load_teacher(path: Path) -> Any:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.features import COMMAND_WORDS, DEVICE_WORDS, WAKE_WORD
+from training.dscnn import TEACHER_WIDTH
 
 DET_DIR = "kws_det"  # next to the card: det_<word>.png and det.json from `training.evaluate --plot`
 
@@ -162,12 +163,13 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         f"- Structured pruning: per channel group the least important channels (mean activation feeding the "
         f"next layer x L2 norm of the weights reading it) removed, {tuple(config['channels'])} channels kept "
         + (
-            "(wider than the teacher's 64: the student itself is this wide, the teacher widened function-"
-            "preservingly before distillation (Net2Net: each new channel copies one, the weights reading the "
-            "copies share the original's; `training.dscnn.widened`), so nothing removed), "
-            if min(config["channels"]) >= 64 < max(config["channels"])
-            else "(64 everywhere is the teacher's width: nothing removed; issue 13 found pruning to 56 channels "
-            "cost the wake word about 10 points on held-out speakers, and the int8 size budget is 64 KB), "
+            f"(wider than the teacher's {TEACHER_WIDTH}: the student itself is this wide, the teacher widened "
+            "function-preservingly before distillation (Net2Net: each new channel copies one, the weights "
+            "reading the copies share the original's; `training.dscnn.widened`), so nothing removed), "
+            if _widened(config["channels"])
+            else f"({TEACHER_WIDTH} everywhere is the teacher's width: nothing removed; issue 13 found pruning "
+            "to 56 channels cost the wake word about 10 points on held-out speakers, and the int8 size budget "
+            "is 64 KB), "
         )
         + "then fine-tuned with distillation from the float student (all 16 labels, weight 0.7) on the training "
         "windows plus mined hard negatives (hard labels).",
@@ -260,3 +262,8 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _widened(channels: list[int]) -> bool:
+    """Whether the student was widened from the teacher (no layer narrower, one wider) rather than pruned."""
+    return min(channels) >= TEACHER_WIDTH and max(channels) > TEACHER_WIDTH
