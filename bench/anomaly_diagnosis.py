@@ -1,0 +1,153 @@
+"""Where SKAB's NAB points go, per run and per file (development work for issue 15).
+
+For each file: its labelled window (rows), NAB's probation (rows that score nothing), the ``alert`` column
+(with device groups, through ``anomaly-score --group``'s code), the first alert inside the window and its
+credit (NAB standard profile: 1 at the window's left edge, falling to 0 at its right edge; -1 when missed),
+and each alert outside it with its cost (0.11 before any window, less soon after one, nothing in probation).
+Sums per run; the totals agree with ``nab_score.py`` at threshold 0.5 (checked by the harness).
+
+    .venv/bin/python -m bench.anomaly_diagnosis [--part development|held-out] [--config JSON]
+        [--tuning JSON] [--crop ROWS] [--files]
+
+``--crop N`` scores the development runs with their first N rows removed (the window then starts N rows
+earlier in a shorter stream, as in a short run): how the detector's start-up behaves on streams whose
+anomaly comes soon after they start, measured on development data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.anomaly.detector import TUNING, Tuning
+from agent.anomaly.group import GROUP_TUNING, GroupTuning
+from agent.anomaly_score import score_group
+from agent.config import AnomalySection
+from bench.anomaly_bench import SKAB, nab_module, skab_groups, split_runs
+
+
+def write_cropped(files: list[str], crop: int, folder: Path) -> Path:
+    """Copies of ``files`` without their first ``crop`` data rows, under ``folder`` (a NAB data dir)."""
+    for rel in files:
+        with (SKAB / "data" / rel).open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([rows[0], *rows[1 + crop:]])
+    return folder
+
+
+def alert_columns(files: list[str], data: Path, out: Path, config: AnomalySection, *, tuning: Tuning,
+                  group_tuning: GroupTuning) -> dict[str, list[int]]:
+    alerts: dict[str, list[int]] = {}
+    for device, members in skab_groups(files).items():
+        pairs = [(data / rel, out / rel) for rel in members]
+        score_group(config, pairs, device, tuning=tuning, group_tuning=group_tuning)
+        for rel in members:
+            with (out / rel).open(newline="", encoding="utf-8") as handle:
+                alerts[rel] = [int(r[3]) for r in list(csv.reader(handle))[1:]]
+    return alerts
+
+
+def diagnose(part: str, config: AnomalySection, tuning: Tuning = TUNING,
+             group_tuning: GroupTuning = GROUP_TUNING, crop: int = 0) -> dict[str, Any]:
+    labels = json.loads((SKAB / "labels" / "combined_windows.json").read_text(encoding="utf-8"))
+    runs, dev, held = split_runs(labels)
+    names = dev if part == "development" else held
+    files = [rel for run in names for rel in runs[run]]
+    nab = nab_module()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        data = write_cropped(files, crop, folder / "data") if crop else SKAB / "data"
+        alerts = alert_columns(files, data, folder / "results", config, tuning=tuning,
+                               group_tuning=group_tuning)
+        per_file: dict[str, Any] = {}
+        for rel in files:
+            times = nab.read_timestamps(str(data / rel))
+            windows = nab.windows_to_index(times, [(w[0][:19], w[1][:19]) for w in labels[rel]], rel)
+            geo = nab.file_geometry(rel, len(times), windows)
+            column = np.array(alerts[rel], dtype=float)
+            rows = np.nonzero(column >= 0.5)[0].tolist()
+            entry: dict[str, Any] = {"rows": len(times), "probation": int(nab.probation_length(len(times))),
+                                     "windows": windows, "hits": [], "false": [], "credit": 0.0}
+            for k, (lo, hi) in enumerate(windows):
+                if k not in geo.scorable_windows:
+                    continue
+                inside = [i for i in rows if lo <= i <= hi and geo.scorable[i]]
+                if inside:
+                    first = inside[0]
+                    entry["hits"].append({"row": first, "into": round((first - lo) / (hi - lo + 1), 3),
+                                          "credit": round(float(geo.sigma[first]), 3)})
+                    entry["credit"] += float(geo.sigma[first])
+                else:
+                    entry["hits"].append(None)
+                    entry["credit"] -= 1.0
+            for i in rows:
+                if geo.window_id[i] < 0:
+                    cost = 0.11 * float(geo.sigma[i]) if geo.scorable[i] else 0.0
+                    entry["false"].append({"row": i, "cost": round(cost, 3)})
+                    entry["credit"] += cost
+            per_file[rel] = entry
+        labels_file = folder / "labels.json"
+        labels_file.write_text(json.dumps({rel: labels[rel] for rel in files}), encoding="utf-8")
+        results = folder / "nab"
+        for rel in files:
+            target = results / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            times = nab.read_timestamps(str(data / rel))
+            lines = (f"{t},0,{a}\n" for t, a in zip(times.astype(str), alerts[rel], strict=True))
+            target.write_text("timestamp,value,anomaly_score\n" + "".join(lines), encoding="utf-8")
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = nab.main(["--data", str(data), "--labels", str(labels_file), "--results", str(results),
+                                "--threshold", "0.5"])["standard"]
+    raw = sum(entry["credit"] for entry in per_file.values())
+    if abs(raw - summary["raw_score"]) > 1e-6:
+        raise AssertionError(f"per-file credits {raw} disagree with nab_score's {summary['raw_score']}")
+    by_run: dict[str, Any] = {}
+    for run in names:
+        entries = [per_file[rel] for rel in runs[run]]
+        hits = [h for e in entries for h in e["hits"] if h is not None]
+        by_run[run] = {"windows": sum(len(e["hits"]) for e in entries), "hit": len(hits),
+                       "mean_into": round(float(np.mean([h["into"] for h in hits])), 2) if hits else None,
+                       "false": sum(len(e["false"]) for e in entries),
+                       "false_cost": round(sum(f["cost"] for e in entries for f in e["false"]), 2),
+                       "raw": round(sum(e["credit"] for e in entries), 2)}
+    return {"nab_standard": round(summary["normalized"], 2), "raw": round(raw, 2),
+            "windows": f"{summary['windows_detected']}/{summary['windows_scorable']}",
+            "false_alerts": sum(len(e["false"]) for e in per_file.values()), "runs": by_run,
+            "files": per_file}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.anomaly_diagnosis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["development", "held-out"], default="development")
+    parser.add_argument("--config", default=None, help="JSON object of [anomaly] overrides")
+    parser.add_argument("--tuning", default=None, help="JSON object of Tuning overrides")
+    parser.add_argument("--groups", default=None, help="JSON object of GroupTuning overrides")
+    parser.add_argument("--crop", type=int, default=0, help="drop this many first rows of each run")
+    parser.add_argument("--files", action="store_true", help="print every file's entry too")
+    args = parser.parse_args(argv)
+    config = AnomalySection(**json.loads(args.config)) if args.config else AnomalySection()
+    tuning = dataclasses.replace(TUNING, **json.loads(args.tuning)) if args.tuning else TUNING
+    group_tuning = dataclasses.replace(GROUP_TUNING, **json.loads(args.groups)) if args.groups \
+        else GROUP_TUNING
+    result = diagnose(args.part, config, tuning, group_tuning, args.crop)
+    if not args.files:
+        del result["files"]
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
