@@ -481,7 +481,9 @@ class AnomalySection(Section):
     threshold: float = Field(default=0.99, gt=0, le=1)  # evidence at which an anomaly starts
     clear_threshold: float = Field(default=0.9, gt=0, le=1)  # hysteresis: the anomaly ends below this
     cooldown: float = Field(default=3600.0, ge=0)  # quiet period after an episode (seconds)
-    learning_readings: int = Field(default=300, ge=10)  # readings per stream before any alert
+    # readings per stream before any alert; a stream sampled faster than every 13.5 s learns for a third of
+    # them (agent/anomaly/detector.py learning_period)
+    learning_readings: int = Field(default=300, ge=10)
     save_interval: float = Field(default=300.0, gt=0)  # how often per-stream state is saved
     publish_interval: float = Field(default=60.0, ge=0)  # seconds between a stream's scores (alerts: at once)
 

@@ -26,7 +26,7 @@ import pytest
 from conftest import run_cli
 
 from agent.anomaly import AnomalyDetector, AnomalyStage, Outcome, StreamDetector, StreamState
-from agent.anomaly.detector import CALIBRATION, KINDS, TUNING, calibrated
+from agent.anomaly.detector import CALIBRATION, KINDS, TUNING, calibrated, learning_period
 from agent.config import AnomalySection
 from agent.messages import AnomalyEvent, Reading
 
@@ -410,24 +410,52 @@ def test_the_published_score_is_calibrated_on_the_development_runs() -> None:
             assert abs(band["share_in_window"] - band["mean_score"]) <= 0.03, band
 
 
+def autocorrelated(size: int, seed: int) -> FloatArray:
+    rng = np.random.default_rng(seed)
+    noise = np.zeros(size)
+    for i in range(1, noise.size):
+        noise[i] = 0.7 * noise[i - 1] + rng.normal(0.0, 0.7)
+    return noise
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_sustained_level_shift_is_caught_by_the_shift_test(config: AnomalySection, seed: int) -> None:
     """A 1-second stream like SKAB's: autocorrelated noise for 10 minutes, then its level moves by 3 of its
     own standard deviations and stays there. The shift test alerts within a minute; without it (gain 0)
-    the tail likelihood learns the new level as normal; with no shift, nothing alerts."""
-    rng = np.random.default_rng(seed)
-    noise = np.zeros(1100)
-    for i in range(1, noise.size):
-        noise[i] = 0.7 * noise[i - 1] + rng.normal(0.0, 0.7)
+    the tail likelihood learns the new level as normal; with no shift, nothing alerts once the stream is 300
+    readings old (a fast stream alerts from its 100th reading; seed 2 raises one false alert at reading 269:
+    the cost of the shorter learning period, models/anomaly.md, session 10)."""
+    noise = autocorrelated(1100, seed)
     times = T0 + np.arange(noise.size, dtype=np.float64)
     shifted = 10.0 + noise + np.where(np.arange(noise.size) >= 600, 3.0 * float(noise[:600].std()), 0.0)
     alerts = run(StreamDetector(config), times, shifted)
-    first = starts(alerts)[0]
+    first = next(i for i in starts(alerts) if i >= 300)
     outcome = alerts[first]
     assert 600 <= first < 660 and outcome is not None and outcome.kind == "step"
-    assert starts(run(StreamDetector(config, tuning=dataclasses.replace(TUNING, shift_gain=0.0)), times,
-                      shifted)) == []
-    assert starts(run(StreamDetector(config), times, 10.0 + noise)) == []
+    assert [i for i in starts(run(StreamDetector(config, tuning=dataclasses.replace(TUNING, shift_gain=0.0)),
+                                  times, shifted)) if i >= 300] == []
+    quiet = starts(run(StreamDetector(config), times, 10.0 + noise))
+    assert len(quiet) <= 1 and [i for i in quiet if i >= 300] == []
+
+
+def test_a_fast_stream_learns_in_a_third_of_the_readings_and_alerts_on_an_early_shift(
+        config: AnomalySection) -> None:
+    """A stream whose 64-reading level spans under 1 % of a day (sampled faster than every 13.5 s) sees no
+    daily cycle: it may alert after 100 readings, not 300 (a short SKAB run's fault can start 100 readings
+    in). The same readings a minute apart keep the 300-reading learning period (a slow stream's must see its
+    daily cycle), and a shift while learning is not alerted when learning ends."""
+    assert learning_period(300, 1.0, TUNING) == 100
+    assert learning_period(300, 13.4, TUNING) == 100
+    assert learning_period(300, 13.5, TUNING) == 300
+    assert learning_period(300, 60.0, TUNING) == 300
+    assert learning_period(300, math.nan, TUNING) == 300  # no interval known yet
+    assert learning_period(300, 0.0, TUNING) == 300
+    noise = autocorrelated(600, 0)
+    shifted = 10.0 + noise + np.where(np.arange(noise.size) >= 150, 3.0 * float(noise[:150].std()), 0.0)
+    fast = starts(run(StreamDetector(config), T0 + np.arange(noise.size, dtype=np.float64), shifted))
+    assert fast and 150 <= fast[0] < 210
+    slow = starts(run(StreamDetector(config), T0 + 60.0 * np.arange(noise.size, dtype=np.float64), shifted))
+    assert [i for i in slow if i <= 300] == []
 
 
 def test_a_stream_that_starts_in_an_unusual_state_is_not_alerted_when_learning_ends(

@@ -37,7 +37,8 @@ thresholds apply to it. The published score is its calibration (``CALIBRATION``,
 labelled development data): a threshold on the score is a threshold on a probability.
 
 Alerts (``_track``, the one place that decides whether a stream's alert is active): an alert starts when
-the evidence reaches ``threshold`` after ``learning_readings``, outside the cooldown after the previous
+the evidence reaches ``threshold`` after the learning period (``learning_period``: ``learning_readings``, a
+third of them for a fast stream), outside the cooldown after the previous
 episode (the configured cooldown, at most ``cooldown_readings`` of the stream's usual intervals: a 1-second
 stream does not wait an hour), and not while an episode that began in the learning period lasts (a stream that
 starts in an unusual state is not alerted when learning ends). The episode ends by itself after
@@ -137,6 +138,10 @@ class Tuning:
     shift_warmup: int = 30  # readings of history before the shift test accumulates
     evidence_allowance: float = 3.0  # evidence (decades of the reading's p) a reading may bring unnoticed ...
     evidence_cap: float = 4.0  # ... and at most this much counts from one reading (a spike alerts alone)
+    # A fast stream (its shift scale, SCALES[SHIFT_SCALE] usual intervals, spans less than this share of a
+    # day: sampled faster than every 13.5 s) learns for this share of ``learning_readings`` (100 of 300)
+    fast_day_share: float = 0.01
+    fast_learning_share: float = 1.0 / 3.0
 
 
 TUNING = Tuning()
@@ -148,6 +153,19 @@ def capped_cooldown(cooldown: float, readings: int, log_interval: float) -> floa
     if math.isnan(log_interval):
         return cooldown
     return min(cooldown, readings * math.exp(log_interval))
+
+
+def learning_period(configured: int, interval: float, tuning: Tuning) -> int:
+    """Readings (ticks for a device group) before a stream may alert, for a stream whose usual interval is
+    ``interval`` seconds (not positive or NaN: not known yet): the configured ``learning_readings``, or for
+    a fast stream ``fast_learning_share`` of it. A slow stream's statistics span hours: its learning period
+    must also see its daily cycle (home logs: shorter ones alert on a young stream's first evening and
+    night). A fast stream's scales see nothing of a day; it needs only the readings that learn its
+    statistics, and a short run's fault may come early (SKAB's runs are 700-1,300 readings; NAB scores
+    from 15 % of a stream)."""
+    if not interval > 0.0 or SCALES[SHIFT_SCALE] * interval >= tuning.fast_day_share * DAY:
+        return configured
+    return max(10, round(configured * tuning.fast_learning_share))
 
 
 EPISODE_STARTED, EPISODE_ENDED = "started", "ended"
@@ -626,6 +644,10 @@ class StreamDetector:
 
     # ---- episodes
 
+    def learning_period(self) -> int:
+        """Readings before this stream may alert (``learning_period``: fewer for a fast stream)."""
+        return learning_period(self.learning, self.state.interval_bound, self.tuning)
+
     def cooldown(self) -> float:
         """The configured cooldown, at most ``cooldown_readings`` of the stream's usual intervals."""
         return capped_cooldown(self.config.cooldown, self.tuning.cooldown_readings, self.state.log_interval)
@@ -645,7 +667,7 @@ class StreamDetector:
                 s.slope = 0.0
                 s.base_n = 0
                 s.low, s.high = min(s.low, s.last_value), max(s.high, s.last_value)
-        step = episode_step(s, t, evidence, self.config, learnt=s.n > self.learning,
+        step = episode_step(s, t, evidence, self.config, learnt=s.n > self.learning_period(),
                             cooldown=self.cooldown, end_readings=self.tuning.end_readings)
         if step is EPISODE_STARTED:
             s.length = 0
@@ -656,7 +678,7 @@ class StreamDetector:
         """The daemon's check of a silent stream: an alert once the dropout probability reaches the
         threshold (the next reading scores normally again and lets the episode end)."""
         s = self.state
-        if s.active or s.n <= self.learning or math.isnan(s.last_time):
+        if s.active or s.n <= self.learning_period() or math.isnan(s.last_time):
             return None
         value = self.dropout_probability(now - s.last_time)
         if value < self.config.threshold or now - s.episode_end < self.cooldown():

@@ -44,6 +44,7 @@ from agent.anomaly.detector import (
     calibrated,
     capped_cooldown,
     episode_step,
+    learning_period,
 )
 from agent.config import AnomalySection, Config
 
@@ -198,7 +199,8 @@ class GroupDetector:
         self.last_tick = t if math.isnan(self.last_tick) else max(t, self.last_tick)
         self.ticks += 1
         score = calibrated(evidence)
-        step = episode_step(self, t, evidence, cfg, learnt=self.ticks > cfg.learning_readings,
+        learning = learning_period(cfg.learning_readings, math.exp(self.log_interval), self.tuning)
+        step = episode_step(self, t, evidence, cfg, learnt=self.ticks > learning,
                             cooldown=self.cooldown, end_readings=self.tuning.end_readings)
         if step is EPISODE_STARTED:
             self.counters["alerts"] += 1
