@@ -667,7 +667,9 @@ class StreamDetector:
                 s.slope = 0.0
                 s.base_n = 0
                 s.low, s.high = min(s.low, s.last_value), max(s.high, s.last_value)
-        step = episode_step(s, t, evidence, self.config, learnt=s.n > self.learning_period(),
+        # (a stream past the configured period has learnt whatever its rate: no call per reading)
+        learnt = s.n > self.learning or s.n > self.learning_period()
+        step = episode_step(s, t, evidence, self.config, learnt=learnt,
                             cooldown=self.cooldown, end_readings=self.tuning.end_readings)
         if step is EPISODE_STARTED:
             s.length = 0

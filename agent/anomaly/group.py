@@ -199,8 +199,9 @@ class GroupDetector:
         self.last_tick = t if math.isnan(self.last_tick) else max(t, self.last_tick)
         self.ticks += 1
         score = calibrated(evidence)
-        learning = learning_period(cfg.learning_readings, math.exp(self.log_interval), self.tuning)
-        step = episode_step(self, t, evidence, cfg, learnt=self.ticks > learning,
+        learnt = self.ticks > cfg.learning_readings or \
+            self.ticks > learning_period(cfg.learning_readings, math.exp(self.log_interval), self.tuning)
+        step = episode_step(self, t, evidence, cfg, learnt=learnt,
                             cooldown=self.cooldown, end_readings=self.tuning.end_readings)
         if step is EPISODE_STARTED:
             self.counters["alerts"] += 1
