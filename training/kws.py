@@ -656,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
         "widened function-preservingly, then distilled; narrower: structured pruning)",
     )
     parser.add_argument(
+        "--wake-following", type=float, default=None, metavar="P",
+        help="share of the wake word's training windows that end inside a following word (default 0: off; "
+        "candidate A of the model card used 0.5)",
+    )
+    parser.add_argument(
         "--rethreshold", type=Path, default=None, metavar="MODEL",
         help="only choose the thresholds of this trained .tflite again (training-side data only) and write "
         "a copy with them to --out",
@@ -675,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(SMOKE if args.smoke else FULL, teacher=args.teacher)
     if args.channels is not None:
         config = replace(config, channels=(args.channels,) * len(config.channels))
+    if args.wake_following is not None:
+        config = replace(config, augment={**config.augment, "following_probability": args.wake_following})
     if args.rethreshold is not None:
         if args.out is None:
             parser.error("--rethreshold needs --out (the shipped model is never changed in place)")
