@@ -501,6 +501,15 @@ def realtime_daemon(workdir: Path, path: Path, commands: list[dict[str, Any]],  
     }
 
 
+def repeated_daemon(runs: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``realtime_daemon`` ``runs`` times: the run with the median CPU figure, and every run's figure (one run
+    on this shared machine has read anywhere from 0.003 to 0.0055 CPU-s per audio second)."""
+    measured = [realtime_daemon(*args, **kwargs) for _ in range(max(1, runs))]
+    key = "process_cpu_seconds_per_audio_second"
+    median = sorted(measured, key=lambda run: run[key])[len(measured) // 2]
+    return {**median, f"{key}_runs": [run[key] for run in measured]}
+
+
 def summary(values: list[float]) -> dict[str, Any] | None:
     if not values:
         return None
@@ -619,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the new-voices headline, keeping that section of --out")
     parser.add_argument("--repetitions", type=int, default=5,
                         help="side-by-side CPU runs of each pipeline (medians)")
+    parser.add_argument("--daemon-runs", type=int, default=3,
+                        help="real-time daemon runs per recording (the median run is reported)")
     parser.add_argument("--wake-threshold", type=float, default=None,
                         help="override the wake word's threshold for the latency run (recorded in the JSON)")
     args = parser.parse_args(argv)
@@ -671,28 +682,30 @@ def main(argv: list[str] | None = None) -> int:
         path_rt, commands_rt, duration_rt = long_recording(workdir, seconds)
         log.info("daemon: %.0f s of audio at real-time pace", duration_rt)
         overrides = {"computer": args.wake_threshold} if args.wake_threshold is not None else None
-        results["daemon_realtime"] = realtime_daemon(workdir, path_rt, commands_rt, overrides, args.model)
+        results["daemon_realtime"] = repeated_daemon(args.daemon_runs, workdir, path_rt, commands_rt,
+                                                     overrides, args.model)
         results["daemon_realtime"]["threshold_overrides"] = overrides or {}
         # A household talking without the wake word (most of a day): the voice path stays idle throughout.
         path_idle, commands_idle, duration_idle = long_recording(workdir, seconds, NO_WAKE_EXAMPLE)
         log.info("daemon: %.0f s of speech without the wake word at real-time pace", duration_idle)
-        results["daemon_realtime_no_wake_word"] = realtime_daemon(workdir, path_idle, commands_idle, None,
-                                                                  args.model)
+        results["daemon_realtime_no_wake_word"] = repeated_daemon(args.daemon_runs, workdir, path_idle,
+                                                                  commands_idle, None, args.model)
         if not results["daemon_realtime"]["commands_published"] and overrides is None:
             # The shipped wake threshold rejected every synthetic wake word: measure the latency mechanics
             # with a looser one too, recorded as such (the accuracy section is always the shipped model's).
             log.info("daemon: no command recognised with the shipped thresholds; again with computer = %.2f",
                      FALLBACK_WAKE_THRESHOLD)
             loose = {"computer": FALLBACK_WAKE_THRESHOLD}
-            results["daemon_realtime_loose_wake"] = realtime_daemon(workdir, path_rt, commands_rt, loose,
-                                                                    args.model)
+            results["daemon_realtime_loose_wake"] = repeated_daemon(args.daemon_runs, workdir, path_rt,
+                                                                    commands_rt, loose, args.model)
             results["daemon_realtime_loose_wake"]["threshold_overrides"] = loose
         if (args.data / "real").is_dir():
             path_real, commands_real, duration_real = real_speaker_recording(workdir, args.data,
                                                                              4 if args.quick else 8)
             log.info("daemon: %.0f s of held-out real speakers at real-time pace", duration_real)
-            results["daemon_realtime_real_speakers"] = realtime_daemon(
-                workdir, path_real, commands_real, None, args.model, REAL_WORD_COMMANDS, REAL_DEVICE_TOPICS)
+            results["daemon_realtime_real_speakers"] = repeated_daemon(
+                args.daemon_runs, workdir, path_real, commands_real, None, args.model, REAL_WORD_COMMANDS,
+                REAL_DEVICE_TOPICS)
             results["recognition_latency_held_out"] = {
                 context: recognition_latency(model, args.data, context)
                 for context in ("one_word", "two_words")}

@@ -188,3 +188,36 @@ def test_word_windows_are_warped_and_equalised_when_asked() -> None:
     same = still.word(context, 0.0)
     assert np.array_equal(same, still.word(context, 0.0))
     assert not np.array_equal(same, moved.word(context, 0.0))
+
+
+def test_a_following_word_starts_a_gap_after_the_wake_word_and_is_cut_by_the_window() -> None:
+    config = AugmentConfig(following_probability=1.0)
+    augmenter = plain(config)
+    other_seconds = 0.4
+    augmenter.preceding = [to_int16(tone(other_seconds, 0.4, 300.0))]
+    word_seconds = 0.5
+    context = word_context(clip_with_word(0.3, word_seconds))
+    low, high = config.following_gap_seconds
+    for _ in range(30):
+        window = augmenter.word(context, 0.25, followed=True).astype(np.float32) / 32768
+        assert augmenter.followed and not augmenter.placed_at_end
+        frames = np.mean(window[: len(window) // 160 * 160].reshape(-1, 160) ** 2, axis=1)
+        loud = np.concatenate([[False], frames > 1e-3])  # the word may start at the window's first sample
+        edges = np.flatnonzero(np.diff(loud.astype(int)))
+        rises, falls = edges[loud[edges + 1]] + 1, edges[~loud[edges + 1]] + 1
+        # the whole wake word, then a gap, then the other word running into the window's right edge
+        assert len(rises) == 2 and len(falls) == 1 and loud[-1]
+        assert (falls[0] - rises[0]) * 160 / RATE == pytest.approx(word_seconds, abs=0.02)
+        assert low - 0.02 <= (rises[1] - falls[0]) * 160 / RATE <= high + 0.02
+        visible = (len(loud) - rises[1]) * 160 / RATE
+        assert 0.1 * other_seconds - 0.02 <= visible <= 0.8 * other_seconds + 0.02
+
+
+def test_only_wake_word_windows_are_followed() -> None:
+    augmenter = plain(AugmentConfig(following_probability=1.0, end_probability=0.0))
+    augmenter.preceding = [to_int16(tone(0.4, 0.4, 300.0))]
+    context = word_context(clip_with_word(0.3, 0.5))
+    augmenter.word(context, 0.1, at_end=True)
+    assert not augmenter.followed
+    augmenter.word(context, 0.25, followed=True)
+    assert augmenter.followed

@@ -54,3 +54,34 @@ def test_smoke_run_builds_a_loadable_int8_model(tmp_path: Path) -> None:
     assert metadata["training"]["smoke"] is True
     card = (out / "kws.md").read_text(encoding="utf-8")
     assert "SMOKE RUN" in card and "Compression ablation" in card
+
+
+def test_rethreshold_needs_an_output_folder(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "training.kws", "--smoke", "--rethreshold",
+         str(REPO_ROOT / "models" / "kws.tflite"), "--data", str(DATA_DIR)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if "no speech data" in result.stderr or "is missing" in result.stderr:
+        pytest.skip("needs ../shared (speech data and the MLPerf teacher)")
+    assert result.returncode == 2 and "--rethreshold needs --out" in result.stderr
+
+
+@pytest.mark.slow
+def test_rethreshold_writes_a_copy_with_thresholds_chosen_again(tmp_path: Path) -> None:
+    if not (DATA_DIR / "real").is_dir() or not TEACHER.exists():
+        pytest.skip(f"needs ../shared (speech data at {DATA_DIR} and the MLPerf teacher)")
+    shipped = REPO_ROOT / "models" / "kws.tflite"
+    before = shipped.with_suffix(".json").read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "training.kws", "--smoke", "--rethreshold", str(shipped),
+         "--data", str(DATA_DIR), "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "kws.tflite").read_bytes() == shipped.read_bytes()
+    assert shipped.with_suffix(".json").read_bytes() == before  # the shipped model is never changed in place
+    metadata = json.loads((tmp_path / "kws.json").read_text(encoding="utf-8"))
+    assert set(metadata["thresholds"]) == set(LABELS[:-2])
+    assert all(0.5 <= value <= 0.99 for value in metadata["thresholds"].values())
+    assert KwsModel.load(tmp_path / "kws.tflite").labels == LABELS

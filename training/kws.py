@@ -334,43 +334,7 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
             "macs": narrow_arch.macs(),
         }
         _print_stage(stages)
-        tune_files = [Path(c.path) for c in clips if c.source in ("long", "noise") and c.split == "tune"]
-        tune_scores = [evaluation.file_scores(int8_model, path) for path in tune_files]
-        wake_files = [
-            Path(c.path) for c in clips if c.label == WAKE_WORD and c.source == "real" and c.split == "train"
-        ]
-        wake_scores = [
-            evaluation.file_scores(int8_model, path, evaluation.TRAILING_SILENCE) for path in wake_files[::2]
-        ]
-        confusables = data_stage.tuning_confusables(
-            clips, augment.synth_negatives_per_word, config.tune_confusables_per_word
-        )
-        confusable_scores = [
-            evaluation.file_scores(int8_model, Path(c.path), evaluation.TRAILING_SILENCE) for c in confusables
-        ]
-    choices = []
-    for smoothing in config.smoothing_candidates:
-        _print_wake_curve(tune_scores, confusable_scores, wake_scores, config, smoothing)
-        candidate = _choose_thresholds(tune_scores, confusable_scores, config, smoothing)
-        rate = _detection_rate(wake_scores, LABELS.index(WAKE_WORD), candidate[WAKE_WORD], smoothing)
-        print(
-            f"smoothing {smoothing} s: wake threshold {candidate[WAKE_WORD]}, train-speaker wake detection "
-            f"{rate:.3f}",
-            file=sys.stderr,
-        )
-        choices.append((rate, -smoothing, candidate))
-    # Longer smoothing suppresses one-window spikes on negatives: take the longest whose training-speaker
-    # wake detection is within smoothing_tolerance of the best.
-    best = max(rate for rate, _, _ in choices)
-    _, negative_smoothing, thresholds = min(
-        (item for item in choices if item[0] >= best - config.smoothing_tolerance), key=lambda item: item[1]
-    )
-    smoothing_seconds = -negative_smoothing
-    print(
-        f"thresholds ({len(tune_files)} tuning negatives, {len(confusables)} tuning confusables, smoothing "
-        f"{smoothing_seconds} s): {thresholds}",
-        file=sys.stderr,
-    )
+        thresholds, smoothing_seconds = choose_thresholds(int8_model, clips, augment, config)
     calibration_list = sorted(set(calibration.origin.tolist()))
     model_path = export.write_model(
         out_dir,
@@ -423,6 +387,74 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         f"\nwrote {model_path} and {out_dir / 'kws.md'} in {timings['total'] / 60:.1f} min", file=sys.stderr
     )
     return result
+
+
+def choose_thresholds(
+    model: Any, clips: list[Any], augment: Any, config: RunConfig
+) -> tuple[dict[str, float], float]:
+    """The thresholds and smoothing of ``model`` (an agent.kws.KwsModel), chosen on training-side data only:
+    the tuning negatives, the tuning confusables and the training speakers' ``computer`` clips."""
+    from training import data as data_stage
+    from training import evaluate as evaluation
+
+    tune_files = [Path(c.path) for c in clips if c.source in ("long", "noise") and c.split == "tune"]
+    tune_scores = [evaluation.file_scores(model, path) for path in tune_files]
+    wake_files = [
+        Path(c.path) for c in clips if c.label == WAKE_WORD and c.source == "real" and c.split == "train"
+    ]
+    wake_scores = [
+        evaluation.file_scores(model, path, evaluation.TRAILING_SILENCE) for path in wake_files[::2]
+    ]
+    confusables = data_stage.tuning_confusables(
+        clips, augment.synth_negatives_per_word, config.tune_confusables_per_word
+    )
+    confusable_scores = [
+        evaluation.file_scores(model, Path(c.path), evaluation.TRAILING_SILENCE) for c in confusables
+    ]
+    choices = []
+    for smoothing in config.smoothing_candidates:
+        _print_wake_curve(tune_scores, confusable_scores, wake_scores, config, smoothing)
+        candidate = _choose_thresholds(tune_scores, confusable_scores, config, smoothing)
+        rate = _detection_rate(wake_scores, LABELS.index(WAKE_WORD), candidate[WAKE_WORD], smoothing)
+        print(
+            f"smoothing {smoothing} s: wake threshold {candidate[WAKE_WORD]}, train-speaker wake detection "
+            f"{rate:.3f}",
+            file=sys.stderr,
+        )
+        choices.append((rate, -smoothing, candidate))
+    # Longer smoothing suppresses one-window spikes on negatives: take the longest whose training-speaker
+    # wake detection is within smoothing_tolerance of the best.
+    best = max(rate for rate, _, _ in choices)
+    _, negative_smoothing, thresholds = min(
+        (item for item in choices if item[0] >= best - config.smoothing_tolerance), key=lambda item: item[1]
+    )
+    smoothing_seconds = -negative_smoothing
+    print(
+        f"thresholds ({len(tune_files)} tuning negatives, {len(confusables)} tuning confusables, smoothing "
+        f"{smoothing_seconds} s): {thresholds}",
+        file=sys.stderr,
+    )
+    return thresholds, smoothing_seconds
+
+
+def rethreshold(model_path: Path, data_dir: Path, out_dir: Path, config: RunConfig) -> Path:
+    """A copy of a trained model in ``out_dir`` whose thresholds and smoothing this recipe chose again (the
+    int8 weights are the same file)."""
+    from agent.kws import KwsModel
+    from training import data as data_stage
+
+    clips = data_stage.inventory(data_dir, SYNTH_DIR, limit=config.limit)
+    model = KwsModel.load(model_path)
+    augment = data_stage.AugmentConfig(**config.augment)
+    thresholds, smoothing = choose_thresholds(model, clips, augment, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / model_path.name
+    target.write_bytes(model_path.read_bytes())
+    metadata = json.loads(model_path.with_suffix(".json").read_text())
+    metadata.update(thresholds=thresholds, smoothing_seconds=smoothing)
+    write_json(target.with_suffix(".json"), metadata)
+    print(f"wrote {target} with thresholds {thresholds}, smoothing {smoothing} s", file=sys.stderr)
+    return target
 
 
 def _speech_embedding_targets(
@@ -623,6 +655,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"channels of every layer (default {FULL.channels[0]}, the teacher's; wider: the teacher "
         "widened function-preservingly, then distilled; narrower: structured pruning)",
     )
+    parser.add_argument(
+        "--wake-following", type=float, default=None, metavar="P",
+        help="share of the wake word's training windows that end inside a following word (default 0: off; "
+        "candidate A of the model card used 0.5)",
+    )
+    parser.add_argument(
+        "--rethreshold", type=Path, default=None, metavar="MODEL",
+        help="only choose the thresholds of this trained .tflite again (training-side data only) and write "
+        "a copy with them to --out",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data_dir = (args.data or default_data_dir()).resolve()
@@ -638,6 +680,13 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(SMOKE if args.smoke else FULL, teacher=args.teacher)
     if args.channels is not None:
         config = replace(config, channels=(args.channels,) * len(config.channels))
+    if args.wake_following is not None:
+        config = replace(config, augment={**config.augment, "following_probability": args.wake_following})
+    if args.rethreshold is not None:
+        if args.out is None:
+            parser.error("--rethreshold needs --out (the shipped model is never changed in place)")
+        rethreshold(args.rethreshold, data_dir, args.out, config)
+        return 0
     if args.out is not None:
         out_dir = args.out
     elif args.smoke:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.features import COMMAND_WORDS, DEVICE_WORDS, WAKE_WORD
+from training.data import AugmentConfig
 from training.dscnn import TEACHER_WIDTH
 
 DET_DIR = "kws_det"  # next to the card: det_<word>.png and det.json from `training.evaluate --plot`
@@ -218,7 +219,9 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "- Augmentation: time shift +-100 ms (+-250 ms for `computer`, which must score high wherever it "
         "sits in the streamed window); for every other word, half of the windows instead put the word's end "
         "20-200 ms before the window's end, so a command is recognised as soon as it is spoken, not once it "
-        "has moved to the middle of the window (the command latency); speaker perturbation (resampling by "
+        "has moved to the middle of the window (the command latency); "
+        + _following(config['augment'].get('following_probability', AugmentConfig.following_probability))
+        + "speaker perturbation (resampling by "
         "0.87-1.15: speed, pitch and formants together) and a random microphone EQ on "
         f"{config['augment'].get('warp_probability', 0):.0%} / {config['augment'].get('eq_probability', 0):.0%} "
         "of the word windows; gain -20..0 dB, noise from noise/ at "
@@ -267,3 +270,12 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
 def _widened(channels: list[int]) -> bool:
     """Whether the student was widened from the teacher (no layer narrower, one wider) rather than pruned."""
     return min(channels) >= TEACHER_WIDTH and max(channels) > TEACHER_WIDTH
+
+
+def _following(share: float) -> str:
+    """The card's words for AugmentConfig.following_probability (nothing when it is off)."""
+    if not share:
+        return ""
+    return (f"{share:.0%} of `computer`'s windows end inside the first part of another word said 0.1-0.4 s "
+            "after it, still labelled `computer` (the wake word fires while the command's onset enters the "
+            "window); ")
