@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from training.data import HELD_OUT_SYNTH_ENGINES, Clip, synth_held_out
-from training.newvoices import CARD_BEGIN, CARD_END, card_section, evaluate, held_out_sets, put_card_section
+from training.newvoices import (
+    CARD_BEGIN,
+    CARD_END,
+    card_section,
+    development_sets,
+    evaluate,
+    held_out_sets,
+    put_card_section,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "speech"))
@@ -46,6 +54,34 @@ def test_sources_are_kept_apart_and_training_clips_never_count() -> None:
         "fsdd_digits": 1, "real_long_speech_to_intent": 1, "noise": 1, "synth_held_out_voices_confusables": 1}
     every = [c for group in sets.values() for items in group.values() for c in items]
     assert all(c.split != "train" for c in every)
+
+
+def test_development_sets_hold_only_training_side_clips() -> None:
+    clips = [
+        clip("/d/real/computer/pvwwb_unknown_1.flac", "computer"),
+        clip("/d/real/computer/pvwwb_unknown_2.flac", "computer", split="train"),
+        clip("/d/real/hey_computer/precise_eltocino_1.flac", "computer"),
+        clip("/d/real/up/sc_abc_0.flac", "up"),
+        clip("/d/real/up/sc_def_0.flac", "up", split="train"),
+        clip("/d/real/smart_mirror/pvwwb_unknown_3.flac", "_unknown_"),
+        clip("/d/real/smart_mirror/pvwwb_unknown_4.flac", "_unknown_", split="train"),
+        clip("/d/real_long/speech_to_intent/x.flac", "_unknown_", source="long"),
+        clip("/d/real_long/speech_to_intent/y.flac", "_unknown_", split="tune", source="long"),
+        clip("/s/computer/espeak_en-us_m1-s130-p25.wav", "computer", "train", "synth"),
+        clip("/s/computer/festival_kal_d1.0.wav", "computer", "synth_validation", "synth", "festival_kal"),
+    ]
+    sets = development_sets(clips)
+    assert {kind: {k: len(v) for k, v in group.items()} for kind, group in sets.items()} == {
+        "wake": {"picovoice": 1, "synth_training_voices": 1},
+        "commands": {"speech_commands": 1},
+        "negatives": {"tuning_long_speech_and_noise": 1, "picovoice_other_wake_words": 1},
+    }
+    every = [c for group in sets.values() for items in group.values() for c in items]
+    assert {c.split for c in every} == {"train", "tune"}
+    held_out = {c.path for group in held_out_sets(clips).values() for items in group.values() for c in items}
+    assert not {c.path for c in every} & held_out
+    assert len(development_sets([clip(f"/d/real/up/sc_{i}_0.flac", "up", split="train") for i in range(9)],
+                                per_source=4)["commands"]["speech_commands"]) == 4
 
 
 def test_a_held_out_engine_has_no_voice_in_training() -> None:
