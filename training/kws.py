@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +54,10 @@ from training.common import (
     stage_banner,
     write_json,
 )
+
+if TYPE_CHECKING:  # the stages import these lazily (TensorFlow, data); only their types are needed here
+    from agent.kws import KwsModel
+    from training.data import AugmentConfig, Clip
 
 log = logging.getLogger("training.kws")
 
@@ -390,7 +394,7 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
 
 
 def choose_thresholds(
-    model: Any, clips: list[Any], augment: Any, config: RunConfig
+    model: KwsModel, clips: list[Clip], augment: AugmentConfig, config: RunConfig
 ) -> tuple[dict[str, float], float]:
     """The thresholds and smoothing of ``model`` (an agent.kws.KwsModel), chosen on training-side data only:
     the tuning negatives, the tuning confusables and the training speakers' ``computer`` clips."""
