@@ -415,3 +415,34 @@ def test_the_development_split_records_every_hop_of_the_voice_path() -> None:
     hop = round(model_hop_seconds(model) * SAMPLE_RATE)
     assert len(posteriors) == len(embeddings) == (len(samples) + len(tail_padding())) // hop
     assert posteriors[:, model.labels.index("computer")].max() > 0.5
+
+
+def test_the_development_split_counts_wakes_on_confusables_in_the_enrolled_voice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held out, enrolling a voice the model misses woke on another speaker's "smart mirror" near that voice,
+    while the development confusables (other voices) showed nothing. training.enrol_dev replays those
+    confusables with the target's voice change too, and counts the wakes an enrolment adds there apart."""
+    from training import enrol_dev
+
+    model = KwsModel.load(MODEL, embedding=True)
+    empty = (np.zeros((1, len(model.labels)), np.float32), np.zeros((1, 4), np.float32))
+    in_voice = (np.zeros((1, len(model.labels)), np.float32), np.zeros((1, 4), np.float32))
+    paths = [f"c{n}.flac" for n in range(8)]
+    recorded = {f"child:{p}": empty for p in paths} | {"mirror.flac": empty, "child:mirror.flac": in_voice}
+    dev = {"recorded": recorded, "audio": {f"child:{p}": np.zeros(10, np.int16) for p in paths},
+           "confusable": {"smart_mirror": ["mirror.flac"]}, "same_voice": {"smart_mirror": ["mirror.flac"]},
+           "targets": {"computer-x": paths}}
+    adaptation = object()
+    monkeypatch.setattr(enrol_dev, "learn", lambda *args, **kwargs: adaptation)
+    monkeypatch.setattr(enrol_dev, "touched", lambda adapted, embeddings: adapted is not None)
+    monkeypatch.setattr(enrol_dev, "raised", lambda adapted, embeddings: embeddings is in_voice[1])
+    monkeypatch.setattr(enrol_dev, "wakes", lambda settings, rec, adapted: int(adapted is not None
+                                                                                and rec is in_voice))
+    results = enrol_dev.evaluate(model, Bank(np.zeros((0, 4), np.float32), np.array([], str),
+                                             np.zeros(0, np.int32), np.zeros(0, np.float32), "sha"),
+                                 dev, draws=1, voices=("child:",))
+    child = results["summary"]["child"]
+    assert child["wakes_added"] == 0 and child["near_miss_clips"] == 0
+    assert child["same_voice_wakes_added"] == 1 and child["draws_adding_same_voice_wakes"] == 1
+    assert child["same_voice_near_miss_clips"] == 1
+    assert results["child:computer-x#0"]["same_voice_wakes_added"] == {"smart_mirror": 1}
