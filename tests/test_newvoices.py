@@ -27,14 +27,21 @@ def clip(path: str, label: str, split: str = "validation", source: str = "real",
     return Clip(path, label, group, split, source)
 
 
-def test_sources_are_kept_apart_and_training_clips_never_count() -> None:
-    clips = [
+def some_of_each_source() -> list[Clip]:
+    """Wake-word and command clips of held-out and training speakers, and another wake word held out."""
+    return [
         clip("/d/real/computer/pvwwb_unknown_1.flac", "computer"),
         clip("/d/real/computer/pvwwb_unknown_2.flac", "computer", split="train"),
         clip("/d/real/hey_computer/precise_eltocino_1.flac", "computer"),
         clip("/d/real/up/sc_abc_0.flac", "up"),
         clip("/d/real/up/sc_def_0.flac", "up", split="train"),
         clip("/d/real/smart_mirror/pvwwb_unknown_3.flac", "_unknown_"),
+    ]
+
+
+def test_sources_are_kept_apart_and_training_clips_never_count() -> None:
+    clips = [
+        *some_of_each_source(),
         clip("/d/real/athena/precise_eltocino_2.flac", "_unknown_"),
         clip("/d/real/five/fsdd_george_5.flac", "_unknown_"),
         clip("/d/real_long/speech_to_intent/x.flac", "_unknown_", source="long"),
@@ -58,12 +65,7 @@ def test_sources_are_kept_apart_and_training_clips_never_count() -> None:
 
 def test_development_sets_hold_only_training_side_clips() -> None:
     clips = [
-        clip("/d/real/computer/pvwwb_unknown_1.flac", "computer"),
-        clip("/d/real/computer/pvwwb_unknown_2.flac", "computer", split="train"),
-        clip("/d/real/hey_computer/precise_eltocino_1.flac", "computer"),
-        clip("/d/real/up/sc_abc_0.flac", "up"),
-        clip("/d/real/up/sc_def_0.flac", "up", split="train"),
-        clip("/d/real/smart_mirror/pvwwb_unknown_3.flac", "_unknown_"),
+        *some_of_each_source(),
         clip("/d/real/smart_mirror/pvwwb_unknown_4.flac", "_unknown_", split="train"),
         clip("/d/real_long/speech_to_intent/x.flac", "_unknown_", source="long"),
         clip("/d/real_long/speech_to_intent/y.flac", "_unknown_", split="tune", source="long"),
