@@ -423,6 +423,13 @@ def microphone_eq(
     return (out * scale).astype(np.float32)
 
 
+def _window_from(context: npt.NDArray[np.int16], start: int) -> npt.NDArray[np.float32]:
+    """The 1 s window of ``context`` from sample ``start``, as floats; where it lies outside the context
+    (before its start or after its end) it holds zeros, as around a clip."""
+    padded = np.concatenate([np.zeros(WINDOW, np.int16), context, np.zeros(WINDOW, np.int16)])
+    return padded[WINDOW + start : 2 * WINDOW + start].astype(np.float32) / INT16_SCALE
+
+
 class Augmenter:
     def __init__(self, config: AugmentConfig, noise_pool: npt.NDArray[np.float32], seed: int) -> None:
         self.config = config
@@ -464,9 +471,8 @@ class Augmenter:
         self.placed_at_end = span is not None and span[1] - span[0] <= longest
         if span is not None and self.placed_at_end:
             margin = round(rng.uniform(*config.end_margin_seconds) * SAMPLE_RATE)
-            start = span[1] + margin - WINDOW  # may lie before the context: zeros there, as around a clip
-            padded = np.concatenate([np.zeros(WINDOW, np.int16), context, np.zeros(WINDOW, np.int16)])
-            speech = padded[WINDOW + start : 2 * WINDOW + start].astype(np.float32) / INT16_SCALE
+            start = span[1] + margin - WINDOW
+            speech = _window_from(context, start)
             if self.preceding and rng.random() < config.preceding_probability:
                 self._precede(speech, span[0] - start)
         else:
@@ -497,34 +503,38 @@ class Augmenter:
         """The word of ``context`` (at ``span``), a short gap, then the first part of a random training word
         up to the window's right edge; None when the word leaves no room for it."""
         rng, config = self.rng, self.config
-        other = self.preceding[int(rng.integers(len(self.preceding)))].astype(np.float32) / INT16_SCALE
+        other = self._other_word()
         gap = round(rng.uniform(*config.following_gap_seconds) * SAMPLE_RATE)
         room = WINDOW - (span[1] - span[0]) - gap
         visible = min(round(rng.uniform(*config.following_visible) * len(other)), room)
         if visible <= 0:
             return None
-        start = span[1] + gap + visible - WINDOW  # may lie before the context: zeros there, as around a clip
-        padded = np.concatenate([np.zeros(WINDOW, np.int16), context, np.zeros(WINDOW, np.int16)])
-        speech = padded[WINDOW + start : 2 * WINDOW + start].astype(np.float32) / INT16_SCALE
+        start = span[1] + gap + visible - WINDOW
+        speech = _window_from(context, start)
         peak = float(np.abs(speech[span[0] - start : span[1] - start]).max())
-        level = 10 ** (rng.uniform(*config.preceding_level_db) / 20)
-        scale = peak / max(float(np.abs(other).max()), 1e-9) * level
-        speech[WINDOW - visible :] += other[:visible] * np.float32(scale)
+        speech[WINDOW - visible :] += other[:visible] * self._level_to(other, peak)
         return speech
 
     def _precede(self, speech: npt.NDArray[np.float32], word_start: int) -> None:
         """Add a random training word ending a short gap before ``word_start`` (in place; its front may fall
         off the window's left edge)."""
-        rng, config = self.rng, self.config
-        other = self.preceding[int(rng.integers(len(self.preceding)))].astype(np.float32) / INT16_SCALE
-        end = word_start - round(rng.uniform(*config.preceding_gap_seconds) * SAMPLE_RATE)
+        other = self._other_word()
+        end = word_start - round(self.rng.uniform(*self.config.preceding_gap_seconds) * SAMPLE_RATE)
         if end <= 0:
             return
         visible = other[max(0, len(other) - end) :]
         peak = float(np.abs(speech[word_start:]).max()) if word_start < len(speech) else 0.0
-        level = 10 ** (rng.uniform(*config.preceding_level_db) / 20)
-        scale = peak / max(float(np.abs(other).max()), 1e-9) * level
-        speech[end - len(visible) : end] += visible * np.float32(scale)
+        speech[end - len(visible) : end] += visible * self._level_to(other, peak)
+
+    def _other_word(self) -> npt.NDArray[np.float32]:
+        """A random word of the pool (``preceding``) that may precede or follow a placed word, as floats."""
+        return self.preceding[int(self.rng.integers(len(self.preceding)))].astype(np.float32) / INT16_SCALE
+
+    def _level_to(self, other: npt.NDArray[np.float32], peak: float) -> np.float32:
+        """The gain that puts ``other``'s peak at a random level (``preceding_level_db``) relative to
+        ``peak``, the placed word's."""
+        level = 10 ** (self.rng.uniform(*self.config.preceding_level_db) / 20)
+        return np.float32(peak / max(float(np.abs(other).max()), 1e-9) * level)
 
     def negative(self, window: npt.NDArray[np.float32], noisy: bool = True) -> npt.NDArray[np.int16]:
         rng = self.rng
