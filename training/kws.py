@@ -396,7 +396,7 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
 def choose_thresholds(
     model: KwsModel, clips: list[Clip], augment: AugmentConfig, config: RunConfig
 ) -> tuple[dict[str, float], float]:
-    """The thresholds and smoothing of ``model`` (an agent.kws.KwsModel), chosen on training-side data only:
+    """The thresholds and smoothing of ``model``, chosen on training-side data only:
     the tuning negatives, the tuning confusables and the training speakers' ``computer`` clips."""
     from training import data as data_stage
     from training import evaluate as evaluation
@@ -445,6 +445,7 @@ def rethreshold(model_path: Path, data_dir: Path, out_dir: Path, config: RunConf
     """A copy of a trained model in ``out_dir`` whose thresholds and smoothing this recipe chose again (the
     int8 weights are the same file)."""
     from agent.kws import KwsModel
+    from agent.tflite import metadata_path
     from training import data as data_stage
 
     clips = data_stage.inventory(data_dir, SYNTH_DIR, limit=config.limit)
@@ -454,9 +455,8 @@ def rethreshold(model_path: Path, data_dir: Path, out_dir: Path, config: RunConf
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / model_path.name
     target.write_bytes(model_path.read_bytes())
-    metadata = json.loads(model_path.with_suffix(".json").read_text())
-    metadata.update(thresholds=thresholds, smoothing_seconds=smoothing)
-    write_json(target.with_suffix(".json"), metadata)
+    metadata = {**model.metadata, "thresholds": thresholds, "smoothing_seconds": smoothing}
+    write_json(metadata_path(target), metadata)
     print(f"wrote {target} with thresholds {thresholds}, smoothing {smoothing} s", file=sys.stderr)
     return target
 
