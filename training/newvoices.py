@@ -134,29 +134,25 @@ def development_sets(
     noise and the training split's Picovoice other wake words. These are trained on (or chose the thresholds):
     their figures flatter every model; they tell decision rules apart, never how a new voice is heard. Whole
     commands on the training side lose about 15 % (42e8fec0), so they are not saturated."""
-    def first(group: list[Clip]) -> list[Clip]:
-        return sorted(group, key=lambda c: stable_fraction(c.path))[:per_source]
-
     def picked(keep: Callable[[Clip], bool]) -> list[Clip]:
-        return first([c for c in clips if keep(c)])
-
-    def named(clip: Clip, prefix: str) -> bool:
-        return Path(clip.path).name.startswith(prefix)
+        """``per_source`` of the training clips ``keep`` takes, in a stable hash order."""
+        chosen = [c for c in clips if c.split == "train" and keep(c)]
+        return sorted(chosen, key=lambda c: stable_fraction(c.path))[:per_source]
 
     wake = {
-        "picovoice": picked(lambda c: c.label == WAKE_WORD and c.source == "real" and c.split == "train"
-                            and named(c, "pvwwb_")),
-        "synth_training_voices": picked(lambda c: c.label == WAKE_WORD and c.source == "synth"
-                                        and c.split == "train"),
+        "picovoice": picked(lambda c: c.label == WAKE_WORD and _family(c) == "picovoice"),
+        "synth_training_voices": picked(lambda c: c.label == WAKE_WORD and c.source == "synth"),
     }
-    commands = {"speech_commands": picked(lambda c: c.label in COMMAND_WORDS and c.source == "real"
-                                          and c.split == "train" and named(c, "sc_"))}
+    commands = {
+        "speech_commands": picked(lambda c: c.label in COMMAND_WORDS and _family(c) == "speech_commands")
+    }
     negatives = {
         "tuning_long_speech_and_noise": [
             c for c in clips if c.source in ("long", "noise") and c.split == "tune"
         ],
-        "picovoice_other_wake_words": picked(lambda c: c.label == UNKNOWN_LABEL and c.source == "real"
-                                             and c.split == "train" and named(c, "pvwwb_")),
+        "picovoice_other_wake_words": picked(
+            lambda c: c.label == UNKNOWN_LABEL and _family(c) == "picovoice"
+        ),
     }
     sets = {"wake": wake, "commands": commands, "negatives": negatives}
     return {kind: {name: group for name, group in groups.items() if group} for kind, groups in sets.items()}
