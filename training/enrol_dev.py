@@ -156,6 +156,12 @@ def dev_sets(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]
     return dict(confusable), {g: sorted(clusters[g]) for g in chosen}
 
 
+def with_voices(path: str, samples: npt.NDArray[np.int16]) -> dict[str, npt.NDArray[np.int16]]:
+    """A recording by its path, and its changed voices (VOICES) by their keys (the voice's prefix + path)."""
+    return {path: samples, **{f"{prefix}{path}": changed_voice(samples, factor, keep_tempo)
+                              for prefix, (factor, keep_tempo) in VOICES.items()}}
+
+
 def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any]:
     """The development sets and every clip's recorded hops (kept in ``cache``: recording takes minutes)."""
     if cache.exists():
@@ -168,17 +174,15 @@ def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any
     audio: dict[str, npt.NDArray[np.int16]] = {}
     for paths in targets.values():
         for path in paths:
-            audio[path] = read_audio_file(path)
-            for prefix, (factor, keep_tempo) in VOICES.items():
-                audio[f"{prefix}{path}"] = changed_voice(audio[path], factor, keep_tempo)
-    recorded = {p: record(model, read_audio_file(p)) for paths in confusable.values() for p in paths}
-    recorded.update({key: record(model, samples) for key, samples in audio.items()})
+            audio.update(with_voices(path, read_audio_file(path)))
+    recorded = {key: record(model, samples) for key, samples in audio.items()}
     same_voice = {word: paths for word, paths in confusable.items() if word in CONFUSABLE_WAKE_WORDS}
-    for paths in same_voice.values():
+    in_same_voice = {path for paths in same_voice.values() for path in paths}
+    for paths in confusable.values():
         for path in paths:
             samples = read_audio_file(path)
-            for prefix, (factor, keep_tempo) in VOICES.items():
-                recorded[f"{prefix}{path}"] = record(model, changed_voice(samples, factor, keep_tempo))
+            voiced = with_voices(path, samples) if path in in_same_voice else {path: samples}
+            recorded.update({key: record(model, changed) for key, changed in voiced.items()})
     result = {"model_sha256": model.sha256, "voices": VOICES, "min_clips": MIN_CLIPS,
               "confusable": confusable, "same_voice": same_voice,
               "targets": targets, "audio": audio, "recorded": recorded}
