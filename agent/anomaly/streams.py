@@ -38,7 +38,6 @@ class Publication:
     started: bool
 
 
-
 def _summed(counters: Iterable[dict[str, int]]) -> dict[str, int]:
     """Counters by name, summed. The diagnostics thread calls this while the stage's thread may add a stream
     or a counter name: each dict is read through a snapshot of its items."""
