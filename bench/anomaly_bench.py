@@ -240,15 +240,17 @@ def skab_groups(files: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def group_alerts(files: list[str], tuning: Tuning, group_tuning: GroupTuning,
-                 folder: Path) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """The ``alert`` column of every file with device groups, through ``anomaly-score --group``'s code
-    (``score_group``); and the groups' counters, summed."""
+def group_alerts(files: list[str], tuning: Tuning, group_tuning: GroupTuning, folder: Path, *,
+                 data: Path = SKAB / "data", config: AnomalySection | None = None
+                 ) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """The ``alert`` column of every file (under ``data``) with device groups, through ``anomaly-score
+    --group``'s code (``score_group``, with ``config``: default the defaults); and the groups' counters,
+    summed."""
     alerts: dict[str, list[int]] = {}
     counters: dict[str, int] = {}
     for device, members in skab_groups(files).items():
-        pairs = [(SKAB / "data" / rel, folder / "grouped" / rel) for rel in members]
-        _results, group_counters = score_group(AnomalySection(), pairs, device, tuning=tuning,
+        pairs = [(data / rel, folder / "grouped" / rel) for rel in members]
+        _results, group_counters = score_group(config or AnomalySection(), pairs, device, tuning=tuning,
                                                group_tuning=group_tuning)
         for key, value in group_counters.items():
             counters[key] = counters.get(key, 0) + value

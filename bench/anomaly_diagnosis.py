@@ -30,9 +30,8 @@ import numpy as np
 
 from agent.anomaly.detector import TUNING, Tuning
 from agent.anomaly.group import GROUP_TUNING, GroupTuning
-from agent.anomaly_score import score_group
 from agent.config import AnomalySection
-from bench.anomaly_bench import SKAB, nab_module, skab_groups, split_runs
+from bench.anomaly_bench import SKAB, group_alerts, nab_module, split_runs
 
 
 def write_cropped(files: list[str], crop: int, folder: Path) -> Path:
@@ -47,18 +46,6 @@ def write_cropped(files: list[str], crop: int, folder: Path) -> Path:
     return folder
 
 
-def alert_columns(files: list[str], data: Path, out: Path, config: AnomalySection, *, tuning: Tuning,
-                  group_tuning: GroupTuning) -> dict[str, list[int]]:
-    alerts: dict[str, list[int]] = {}
-    for device, members in skab_groups(files).items():
-        pairs = [(data / rel, out / rel) for rel in members]
-        score_group(config, pairs, device, tuning=tuning, group_tuning=group_tuning)
-        for rel in members:
-            with (out / rel).open(newline="", encoding="utf-8") as handle:
-                alerts[rel] = [int(r[3]) for r in list(csv.reader(handle))[1:]]
-    return alerts
-
-
 def diagnose(part: str, config: AnomalySection, tuning: Tuning = TUNING,
              group_tuning: GroupTuning = GROUP_TUNING, crop: int = 0) -> dict[str, Any]:
     labels = json.loads((SKAB / "labels" / "combined_windows.json").read_text(encoding="utf-8"))
@@ -69,8 +56,7 @@ def diagnose(part: str, config: AnomalySection, tuning: Tuning = TUNING,
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = write_cropped(files, crop, folder / "data") if crop else SKAB / "data"
-        alerts = alert_columns(files, data, folder / "results", config, tuning=tuning,
-                               group_tuning=group_tuning)
+        alerts, _counters = group_alerts(files, tuning, group_tuning, folder, data=data, config=config)
         per_file: dict[str, Any] = {}
         for rel in files:
             times = nab.read_timestamps(str(data / rel))
