@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from training.data import HELD_OUT_SYNTH_ENGINES, Clip, synth_held_out
+from training.data import (
+    HELD_OUT_SYNTH_ENGINES,
+    Clip,
+    _cap_synthetic_negatives,
+    synth_held_out,
+    tuning_confusables,
+)
 from training.newvoices import (
     CARD_BEGIN,
     CARD_END,
@@ -84,6 +90,35 @@ def test_development_sets_hold_only_training_side_clips() -> None:
     assert not {c.path for c in every} & held_out
     assert len(development_sets([clip(f"/d/real/up/sc_{i}_0.flac", "up", split="train") for i in range(9)],
                                 per_source=4)["commands"]["speech_commands"]) == 4
+
+
+def test_the_chosen_clips_do_not_depend_on_where_the_checkout_is() -> None:
+    """The synthetic clips live in the checkout's cache: every hash-ordered choice (the held-out and the
+    development sets, the training cap on synthetic confusables, the threshold-tuning confusables) must pick
+    the same files from /work/a/.cache/synth as from /elsewhere/b/.cache/synth."""
+    def clips_under(root: str) -> list[Clip]:
+        voices = [f"espeak_en-us_m{i}-s130-p25" for i in range(12)]
+        return [
+            *[clip(f"{root}/cute/{v}.wav", "_unknown_", "synth_validation", "synth") for v in voices],
+            *[clip(f"{root}/comfort/{v}.wav", "_unknown_", "train", "synth") for v in voices],
+            *[clip(f"{root}/computer/{v}.wav", "computer", "train", "synth") for v in voices],
+        ]
+
+    def chosen(root: str) -> list[list[str]]:
+        clips = clips_under(root)
+        names = [
+            [c for items in held_out_sets(clips)["negatives"].values() for c in items],
+            [c for group in development_sets(clips, per_source=5).values() for items in group.values()
+             for c in items],
+            _cap_synthetic_negatives(clips, per_word=3),
+            tuning_confusables(clips, trained_per_word=3, per_word=4),
+        ]
+        return [[c.path.removeprefix(root) for c in group] for group in names]
+
+    here, there = chosen("/work/a/.cache/synth"), chosen("/elsewhere/b/.cache/synth")
+    assert here == there
+    assert all(here)  # every choice picked something, and not everything
+    assert len(here[2]) < len(clips_under("/x"))
 
 
 def test_a_held_out_engine_has_no_voice_in_training() -> None:

@@ -92,6 +92,14 @@ def stable_fraction(key: str) -> float:
     return int(digest[:8], 16) / 2**32
 
 
+def file_key(path: str | Path) -> str:
+    """A data file named by its folder and its name (``up/sc_893705bb_0.flac``, ``up/espeak_en-us_a.wav``).
+    Hash-ordered choices of files key on this, never on the absolute path: the synthetic clips live in the
+    checkout's cache, so a path key made the choice depend on where the checkout is."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}"
+
+
 def read_audio(path: Path) -> npt.NDArray[np.float32]:
     """Mono float32 samples at 16 kHz."""
     data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)

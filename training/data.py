@@ -24,6 +24,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from agent.features import (
     window_features,
 )
 from agent.progress import progress
-from training.common import CACHE_DIR, SAMPLE_RATE, SEED, SYNTH_DIR, read_audio, stable_fraction
+from training.common import CACHE_DIR, SAMPLE_RATE, SEED, SYNTH_DIR, file_key, read_audio, stable_fraction
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ EXCLUDED_SYNTH = ("computers",)
 # "computer" too).
 WAKE_FRAGMENT_WORDS = ("commuter", "compute", "puter", "commute", "computing", "competitor")
 COMPUTER_CLUSTERS = 36
-DATA_VERSION = 12  # bump when the windows or augmentation change (invalidates the cache)
+DATA_VERSION = 13  # bump when the windows or augmentation change (invalidates the cache)
 
 
 @dataclass(frozen=True)
@@ -647,6 +648,12 @@ def cache_key(clips: list[Clip], params: FeatureParams, config: AugmentConfig, e
     return digest.hexdigest()[:16]
 
 
+def hash_ordered(clips: Iterable[Clip]) -> list[Clip]:
+    """``clips`` in a stable pseudo-random order of their files' names (:func:`training.common.file_key`),
+    the same wherever the checkout, its synthetic cache or the data are."""
+    return sorted(clips, key=lambda c: stable_fraction(file_key(c.path)))
+
+
 def _cap_synthetic_negatives(clips: list[Clip], per_word: int) -> list[Clip]:
     """Keep ``per_word`` synthetic confusables per word (a stable, hash-ordered choice of voices)."""
     by_word: dict[str, list[Clip]] = {}
@@ -657,7 +664,7 @@ def _cap_synthetic_negatives(clips: list[Clip], per_word: int) -> list[Clip]:
         else:
             kept.append(clip)
     for group in by_word.values():
-        kept.extend(sorted(group, key=lambda c: stable_fraction(c.path))[:per_word])
+        kept.extend(hash_ordered(group)[:per_word])
     return kept
 
 
@@ -678,7 +685,7 @@ def tuning_confusables(clips: list[Clip], trained_per_word: int, per_word: int) 
             by_word.setdefault(word, []).append(clip)
     chosen: list[Clip] = []
     for _, group in sorted(by_word.items()):
-        ordered = sorted(group, key=lambda c: stable_fraction(c.path))
+        ordered = hash_ordered(group)
         chosen.extend(ordered[trained_per_word : trained_per_word + per_word])
     return chosen
 

@@ -56,10 +56,9 @@ from training.common import (
     SAMPLE_RATE,
     SYNTH_DIR,
     speech_data_dir,
-    stable_fraction,
     write_json,
 )
-from training.data import HELD_OUT_SYNTH_ENGINES, Clip, inventory, speech_span
+from training.data import HELD_OUT_SYNTH_ENGINES, Clip, hash_ordered, inventory, speech_span
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def held_out_sets(clips: list[Clip]) -> dict[str, dict[str, list[Clip]]]:
             sets["negatives"].setdefault(source, []).append(clip)
     for key, group in sorted(synth_negatives.items()):
         source = key.split("/")[0]
-        chosen = sorted(group, key=lambda c: stable_fraction(c.path))[:SYNTH_NEGATIVES_PER_WORD]
+        chosen = hash_ordered(group)[:SYNTH_NEGATIVES_PER_WORD]
         sets["negatives"].setdefault(source, []).extend(chosen)
     return sets
 
@@ -137,7 +136,7 @@ def development_sets(
     def picked(keep: Callable[[Clip], bool]) -> list[Clip]:
         """``per_source`` of the training clips ``keep`` takes, in a stable hash order."""
         chosen = [c for c in clips if c.split == "train" and keep(c)]
-        return sorted(chosen, key=lambda c: stable_fraction(c.path))[:per_source]
+        return hash_ordered(chosen)[:per_source]
 
     wake = {
         "picovoice": picked(lambda c: c.label == WAKE_WORD and _family(c) == "picovoice"),

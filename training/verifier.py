@@ -67,6 +67,7 @@ from training.common import (
     SAMPLE_RATE,
     SEED,
     SYNTH_DIR,
+    file_key,
     read_audio,
     seed_everything,
     speech_data_dir,
@@ -261,7 +262,8 @@ def phrase_tasks(tasks: list[Task], mined: Mined, config: VerifierConfig) -> lis
         elif task.path in near:
             copies = config.phrase_hard_negative_copies
         else:
-            copies = int(stable_fraction("verifier-phrase-" + task.path) < config.phrase_negative_fraction)
+            fraction = stable_fraction("verifier-phrase-" + file_key(task.path))
+            copies = int(fraction < config.phrase_negative_fraction)
         out.extend(Task(task.path, "phrase", task.positive, task.calibration, task.source + PHRASE, n)
                    for n in range(copies))
     return out
