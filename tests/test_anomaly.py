@@ -458,32 +458,6 @@ def test_a_fast_stream_learns_in_a_third_of_the_readings_and_alerts_on_an_early_
     assert [i for i in slow if i <= 300] == []
 
 
-def test_a_fast_stream_does_not_learn_a_slow_fault_away(config: AnomalySection) -> None:
-    """A 1-second stream whose level ramps up by 4 of its standard deviations over 200 readings, 400 readings
-    after it started (a fault that builds up, like SKAB's valve faults). While the recent level stays beyond
-    ``shift_clip`` usual distances, the usual distance grew by a share of itself per reading (8 / readings,
-    a young stream's rate): 3 of these 10 seeds were never alerted. It now grows at most at the rate of an
-    hour of readings: every seed alerts within 200 readings of the ramp's start. The same readings 10
-    minutes apart score exactly as without the limit; clean streams stay quiet after reading 300."""
-    unlimited = dataclasses.replace(TUNING, shift_excursion_seconds=0.0)
-    index = np.arange(1000)
-    found, found_before = [], []
-    for seed in range(10):
-        noise = autocorrelated(index.size, seed)
-        ramp = 10.0 + noise + np.clip((index - 399) / 200.0, 0.0, 1.0) * 4.0 * float(noise[:400].std())
-        times = T0 + index.astype(np.float64)
-        found.append([i for i in starts(run(StreamDetector(config), times, ramp)) if i >= 300][:1])
-        before = starts(run(StreamDetector(config, tuning=unlimited), times, ramp))
-        found_before.append([i for i in before if i >= 300][:1])
-        slow = T0 + 600.0 * index.astype(np.float64)
-        limited = run(StreamDetector(config), slow, ramp)
-        assert limited == run(StreamDetector(config, tuning=unlimited), slow, ramp)
-        clean = starts(run(StreamDetector(config), T0 + np.arange(3000.0), 10.0 + autocorrelated(3000, seed)))
-        assert [i for i in clean if i >= 300] == []
-    assert all(first and 400 <= first[0] < 600 for first in found), found
-    assert sum(not first for first in found_before) == 3, found_before
-
-
 def test_a_stream_that_starts_in_an_unusual_state_is_not_alerted_when_learning_ends(
         config: AnomalySection) -> None:
     """A light on when the agent started, then off: the change happened while learning (the statistics still

@@ -19,10 +19,7 @@ Statistics (each a non-negative number per reading):
   the stream's autocorrelation and daily cycle). Its p is Gaussian-like (``shift_gain`` x z^2 decades),
   made stricter by ``shift_looks`` x log10 of the looks the test has had (history / 64 readings): a
   false-alarm rate per unit of the stream's own history. Catches the sustained 1-5 sigma level shifts of
-  SKAB's valve faults that the tail likelihood below learns away as the stream's new normal. A recent level
-  beyond ``shift_clip`` usual distances widens the usual distance at most at the rate of one usual
-  interval per ``shift_excursion_seconds`` (an hour): a fast stream's slow fault is not learnt away within
-  a minute; a stream sampled every few minutes is not held back.
+  SKAB's valve faults that the tail likelihood below learns away as the stream's new normal.
 - ``dropout`` and out of range (kind ``spike`` or ``drift``) are probabilities of their own: the gap against
   the usual interval and the longest gap seen; the distance beyond the stream's range, loose while young. The
   range learns every reading until the stream is a day old (its daily cycle; a 1-minute stream's 300 learning
@@ -80,8 +77,8 @@ LN10 = math.log(10.0)
 # rate: read it as "how often readings scored like this were anomalous on the development corpus", not as a
 # home sensor's own rate.
 CALIBRATION: Final[tuple[tuple[float, float], ...]] = (
-    (-30.0, 0.0), (-1.34, 0.243), (0.21, 0.253), (0.73, 0.28), (1.22, 0.313), (1.5, 0.356), (3.99, 0.356),
-    (4.01, 0.404), (15.65, 0.404), (30.0, 0.45))
+    (-30.0, 0.0), (-1.69, 0.244), (0.5, 0.244), (0.72, 0.292), (1.21, 0.403), (1.93, 0.479), (2.99, 0.497),
+    (4.0, 0.556), (4.98, 0.569), (5.98, 0.579), (6.51, 0.609), (14.95, 0.609), (15.05, 0.622), (30.0, 0.622))
 _CAL_X: Final = tuple(x for x, _ in CALIBRATION)
 _CAL_Y: Final = tuple(y for _, y in CALIBRATION)
 
@@ -137,10 +134,7 @@ class Tuning:
     shift_span: float = 2048.0  # the shift test's baseline: the mean of the stream's history, up to this span
     shift_gain: float = 0.27  # log10 of the shift test's p per squared usual distance ...
     shift_looks: float = 1.0  # ... plus this x log10 of its looks so far (readings of history / scale)
-    shift_clip: float = 3.0  # a recent level beyond this many usual distances is learnt at it ...
-    # ... and widens the usual distance at most at the rate of one usual interval per this many seconds
-    # (a level that stays away: on a 1-s stream an hour of readings, on a 5-min one 12: no limit to speak of)
-    shift_excursion_seconds: float = 3600.0
+    shift_clip: float = 3.0  # a recent level beyond this many usual distances is learnt at it
     shift_warmup: int = 30  # readings of history before the shift test accumulates
     evidence_allowance: float = 3.0  # evidence (decades of the reading's p) a reading may bring unnoticed ...
     evidence_cap: float = 4.0  # ... and at most this much counts from one reading (a spike alerts alone)
@@ -557,11 +551,6 @@ class StreamDetector:
         d = abs(level - s.base)
         if z > tu.shift_clip:
             d2 = tu.shift_clip * tu.shift_clip * s.base_var
-            # a level that stays beyond the clip widens the usual distance by a share of itself per reading:
-            # a young fast stream (a = 1 / readings) would learn a slow fault's ramp away within its first
-            # minute; at most one usual interval's share of an hour (SKAB's valve faults, session 11)
-            if s.interval_bound > 0.0 and tu.shift_excursion_seconds > 0.0:
-                a = min(a, s.interval_bound / tu.shift_excursion_seconds)
         else:  # (squares of absurd values, 1e200, saturate instead of overflowing)
             d2 = d * d if d < 1e150 else 1e300
         s.base_var += a * (d2 - s.base_var)
