@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.anomaly.detector import TUNING, StreamDetector, Tuning
+from agent.anomaly.detector import TUNING, Tuning
 from agent.anomaly.group import GROUP_TUNING, GroupTuning
-from agent.anomaly_score import parse_timestamp
 from agent.config import AnomalySection
-from bench.anomaly_bench import SKAB, group_alerts, nab_module, split_runs
+from bench.anomaly_bench import SKAB, group_alerts, nab_module, score_rows, split_runs
 
 
 def write_cropped(files: list[str], crop: int, folder: Path) -> Path:
@@ -55,9 +54,7 @@ def stream_alerts(files: list[str], tuning: Tuning, data: Path,
     for rel in files:
         with (data / rel).open(newline="", encoding="utf-8") as handle:
             rows = [r[:2] for r in csv.reader(handle)][1:]
-        detector = StreamDetector(config, tuning=tuning)
-        outcomes = [detector.update(parse_timestamp(ts), float(value)) for ts, value in rows]
-        alerts[rel] = [int(o is not None and o.started) for o in outcomes]
+        alerts[rel] = score_rows(rows, tuning, config)[1]
     return alerts
 
 
