@@ -159,10 +159,11 @@ def split_runs(labels: dict[str, Any]) -> tuple[dict[str, list[str]], list[str],
     return runs, [n for n in names if n not in held], held
 
 
-def score_rows(rows: list[list[str]], tuning: Tuning) -> tuple[list[float], list[int], list[float]]:
+def score_rows(rows: list[list[str]], tuning: Tuning, config: AnomalySection | None = None
+               ) -> tuple[list[float], list[int], list[float]]:
     """Scores, alerts and evidence (the posterior alerts are decided on) of one SKAB file, through the CLI's
-    code path (``StreamDetector.update``)."""
-    detector = StreamDetector(AnomalySection(), tuning=tuning)
+    code path (``StreamDetector.update``), with ``config`` (default: the defaults)."""
+    detector = StreamDetector(config or AnomalySection(), tuning=tuning)
     scores, alerts, evidence = [], [], []
     for ts, value in rows:
         outcome = detector.update(parse_timestamp(ts), float(value))

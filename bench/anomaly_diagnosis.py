@@ -7,11 +7,12 @@ and each alert outside it with its cost (0.11 before any window, less soon after
 Sums per run; the totals agree with ``nab_score.py`` at threshold 0.5 (checked by the harness).
 
     .venv/bin/python -m bench.anomaly_diagnosis [--part development|held-out] [--config JSON]
-        [--tuning JSON] [--crop ROWS] [--files]
+        [--tuning JSON] [--crop ROWS] [--files] [--streams]
 
 ``--crop N`` scores the development runs with their first N rows removed (the window then starts N rows
 earlier in a shorter stream, as in a short run): how the detector's start-up behaves on streams whose
-anomaly comes soon after they start, measured on development data.
+anomaly comes soon after they start, measured on development data. ``--streams`` scores each stream alone
+(no device groups: what a corpus of single streams sees).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from agent.anomaly.detector import TUNING, Tuning
 from agent.anomaly.group import GROUP_TUNING, GroupTuning
 from agent.config import AnomalySection
-from bench.anomaly_bench import SKAB, group_alerts, nab_module, split_runs
+from bench.anomaly_bench import SKAB, group_alerts, nab_module, score_rows, split_runs
 
 
 def write_cropped(files: list[str], crop: int, folder: Path) -> Path:
@@ -46,8 +47,20 @@ def write_cropped(files: list[str], crop: int, folder: Path) -> Path:
     return folder
 
 
+def stream_alerts(files: list[str], tuning: Tuning, data: Path,
+                  config: AnomalySection) -> dict[str, list[int]]:
+    """The ``alert`` column of every file (under ``data``), each stream scored alone (no device groups)."""
+    alerts: dict[str, list[int]] = {}
+    for rel in files:
+        with (data / rel).open(newline="", encoding="utf-8") as handle:
+            rows = [r[:2] for r in csv.reader(handle)][1:]
+        alerts[rel] = score_rows(rows, tuning, config)[1]
+    return alerts
+
+
 def diagnose(part: str, config: AnomalySection, tuning: Tuning = TUNING,
-             group_tuning: GroupTuning = GROUP_TUNING, crop: int = 0) -> dict[str, Any]:
+             group_tuning: GroupTuning = GROUP_TUNING, crop: int = 0, *,
+             streams: bool = False) -> dict[str, Any]:
     labels = json.loads((SKAB / "labels" / "combined_windows.json").read_text(encoding="utf-8"))
     runs, dev, held = split_runs(labels)
     names = dev if part == "development" else held
@@ -56,7 +69,8 @@ def diagnose(part: str, config: AnomalySection, tuning: Tuning = TUNING,
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = write_cropped(files, crop, folder / "data") if crop else SKAB / "data"
-        alerts, _counters = group_alerts(files, tuning, group_tuning, folder, data=data, config=config)
+        alerts = stream_alerts(files, tuning, data, config) if streams else \
+            group_alerts(files, tuning, group_tuning, folder, data=data, config=config)[0]
         per_file: dict[str, Any] = {}
         for rel in files:
             times = nab.read_timestamps(str(data / rel))
@@ -123,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", default=None, help="JSON object of GroupTuning overrides")
     parser.add_argument("--crop", type=int, default=0, help="drop this many first rows of each run")
     parser.add_argument("--files", action="store_true", help="print every file's entry too")
+    parser.add_argument("--streams", action="store_true", help="each stream alone (no device groups)")
     args = parser.parse_args(argv)
     config = AnomalySection(**json.loads(args.config)) if args.config else AnomalySection()
     tuning = dataclasses.replace(TUNING, **json.loads(args.tuning)) if args.tuning else TUNING
     group_tuning = dataclasses.replace(GROUP_TUNING, **json.loads(args.groups)) if args.groups \
         else GROUP_TUNING
-    result = diagnose(args.part, config, tuning, group_tuning, args.crop)
+    result = diagnose(args.part, config, tuning, group_tuning, args.crop, streams=args.streams)
     if not args.files:
         del result["files"]
     print(json.dumps(result, indent=1))
