@@ -446,3 +446,43 @@ def test_the_development_split_counts_wakes_on_confusables_in_the_enrolled_voice
     assert child["same_voice_wakes_added"] == 1 and child["draws_adding_same_voice_wakes"] == 1
     assert child["same_voice_near_miss_clips"] == 1
     assert results["child:computer-x#0"]["same_voice_wakes_added"] == {"smart_mirror": 1}
+
+
+def test_the_speaker_check_counts_his_own_other_wake_words_and_how_close_other_speakers_come(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held out, an enrolment of the Precise speaker woke on another speaker's "smart mirror" near his voice,
+    and no development wake warned. training.enrol_dev's speaker check replays his own other wake words after
+    each draw of his enrolment (wakes added, near misses) and says how close, in gate radii, the closest clip
+    of each kind comes to the gate (a hop scoring the boost at 1.05 radii is at the edge, not raised)."""
+    from agent.adaptation import Head, WordHead
+    from training import enrol_dev
+
+    model = KwsModel.load(MODEL, embedding=True)
+    head = Head(np.zeros(2, np.float32), np.ones(2, np.float32), np.array([[1.0], [0.0]], np.float32),
+                np.zeros(1, np.float32), np.array([10.0], np.float32), 0.0)
+    entry = WordHead("computer", head, 0.9, None, 0, 1.0, 5, 0, np.array([[1.0, 0.0]], np.float32), 2.0,
+                     np.zeros((0, 2), np.float32), 0.0)
+    assert enrol_dev.gate_ratio(entry, np.array([[1.0, 3.0], [-1.0, 0.0]], np.float32)) == pytest.approx(1.5)
+    assert enrol_dev.gate_ratio(entry, np.array([[-1.0, 0.0]], np.float32)) == float("inf")
+
+    def clip(x: float, y: float) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((1, len(model.labels)), np.float32), np.array([[x, y]], np.float32)
+
+    targets = [f"hey_computer/t{n}.flac" for n in range(6)]
+    athena, mirror = clip(1.0, 1.0), clip(1.0, 2.1)
+    precise = {"targets": targets, "others": {"athena": ["athena/a.flac"], "hey_chatterbox": []},
+               "audio": {p: np.zeros(10, np.int16) for p in targets},
+               "recorded": {**{p: clip(-1.0, 0.0) for p in targets}, "athena/a.flac": athena}}
+    dev = {"recorded": {"smart_mirror/m.flac": mirror},
+           "confusable": {"smart_mirror": ["smart_mirror/m.flac"]}}
+    monkeypatch.setattr(enrol_dev, "learn", lambda *args, **kwargs: Adaptation("sha", (entry,), 1.0))
+    monkeypatch.setattr(enrol_dev, "wakes", lambda settings, rec, adapted: int(adapted is not None
+                                                                                and rec is athena))
+    bank = Bank(np.zeros((0, 2), np.float32), np.array([], str), np.zeros(0, np.int32),
+                np.zeros(0, np.float32), "sha")
+    draw = enrol_dev.speaker_check(model, bank, dev, precise, draws=1)["draw 1"]
+    assert draw["own voice"] == {"wakes_added": 1, "by_source": {"athena": 1}, "near_miss_clips": 1,
+                                 "edge_clips": 1, "closest": ["athena/a", 0.5]}
+    assert draw["other speakers"] == {"wakes_added": 0, "by_source": {}, "near_miss_clips": 0,
+                                      "edge_clips": 1, "closest": ["smart_mirror/m", 1.05]}
+    assert list(draw["tested"]) == ["t5"] and draw["tested"]["t5"]["adapted"] is False

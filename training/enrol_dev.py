@@ -23,6 +23,12 @@ reports (see :func:`training.enrol_bank.bank_part`):
   also holds, lie far from a changed voice and did not warn either. A wake added here is that failure's
   development counterpart.
 
+- the speaker check (``--speaker``, :func:`speaker_check`): the Precise speaker of ``hey_computer`` enrolled
+  in the bench's draws, then his own recordings of other wake words (``athena``, ``hey_chatterbox``: his
+  voice and microphone, in neither the bank nor the bench) and the development confusables of other speakers
+  replayed: wakes added, near misses, and how close the closest clip comes to the gate (in gate radii). His
+  other ``hey_computer`` recordings are reported too, as a diagnosis only: the bench holds them as a target.
+
 Each clip's per-hop posteriors and embeddings are recorded once through the streaming path (the model is the
 costly part), then replayed through the adaptation and the recognizer (the voice path's thresholds and
 smoothing) with each candidate setting, so many settings can be compared in minutes. The replay keeps the wake
@@ -45,7 +51,7 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from agent.adaptation import Adaptation, EnrollError, learn
+from agent.adaptation import Adaptation, EnrollError, WordHead, learn, nearest_distance
 from agent.audio import read_audio_file
 from agent.bank import Bank, bank_path
 from agent.config import VoiceSection
@@ -300,6 +306,95 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
     return results
 
 
+# The Precise speaker of ``hey_computer`` also recorded other wake words: his own voice and microphone saying
+# something else, in neither the bank nor what bench/enroll_bench.py reports (which holds his hey_computer
+# recordings as a target, the validation split of the Picovoice wake words as confusables).
+PRECISE_SPEAKER = "precise_eltocino"
+PRECISE_TARGET_FOLDER = "hey_computer"
+PRECISE_OTHER_WORDS = ("athena", "hey_chatterbox")
+EDGE_RATIO = 1.1  # a confusable hop scoring the boost within this many gate radii: at the gate's edge
+
+
+def load_precise(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any]:
+    """The Precise speaker's recordings (PRECISE_TARGET_FOLDER and PRECISE_OTHER_WORDS), each recorded through
+    the voice path once (kept in ``cache``)."""
+    if cache.exists():
+        with cache.open("rb") as handle:
+            loaded: dict[str, Any] = pickle.load(handle)
+            if loaded["model_sha256"] == model.sha256 and loaded.get("words") == PRECISE_OTHER_WORDS:
+                return loaded
+    real = data_dir / "real"
+    targets = sorted(str(p) for p in (real / PRECISE_TARGET_FOLDER).glob(f"{PRECISE_SPEAKER}_*.flac"))
+    others = {word: sorted(str(p) for p in (real / word).glob(f"{PRECISE_SPEAKER}_*.flac"))
+              for word in PRECISE_OTHER_WORDS}
+    audio = {path: read_audio_file(path) for path in targets}
+    recorded = {path: record(model, read_audio_file(path)) for paths in [targets, *others.values()]
+                for path in paths}
+    result = {"model_sha256": model.sha256, "words": PRECISE_OTHER_WORDS, "targets": targets,
+              "others": others, "audio": audio, "recorded": recorded}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with cache.open("wb") as handle:
+        pickle.dump(result, handle)
+    return result
+
+
+def gate_ratio(entry: WordHead, embeddings: npt.NDArray[np.float32]) -> float:
+    """How close a clip comes to being raised: over its hops the head scores at or above its boost, the
+    smallest distance to the household's windows, in gate radii (inf: no such hop; <= 1: raised)."""
+    scores = entry.head.score(embeddings)
+    hot = scores >= cast(float, entry.boost)
+    if not hot.any():
+        return float("inf")
+    distance = nearest_distance(entry.head.standardise(embeddings[hot]), entry.prototypes)
+    return float(distance.min() / entry.radius)
+
+
+def speaker_check(model: KwsModel, bank: Bank, dev: dict[str, Any], precise: dict[str, Any],
+                  draws: int = DRAWS) -> dict[str, Any]:
+    """Per draw of five of the Precise speaker's recordings (as the bench draws them): his other recordings
+    heard (a diagnosis: the bench reports them), and the wakes added, near misses and the closest clip (in
+    gate radii, :func:`gate_ratio`) on his own other wake words and on the development confusables of other
+    speakers (``dev["confusable"]``)."""
+    settings = VoicePipeline(model, VoiceSection(), hop_seconds=model_hop_seconds(model)).settings
+    index = model.labels.index(WAKE)
+    sets = {"own voice": {w: precise["others"][w] for w in PRECISE_OTHER_WORDS},
+            "other speakers": dev["confusable"]}
+    recorded = {**dev["recorded"], **precise["recorded"]}
+    shipped = {p: wakes(settings, recorded[p], None) for group in sets.values() for ps in group.values()
+               for p in ps}
+    results: dict[str, Any] = {}
+    for number, enrolled in enumerate(enrolment_draws(precise["targets"], draws)):
+        adaptation = learn(model, bank, {WAKE: [precise["audio"][p] for p in enrolled]}, [], budget=0.0,
+                           check=(WAKE,))
+        entry = adaptation.heads[0]
+        figures: dict[str, Any] = {"boost": round(cast(float, entry.boost), 3),
+                                   "radius": round(entry.radius, 2), "tested": {}}
+        for path in precise["targets"]:
+            if path in enrolled:
+                continue
+            posteriors, embeddings = recorded[path]
+            figures["tested"][Path(path).stem] = {
+                "shipped": wakes(settings, recorded[path], None) > 0,
+                "adapted": wakes(settings, recorded[path], adaptation) > 0,
+                "base_max": round(float(posteriors[:, index].max()), 3),
+                "head_max": round(float(entry.head.score(embeddings).max()), 3),
+                "gate_ratio": round(gate_ratio(entry, embeddings), 2)}
+        for name, group in sets.items():
+            added = {s: sum(wakes(settings, recorded[p], adaptation) - shipped[p] for p in ps
+                            if touched(adaptation, recorded[p][1])) for s, ps in group.items()}
+            ratios = {p: gate_ratio(entry, recorded[p][1]) for ps in group.values() for p in ps}
+            closest = min(ratios, key=lambda p: ratios[p])
+            figures[name] = {"wakes_added": sum(added.values()),
+                             "by_source": {s: v for s, v in added.items() if v},
+                             "near_miss_clips": sum(raised(adaptation, recorded[p][1])
+                                                    for ps in group.values() for p in ps),
+                             "edge_clips": sum(r <= EDGE_RATIO for r in ratios.values()),
+                             "closest": [Path(closest).parent.name + "/" + Path(closest).stem,
+                                         round(ratios[closest], 3)]}
+        results[f"draw {number + 1}"] = figures
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -313,10 +408,19 @@ def main() -> None:
     parser.add_argument("--keep-targets-in-bank", action="store_true",
                         help="leave the target's own recordings in the bank (the old, easier setting)")
     parser.add_argument("--verbose", action="store_true", help="every draw's figures")
+    parser.add_argument("--speaker", action="store_true",
+                        help="only the Precise speaker's check (speaker_check): his own other wake words and "
+                             "the development confusables after each draw of his enrolment")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     model = KwsModel.load(args.model, embedding=True)
     dev = load_recorded(model, args.data, args.cache)
+    if args.speaker:
+        precise = load_precise(model, args.data, args.cache.with_name(args.cache.stem + "_precise.pkl"))
+        checked = speaker_check(model, Bank.load(bank_path(model.path), model), dev, precise, args.draws)
+        for draw, figures in checked.items():
+            log.info("%s: %s", draw, json.dumps(figures))
+        return
     hours = {s: round(sum(len(dev["recorded"][p][0]) for p in ps) * 0.1 / 3600, 3)
              for s, ps in dev["confusable"].items()}
     log.info("confusable hours: %s", hours)
