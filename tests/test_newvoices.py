@@ -146,11 +146,15 @@ def test_the_card_section_replaces_itself(tmp_path: Path) -> None:
     }
     card = tmp_path / "kws.md"
     card.write_text("# kws\n\nbody\n", encoding="utf-8")
-    put_card_section(card, card_section({"before": report, "after": report}))
+    concentrated = {**report, "whole_commands": {"picovoice + speech_commands": {
+        **report["whole_commands"]["picovoice + speech_commands"],
+        "wrong_after_one_wake_clip": {"clip": "w1", "commands": 1}, "missing_after_one_wake_clip": None}}}
+    put_card_section(card, card_section({"before": report, "after": concentrated}))
     first = card.read_text(encoding="utf-8")
     assert first.startswith("# kws\n\n" + CARD_BEGIN) and first.rstrip().endswith("body")
     assert "| picovoice (10) | 90.0 % | 90.0 % |" in first
     assert "| noise (3 clips, 0.50 h) | 1 (2.0/h) | 1 (2.0/h) |" in first
+    assert "25.0 % (3) | 70.0 % / 5.0 % / 25.0 % (3); after one wake clip: 1 wrong |" in first
     put_card_section(card, card_section({"only": report}))
     second = card.read_text(encoding="utf-8")
     assert second.count(CARD_BEGIN) == 1 and second.count(CARD_END) == 1 and "| source | only |" in second
@@ -167,4 +171,7 @@ def test_the_shipped_model_on_new_voices() -> None:
     assert "picovoice_other_wake_words" in report["false_wakes"]
     whole = report["whole_commands"]["picovoice + speech_commands"]
     assert whole["right"] + whole["wrong"] + whole["missing"] == whole["commands"] > 0
+    for kind in ("wrong", "missing"):
+        most = whole[f"{kind}_after_one_wake_clip"]
+        assert most is None or 0 < most["commands"] <= whole[kind]
     assert report["headline"]["worst_wake_source"]["source"] in report["wake_word"]

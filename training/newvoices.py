@@ -232,6 +232,8 @@ def whole_commands(model: KwsModel, wakes: list[Clip], words: list[Clip],
     rng = np.random.default_rng(13)
     right = wrong = missed = wake_missed = 0
     confusions: Counter[str] = Counter()
+    # Many commands share one wake clip: how many of the wrong and of the missing one clip accounts for
+    failed_after: dict[str, Counter[str]] = {"wrong": Counter(), "missing": Counter()}
     for clip in progress(words, total=len(words), desc=desc):
         wake_clip = wake_for(clip, rng)
         if wake_clip is None:
@@ -247,16 +249,27 @@ def whole_commands(model: KwsModel, wakes: list[Clip], words: list[Clip],
         if not intents:
             missed += 1
             wake_missed += not any(event.kind == "wake" for event in output.events)
+            failed_after["missing"][Path(wake_clip.path).stem] += 1
         elif intents[0].action == clip.label:
             right += 1
         else:
             wrong += 1
             confusions[f"{clip.label}->{intents[0].action}"] += 1
+            failed_after["wrong"][Path(wake_clip.path).stem] += 1
     total = right + wrong + missed
     return {"commands": total, "right": right, "wrong": wrong, "missing": missed,
             "missing_wake_word_missed": wake_missed, "right_rate": _rate(right, total),
             "wrong_rate": _rate(wrong, total), "missing_rate": _rate(missed, total),
-            "wrong_as": dict(confusions.most_common(6)), "wake_clips": len(wakes)}
+            "wrong_as": dict(confusions.most_common(6)), "wake_clips": len(wakes),
+            **{f"{kind}_after_one_wake_clip": _most(counts) for kind, counts in failed_after.items()}}
+
+
+def _most(counts: Counter[str]) -> dict[str, Any] | None:
+    """The wake clip most of ``counts`` came after, and how many: {"clip": stem, "commands": n}."""
+    if not counts:
+        return None
+    clip, commands = counts.most_common(1)[0]
+    return {"clip": clip, "commands": commands}
 
 
 def _same_voice(wakes: list[Clip]) -> Callable[[Clip, np.random.Generator], Clip | None]:
@@ -371,8 +384,11 @@ def _pooled_cell(item: dict[str, Any]) -> str:
 def _whole_cell(item: dict[str, Any] | None) -> str:
     if item is None:
         return "-"
-    return (f"{_pct(item['right_rate'])} / {_pct(item['wrong_rate'])} / {_pct(item['missing_rate'])} "
+    cell = (f"{_pct(item['right_rate'])} / {_pct(item['wrong_rate'])} / {_pct(item['missing_rate'])} "
             f"({item['missing_wake_word_missed']})")
+    one = [f"{most['commands']} {kind}" for kind in ("wrong", "missing")
+           if (most := item.get(f"{kind}_after_one_wake_clip"))]
+    return cell + (f"; after one wake clip: {', '.join(one)}" if one else "")
 
 
 def _worst_cells(report: dict[str, Any]) -> tuple[str, str]:
@@ -436,7 +452,8 @@ def card_section(reports: dict[str, dict[str, Any]]) -> str:
     lines.append(row("all real sources", lambda r: _pooled_cell(r["headline"]["false_wakes_real"])))
     lines.append(row("all sources incl. synthetic", lambda r: _pooled_cell(r["headline"]["false_wakes_all"])))
     lines += ["", '**Whole commands**: "computer", 0.15-0.35 s pause, a command word: right / wrong / '
-              "missing (of which the wake word was missed)", "", head, rule]
+              "missing (of which the wake word was missed); where measured, the most wrong and missing "
+              "commands after one and the same wake clip (commands share a few wake clips)", "", head, rule]
     for source, item in first["whole_commands"].items():
         lines.append(row(f"{source} ({item['commands']})",
                          lambda r, s=source: _whole_cell(r["whole_commands"].get(s))))
