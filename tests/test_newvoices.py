@@ -128,15 +128,15 @@ def test_a_held_out_engine_has_no_voice_in_training() -> None:
 
 
 def test_the_card_section_replaces_itself(tmp_path: Path) -> None:
+    whole = {"commands": 20, "right_rate": 0.7, "wrong_rate": 0.05, "missing_rate": 0.25,
+             "missing_wake_word_missed": 3}
     report = {
         "sha256": "ab" * 32, "size_bytes": 1000, "thresholds": {"computer": 0.5},
         "wake_word": {"picovoice": {"clips": 10, "detection_rate": 0.9}},
         "command_words": {"speech_commands": {"clips": 20, "mean_detection_rate": 0.8,
                                               "per_word": {"up": {"detection_rate": 0.8}}}},
         "false_wakes": {"noise": {"clips": 3, "hours": 0.5, "false_wakes": 1, "false_wakes_per_hour": 2.0}},
-        "whole_commands": {"picovoice + speech_commands": {
-            "commands": 20, "right_rate": 0.7, "wrong_rate": 0.05, "missing_rate": 0.25,
-            "missing_wake_word_missed": 3}},
+        "whole_commands": {"picovoice + speech_commands": whole},
         "headline": {"worst_wake_source": {"source": "picovoice", "detection_rate": 0.9},
                      "worst_false_wake_source": {"source": "noise", "false_wakes": 1, "clips": 3,
                                                  "false_wakes_per_hour": 2.0},
@@ -147,8 +147,8 @@ def test_the_card_section_replaces_itself(tmp_path: Path) -> None:
     card = tmp_path / "kws.md"
     card.write_text("# kws\n\nbody\n", encoding="utf-8")
     concentrated = {**report, "whole_commands": {"picovoice + speech_commands": {
-        **report["whole_commands"]["picovoice + speech_commands"],
-        "wrong_after_one_wake_clip": {"clip": "w1", "commands": 1}, "missing_after_one_wake_clip": None}}}
+        **whole, "wrong_after_one_wake_clip": {"clip": "w1", "commands": 1},
+        "missing_after_one_wake_clip": None}}}
     put_card_section(card, card_section({"before": report, "after": concentrated}))
     first = card.read_text(encoding="utf-8")
     assert first.startswith("# kws\n\n" + CARD_BEGIN) and first.rstrip().endswith("body")
