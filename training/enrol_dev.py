@@ -45,6 +45,7 @@ import logging
 import pickle
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -168,34 +169,42 @@ def with_voices(path: str, samples: npt.NDArray[np.int16]) -> dict[str, npt.NDAr
                               for prefix, (factor, keep_tempo) in VOICES.items()}}
 
 
-def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any]:
-    """The development sets and every clip's recorded hops (kept in ``cache``: recording takes minutes)."""
+def _cached(cache: Path, stamp: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``build()``'s recordings with ``stamp``, kept in ``cache`` (recording takes minutes) and read back
+    while every item of ``stamp`` is the same."""
     if cache.exists():
         with cache.open("rb") as handle:
             loaded: dict[str, Any] = pickle.load(handle)
-            if loaded["model_sha256"] == model.sha256 and loaded.get("voices") == VOICES \
-                    and loaded.get("min_clips") == MIN_CLIPS and "same_voice" in loaded:
-                return loaded
-    confusable, targets = dev_sets(data_dir)
-    audio: dict[str, npt.NDArray[np.int16]] = {}
-    for paths in targets.values():
-        for path in paths:
-            audio.update(with_voices(path, read_audio_file(path)))
-    recorded = {key: record(model, samples) for key, samples in audio.items()}
-    same_voice = {word: paths for word, paths in confusable.items() if word in CONFUSABLE_WAKE_WORDS}
-    in_same_voice = {path for paths in same_voice.values() for path in paths}
-    for paths in confusable.values():
-        for path in paths:
-            samples = read_audio_file(path)
-            voiced = with_voices(path, samples) if path in in_same_voice else {path: samples}
-            recorded.update({key: record(model, changed) for key, changed in voiced.items()})
-    result = {"model_sha256": model.sha256, "voices": VOICES, "min_clips": MIN_CLIPS,
-              "confusable": confusable, "same_voice": same_voice,
-              "targets": targets, "audio": audio, "recorded": recorded}
+        if all(loaded.get(key) == value for key, value in stamp.items()):
+            return loaded
+    result = {**stamp, **build()}
     cache.parent.mkdir(parents=True, exist_ok=True)
     with cache.open("wb") as handle:
         pickle.dump(result, handle)
     return result
+
+
+def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any]:
+    """The development sets and every clip's recorded hops (kept in ``cache``)."""
+    def build() -> dict[str, Any]:
+        confusable, targets = dev_sets(data_dir)
+        audio: dict[str, npt.NDArray[np.int16]] = {}
+        for paths in targets.values():
+            for path in paths:
+                audio.update(with_voices(path, read_audio_file(path)))
+        recorded = {key: record(model, samples) for key, samples in audio.items()}
+        same_voice = {word: paths for word, paths in confusable.items() if word in CONFUSABLE_WAKE_WORDS}
+        in_same_voice = {path for paths in same_voice.values() for path in paths}
+        for paths in confusable.values():
+            for path in paths:
+                samples = read_audio_file(path)
+                voiced = with_voices(path, samples) if path in in_same_voice else {path: samples}
+                recorded.update({key: record(model, changed) for key, changed in voiced.items()})
+        return {"confusable": confusable, "same_voice": same_voice, "targets": targets, "audio": audio,
+                "recorded": recorded}
+
+    return _cached(cache, {"model_sha256": model.sha256, "voices": VOICES, "min_clips": MIN_CLIPS,
+                           "same_voice_check": True}, build)
 
 
 def enrolment_draws(paths: list[str], draws: int = DRAWS) -> list[list[str]]:
@@ -318,24 +327,18 @@ EDGE_RATIO = 1.1  # a confusable hop scoring the boost within this many gate rad
 def load_precise(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any]:
     """The Precise speaker's recordings (PRECISE_TARGET_FOLDER and PRECISE_OTHER_WORDS), each recorded through
     the voice path once (kept in ``cache``)."""
-    if cache.exists():
-        with cache.open("rb") as handle:
-            loaded: dict[str, Any] = pickle.load(handle)
-            if loaded["model_sha256"] == model.sha256 and loaded.get("words") == PRECISE_OTHER_WORDS:
-                return loaded
-    real = data_dir / "real"
-    targets = sorted(str(p) for p in (real / PRECISE_TARGET_FOLDER).glob(f"{PRECISE_SPEAKER}_*.flac"))
-    others = {word: sorted(str(p) for p in (real / word).glob(f"{PRECISE_SPEAKER}_*.flac"))
-              for word in PRECISE_OTHER_WORDS}
-    audio = {path: read_audio_file(path) for path in targets}
-    recorded = {path: record(model, read_audio_file(path)) for paths in [targets, *others.values()]
-                for path in paths}
-    result = {"model_sha256": model.sha256, "words": PRECISE_OTHER_WORDS, "targets": targets,
-              "others": others, "audio": audio, "recorded": recorded}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with cache.open("wb") as handle:
-        pickle.dump(result, handle)
-    return result
+    def build() -> dict[str, Any]:
+        real = data_dir / "real"
+        targets = sorted(str(p) for p in (real / PRECISE_TARGET_FOLDER).glob(f"{PRECISE_SPEAKER}_*.flac"))
+        others = {word: sorted(str(p) for p in (real / word).glob(f"{PRECISE_SPEAKER}_*.flac"))
+                  for word in PRECISE_OTHER_WORDS}
+        audio = {path: read_audio_file(path) for path in targets}
+        recorded = {path: record(model, samples) for path, samples in audio.items()}
+        recorded.update({path: record(model, read_audio_file(path)) for paths in others.values()
+                         for path in paths})
+        return {"targets": targets, "others": others, "audio": audio, "recorded": recorded}
+
+    return _cached(cache, {"model_sha256": model.sha256, "words": PRECISE_OTHER_WORDS}, build)
 
 
 def gate_ratio(entry: WordHead, embeddings: npt.NDArray[np.float32]) -> float:
@@ -360,8 +363,8 @@ def speaker_check(model: KwsModel, bank: Bank, dev: dict[str, Any], precise: dic
     sets = {"own voice": {w: precise["others"][w] for w in PRECISE_OTHER_WORDS},
             "other speakers": dev["confusable"]}
     recorded = {**dev["recorded"], **precise["recorded"]}
-    shipped = {p: wakes(settings, recorded[p], None) for group in sets.values() for ps in group.values()
-               for p in ps}
+    replayed = [*precise["targets"], *(p for group in sets.values() for ps in group.values() for p in ps)]
+    shipped = {p: wakes(settings, recorded[p], None) for p in replayed}
     results: dict[str, Any] = {}
     for number, enrolled in enumerate(enrolment_draws(precise["targets"], draws)):
         adaptation = learn(model, bank, {WAKE: [precise["audio"][p] for p in enrolled]}, [], budget=0.0,
@@ -374,7 +377,7 @@ def speaker_check(model: KwsModel, bank: Bank, dev: dict[str, Any], precise: dic
                 continue
             posteriors, embeddings = recorded[path]
             figures["tested"][Path(path).stem] = {
-                "shipped": wakes(settings, recorded[path], None) > 0,
+                "shipped": shipped[path] > 0,
                 "adapted": wakes(settings, recorded[path], adaptation) > 0,
                 "base_max": round(float(posteriors[:, index].max()), 3),
                 "head_max": round(float(entry.head.score(embeddings).max()), 3),
