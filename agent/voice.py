@@ -103,12 +103,11 @@ RETAINED_SETTLE = 0.3
 
 
 def pause_start(first_frame: int, energies: npt.NDArray[np.float64], search_from: int, min_frames: int,
-                floor_db: float, *, ongoing: bool = False) -> int | None:
+                floor_db: float) -> int | None:
     """The index of the first frame of the first pause that starts at or after frame ``search_from`` and is
     over (speech follows it): a run of at least ``min_frames`` frames whose energy is ``floor_db`` or more
     below the loudest of ``energies`` (frame ``first_frame`` onwards), then a louder frame. None while there
-    is none: the quiet after the last word is not a pause yet. With ``ongoing``, such a run still going on at
-    the last frame counts too."""
+    is none: the quiet after the last word is not a pause yet."""
     loudest = float(energies.max()) if len(energies) else 0.0
     if loudest <= 0.0:
         return None
@@ -121,7 +120,7 @@ def pause_start(first_frame: int, energies: npt.NDArray[np.float64], search_from
             return first_frame + index - run
         else:
             run = 0
-    return first_frame + len(energies) - run if ongoing and run >= min_frames else None
+    return None
 
 
 def word_over(energies: npt.NDArray[np.float64], min_frames: int, floor_db: float) -> bool:
@@ -343,13 +342,6 @@ class VoicePipeline:
         if frame is not None:
             self._silence_before = (frame + 1) * self.model.params.hop_samples
             self._pause_search_from = None
-            return
-        # A pause still going on: the model hears silence before it at once (else the end of the wake word,
-        # "...puter", lingers in its window through the pause and can be taken for "up"); the search goes on
-        # until speech follows and confirms the pause.
-        frame = pause_start(first, energies, self._pause_search_from, PAUSE_FRAMES, PAUSE_DB, ongoing=True)
-        if frame is not None:
-            self._silence_before = (frame + 1) * self.model.params.hop_samples
 
     def _word_over(self) -> bool:
         """The model hears only what followed the pause after the last word heard, and that has ended (see
