@@ -221,3 +221,24 @@ def test_only_wake_word_windows_are_followed() -> None:
     assert not augmenter.followed
     augmenter.word(context, 0.25, followed=True)
     assert augmenter.followed
+
+
+def test_a_wake_tail_window_holds_only_the_end_of_the_word() -> None:
+    """The window's left edge cuts off 45-80 % of the word; the rest of the word starts the window and what
+    followed it (quiet here) fills the rest."""
+    config = AugmentConfig(wake_tail_copies=1)
+    augmenter = plain(config)
+    word_seconds = 0.6
+    context = word_context(clip_with_word(0.2, word_seconds, total=1.4))
+    low, high = config.wake_tail_cut
+    for _ in range(30):
+        window = augmenter.wake_tail(context)
+        assert window is not None and len(window) == WINDOW
+        samples = window.astype(np.float32) / 32768
+        frames = np.mean(samples[: len(samples) // 160 * 160].reshape(-1, 160) ** 2, axis=1)
+        loud = np.flatnonzero(frames > 1e-3)
+        assert loud[0] == 0, "the word's end starts the window"
+        assert np.all(np.diff(loud) == 1), "one stretch of the word, nothing after it"
+        kept = len(loud) * 160 / RATE
+        assert (1 - high) * word_seconds - 0.02 <= kept <= (1 - low) * word_seconds + 0.02
+    assert augmenter.wake_tail(np.zeros(WINDOW + 2 * CONTEXT, np.int16)) is None

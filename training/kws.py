@@ -665,6 +665,15 @@ def main(argv: list[str] | None = None) -> int:
         "candidate A of the model card used 0.5)",
     )
     parser.add_argument(
+        "--wake-tail", type=int, default=None, metavar="N",
+        help="windows per `computer` clip that hold only the word's end, labelled _unknown_ (default 0: off)",
+    )
+    parser.add_argument(
+        "--wake-confusable-budget", type=float, default=None, metavar="RATE",
+        help="false wakes per tuning confusable clip the wake threshold may allow (default "
+        f"{FULL.wake_confusable_budget:g}: none)",
+    )
+    parser.add_argument(
         "--rethreshold", type=Path, default=None, metavar="MODEL",
         help="only choose the thresholds of this trained .tflite again (training-side data only) and write "
         "a copy with them to --out",
@@ -686,6 +695,10 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(config, channels=(args.channels,) * len(config.channels))
     if args.wake_following is not None:
         config = replace(config, augment={**config.augment, "following_probability": args.wake_following})
+    if args.wake_tail is not None:
+        config = replace(config, augment={**config.augment, "wake_tail_copies": args.wake_tail})
+    if args.wake_confusable_budget is not None:
+        config = replace(config, wake_confusable_budget=args.wake_confusable_budget)
     if args.rethreshold is not None:
         if args.out is None:
             parser.error("--rethreshold needs --out (the shipped model is never changed in place)")

@@ -221,6 +221,7 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "20-200 ms before the window's end, so a command is recognised as soon as it is spoken, not once it "
         "has moved to the middle of the window (the command latency); "
         + _following(config['augment'].get('following_probability', AugmentConfig.following_probability))
+        + _wake_tail(config['augment'].get('wake_tail_copies', AugmentConfig.wake_tail_copies))
         + "speaker perturbation (resampling by "
         "0.87-1.15: speed, pitch and formants together) and a random microphone EQ on "
         f"{config['augment'].get('warp_probability', 0):.0%} / {config['augment'].get('eq_probability', 0):.0%} "
@@ -270,6 +271,16 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
 def _widened(channels: list[int]) -> bool:
     """Whether the student was widened from the teacher (no layer narrower, one wider) rather than pruned."""
     return min(channels) >= TEACHER_WIDTH and max(channels) > TEACHER_WIDTH
+
+
+def _wake_tail(copies: int) -> str:
+    """The card's words for AugmentConfig.wake_tail_copies (nothing when it is off)."""
+    if not copies:
+        return ""
+    low, high = AugmentConfig.wake_tail_cut
+    return (f"{copies} windows per `computer` clip hold only its end (the window's left edge cuts off "
+            f"{low:.0%}-{high:.0%} of the word), labelled `_unknown_` (the end of the wake word that stays in "
+            "the window once it has fired is no command); ")
 
 
 def _following(share: float) -> str:
