@@ -7,12 +7,16 @@ and each alert outside it with its cost (0.11 before any window, less soon after
 Sums per run; the totals agree with ``nab_score.py`` at threshold 0.5 (checked by the harness).
 
     .venv/bin/python -m bench.anomaly_diagnosis [--part development|held-out] [--config JSON]
-        [--tuning JSON] [--crop ROWS] [--files] [--streams]
+        [--tuning JSON] [--crop ROWS] [--files] [--streams] [--evidence]
 
 ``--crop N`` scores the development runs with their first N rows removed (the window then starts N rows
 earlier in a shorter stream, as in a short run): how the detector's start-up behaves on streams whose
 anomaly comes soon after they start, measured on development data. ``--streams`` scores each stream alone
-(no device groups: what a corpus of single streams sees).
+(no device groups: what a corpus of single streams sees). ``--evidence`` asks, of each window a stream alone
+misses, whether its own evidence (``StreamDetector.decades``: -log10 of its Bonferroni p with persistence;
+an alert needs about 3.7) rose in the first half of the window above what it reached after learning and
+before the window, and how often it sat above ``SUSTAINED`` decades there (moderate evidence that a slower
+alert path could add up) against before: what any alert path reading that evidence could still win.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.anomaly.detector import TUNING, Tuning
+from agent.anomaly.detector import TUNING, StreamDetector, Tuning
 from agent.anomaly.group import GROUP_TUNING, GroupTuning
+from agent.anomaly_score import parse_timestamp
 from agent.config import AnomalySection
 from bench.anomaly_bench import SKAB, group_alerts, nab_module, score_rows, split_runs
+
+SUSTAINED = 1.5  # decades: moderate evidence (an alert needs about 3.7: posterior 0.99 at a 2 % prior)
 
 
 def write_cropped(files: list[str], crop: int, folder: Path) -> Path:
@@ -56,6 +63,66 @@ def stream_alerts(files: list[str], tuning: Tuning, data: Path,
             rows = [r[:2] for r in csv.reader(handle)][1:]
         alerts[rel] = score_rows(rows, tuning, config)[1]
     return alerts
+
+
+def window_evidence(decades: list[float], window: tuple[int, int], start: int) -> dict[str, Any]:
+    """A stream's evidence (decades per row) in the first half of ``window`` (rows, inclusive) against the
+    rows from ``start`` (the end of its learning period) to the window: the largest of each, and how many
+    readings of each lie above ``SUSTAINED`` decades (with the rows each spans)."""
+    lo, hi = window
+    mid = lo + max(1, (hi - lo + 1) // 2)
+    before, inside = decades[start:lo], decades[lo:mid]
+    return {"before_rows": len(before), "before_max": round(max(before, default=0.0), 2),
+            "before_sustained": sum(v > SUSTAINED for v in before),
+            "window_rows": len(inside), "window_max": round(max(inside, default=0.0), 2),
+            "window_sustained": sum(v > SUSTAINED for v in inside)}
+
+
+def sustained_rise(entry: dict[str, Any]) -> bool:
+    """At least 5 readings above ``SUSTAINED`` decades in the window's first half, at more than twice the
+    rate before it (at least one reading's worth before, so a quiet history does not make 5 readings
+    infinitely rare)."""
+    rate_window = entry["window_sustained"] / max(entry["window_rows"], 1)
+    rate_before = max(entry["before_sustained"], 1) / max(entry["before_rows"], 1)
+    return bool(entry["window_sustained"] >= 5 and rate_window > 2.0 * rate_before)
+
+
+def evidence_report(part: str, config: AnomalySection, tuning: Tuning = TUNING, crop: int = 0
+                    ) -> dict[str, Any]:
+    """``window_evidence`` of every labelled window of ``part``, each stream scored alone (the CLI's code
+    path), and of the windows it misses: how many rose above their own largest evidence before the window
+    by more than 0.5 decade, reached 2 or 3 decades, or show a ``sustained_rise``."""
+    labels = json.loads((SKAB / "labels" / "combined_windows.json").read_text(encoding="utf-8"))
+    runs, dev, held = split_runs(labels)
+    files = [rel for run in (dev if part == "development" else held) for rel in runs[run]]
+    nab = nab_module()
+    entries: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_cropped(files, crop, Path(tmp) / "data") if crop else SKAB / "data"
+        for rel in files:
+            if not labels[rel]:
+                continue
+            with (data / rel).open(newline="", encoding="utf-8") as handle:
+                rows = [r[:2] for r in csv.reader(handle)][1:]
+            detector = StreamDetector(config, tuning=tuning)
+            decades: list[float] = []
+            alerts: list[bool] = []
+            for ts, value in rows:
+                outcome = detector.update(parse_timestamp(ts), float(value))
+                decades.append(0.0 if outcome is None else detector.decades)
+                alerts.append(outcome is not None and outcome.started)
+            times = nab.read_timestamps(str(data / rel))
+            windows = nab.windows_to_index(times, [(w[0][:19], w[1][:19]) for w in labels[rel]], rel)
+            for k, (lo, hi) in enumerate(windows):
+                entry = window_evidence(decades, (lo, hi), min(detector.learning_period(), lo))
+                entries[f"{rel}#{k}"] = {"hit": any(alerts[lo:hi + 1]), **entry}
+    missed = {key: e for key, e in entries.items() if not e["hit"]}
+    return {"windows": len(entries), "missed": len(missed),
+            "missed_above_own_max": sum(e["window_max"] > e["before_max"] + 0.5 for e in missed.values()),
+            "missed_reaching_2_decades": sum(e["window_max"] >= 2.0 for e in missed.values()),
+            "missed_reaching_3_decades": sum(e["window_max"] >= 3.0 for e in missed.values()),
+            "missed_sustained_rise": sorted(key for key, e in missed.items() if sustained_rise(e)),
+            "entries": entries}
 
 
 def diagnose(part: str, config: AnomalySection, tuning: Tuning = TUNING,
@@ -138,14 +205,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=0, help="drop this many first rows of each run")
     parser.add_argument("--files", action="store_true", help="print every file's entry too")
     parser.add_argument("--streams", action="store_true", help="each stream alone (no device groups)")
+    parser.add_argument("--evidence", action="store_true",
+                        help="each stream alone: its evidence in the windows it misses against before them")
     args = parser.parse_args(argv)
     config = AnomalySection(**json.loads(args.config)) if args.config else AnomalySection()
     tuning = dataclasses.replace(TUNING, **json.loads(args.tuning)) if args.tuning else TUNING
     group_tuning = dataclasses.replace(GROUP_TUNING, **json.loads(args.groups)) if args.groups \
         else GROUP_TUNING
-    result = diagnose(args.part, config, tuning, group_tuning, args.crop, streams=args.streams)
-    if not args.files:
-        del result["files"]
+    if args.evidence:
+        result = evidence_report(args.part, config, tuning, args.crop)
+        if not args.files:
+            del result["entries"]
+    else:
+        result = diagnose(args.part, config, tuning, group_tuning, args.crop, streams=args.streams)
+        if not args.files:
+            del result["files"]
     print(json.dumps(result, indent=1))
     return 0
 
