@@ -25,7 +25,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,13 @@ class AugmentConfig:
     # loses as much of its start.
     wake_tail_copies: int = 0
     wake_tail_cut: tuple[float, float] = (0.45, 0.8)
+    # Candidate E (session 12) showed where that "up" comes from: the whole "computer" with its end near the
+    # window's end (the wake word is never end-placed, every command word is, often after another word).
+    # This many extra windows per `computer` clip are end-placed like a command word's (end_margin_seconds,
+    # preceding_probability), still labelled `computer`, from the same own generator. 0 in the shipped
+    # recipe (end-placing a share of the wake word's own windows, tried before issue 13, let false wakes
+    # through at the threshold's floor); `python -m training.kws --wake-end N` turns it on.
+    wake_end_copies: int = 0
     noise_probability: float = 0.8
     snr_db: tuple[float, float] = (0.0, 25.0)
     room_probability: float = 0.3
@@ -827,9 +834,12 @@ def build_training_set(
     noise_pool = _noise_pool(train)
     augmenter = Augmenter(config, noise_pool, SEED)
     augmenter.preceding = preceding_words(train, config.preceding_pool)
-    # The wake word's end-only windows draw from a generator of their own: every other window stays the same
-    # as without them.
-    tails = Augmenter(config, noise_pool, SEED + 31) if config.wake_tail_copies > 0 else None
+    # The wake word's extra windows (end only, end-placed) draw from a generator of their own: every other
+    # window stays the same as without them.
+    extra = None
+    if config.wake_tail_copies > 0 or config.wake_end_copies > 0:
+        extra = Augmenter(replace(config, end_probability=1.0), noise_pool, SEED + 31)
+        extra.preceding = augmenter.preceding
     hop = round(config.long_hop_seconds * SAMPLE_RATE)
     windows: list[npt.NDArray[np.int16]] = []
     labels: list[int] = []
@@ -860,11 +870,14 @@ def build_training_set(
                 context, shift, at_end=clip.label != WAKE_WORD, followed=clip.label == WAKE_WORD
             )
             add(placed, clip.label, clip.source, name, augmenter.placed_at_end)
-        if tails is not None and clip.label == WAKE_WORD:
+        if extra is not None and clip.label == WAKE_WORD:
             for _ in range(config.wake_tail_copies):
-                tail = tails.wake_tail(context)
+                tail = extra.wake_tail(context)
                 if tail is not None:
                     add(tail, UNKNOWN_LABEL, clip.source, name, True)
+            for _ in range(config.wake_end_copies):
+                placed = extra.word(context, shift, at_end=True)
+                add(placed, WAKE_WORD, clip.source, name, extra.placed_at_end)
     for index in range(config.quiet_silence):
         add(augmenter.quiet(), SILENCE_LABEL, "quiet", f"quiet{index}")
     features = np.stack([window_features(w, params) for w in progress(windows, len(windows), "features")])

@@ -669,6 +669,11 @@ def main(argv: list[str] | None = None) -> int:
         help="windows per `computer` clip that hold only the word's end, labelled _unknown_ (default 0: off)",
     )
     parser.add_argument(
+        "--wake-end", type=int, default=None, metavar="N",
+        help="extra windows per `computer` clip with the word's end near the window's end, labelled "
+        "`computer` (default 0: off)",
+    )
+    parser.add_argument(
         "--wake-confusable-budget", type=float, default=None, metavar="RATE",
         help="false wakes per tuning confusable clip the wake threshold may allow (default "
         f"{FULL.wake_confusable_budget:g}: none)",
@@ -697,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(config, augment={**config.augment, "following_probability": args.wake_following})
     if args.wake_tail is not None:
         config = replace(config, augment={**config.augment, "wake_tail_copies": args.wake_tail})
+    if args.wake_end is not None:
+        config = replace(config, augment={**config.augment, "wake_end_copies": args.wake_end})
     if args.wake_confusable_budget is not None:
         config = replace(config, wake_confusable_budget=args.wake_confusable_budget)
     if args.rethreshold is not None:

@@ -222,6 +222,7 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "has moved to the middle of the window (the command latency); "
         + _following(config['augment'].get('following_probability', AugmentConfig.following_probability))
         + _wake_tail(config['augment'].get('wake_tail_copies', AugmentConfig.wake_tail_copies))
+        + _wake_end(config['augment'].get('wake_end_copies', AugmentConfig.wake_end_copies))
         + "speaker perturbation (resampling by "
         "0.87-1.15: speed, pitch and formants together) and a random microphone EQ on "
         f"{config['augment'].get('warp_probability', 0):.0%} / {config['augment'].get('eq_probability', 0):.0%} "
@@ -281,6 +282,14 @@ def _wake_tail(copies: int) -> str:
     return (f"{copies} windows per `computer` clip hold only its end (the window's left edge cuts off "
             f"{low:.0%}-{high:.0%} of the word), labelled `_unknown_` (the end of the wake word that stays in "
             "the window once it has fired is no command); ")
+
+
+def _wake_end(copies: int) -> str:
+    """The card's words for AugmentConfig.wake_end_copies (nothing when it is off)."""
+    if not copies:
+        return ""
+    return (f"{copies} extra windows per `computer` clip put its end 20-200 ms before the window's end, as "
+            "for the command words (half after another word), still labelled `computer`; ")
 
 
 def _following(share: float) -> str:
