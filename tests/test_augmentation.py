@@ -242,3 +242,39 @@ def test_a_wake_tail_window_holds_only_the_end_of_the_word() -> None:
         kept = len(loud) * 160 / RATE
         assert (1 - high) * word_seconds - 0.02 <= kept <= (1 - low) * word_seconds + 0.02
     assert augmenter.wake_tail(np.zeros(WINDOW + 2 * CONTEXT, np.int16)) is None
+
+
+def test_the_wake_words_extra_windows_leave_every_other_window_as_it_was(tmp_path: Path) -> None:
+    """--wake-tail and --wake-end add windows from a generator of their own: the training set gains exactly
+    those (end-only windows as _unknown_, end-placed ones as computer) and every other window is the same."""
+    from agent.features import LABELS, UNKNOWN_LABEL, WAKE_WORD, FeatureParams
+    from training.data import build_training_set
+
+    rng = np.random.default_rng(3)
+    clips = []
+    for name, label, source, samples in (
+        ("noise.wav", "_silence_", "noise", rng.normal(0, 0.05, 3 * RATE).astype(np.float32)),
+        ("computer.wav", WAKE_WORD, "real", clip_with_word(0.3, 0.6, total=1.2)),
+        ("up.wav", "up", "real", clip_with_word(0.4, 0.3)),
+    ):
+        sf.write(tmp_path / name, samples, RATE)
+        clips.append(Clip(str(tmp_path / name), label, name, "train", source))
+    base = AugmentConfig(word_copies=2, computer_copies=3, quiet_silence=2, room_probability=0.0,
+                         preceding_pool=3)
+    params = FeatureParams()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "extra").mkdir()
+    plain_set = build_training_set(clips, params, base, tmp_path / "plain")
+    extra_set = build_training_set(
+        clips, params, AugmentConfig(**{**base.__dict__, "wake_tail_copies": 1, "wake_end_copies": 2}),
+        tmp_path / "extra")
+    wake, unknown = LABELS.index(WAKE_WORD), LABELS.index(UNKNOWN_LABEL)
+    added = len(extra_set.labels) - len(plain_set.labels)
+    assert added == 3
+    # the computer clip's windows: its 3 copies, then 1 end-only (_unknown_) and 2 end-placed (computer)
+    first = int(np.flatnonzero(plain_set.labels == wake)[0])
+    assert list(extra_set.labels[first : first + 6]) == [wake] * 3 + [unknown] + [wake] * 2
+    assert extra_set.end_placed[first + 3 : first + 6].all()
+    kept = np.r_[0 : first + 3, first + 6 : len(extra_set.labels)]
+    assert np.array_equal(extra_set.features[kept], plain_set.features)
+    assert np.array_equal(extra_set.labels[kept], plain_set.labels)
