@@ -21,6 +21,11 @@ MLP scores it. The head's score changes the model's posterior for that word befo
   radius is the household recordings' own spread (each recording's distance to the others) times
   RADIUS_FACTOR (at least MIN_RADIUS), and stays below the nearest bank window of another label that the head
   finds word-like.
+- *sequence gate* (:mod:`agent.sequence`): outside the radius, a window at the boost is still raised when
+  the recent hops follow one of the household recordings' hop sequences (a template match over time, as
+  Rhasspy's Raven does); its distance threshold is the median of each recording's distance to the others'
+  templates, at most GATE_BANK_MARGIN of the nearest word-like bank recording of another label. A new take
+  whose nearest single window lies just outside the radius is heard; a word sharing one near window is not.
 - *veto*: after ``enroll --not-word``, a score at or below ``veto``, or a window within ``veto_radius`` of a
   window of the not-word recordings, removes the word on that hop (its probability goes to ``_unknown_``), so
   the sounds that woke the agent no longer do. Both are bounded by how many of the bank's own windows of the
@@ -40,25 +45,28 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.atomic_file import replace_atomically
+from agent.adaptation_store import HEADS_FILE, Store, write_atomically
 from agent.bank import Bank, FloatArray, bank_path
 from agent.config import Config
 from agent.errors import HomeAgentError, StateError
 from agent.features import UNKNOWN_LABEL, StreamingFeatures
 from agent.kws import KwsModel
+from agent.sequence import SequenceGate, pipeline_hop_samples
+from agent.sequence import clip_distance as sequence_distance
+from agent.sequence import template as sequence_template
+from agent.sequence import threshold as sequence_threshold
 
 log = logging.getLogger(__name__)
 
-ADAPTATION_FORMAT = "home-agent-adaptation/3"
+ADAPTATION_FORMAT = "home-agent-adaptation/4"
 UNKNOWN = UNKNOWN_LABEL
 HIDDEN_UNITS = 32
 TRAIN_STEPS = 400
@@ -106,11 +114,6 @@ BANK_RADIUS_MARGIN = 0.8  # the veto's radius keeps 1 / this from the household'
 # 159 and raised the word on 2 development confusable clips (near misses; no wake), 0.75 heard 159 with none,
 # 0.7 158, 0.6 156.
 GATE_BANK_MARGIN = 0.75
-ADAPTATION_DIR = "adaptation"
-POSITIVE_DIR = "words"
-NEGATIVE_DIR = "not_words"
-HEADS_FILE = "heads.npz"
-KEEP_AROUND_SECONDS = 0.25  # silence kept either side of a stored word: its windows see the word's edges
 
 
 class EnrollError(HomeAgentError):
@@ -279,6 +282,7 @@ class WordHead:
     radius: float  # the boost applies within this distance of a prototype
     not_word_prototypes: FloatArray  # the not-word windows, standardised by the head
     veto_radius: float  # the word is removed within this distance of a not-word prototype
+    sequence: SequenceGate | None = None  # outside the radius, a template match over time (agent.sequence)
 
     def vetoes(self, embeddings: FloatArray, scores: FloatArray) -> npt.NDArray[np.bool_]:
         """Which windows lose the word: head score at or below ``veto``, or near a not-word window."""
@@ -289,7 +293,9 @@ class WordHead:
         return result
 
     def boosts(self, embeddings: FloatArray, scores: FloatArray) -> npt.NDArray[np.bool_]:
-        """Which windows the boost raises: head score at or above ``boost`` and near the household's."""
+        """Which windows the boost raises: head score at or above ``boost``, and near the household's or
+        (the sequence gate) ending a match of their templates. ``embeddings``: consecutive hops of a
+        stream."""
         if self.boost is None:
             return np.zeros(len(scores), bool)
         candidates = scores >= self.boost
@@ -297,7 +303,29 @@ class WordHead:
         if candidates.any():
             near = nearest_distance(self.head.standardise(embeddings[candidates]), self.prototypes)
             result[candidates] = near <= self.radius
+            if self.sequence is not None and (candidates & ~result).any():
+                result |= candidates & self.sequence.matched(self.head.standardise(embeddings))
         return result
+
+    def boosts_items(self, embeddings: FloatArray, scores: FloatArray,
+                     items: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
+        """:meth:`boosts` of bank rows, each recording's rows (consecutive, in order) a stream of its own."""
+        result = np.zeros(len(scores), bool)
+        starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]]) if len(items) else np.zeros(0, int)
+        for start, stop in zip(starts, [*starts[1:], len(items)], strict=True):
+            result[start:stop] = self.boosts(embeddings[start:stop], scores[start:stop])
+        return result
+
+    def boosts_now(self, embedding: FloatArray, score: float) -> bool:
+        """:meth:`boosts` of the newest hop of a live stream (the sequence gate keeps the recent hops)."""
+        point = self.head.standardise(embedding)
+        if self.sequence is not None:
+            self.sequence.push(point)
+        if self.boost is None or score < self.boost:
+            return False
+        if float(nearest_distance(point, self.prototypes)[0]) <= self.radius:
+            return True
+        return self.sequence is not None and self.sequence.matched_now()
 
 
 @dataclass(frozen=True)
@@ -306,14 +334,21 @@ class Adaptation:
     heads: tuple[WordHead, ...]
     bank_hours: float
 
+    def reset(self) -> None:
+        """A new stream: the sequence gates forget the recent hops."""
+        for entry in self.heads:
+            if entry.sequence is not None:
+                entry.sequence.reset()
+
     def apply(self, labels: tuple[str, ...], probabilities: FloatArray, embedding: FloatArray) -> FloatArray:
-        """The posteriors with every adapted word boosted or vetoed by its head (see the module doc)."""
+        """The posteriors with every adapted word boosted or vetoed by its head (see the module doc); one call
+        per hop of a stream (:meth:`reset` before a new one)."""
         result = probabilities
         for entry in self.heads:
             scores = entry.head.score(embedding)
             score = float(scores[0])
             index = labels.index(entry.word)
-            if score > result[index] and entry.boosts(np.atleast_2d(embedding), scores)[0]:
+            if entry.boosts_now(np.atleast_2d(embedding), score) and score > result[index]:
                 # The head's score stands in for the word's posterior; the other labels share the rest.
                 rest = 1.0 - result[index]
                 result = result * ((1.0 - score) / rest if rest > 0 else 0.0)
@@ -330,8 +365,11 @@ class Adaptation:
         for entry in self.heads:
             parts = [f"{entry.word}: {entry.recordings} recordings, {entry.not_words} not-word recordings"]
             if entry.boost is not None:
+                sequence = entry.sequence
                 parts.append(f"head threshold {entry.boost:.3f} within {entry.radius:.2f} of your "
-                             f"recordings ({entry.bank_false_wakes} false wakes in {entry.check_hours:.2f} h "
+                             + (f"recordings or {sequence.limit:.2f} of their {len(sequence.templates)} "
+                                "sequences " if sequence is not None and sequence.active else "recordings ")
+                             + f"({entry.bank_false_wakes} false wakes in {entry.check_hours:.2f} h "
                              "of reference speech it was not trained on)")
             if entry.veto is not None:
                 parts.append(f"veto below {entry.veto:.3f} or within {entry.veto_radius:.2f} of the "
@@ -346,6 +384,7 @@ class Adaptation:
             arrays.update(entry.head.arrays(f"h{n}_"))
             arrays[f"h{n}_prototypes"] = entry.prototypes
             arrays[f"h{n}_not_words"] = entry.not_word_prototypes
+            arrays.update((entry.sequence or SequenceGate([], 0.0)).arrays(f"h{n}_"))
             words.append({"word": entry.word, "boost": entry.boost, "veto": entry.veto,
                           "radius": entry.radius, "veto_radius": entry.veto_radius,
                           "bank_false_wakes": entry.bank_false_wakes, "check_hours": entry.check_hours,
@@ -375,29 +414,21 @@ class Adaptation:
                                        int(w["recordings"]), int(w["not_words"]),
                                        np.asarray(data[f"h{n}_prototypes"], np.float32), float(w["radius"]),
                                        np.asarray(data[f"h{n}_not_words"], np.float32),
-                                       float(w["veto_radius"]))
+                                       float(w["veto_radius"]), SequenceGate.from_arrays(data, f"h{n}_"))
                               for n, w in enumerate(meta["words"]))
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise StateError(f"household adaptation {path} is unreadable: {err}") from err
         return cls(str(meta["model_sha256"]), heads, float(meta["bank_hours"]))
 
 
-def write_atomically(path: Path, write: Any) -> None:
-    """Write a state file through ``agent.atomic_file`` (mode 0600): a crash never leaves half a file."""
-    try:
-        with replace_atomically(path) as handle:
-            write(handle)
-    except OSError as err:
-        raise StateError(f"cannot write {path}: {err.strerror or err}") from err
-
-
 def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_words: Iterable[FloatArray],
-             budget_per_hour: float) -> tuple[WordHead, list[float]]:
+             budget_per_hour: float, *, streams: Sequence[FloatArray] = ()) -> tuple[WordHead, list[float]]:
     """Train the head of one word and set its thresholds on the bank less its held-back recordings
     (:meth:`Bank.held_back`), then count the held-back recordings of other labels it would wake on.
     ``positives``: per household recording, its word windows; ``not_words``: per not-word recording, the
-    windows that raised this word. Returns the head and, per household recording, its best head score (to
-    explain a refusal)."""
+    windows that raised this word; ``streams``: per household recording, its embeddings at every hop of the
+    voice path (the sequence gate's templates). Returns the head and, per household recording, its best head
+    score (to explain a refusal)."""
     held_back = full_bank.held_back(word)
     bank = full_bank.rows(~held_back)
     positive_sets = [p for p in positives if len(p)]
@@ -420,6 +451,7 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
     boost: float | None = None
     false_wakes = 0
     check = full_bank.rows(held_back)
+    sequence: SequenceGate | None = None
     if positive_sets:
         allowed = allowed_false_wakes(budget_per_hour, bank.hours)
         other_peaks = np.sort(_item_peaks(bank_scores, bank, word))[::-1]
@@ -434,6 +466,9 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
         check_scores = head.score(check.embeddings)
         false_wakes = check.false_wakes(np.where(gated.boosts(check.embeddings, check_scores), check_scores,
                                                  0.0), word, boost)
+        sequence, false_wakes = checked_sequence(
+            gated, sequence_gate(head, boost, streams, bank, bank_scores=bank_scores, word=word), check,
+            check_scores, budget_per_hour=budget_per_hour, false_wakes=false_wakes)
     veto: float | None = None
     not_word_prototypes = head.standardise(user_neg) if len(user_neg) else prototypes[:0]
     veto_radius = 0.0
@@ -443,7 +478,45 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
         veto = min(ceiling, 0.5)
         veto_radius = _veto_radius(head, bank_positives, prototypes, not_word_prototypes)
     return WordHead(word, head, boost, veto, false_wakes, check.hours, len(positive_sets),
-                    len(negative_sets), prototypes, radius, not_word_prototypes, veto_radius), best
+                    len(negative_sets), prototypes, radius, not_word_prototypes, veto_radius, sequence), best
+
+
+def checked_sequence(gated: WordHead, sequence: SequenceGate | None, check: Bank, check_scores: FloatArray, *,
+                     budget_per_hour: float, false_wakes: int) -> tuple[SequenceGate | None, int]:
+    """The sequence gate only adds raised windows: it is kept (with the held-back check's false wakes with
+    it) only while that check stays within the budget; else left out (and ``false_wakes``, the distance gate's
+    alone, stand for the activation check to judge)."""
+    if sequence is None or gated.boost is None:
+        return None, false_wakes
+    raised = replace(gated, sequence=sequence).boosts_items(check.embeddings, check_scores, check.items)
+    with_sequence = check.false_wakes(np.where(raised, check_scores, 0.0), gated.word, gated.boost)
+    if with_sequence > allowed_false_wakes(budget_per_hour, check.hours):
+        log.info("enrolment: the sequence gate for %r would wake on %d held-back bank recordings: left out",
+                 gated.word, with_sequence)
+        return None, false_wakes
+    return sequence, with_sequence
+
+
+def sequence_gate(head: Head, boost: float, streams: Sequence[FloatArray], bank: Bank, *,
+                  bank_scores: FloatArray, word: str) -> SequenceGate | None:
+    """The sequence gate (:mod:`agent.sequence`): a template per household recording; its threshold the
+    median of each recording's distance to the others' templates (on its hops at the boost), at most
+    GATE_BANK_MARGIN of the nearest bank recording of another label on its word-like hops."""
+    points = [head.standardise(stream) for stream in streams if len(stream)]
+    scores = [head.score(stream) for stream in streams if len(stream)]
+    templates = [sequence_template(p, s) for p, s in zip(points, scores, strict=True)]
+    if sum(len(t) > 0 for t in templates) < 2:
+        return None
+    own = [sequence_distance([t for j, t in enumerate(templates) if j != i], p, s >= boost)
+           for i, (p, s) in enumerate(zip(points, scores, strict=True))]
+    word_like = (bank.labels != word) & (bank_scores >= MIN_BOOST)
+    nearest = float("inf")
+    for item in np.unique(bank.items[word_like]):
+        rows = (bank.items == item) & (bank.labels != word)
+        nearest = min(nearest, sequence_distance(templates, head.standardise(bank.embeddings[rows]),
+                                                 bank_scores[rows] >= MIN_BOOST))
+    limit = sequence_threshold(own, nearest, GATE_BANK_MARGIN)
+    return SequenceGate(templates, limit) if limit > 0 else None
 
 
 def _veto_radius(head: Head, bank_positives: FloatArray, prototypes: FloatArray,
@@ -511,78 +584,6 @@ def speech_span(samples: npt.NDArray[np.int16], floor_db: float = 30.0,
     return int(loud[0]) * frame, (int(loud[-1]) + 1) * frame
 
 
-# --------------------------------------------------------------------------------------------- the store
-
-
-class Store:
-    """``<state_dir>/adaptation``: ``words/<word>/NNN.npy``, ``not_words/NNN.npy`` and ``heads.npz``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    @property
-    def positive_dir(self) -> Path:
-        return self.directory / POSITIVE_DIR
-
-    @property
-    def negative_dir(self) -> Path:
-        return self.directory / NEGATIVE_DIR
-
-    @classmethod
-    def of(cls, config: Config) -> Store:
-        return cls(config.agent.resolved_state_dir / ADAPTATION_DIR)
-
-    def check_writable(self) -> None:
-        probe = self.directory / ".probe"
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise StateError(f"cannot write the adaptation to {self.directory}: {err.strerror or err} "
-                             "(check [agent] state_dir)") from err
-
-    def positives(self) -> dict[str, list[npt.NDArray[np.int16]]]:
-        result: dict[str, list[npt.NDArray[np.int16]]] = {}
-        root = self.positive_dir
-        if root.is_dir():
-            for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-                result[folder.name] = [self._read(p) for p in sorted(folder.glob("*.npy"))]
-        return result
-
-    def negatives(self) -> list[npt.NDArray[np.int16]]:
-        return [self._read(p) for p in sorted(self.negative_dir.glob("*.npy"))]
-
-    @staticmethod
-    def _read(path: Path) -> npt.NDArray[np.int16]:
-        try:
-            return np.asarray(np.load(path, allow_pickle=False), dtype=np.int16)
-        except (OSError, ValueError) as err:
-            raise StateError(f"household recording {path} is unreadable: {err}") from err
-
-    def add(self, folder: Path, recordings: Sequence[tuple[npt.NDArray[np.int16], tuple[int, int]]],
-            sample_rate: int) -> None:
-        """Store recordings (samples, utterance span), trimmed to the utterance and a little around it."""
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StateError(f"cannot create {folder}: {err.strerror or err}") from err
-        number = len(list(folder.glob("*.npy")))
-        margin = round(KEEP_AROUND_SECONDS * sample_rate)
-        for offset, (samples, (start, end)) in enumerate(recordings):
-            trimmed = samples[max(0, start - margin) : end + margin]
-            write_atomically(folder / f"{number + offset:03d}.npy", lambda h, a=trimmed: np.save(h, a))
-
-    def reset(self) -> bool:
-        if not self.directory.exists():
-            return False
-        try:
-            shutil.rmtree(self.directory)
-        except OSError as err:
-            raise StateError(f"cannot remove {self.directory}: {err.strerror or err}") from err
-        return True
-
-
 # --------------------------------------------------------------------------------------------- learning
 
 
@@ -610,6 +611,10 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
     new recordings must be heard at the budget's threshold, else EnrollError explains."""
     pos_windows = {word: [word_windows(model, s, span) for s in takes if (span := speech_span(s))]
                    for word, takes in positives.items()}
+    hop = pipeline_hop_samples(model.metadata.get("hop_seconds"), model.params.hop_samples,
+                               model.params.sample_rate)
+    streams = {word: [stream_embeddings(model, s, hop, tail_samples=model.params.window_samples)[2]
+                      for s in takes if speech_span(s)] for word, takes in positives.items()}
     neg_windows: dict[str, list[FloatArray]] = {}
     enrolled = [word for word, windows in pos_windows.items() if windows]
     for samples in negatives:
@@ -617,7 +622,8 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
             neg_windows.setdefault(word, []).append(rows)
     heads: list[WordHead] = []
     for word in sorted(set(pos_windows) | set(neg_windows)):
-        entry, best = fit_word(word, bank, pos_windows.get(word, []), neg_windows.get(word, []), budget)
+        entry, best = fit_word(word, bank, pos_windows.get(word, []), neg_windows.get(word, []), budget,
+                               streams=streams.get(word, []))
         if word in check and entry.boost is not None:
             heard = sum(score >= entry.boost for score in best)
             if heard < MIN_HEARD_FRACTION * len(best):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from agent.adaptation import write_atomically
+from agent.adaptation_store import write_atomically
 from agent.audio import SAMPLE_RATE
 from agent.config import Config
 from agent.counts import Counts

@@ -23,12 +23,12 @@ import numpy.typing as npt
 from agent.adaptation import (
     Adaptation,
     EnrollError,
-    Store,
     learn,
     load_model_and_bank,
     speech_span,
     stream_embeddings,
 )
+from agent.adaptation_store import Store
 from agent.audio import SAMPLE_RATE, read_audio_file
 from agent.bank import Bank
 from agent.capture import CaptureStore

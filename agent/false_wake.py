@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.adaptation import Store, load_model_and_bank
+from agent.adaptation import load_model_and_bank
+from agent.adaptation_store import Store
 from agent.capture import CaptureStore
 from agent.config import Config
 from agent.counts import Counts

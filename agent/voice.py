@@ -162,6 +162,8 @@ class VoicePipeline:
         self.voice = voice
         self.commands = tuple(commands)
         self.adaptation = adaptation  # household heads (agent.adaptation); the model then has its embedding
+        if adaptation is not None:
+            adaptation.reset()  # its sequence gates keep the recent hops of one stream
         # A whole number of feature hops, so every model window ends on a hop boundary.
         per_hop = max(1, round(hop_seconds * SAMPLE_RATE / params.hop_samples))
         self.hop_samples = per_hop * params.hop_samples
@@ -246,6 +248,8 @@ class VoicePipeline:
         self._pause_search_from = None
         self._silence_before = None
         self._raised_at = None
+        if self.adaptation is not None:
+            self.adaptation.reset()
 
     def feed(self, samples: npt.NDArray[np.int16], *, mono_end: float | None = None,
              wall_end: float | None = None) -> PipelineOutput:

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 from conftest import REPO_ROOT, Daemon, Mosquitto, MqttProbe, toml_dumps, wait_until
 
-from agent.adaptation import HEADS_FILE, Store
+from agent.adaptation_store import HEADS_FILE, Store
 from agent.audio import SAMPLE_RATE, FileSource, read_audio_file
 from agent.bank import bank_path
 from agent.capture import FALSE_SUFFIX, CaptureStore, WakeCapture

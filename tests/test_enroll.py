@@ -14,7 +14,8 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample
 
-from agent.adaptation import Adaptation, EnrollError, Store, allowed_false_wakes, train_head
+from agent.adaptation import Adaptation, EnrollError, allowed_false_wakes, train_head
+from agent.adaptation_store import Store
 from agent.audio import SAMPLE_RATE, read_audio_file
 from agent.bank import Bank, bank_path
 from agent.cli import main as cli_main

@@ -227,6 +227,11 @@ class RaisingHousehold:
 
     def __init__(self, raises: bool) -> None:
         self.raises = raises
+        self.streams = 0
+
+    def reset(self) -> None:
+        """A new stream (the sequence gates' history); counted."""
+        self.streams += 1
 
     def apply(self, labels: tuple[str, ...], probabilities: npt.NDArray[np.float32],
               embedding: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

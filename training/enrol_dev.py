@@ -117,6 +117,8 @@ def wakes(settings: RecognizerSettings, recorded: tuple[npt.NDArray[np.float32],
     if any) into the recognizer, one per 0.1 s hop, the wake window never open."""
     posteriors, embeddings = recorded
     recognizer = Recognizer(settings)
+    if adaptation is not None:
+        adaptation.reset()  # a new stream for the sequence gates
     count = 0
     for hop, (posterior, embedding) in enumerate(zip(posteriors, embeddings, strict=True)):
         probabilities = posterior if adaptation is None else \

@@ -1,0 +1,167 @@
+"""The sequence gate of household adaptation (:mod:`agent.adaptation`): a template match over time.
+
+The distance gate compares one hop (one 1 s window's embedding) with single windows of the household's
+recordings. A word that shares one similar hop with the enrolled word passes it as easily as a new take of
+the word whose nearest hop is a little farther: for the Precise speaker of "hey computer", one of his own
+"athena" clips lay nearer his enrolled windows (0.97 gate radii) than one of his missed "hey computer" takes
+(1.03). As sequences they differ. Like Rhasspy's Raven (dynamic time warping of MFCC frames against a
+household's templates), this matches the recent hops' embeddings (the head's standardised space, one row per
+hop of the voice path) against each enrolled recording's hops while its word is in the model's window (the
+hops the head scores MIN_LEVEL or more, and MARGIN_HOPS either side): every template hop is matched to one
+recent hop, in order, the recent hops advancing by 0, 1 or 2 per template hop (half to twice the enrolled
+speed), and the distance is the mean over the template's hops; the smallest over templates counts. A hop the
+head scores at or above its boost threshold is then raised when, on it or on one of the LATCH_HOPS - 1 hops
+before it (the recognizer's smoothing time), a whole template ended within the threshold.
+
+Only numpy; the match runs only on a hop the head already scores at its threshold outside the distance gate
+(a few hops per utterance of something word-like), over the last ``history_hops`` hops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+MIN_LEVEL = 0.5  # a template: the hops of an enrolled recording the head scores this much (agent.adaptation)
+MARGIN_HOPS = 1  # and this many hops either side
+LATCH_HOPS = 5  # a match raises the hops at the boost for this many hops (0.5 s: the smoothing time)
+MAX_SPEED_STEP = 2  # the recent hops advance by at most this many per template hop (twice the enrolled speed)
+HOP_SECONDS = 0.1  # agent.voice.HOP_SECONDS: the voice path's hop, at most this (the model's hop_seconds)
+
+
+def pipeline_hop_samples(metadata_hop: object, feature_hop_samples: int, sample_rate: int) -> int:
+    """The voice path's hop in samples (as :class:`agent.voice.VoicePipeline` rounds it), from the model's
+    ``hop_seconds`` metadata (``agent.voice.model_hop_seconds``)."""
+    seconds = HOP_SECONDS
+    if isinstance(metadata_hop, int | float) and not isinstance(metadata_hop, bool) \
+            and 0 < metadata_hop <= HOP_SECONDS:
+        seconds = float(metadata_hop)
+    return max(1, round(seconds * sample_rate / feature_hop_samples)) * feature_hop_samples
+
+
+def template(points: FloatArray, scores: FloatArray) -> FloatArray:
+    """The template of one enrolled recording: its hops (standardised ``points``, head ``scores``) from the
+    first to the last scoring MIN_LEVEL, MARGIN_HOPS more either side; empty when none does."""
+    hot = np.flatnonzero(scores >= MIN_LEVEL)
+    if not len(hot):
+        return points[:0]
+    return points[max(0, int(hot[0]) - MARGIN_HOPS) : int(hot[-1]) + MARGIN_HOPS + 1]
+
+
+def _pairwise(a: FloatArray, b: FloatArray) -> FloatArray:
+    squared = (a**2).sum(axis=1)[:, None] - 2 * a @ b.T + (b**2).sum(axis=1)[None, :]
+    result: FloatArray = np.sqrt(np.maximum(squared, 0.0)).astype(np.float32)
+    return result
+
+
+def distances(templates: Sequence[FloatArray], points: FloatArray) -> FloatArray:
+    """Per row of ``points`` (consecutive hops of one stream), the mean distance of the best match of a whole
+    template ending on that hop (open begin), the smallest over ``templates``; inf where none fits."""
+    result = np.full(len(points), np.inf, np.float32)
+    for rows in templates:
+        if not len(rows) or not len(points):
+            continue
+        cost = _pairwise(rows, points)
+        total = cost[0].copy()
+        for line in cost[1:]:
+            best = total.copy()
+            for step in range(1, MAX_SPEED_STEP + 1):
+                best[step:] = np.minimum(best[step:], total[:-step])
+            total = line + best
+        result = np.minimum(result, total / np.float32(len(rows)))
+    return result
+
+
+def latched(values: FloatArray, hops: int = LATCH_HOPS) -> FloatArray:
+    """Per row, the smallest of ``values`` on it and the ``hops - 1`` rows before it."""
+    result = values.copy()
+    for back in range(1, min(hops, len(values))):
+        result[back:] = np.minimum(result[back:], values[:-back])
+    return result
+
+
+def history_hops(templates: Sequence[FloatArray]) -> int:
+    """How many recent hops the streaming match keeps: the longest template's match spans at most
+    MAX_SPEED_STEP * (length - 1) + 1 hops, and it may have ended LATCH_HOPS - 1 hops ago."""
+    longest = max((len(t) for t in templates), default=0)
+    return MAX_SPEED_STEP * max(0, longest - 1) + LATCH_HOPS
+
+
+def clip_distance(templates: Sequence[FloatArray], points: FloatArray, hot: npt.NDArray[np.bool_]) -> float:
+    """How close one clip (consecutive hops) comes to a template: the smallest latched distance over its
+    ``hot`` hops (inf: no hot hop)."""
+    if not hot.any():
+        return float("inf")
+    return float(latched(distances(templates, points))[hot].min())
+
+
+def threshold(own: Sequence[float], bank_nearest: float, bank_margin: float) -> float:
+    """The distance threshold: the median of each enrolled recording's distance to the other recordings'
+    templates (``own``, finite ones), and at most ``bank_margin`` of the nearest word-like bank recording of
+    another label; 0 (no sequence gate) with fewer than two finite distances."""
+    finite = [d for d in own if np.isfinite(d)]
+    if len(finite) < 2:
+        return 0.0
+    return float(min(float(np.median(finite)), bank_margin * bank_nearest))
+
+
+class SequenceGate:
+    """One word's templates (standardised hops) and distance threshold, and the recent hops of the stream
+    it is matched against (:meth:`push`; :meth:`reset` at a new stream)."""
+
+    def __init__(self, templates: Sequence[FloatArray], limit: float) -> None:
+        self.templates = tuple(np.asarray(t, np.float32) for t in templates if len(t))
+        self.limit = float(limit)
+        self._keep = history_hops(self.templates)
+        self._recent: list[FloatArray] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.templates) and self.limit > 0
+
+    def reset(self) -> None:
+        self._recent = []
+
+    @property
+    def held(self) -> int:
+        """How many recent hops it holds."""
+        return len(self._recent)
+
+    def push(self, point: FloatArray) -> None:
+        """The newest hop's standardised embedding (one row)."""
+        if self.active:
+            self._recent.append(np.asarray(point, np.float32).reshape(-1))
+            del self._recent[: -self._keep]
+
+    def matched_now(self) -> bool:
+        """Whether a template ended within the limit on the newest hop or the LATCH_HOPS - 1 before it."""
+        if not self.active or not self._recent:
+            return False
+        return bool(latched(distances(self.templates, np.stack(self._recent)))[-1] <= self.limit)
+
+    def matched(self, points: FloatArray) -> npt.NDArray[np.bool_]:
+        """The same for every row of ``points``: consecutive hops of one stream, from its start."""
+        if not self.active:
+            return np.zeros(len(points), bool)
+        result: npt.NDArray[np.bool_] = latched(distances(self.templates, points)) <= self.limit
+        return result
+
+    def arrays(self, prefix: str) -> dict[str, npt.NDArray[np.float32]]:
+        rows = np.concatenate(self.templates) if self.templates else np.zeros((0, 0), np.float32)
+        return {f"{prefix}templates": rows,
+                f"{prefix}template_lengths": np.array([len(t) for t in self.templates], np.float32),
+                f"{prefix}sequence_limit": np.array([self.limit], np.float32)}
+
+    @classmethod
+    def from_arrays(cls, arrays: object, prefix: str) -> SequenceGate:
+        data = arrays  # an NpzFile: indexed by name
+        rows = np.asarray(data[f"{prefix}templates"], np.float32)  # type: ignore[index]
+        lengths = np.asarray(data[f"{prefix}template_lengths"]).astype(int)  # type: ignore[index]
+        limit = float(np.asarray(data[f"{prefix}sequence_limit"])[0])  # type: ignore[index]
+        if not len(lengths):
+            return cls([], limit)
+        return cls(np.split(rows, np.cumsum(lengths)[:-1]), limit)
