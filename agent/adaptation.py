@@ -58,8 +58,8 @@ from agent.bank import Bank, FloatArray, bank_path
 from agent.config import Config
 from agent.errors import HomeAgentError, StateError
 from agent.features import UNKNOWN_LABEL, StreamingFeatures
-from agent.kws import KwsModel
-from agent.sequence import SequenceGate, pipeline_hop_samples
+from agent.kws import KwsModel, hop_samples, model_hop_seconds
+from agent.sequence import SequenceGate
 from agent.sequence import clip_distance as sequence_distance
 from agent.sequence import template as sequence_template
 from agent.sequence import threshold as sequence_threshold
@@ -611,8 +611,7 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
     new recordings must be heard at the budget's threshold, else EnrollError explains."""
     pos_windows = {word: [word_windows(model, s, span) for s in takes if (span := speech_span(s))]
                    for word, takes in positives.items()}
-    hop = pipeline_hop_samples(model.metadata.get("hop_seconds"), model.params.hop_samples,
-                               model.params.sample_rate)
+    hop = hop_samples(model_hop_seconds(model), model.params)
     streams = {word: [stream_embeddings(model, s, hop, tail_samples=model.params.window_samples)[2]
                       for s in takes if speech_span(s)] for word, takes in positives.items()}
     neg_windows: dict[str, list[FloatArray]] = {}

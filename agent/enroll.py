@@ -221,7 +221,8 @@ def _still_waking(model: KwsModel, adaptation: Adaptation, takes: Sequence[Take]
 def heard_words(model: KwsModel, take: Take, config: Config,
                 adaptation: Adaptation | None = None) -> list[tuple[str, float]]:
     """The words the voice path (with ``adaptation``, if any) hears in one recording, with their end times."""
-    from agent.voice import VoicePipeline, model_hop_seconds
+    from agent.kws import model_hop_seconds
+    from agent.voice import VoicePipeline
 
     pipeline = VoicePipeline(model, config.voice, hop_seconds=model_hop_seconds(model), adaptation=adaptation)
     detections = pipeline.feed(take.samples).detections + pipeline.finish().detections

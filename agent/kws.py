@@ -53,6 +53,24 @@ class _Batch:
         self.work = np.zeros((windows, *features_shape), dtype=np.float32)
 
 
+
+HOP_SECONDS = 0.1  # the voice path runs the model every 100 ms of audio (at most; see model_hop_seconds)
+
+
+def model_hop_seconds(model: KwsModel) -> float:
+    """The hop the model's thresholds were calibrated with (metadata ``hop_seconds``), at most HOP_SECONDS."""
+    value = model.metadata.get("hop_seconds")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= HOP_SECONDS:
+        return float(value)
+    return HOP_SECONDS
+
+
+def hop_samples(hop_seconds: float, params: FeatureParams) -> int:
+    """The voice path's hop in samples: a whole number of feature hops (every model window then ends on a
+    hop boundary), at least one."""
+    return max(1, round(hop_seconds * params.sample_rate / params.hop_samples)) * params.hop_samples
+
+
 class KwsModel:
     """One loaded keyword model. Not thread-safe: use it from one worker thread."""
 

@@ -30,19 +30,6 @@ MIN_LEVEL = 0.5  # a template: the hops of an enrolled recording the head scores
 MARGIN_HOPS = 1  # and this many hops either side
 LATCH_HOPS = 5  # a match raises the hops at the boost for this many hops (0.5 s: the smoothing time)
 MAX_SPEED_STEP = 2  # the recent hops advance by at most this many per template hop (twice the enrolled speed)
-HOP_SECONDS = 0.1  # agent.voice.HOP_SECONDS: the voice path's hop, at most this (the model's hop_seconds)
-
-
-def pipeline_hop_samples(metadata_hop: object, feature_hop_samples: int, sample_rate: int) -> int:
-    """The voice path's hop in samples (as :class:`agent.voice.VoicePipeline` rounds it), from the model's
-    ``hop_seconds`` metadata (``agent.voice.model_hop_seconds``)."""
-    seconds = HOP_SECONDS
-    if isinstance(metadata_hop, int | float) and not isinstance(metadata_hop, bool) \
-            and 0 < metadata_hop <= HOP_SECONDS:
-        seconds = float(metadata_hop)
-    return max(1, round(seconds * sample_rate / feature_hop_samples)) * feature_hop_samples
-
-
 def template(points: FloatArray, scores: FloatArray) -> FloatArray:
     """The template of one enrolled recording: its hops (standardised ``points``, head ``scores``) from the
     first to the last scoring MIN_LEVEL, MARGIN_HOPS more either side; empty when none does."""

@@ -27,7 +27,7 @@ from agent.config import Config, VoiceSection
 from agent.errors import ActionError, AudioError, ConfigError, HomeAgentError
 from agent.features import StreamingFeatures
 from agent.intent_payloads import encode, event_payload, hermes_payload, intent_payload
-from agent.kws import KwsModel
+from agent.kws import HOP_SECONDS, KwsModel, hop_samples, model_hop_seconds
 from agent.messages import ActionRequest, Detection, Intent, Scores
 from agent.ports import Publisher
 from agent.recognizer import (
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HOP_SECONDS = 0.1  # run the model every 100 ms of audio
 # The words that can continue a phrase after the wake word are averaged over 0.4 s instead of the model's
 # own smoothing (0.5 s): a command fires sooner. Unexpected words keep the full smoothing; model metadata
 # ``listening_smoothing_seconds`` overrides it.
@@ -165,8 +164,7 @@ class VoicePipeline:
         if adaptation is not None:
             adaptation.reset()  # its sequence gates keep the recent hops of one stream
         # A whole number of feature hops, so every model window ends on a hop boundary.
-        per_hop = max(1, round(hop_seconds * SAMPLE_RATE / params.hop_samples))
-        self.hop_samples = per_hop * params.hop_samples
+        self.hop_samples = hop_samples(hop_seconds, params)
         # The hops of a block go into the features in one push of up to an idle read's worth (one FFT call
         # for all their frames); each hop is then analysed as if pushed alone (StreamingFeatures' ``behind``).
         self._batch_hops = max(1, round(IDLE_READ_SECONDS * SAMPLE_RATE / self.hop_samples))
@@ -398,14 +396,6 @@ def _listening_smoothing(model: KwsModel) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         value = LISTENING_SMOOTHING
     return min(float(value), model.smoothing_seconds)
-
-
-def model_hop_seconds(model: KwsModel) -> float:
-    """The hop the model's thresholds were calibrated with (metadata ``hop_seconds``), at most 100 ms."""
-    value = model.metadata.get("hop_seconds")
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= HOP_SECONDS:
-        return float(value)
-    return HOP_SECONDS
 
 
 # --------------------------------------------------------------------------------------------- the stage

@@ -407,7 +407,8 @@ def test_the_development_split_takes_the_target_speaker_out_of_the_bank() -> Non
 def test_the_development_split_records_every_hop_of_the_voice_path() -> None:
     """training.enrol_dev replays each clip's recorded posteriors and embeddings: the voice path hands idle
     hops to the model in batches, and the recorder must still keep one row per hop (it kept none)."""
-    from agent.voice import model_hop_seconds, tail_padding
+    from agent.kws import model_hop_seconds
+    from agent.voice import tail_padding
     from training.enrol_dev import record
 
     model = KwsModel.load(MODEL, embedding=True)

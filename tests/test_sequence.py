@@ -50,18 +50,20 @@ def test_the_threshold_is_the_median_own_distance_bounded_by_the_bank() -> None:
     assert sequence.threshold([3.0, np.inf], 10.0, 0.75) == 0.0  # one recording matched: no sequence gate
 
 
-def test_the_voice_paths_hop_is_the_one_the_templates_are_cut_at() -> None:
+def test_the_voice_paths_hop_is_a_whole_number_of_feature_hops() -> None:
+    """agent.kws.hop_samples: the one hop the voice path runs at and enrolment cuts its templates at."""
     from agent.config import VoiceSection
-    from agent.kws import KwsModel
-    from agent.voice import VoicePipeline, model_hop_seconds
+    from agent.features import FeatureParams
+    from agent.kws import KwsModel, hop_samples, model_hop_seconds
+    from agent.voice import VoicePipeline
 
     path = Path(__file__).resolve().parent.parent / "models" / "kws.tflite"
     model = KwsModel.load(path)
     pipeline = VoicePipeline(model, VoiceSection(), hop_seconds=model_hop_seconds(model))
-    assert sequence.pipeline_hop_samples(model.metadata.get("hop_seconds"), model.params.hop_samples,
-                                         model.params.sample_rate) == pipeline.hop_samples
-    assert sequence.pipeline_hop_samples(None, 320, 16000) == 1600
-    assert sequence.pipeline_hop_samples(0.04, 320, 16000) == 640
+    assert hop_samples(model_hop_seconds(model), model.params) == pipeline.hop_samples == 1600
+    params = FeatureParams()
+    assert hop_samples(0.04, params) == 640
+    assert hop_samples(0.001, params) == params.hop_samples  # at least one feature hop
 
 
 def _entry(limit: float) -> WordHead:

@@ -21,10 +21,10 @@ import pytest
 from agent.config import VoiceSection
 from agent.errors import ModelError
 from agent.features import WAKE_WORD, FeatureParams, StreamingFeatures, _front_end
-from agent.kws import KwsModel
+from agent.kws import KwsModel, model_hop_seconds
 from agent.transcribe import transcribe_file
 from agent.verifier import VERIFIER_FORMAT, WakeVerifier, verifier_input
-from agent.voice import VoicePipeline, model_hop_seconds
+from agent.voice import VoicePipeline
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = REPO_ROOT / "models" / "kws.tflite"

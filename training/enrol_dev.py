@@ -56,10 +56,10 @@ from agent.adaptation import Adaptation, EnrollError, WordHead, learn, nearest_d
 from agent.audio import read_audio_file
 from agent.bank import Bank, bank_path
 from agent.config import VoiceSection
-from agent.kws import KwsModel
+from agent.kws import KwsModel, model_hop_seconds
 from agent.messages import Scores
 from agent.recognizer import Recognizer, RecognizerSettings
-from agent.voice import VoicePipeline, model_hop_seconds, tail_padding
+from agent.voice import VoicePipeline, tail_padding
 from bench.enroll_bench import CHILD, FASTER
 from bench.enroll_bench import changed_voice as bench_changed_voice
 from training.common import stable_fraction

@@ -40,13 +40,13 @@ from agent.features import (
     StreamingFeatures,
     window_features,
 )
-from agent.kws import KwsModel
+from agent.kws import KwsModel, model_hop_seconds
 from agent.messages import Scores
 from agent.plots import plot_path
 from agent.progress import progress
 from agent.recognizer import Recognizer, RecognizerSettings
 from agent.transcribe import transcribe_file
-from agent.voice import VoicePipeline, load_pipeline, model_hop_seconds
+from agent.voice import VoicePipeline, load_pipeline
 from training.common import (
     SAMPLE_RATE,
     TEACHER_LABELS,

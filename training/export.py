@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.features import FeatureParams
-from agent.voice import HOP_SECONDS  # how often the runtime invokes the model; thresholds are chosen for it
+from agent.kws import HOP_SECONDS  # how often the runtime invokes the model; thresholds are chosen for it
 from training.common import import_tf, write_json
 
 log = logging.getLogger(__name__)

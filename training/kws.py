@@ -566,7 +566,7 @@ def _false_events(smoothed: list[npt.NDArray[np.float32]], index: int, threshold
 def _smoothed(
     scores: list[npt.NDArray[np.float32]], smoothing_seconds: float
 ) -> list[npt.NDArray[np.float32]]:
-    from agent.voice import HOP_SECONDS
+    from agent.kws import HOP_SECONDS
     from training.evaluate import smooth
 
     hops = max(1, round(smoothing_seconds / HOP_SECONDS))

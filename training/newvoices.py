@@ -47,11 +47,11 @@ import soundfile as sf
 
 from agent.config import VoiceSection
 from agent.features import COMMAND_WORDS, UNKNOWN_LABEL, WAKE_WORD
-from agent.kws import KwsModel
+from agent.kws import KwsModel, model_hop_seconds
 from agent.progress import progress
 from agent.recognizer import Command
 from agent.transcribe import transcribe_file
-from agent.voice import VoicePipeline, load_pipeline, model_hop_seconds, tail_padding
+from agent.voice import VoicePipeline, load_pipeline, tail_padding
 from training.common import (
     SAMPLE_RATE,
     SYNTH_DIR,

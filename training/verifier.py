@@ -57,11 +57,11 @@ import numpy.typing as npt
 from agent.audio import to_int16
 from agent.config import VoiceSection
 from agent.features import UNKNOWN_LABEL, WAKE_WORD, StreamingFeatures
-from agent.kws import KwsModel
+from agent.kws import KwsModel, model_hop_seconds
 from agent.progress import progress
 from agent.tflite import metadata_path
 from agent.verifier import VERIFIER_FORMAT, WakeVerifier, verifier_input
-from agent.voice import VoicePipeline, model_hop_seconds
+from agent.voice import VoicePipeline
 from training.common import (
     CACHE_DIR,
     SAMPLE_RATE,
