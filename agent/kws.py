@@ -53,7 +53,6 @@ class _Batch:
         self.work = np.zeros((windows, *features_shape), dtype=np.float32)
 
 
-
 HOP_SECONDS = 0.1  # the voice path runs the model every 100 ms of audio (at most; see model_hop_seconds)
 
 

@@ -30,6 +30,8 @@ MIN_LEVEL = 0.5  # a template: the hops of an enrolled recording the head scores
 MARGIN_HOPS = 1  # and this many hops either side
 LATCH_HOPS = 5  # a match raises the hops at the boost for this many hops (0.5 s: the smoothing time)
 MAX_SPEED_STEP = 2  # the recent hops advance by at most this many per template hop (twice the enrolled speed)
+
+
 def template(points: FloatArray, scores: FloatArray) -> FloatArray:
     """The template of one enrolled recording: its hops (standardised ``points``, head ``scores``) from the
     first to the last scoring MIN_LEVEL, MARGIN_HOPS more either side; empty when none does."""
