@@ -181,7 +181,11 @@ def test_home_assistant_creates_device_and_entities_with_states(
     def state(object_id: str) -> str:
         return str(ours[f"home_agent_{AGENT_ID}_{object_id}"]["state"])
 
-    assert state("sensor_living_room_temperature") == "21.5"
+    # The mirrored reading is its own MQTT message after the entity's config: HA may show the entity
+    # ("unknown") a moment before its state.
+    temperature = f"home_agent_{AGENT_ID}_sensor_living_room_temperature"
+    assert wait_until(lambda: home_assistant.ours()[temperature]["state"] == "21.5", 10), \
+        home_assistant.ours()[temperature]["state"]
     attributes = ours[f"home_agent_{AGENT_ID}_sensor_living_room_temperature"]["attributes"]
     assert attributes["unit_of_measurement"] == "°C" and attributes["device_class"] == "temperature"
     assert state("mute") == "off"
