@@ -311,7 +311,7 @@ class WordHead:
                      items: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
         """:meth:`boosts` of bank rows, each recording's rows (consecutive, in order) a stream of its own."""
         result = np.zeros(len(scores), bool)
-        starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]]) if len(items) else np.zeros(0, int)
+        starts = run_starts(items)
         for start, stop in zip(starts, [*starts[1:], len(items)], strict=True):
             result[start:stop] = self.boosts(embeddings[start:stop], scores[start:stop])
         return result
@@ -558,9 +558,14 @@ def _item_peaks(scores: FloatArray, bank: Bank, word: str) -> FloatArray:
     values = scores[others]
     order = np.argsort(items, kind="stable")
     items, values = items[order], values[order]
-    starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
-    result: FloatArray = np.maximum.reduceat(values, starts) if len(values) else np.zeros(0, np.float32)
+    result: FloatArray = np.maximum.reduceat(values, run_starts(items)) if len(values) else \
+        np.zeros(0, np.float32)
     return result
+
+
+def run_starts(items: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
+    """Where each run of equal ``items`` (a bank recording's consecutive rows) starts."""
+    return np.flatnonzero(np.r_[True, items[1:] != items[:-1]]) if len(items) else np.zeros(0, np.intp)
 
 
 def speech_span(samples: npt.NDArray[np.int16], floor_db: float = 30.0,
@@ -609,11 +614,13 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
           check: Sequence[str] = ()) -> Adaptation:
     """Heads for every word with household recordings or not-words that raise it. ``check``: words whose
     new recordings must be heard at the budget's threshold, else EnrollError explains."""
-    pos_windows = {word: [word_windows(model, s, span) for s in takes if (span := speech_span(s))]
-                   for word, takes in positives.items()}
+    spoken = {word: [(s, span) for s in takes if (span := speech_span(s))]
+              for word, takes in positives.items()}
+    pos_windows = {word: [word_windows(model, s, span) for s, span in takes]
+                   for word, takes in spoken.items()}
     hop = hop_samples(model_hop_seconds(model), model.params)
     streams = {word: [stream_embeddings(model, s, hop, tail_samples=model.params.window_samples)[2]
-                      for s in takes if speech_span(s)] for word, takes in positives.items()}
+                      for s, _span in takes] for word, takes in spoken.items()}
     neg_windows: dict[str, list[FloatArray]] = {}
     enrolled = [word for word, windows in pos_windows.items() if windows]
     for samples in negatives:
