@@ -221,8 +221,8 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "20-200 ms before the window's end, so a command is recognised as soon as it is spoken, not once it "
         "has moved to the middle of the window (the command latency); "
         + _following(config['augment'].get('following_probability', AugmentConfig.following_probability))
-        + _wake_tail(config['augment'].get('wake_tail_copies', AugmentConfig.wake_tail_copies))
-        + _wake_end(config['augment'].get('wake_end_copies', AugmentConfig.wake_end_copies))
+        + _wake_tail(AugmentConfig(**config['augment']))
+        + _wake_end(AugmentConfig(**config['augment']))
         + "speaker perturbation (resampling by "
         "0.87-1.15: speed, pitch and formants together) and a random microphone EQ on "
         f"{config['augment'].get('warp_probability', 0):.0%} / {config['augment'].get('eq_probability', 0):.0%} "
@@ -274,22 +274,24 @@ def _widened(channels: list[int]) -> bool:
     return min(channels) >= TEACHER_WIDTH and max(channels) > TEACHER_WIDTH
 
 
-def _wake_tail(copies: int) -> str:
+def _wake_tail(augment: AugmentConfig) -> str:
     """The card's words for AugmentConfig.wake_tail_copies (nothing when it is off)."""
-    if not copies:
+    if not augment.wake_tail_copies:
         return ""
-    low, high = AugmentConfig.wake_tail_cut
-    return (f"{copies} windows per `computer` clip hold only its end (the window's left edge cuts off "
-            f"{low:.0%}-{high:.0%} of the word), labelled `_unknown_` (the end of the wake word that stays in "
-            "the window once it has fired is no command); ")
+    low, high = augment.wake_tail_cut
+    return (f"{augment.wake_tail_copies} windows per `computer` clip hold only its end (the window's left edge "
+            f"cuts off {low:.0%}-{high:.0%} of the word), labelled `_unknown_` (the end of the wake word that "
+            "stays in the window once it has fired is no command); ")
 
 
-def _wake_end(copies: int) -> str:
+def _wake_end(augment: AugmentConfig) -> str:
     """The card's words for AugmentConfig.wake_end_copies (nothing when it is off)."""
-    if not copies:
+    if not augment.wake_end_copies:
         return ""
-    return (f"{copies} extra windows per `computer` clip put its end 20-200 ms before the window's end, as "
-            "for the command words (half after another word), still labelled `computer`; ")
+    low, high = augment.end_margin_seconds
+    return (f"{augment.wake_end_copies} extra windows per `computer` clip put its end {low * 1000:.0f}-"
+            f"{high * 1000:.0f} ms before the window's end, as for the command words ("
+            f"{augment.preceding_probability:.0%} after another word), still labelled `computer`; ")
 
 
 def _following(share: float) -> str:
