@@ -65,6 +65,9 @@ def test_sources_are_kept_apart_and_training_clips_never_count() -> None:
     assert {k: len(v) for k, v in sets["negatives"].items()} == {
         "speech_commands_command_words": 1, "picovoice_other_wake_words": 1, "precise_other_words": 1,
         "fsdd_digits": 1, "real_long_speech_to_intent": 1, "noise": 1, "synth_held_out_voices_confusables": 1}
+    # the real words outside the vocabulary are also said after the wake word; synthetic ones are not
+    assert {k: len(v) for k, v in sets["other_words"].items()} == {
+        "fsdd_digits": 1, "precise_other_words": 1}
     every = [c for group in sets.values() for items in group.values() for c in items]
     assert all(c.split != "train" for c in every)
 
@@ -77,12 +80,16 @@ def test_development_sets_hold_only_training_side_clips() -> None:
         clip("/d/real_long/speech_to_intent/y.flac", "_unknown_", split="tune", source="long"),
         clip("/s/computer/espeak_en-us_m1-s130-p25.wav", "computer", "train", "synth"),
         clip("/s/computer/festival_kal_d1.0.wav", "computer", "synth_validation", "synth", "festival_kal"),
+        clip("/d/real/dog/sc_abc_1.flac", "_unknown_", split="train"),
+        clip("/d/real/dog/sc_ghi_1.flac", "_unknown_"),
+        clip("/s/dog/espeak_en-us_m1-s130-p25.wav", "_unknown_", "train", "synth"),
     ]
     sets = development_sets(clips)
     assert {kind: {k: len(v) for k, v in group.items()} for kind, group in sets.items()} == {
         "wake": {"picovoice": 1, "synth_training_voices": 1},
         "commands": {"speech_commands": 1},
         "negatives": {"tuning_long_speech_and_noise": 1, "picovoice_other_wake_words": 1},
+        "other_words": {"speech_commands_other_words": 1},
     }
     every = [c for group in sets.values() for items in group.values() for c in items]
     assert {c.split for c in every} == {"train", "tune"}
@@ -148,13 +155,18 @@ def test_the_card_section_replaces_itself(tmp_path: Path) -> None:
     card.write_text("# kws\n\nbody\n", encoding="utf-8")
     concentrated = {**report, "whole_commands": {"picovoice + speech_commands": {
         **whole, "wrong_after_one_wake_clip": {"clip": "w1", "commands": 1},
-        "missing_after_one_wake_clip": None}}}
+        "missing_after_one_wake_clip": None}},
+        "unasked_commands": {"picovoice + fsdd_digits": {
+            "clips": 10, "woken": 8, "unasked": 2, "unasked_rate": 0.25, "heard_as": {"on": 2},
+            "said": {"one": 2}}}}
     put_card_section(card, card_section({"before": report, "after": concentrated}))
     first = card.read_text(encoding="utf-8")
     assert first.startswith("# kws\n\n" + CARD_BEGIN) and first.rstrip().endswith("body")
     assert "| picovoice (10) | 90.0 % | 90.0 % |" in first
     assert "| noise (3 clips, 0.50 h) | 1 (2.0/h) | 1 (2.0/h) |" in first
     assert "25.0 % (3) | 70.0 % / 5.0 % / 25.0 % (3); after one wake clip: 1 wrong |" in first
+    # a measure an earlier report does not have is a dash in its column
+    assert "| picovoice + fsdd_digits | - | 2 of 8 woken = 25.0 % (on 2) |" in first
     put_card_section(card, card_section({"only": report}))
     second = card.read_text(encoding="utf-8")
     assert second.count(CARD_BEGIN) == 1 and second.count(CARD_END) == 1 and "| source | only |" in second
@@ -175,3 +187,6 @@ def test_the_shipped_model_on_new_voices() -> None:
         most = whole[f"{kind}_after_one_wake_clip"]
         assert most is None or 0 < most["commands"] <= whole[kind]
     assert report["headline"]["worst_wake_source"]["source"] in report["wake_word"]
+    unasked = report["unasked_commands"]["picovoice + precise_other_words"]
+    assert 0 <= unasked["unasked"] <= unasked["woken"] <= unasked["clips"] > 0
+    assert sum(unasked["heard_as"].values()) == unasked["unasked"]

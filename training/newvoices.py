@@ -37,7 +37,8 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from agent.config import VoiceSection
 from agent.features import COMMAND_WORDS, UNKNOWN_LABEL, WAKE_WORD
 from agent.kws import KwsModel, model_hop_seconds
 from agent.progress import progress
-from agent.recognizer import Command
+from agent.recognizer import Command, PipelineOutput
 from agent.transcribe import transcribe_file
 from agent.voice import VoicePipeline, load_pipeline, tail_padding
 from training.common import (
@@ -73,6 +74,9 @@ SYNTH_NEGATIVES_PER_WORD = 20  # held-out synthetic confusables per word (hash-c
 END_FLOOR_DB = 25.0  # a clip's speech: its 10 ms frames within this many dB of the loudest
 MARGIN = 800  # 50 ms of a clip's own background kept either side of its speech in whole commands
 PAUSE_SECONDS = (0.15, 0.35)  # "computer ... up" as people say it
+# Real words outside the vocabulary (held-out negatives), also said after the wake word: any intent that
+# follows is a command nobody gave ("computer, seven" turning a light off)
+OTHER_WORD_SOURCES = ("speech_commands_other_words", "fsdd_digits", "precise_other_words")
 
 
 def _family(clip: Clip) -> str:
@@ -90,7 +94,8 @@ def _family(clip: Clip) -> str:
 
 
 def held_out_sets(clips: list[Clip]) -> dict[str, dict[str, list[Clip]]]:
-    """{"wake" | "commands" | "negatives": {source: clips}} of everything held out."""
+    """{"wake" | "commands" | "negatives" | "other_words": {source: clips}} of everything held out
+    ("other_words": the real negatives of words outside the vocabulary, also said after the wake word)."""
     sets: dict[str, dict[str, list[Clip]]] = {"wake": {}, "commands": {}, "negatives": {}}
     synth_negatives: dict[str, list[Clip]] = defaultdict(list)
     for clip in clips:
@@ -117,10 +122,17 @@ def held_out_sets(clips: list[Clip]) -> dict[str, dict[str, list[Clip]]]:
         source = key.split("/")[0]
         chosen = hash_ordered(group)[:SYNTH_NEGATIVES_PER_WORD]
         sets["negatives"].setdefault(source, []).extend(chosen)
+    sets["other_words"] = {source: sets["negatives"][source] for source in OTHER_WORD_SOURCES
+                           if source in sets["negatives"]}
     return sets
 
 
 DEVELOPMENT_CLIPS = 800  # per development source: enough to see a few points move, quick to run
+
+
+def _outside_vocabulary(clip: Clip, family: str) -> bool:
+    """A real clip of a word the model does not have, from ``family``."""
+    return clip.label == UNKNOWN_LABEL and clip.source == "real" and _family(clip) == family
 
 
 def development_sets(
@@ -153,7 +165,12 @@ def development_sets(
             lambda c: c.label == UNKNOWN_LABEL and _family(c) == "picovoice"
         ),
     }
-    sets = {"wake": wake, "commands": commands, "negatives": negatives}
+    other_words = {  # words outside the vocabulary, said after the wake word (named as the held-out sources)
+        source: picked(partial(_outside_vocabulary, family=family))
+        for family, source in (("speech_commands", "speech_commands_other_words"),
+                               ("fsdd_digits", "fsdd_digits"))
+    }
+    sets = {"wake": wake, "commands": commands, "negatives": negatives, "other_words": other_words}
     return {kind: {name: group for name, group in groups.items() if group} for kind, groups in sets.items()}
 
 
@@ -222,18 +239,17 @@ def _speech(path: str) -> npt.NDArray[np.int16] | None:
     return samples[max(0, span[0] - MARGIN) : span[1] + MARGIN]
 
 
-def whole_commands(model: KwsModel, wakes: list[Clip], words: list[Clip],
-                   wake_for: Callable[[Clip, np.random.Generator], Clip | None], desc: str) -> dict[str, Any]:
-    """Each command-word clip after a held-out "computer" (``wake_for`` picks it) and a natural pause, through
-    the voice pipeline with the ten words configured as one-word commands: the first intent is right, wrong,
-    or there is none."""
+WakeFor = Callable[[Clip, np.random.Generator], Clip | None]  # the wake clip a word clip is said after
+
+
+def _after_wake(model: KwsModel, words: list[Clip], wake_for: WakeFor,
+                desc: str) -> Iterator[tuple[Clip, Clip, PipelineOutput]]:
+    """Each clip of ``words`` after a "computer" (``wake_for`` picks it) and a natural pause, through the
+    voice pipeline with the ten words configured as one-word commands: (word clip, wake clip, what the
+    pipeline heard)."""
     commands = [Command((word,), word) for word in COMMAND_WORDS]
     pipeline = VoicePipeline(model, VoiceSection(), commands, hop_seconds=model_hop_seconds(model))
     rng = np.random.default_rng(13)
-    right = wrong = missed = wake_missed = 0
-    confusions: Counter[str] = Counter()
-    # Many commands share one wake clip: how many of the wrong and of the missing one clip accounts for
-    failed_after: dict[str, Counter[str]] = {"wrong": Counter(), "missing": Counter()}
     for clip in progress(words, total=len(words), desc=desc):
         wake_clip = wake_for(clip, rng)
         if wake_clip is None:
@@ -244,11 +260,26 @@ def whole_commands(model: KwsModel, wakes: list[Clip], words: list[Clip],
         pause = tail_padding(float(rng.uniform(*PAUSE_SECONDS)), seed=2)
         audio = np.concatenate([tail_padding(1.0, seed=1), wake, pause, spoken, tail_padding(1.5, seed=3)])
         pipeline.reset()
-        output = pipeline.feed(audio)
+        yield clip, wake_clip, pipeline.feed(audio)
+
+
+def _woke(output: PipelineOutput) -> bool:
+    return any(event.kind == "wake" for event in output.events)
+
+
+def whole_commands(model: KwsModel, wakes: list[Clip], words: list[Clip], wake_for: WakeFor,
+                   desc: str) -> dict[str, Any]:
+    """Each command-word clip after a held-out "computer" (:func:`_after_wake`): the first intent is right,
+    wrong, or there is none."""
+    right = wrong = missed = wake_missed = 0
+    confusions: Counter[str] = Counter()
+    # Many commands share one wake clip: how many of the wrong and of the missing one clip accounts for
+    failed_after: dict[str, Counter[str]] = {"wrong": Counter(), "missing": Counter()}
+    for clip, wake_clip, output in _after_wake(model, words, wake_for, desc):
         intents = output.intents
         if not intents:
             missed += 1
-            wake_missed += not any(event.kind == "wake" for event in output.events)
+            wake_missed += not _woke(output)
             failed_after["missing"][Path(wake_clip.path).stem] += 1
         elif intents[0].action == clip.label:
             right += 1
@@ -264,6 +295,25 @@ def whole_commands(model: KwsModel, wakes: list[Clip], words: list[Clip],
             **{f"{kind}_after_one_wake_clip": _most(counts) for kind, counts in failed_after.items()}}
 
 
+def unasked_commands(model: KwsModel, words: list[Clip], wake_for: WakeFor, desc: str) -> dict[str, Any]:
+    """Each clip of a word outside the vocabulary after a held-out "computer" (:func:`_after_wake`): an intent
+    is a command nobody gave. Counted among the clips that woke the agent (only they can give one)."""
+    clips = woken = unasked = 0
+    heard_as: Counter[str] = Counter()
+    said: Counter[str] = Counter()
+    for clip, _wake_clip, output in _after_wake(model, words, wake_for, desc):
+        clips += 1
+        if not _woke(output):
+            continue
+        woken += 1
+        if output.intents:
+            unasked += 1
+            heard_as[str(output.intents[0].action)] += 1
+            said[Path(clip.path).parent.name] += 1
+    return {"clips": clips, "woken": woken, "unasked": unasked, "unasked_rate": _rate(unasked, woken),
+            "heard_as": dict(heard_as.most_common(6)), "said": dict(said.most_common(6))}
+
+
 def _most(counts: Counter[str]) -> dict[str, Any] | None:
     """The wake clip most of ``counts`` came after, and how many: {"clip": stem, "commands": n}."""
     if not counts:
@@ -272,7 +322,7 @@ def _most(counts: Counter[str]) -> dict[str, Any] | None:
     return {"clip": clip, "commands": commands}
 
 
-def _same_voice(wakes: list[Clip]) -> Callable[[Clip, np.random.Generator], Clip | None]:
+def _same_voice(wakes: list[Clip]) -> WakeFor:
     by_voice: dict[str, list[Clip]] = defaultdict(list)
     for clip in wakes:
         by_voice[clip.group].append(clip)
@@ -284,7 +334,7 @@ def _same_voice(wakes: list[Clip]) -> Callable[[Clip, np.random.Generator], Clip
     return pick
 
 
-def _any_of(wakes: list[Clip]) -> Callable[[Clip, np.random.Generator], Clip | None]:
+def _any_of(wakes: list[Clip]) -> WakeFor:
     def pick(_clip: Clip, rng: np.random.Generator) -> Clip | None:
         return wakes[int(rng.integers(len(wakes)))] if wakes else None
 
@@ -317,13 +367,19 @@ def evaluate(model_path: Path, data_dir: Path, synth_dir: Path | None = SYNTH_DI
             whole[f"{name} (same voice)"] = whole_commands(
                 model, sets["wake"][name], sets["commands"][name], _same_voice(sets["wake"][name]),
                 f"commands {name}")
+    unasked: dict[str, Any] = {}
+    for wake_name in ("picovoice", "precise_hey_computer"):
+        for name, group in sorted(sets.get("other_words", {}).items()):
+            if sets["wake"].get(wake_name) and group:
+                unasked[f"{wake_name} + {name}"] = unasked_commands(
+                    model, group, _any_of(sets["wake"][wake_name]), f"unasked {wake_name} + {name}")
     report = {"model": str(model_path), "sha256": model.sha256, "size_bytes": model.size_bytes,
               "thresholds": {WAKE_WORD: model.thresholds.get(WAKE_WORD)},
               "verifier": None if model.verifier is None else {
                   "sha256": model.verifier.sha256, "size_bytes": model.verifier.path.stat().st_size,
                   "threshold": model.verifier.threshold},
               "smoothing_seconds": model.smoothing_seconds, "wake_word": wake, "command_words": commands,
-              "false_wakes": negatives, "whole_commands": whole,
+              "false_wakes": negatives, "whole_commands": whole, "unasked_commands": unasked,
               "split": "development (training side)" if development else "held out"}
     report["headline"] = headline(report)
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -345,6 +401,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     real_whole = {k: v for k, v in report["whole_commands"].items() if not k.startswith("synth")}
     worst_whole = min(real_whole.items(), key=lambda kv: kv[1]["right_rate"] or 0.0) if real_whole else None
     worst_wake = min(real_wake.items(), key=lambda kv: kv[1]) if real_wake else None
+    unasked = {k: v for k, v in report.get("unasked_commands", {}).items() if v["unasked_rate"] is not None}
+    worst_unasked = max(unasked.items(), key=lambda kv: kv[1]["unasked_rate"]) if unasked else None
     return {
         "wake_detection_real": real_wake,
         "worst_wake_source":
@@ -359,6 +417,10 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "whole_commands_real": {k: {"right": v["right_rate"], "wrong": v["wrong_rate"],
                                     "missing": v["missing_rate"]} for k, v in real_whole.items()},
         "worst_whole_command_source": worst_whole[0] if worst_whole else None,
+        "unasked_commands_real": {k: v["unasked_rate"] for k, v in unasked.items()},
+        "worst_unasked_command_source":
+            None if worst_unasked is None else
+            {"source": worst_unasked[0], "unasked_rate": worst_unasked[1]["unasked_rate"]},
         "targets": TARGETS,
     }
 
@@ -389,6 +451,14 @@ def _whole_cell(item: dict[str, Any] | None) -> str:
     one = [f"{most['commands']} {kind}" for kind in ("wrong", "missing")
            if (most := item.get(f"{kind}_after_one_wake_clip"))]
     return cell + (f"; after one wake clip: {', '.join(one)}" if one else "")
+
+
+def _unasked_cell(item: dict[str, Any] | None) -> str:
+    if item is None:
+        return "-"
+    heard = ", ".join(f"{word} {n}" for word, n in item["heard_as"].items())
+    return f"{item['unasked']} of {item['woken']} woken = {_pct(item['unasked_rate'])}" + (
+        f" ({heard})" if heard else "")
 
 
 def _worst_cells(report: dict[str, Any]) -> tuple[str, str]:
@@ -457,6 +527,13 @@ def card_section(reports: dict[str, dict[str, Any]]) -> str:
     for source, item in first["whole_commands"].items():
         lines.append(row(f"{source} ({item['commands']})",
                          lambda r, s=source: _whole_cell(r["whole_commands"].get(s))))
+    unasked_sources = list(dict.fromkeys(s for r in reports.values() for s in r.get("unasked_commands", {})))
+    if unasked_sources:
+        lines += ["", '**Commands nobody gave**: "computer", 0.15-0.35 s pause, a real word outside the '
+                  "vocabulary (held out): of the clips that woke the agent, how many still gave an intent "
+                  "(what they were heard as)", "", head, rule]
+        for source in unasked_sources:
+            lines.append(row(source, lambda r, s=source: _unasked_cell(r.get("unasked_commands", {}).get(s))))
     lines += ["", "**Worst source**", "", head, rule,
               row("wake word (real)", lambda r: _worst_cells(r)[0]),
               row("false wakes", lambda r: _worst_cells(r)[1]),
