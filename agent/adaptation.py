@@ -59,7 +59,7 @@ from agent.config import Config
 from agent.errors import HomeAgentError, StateError
 from agent.features import UNKNOWN_LABEL, StreamingFeatures
 from agent.kws import KwsModel, hop_samples, model_hop_seconds
-from agent.sequence import SequenceGate
+from agent.sequence import RecentHops, SequenceGate
 from agent.sequence import clip_distance as sequence_distance
 from agent.sequence import template as sequence_template
 from agent.sequence import threshold as sequence_threshold
@@ -316,16 +316,17 @@ class WordHead:
             result[start:stop] = self.boosts(embeddings[start:stop], scores[start:stop])
         return result
 
-    def boosts_now(self, embedding: FloatArray, score: float) -> bool:
-        """:meth:`boosts` of the newest hop of a live stream (the sequence gate keeps the recent hops)."""
-        point = self.head.standardise(embedding)
-        if self.sequence is not None:
-            self.sequence.push(point)
+    def boosts_now(self, recent: RecentHops, score: float) -> bool:
+        """:meth:`boosts` of the newest hop of a live stream: ``recent``'s last embedding, ``score`` its head
+        score."""
         if self.boost is None or score < self.boost:
             return False
+        point = self.head.standardise(recent.newest(1))
         if float(nearest_distance(point, self.prototypes)[0]) <= self.radius:
             return True
-        return self.sequence is not None and self.sequence.matched_now()
+        gate = self.sequence
+        return gate is not None and gate.active and \
+            bool(gate.matched(self.head.standardise(recent.newest(gate.history_hops)))[-1])
 
 
 @dataclass(frozen=True)
@@ -334,21 +335,23 @@ class Adaptation:
     heads: tuple[WordHead, ...]
     bank_hours: float
 
-    def reset(self) -> None:
-        """A new stream: the sequence gates forget the recent hops."""
-        for entry in self.heads:
-            if entry.sequence is not None:
-                entry.sequence.reset()
+    def recent_hops(self) -> RecentHops:
+        """An empty history of one stream's recent hops: as many as the sequence gates need, at least the
+        newest (the distance gate's). The stream's own: the adaptation keeps none, so streams may share it."""
+        return RecentHops(max((entry.sequence.history_hops for entry in self.heads
+                               if entry.sequence is not None and entry.sequence.active), default=1))
 
-    def apply(self, labels: tuple[str, ...], probabilities: FloatArray, embedding: FloatArray) -> FloatArray:
+    def apply(self, labels: tuple[str, ...], probabilities: FloatArray, embedding: FloatArray,
+              recent: RecentHops) -> FloatArray:
         """The posteriors with every adapted word boosted or vetoed by its head (see the module doc); one call
-        per hop of a stream (:meth:`reset` before a new one)."""
+        per hop of a stream, with that stream's ``recent`` hops (:meth:`recent_hops`), which it extends."""
+        recent.push(embedding)
         result = probabilities
         for entry in self.heads:
             scores = entry.head.score(embedding)
             score = float(scores[0])
             index = labels.index(entry.word)
-            if entry.boosts_now(np.atleast_2d(embedding), score) and score > result[index]:
+            if entry.boosts_now(recent, score) and score > result[index]:
                 # The head's score stands in for the word's posterior; the other labels share the rest.
                 rest = 1.0 - result[index]
                 result = result * ((1.0 - score) / rest if rest > 0 else 0.0)
@@ -384,7 +387,7 @@ class Adaptation:
             arrays.update(entry.head.arrays(f"h{n}_"))
             arrays[f"h{n}_prototypes"] = entry.prototypes
             arrays[f"h{n}_not_words"] = entry.not_word_prototypes
-            arrays.update((entry.sequence or SequenceGate([], 0.0)).arrays(f"h{n}_"))
+            arrays.update((entry.sequence or SequenceGate((), 0.0)).arrays(f"h{n}_"))
             words.append({"word": entry.word, "boost": entry.boost, "veto": entry.veto,
                           "radius": entry.radius, "veto_radius": entry.veto_radius,
                           "bank_false_wakes": entry.bank_false_wakes, "check_hours": entry.check_hours,
@@ -516,7 +519,7 @@ def sequence_gate(head: Head, boost: float, streams: Sequence[FloatArray], bank:
         nearest = min(nearest, sequence_distance(templates, head.standardise(bank.embeddings[rows]),
                                                  bank_scores[rows] >= MIN_BOOST))
     limit = sequence_threshold(own, nearest, GATE_BANK_MARGIN)
-    return SequenceGate(templates, limit) if limit > 0 else None
+    return SequenceGate(tuple(templates), limit) if limit > 0 else None
 
 
 def _veto_radius(head: Head, bank_positives: FloatArray, prototypes: FloatArray,

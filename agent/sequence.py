@@ -14,12 +14,15 @@ head scores at or above its boost threshold is then raised when, on it or on one
 before it (the recognizer's smoothing time), a whole template ended within the threshold.
 
 Only numpy; the match runs only on a hop the head already scores at its threshold outside the distance gate
-(a few hops per utterance of something word-like), over the last ``history_hops`` hops.
+(a few hops per utterance of something word-like), over the stream's last ``SequenceGate.history_hops`` hops
+(:class:`RecentHops`: each stream keeps its own; the gate itself is immutable, shared by every stream).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -73,13 +76,6 @@ def latched(values: FloatArray, hops: int = LATCH_HOPS) -> FloatArray:
     return result
 
 
-def history_hops(templates: Sequence[FloatArray]) -> int:
-    """How many recent hops the streaming match keeps: the longest template's match spans at most
-    MAX_SPEED_STEP * (length - 1) + 1 hops, and it may have ended LATCH_HOPS - 1 hops ago."""
-    longest = max((len(t) for t in templates), default=0)
-    return MAX_SPEED_STEP * max(0, longest - 1) + LATCH_HOPS
-
-
 def clip_distance(templates: Sequence[FloatArray], points: FloatArray, hot: npt.NDArray[np.bool_]) -> float:
     """How close one clip (consecutive hops) comes to a template: the smallest latched distance over its
     ``hot`` hops (inf: no hot hop)."""
@@ -98,42 +94,34 @@ def threshold(own: Sequence[float], bank_nearest: float, bank_margin: float) -> 
     return float(min(float(np.median(finite)), bank_margin * bank_nearest))
 
 
+@dataclass(frozen=True, eq=False)
 class SequenceGate:
-    """One word's templates (standardised hops) and distance threshold, and the recent hops of the stream
-    it is matched against (:meth:`push`; :meth:`reset` at a new stream)."""
+    """One word's templates (standardised hops, empty ones dropped) and distance threshold. Immutable: one
+    gate serves every stream; what it is matched against on a live stream is that stream's own
+    (:class:`RecentHops`)."""
 
-    def __init__(self, templates: Sequence[FloatArray], limit: float) -> None:
-        self.templates = tuple(np.asarray(t, np.float32) for t in templates if len(t))
-        self.limit = float(limit)
-        self._keep = history_hops(self.templates)
-        self._recent: list[FloatArray] = []
+    templates: tuple[FloatArray, ...]
+    limit: float
+
+    def __post_init__(self) -> None:
+        kept = tuple(np.asarray(t, np.float32) for t in self.templates if len(t))
+        object.__setattr__(self, "templates", kept)
+        object.__setattr__(self, "limit", float(self.limit))
 
     @property
     def active(self) -> bool:
         return bool(self.templates) and self.limit > 0
 
-    def reset(self) -> None:
-        self._recent = []
-
     @property
-    def held(self) -> int:
-        """How many recent hops it holds."""
-        return len(self._recent)
-
-    def push(self, point: FloatArray) -> None:
-        """The newest hop's standardised embedding (one row)."""
-        if self.active:
-            self._recent.append(np.asarray(point, np.float32).reshape(-1))
-            del self._recent[: -self._keep]
-
-    def matched_now(self) -> bool:
-        """Whether a template ended within the limit on the newest hop or the LATCH_HOPS - 1 before it."""
-        if not self.active or not self._recent:
-            return False
-        return bool(latched(distances(self.templates, np.stack(self._recent)))[-1] <= self.limit)
+    def history_hops(self) -> int:
+        """How many recent hops the streaming match needs: the longest template's match spans at most
+        MAX_SPEED_STEP * (length - 1) + 1 hops, and it may have ended LATCH_HOPS - 1 hops ago."""
+        longest = max((len(t) for t in self.templates), default=0)
+        return MAX_SPEED_STEP * max(0, longest - 1) + LATCH_HOPS
 
     def matched(self, points: FloatArray) -> npt.NDArray[np.bool_]:
-        """The same for every row of ``points``: consecutive hops of one stream, from its start."""
+        """Whether a template ended within the limit on each row of ``points`` (consecutive hops of one
+        stream) or the LATCH_HOPS - 1 before it; on a live stream, the last row is the newest hop."""
         if not self.active:
             return np.zeros(len(points), bool)
         result: npt.NDArray[np.bool_] = latched(distances(self.templates, points)) <= self.limit
@@ -152,5 +140,28 @@ class SequenceGate:
         lengths = np.asarray(data[f"{prefix}template_lengths"]).astype(int)  # type: ignore[index]
         limit = float(np.asarray(data[f"{prefix}sequence_limit"])[0])  # type: ignore[index]
         if not len(lengths):
-            return cls([], limit)
-        return cls(np.split(rows, np.cumsum(lengths)[:-1]), limit)
+            return cls((), limit)
+        return cls(tuple(np.split(rows, np.cumsum(lengths)[:-1])), limit)
+
+
+class RecentHops:
+    """The newest hops of one live stream (the model's embedding of each, one row), at most ``keep``: what
+    the sequence gates are matched against. Per stream (each :class:`agent.voice.VoicePipeline` has its own);
+    :meth:`reset` at a new one."""
+
+    def __init__(self, keep: int) -> None:
+        self._rows: deque[FloatArray] = deque(maxlen=keep)
+
+    def push(self, embedding: FloatArray) -> None:
+        self._rows.append(np.array(embedding, np.float32).reshape(-1))
+
+    def reset(self) -> None:
+        self._rows.clear()
+
+    @property
+    def held(self) -> int:
+        return len(self._rows)
+
+    def newest(self, count: int) -> FloatArray:
+        """The last ``count`` hops (all of them while fewer are held), oldest first."""
+        return np.stack(list(self._rows)[-count:])

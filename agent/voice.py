@@ -161,8 +161,9 @@ class VoicePipeline:
         self.voice = voice
         self.commands = tuple(commands)
         self.adaptation = adaptation  # household heads (agent.adaptation); the model then has its embedding
-        if adaptation is not None:
-            adaptation.reset()  # its sequence gates keep the recent hops of one stream
+        # This stream's recent hops, which the adaptation's sequence gates match (the adaptation keeps none: a
+        # reload's new pipeline may share it with the running one)
+        self.recent_hops = adaptation.recent_hops() if adaptation is not None else None
         # A whole number of feature hops, so every model window ends on a hop boundary.
         self.hop_samples = hop_samples(hop_seconds, params)
         # The hops of a block go into the features in one push of up to an idle read's worth (one FFT call
@@ -246,8 +247,8 @@ class VoicePipeline:
         self._pause_search_from = None
         self._silence_before = None
         self._raised_at = None
-        if self.adaptation is not None:
-            self.adaptation.reset()
+        if self.recent_hops is not None:
+            self.recent_hops.reset()
 
     def feed(self, samples: npt.NDArray[np.int16], *, mono_end: float | None = None,
              wall_end: float | None = None) -> PipelineOutput:
@@ -300,7 +301,9 @@ class VoicePipeline:
             features = self.features.features(self._silence_before, end=self._samples)
             probabilities = self.model.predict(features)
         if self.adaptation is not None:
-            adapted = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding())
+            assert self.recent_hops is not None  # made with the adaptation
+            adapted = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding(),
+                                            self.recent_hops)
             index = self._verified_index
             if index >= 0 and adapted[index] > probabilities[index]:
                 self._raised_at = t_audio

@@ -306,6 +306,64 @@ def test_not_word_stops_false_wakes_of_confusable_speech(tmp_path: Path) -> None
     assert still >= sum("computer" in heard(None, p) for p in precise) - 1
 
 
+def test_voice_paths_sharing_one_adaptation_hear_what_each_hears_on_its_own_copy(tmp_path: Path) -> None:
+    """The adaptation keeps nothing of a stream (each voice path keeps its own recent hops for the sequence
+    gates), so one loaded Adaptation serves two voice paths at once (a reload's new pipeline beside the
+    running one): fed different audio hop by hop in turn, each hears, hop for hop, exactly what it hears
+    alone on a freshly loaded copy. The audio is the enrolled voice's other takes; the enrolled sequence gate
+    raises none of their hops, so its limit is widened until it raises some the distance gate leaves: a
+    history shared by the streams would show there."""
+    from dataclasses import replace
+
+    from agent.config import VoiceSection
+    from agent.kws import model_hop_seconds
+    from agent.messages import Detection
+    from agent.sequence import SequenceGate
+    from agent.voice import VoicePipeline, tail_padding
+
+    config = write_config(tmp_path)
+    enrol = [child_voice(name, factor, tmp_path) for name in WAKE_SOURCES[:2] for factor in (1.3, 1.4)]
+    enrol.append(child_voice(WAKE_SOURCES[2], 1.3, tmp_path))
+    assert enroll(config, "--word", "computer", *enrol) == 0
+    enrolled = Adaptation.load(Store.of(load_config(config)).directory)
+    assert enrolled is not None and all(e.sequence is not None and e.sequence.active for e in enrolled.heads)
+    directory = tmp_path / "widened"
+    directory.mkdir()
+    replace(enrolled, heads=tuple(replace(e, sequence=SequenceGate(e.sequence.templates, 3.3))
+                                  for e in enrolled.heads if e.sequence is not None)).save(directory)
+    streams = [np.concatenate([*(read_audio_file(child_voice(name, factor, tmp_path))
+                                 for name, factor in takes), tail_padding()])
+               for takes in ([(WAKE_SOURCES[0], 1.35), (WAKE_SOURCES[1], 1.5), (WAKE_SOURCES[2], 1.25)],
+                             [(WAKE_SOURCES[1], 1.35), (WAKE_SOURCES[0], 1.5), (WAKE_SOURCES[2], 1.2)])]
+
+    def replay(adaptations: list[Adaptation | None]) -> list[list[tuple[Detection | None, list[float]]]]:
+        """Per stream (a pipeline and a model of its own, all fed in turn, one hop each): every hop's
+        posteriors after the adaptation, and the word heard on it."""
+        pipelines = []
+        hops: list[list[tuple[Detection | None, list[float]]]] = [[] for _ in streams]
+        for adaptation, log in zip(adaptations, hops, strict=True):
+            model = KwsModel.load(MODEL, embedding=True)
+            pipeline = VoicePipeline(model, VoiceSection(), hop_seconds=model_hop_seconds(model),
+                                     adaptation=adaptation)
+            pipeline.on_hop = lambda scores, _judged, detection, log=log: log.append(
+                (detection, scores.values.tolist()))
+            pipelines.append(pipeline)
+        hop = pipelines[0].hop_samples
+        for start in range(0, max(map(len, streams)), hop):
+            for pipeline, samples in zip(pipelines, streams, strict=True):
+                pipeline.feed(samples[start : start + hop])
+        return hops
+
+    shared = Adaptation.load(directory)
+    assert shared is not None
+    alone = replay([Adaptation.load(directory), Adaptation.load(directory)])
+    assert replay([shared, shared]) == alone
+    assert all(any(detection is not None and detection.word == "computer" for detection, _ in log)
+               for log in alone)
+    distance_gate_only = replace(shared, heads=tuple(replace(e, sequence=None) for e in shared.heads))
+    assert all(a != b for a, b in zip(replay([distance_gate_only] * 2), alone, strict=True))  # the gate acts
+
+
 def test_a_running_voice_stage_picks_up_a_new_adaptation_on_reload(tmp_path: Path) -> None:
     from agent.audio import FileSource
     from agent.voice import VoiceStage

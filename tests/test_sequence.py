@@ -4,7 +4,7 @@ leaves a word alone that shares one similar hop with the enrolled word."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,7 @@ def _entry(limit: float) -> WordHead:
     head = Head(np.zeros(2, np.float32), np.ones(2, np.float32), np.array([[0.0], [-1.0]], np.float32),
                 np.array([0.5], np.float32), np.array([60.0], np.float32), 0.0)
     return WordHead("computer", head, 0.9, None, 0, 1.0, 5, 0, WORD[-1:], 0.5, np.zeros((0, 2), np.float32),
-                    0.0, SequenceGate([WORD], limit))
+                    0.0, SequenceGate((WORD,), limit))
 
 
 def test_a_take_outside_the_distance_gate_is_raised_only_when_its_hops_follow_a_template() -> None:
@@ -101,18 +101,20 @@ def test_the_live_stream_raises_the_same_hops_as_the_whole_clip_and_a_new_stream
     take[7] = [2.3, 0.0]
     offline = entry.boosts(take, entry.head.score(take))
     live = []
+    recent = adaptation.recent_hops()
     for point in take:
-        probabilities = adaptation.apply(labels, np.array([0.0, 1.0], np.float32), point)
+        probabilities = adaptation.apply(labels, np.array([0.0, 1.0], np.float32), point, recent)
         live.append(bool(probabilities[0] > 0))
     assert live == offline.tolist() and any(live)
+    assert entry.sequence is not None and recent.held == entry.sequence.history_hops  # no more than it needs
 
     def last(points: np.ndarray, *, reset_before_last: bool) -> float:
-        adaptation.reset()
+        recent = adaptation.recent_hops()
         for point in points[:-1]:
-            adaptation.apply(labels, np.array([0.0, 1.0], np.float32), point)
+            adaptation.apply(labels, np.array([0.0, 1.0], np.float32), point, recent)
         if reset_before_last:
-            adaptation.reset()
-        return float(adaptation.apply(labels, np.array([0.0, 1.0], np.float32), points[-1])[0])
+            recent.reset()
+        return float(adaptation.apply(labels, np.array([0.0, 1.0], np.float32), points[-1], recent)[0])
 
     ending = np.concatenate([WORD[:3], [[2.3, 0.0]]]).astype(np.float32)
     assert last(ending, reset_before_last=False) > 0.9
@@ -132,7 +134,7 @@ def test_bank_recordings_are_matched_one_by_one() -> None:
 
 def test_the_sequence_gate_survives_saving(tmp_path: Path) -> None:
     entry = _entry(limit=0.3)
-    Adaptation("sha", (replace(entry, sequence=SequenceGate([WORD, WORD[:2]], 0.3)),), 1.0).save(tmp_path)
+    Adaptation("sha", (replace(entry, sequence=SequenceGate((WORD, WORD[:2]), 0.3)),), 1.0).save(tmp_path)
     loaded = Adaptation.load(tmp_path)
     assert loaded is not None and loaded.heads[0].sequence is not None
     assert [t.tolist() for t in loaded.heads[0].sequence.templates] == [WORD.tolist(), WORD[:2].tolist()]
@@ -143,23 +145,33 @@ def test_the_sequence_gate_survives_saving(tmp_path: Path) -> None:
     assert not loaded.heads[0].sequence.active
 
 
-def test_the_voice_path_starts_every_stream_with_an_empty_history() -> None:
+def test_the_gate_and_the_adaptation_are_immutable() -> None:
+    """What a stream changes is the stream's own (RecentHops): the gate, its word's head and the adaptation
+    cannot be changed, so one adaptation serves every stream at once."""
+    entry = _entry(limit=0.3)
+    adaptation = Adaptation("sha", (entry,), 1.0)
+    assert entry.sequence is not None
+    for target, field in ((entry.sequence, "limit"), (entry, "sequence"), (adaptation, "heads")):
+        with pytest.raises(FrozenInstanceError):
+            setattr(target, field, None)
+
+
+def test_the_voice_path_starts_every_stream_with_an_empty_history_of_its_own() -> None:
     from agent.config import VoiceSection
     from agent.kws import KwsModel
     from agent.voice import VoicePipeline
 
-    entry = _entry(limit=0.3)
-    assert entry.sequence is not None
-    adaptation = Adaptation("sha", (entry,), 1.0)
+    adaptation = Adaptation("sha", (_entry(limit=0.3),), 1.0)
+    elsewhere = adaptation.recent_hops()  # another stream of the same adaptation
     for point in WORD:
-        adaptation.apply(("computer", "_unknown_"), np.array([0.0, 1.0], np.float32), point)
-    assert entry.sequence.held == len(WORD)
+        adaptation.apply(("computer", "_unknown_"), np.array([0.0, 1.0], np.float32), point, elsewhere)
+    assert elsewhere.held == len(WORD)
     path = Path(__file__).resolve().parent.parent / "models" / "kws.tflite"
     pipeline = VoicePipeline(KwsModel.load(path, embedding=True), VoiceSection(), adaptation=adaptation)
-    assert entry.sequence.held == 0
-    entry.sequence.push(WORD[0])
+    assert pipeline.recent_hops is not None and pipeline.recent_hops.held == 0
+    pipeline.recent_hops.push(WORD[0])
     pipeline.reset()  # a new file, or a gap in the stream
-    assert entry.sequence.held == 0
+    assert pipeline.recent_hops.held == 0 and elsewhere.held == len(WORD)
 
 
 def test_a_sequence_gate_that_would_wake_on_held_back_bank_speech_is_left_out() -> None:

@@ -22,6 +22,7 @@ from agent.config import VoiceSection
 from agent.errors import ModelError
 from agent.features import WAKE_WORD, FeatureParams, StreamingFeatures, _front_end
 from agent.kws import KwsModel, model_hop_seconds
+from agent.sequence import RecentHops
 from agent.transcribe import transcribe_file
 from agent.verifier import VERIFIER_FORMAT, WakeVerifier, verifier_input
 from agent.voice import VoicePipeline
@@ -227,14 +228,12 @@ class RaisingHousehold:
 
     def __init__(self, raises: bool) -> None:
         self.raises = raises
-        self.streams = 0
 
-    def reset(self) -> None:
-        """A new stream (the sequence gates' history); counted."""
-        self.streams += 1
+    def recent_hops(self) -> RecentHops:
+        return RecentHops(0)  # no sequence gate
 
     def apply(self, labels: tuple[str, ...], probabilities: npt.NDArray[np.float32],
-              embedding: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+              embedding: npt.NDArray[np.float32], recent: RecentHops) -> npt.NDArray[np.float32]:
         index = labels.index(WAKE_WORD)
         if not self.raises or probabilities[index] < 0.2:
             return probabilities

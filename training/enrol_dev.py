@@ -117,12 +117,11 @@ def wakes(settings: RecognizerSettings, recorded: tuple[npt.NDArray[np.float32],
     if any) into the recognizer, one per 0.1 s hop, the wake window never open."""
     posteriors, embeddings = recorded
     recognizer = Recognizer(settings)
-    if adaptation is not None:
-        adaptation.reset()  # a new stream for the sequence gates
+    recent = adaptation.recent_hops() if adaptation is not None else None  # the clip: a stream of its own
     count = 0
     for hop, (posterior, embedding) in enumerate(zip(posteriors, embeddings, strict=True)):
-        probabilities = posterior if adaptation is None else \
-            adaptation.apply(settings.labels, posterior, embedding)
+        probabilities = posterior if adaptation is None or recent is None else \
+            adaptation.apply(settings.labels, posterior, embedding, recent)
         detection = recognizer.process(Scores(settings.labels, probabilities, round(0.1 * (hop + 1), 6)))
         count += detection is not None and detection.word == WAKE
     return count
