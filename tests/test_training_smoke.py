@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,3 +86,49 @@ def test_rethreshold_writes_a_copy_with_thresholds_chosen_again(tmp_path: Path) 
     assert set(metadata["thresholds"]) == set(LABELS[:-2])
     assert all(0.5 <= value <= 0.99 for value in metadata["thresholds"].values())
     assert KwsModel.load(tmp_path / "kws.tflite").labels == LABELS
+
+
+@pytest.mark.train
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
+def test_a_soup_is_the_mean_of_its_members_every_variable() -> None:
+    from training.common import import_tf
+    from training.kws import soup
+
+    tf = import_tf()
+
+    def member(scale: float) -> Any:
+        model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3),
+                                     tf.keras.layers.BatchNormalization(), tf.keras.layers.Dense(2)])
+        model.set_weights([np.full(w.shape, scale * (i + 1), np.float32) for i, w in
+                           enumerate(model.get_weights())])
+        return model
+
+    members = [member(1.0), member(2.0), member(6.0)]
+    averaged = soup(members)
+    assert averaged is not members[0]
+    weights = averaged.get_weights()
+    # kernels, biases, batch-norm gamma, beta, moving mean and variance: each the mean (3x the first member's)
+    assert len(weights) == 8
+    for i, values in enumerate(weights):
+        np.testing.assert_allclose(values, 3.0 * (i + 1))
+    np.testing.assert_allclose(members[0].get_weights()[0], 1.0)  # the members are left as they were
+
+
+@pytest.mark.train
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
+def test_a_smoke_soup_trains_each_member_and_ships_one_model(tmp_path: Path) -> None:
+    if not (DATA_DIR / "real").is_dir() or not TEACHER.exists():
+        pytest.skip(f"needs ../shared (speech data at {DATA_DIR} and the MLPerf teacher)")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.kws", "--smoke", "--soup", "2", "--data", str(DATA_DIR),
+         "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("3/6 student") == 2 and "(seed 1235)" in result.stderr
+    assert "soup of 2 (64 ch, float)" in result.stderr
+    assert json.loads((out / "kws.json").read_text(encoding="utf-8"))["training"]["soup"] == 2
+    assert "- Soup: the student and fine-tuning stages run 2 times" in (out / "kws.md").read_text("utf-8")
+    assert (out / "kws.tflite").stat().st_size <= 64 * 1024

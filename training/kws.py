@@ -49,6 +49,7 @@ from training.common import (
     TEACHER_LABELS,
     TEACHER_TFLITE,
     default_data_dir,
+    import_tf,
     seed_everything,
     soft_labels,
     stage_banner,
@@ -114,6 +115,10 @@ class RunConfig:
     # from the MLPerf weights either way. Without the openWakeWord models the MLPerf teacher is used.
     teacher: str = "mlperf"
     teacher_head_epochs: int = 20
+    # Members of a weight-averaged soup (Wortsman et al. 2022, "model soups"): the student and fine-tuning
+    # stages run this many times with training seeds SEED, SEED + 1, ... (the same data and initial weights),
+    # and the fine-tuned float models are averaged before quantization. 1: one model, as shipped.
+    soup: int = 1
 
 
 # The augmentation of the model shipped before issue 13 (AugmentConfig's defaults: no speaker warp or
@@ -147,14 +152,150 @@ def _save_weights(model: Any, path: Path) -> None:
     model.save_weights(str(path))
 
 
+def soup(models: list[Any]) -> Any:
+    """One Keras model of the same architecture whose every variable (batch-norm statistics included) is the
+    mean of the ``models``' (a uniform model soup)."""
+    tf = import_tf()
+    averaged = tf.keras.models.clone_model(models[0])
+    averaged.set_weights([np.mean(values, axis=0) for values in
+                          zip(*(model.get_weights() for model in models), strict=True)])
+    return averaged
+
+
+@dataclass(frozen=True)
+class _Member:
+    seed: int
+    model: Any  # the fine-tuned (and pruned) float Keras model
+    arch: Any  # its dscnn.Architecture
+    mined: int  # hard-negative windows it was fine-tuned on
+
+
+def _train_member(
+    seed: int, *, config: RunConfig, clips: list[Clip], params: FeatureParams, augment: AugmentConfig,
+    train_set: Any, soft: npt.NDArray[np.float32], mask: npt.NDArray[np.float32], base_config: Any,
+    train_key: str, teacher_name: str, stages: dict[str, dict[str, Any]] | None, validation: Any,
+    synth_validation: Any, timings: dict[str, float],
+) -> _Member:
+    """Stages 3 and 4 with training seed ``seed`` (shuffle order, SpecAugment, dropout; the data and the
+    initial weights are the same for every seed). ``stages``: where to report each stage (None: not
+    reported, a soup's member)."""
+    from training import data as data_stage
+    from training import dscnn, export, prune, train
+
+    tf = import_tf()
+    train_config = replace(base_config, seed=seed)
+    suffix = "" if seed == SEED else f" (seed {seed})"
+    started = stage_banner(f"3/6 student: teacher DS-CNN + 16-label head, KD, {config.student_epochs} epochs"
+                           + suffix)
+    student = dscnn.extended_from_teacher(
+        TEACHER_TFLITE, TEACHER_LABELS, LABELS, dropout=train_config.dropout
+    )
+    student_arch = dscnn.Architecture(
+        channels=tuple(max(c, w) for c, w in zip(config.channels, dscnn.channels_of(student), strict=True)),
+        num_classes=len(LABELS),
+    )
+    student_id: list[Any] = [asdict(train_config), teacher_name]
+    if student_arch.channels != dscnn.channels_of(student):
+        student = dscnn.widened(student, student_arch.channels)
+        student_id.append(student_arch.channels)  # the teacher's width keeps its cache key
+    student_key = f"{train_key}-{_hash(student_id)}"
+    student_weights = _keras_cache("student", student_key)
+    if student_weights.exists():
+        student.load_weights(str(student_weights))
+        print(f"student weights from cache {student_weights.name}", file=sys.stderr)
+    else:
+        train.fit(student, train_set, soft, mask, train_config)
+        _save_weights(student, student_weights)
+    if stages is not None:
+        stages["float student (distilled, 16 labels)"] = _keras_stage(
+            student, validation, synth_validation, export.convert_float(student), student_arch.macs()
+        )
+        _print_stage(stages)
+    timings["student"] = timings.get("student", 0.0) + time.monotonic() - started
+
+    started = stage_banner(f"4/6 prune: channels {config.channels}, then {config.sparsity:.0%} magnitude"
+                           + suffix)
+    rng = np.random.default_rng(SEED)  # the same calibration windows for every member
+    calibration_index = np.sort(rng.choice(len(train_set), min(2000, len(train_set)), replace=False))
+    narrow = prune.structured_prune(student, train_set.features[calibration_index], config.channels)
+    narrow_arch = dscnn.Architecture(channels=config.channels, num_classes=len(LABELS))
+    # Hard negatives: training recordings (never the tuning or held-out ones) the student still mistakes for
+    # a word, at every 100 ms position.
+    mined = data_stage.mine_hard_negatives(
+        clips,
+        params,
+        lambda features: train.predict(student, features),
+        augment,
+        key=f"{student_key}-{config.mine_other_words}",
+        other_words=config.mine_other_words,
+    )
+    print(f"hard negatives mined from the training recordings: {len(mined)} windows", file=sys.stderr)
+    prune_set = train_set.concat(mined)
+    # From here on the distilled student is the teacher: it knows all 16 labels. Not on the mined windows:
+    # there it is wrong by definition, so their target is the hard label.
+    student_soft, student_mask = train.self_targets(student, prune_set, train_config.temperature)
+    mined_rows = prune_set.sources == "mined"
+    student_soft[mined_rows] = np.eye(len(LABELS), dtype=np.float32)[prune_set.labels[mined_rows]]
+    structured_config = replace(
+        train_config,
+        epochs=config.structured_epochs,
+        learning_rate=3e-4,
+        distill_weight=config.prune_distill_weight,
+    )
+    narrow_key = f"{student_key}-{_hash([config.channels, asdict(structured_config), len(mined)])}"
+    narrow_weights = _keras_cache("structured", narrow_key)
+    if narrow_weights.exists():
+        narrow.load_weights(str(narrow_weights))
+    else:
+        train.fit(narrow, prune_set, student_soft, student_mask, structured_config)
+        _save_weights(narrow, narrow_weights)
+    full_width = config.channels == student_arch.channels
+    narrow_name = "hard-negative fine-tuned" if full_width else "structured pruned"
+    if stages is not None:
+        stages[f"{narrow_name} {config.channels[0]} ch (float)"] = _keras_stage(
+            narrow, validation, synth_validation, export.convert_float(narrow), narrow_arch.macs()
+        )
+        _print_stage(stages)
+    magnitude_config = replace(structured_config, epochs=config.magnitude_epochs, learning_rate=1.5e-4)
+    steps = int(np.ceil(len(prune_set) / magnitude_config.batch_size)) * config.magnitude_epochs
+    sparse_key = f"{narrow_key}-{_hash([config.sparsity, asdict(magnitude_config)])}"
+    sparse_weights = _keras_cache("magnitude", sparse_key)
+    if config.sparsity <= 0:
+        sparse = narrow  # no magnitude pruning (see RunConfig.sparsity)
+    elif sparse_weights.exists():
+        sparse = tf.keras.models.clone_model(narrow)
+        sparse.load_weights(str(sparse_weights))
+    else:
+        wrapped = prune.magnitude_prune_wrap(narrow, config.sparsity, 0, max(1, int(steps * 0.6)))
+        train.fit(
+            wrapped,
+            prune_set,
+            student_soft,
+            student_mask,
+            magnitude_config,
+            callbacks=prune.pruning_callbacks(),
+        )
+        sparse = prune.strip(wrapped)
+        _save_weights(sparse, sparse_weights)
+    if config.sparsity > 0 and stages is not None:
+        sparse_float = export.convert_float(sparse)
+        stages[f"+ magnitude pruned {config.sparsity:.0%} (float)"] = {
+            **_keras_stage(sparse, validation, synth_validation, sparse_float, narrow_arch.macs()),
+            "sparsity": prune.sparsity_report(sparse),
+        }
+        _print_stage(stages)
+    timings["prune"] = timings.get("prune", 0.0) + time.monotonic() - started
+    return _Member(seed, sparse, narrow_arch, len(mined))
+
+
+
 def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     run_started = time.monotonic()
     seed_everything(SEED)
     from training import data as data_stage
-    from training.common import import_tf
 
-    tf = import_tf()
-    from training import dscnn, export, oww_teacher, prune, train
+    import_tf()  # threads and the global seed, before any stage builds a model
+    from training import dscnn, export, oww_teacher, train
     from training import evaluate as evaluation
 
     params = FeatureParams()
@@ -210,104 +351,32 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     _print_stage(stages)
     timings["teacher"] = time.monotonic() - started
 
-    # 3. student --------------------------------------------------------------------------------------------
-    started = stage_banner(f"3/6 student: teacher DS-CNN + 16-label head, KD, {config.student_epochs} epochs")
-    student = dscnn.extended_from_teacher(
-        TEACHER_TFLITE, TEACHER_LABELS, LABELS, dropout=train_config.dropout
-    )
-    student_arch = dscnn.Architecture(
-        channels=tuple(max(c, w) for c, w in zip(config.channels, dscnn.channels_of(student), strict=True)),
-        num_classes=len(LABELS),
-    )
-    student_id: list[Any] = [asdict(train_config), teacher_name]
-    if student_arch.channels != dscnn.channels_of(student):
-        student = dscnn.widened(student, student_arch.channels)
-        student_id.append(student_arch.channels)  # the teacher's width keeps its cache key
-    student_key = f"{train_key}-{_hash(student_id)}"
-    student_weights = _keras_cache("student", student_key)
-    if student_weights.exists():
-        student.load_weights(str(student_weights))
-        print(f"student weights from cache {student_weights.name}", file=sys.stderr)
+    # 3-4. student, prune (once, or once per member of a soup) --------------------------------------------
+    members = [
+        _train_member(seed, config=config, clips=clips, params=params, augment=augment, train_set=train_set,
+                      soft=soft, mask=mask, base_config=train_config, train_key=train_key,
+                      teacher_name=teacher_name, stages=stages if config.soup == 1 else None,
+                      validation=validation, synth_validation=synth_validation, timings=timings)
+        for seed in range(SEED, SEED + config.soup)
+    ]
+    narrow_arch = members[0].arch
+    if config.soup == 1:
+        sparse = members[0].model
     else:
-        train.fit(student, train_set, soft, mask, train_config)
-        _save_weights(student, student_weights)
-    stages["float student (distilled, 16 labels)"] = _keras_stage(
-        student, validation, synth_validation, export.convert_float(student), student_arch.macs()
-    )
-    _print_stage(stages)
-    timings["student"] = time.monotonic() - started
-
-    # 4. prune ----------------------------------------------------------------------------------------------
-    started = stage_banner(f"4/6 prune: channels {config.channels}, then {config.sparsity:.0%} magnitude")
-    rng = np.random.default_rng(SEED)
-    calibration_index = np.sort(rng.choice(len(train_set), min(2000, len(train_set)), replace=False))
-    narrow = prune.structured_prune(student, train_set.features[calibration_index], config.channels)
-    narrow_arch = dscnn.Architecture(channels=config.channels, num_classes=len(LABELS))
-    # Hard negatives: training recordings (never the tuning or held-out ones) the student still mistakes for
-    # a word, at every 100 ms position.
-    mined = data_stage.mine_hard_negatives(
-        clips,
-        params,
-        lambda features: train.predict(student, features),
-        augment,
-        key=f"{student_key}-{config.mine_other_words}",
-        other_words=config.mine_other_words,
-    )
-    print(f"hard negatives mined from the training recordings: {len(mined)} windows", file=sys.stderr)
-    prune_set = train_set.concat(mined)
-    # From here on the distilled student is the teacher: it knows all 16 labels. Not on the mined windows:
-    # there it is wrong by definition, so their target is the hard label.
-    student_soft, student_mask = train.self_targets(student, prune_set, train_config.temperature)
-    mined_rows = prune_set.sources == "mined"
-    student_soft[mined_rows] = np.eye(len(LABELS), dtype=np.float32)[prune_set.labels[mined_rows]]
-    structured_config = replace(
-        train_config,
-        epochs=config.structured_epochs,
-        learning_rate=3e-4,
-        distill_weight=config.prune_distill_weight,
-    )
-    narrow_key = f"{student_key}-{_hash([config.channels, asdict(structured_config), len(mined)])}"
-    narrow_weights = _keras_cache("structured", narrow_key)
-    if narrow_weights.exists():
-        narrow.load_weights(str(narrow_weights))
-    else:
-        train.fit(narrow, prune_set, student_soft, student_mask, structured_config)
-        _save_weights(narrow, narrow_weights)
-    full_width = config.channels == student_arch.channels
-    narrow_name = "hard-negative fine-tuned" if full_width else "structured pruned"
-    stages[f"{narrow_name} {config.channels[0]} ch (float)"] = _keras_stage(
-        narrow, validation, synth_validation, export.convert_float(narrow), narrow_arch.macs()
-    )
-    _print_stage(stages)
-    magnitude_config = replace(structured_config, epochs=config.magnitude_epochs, learning_rate=1.5e-4)
-    steps = int(np.ceil(len(prune_set) / magnitude_config.batch_size)) * config.magnitude_epochs
-    sparse_key = f"{narrow_key}-{_hash([config.sparsity, asdict(magnitude_config)])}"
-    sparse_weights = _keras_cache("magnitude", sparse_key)
-    if config.sparsity <= 0:
-        sparse = narrow  # no magnitude pruning (see RunConfig.sparsity)
-    elif sparse_weights.exists():
-        sparse = tf.keras.models.clone_model(narrow)
-        sparse.load_weights(str(sparse_weights))
-    else:
-        wrapped = prune.magnitude_prune_wrap(narrow, config.sparsity, 0, max(1, int(steps * 0.6)))
-        train.fit(
-            wrapped,
-            prune_set,
-            student_soft,
-            student_mask,
-            magnitude_config,
-            callbacks=prune.pruning_callbacks(),
+        started = stage_banner(f"4/6 soup: the {config.soup} members' weights averaged")
+        sparse = soup([member.model for member in members])
+        # Training side only (the members are not scored on held-out data): a soup of members that did not
+        # stay in one basin falls far below them here.
+        check = _calibration_set(train_set, config.calibration_windows)
+        for name, model in [*((f"member {m.seed}", m.model) for m in members), ("soup", sparse)]:
+            agree = float(np.mean(train.predict(model, check.features).argmax(axis=1) == check.labels))
+            print(f"training-side calibration windows, {name}: {agree:.3f} right", file=sys.stderr)
+        stages[f"soup of {config.soup} ({narrow_arch.channels[0]} ch, float)"] = _keras_stage(
+            sparse, validation, synth_validation, export.convert_float(sparse), narrow_arch.macs()
         )
-        sparse = prune.strip(wrapped)
-        _save_weights(sparse, sparse_weights)
-    if config.sparsity > 0:
-        sparse_float = export.convert_float(sparse)
-        stages[f"+ magnitude pruned {config.sparsity:.0%} (float)"] = {
-            **_keras_stage(sparse, validation, synth_validation, sparse_float, narrow_arch.macs()),
-            "sparsity": prune.sparsity_report(sparse),
-        }
         _print_stage(stages)
-    timings["prune"] = time.monotonic() - started
+        timings["soup"] = time.monotonic() - started
+    mined_windows = [member.mined for member in members]
 
     # 5. quantize -------------------------------------------------------------------------------------------
     started = stage_banner("5/6 quantize: full int8 with a fixed calibration set; thresholds")
@@ -355,7 +424,8 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
                 "windows": len(calibration),
                 "sha256_of_origins": _hash(calibration_list, full=True),
             },
-            "training": {"seed": SEED, "smoke": config.limit is not None, "channels": list(config.channels)},
+            "training": {"seed": SEED, "smoke": config.limit is not None, "channels": list(config.channels),
+                         "soup": config.soup},
         },
     )
     timings["quantize"] = time.monotonic() - started
@@ -377,7 +447,7 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "data": summary,
         "train_windows": counts,
-        "mined_windows": len(mined),
+        "mined_windows": mined_windows[0] if config.soup == 1 else mined_windows,
         "config": asdict(config),
     }
     write_json(CACHE_DIR / ("run-smoke.json" if config.limit else "run.json"), result)
@@ -679,6 +749,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{FULL.wake_confusable_budget:g}: none)",
     )
     parser.add_argument(
+        "--soup", type=int, default=None, metavar="N",
+        help="train N members with different training seeds from the same data and initial weights and "
+        "ship the average of their weights (default 1: one model)",
+    )
+    parser.add_argument(
         "--rethreshold", type=Path, default=None, metavar="MODEL",
         help="only choose the thresholds of this trained .tflite again (training-side data only) and write "
         "a copy with them to --out",
@@ -706,6 +781,10 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(config, augment={**config.augment, "wake_end_copies": args.wake_end})
     if args.wake_confusable_budget is not None:
         config = replace(config, wake_confusable_budget=args.wake_confusable_budget)
+    if args.soup is not None:
+        if args.soup < 1:
+            parser.error("--soup needs at least 1 member")
+        config = replace(config, soup=args.soup)
     if args.rethreshold is not None:
         if args.out is None:
             parser.error("--rethreshold needs --out (the shipped model is never changed in place)")

@@ -92,6 +92,11 @@ def _synthetic(stages: dict[str, dict[str, Any]]) -> str:
     return words or "-"
 
 
+def _mined(windows: int | list[int]) -> str:
+    """The mined windows of one model, or of each member of a soup."""
+    return str(windows) if isinstance(windows, int) else "(per soup member) " + ", ".join(map(str, windows))
+
+
 def write_model_card(path: Path, result: dict[str, Any]) -> None:
     stages = result["stages"]
     report = result["report"]
@@ -174,6 +179,11 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         )
         + "then fine-tuned with distillation from the float student (all 16 labels, weight 0.7) on the training "
         "windows plus mined hard negatives (hard labels).",
+        *([f"- Soup: the student and fine-tuning stages run {config['soup']} times from the same data and "
+           "initial weights with different training seeds (shuffle order, SpecAugment, dropout), each member "
+           "mining its own hard negatives; the members' float weights (batch-norm statistics included) are "
+           "averaged with equal weight into the one model quantized below (model soups, Wortsman et al. 2022): "
+           "same size and run-time cost as one member."] if config.get("soup", 1) > 1 else []),
         (
             f"- Magnitude pruning: tfmot `prune_low_magnitude` to {config['sparsity']:.0%} sparsity on the "
             "convolutions and the dense layer (not depthwise), fine-tuned, stripped. It shrinks only the "
@@ -229,7 +239,7 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "of the word windows; gain -20..0 dB, noise from noise/ at "
         f"{'-'.join(f'{v:g}' for v in config['augment'].get('snr_db', (0, 25)))} dB SNR, simulated "
         "rooms (pyroomacoustics shoebox, RT60 0.2-0.7 s), SpecAugment (time and coefficient masks).",
-        f"- Training windows per label: {result['train_windows']}; plus {result.get('mined_windows', 0)} hard-negative windows for the pruning stages (training recordings that the distilled student still took for a word, at every 100 ms position, with two augmented copies each; from long speech, noise and the clips of other words).",
+        f"- Training windows per label: {result['train_windows']}; plus {_mined(result.get('mined_windows', 0))} hard-negative windows for the pruning stages (training recordings that the distilled student still took for a word, at every 100 ms position, with two augmented copies each; from long speech, noise and the clips of other words).",
         f"- Speech Commands speakers: {data['sc_speakers']['train']} train, "
         f"{data['sc_speakers']['validation']} held out.",
         "",

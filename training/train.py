@@ -34,6 +34,7 @@ class TrainConfig:
     label_smoothing: float = 0.05
     specaugment_probability: float = 0.5
     dropout: float = 0.2
+    seed: int = SEED  # shuffle order, SpecAugment and dropout (training.kws's soup members differ in it)
 
 
 def logits_model(model: Any) -> Any:
@@ -156,9 +157,11 @@ def fit(  # noqa: PLR0917
     features = dataset.features[..., None].astype(np.float32)
     fill = dataset.features.mean(axis=0).astype(np.float32)
     steps = math.ceil(len(features) / config.batch_size)
+    if config.seed != SEED:  # the recipe's own seed leaves TensorFlow's global random state as it was
+        tf.random.set_seed(config.seed)
     data = (
         tf.data.Dataset.from_tensor_slices((features, targets, weights))
-        .shuffle(len(features), seed=SEED, reshuffle_each_iteration=True)
+        .shuffle(len(features), seed=config.seed, reshuffle_each_iteration=True)
         .map(_specaugment(fill, config.specaugment_probability), num_parallel_calls=1, deterministic=True)
         .batch(config.batch_size)
         .prefetch(2)
