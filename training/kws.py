@@ -14,7 +14,8 @@ Stages (each cached under .cache/kws/, keyed by its inputs; fixed seed):
 5. quantize  full-integer int8 (int8 in and out) with a fixed calibration set; thresholds per word chosen on
              held-out negative recordings with the runtime's smoothing
 6. evaluate  held-out real speakers, and the new-voices validation (training.newvoices: every held-out
-             source through the runtime's streaming path, the model card's headline); writes
+             source through the runtime's streaming path, the model card's headline), after the same
+             measures on the training side (its development split, into run.json); writes
              <out>/kws.tflite, kws.json, kws.md
 
 A second-stage wake verifier can be trained against the model this writes (``python -m training.verifier``;
@@ -436,14 +437,20 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     print(evaluation.format_report(report), file=sys.stderr)
     from training import newvoices
 
+    # The training side's version of the same measures first: what a candidate can be screened on (session
+    # 13: its whole commands after the training voices' `computer` foresaw a soup's held-out wake losses)
+    development = newvoices.evaluate(model_path, data_dir, SYNTH_DIR, limit=config.limit, development=True)
+    print("development split (training side):", json.dumps(development["headline"], indent=2),
+          file=sys.stderr)
     new_voices = newvoices.evaluate(model_path, data_dir, SYNTH_DIR, limit=config.limit)
-    print(json.dumps(new_voices["headline"], indent=2), file=sys.stderr)
+    print("new voices (held out):", json.dumps(new_voices["headline"], indent=2), file=sys.stderr)
     timings["evaluate"] = time.monotonic() - started
     timings["total"] = time.monotonic() - run_started
     result = {
         "stages": stages,
         "report": report,
         "new_voices": new_voices,
+        "new_voices_development": development,
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "data": summary,
         "train_windows": counts,
