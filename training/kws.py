@@ -437,8 +437,10 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     print(evaluation.format_report(report), file=sys.stderr)
     from training import newvoices
 
-    # The training side's version of the same measures first: what a candidate can be screened on (session
-    # 13: its whole commands after the training voices' `computer` foresaw a soup's held-out wake losses)
+    # The training side's version of the same measures first, recorded beside the held-out ones. It flatters
+    # what was trained on its clips: in session 13 its whole commands foresaw a soup's held-out wake losses
+    # (candidate H) but ranked a recipe that adds windows of those clips above the shipped model (candidate
+    # I), which the held-out figures did not.
     development = newvoices.evaluate(model_path, data_dir, SYNTH_DIR, limit=config.limit, development=True)
     print("development split (training side):", json.dumps(development["headline"], indent=2),
           file=sys.stderr)
