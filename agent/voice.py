@@ -40,6 +40,7 @@ from agent.recognizer import (
     check_vocabulary,
     effective_thresholds,
 )
+from agent.sequence import RecentHops
 from agent.topics import Topics
 
 if TYPE_CHECKING:
@@ -162,8 +163,8 @@ class VoicePipeline:
         self.commands = tuple(commands)
         self.adaptation = adaptation  # household heads (agent.adaptation); the model then has its embedding
         # This stream's recent hops, which the adaptation's sequence gates match (the adaptation keeps none: a
-        # reload's new pipeline may share it with the running one)
-        self.recent_hops = adaptation.recent_hops() if adaptation is not None else None
+        # reload's new pipeline may share it with the running one); without an adaptation it stays empty
+        self.recent_hops = adaptation.recent_hops() if adaptation is not None else RecentHops(1)
         # A whole number of feature hops, so every model window ends on a hop boundary.
         self.hop_samples = hop_samples(hop_seconds, params)
         # The hops of a block go into the features in one push of up to an idle read's worth (one FFT call
@@ -247,8 +248,7 @@ class VoicePipeline:
         self._pause_search_from = None
         self._silence_before = None
         self._raised_at = None
-        if self.recent_hops is not None:
-            self.recent_hops.reset()
+        self.recent_hops.reset()
 
     def feed(self, samples: npt.NDArray[np.int16], *, mono_end: float | None = None,
              wall_end: float | None = None) -> PipelineOutput:
@@ -301,7 +301,6 @@ class VoicePipeline:
             features = self.features.features(self._silence_before, end=self._samples)
             probabilities = self.model.predict(features)
         if self.adaptation is not None:
-            assert self.recent_hops is not None  # made with the adaptation
             adapted = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding(),
                                             self.recent_hops)
             index = self._verified_index

@@ -22,7 +22,8 @@ COMMON = {"agent", "agent.messages", "agent.config", "agent.errors", "agent.port
           "agent.logutil", "agent.queues", "agent.counts", "agent.atomic_file"}
 STAGE_HELPERS: dict[str, set[str]] = {
     "agent.voice": {"agent.audio", "agent.features", "agent.kws", "agent.recognizer", "agent.adaptation",
-                    "agent.arbitration", "agent.paths", "agent.capture", "agent.intent_payloads"},
+                    "agent.sequence", "agent.arbitration", "agent.paths", "agent.capture",
+                    "agent.intent_payloads"},
     "agent.arbitration": set(),
     "agent.anomaly.stage": {"agent.anomaly.streams", "agent.anomaly.group"},
     "agent.anomaly.streams": {"agent.anomaly.detector", "agent.anomaly.group"},
