@@ -120,6 +120,10 @@ class RunConfig:
     # stages run this many times with training seeds SEED, SEED + 1, ... (the same data and initial weights),
     # and the fine-tuned float models are averaged before quantization. 1: one model, as shipped.
     soup: int = 1
+    seed: int = SEED  # the training seed of the model (of a soup's first member)
+    # False: no held-out figure at all (no stage rows, no held-out evaluation, no card): stage 6 measures only
+    # the development split, for choosing among candidates on the training side before one held-out scoring
+    held_out: bool = True
 
 
 # The augmentation of the model shipped before issue 13 (AugmentConfig's defaults: no speaker warp or
@@ -356,9 +360,10 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     members = [
         _train_member(seed, config=config, clips=clips, params=params, augment=augment, train_set=train_set,
                       soft=soft, mask=mask, base_config=train_config, train_key=train_key,
-                      teacher_name=teacher_name, stages=stages if config.soup == 1 else None,
+                      teacher_name=teacher_name,
+                      stages=stages if config.soup == 1 and config.held_out else None,
                       validation=validation, synth_validation=synth_validation, timings=timings)
-        for seed in range(SEED, SEED + config.soup)
+        for seed in range(config.seed, config.seed + config.soup)
     ]
     narrow_arch = members[0].arch
     if config.soup == 1:
@@ -372,10 +377,11 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         for name, model in [*((f"member {m.seed}", m.model) for m in members), ("soup", sparse)]:
             agree = float(np.mean(train.predict(model, check.features).argmax(axis=1) == check.labels))
             print(f"training-side calibration windows, {name}: {agree:.3f} right", file=sys.stderr)
-        stages[f"soup of {config.soup} ({narrow_arch.channels[0]} ch, float)"] = _keras_stage(
-            sparse, validation, synth_validation, export.convert_float(sparse), narrow_arch.macs()
-        )
-        _print_stage(stages)
+        if config.held_out:
+            stages[f"soup of {config.soup} ({narrow_arch.channels[0]} ch, float)"] = _keras_stage(
+                sparse, validation, synth_validation, export.convert_float(sparse), narrow_arch.macs()
+            )
+            _print_stage(stages)
         timings["soup"] = time.monotonic() - started
     mined_windows = [member.mined for member in members]
 
@@ -396,18 +402,21 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         from agent.kws import KwsModel
 
         int8_model = KwsModel.load(provisional)
-        int8_pred = np.array([int(np.argmax(int8_model.predict(f))) for f in validation.features], np.int64)
-        synth_pred = np.array(
-            [int(np.argmax(int8_model.predict(f))) for f in synth_validation.features], np.int64
-        )
-        stages["int8 (shipped)"] = {
-            **_accuracy(validation.labels, int8_pred),
-            "synthetic_heldout_voices": _accuracy(synth_validation.labels, synth_pred, words=DEVICE_WORDS),
-            "size_bytes": len(int8_bytes),
-            "gzip_bytes": export.gzip_size(int8_bytes),
-            "macs": narrow_arch.macs(),
-        }
-        _print_stage(stages)
+        if config.held_out:
+            int8_pred = np.array([int(np.argmax(int8_model.predict(f))) for f in validation.features],
+                                 np.int64)
+            synth_pred = np.array(
+                [int(np.argmax(int8_model.predict(f))) for f in synth_validation.features], np.int64
+            )
+            stages["int8 (shipped)"] = {
+                **_accuracy(validation.labels, int8_pred),
+                "synthetic_heldout_voices": _accuracy(synth_validation.labels, synth_pred,
+                                                      words=DEVICE_WORDS),
+                "size_bytes": len(int8_bytes),
+                "gzip_bytes": export.gzip_size(int8_bytes),
+                "macs": narrow_arch.macs(),
+            }
+            _print_stage(stages)
         thresholds, smoothing_seconds = choose_thresholds(int8_model, clips, augment, config)
     calibration_list = sorted(set(calibration.origin.tolist()))
     model_path = export.write_model(
@@ -425,16 +434,15 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
                 "windows": len(calibration),
                 "sha256_of_origins": _hash(calibration_list, full=True),
             },
-            "training": {"seed": SEED, "smoke": config.limit is not None, "channels": list(config.channels),
-                         "soup": config.soup},
+            "training": {"seed": config.seed, "smoke": config.limit is not None,
+                         "channels": list(config.channels), "soup": config.soup},
         },
     )
     timings["quantize"] = time.monotonic() - started
 
     # 6. evaluate -------------------------------------------------------------------------------------------
-    started = stage_banner("6/6 evaluate: held-out real speakers, streaming detections, false detections")
-    report = evaluation.evaluate(model_path, data_dir, "validation", limit=config.limit)
-    print(evaluation.format_report(report), file=sys.stderr)
+    started = stage_banner("6/6 evaluate: held-out real speakers, streaming detections, false detections"
+                           if config.held_out else "6/6 evaluate: the development split only (training side)")
     from training import newvoices
 
     # The training side's version of the same measures first, recorded beside the held-out ones. It flatters
@@ -444,6 +452,16 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
     development = newvoices.evaluate(model_path, data_dir, SYNTH_DIR, limit=config.limit, development=True)
     print("development split (training side):", json.dumps(development["headline"], indent=2),
           file=sys.stderr)
+    if not config.held_out:
+        timings["evaluate"] = time.monotonic() - started
+        write_json(out_dir / "development.json", {
+            "new_voices_development": development, "config": asdict(config),
+            "timings_seconds": {k: round(v, 1) for k, v in timings.items()}})
+        print(f"\nwrote {model_path} and {out_dir / 'development.json'} (no held-out figure)",
+              file=sys.stderr)
+        return {"new_voices_development": development}
+    report = evaluation.evaluate(model_path, data_dir, "validation", limit=config.limit)
+    print(evaluation.format_report(report), file=sys.stderr)
     new_voices = newvoices.evaluate(model_path, data_dir, SYNTH_DIR, limit=config.limit)
     print("new voices (held out):", json.dumps(new_voices["headline"], indent=2), file=sys.stderr)
     timings["evaluate"] = time.monotonic() - started
@@ -723,6 +741,32 @@ def _choose_thresholds(
     return thresholds
 
 
+def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
+    """The run's configuration: the full (or smoke) recipe with the command line's changes."""
+    config = replace(SMOKE if args.smoke else FULL, teacher=args.teacher)
+    if args.channels is not None:
+        config = replace(config, channels=(args.channels,) * len(config.channels))
+    if args.wake_following is not None:
+        config = replace(config, augment={**config.augment, "following_probability": args.wake_following})
+    if args.wake_tail is not None:
+        config = replace(config, augment={**config.augment, "wake_tail_copies": args.wake_tail})
+    if args.wake_end is not None:
+        config = replace(config, augment={**config.augment, "wake_end_copies": args.wake_end})
+    if args.wake_confusable_budget is not None:
+        config = replace(config, wake_confusable_budget=args.wake_confusable_budget)
+    if args.soup is not None:
+        if args.soup < 1:
+            parser.error("--soup needs at least 1 member")
+        config = replace(config, soup=args.soup)
+    if args.seed is not None:
+        config = replace(config, seed=args.seed)
+    if args.development_only:
+        if args.out is None:
+            parser.error("--development-only needs --out (it writes no model card for models/)")
+        config = replace(config, held_out=False)
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.kws", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="default: $DATA_DIR or ../shared/data/speech")
@@ -763,6 +807,15 @@ def main(argv: list[str] | None = None) -> int:
         "ship the average of their weights (default 1: one model)",
     )
     parser.add_argument(
+        "--seed", type=int, default=None, metavar="N",
+        help=f"training seed (default {SEED}; a soup's members take N, N + 1, ...)",
+    )
+    parser.add_argument(
+        "--development-only", action="store_true",
+        help="no held-out figure at all: stage 6 measures only the development split (training side), into "
+        "<out>/development.json, for choosing among candidates before one held-out scoring",
+    )
+    parser.add_argument(
         "--rethreshold", type=Path, default=None, metavar="MODEL",
         help="only choose the thresholds of this trained .tflite again (training-side data only) and write "
         "a copy with them to --out",
@@ -779,21 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     if not TEACHER_TFLITE.exists():
         print(f"training.kws: teacher model {TEACHER_TFLITE} is missing; nothing to do", file=sys.stderr)
         return 0
-    config = replace(SMOKE if args.smoke else FULL, teacher=args.teacher)
-    if args.channels is not None:
-        config = replace(config, channels=(args.channels,) * len(config.channels))
-    if args.wake_following is not None:
-        config = replace(config, augment={**config.augment, "following_probability": args.wake_following})
-    if args.wake_tail is not None:
-        config = replace(config, augment={**config.augment, "wake_tail_copies": args.wake_tail})
-    if args.wake_end is not None:
-        config = replace(config, augment={**config.augment, "wake_end_copies": args.wake_end})
-    if args.wake_confusable_budget is not None:
-        config = replace(config, wake_confusable_budget=args.wake_confusable_budget)
-    if args.soup is not None:
-        if args.soup < 1:
-            parser.error("--soup needs at least 1 member")
-        config = replace(config, soup=args.soup)
+    config = _config_from_args(args, parser)
     if args.rethreshold is not None:
         if args.out is None:
             parser.error("--rethreshold needs --out (the shipped model is never changed in place)")
