@@ -182,8 +182,8 @@ def _train_member(
     synth_validation: Any, timings: dict[str, float],
 ) -> _Member:
     """Stages 3 and 4 with training seed ``seed`` (shuffle order, SpecAugment, dropout; the data and the
-    initial weights are the same for every seed). ``stages``: where to report each stage (None: not
-    reported, a soup's member)."""
+    initial weights are the same for every seed). ``stages``: where to report each stage's held-out figures
+    (None: not reported: a soup's member, or a run with no held-out figure)."""
     from training import data as data_stage
     from training import dscnn, export, prune, train
 
