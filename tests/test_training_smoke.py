@@ -132,3 +132,39 @@ def test_a_smoke_soup_trains_each_member_and_ships_one_model(tmp_path: Path) -> 
     assert json.loads((out / "kws.json").read_text(encoding="utf-8"))["training"]["soup"] == 2
     assert "- Soup: the student and fine-tuning stages run 2 times" in (out / "kws.md").read_text("utf-8")
     assert (out / "kws.tflite").stat().st_size <= 64 * 1024
+
+
+@pytest.mark.train
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
+def test_a_development_only_run_gives_no_held_out_figure(tmp_path: Path) -> None:
+    """--development-only: the model and the development split's measures, and nothing measured on a held-out
+    clip of the candidate (the fixed MLPerf teacher's reference row is not the candidate's)."""
+    if not (DATA_DIR / "real").is_dir() or not TEACHER.exists():
+        pytest.skip(f"needs ../shared (speech data at {DATA_DIR} and the MLPerf teacher)")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.kws", "--smoke", "--development-only", "--seed", "1240",
+         "--data", str(DATA_DIR), "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "development split (training side)" in result.stderr
+    assert "new voices (held out)" not in result.stderr
+    candidate_rows = [line for line in result.stderr.splitlines()
+                      if "held-out speakers" in line and "float teacher" not in line]
+    assert candidate_rows == []
+    assert not (out / "kws.md").exists()
+    report = json.loads((out / "development.json").read_text(encoding="utf-8"))
+    assert report["new_voices_development"]["split"] == "development (training side)"
+    assert json.loads((out / "kws.json").read_text(encoding="utf-8"))["training"]["seed"] == 1240
+
+
+def test_development_only_needs_an_output_folder() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "training.kws", "--smoke", "--development-only", "--data", str(DATA_DIR)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if "no speech data" in result.stderr or "is missing" in result.stderr:
+        pytest.skip("needs ../shared (speech data and the MLPerf teacher)")
+    assert result.returncode == 2 and "--development-only needs --out" in result.stderr
