@@ -21,6 +21,19 @@ DATA_DIR = Path(os.environ.get("DATA_DIR", REPO_ROOT.parent / "shared" / "data" 
 TEACHER = REPO_ROOT.parent / "shared" / "peers" / "mlperf_tiny_kws" / "mlperf_kws_ref_model_float32.tflite"
 
 
+def smoke_run(out: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``python -m training.kws --smoke OPTIONS`` on the shared data into ``out``; skips without ../shared."""
+    if not (DATA_DIR / "real").is_dir() or not TEACHER.exists():
+        pytest.skip(f"needs ../shared (speech data at {DATA_DIR} and the MLPerf teacher)")
+    result = subprocess.run(
+        [sys.executable, "-m", "training.kws", "--smoke", *options, "--data", str(DATA_DIR),
+         "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_driver_without_data_explains_and_succeeds(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "training.kws", "--smoke", "--data", str(tmp_path / "absent"),
@@ -36,14 +49,8 @@ def test_driver_without_data_explains_and_succeeds(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
 def test_smoke_run_builds_a_loadable_int8_model(tmp_path: Path) -> None:
-    if not (DATA_DIR / "real").is_dir() or not TEACHER.exists():
-        pytest.skip(f"needs ../shared (speech data at {DATA_DIR} and the MLPerf teacher)")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "training.kws", "--smoke", "--data", str(DATA_DIR), "--out", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = smoke_run(out)
     for stage in ("1/6 data", "2/6 teacher", "3/6 student", "4/6 prune", "5/6 quantize", "6/6 evaluate"):
         assert stage in result.stderr
     model = KwsModel.load(out / "kws.tflite")
@@ -118,15 +125,8 @@ def test_a_soup_is_the_mean_of_its_members_every_variable() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
 def test_a_smoke_soup_trains_each_member_and_ships_one_model(tmp_path: Path) -> None:
-    if not (DATA_DIR / "real").is_dir() or not TEACHER.exists():
-        pytest.skip(f"needs ../shared (speech data at {DATA_DIR} and the MLPerf teacher)")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "training.kws", "--smoke", "--soup", "2", "--data", str(DATA_DIR),
-         "--out", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = smoke_run(out, "--soup", "2")
     assert result.stderr.count("3/6 student") == 2 and "(seed 1235)" in result.stderr
     assert "soup of 2 (64 ch, float)" in result.stderr
     assert json.loads((out / "kws.json").read_text(encoding="utf-8"))["training"]["soup"] == 2
@@ -140,15 +140,8 @@ def test_a_smoke_soup_trains_each_member_and_ships_one_model(tmp_path: Path) -> 
 def test_a_development_only_run_gives_no_held_out_figure(tmp_path: Path) -> None:
     """--development-only: the model and the development split's measures, and nothing measured on a held-out
     clip of the candidate (the fixed MLPerf teacher's reference row is not the candidate's)."""
-    if not (DATA_DIR / "real").is_dir() or not TEACHER.exists():
-        pytest.skip(f"needs ../shared (speech data at {DATA_DIR} and the MLPerf teacher)")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "training.kws", "--smoke", "--development-only", "--seed", "1240",
-         "--data", str(DATA_DIR), "--out", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = smoke_run(out, "--development-only", "--seed", "1240")
     assert "development split (training side)" in result.stderr
     assert "new voices (held out)" not in result.stderr
     candidate_rows = [line for line in result.stderr.splitlines()

@@ -59,6 +59,7 @@ from agent.config import VoiceSection
 from agent.kws import KwsModel, model_hop_seconds
 from agent.messages import Scores
 from agent.recognizer import Recognizer, RecognizerSettings
+from agent.sequence import RecentHops
 from agent.voice import VoicePipeline, tail_padding
 from bench.enroll_bench import CHILD, FASTER
 from bench.enroll_bench import changed_voice as bench_changed_voice
@@ -117,10 +118,10 @@ def wakes(settings: RecognizerSettings, recorded: tuple[npt.NDArray[np.float32],
     if any) into the recognizer, one per 0.1 s hop, the wake window never open."""
     posteriors, embeddings = recorded
     recognizer = Recognizer(settings)
-    recent = adaptation.recent_hops() if adaptation is not None else None  # the clip: a stream of its own
+    recent = adaptation.recent_hops() if adaptation is not None else RecentHops(1)  # the clip: its own stream
     count = 0
     for hop, (posterior, embedding) in enumerate(zip(posteriors, embeddings, strict=True)):
-        probabilities = posterior if adaptation is None or recent is None else \
+        probabilities = posterior if adaptation is None else \
             adaptation.apply(settings.labels, posterior, embedding, recent)
         detection = recognizer.process(Scores(settings.labels, probabilities, round(0.1 * (hop + 1), 6)))
         count += detection is not None and detection.word == WAKE

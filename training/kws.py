@@ -366,6 +366,7 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         for seed in range(config.seed, config.seed + config.soup)
     ]
     narrow_arch = members[0].arch
+    calibration = _calibration_set(train_set, config.calibration_windows)  # quantization; a soup's check
     if config.soup == 1:
         sparse = members[0].model
     else:
@@ -373,9 +374,9 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
         sparse = soup([member.model for member in members])
         # Training side only (the members are not scored on held-out data): a soup of members that did not
         # stay in one basin falls far below them here.
-        check = _calibration_set(train_set, config.calibration_windows)
         for name, model in [*((f"member {m.seed}", m.model) for m in members), ("soup", sparse)]:
-            agree = float(np.mean(train.predict(model, check.features).argmax(axis=1) == check.labels))
+            agree = float(np.mean(train.predict(model, calibration.features).argmax(axis=1)
+                                  == calibration.labels))
             print(f"training-side calibration windows, {name}: {agree:.3f} right", file=sys.stderr)
         if config.held_out:
             stages[f"soup of {config.soup} ({narrow_arch.channels[0]} ch, float)"] = _keras_stage(
@@ -387,7 +388,6 @@ def run(data_dir: Path, out_dir: Path, config: RunConfig) -> dict[str, Any]:
 
     # 5. quantize -------------------------------------------------------------------------------------------
     started = stage_banner("5/6 quantize: full int8 with a fixed calibration set; thresholds")
-    calibration = _calibration_set(train_set, config.calibration_windows)
     int8_bytes = export.convert_int8(sparse, calibration.features)
     with tempfile.TemporaryDirectory() as scratch:
         provisional = export.write_model(
