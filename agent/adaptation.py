@@ -26,6 +26,14 @@ MLP scores it. The head's score changes the model's posterior for that word befo
   Rhasspy's Raven does); its distance threshold is the median of each recording's distance to the others'
   templates, at most GATE_BANK_MARGIN of the nearest word-like bank recording of another label. A new take
   whose nearest single window lies just outside the radius is heard; a word sharing one near window is not.
+- *template path* (:mod:`agent.templates`): each household recording's cepstra over its speech is a template;
+  a stream whose newest frames end a dynamic-time-warping match within a template's limit raises the word
+  (posterior 1.0 for a few hops), whatever the embedding says. The embedding of a voice far from every
+  training speaker scatters (after five recordings the head heard 28-50 % of a child-like or a faster
+  voice's other takes); the voice's own takes lie close in the audio itself. Each limit is
+  TEMPLATE_BANK_MARGIN of the template's nearest bank recording of another label (the bank holds their
+  cepstra) or not-word recording; the activation check counts the held-back recordings it reaches with the
+  head's, and a path that would exceed the budget is left out.
 - *veto*: after ``enroll --not-word``, a score at or below ``veto``, or a window within ``veto_radius`` of a
   window of the not-word recordings, removes the word on that hop (its probability goes to ``_unknown_``), so
   the sounds that woke the agent no longer do. Both are bounded by how many of the bank's own windows of the
@@ -63,10 +71,12 @@ from agent.sequence import RecentHops, SequenceGate
 from agent.sequence import clip_distance as sequence_distance
 from agent.sequence import template as sequence_template
 from agent.sequence import threshold as sequence_threshold
+from agent.templates import RAISED, Templates, recording_cepstra
+from agent.templates import template as cepstral_template
 
 log = logging.getLogger(__name__)
 
-ADAPTATION_FORMAT = "home-agent-adaptation/4"
+ADAPTATION_FORMAT = "home-agent-adaptation/5"
 UNKNOWN = UNKNOWN_LABEL
 HIDDEN_UNITS = 32
 TRAIN_STEPS = 400
@@ -84,6 +94,13 @@ EASY_KEEP = 8
 # 1 s window, so the head sees the word at every position the streaming model will.
 WINDOW_MARGIN_SECONDS = 0.1
 MIN_BOOST = 0.5  # the head must be at least this sure before it overrules the base model
+# A template's limit: this fraction of the distance of its nearest bank recording of another label. On the
+# development split (python -m training.enrol_dev, child-like and faster voices of 11 training clusters, 3
+# draws each, 201 other takes each) 0.75 / 0.8 / 0.85 heard 194 / 195 / 199 child-like and 191 / 197 / 198
+# faster takes; 0.85 added 2 wakes on the development confusables in the enrolled voice, 0.8 and 0.75 none.
+# (One limit for all templates, the smallest, at 0.85: 193 and 196, no wake; at 0.9: 198 and 200, one.)
+TEMPLATE_BANK_MARGIN = 0.8
+MIN_TEMPLATES = 2  # the limit is judged by each recording against the others' templates
 # The boost threshold sits just above the highest bank recording of another label (allowing for the budget),
 # with no margin: on the development split (python -m training.enrol_dev: 12 enrolments of training speaker
 # clusters and child-like versions of them; 100 other recordings, 76 heard by the shipped model), a margin of
@@ -283,6 +300,7 @@ class WordHead:
     not_word_prototypes: FloatArray  # the not-word windows, standardised by the head
     veto_radius: float  # the word is removed within this distance of a not-word prototype
     sequence: SequenceGate | None = None  # outside the radius, a template match over time (agent.sequence)
+    templates: Templates | None = None  # the template path (agent.templates): raises the word by itself
 
     def vetoes(self, embeddings: FloatArray, scores: FloatArray) -> npt.NDArray[np.bool_]:
         """Which windows lose the word: head score at or below ``veto``, or near a not-word window."""
@@ -336,26 +354,33 @@ class Adaptation:
     bank_hours: float
 
     def recent_hops(self) -> RecentHops:
-        """An empty history of one stream's recent hops: as many as the sequence gates need, at least the
-        newest (the distance gate's). The stream's own: the adaptation keeps none, so streams may share it."""
+        """A new stream's state: an empty history of its recent hops, as many as the sequence gates need, at
+        least the newest (the distance gate's), and nothing matched of the templates. The stream's own: the
+        adaptation keeps none, so streams may share it."""
         return RecentHops(max((entry.sequence.history_hops for entry in self.heads
-                               if entry.sequence is not None and entry.sequence.active), default=1))
+                                    if entry.sequence is not None and entry.sequence.active), default=1),
+                               {entry.word: entry.templates for entry in self.heads
+                                if entry.templates is not None and entry.templates.active})
 
     def apply(self, labels: tuple[str, ...], probabilities: FloatArray, embedding: FloatArray,
-              recent: RecentHops) -> FloatArray:
-        """The posteriors with every adapted word boosted or vetoed by its head (see the module doc); one call
-        per hop of a stream, with that stream's ``recent`` hops (:meth:`recent_hops`), which it extends."""
+              recent: RecentHops, mel: npt.NDArray[np.floating[Any]] | None = None) -> FloatArray:
+        """The posteriors with every adapted word raised by its templates, boosted or vetoed by its head (see
+        the module doc); one call per hop of a stream, with that stream's state (:meth:`recent_hops`), which
+        it extends, and the hop's new mel frames (``mel``; the template path needs them, see
+        :attr:`agent.sequence.RecentHops.matching`)."""
         recent.push(embedding)
+        raised = recent.raised(mel) if mel is not None else frozenset()
         result = probabilities
         for entry in self.heads:
             scores = entry.head.score(embedding)
             score = float(scores[0])
             index = labels.index(entry.word)
-            if entry.boosts_now(recent, score) and score > result[index]:
-                # The head's score stands in for the word's posterior; the other labels share the rest.
+            level = RAISED if entry.word in raised else score if entry.boosts_now(recent, score) else 0.0
+            if level > result[index]:
+                # The raised level stands in for the word's posterior; the other labels share the rest.
                 rest = 1.0 - result[index]
-                result = result * ((1.0 - score) / rest if rest > 0 else 0.0)
-                result[index] = score
+                result = result * ((1.0 - level) / rest if rest > 0 else 0.0)
+                result[index] = level
             # A veto wins over a boost: the household said this very sound is not the word.
             if result[index] > 0 and entry.vetoes(np.atleast_2d(embedding), scores)[0]:
                 result = result.copy()
@@ -374,6 +399,10 @@ class Adaptation:
                                 "sequences " if sequence is not None and sequence.active else "recordings ")
                              + f"({entry.bank_false_wakes} false wakes in {entry.check_hours:.2f} h "
                              "of reference speech it was not trained on)")
+            if entry.templates is not None and entry.templates.active:
+                limits = entry.templates.limits
+                parts.append(f"{len(limits)} templates of your recordings within "
+                             f"{limits.min():.2f}-{limits.max():.2f}")
             if entry.veto is not None:
                 parts.append(f"veto below {entry.veto:.3f} or within {entry.veto_radius:.2f} of the "
                              "not-word recordings")
@@ -388,6 +417,7 @@ class Adaptation:
             arrays[f"h{n}_prototypes"] = entry.prototypes
             arrays[f"h{n}_not_words"] = entry.not_word_prototypes
             arrays.update((entry.sequence or SequenceGate((), 0.0)).arrays(f"h{n}_"))
+            arrays.update((entry.templates or Templates.of((), 0.0)).arrays(f"h{n}_"))
             words.append({"word": entry.word, "boost": entry.boost, "veto": entry.veto,
                           "radius": entry.radius, "veto_radius": entry.veto_radius,
                           "bank_false_wakes": entry.bank_false_wakes, "check_hours": entry.check_hours,
@@ -417,7 +447,8 @@ class Adaptation:
                                        int(w["recordings"]), int(w["not_words"]),
                                        np.asarray(data[f"h{n}_prototypes"], np.float32), float(w["radius"]),
                                        np.asarray(data[f"h{n}_not_words"], np.float32),
-                                       float(w["veto_radius"]), SequenceGate.from_arrays(data, f"h{n}_"))
+                                       float(w["veto_radius"]), SequenceGate.from_arrays(data, f"h{n}_"),
+                                       Templates.from_arrays(data, f"h{n}_"))
                               for n, w in enumerate(meta["words"]))
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise StateError(f"household adaptation {path} is unreadable: {err}") from err
@@ -425,7 +456,9 @@ class Adaptation:
 
 
 def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_words: Iterable[FloatArray],
-             budget_per_hour: float, *, streams: Sequence[FloatArray] = ()) -> tuple[WordHead, list[float]]:
+             budget_per_hour: float, *, streams: Sequence[FloatArray] = (),
+             templates: Sequence[FloatArray] = (),
+             not_word_cepstra: Sequence[FloatArray] = ()) -> tuple[WordHead, list[float]]:
     """Train the head of one word and set its thresholds on the bank less its held-back recordings
     (:meth:`Bank.held_back`), then count the held-back recordings of other labels it would wake on.
     ``positives``: per household recording, its word windows; ``not_words``: per not-word recording, the
@@ -455,6 +488,8 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
     false_wakes = 0
     check = full_bank.rows(held_back)
     sequence: SequenceGate | None = None
+    template_path: Templates | None = None
+    template_heard = [False] * len(positive_sets)
     if positive_sets:
         allowed = allowed_false_wakes(budget_per_hour, bank.hours)
         other_peaks = np.sort(_item_peaks(bank_scores, bank, word))[::-1]
@@ -472,6 +507,9 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
         sequence, false_wakes = checked_sequence(
             gated, sequence_gate(head, boost, streams, bank, bank_scores=bank_scores, word=word), check,
             check_scores, budget_per_hour=budget_per_hour, false_wakes=false_wakes)
+        template_path, false_wakes, template_heard = fit_templates(
+            word, templates, bank, check, not_word_cepstra, budget_per_hour=budget_per_hour,
+            false_wakes=false_wakes)
     veto: float | None = None
     not_word_prototypes = head.standardise(user_neg) if len(user_neg) else prototypes[:0]
     veto_radius = 0.0
@@ -481,7 +519,36 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
         veto = min(ceiling, 0.5)
         veto_radius = _veto_radius(head, bank_positives, prototypes, not_word_prototypes)
     return WordHead(word, head, boost, veto, false_wakes, check.hours, len(positive_sets),
-                    len(negative_sets), prototypes, radius, not_word_prototypes, veto_radius, sequence), best
+                    len(negative_sets), prototypes, radius, not_word_prototypes, veto_radius, sequence,
+                    template_path), \
+        [1.0 if heard else score for score, heard in zip(best, template_heard, strict=True)]
+
+
+def fit_templates(word: str, templates: Sequence[FloatArray], bank: Bank, check: Bank,
+                  not_word_cepstra: Sequence[FloatArray], *, budget_per_hour: float,
+                  false_wakes: int) -> tuple[Templates | None, int, list[bool]]:
+    """The template path (:mod:`agent.templates`) of one word: the household recordings' templates, each
+    one's limit TEMPLATE_BANK_MARGIN of its nearest bank recording of another label (or not-word recording).
+    Kept only while the held-back bank recordings it would wake on, with the ``false_wakes`` of the head,
+    stay within the budget. Returns it (or None), the false wakes with it, and per household recording
+    whether the other recordings' templates hear it, as they would a new take."""
+    unheard = [False] * len(templates)
+    path = Templates.of(templates, 1.0)
+    if len(path.lengths) < len(templates) or len(templates) < MIN_TEMPLATES:
+        return None, false_wakes, unheard
+    negatives = [*bank.recordings_cepstra(word), *not_word_cepstra]
+    if not negatives:
+        return None, false_wakes, unheard
+    path = path.with_limits(TEMPLATE_BANK_MARGIN * path.nearest(negatives).min(axis=0))
+    heard = [bool(Templates.of([t for j, t in enumerate(templates) if j != i],
+                               np.delete(path.limits, i)).reach([own])[0] <= 1.0)
+             for i, own in enumerate(templates)]
+    with_templates = false_wakes + int((path.reach(check.recordings_cepstra(word)) <= 1.0).sum())
+    if not path.active or with_templates > allowed_false_wakes(budget_per_hour, check.hours):
+        log.info("enrolment: the templates for %r would wake on %d held-back bank recordings: left out",
+                 word, with_templates - false_wakes)
+        return None, false_wakes, unheard
+    return path, with_templates, heard
 
 
 def checked_sequence(gated: WordHead, sequence: SequenceGate | None, check: Bank, check_scores: FloatArray, *,
@@ -624,6 +691,14 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
     hop = hop_samples(model_hop_seconds(model), model.params)
     streams = {word: [stream_embeddings(model, s, hop, tail_samples=model.params.window_samples)[2]
                       for s, _span in takes] for word, takes in spoken.items()}
+    params = model.params
+    # The template path's templates, of the recordings the head learns from (those with word windows), and
+    # the not-word recordings' cepstra, which no template may come near.
+    templates = {word: [cepstral_template(recording_cepstra(params, s, hop), span, params.hop_samples)
+                        for (s, span), windows in zip(takes, pos_windows[word], strict=True) if len(windows)]
+                 for word, takes in spoken.items()}
+    not_word_cepstra = [recording_cepstra(params, samples, hop, params.window_samples)
+                        for samples in negatives]
     neg_windows: dict[str, list[FloatArray]] = {}
     enrolled = [word for word, windows in pos_windows.items() if windows]
     for samples in negatives:
@@ -632,7 +707,8 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
     heads: list[WordHead] = []
     for word in sorted(set(pos_windows) | set(neg_windows)):
         entry, best = fit_word(word, bank, pos_windows.get(word, []), neg_windows.get(word, []), budget,
-                               streams=streams.get(word, []))
+                               streams=streams.get(word, []), templates=templates.get(word, []),
+                               not_word_cepstra=not_word_cepstra)
         if word in check and entry.boost is not None:
             heard = sum(score >= entry.boost for score in best)
             if heard < MIN_HEARD_FRACTION * len(best):

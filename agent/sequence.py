@@ -23,9 +23,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from agent.templates import CepstralMean, Templates, TemplateState
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -145,18 +148,36 @@ class SequenceGate:
 
 
 class RecentHops:
-    """The newest hops of one live stream (the model's embedding of each, one row), at most ``keep``: what
-    the sequence gates are matched against. Per stream (each :class:`agent.voice.VoicePipeline` has its own);
-    :meth:`reset` at a new one."""
+    """One live stream's state for the household adaptation: its newest hops (the model's embedding of each,
+    one row), at most ``keep``, which the sequence gates are matched against; and, per word with templates
+    (:mod:`agent.templates`), the stream's cepstra and what it has matched of them. Per stream (each
+    :class:`agent.voice.VoicePipeline` has its own); :meth:`reset` at a new one."""
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, templates: dict[str, Templates] | None = None) -> None:
         self._rows: deque[FloatArray] = deque(maxlen=keep)
+        self._cepstra = CepstralMean()
+        self._matches = {word: TemplateState(entry) for word, entry in (templates or {}).items()}
+
+    @property
+    def matching(self) -> bool:
+        """Whether a word has templates: then every hop's mel frames must be handed to :meth:`raised`."""
+        return bool(self._matches)
+
+    def raised(self, mel: npt.NDArray[np.floating[Any]]) -> frozenset[str]:
+        """The words a template match raises on this hop, given the hop's new mel frames."""
+        if not self._matches:
+            return frozenset()
+        cepstra = self._cepstra.push(np.asarray(mel, np.float64))
+        return frozenset(word for word, state in self._matches.items() if state.hop(cepstra))
 
     def push(self, embedding: FloatArray) -> None:
         self._rows.append(np.array(embedding, np.float32).reshape(-1))
 
     def reset(self) -> None:
         self._rows.clear()
+        self._cepstra.reset()
+        for state in self._matches.values():
+            state.reset()
 
     @property
     def held(self) -> int:

@@ -167,6 +167,7 @@ class VoicePipeline:
         self.recent_hops = adaptation.recent_hops() if adaptation is not None else RecentHops(1)
         # A whole number of feature hops, so every model window ends on a hop boundary.
         self.hop_samples = hop_samples(hop_seconds, params)
+        self._frames_per_hop = self.hop_samples // params.hop_samples  # the new feature frames of a hop
         # The hops of a block go into the features in one push of up to an idle read's worth (one FFT call
         # for all their frames); each hop is then analysed as if pushed alone (StreamingFeatures' ``behind``).
         self._batch_hops = max(1, round(IDLE_READ_SECONDS * SAMPLE_RATE / self.hop_samples))
@@ -301,8 +302,11 @@ class VoicePipeline:
             features = self.features.features(self._silence_before, end=self._samples)
             probabilities = self.model.predict(features)
         if self.adaptation is not None:
-            adapted = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding(),
-                                            self.recent_hops)
+            recent = self.recent_hops
+            mel = self.features.recent_mel(self._frames_per_hop, end=self._samples) \
+                if recent.matching else None
+            adapted = self.adaptation.apply(self.model.labels, probabilities, self.model.embedding(), recent,
+                                            mel)
             index = self._verified_index
             if index >= 0 and adapted[index] > probabilities[index]:
                 self._raised_at = t_audio

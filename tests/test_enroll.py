@@ -308,11 +308,12 @@ def test_not_word_stops_false_wakes_of_confusable_speech(tmp_path: Path) -> None
 
 def test_voice_paths_sharing_one_adaptation_hear_what_each_hears_on_its_own_copy(tmp_path: Path) -> None:
     """The adaptation keeps nothing of a stream (each voice path keeps its own recent hops for the sequence
-    gates), so one loaded Adaptation serves two voice paths at once (a reload's new pipeline beside the
-    running one): fed different audio hop by hop in turn, each hears, hop for hop, exactly what it hears
-    alone on a freshly loaded copy. The audio is the enrolled voice's other takes; the enrolled sequence gate
-    raises none of their hops, so its limit is widened until it raises some the distance gate leaves: a
-    history shared by the streams would show there."""
+    gates, and its own cepstra and template matches), so one loaded Adaptation serves two voice paths at once
+    (a reload's new pipeline beside the running one): fed different audio hop by hop in turn, each hears, hop
+    for hop, exactly what it hears alone on a freshly loaded copy. The audio is the enrolled voice's other
+    takes; the enrolled sequence gate raises none of their hops, so its limit is widened until it raises some
+    the distance gate leaves: a history shared by the streams would show there, as would shared template
+    matches."""
     from dataclasses import replace
 
     from agent.config import VoiceSection
@@ -360,8 +361,13 @@ def test_voice_paths_sharing_one_adaptation_hear_what_each_hears_on_its_own_copy
     assert replay([shared, shared]) == alone
     assert all(any(detection is not None and detection.word == "computer" for detection, _ in log)
                for log in alone)
-    distance_gate_only = replace(shared, heads=tuple(replace(e, sequence=None) for e in shared.heads))
-    assert all(a != b for a, b in zip(replay([distance_gate_only] * 2), alone, strict=True))  # the gate acts
+    # Both stateful paths act on these streams: the sequence gate and the template path (agent.templates).
+    without_templates = replace(shared, heads=tuple(replace(e, templates=None) for e in shared.heads))
+    distance_gate_only = replace(without_templates,
+                                 heads=tuple(replace(e, sequence=None) for e in without_templates.heads))
+    assert all(a != b for a, b in zip(replay([without_templates] * 2), alone, strict=True))
+    assert all(a != b for a, b in zip(replay([distance_gate_only] * 2), replay([without_templates] * 2),
+                                      strict=True))
 
 
 def test_a_running_voice_stage_picks_up_a_new_adaptation_on_reload(tmp_path: Path) -> None:
@@ -471,9 +477,10 @@ def test_the_development_split_records_every_hop_of_the_voice_path() -> None:
 
     model = KwsModel.load(MODEL, embedding=True)
     samples = read_audio_file(EXAMPLES / "computer_heat_up.wav")
-    posteriors, embeddings = record(model, samples)
+    posteriors, embeddings, mel = record(model, samples)
     hop = round(model_hop_seconds(model) * SAMPLE_RATE)
-    assert len(posteriors) == len(embeddings) == (len(samples) + len(tail_padding())) // hop
+    assert len(posteriors) == len(embeddings) == len(mel) == (len(samples) + len(tail_padding())) // hop
+    assert mel.shape[1:] == (hop // model.params.hop_samples, model.params.num_mel_bands)
     assert posteriors[:, model.labels.index("computer")].max() > 0.5
 
 
@@ -485,8 +492,9 @@ def test_the_development_split_counts_wakes_on_confusables_in_the_enrolled_voice
     from training import enrol_dev
 
     model = KwsModel.load(MODEL, embedding=True)
-    empty = (np.zeros((1, len(model.labels)), np.float32), np.zeros((1, 4), np.float32))
-    in_voice = (np.zeros((1, len(model.labels)), np.float32), np.zeros((1, 4), np.float32))
+    mel = np.ones((1, 5, model.params.num_mel_bands), np.float32)
+    empty = (np.zeros((1, len(model.labels)), np.float32), np.zeros((1, 4), np.float32), mel)
+    in_voice = (np.zeros((1, len(model.labels)), np.float32), np.zeros((1, 4), np.float32), mel)
     paths = [f"c{n}.flac" for n in range(8)]
     recorded = {f"child:{p}": empty for p in paths} | {"mirror.flac": empty, "child:mirror.flac": in_voice}
     dev = {"recorded": recorded, "audio": {f"child:{p}": np.zeros(10, np.int16) for p in paths},
@@ -494,7 +502,8 @@ def test_the_development_split_counts_wakes_on_confusables_in_the_enrolled_voice
            "targets": {"computer-x": paths}}
     adaptation = object()
     monkeypatch.setattr(enrol_dev, "learn", lambda *args, **kwargs: adaptation)
-    monkeypatch.setattr(enrol_dev, "touched", lambda adapted, embeddings: adapted is not None)
+    monkeypatch.setattr(enrol_dev, "touched", lambda adapted, embeddings, templated: adapted is not None)
+    monkeypatch.setattr(enrol_dev, "template_raised", lambda adapted, cepstra: set())
     monkeypatch.setattr(enrol_dev, "raised", lambda adapted, embeddings: embeddings is in_voice[1])
     monkeypatch.setattr(enrol_dev, "wakes", lambda settings, rec, adapted: int(adapted is not None
                                                                                 and rec is in_voice))
@@ -525,8 +534,9 @@ def test_the_speaker_check_counts_his_own_other_wake_words_and_how_close_other_s
     assert enrol_dev.gate_ratio(entry, np.array([[1.0, 3.0], [-1.0, 0.0]], np.float32)) == pytest.approx(1.5)
     assert enrol_dev.gate_ratio(entry, np.array([[-1.0, 0.0]], np.float32)) == float("inf")
 
-    def clip(x: float, y: float) -> tuple[np.ndarray, np.ndarray]:
-        return np.zeros((1, len(model.labels)), np.float32), np.array([[x, y]], np.float32)
+    def clip(x: float, y: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.zeros((1, len(model.labels)), np.float32), np.array([[x, y]], np.float32), \
+            np.ones((1, 5, model.params.num_mel_bands), np.float32)
 
     targets = [f"hey_computer/t{n}.flac" for n in range(6)]
     athena, mirror = clip(1.0, 1.0), clip(1.0, 2.1)

@@ -233,7 +233,8 @@ class RaisingHousehold:
         return RecentHops(0)  # no sequence gate
 
     def apply(self, labels: tuple[str, ...], probabilities: npt.NDArray[np.float32],
-              embedding: npt.NDArray[np.float32], recent: RecentHops) -> npt.NDArray[np.float32]:
+              embedding: npt.NDArray[np.float32], recent: RecentHops,
+              mel: npt.NDArray[np.float64] | None = None) -> npt.NDArray[np.float32]:
         index = labels.index(WAKE_WORD)
         if not self.raises or probabilities[index] < 0.2:
             return probabilities

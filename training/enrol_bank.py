@@ -23,10 +23,11 @@ import numpy as np
 from agent.adaptation import speech_span, stream_embeddings, word_windows
 from agent.audio import read_audio_file
 from agent.bank import Bank, bank_path
-from agent.features import SILENCE_LABEL, UNKNOWN_LABEL
+from agent.features import SILENCE_LABEL, UNKNOWN_LABEL, FeatureParams
 from agent.kws import KwsModel
+from agent.templates import recording_cepstra
 from training.common import stable_fraction
-from training.data import inventory, speaker_of
+from training.data import Clip, inventory, speaker_of
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ MAX_NOISE_WINDOWS = 600
 # parameters are chosen (training/enrol_dev.py); bench/enroll_bench.py reports only the validation split.
 CONFUSABLE_WAKE_WORDS = ("alexa", "jarvis", "smart_mirror", "snowboy", "view_glass")
 CONFUSABLE_HOP_SECONDS = 0.1  # every hop of the voice path: a confusable may wake it at any offset
+CEPSTRA_HOP_SECONDS = 0.1  # the voice path's hop (agent.templates.hop_mel groups frames by it)
+CEPSTRA_TAIL_SECONDS = 0.2  # a clip's cepstra go on into this much silence, as a stream's would
 
 
 def pick(paths: list[str], count: int) -> list[str]:
@@ -54,19 +57,44 @@ def bank_part(path: str) -> bool:
     return stable_fraction("enrol-bank-" + Path(path).name) < 0.5
 
 
-def build_bank(model: KwsModel, data_dir: Path) -> Bank:
-    clips = [c for c in inventory(data_dir, synth_dir=None) if c.split == "train"]
+def recording_items(params: FeatureParams, samples: np.ndarray, first_item: int,
+                    stretch_frames: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A recording's cepstra (a clip's going on into a little silence, as a stream's would) and the bank item
+    of each frame: ``first_item``, or for long audio one item per ``stretch_frames``."""
+    tail = 0 if stretch_frames else round(CEPSTRA_TAIL_SECONDS * params.sample_rate)
+    values = recording_cepstra(params, samples, round(CEPSTRA_HOP_SECONDS * params.sample_rate), tail)
+    offsets = np.arange(len(values)) // stretch_frames if stretch_frames else np.zeros(len(values), int)
+    return values, (first_item + offsets).astype(np.int32)
+
+
+def word_clips(clips: list[Clip], wake_word: str) -> dict[str, list[str]]:
+    """Per label, the training clips of Speech Commands and FSDD speakers, and the wake word's clusters."""
     by_label: dict[str, list[str]] = defaultdict(list)
     for clip in clips:
         speaker = speaker_of(Path(clip.path).name) or ""
         if clip.source == "real" and speaker.startswith(("sc_", "fsdd_")):
             by_label[clip.label].append(clip.path)
-        elif clip.source == "real" and clip.label == model.words[0]:
+        elif clip.source == "real" and clip.label == wake_word:
             by_label[clip.label].append(clip.path)  # the wake word's training speaker clusters
+    return by_label
+
+
+def build_bank(model: KwsModel, data_dir: Path) -> Bank:
+    clips = [c for c in inventory(data_dir, synth_dir=None) if c.split == "train"]
+    by_label = word_clips(clips, model.words[0])
     rows: list[np.ndarray] = []
     labels: list[str] = []
     items: list[int] = []
     item_seconds: list[float] = []
+    params = model.params
+    cepstra: list[np.ndarray] = []  # the template path's negatives (agent.templates), per recording
+    cepstra_items: list[np.ndarray] = []
+
+    def add_cepstra(samples: np.ndarray, first_item: int, stretch_frames: int = 0) -> None:
+        values, owners = recording_items(params, samples, first_item, stretch_frames)
+        cepstra.append(values)
+        cepstra_items.append(owners)
+
     for label in (*model.words, UNKNOWN_LABEL):
         count = OTHER_CLIPS if label == UNKNOWN_LABEL else CLIPS_PER_WORD
         for path in pick(by_label.get(label, []), count):
@@ -81,6 +109,7 @@ def build_bank(model: KwsModel, data_dir: Path) -> Bank:
             rows.append(chosen)
             labels += [label] * len(chosen)
             items += [len(item_seconds)] * len(chosen)
+            add_cepstra(samples, len(item_seconds))
             item_seconds.append(len(samples) / model.params.sample_rate)
     confusable_hop = round(CONFUSABLE_HOP_SECONDS * model.params.sample_rate)
     for clip in clips:
@@ -95,6 +124,7 @@ def build_bank(model: KwsModel, data_dir: Path) -> Bank:
         rows.append(embeddings)
         labels += [UNKNOWN_LABEL] * len(embeddings)
         items += [len(item_seconds)] * len(embeddings)
+        add_cepstra(samples, len(item_seconds))
         item_seconds.append(len(samples) / model.params.sample_rate)
     hop = round(LONG_HOP_SECONDS * model.params.sample_rate)
     for source, label, cap in (("long", UNKNOWN_LABEL, MAX_LONG_WINDOWS),
@@ -113,12 +143,15 @@ def build_bank(model: KwsModel, data_dir: Path) -> Bank:
             labels += [label] * keep
             items += list(len(item_seconds) + stretch)
             heard = min(len(samples) / model.params.sample_rate, float(ends[keep - 1]))
+            add_cepstra(samples[: round(heard * params.sample_rate)], len(item_seconds),
+                        stretch_frames=round(STRETCH_SECONDS * params.sample_rate) // params.hop_samples)
             item_seconds += [min(STRETCH_SECONDS, heard - n * STRETCH_SECONDS)
                              for n in range(int(stretch.max()) + 1)]
             taken += keep
     return Bank(np.concatenate(rows).astype(np.float32), np.array(labels), np.array(items, dtype=np.int32),
                 np.array(item_seconds, np.float32), model.sha256,
-                {"data": str(data_dir), "recordings": len(item_seconds)})
+                {"data": str(data_dir), "recordings": len(item_seconds)},
+                cepstra=np.concatenate(cepstra), cepstra_items=np.concatenate(cepstra_items))
 
 
 def main() -> None:

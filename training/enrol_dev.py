@@ -60,6 +60,7 @@ from agent.kws import KwsModel, model_hop_seconds
 from agent.messages import Scores
 from agent.recognizer import Recognizer, RecognizerSettings
 from agent.sequence import RecentHops
+from agent.templates import CepstralMean, hop_mel
 from agent.voice import VoicePipeline, tail_padding
 from bench.enroll_bench import CHILD, FASTER
 from bench.enroll_bench import changed_voice as bench_changed_voice
@@ -105,33 +106,56 @@ class _Recorder:
 
 
 def record(model: KwsModel, samples: npt.NDArray[np.int16]) -> tuple[npt.NDArray[np.float32], ...]:
+    """(posteriors, embeddings, mel frames) of every hop of the voice path over a clip and its tail."""
     recorder = _Recorder(model)
     pipeline = VoicePipeline(cast(KwsModel, recorder), VoiceSection(), hop_seconds=model_hop_seconds(model))
     pipeline.feed(samples)
     pipeline.feed(tail_padding())
-    return np.stack(recorder.posteriors), np.stack(recorder.embeddings)
+    mel = hop_mel(model.params, np.concatenate([samples, tail_padding()]), pipeline.hop_samples)
+    return np.stack(recorder.posteriors), np.stack(recorder.embeddings), mel.astype(np.float32)
+
+
+def clip_cepstra(recorded: tuple[npt.NDArray[np.float32], ...]) -> npt.NDArray[np.float32]:
+    """The cepstra a new stream sees over a recorded clip (:mod:`agent.templates`)."""
+    mel = recorded[2]
+    return CepstralMean().push(mel.reshape(-1, mel.shape[-1]))
 
 
 def wakes(settings: RecognizerSettings, recorded: tuple[npt.NDArray[np.float32], ...],
           adaptation: Adaptation | None) -> int:
     """Wakes of the voice path on one recorded clip: the model's recorded posteriors (through the adaptation,
     if any) into the recognizer, one per 0.1 s hop, the wake window never open."""
-    posteriors, embeddings = recorded
+    posteriors, embeddings, mel = recorded
     recognizer = Recognizer(settings)
     recent = adaptation.recent_hops() if adaptation is not None else RecentHops(1)  # the clip: its own stream
     count = 0
     for hop, (posterior, embedding) in enumerate(zip(posteriors, embeddings, strict=True)):
         probabilities = posterior if adaptation is None else \
-            adaptation.apply(settings.labels, posterior, embedding, recent)
+            adaptation.apply(settings.labels, posterior, embedding, recent, mel[hop])
         detection = recognizer.process(Scores(settings.labels, probabilities, round(0.1 * (hop + 1), 6)))
         count += detection is not None and detection.word == WAKE
     return count
 
 
-def touched(adaptation: Adaptation | None, embeddings: npt.NDArray[np.float32]) -> bool:
-    """Whether the adaptation changes any hop of a clip (else it wakes exactly as the shipped model)."""
+def template_raised(adaptation: Adaptation | None, cepstra: dict[str, npt.NDArray[np.float32]]) -> set[str]:
+    """The clips (keys of ``cepstra``) in which a template path of the adaptation raises its word."""
+    result: set[str] = set()
+    keys = list(cepstra)
+    for entry in adaptation.heads if adaptation is not None else ():
+        if entry.templates is not None and entry.templates.active:
+            reach = entry.templates.reach([cepstra[k] for k in keys])
+            result.update(k for k, d in zip(keys, reach, strict=True) if d <= 1.0)
+    return result
+
+
+def touched(adaptation: Adaptation | None, embeddings: npt.NDArray[np.float32],
+            templated: bool = False) -> bool:
+    """Whether the adaptation changes any hop of a clip (else it wakes exactly as the shipped model);
+    ``templated``: a template path raises its word in it (:func:`template_raised`)."""
     if adaptation is None:
         return False
+    if templated:
+        return True
     for entry in adaptation.heads:
         scores = entry.head.score(embeddings)
         if entry.boosts(embeddings, scores).any() or entry.vetoes(embeddings, scores).any():
@@ -206,7 +230,7 @@ def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any
                 "recorded": recorded}
 
     return _cached(cache, {"model_sha256": model.sha256, "voices": VOICES, "min_clips": MIN_CLIPS,
-                           "same_voice_check": True}, build)
+                           "same_voice_check": True, "mel": True}, build)
 
 
 def enrolment_draws(paths: list[str], draws: int = DRAWS) -> list[list[str]]:
@@ -256,6 +280,7 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
     recorded, audio, confusable = dev["recorded"], dev["audio"], dev["confusable"]
     settings = VoicePipeline(model, VoiceSection(), hop_seconds=model_hop_seconds(model)).settings
     shipped = {key: wakes(settings, rec, None) for key, rec in recorded.items()}
+    cepstra = {key: clip_cepstra(rec) for key, rec in recorded.items()}
     results: dict[str, Any] = {}
     summary: dict[str, dict[str, Any]] = {}
     for voice in voices:
@@ -280,18 +305,25 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
                     adaptation = None
                 total["seconds"] = max(total["seconds"], time.process_time() - started)
 
-                def adapted(key: str, adaptation: Adaptation | None = adaptation) -> int:
+                keys = [*tested, *(p for ps in confusable.values() for p in ps),
+                        *(voice + p for ps in dev["same_voice"].values() for p in ps)]
+                templated = template_raised(adaptation, {k: cepstra[k] for k in keys})
+
+                def adapted(key: str, adaptation: Adaptation | None = adaptation,
+                            templated: set[str] = templated) -> int:
                     rec = recorded[key]
-                    return wakes(settings, rec, adaptation) if touched(adaptation, rec[1]) else shipped[key]
+                    return wakes(settings, rec, adaptation) \
+                        if touched(adaptation, rec[1], key in templated) else shipped[key]
 
                 before = sum(shipped[k] > 0 for k in tested)
                 after = sum(adapted(k) > 0 for k in tested)
                 added = {s: sum(adapted(p) for p in ps) - sum(shipped[p] for p in ps)
                          for s, ps in confusable.items()}
-                near = sum(raised(adaptation, recorded[p][1]) for ps in confusable.values() for p in ps)
+                near = sum(raised(adaptation, recorded[p][1]) or p in templated
+                           for ps in confusable.values() for p in ps)
                 same_voice = {s: sum(adapted(voice + p) for p in ps) - sum(shipped[voice + p] for p in ps)
                               for s, ps in dev["same_voice"].items()}
-                same_near = sum(raised(adaptation, recorded[voice + p][1])
+                same_near = sum(raised(adaptation, recorded[voice + p][1]) or voice + p in templated
                                 for ps in dev["same_voice"].values() for p in ps)
                 percent = 100.0 * after / len(tested)
                 total["draws"] += 1
@@ -340,7 +372,7 @@ def load_precise(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any]
                          for path in paths})
         return {"targets": targets, "others": others, "audio": audio, "recorded": recorded}
 
-    return _cached(cache, {"model_sha256": model.sha256, "words": PRECISE_OTHER_WORDS}, build)
+    return _cached(cache, {"model_sha256": model.sha256, "words": PRECISE_OTHER_WORDS, "mel": True}, build)
 
 
 def gate_ratio(entry: WordHead, embeddings: npt.NDArray[np.float32]) -> float:
@@ -377,7 +409,7 @@ def speaker_check(model: KwsModel, bank: Bank, dev: dict[str, Any], precise: dic
         for path in precise["targets"]:
             if path in enrolled:
                 continue
-            posteriors, embeddings = recorded[path]
+            posteriors, embeddings, _ = recorded[path]
             figures["tested"][Path(path).stem] = {
                 "shipped": shipped[path] > 0,
                 "adapted": wakes(settings, recorded[path], adaptation) > 0,
@@ -385,13 +417,16 @@ def speaker_check(model: KwsModel, bank: Bank, dev: dict[str, Any], precise: dic
                 "head_max": round(float(entry.head.score(embeddings).max()), 3),
                 "gate_ratio": round(gate_ratio(entry, embeddings), 2)}
         for name, group in sets.items():
+            templated = template_raised(adaptation, {p: clip_cepstra(recorded[p])
+                                                     for ps in group.values() for p in ps})
             added = {s: sum(wakes(settings, recorded[p], adaptation) - shipped[p] for p in ps
-                            if touched(adaptation, recorded[p][1])) for s, ps in group.items()}
+                            if touched(adaptation, recorded[p][1], p in templated))
+                     for s, ps in group.items()}
             ratios = {p: gate_ratio(entry, recorded[p][1]) for ps in group.values() for p in ps}
             closest = min(ratios, key=lambda p: ratios[p])
             figures[name] = {"wakes_added": sum(added.values()),
                              "by_source": {s: v for s, v in added.items() if v},
-                             "near_miss_clips": sum(raised(adaptation, recorded[p][1])
+                             "near_miss_clips": sum(raised(adaptation, recorded[p][1]) or p in templated
                                                     for ps in group.values() for p in ps),
                              "edge_clips": sum(r <= EDGE_RATIO for r in ratios.values()),
                              "closest": [Path(closest).parent.name + "/" + Path(closest).stem,
