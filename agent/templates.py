@@ -19,9 +19,10 @@ match sums about one cost per template frame, fast or slow), and the sum is divi
 The recursion needs only the previous column, so a live stream advances all templates together, one numpy
 step per frame; the same step, over a batch of recordings, gives the bank's distances at enrolment.
 
-The limit is set at enrolment from the negative bank (:mod:`agent.bank`: cepstra of training-side speech of
-other labels) and the household's not-word recordings: BANK_MARGIN of the nearest of them. A hop whose new
-frames end a match within the limit raises the word (its posterior stands at RAISED for LATCH_HOPS hops,
+Each template's limit is set at enrolment (:func:`agent.adaptation.fit_templates`) from the negative bank
+(:mod:`agent.bank`: cepstra of training-side speech of other labels) and the household's not-word
+recordings: a fraction of the distance of the nearest of them. A hop whose new frames end a match within its
+template's limit raises the word (its posterior stands at RAISED for LATCH_HOPS hops,
 enough for the recognizer's smoothing to fire once).
 """
 
@@ -231,14 +232,13 @@ class Templates:
 def _advance(totals: FloatArray, cost: FloatArray) -> FloatArray:
     """One stream frame of the warping: ``totals`` (..., templates, longest) of the matches ending on the
     previous frame, ``cost`` the new frame's; a match may start on any frame (open begin)."""
-    previous = totals
-    one = np.full_like(previous, np.inf)
-    one[..., 1:] = previous[..., :-1]
-    two = np.full_like(previous, np.inf)
-    two[..., 2:] = previous[..., :-2] + cost[..., 1:-1]  # the skipped template frame counts as this one
-    result = cost + np.minimum(np.minimum(previous, one), two)
-    result[..., 0] = cost[..., 0]
-    return result.astype(np.float32)
+    best = totals.copy()  # staying on the same template frame
+    np.minimum(best[..., 1:], totals[..., :-1], out=best[..., 1:])  # advancing one
+    # Advancing two: the skipped template frame counts as matched to this stream frame too.
+    np.minimum(best[..., 2:], totals[..., :-2] + cost[..., 1:-1], out=best[..., 2:])
+    best += cost
+    best[..., 0] = cost[..., 0]
+    return best
 
 
 class TemplateState:
@@ -253,18 +253,19 @@ class TemplateState:
         self._totals[:] = np.inf
         self.raised_hops = 0
 
-    def step(self, frame: FloatArray) -> float:
-        """Advance by one frame; the best match ending on it, in its template's limits."""
+    def step(self, frame: FloatArray, cost: FloatArray | None = None) -> float:
+        """Advance by one frame (``cost``: its costs, if computed with others'); the best match ending on
+        it, in its template's limits."""
         templates = self.templates
-        self._totals = _advance(self._totals, templates._costs(frame))
+        self._totals = _advance(self._totals, templates._costs(frame) if cost is None else cost)
         return float((templates._ends(self._totals) / templates.limits).min(initial=np.inf))
 
     def hop(self, cepstra: FloatArray) -> bool:
         """Advance by one hop's frames; whether the word is raised on this hop (a match within the limit
         ended on one of its frames or on the LATCH_HOPS - 1 hops before)."""
         matched = False
-        for frame in cepstra:
-            matched = self.step(frame) <= 1.0 or matched
+        for frame, cost in zip(cepstra, self.templates._costs(cepstra), strict=True):
+            matched = self.step(frame, cost) <= 1.0 or matched
         if matched:
             self.raised_hops = LATCH_HOPS
         raised = self.raised_hops > 0

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample
 
-from agent.adaptation import Adaptation, EnrollError, allowed_false_wakes, train_head
+from agent.adaptation import Adaptation, EnrollError, allowed_false_wakes
 from agent.adaptation_store import Store
 from agent.audio import SAMPLE_RATE, read_audio_file
 from agent.bank import Bank, bank_path
@@ -22,6 +22,7 @@ from agent.cli import main as cli_main
 from agent.config import load_config
 from agent.enroll import check_take, level_meter
 from agent.errors import ModelError
+from agent.head import train_head
 from agent.kws import KwsModel
 from agent.transcribe import transcribe_file
 from agent.voice import load_pipeline
@@ -92,7 +93,7 @@ def test_after_the_first_steps_the_head_trains_on_the_hard_negatives_and_a_rewei
     """Enrolment trains against ~23,000 bank windows; after FOCUS_AFTER_STEPS steps most are far from the
     boundary. The rest of the training keeps every positive, the negatives the head scores highest and a
     sample of the others weighted up, so the loss is unchanged in expectation at a fraction of the cost."""
-    from agent import adaptation
+    from agent import head as head_module
 
     rng = np.random.default_rng(2)
     x = rng.normal(0.0, 1.0, (20_000, 4)).astype(np.float32)
@@ -101,9 +102,9 @@ def test_after_the_first_steps_the_head_trains_on_the_hard_negatives_and_a_rewei
     weight = np.full(len(x), 1.0 / len(x), np.float32)
     w1 = np.eye(4, 2, dtype=np.float32)  # the score rises with the first coordinate
     params = [w1, np.zeros(2, np.float32), np.array([3.0, 0.0], np.float32), np.zeros(1, np.float32)]
-    kept_x, kept_y, kept_weight = adaptation._focus_on_hard_negatives(x, y, weight, params, rng)
+    kept_x, kept_y, kept_weight = head_module._focus_on_hard_negatives(x, y, weight, params, rng)
     assert kept_y.sum() == 50 and len(kept_y) < len(y) / 3
-    hardest = np.sort(x[50:, 0])[-adaptation.HARD_NEGATIVES :]
+    hardest = np.sort(x[50:, 0])[-head_module.HARD_NEGATIVES :]
     assert np.isin(hardest, kept_x[:, 0]).all()
     assert abs(float(kept_weight[kept_y == 0].sum()) - float(weight[50:].sum())) < 0.05
     head = train_head(x[:50] + 3.0, x[50:], positive_weights=np.ones(50, np.float32),
@@ -115,7 +116,8 @@ def test_the_gate_stays_a_quarter_short_of_the_nearest_word_like_bank_window() -
     """The boost applies only near the household's windows; the radius, however spread the recordings, stays
     at GATE_BANK_MARGIN (0.75) of the distance to the nearest bank window of another label the head finds
     word-like: at 0.8 the development split's enrolments raised the word on confusable clips."""
-    from agent.adaptation import Head, gate_radius
+    from agent.adaptation import gate_radius
+    from agent.head import Head
 
     head = Head(np.zeros(2, np.float32), np.ones(2, np.float32), np.eye(2, 1, dtype=np.float32),
                 np.zeros(1, np.float32), np.ones(1, np.float32), 0.0)
@@ -523,7 +525,8 @@ def test_the_speaker_check_counts_his_own_other_wake_words_and_how_close_other_s
     and no development wake warned. training.enrol_dev's speaker check replays his own other wake words after
     each draw of his enrolment (wakes added, near misses) and says how close, in gate radii, the closest clip
     of each kind comes to the gate (a hop scoring the boost at 1.05 radii is at the edge, not raised)."""
-    from agent.adaptation import Head, WordHead
+    from agent.adaptation import WordHead
+    from agent.head import Head
     from training import enrol_dev
 
     model = KwsModel.load(MODEL, embedding=True)

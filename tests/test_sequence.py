@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from agent import sequence
-from agent.adaptation import Adaptation, Head, WordHead
+from agent.adaptation import Adaptation, WordHead
+from agent.head import Head
 from agent.sequence import SequenceGate
 
 WORD = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]], np.float32)  # a path through four hops
