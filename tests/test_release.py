@@ -118,6 +118,30 @@ def test_a_spoken_command_becomes_its_mqtt_action(installed: Installed, tmp_path
     assert devices.returncode == 0, devices.stderr  # lists microphones, or says there are none
 
 
+def test_a_household_enrols_a_voice_the_shipped_model_misses(installed: Installed, tmp_path: Path) -> None:
+    """`home-agent enroll` works from the installed package: it needs the negative bank beside the model
+    (models/kws.bank.npz, shipped with the wheel's data files; a wheel without it refused every enrolment),
+    and `transcribe --config` then hears the enrolled voice that `transcribe` alone misses."""
+    from test_enroll import WAKE_SOURCES, child_voice
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[agent]\nid = "release"\nstate_dir = "{tmp_path / "state"}"\n[mqtt]\n',
+                      encoding="utf-8")
+    takes = [child_voice(name, factor, tmp_path) for name in WAKE_SOURCES[:2] for factor in (1.3, 1.4)]
+    takes.append(child_voice(WAKE_SOURCES[2], 1.3, tmp_path))
+    test = child_voice(WAKE_SOURCES[0], 1.35, tmp_path)
+    enrolled = run(installed.home_agent, "enroll", "--config", config, "--word", "computer", *takes,
+                   cwd=tmp_path, timeout=120)
+    assert enrolled.returncode == 0, f"Python {installed.version}:\n{enrolled.stderr[-3000:]}"
+    assert "templates of your recordings" in enrolled.stdout
+    words: dict[str, list[str]] = {}
+    for name, args in (("shipped", ()), ("adapted", ("--config", config))):
+        heard = run(installed.home_agent, "transcribe", "--json", *args, test, cwd=tmp_path)
+        assert heard.returncode == 0, heard.stderr
+        words[name] = [d["word"] for d in json.loads(heard.stdout)["detections"]]
+    assert "computer" not in words["shipped"] and "computer" in words["adapted"], words
+
+
 def test_anomaly_score_scores_a_csv(installed: Installed, tmp_path: Path) -> None:
     readings = tmp_path / "readings.csv"
     rows = [(f"2024-01-01T{i // 60:02d}:{i % 60:02d}:00", 20 + 2 * math.sin(i / 30)) for i in range(600)]
