@@ -25,8 +25,8 @@ from agent.adaptation import (
     EnrollError,
     learn,
     load_model_and_bank,
-    speech_span,
     stream_embeddings,
+    utterance_span,
 )
 from agent.adaptation_store import Store
 from agent.audio import SAMPLE_RATE, read_audio_file
@@ -86,7 +86,7 @@ def check_take(name: str, samples: npt.NDArray[np.int16], *, need_utterance: boo
     floor = float(np.percentile(energy, 10)) + 1e-9
     if 10 * math.log10(float(energy.max()) / floor + 1e-12) < MIN_DYNAMIC_DB:
         raise EnrollError(f"{name}: no speech stands out of the background (silence or steady noise)")
-    span = speech_span(samples)
+    span = utterance_span(samples)
     if span is None:
         raise EnrollError(f"{name}: silence")
     if need_utterance and (span[1] - span[0]) / SAMPLE_RATE > MAX_UTTERANCE_SECONDS:
