@@ -49,6 +49,7 @@ CLIP_LEVEL = 32000
 CLIPPED_FRACTION = 0.001
 MIN_DYNAMIC_DB = 10.0
 MAX_UTTERANCE_SECONDS = 2.5
+OTHER_SOUND_DB = 10.0  # a sound outside the utterance this close to its loudest frame: another word
 # Another word: the base model is this sure of a different vocabulary word and gives the enrolled one almost
 # nothing. (A hard speaker's "computer" heard as "yes" keeps some "computer": it is the case to adapt to.)
 # Two words: the voice path (shipped model, smoothing, thresholds) hears the enrolled word and, at least
@@ -89,9 +90,16 @@ def check_take(name: str, samples: npt.NDArray[np.int16], *, need_utterance: boo
     span = utterance_span(samples)
     if span is None:
         raise EnrollError(f"{name}: silence")
-    if need_utterance and (span[1] - span[0]) / SAMPLE_RATE > MAX_UTTERANCE_SECONDS:
-        raise EnrollError(f"{name}: the sound lasts {(span[1] - span[0]) / SAMPLE_RATE:.1f} s; record one "
-                          "word with silence around it")
+    # Another sound nearly as loud as the utterance (within OTHER_SOUND_DB) is another word, not the room.
+    outside = np.ones(count, bool)
+    outside[span[0] // frame : span[1] // frame] = False
+    sounds = outside & (energy >= float(energy.max()) * 10 ** (-OTHER_SOUND_DB / 10))
+    extent = (span[1] - span[0]) / SAMPLE_RATE
+    if sounds.any():
+        loud = np.flatnonzero(sounds | ~outside)
+        extent = (loud[-1] + 1 - loud[0]) * frame / SAMPLE_RATE
+    if need_utterance and extent > MAX_UTTERANCE_SECONDS:
+        raise EnrollError(f"{name}: the sound lasts {extent:.1f} s; record one word with silence around it")
     return Take(name, samples, span)
 
 
