@@ -62,7 +62,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.adaptation_store import HEADS_FILE, Store, write_atomically
-from agent.bank import Bank, FloatArray, bank_path
+from agent.bank import Bank, FloatArray, bank_path, run_starts
 from agent.config import Config
 from agent.errors import HomeAgentError, StateError
 from agent.features import UNKNOWN_LABEL, StreamingFeatures
@@ -95,6 +95,7 @@ MIN_TEMPLATES = 2  # the limit is judged by each recording against the others' t
 # every quiet one; with training-split noise 20 dB below, 1 % of takes ran over 2.5 s (speech_span: 32 %).
 UTTERANCE_ABOVE_NOISE_DB = 10.0
 UTTERANCE_GAP_FRAMES = 15
+SPAN_FRAME = 160  # speech_span's and utterance_span's frames: 10 ms
 # The boost threshold sits just above the highest bank recording of another label (allowing for the budget),
 # with no margin: on the development split (python -m training.enrol_dev: 12 enrolments of training speaker
 # clusters and child-like versions of them; 100 other recordings, 76 heard by the shipped model), a margin of
@@ -536,51 +537,48 @@ def _item_peaks(scores: FloatArray, bank: Bank, word: str) -> FloatArray:
     return result
 
 
-def run_starts(items: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
-    """Where each run of equal ``items`` (a bank recording's consecutive rows) starts."""
-    return np.flatnonzero(np.r_[True, items[1:] != items[:-1]]) if len(items) else np.zeros(0, np.intp)
+def frame_energies(samples: npt.NDArray[np.int16]) -> npt.NDArray[np.float64]:
+    """The mean square of each whole 10 ms frame (SPAN_FRAME samples) of ``samples``."""
+    count = len(samples) // SPAN_FRAME
+    energy: npt.NDArray[np.float64] = \
+        (samples[: count * SPAN_FRAME].astype(np.float64).reshape(count, SPAN_FRAME) ** 2).mean(axis=1)
+    return energy
+
+
+def _loud_frames(energy: npt.NDArray[np.float64], floor_db: float,
+                 above_noise_db: float) -> npt.NDArray[np.intp]:
+    """The frames within ``floor_db`` of the loudest and ``above_noise_db`` above the background (the 10th
+    percentile frame); none for silence or a steady sound (a hum or tone, no utterance)."""
+    if not len(energy) or float(energy.max()) <= 0.0:
+        return np.zeros(0, np.intp)
+    level = max(float(energy.max()) * 10 ** (-floor_db / 10),
+                float(np.percentile(energy, 10)) * 10 ** (above_noise_db / 10))
+    return np.flatnonzero(energy >= level)
 
 
 def speech_span(samples: npt.NDArray[np.int16], floor_db: float = 30.0,
                 above_noise_db: float = 6.0) -> tuple[int, int] | None:
-    """(first, last + 1) sample of the 10 ms frames within ``floor_db`` of the loudest and ``above_noise_db``
-    above the background (the 10th percentile frame); None for silence or a steady sound."""
-    frame = 160
-    count = len(samples) // frame
-    if count == 0:
-        return None
-    frames = samples[: count * frame].astype(np.float64).reshape(count, frame)
-    energy = (frames**2).mean(axis=1)
-    loudest = float(energy.max())
-    if loudest <= 0.0:
-        return None
-    background = float(np.percentile(energy, 10))
-    level = max(loudest * 10 ** (-floor_db / 10), background * 10 ** (above_noise_db / 10))
-    loud = np.flatnonzero(energy >= level)
-    if loud.size == 0:  # no frame stands out of the background: a steady hum or tone, no utterance
-        return None
-    return int(loud[0]) * frame, (int(loud[-1]) + 1) * frame
+    """(first, last + 1) sample of the loud 10 ms frames (:func:`_loud_frames`); None for silence or a
+    steady sound."""
+    loud = _loud_frames(frame_energies(samples), floor_db, above_noise_db)
+    return (int(loud[0]) * SPAN_FRAME, (int(loud[-1]) + 1) * SPAN_FRAME) if loud.size else None
 
 
 def utterance_span(samples: npt.NDArray[np.int16], above_noise_db: float = UTTERANCE_ABOVE_NOISE_DB,
                    gap_frames: int = UTTERANCE_GAP_FRAMES) -> tuple[int, int] | None:
-    """The utterance of a take: the run of :func:`speech_span`'s loud 10 ms frames (here ``above_noise_db``
-    above the background) around the loudest one, bridging quiet gaps of up to ``gap_frames``. In a quiet
-    take it is speech_span's span; in a noisy room the noise's own louder moments away from the word stay
-    out (speech_span runs from the first to the last of them)."""
-    frame = 160
-    count = len(samples) // frame
-    energy = (samples[: count * frame].astype(np.float64).reshape(count, frame) ** 2).mean(axis=1)
-    if count == 0 or float(energy.max()) <= 0.0 or speech_span(samples) is None:
+    """The utterance of a take: the run of loud 10 ms frames (:func:`_loud_frames`, 30 dB from the loudest as
+    in :func:`speech_span`, here ``above_noise_db`` above the background) around the loudest one, bridging
+    quiet gaps of up to ``gap_frames``. In a quiet take it is speech_span's span; in a noisy room the noise's
+    own louder moments away from the word stay out (speech_span runs from the first to the last of them)."""
+    energy = frame_energies(samples)
+    loud = _loud_frames(energy, 30.0, above_noise_db)
+    if not loud.size:
         return None
-    level = max(float(energy.max()) * 1e-3,  # 30 dB below the loudest frame, as speech_span's floor
-                float(np.percentile(energy, 10)) * 10 ** (above_noise_db / 10))
-    loud = np.flatnonzero(energy >= level)
     peak = int(np.searchsorted(loud, int(energy.argmax())))
     breaks = np.flatnonzero(np.diff(loud) > gap_frames + 1)  # a gap of more than gap_frames quiet frames
     first = loud[breaks[breaks < peak][-1] + 1] if (breaks < peak).any() else loud[0]
     last = loud[breaks[breaks >= peak][0]] if (breaks >= peak).any() else loud[-1]
-    return int(first) * frame, (int(last) + 1) * frame
+    return int(first) * SPAN_FRAME, (int(last) + 1) * SPAN_FRAME
 
 
 # --------------------------------------------------------------------------------------------- learning

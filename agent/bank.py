@@ -23,6 +23,11 @@ CHECK_EVERY = 3
 FloatArray = npt.NDArray[np.float32]
 
 
+def run_starts(items: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
+    """Where each run of equal ``items`` (a bank recording's consecutive rows) starts."""
+    return np.flatnonzero(np.r_[True, items[1:] != items[:-1]]) if len(items) else np.zeros(0, np.intp)
+
+
 def bank_path(model_path: Path) -> Path:
     """The negative bank lives beside the model: ``models/kws.tflite`` -> ``models/kws.bank.npz``."""
     return model_path.with_name(model_path.stem + ".bank.npz")
@@ -62,7 +67,7 @@ class Bank:
         items, values = self.cepstra_items[chosen], self.cepstra[chosen]
         if not len(items):
             return []
-        starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
+        starts = run_starts(items)
         return [values[a:b] for a, b in zip(starts, [*starts[1:], len(items)], strict=True)]
 
     def held_back(self, word: str) -> npt.NDArray[np.bool_]:

@@ -21,8 +21,10 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.adaptation import (
+    SPAN_FRAME,
     Adaptation,
     EnrollError,
+    frame_energies,
     learn,
     load_model_and_bank,
     stream_embeddings,
@@ -81,9 +83,7 @@ def check_take(name: str, samples: npt.NDArray[np.int16], *, need_utterance: boo
     if float(np.mean(magnitude >= CLIP_LEVEL)) > CLIPPED_FRACTION:
         raise EnrollError(f"{name}: clipped (the level hit full scale); speak further from the microphone "
                           "or lower the gain")
-    frame = 160
-    count = len(samples) // frame
-    energy = (samples[: count * frame].astype(np.float64).reshape(count, frame) ** 2).mean(axis=1)
+    energy = frame_energies(samples)
     floor = float(np.percentile(energy, 10)) + 1e-9
     if 10 * math.log10(float(energy.max()) / floor + 1e-12) < MIN_DYNAMIC_DB:
         raise EnrollError(f"{name}: no speech stands out of the background (silence or steady noise)")
@@ -91,13 +91,9 @@ def check_take(name: str, samples: npt.NDArray[np.int16], *, need_utterance: boo
     if span is None:
         raise EnrollError(f"{name}: silence")
     # Another sound nearly as loud as the utterance (within OTHER_SOUND_DB) is another word, not the room.
-    outside = np.ones(count, bool)
-    outside[span[0] // frame : span[1] // frame] = False
-    sounds = outside & (energy >= float(energy.max()) * 10 ** (-OTHER_SOUND_DB / 10))
-    extent = (span[1] - span[0]) / SAMPLE_RATE
-    if sounds.any():
-        loud = np.flatnonzero(sounds | ~outside)
-        extent = (loud[-1] + 1 - loud[0]) * frame / SAMPLE_RATE
+    near_peak = np.flatnonzero(energy >= float(energy.max()) * 10 ** (-OTHER_SOUND_DB / 10))
+    extent = (max(span[1], (int(near_peak[-1]) + 1) * SPAN_FRAME)
+              - min(span[0], int(near_peak[0]) * SPAN_FRAME)) / SAMPLE_RATE
     if need_utterance and extent > MAX_UTTERANCE_SECONDS:
         raise EnrollError(f"{name}: the sound lasts {extent:.1f} s; record one word with silence around it")
     return Take(name, samples, span)

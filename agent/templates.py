@@ -104,11 +104,15 @@ def hop_mel(params: FeatureParams, samples: npt.NDArray[np.int16], hop_samples: 
     return np.stack(hops) if hops else np.zeros((0, per_hop, params.num_mel_bands))
 
 
+def stream_cepstra(mel: npt.NDArray[np.floating[Any]]) -> FloatArray:
+    """(frames, COEFFICIENTS): the cepstra a new stream sees over hops of mel frames (hops, frames, bands)."""
+    return CepstralMean().push(mel.reshape(-1, mel.shape[-1]))
+
+
 def recording_cepstra(params: FeatureParams, samples: npt.NDArray[np.int16], hop_samples: int,
                       tail_samples: int = 0) -> FloatArray:
     """(frames, COEFFICIENTS): a recording's cepstra exactly as a stream that starts with it sees them."""
-    mel = hop_mel(params, samples, hop_samples, tail_samples)
-    return CepstralMean().push(mel.reshape(-1, params.num_mel_bands))
+    return stream_cepstra(hop_mel(params, samples, hop_samples, tail_samples))
 
 
 def template(cepstra: FloatArray, span: tuple[int, int], frame_hop: int) -> FloatArray:
@@ -195,7 +199,7 @@ class Templates:
         """Per frame of ``cepstra`` (one stream's consecutive frames), the best match ending on it, in its
         template's limits (inf until one fits)."""
         state = TemplateState(self)
-        return np.array([state.step(frame) for frame in cepstra], np.float32)
+        return np.array([state.step(cost) for cost in self._costs(cepstra)], np.float32)
 
     def nearest(self, recordings: Sequence[FloatArray], batch: int = 256) -> FloatArray:
         """(recordings, templates): per recording (each a stream of its own) and template, the smallest
@@ -260,19 +264,19 @@ class TemplateState:
         self._totals[:] = np.inf
         self.raised_hops = 0
 
-    def step(self, frame: FloatArray, cost: FloatArray | None = None) -> float:
-        """Advance by one frame (``cost``: its costs, if computed with others'); the best match ending on
-        it, in its template's limits."""
+    def step(self, cost: FloatArray) -> float:
+        """Advance by one frame, given its costs (:meth:`Templates._costs`); the best match ending on it, in
+        its template's limits."""
         templates = self.templates
-        self._totals = _advance(self._totals, templates._costs(frame) if cost is None else cost)
+        self._totals = _advance(self._totals, cost)
         return float((templates._ends(self._totals) / templates.limits).min(initial=np.inf))
 
     def hop(self, cepstra: FloatArray) -> bool:
         """Advance by one hop's frames; whether the word is raised on this hop (a match within the limit
         ended on one of its frames or on the LATCH_HOPS - 1 hops before)."""
         matched = False
-        for frame, cost in zip(cepstra, self.templates._costs(cepstra), strict=True):
-            matched = self.step(frame, cost) <= 1.0 or matched
+        for cost in self.templates._costs(cepstra):
+            matched = self.step(cost) <= 1.0 or matched
         if matched:
             self.raised_hops = LATCH_HOPS
         raised = self.raised_hops > 0

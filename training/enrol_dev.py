@@ -60,7 +60,7 @@ from agent.kws import KwsModel, model_hop_seconds
 from agent.messages import Scores
 from agent.recognizer import Recognizer, RecognizerSettings
 from agent.sequence import RecentHops
-from agent.templates import CepstralMean, hop_mel
+from agent.templates import hop_mel, stream_cepstra
 from agent.voice import VoicePipeline, tail_padding
 from bench.enroll_bench import CHILD, FASTER
 from bench.enroll_bench import changed_voice as bench_changed_voice
@@ -113,12 +113,6 @@ def record(model: KwsModel, samples: npt.NDArray[np.int16]) -> tuple[npt.NDArray
     pipeline.feed(tail_padding())
     mel = hop_mel(model.params, np.concatenate([samples, tail_padding()]), pipeline.hop_samples)
     return np.stack(recorder.posteriors), np.stack(recorder.embeddings), mel.astype(np.float32)
-
-
-def clip_cepstra(recorded: tuple[npt.NDArray[np.float32], ...]) -> npt.NDArray[np.float32]:
-    """The cepstra a new stream sees over a recorded clip (:mod:`agent.templates`)."""
-    mel = recorded[2]
-    return CepstralMean().push(mel.reshape(-1, mel.shape[-1]))
 
 
 def wakes(settings: RecognizerSettings, recorded: tuple[npt.NDArray[np.float32], ...],
@@ -280,7 +274,7 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
     recorded, audio, confusable = dev["recorded"], dev["audio"], dev["confusable"]
     settings = VoicePipeline(model, VoiceSection(), hop_seconds=model_hop_seconds(model)).settings
     shipped = {key: wakes(settings, rec, None) for key, rec in recorded.items()}
-    cepstra = {key: clip_cepstra(rec) for key, rec in recorded.items()}
+    cepstra = {key: stream_cepstra(rec[2]) for key, rec in recorded.items()}
     results: dict[str, Any] = {}
     summary: dict[str, dict[str, Any]] = {}
     for voice in voices:
@@ -399,6 +393,8 @@ def speaker_check(model: KwsModel, bank: Bank, dev: dict[str, Any], precise: dic
     recorded = {**dev["recorded"], **precise["recorded"]}
     replayed = [*precise["targets"], *(p for group in sets.values() for ps in group.values() for p in ps)]
     shipped = {p: wakes(settings, recorded[p], None) for p in replayed}
+    cepstra = {name: {p: stream_cepstra(recorded[p][2]) for ps in group.values() for p in ps}
+               for name, group in sets.items()}
     results: dict[str, Any] = {}
     for number, enrolled in enumerate(enrolment_draws(precise["targets"], draws)):
         adaptation = learn(model, bank, {WAKE: [precise["audio"][p] for p in enrolled]}, [], budget=0.0,
@@ -417,8 +413,7 @@ def speaker_check(model: KwsModel, bank: Bank, dev: dict[str, Any], precise: dic
                 "head_max": round(float(entry.head.score(embeddings).max()), 3),
                 "gate_ratio": round(gate_ratio(entry, embeddings), 2)}
         for name, group in sets.items():
-            templated = template_raised(adaptation, {p: clip_cepstra(recorded[p])
-                                                     for ps in group.values() for p in ps})
+            templated = template_raised(adaptation, cepstra[name])
             added = {s: sum(wakes(settings, recorded[p], adaptation) - shipped[p] for p in ps
                             if touched(adaptation, recorded[p][1], p in templated))
                      for s, ps in group.items()}
