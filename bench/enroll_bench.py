@@ -28,10 +28,11 @@ speaker ids), that cluster played 1.3x faster (higher and quicker), and the hard
 Picovoice cluster with the most recordings made child-like (pitch and formants 1.3x higher by resampling,
 its tempo kept: a voice the shipped model misses nearly always; ../shared holds no real speaker it misses
 often), and that child-like voice in a noisy room (held-out noise, the validation split of ``noise/``, 20 dB
-below the speech, in the enrolled recordings as in the rest). The gate, thresholds and weights of the
-enrolment are chosen on its development set (``python -m training.enrol_dev``: training speaker clusters
-and child-like versions of them, against the development half of the other wake words' training split),
-never here. Also the daemon's
+below the speech, in the enrolled recordings as in the rest; a recording ``enroll`` refuses as a take, too
+noisy, is passed over for the speaker's next one, as a household records another take). The gate,
+thresholds and weights of the enrolment are chosen on its development set (``python -m training.enrol_dev``:
+training speaker clusters and child-like versions of them, against the development half of the other wake
+words' training split), never here. Also the daemon's
 extra CPU per audio second with an adaptation. Nothing here depends on the particular model weights: run
 it again after a new ``models/kws.tflite`` (and its rebuilt
 ``models/kws.bank.npz``).
@@ -48,7 +49,7 @@ import platform
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,12 +273,19 @@ def noisy_voice(paths: list[str], workdir: Path, noise_paths: list[str],
     def add(samples: Any) -> Any:
         voiced = changed_voice(samples, CHILD, keep_tempo=True)
         start = int(rng.integers(0, len(noise) - len(voiced)))
-        stretch = noise[start : start + len(voiced)]
-        loud = voiced[np.abs(voiced) > 0.1 * np.abs(voiced).max()]
-        gain = np.sqrt(np.mean(loud**2) / (np.mean(stretch**2) + 1e-9) / 10 ** (snr_db / 10))
-        return voiced + gain * stretch
+        return with_noise(voiced, noise[start : start + len(voiced)], snr_db)
 
     return transformed_voice(paths, workdir, "noisy", add)
+
+
+def with_noise(speech: Any, noise: Any, snr_db: float) -> Any:
+    """Float ``speech`` with ``noise`` (as long) added ``snr_db`` below its loud part (the samples above a
+    tenth of its peak)."""
+    import numpy as np
+
+    loud = speech[np.abs(speech) > 0.1 * np.abs(speech).max()]
+    gain = np.sqrt(np.mean(loud**2) / (np.mean(noise**2) + 1e-9) / 10 ** (snr_db / 10))
+    return speech + gain * noise
 
 
 def largest_cluster(sets: dict[str, Any]) -> tuple[str, list[str]]:
@@ -288,15 +296,33 @@ def largest_cluster(sets: dict[str, Any]) -> tuple[str, list[str]]:
     return group, sorted(sets["computer_groups"][group])
 
 
-def enrolment_draws(files: list[str], draws: int) -> list[list[str]]:
-    """The first ENROL recordings, then ``draws`` more sets of ENROL, chosen by a hash of the file names."""
+def enrolment_draws(files: list[str], draws: int,
+                    usable: Callable[[str], bool] = lambda path: True) -> list[list[str]]:
+    """The first ENROL recordings, then ``draws`` more sets of ENROL, chosen by a hash of the file names. A
+    recording that is not ``usable`` (``home-agent enroll`` refuses it as a take: too noisy, say) is passed
+    over for the next in the draw's order, as a household records another take."""
     from training.common import stable_fraction
 
-    result = [files[:ENROL]]
-    for draw in range(draws):
-        order = sorted(files, key=lambda p: stable_fraction(f"draw{draw}-{Path(p).name}"))
-        result.append(sorted(order[:ENROL]))
-    return result
+    def hashed(draw: int) -> list[str]:
+        return sorted(files, key=lambda p: stable_fraction(f"draw{draw}-{Path(p).name}"))
+
+    orders = [files, *(hashed(draw) for draw in range(draws))]
+    chosen = [[path for path in order if usable(path)][:ENROL] for order in orders]
+    return [chosen[0], *(sorted(draw) for draw in chosen[1:])]
+
+
+def takes_refused(files: list[str]) -> list[str]:
+    """The recordings ``home-agent enroll`` refuses as takes (:func:`agent.enroll.read_take`)."""
+    from agent.adaptation import EnrollError
+    from agent.enroll import read_take
+
+    refused = []
+    for path in files:
+        try:
+            read_take(Path(path))
+        except EnrollError:
+            refused.append(path)
+    return refused
 
 
 def draw_figures(shipped: dict[str, Any], adapted: dict[str, Any]) -> dict[str, Any]:
@@ -314,9 +340,12 @@ def draw_figures(shipped: dict[str, Any], adapted: dict[str, Any]) -> dict[str, 
 
 
 def run_target(workdir: Path, name: str, files: list[str], sets: dict[str, Any]) -> dict[str, Any]:
-    result = run_draw(workdir, files[:ENROL], files, sets, first=True)
+    refused = set(takes_refused(files))
+    first, *others = enrolment_draws(files, DRAWS, lambda path: path not in refused)
+    result = run_draw(workdir, first, files, sets, first=True)
+    result["takes_refused"] = sorted(Path(p).name for p in refused)
     result["draws"] = []
-    for enrol_files in enrolment_draws(files, DRAWS)[1:]:
+    for enrol_files in others:
         draw = run_draw(workdir, enrol_files, files, sets, first=False)
         result["draws"].append({"enrolled": draw["enrolled"], "enrol_seconds": draw["enrol_seconds"],
                                 "enrol_status": draw["enrol_status"], **draw.get("figures", {})})

@@ -13,6 +13,10 @@ reports (see :func:`training.enrol_bank.bank_part`):
   all heard by the model that was trained on them). The target cluster's own recordings are taken out of
   the bank's word positives for its enrolments (the bank holds 80 training ``computer`` clips; a target whose
   other recordings the head was trained on is heard too easily);
+- the child-like voice in a noisy room (NOISY_VOICES: the ``tune`` quarter of ``noise/`` at 20, 15 and 10 dB
+  in every recording, enrolled, tested and same-voice confusable alike). Each draw passes over the takes
+  ``home-agent enroll`` refuses (:func:`agent.enroll.check_take`: too noisy, say) for the cluster's next
+  recordings, as a household records another take, and enrols what is left;
 - confusable speech: the development half of the training-split clips of the five other wake words (the bank
   holds the other half; the bench holds out the validation split), and the ``tune`` quarter of
   ``real_long/``: wakes per hour before and after enrolment;
@@ -56,13 +60,14 @@ from agent.adaptation import Adaptation, EnrollError, WordHead, learn, nearest_d
 from agent.audio import read_audio_file
 from agent.bank import Bank, bank_path
 from agent.config import VoiceSection
+from agent.enroll import check_take
 from agent.kws import KwsModel, model_hop_seconds
 from agent.messages import Scores
 from agent.recognizer import Recognizer, RecognizerSettings
 from agent.sequence import RecentHops
 from agent.templates import hop_mel, stream_cepstra
 from agent.voice import VoicePipeline, tail_padding
-from bench.enroll_bench import CHILD, FASTER
+from bench.enroll_bench import CHILD, FASTER, NOISE_SNR_DB, with_noise
 from bench.enroll_bench import changed_voice as bench_changed_voice
 from training.common import stable_fraction
 from training.data import inventory
@@ -80,6 +85,11 @@ TARGET_PERCENT = 90.0  # a draw hears at least this much of the speaker's other 
 # voice the shipped model misses that the held-out targets hold.
 VOICES = {"child:": (CHILD, True), "higher:": (1.15, True), "deeper:": (1 / 1.15, True),
           "faster:": (FASTER, False)}
+# The changed voices in a noisy room: key prefix -> (voice prefix, SNR in dB). The ``tune`` quarter of
+# ``noise/`` (neither the bank's half nor the bench's held-out quarter) added to every recording, enrolled and
+# tested alike, as the bench's noisy target adds its held-out noise.
+NOISY_VOICES = {"noisy:": ("child:", NOISE_SNR_DB), "noisy15:": ("child:", 15.0),
+                "noisy10:": ("child:", 10.0)}
 
 
 class _Recorder:
@@ -164,6 +174,13 @@ def changed_voice(samples: npt.NDArray[np.int16], factor: float,
     return np.asarray(changed.clip(-32768, 32767), dtype=np.int16)
 
 
+def dev_noise(data_dir: Path) -> npt.NDArray[np.float64]:
+    """The ``tune`` quarter of ``noise/``, end to end."""
+    paths = sorted(c.path for c in inventory(data_dir, synth_dir=None) if c.source == "noise"
+                   and c.split == "tune")
+    return np.concatenate([read_audio_file(p).astype(np.float64) for p in paths])
+
+
 def dev_sets(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     clips = inventory(data_dir, synth_dir=None)
     confusable: dict[str, list[str]] = defaultdict(list)
@@ -183,10 +200,18 @@ def dev_sets(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]
     return dict(confusable), {g: sorted(clusters[g]) for g in chosen}
 
 
-def with_voices(path: str, samples: npt.NDArray[np.int16]) -> dict[str, npt.NDArray[np.int16]]:
-    """A recording by its path, and its changed voices (VOICES) by their keys (the voice's prefix + path)."""
-    return {path: samples, **{f"{prefix}{path}": changed_voice(samples, factor, keep_tempo)
-                              for prefix, (factor, keep_tempo) in VOICES.items()}}
+def with_voices(path: str, samples: npt.NDArray[np.int16],
+                noise: npt.NDArray[np.float64]) -> dict[str, npt.NDArray[np.int16]]:
+    """A recording by its path, and its changed voices (VOICES, then NOISY_VOICES: each its own stretch of
+    ``noise``, chosen by the path) by their keys (the voice's prefix + path)."""
+    voiced = {path: samples, **{f"{prefix}{path}": changed_voice(samples, factor, keep_tempo)
+                                for prefix, (factor, keep_tempo) in VOICES.items()}}
+    for prefix, (voice, snr_db) in NOISY_VOICES.items():
+        clean = voiced[voice + path].astype(np.float64)
+        start = int(stable_fraction(prefix + path) * (len(noise) - len(clean)))
+        noisy = with_noise(clean, noise[start : start + len(clean)], snr_db)
+        voiced[prefix + path] = np.asarray(noisy.clip(-32768, 32767), dtype=np.int16)
+    return voiced
 
 
 def _cached(cache: Path, stamp: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -208,34 +233,47 @@ def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any
     """The development sets and every clip's recorded hops (kept in ``cache``)."""
     def build() -> dict[str, Any]:
         confusable, targets = dev_sets(data_dir)
+        noise = dev_noise(data_dir)
         audio: dict[str, npt.NDArray[np.int16]] = {}
         for paths in targets.values():
             for path in paths:
-                audio.update(with_voices(path, read_audio_file(path)))
+                audio.update(with_voices(path, read_audio_file(path), noise))
         recorded = {key: record(model, samples) for key, samples in audio.items()}
         same_voice = {word: paths for word, paths in confusable.items() if word in CONFUSABLE_WAKE_WORDS}
         in_same_voice = {path for paths in same_voice.values() for path in paths}
         for paths in confusable.values():
             for path in paths:
                 samples = read_audio_file(path)
-                voiced = with_voices(path, samples) if path in in_same_voice else {path: samples}
+                voiced = with_voices(path, samples, noise) if path in in_same_voice else {path: samples}
                 recorded.update({key: record(model, changed) for key, changed in voiced.items()})
         return {"confusable": confusable, "same_voice": same_voice, "targets": targets, "audio": audio,
                 "recorded": recorded}
 
-    return _cached(cache, {"model_sha256": model.sha256, "voices": VOICES, "min_clips": MIN_CLIPS,
+    return _cached(cache, {"model_sha256": model.sha256, "voices": VOICES, "noisy_voices": NOISY_VOICES,
+                           "min_clips": MIN_CLIPS,
                            "same_voice_check": True, "mel": True}, build)
 
 
-def enrolment_draws(paths: list[str], draws: int = DRAWS) -> list[list[str]]:
-    """The first ENROL recordings, then ``draws - 1`` hash-chosen sets of ENROL (as the bench chooses)."""
+def enrolment_draws(paths: list[str], draws: int = DRAWS,
+                    usable: Callable[[str], bool] = lambda path: True) -> list[list[str]]:
+    """The first ENROL recordings, then ``draws - 1`` hash-chosen sets of ENROL, passing over recordings that
+    are not ``usable`` (as the bench chooses: :func:`bench.enroll_bench.enrolment_draws`)."""
     from bench.enroll_bench import enrolment_draws as bench_draws
 
     result: list[list[str]] = []
-    for chosen in bench_draws(paths, draws - 1):
+    for chosen in bench_draws(paths, draws - 1, usable):
         if chosen not in result:
             result.append(chosen)
     return result
+
+
+def usable_take(key: str, samples: npt.NDArray[np.int16]) -> bool:
+    """Whether ``home-agent enroll`` takes the recording (:func:`agent.enroll.check_take`)."""
+    try:
+        check_take(key, samples)
+    except EnrollError:
+        return False
+    return True
 
 
 def bank_word_paths(data_dir: Path) -> list[str]:
@@ -285,7 +323,8 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
                  "worst_percent": 100.0, "seconds": 0.0}
         for group, paths in dev["targets"].items():
             target_bank = bank if word_paths is None else without_clips(bank, word_paths, set(paths))
-            for number, enrolled_paths in enumerate(enrolment_draws(paths, draws)):
+            usable = {p for p in paths if usable_take(voice + p, audio[voice + p])}
+            for number, enrolled_paths in enumerate(enrolment_draws(paths, draws, usable.__contains__)):
                 enrolled = [voice + p for p in enrolled_paths]
                 tested = [voice + p for p in paths if p not in enrolled_paths]
                 started = time.process_time()
@@ -436,9 +475,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("models/kws.tflite"))
     parser.add_argument("--data", type=Path, default=Path("../shared/data/speech"))
     parser.add_argument("--cache", type=Path, default=Path(".cache/enrol_dev.pkl"))
+    parser.add_argument("--bank", type=Path, default=None,
+                        help="negative bank (default: the model's, models/kws.bank.npz)")
     parser.add_argument("--draws", type=int, default=DRAWS, help="choices of five recordings per target")
-    parser.add_argument("--voices", nargs="+", default=["", *[v.rstrip(":") for v in VOICES]],
-                        choices=["", *[v.rstrip(":") for v in VOICES]],
+    every_voice = ["", *[v.rstrip(":") for v in [*VOICES, *NOISY_VOICES]]]
+    parser.add_argument("--voices", nargs="+", default=every_voice, choices=every_voice,
                         help='"" the real clusters, the others those clusters with their voice changed')
     parser.add_argument("--keep-targets-in-bank", action="store_true",
                         help="leave the target's own recordings in the bank (the old, easier setting)")
@@ -449,17 +490,18 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     model = KwsModel.load(args.model, embedding=True)
+    bank = Bank.load(args.bank or bank_path(model.path), model)
     dev = load_recorded(model, args.data, args.cache)
     if args.speaker:
         precise = load_precise(model, args.data, args.cache.with_name(args.cache.stem + "_precise.pkl"))
-        checked = speaker_check(model, Bank.load(bank_path(model.path), model), dev, precise, args.draws)
+        checked = speaker_check(model, bank, dev, precise, args.draws)
         for draw, figures in checked.items():
             log.info("%s: %s", draw, json.dumps(figures))
         return
     hours = {s: round(sum(len(dev["recorded"][p][0]) for p in ps) * 0.1 / 3600, 3)
              for s, ps in dev["confusable"].items()}
     log.info("confusable hours: %s", hours)
-    results = evaluate(model, Bank.load(bank_path(model.path), model), dev, draws=args.draws,
+    results = evaluate(model, bank, dev, draws=args.draws,
                        voices=tuple(v if v == "" else f"{v}:" for v in args.voices),
                        word_paths=None if args.keep_targets_in_bank else bank_word_paths(args.data))
     if args.verbose:
