@@ -43,9 +43,8 @@ log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
 # A take is refused when: shorter than this, its peak is below QUIET_PEAK (about -36 dBFS), more than
-# CLIPPED_FRACTION of its samples sit at full scale, it holds no sound above its own floor, the utterance
-# lasts longer than MAX_UTTERANCE_SECONDS (more than one word, or no silence around it), or it stands less
-# than MIN_SNR_DB above the room's sound (take_snr_db).
+# CLIPPED_FRACTION of its samples sit at full scale, it holds no sound above its own floor, or the utterance
+# lasts longer than MAX_UTTERANCE_SECONDS (more than one word, or no silence around it).
 MIN_SECONDS = 0.3
 QUIET_PEAK = 500
 CLIP_LEVEL = 32000
@@ -53,15 +52,6 @@ CLIPPED_FRACTION = 0.001
 MIN_DYNAMIC_DB = 10.0
 MAX_UTTERANCE_SECONDS = 2.5
 OTHER_SOUND_DB = 10.0  # a sound outside the utterance this close to its loudest frame: another word
-# Takes in a noisy room: templates of a noisy take match other speech in that noise. Development split
-# (training.enrol_dev: the child-like voices of the training clusters, the ``tune`` quarter of noise/ in every
-# recording at 20 / 15 / 10 dB; take_snr_db's median 19.9 / 16.5 / 11.4 dB, quiet takes 34.7 dB and up).
-# Without this check, wakes added on the same-voice confusables in that noise (and on the plain ones) over
-# 33 draws: 1 (0) / 12 (2) / 62 (2). With it, each refused take replaced by the cluster's next recording (as
-# a household records another): 1 (0) in 33 draws / 1 (0) in 18 / 19 (2) in 15 (the draws with 2 or more
-# takes left); 5 % of the takes at 20 dB refused.
-MIN_SNR_DB = 15.0
-SNR_OUTSIDE_FRAMES = 10  # a take with less sound than this (10 ms frames) outside its utterance is not judged
 # Another word: the base model is this sure of a different vocabulary word and gives the enrolled one almost
 # nothing. (A hard speaker's "computer" heard as "yes" keeps some "computer": it is the case to adapt to.)
 # Two words: the voice path (shipped model, smoothing, thresholds) hears the enrolled word and, at least
@@ -106,23 +96,7 @@ def check_take(name: str, samples: npt.NDArray[np.int16], *, need_utterance: boo
               - min(span[0], int(near_peak[0]) * SPAN_FRAME)) / SAMPLE_RATE
     if need_utterance and extent > MAX_UTTERANCE_SECONDS:
         raise EnrollError(f"{name}: the sound lasts {extent:.1f} s; record one word with silence around it")
-    snr = take_snr_db(energy, span)
-    if need_utterance and snr < MIN_SNR_DB:
-        raise EnrollError(f"{name}: too noisy: the word stands {snr:.0f} dB above the room's sound, at "
-                          f"least {MIN_SNR_DB:.0f} dB is needed; record when the room is quieter, or closer "
-                          "to the microphone")
     return Take(name, samples, span)
-
-
-def take_snr_db(energy: npt.NDArray[np.float64], span: tuple[int, int]) -> float:
-    """How far a take's utterance (``span``, samples) stands above the room's sound: the mean energy of its
-    10 ms frames (``energy``, :func:`frame_energies`) over the median of the frames outside it, in dB; inf
-    when too little of the take lies outside it to tell."""
-    first, last = span[0] // SPAN_FRAME, span[1] // SPAN_FRAME
-    outside = np.concatenate([energy[:first], energy[last:]])
-    if len(outside) < SNR_OUTSIDE_FRAMES:
-        return math.inf
-    return 10 * math.log10(float(energy[first:last].mean()) / (float(np.median(outside)) + 1e-9) + 1e-12)
 
 
 def read_take(path: Path, *, need_utterance: bool = True) -> Take:

@@ -28,8 +28,8 @@ speaker ids), that cluster played 1.3x faster (higher and quicker), and the hard
 Picovoice cluster with the most recordings made child-like (pitch and formants 1.3x higher by resampling,
 its tempo kept: a voice the shipped model misses nearly always; ../shared holds no real speaker it misses
 often), and that child-like voice in a noisy room (held-out noise, the validation split of ``noise/``, 20 dB
-below the speech, in the enrolled recordings as in the rest; a recording ``enroll`` refuses as a take, too
-noisy, is passed over for the speaker's next one, as a household records another take). The gate,
+below the speech, in the enrolled recordings as in the rest; a recording ``enroll`` would refuse as a take
+is passed over for the speaker's next one, as a household records another take). The gate,
 thresholds and weights of the enrolment are chosen on its development set (``python -m training.enrol_dev``:
 training speaker clusters and child-like versions of them, against the development half of the other wake
 words' training split), never here. Also the daemon's
@@ -299,7 +299,7 @@ def largest_cluster(sets: dict[str, Any]) -> tuple[str, list[str]]:
 def enrolment_draws(files: list[str], draws: int,
                     usable: Callable[[str], bool] = lambda path: True) -> list[list[str]]:
     """The first ENROL recordings, then ``draws`` more sets of ENROL, chosen by a hash of the file names. A
-    recording that is not ``usable`` (``home-agent enroll`` refuses it as a take: too noisy, say) is passed
+    recording that is not ``usable`` (``home-agent enroll`` refuses it as a take) is passed
     over for the next in the draw's order, as a household records another take."""
     from training.common import stable_fraction
 

@@ -10,18 +10,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 import soundfile as sf
 from scipy.signal import resample
 
-from agent.adaptation import Adaptation, EnrollError, allowed_false_wakes, frame_energies
+from agent.adaptation import Adaptation, EnrollError, allowed_false_wakes
 from agent.adaptation_store import Store
 from agent.audio import SAMPLE_RATE, read_audio_file
 from agent.bank import Bank, bank_path
 from agent.cli import main as cli_main
 from agent.config import load_config
-from agent.enroll import MIN_SNR_DB, check_take, level_meter, take_snr_db
+from agent.enroll import check_take, level_meter
 from agent.errors import ModelError
 from agent.head import train_head
 from agent.kws import KwsModel
@@ -158,28 +157,6 @@ def test_takes_that_are_silent_quiet_clipped_or_too_long_are_refused() -> None:
         with pytest.raises(EnrollError, match=reason.split()[0]):
             check_take(reason, samples)
     assert "dBFS" in level_meter(word)
-
-
-def test_a_take_that_stands_too_little_above_the_rooms_noise_is_refused() -> None:
-    """Templates of a word 10 dB above a room's noise match that noise: a take must stand MIN_SNR_DB above it
-    (the utterance's mean energy over the median of the rest); at 25 dB it is taken, and a not-word recording
-    (a false wake, often in noise) is never judged so."""
-    word = read_audio_file(EXAMPLES / "computer_heat_up.wav")[: int(1.4 * SAMPLE_RATE)]
-    span = check_take("quiet room", word).span
-    level = float(np.mean(word[span[0] : span[1]].astype(np.float64) ** 2))
-    noise = np.random.default_rng(1).normal(0.0, 1.0, len(word))
-
-    def in_noise(snr_db: float) -> npt.NDArray[np.int16]:
-        noisy = word + noise * np.sqrt(level / 10 ** (snr_db / 10))
-        return np.asarray(noisy.round().clip(-32768, 32767), np.int16)
-
-    refused = rf"too noisy: the word stands (9|1[0-3]) dB .* at least {MIN_SNR_DB:.0f} dB"
-    with pytest.raises(EnrollError, match=refused):
-        check_take("10 dB", in_noise(10.0))
-    taken = check_take("25 dB", in_noise(25.0))
-    assert abs(taken.span[0] - span[0]) <= 0.1 * SAMPLE_RATE
-    assert take_snr_db(frame_energies(in_noise(25.0)), taken.span) == pytest.approx(25.0, abs=1.5)
-    assert check_take("a false wake", in_noise(10.0), need_utterance=False).samples.size == len(word)
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -491,7 +468,7 @@ def test_the_development_split_takes_the_target_speaker_out_of_the_bank() -> Non
     draws = enrolment_draws(paths, 3)
     assert draws[0] == paths[:5] and len(draws) == 3 and all(len(d) == 5 for d in draws)
     assert len({tuple(d) for d in draws}) == 3
-    # A take `enroll` refuses (too noisy) is passed over for the next in the draw's order, as a household
+    # A take `enroll` refuses (too long, say) is passed over for the next in the draw's order, as a household
     # records another take; the other draws stay as they were.
     noisy = {"clip01.flac", draws[1][0]}
     again = enrolment_draws(paths, 3, lambda path: path not in noisy)

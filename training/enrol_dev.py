@@ -15,7 +15,7 @@ reports (see :func:`training.enrol_bank.bank_part`):
   other recordings the head was trained on is heard too easily);
 - the child-like voice in a noisy room (NOISY_VOICES: the ``tune`` quarter of ``noise/`` at 20, 15 and 10 dB
   in every recording, enrolled, tested and same-voice confusable alike). Each draw passes over the takes
-  ``home-agent enroll`` refuses (:func:`agent.enroll.check_take`: too noisy, say) for the cluster's next
+  ``home-agent enroll`` refuses (:func:`agent.enroll.check_take`) for the cluster's next
   recordings, as a household records another take, and enrols what is left;
 - confusable speech: the development half of the training-split clips of the five other wake words (the bank
   holds the other half; the bench holds out the validation split), and the ``tune`` quarter of
