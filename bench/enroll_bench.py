@@ -311,18 +311,23 @@ def enrolment_draws(files: list[str], draws: int,
     return [chosen[0], *(sorted(draw) for draw in chosen[1:])]
 
 
-def takes_refused(files: list[str]) -> list[str]:
-    """The recordings ``home-agent enroll`` refuses as takes (:func:`agent.enroll.read_take`)."""
+def usable_take(name: str, samples: Any) -> bool:
+    """Whether ``home-agent enroll`` takes the recording (:func:`agent.enroll.check_take`)."""
     from agent.adaptation import EnrollError
-    from agent.enroll import read_take
+    from agent.enroll import check_take
 
-    refused = []
-    for path in files:
-        try:
-            read_take(Path(path))
-        except EnrollError:
-            refused.append(path)
-    return refused
+    try:
+        check_take(name, samples)
+    except EnrollError:
+        return False
+    return True
+
+
+def takes_refused(files: list[str]) -> list[str]:
+    """The recordings ``home-agent enroll`` refuses as takes (:func:`usable_take`)."""
+    from agent.audio import read_audio_file
+
+    return [path for path in files if not usable_take(path, read_audio_file(path))]
 
 
 def draw_figures(shipped: dict[str, Any], adapted: dict[str, Any]) -> dict[str, Any]:

@@ -60,14 +60,13 @@ from agent.adaptation import Adaptation, EnrollError, WordHead, learn, nearest_d
 from agent.audio import read_audio_file
 from agent.bank import Bank, bank_path
 from agent.config import VoiceSection
-from agent.enroll import check_take
 from agent.kws import KwsModel, model_hop_seconds
 from agent.messages import Scores
 from agent.recognizer import Recognizer, RecognizerSettings
 from agent.sequence import RecentHops
 from agent.templates import hop_mel, stream_cepstra
 from agent.voice import VoicePipeline, tail_padding
-from bench.enroll_bench import CHILD, FASTER, NOISE_SNR_DB, with_noise
+from bench.enroll_bench import CHILD, FASTER, NOISE_SNR_DB, usable_take, with_noise
 from bench.enroll_bench import changed_voice as bench_changed_voice
 from training.common import stable_fraction
 from training.data import inventory
@@ -267,15 +266,6 @@ def enrolment_draws(paths: list[str], draws: int = DRAWS,
     return result
 
 
-def usable_take(key: str, samples: npt.NDArray[np.int16]) -> bool:
-    """Whether ``home-agent enroll`` takes the recording (:func:`agent.enroll.check_take`)."""
-    try:
-        check_take(key, samples)
-    except EnrollError:
-        return False
-    return True
-
-
 def bank_word_paths(data_dir: Path) -> list[str]:
     """The training ``computer`` clips in the bank, in its item order (training.enrol_bank.build_bank)."""
     from training.enrol_bank import CLIPS_PER_WORD, pick
@@ -312,7 +302,14 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
     recorded, audio, confusable = dev["recorded"], dev["audio"], dev["confusable"]
     settings = VoicePipeline(model, VoiceSection(), hop_seconds=model_hop_seconds(model)).settings
     shipped = {key: wakes(settings, rec, None) for key, rec in recorded.items()}
-    cepstra = {key: stream_cepstra(rec[2]) for key, rec in recorded.items()}
+    cepstra: dict[str, npt.NDArray[np.float32]] = {}  # per clip, once, for the voices evaluated only
+
+    def cepstra_of(keys: list[str]) -> dict[str, npt.NDArray[np.float32]]:
+        for key in keys:
+            if key not in cepstra:
+                cepstra[key] = stream_cepstra(recorded[key][2])
+        return {key: cepstra[key] for key in keys}
+
     results: dict[str, Any] = {}
     summary: dict[str, dict[str, Any]] = {}
     for voice in voices:
@@ -340,7 +337,7 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
 
                 keys = [*tested, *(p for ps in confusable.values() for p in ps),
                         *(voice + p for ps in dev["same_voice"].values() for p in ps)]
-                templated = template_raised(adaptation, {k: cepstra[k] for k in keys})
+                templated = template_raised(adaptation, cepstra_of(keys))
 
                 def adapted(key: str, adaptation: Adaptation | None = adaptation,
                             templated: set[str] = templated) -> int:
