@@ -32,8 +32,9 @@ MLP scores it. The head's score changes the model's posterior for that word befo
   training speaker scatters (after five recordings the head heard 28-50 % of a child-like or a faster
   voice's other takes); the voice's own takes lie close in the audio itself. Each limit is
   TEMPLATE_BANK_MARGIN of the template's nearest bank recording of another label (the bank holds their
-  cepstra) or not-word recording; the activation check counts the held-back recordings it reaches with the
-  head's, and a path that would exceed the budget is left out.
+  cepstra) or not-word recording; a near match (within NEAR_LIMIT limits) raises the word where the head
+  scores the hop at NEAR_SCORE or more (:mod:`agent.template_fit`). The activation check counts the held-back
+  recordings it reaches with the head's, and a path that would exceed the budget is left out.
 - *veto*: after ``enroll --not-word``, a score at or below ``veto``, or a window within ``veto_radius`` of a
   window of the not-word recordings, removes the word on that hop (its probability goes to ``_unknown_``), so
   the sounds that woke the agent no longer do. Both are bounded by how many of the bank's own windows of the
@@ -62,7 +63,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.adaptation_store import HEADS_FILE, Store, write_atomically
-from agent.bank import Bank, FloatArray, bank_path, run_starts
+from agent.bank import Bank, FloatArray, allowed_false_wakes, bank_path, run_starts
 from agent.config import Config
 from agent.errors import HomeAgentError, StateError
 from agent.features import UNKNOWN_LABEL, StreamingFeatures
@@ -72,24 +73,18 @@ from agent.sequence import RecentHops, SequenceGate
 from agent.sequence import clip_distance as sequence_distance
 from agent.sequence import template as sequence_template
 from agent.sequence import threshold as sequence_threshold
+from agent.template_fit import fit_templates
 from agent.templates import RAISED, Templates, recording_cepstra
 from agent.templates import template as cepstral_template
 
 log = logging.getLogger(__name__)
 
-ADAPTATION_FORMAT = "home-agent-adaptation/5"
+ADAPTATION_FORMAT = "home-agent-adaptation/6"
 UNKNOWN = UNKNOWN_LABEL
 # Positive windows per household recording: every feature hop (20 ms) while the whole word is in the model's
 # 1 s window, so the head sees the word at every position the streaming model will.
 WINDOW_MARGIN_SECONDS = 0.1
 MIN_BOOST = 0.5  # the head must be at least this sure before it overrules the base model
-# A template's limit: this fraction of the distance of its nearest bank recording of another label. On the
-# development split (python -m training.enrol_dev, child-like and faster voices of 11 training clusters, 3
-# draws each, 201 other takes each) 0.75 / 0.8 / 0.85 heard 194 / 195 / 199 child-like and 191 / 197 / 198
-# faster takes; 0.85 added 2 wakes on the development confusables in the enrolled voice, 0.8 and 0.75 none.
-# (One limit for all templates, the smallest, at 0.85: 193 and 196, no wake; at 0.9: 198 and 200, one.)
-TEMPLATE_BANK_MARGIN = 0.8
-MIN_TEMPLATES = 2  # the limit is judged by each recording against the others' templates
 # A take's utterance (utterance_span): frames this far above the background, quiet gaps of up to this many
 # 10 ms frames bridged. On development takes (180, as recorded and child-like) it is speech_span's span in
 # every quiet one; with training-split noise 20 dB below, 1 % of takes ran over 2.5 s (speech_span: 32 %).
@@ -273,10 +268,12 @@ class Adaptation:
         it extends, and the hop's new mel frames (``mel``; the template path needs them, see
         :attr:`agent.sequence.RecentHops.matching`)."""
         recent.push(embedding)
-        raised = recent.raised(mel) if mel is not None else frozenset()
+        head_scores = {entry.word: entry.head.score(embedding) for entry in self.heads}
+        raised = recent.raised(mel, {word: float(scores[0]) for word, scores in head_scores.items()}) \
+            if mel is not None else frozenset()
         result = probabilities
         for entry in self.heads:
-            scores = entry.head.score(embedding)
+            scores = head_scores[entry.word]
             score = float(scores[0])
             index = labels.index(entry.word)
             level = RAISED if entry.word in raised else score if entry.boosts_now(recent, score) else 0.0
@@ -412,8 +409,8 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
             gated, sequence_gate(head, boost, streams, bank, bank_scores=bank_scores, word=word), check,
             check_scores, budget_per_hour=budget_per_hour, false_wakes=false_wakes)
         template_path, false_wakes, template_heard = fit_templates(
-            word, templates, bank, check, not_word_cepstra, budget_per_hour=budget_per_hour,
-            false_wakes=false_wakes)
+            word, templates, bank, check, not_word_cepstra, check_scores=check_scores,
+            budget_per_hour=budget_per_hour, false_wakes=false_wakes)
     veto: float | None = None
     not_word_prototypes = head.standardise(user_neg) if len(user_neg) else prototypes[:0]
     veto_radius = 0.0
@@ -426,33 +423,6 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
                     len(negative_sets), prototypes, radius, not_word_prototypes, veto_radius, sequence,
                     template_path), \
         [1.0 if heard else score for score, heard in zip(best, template_heard, strict=True)]
-
-
-def fit_templates(word: str, templates: Sequence[FloatArray], bank: Bank, check: Bank,
-                  not_word_cepstra: Sequence[FloatArray], *, budget_per_hour: float,
-                  false_wakes: int) -> tuple[Templates | None, int, list[bool]]:
-    """The template path (:mod:`agent.templates`) of one word: the household recordings' templates, each
-    one's limit TEMPLATE_BANK_MARGIN of its nearest bank recording of another label (or not-word recording).
-    Kept only while the held-back bank recordings it would wake on, with the ``false_wakes`` of the head,
-    stay within the budget. Returns it (or None), the false wakes with it, and per household recording
-    whether the other recordings' templates hear it, as they would a new take."""
-    unheard = [False] * len(templates)
-    path = Templates.of(templates, 1.0)
-    if len(path.lengths) < len(templates) or len(templates) < MIN_TEMPLATES:
-        return None, false_wakes, unheard
-    negatives = [*bank.recordings_cepstra(word), *not_word_cepstra]
-    if not negatives:
-        return None, false_wakes, unheard
-    path = path.with_limits(TEMPLATE_BANK_MARGIN * path.nearest(negatives).min(axis=0))
-    heard = [bool(Templates.of([t for j, t in enumerate(templates) if j != i],
-                               np.delete(path.limits, i)).reach([own])[0] <= 1.0)
-             for i, own in enumerate(templates)]
-    with_templates = false_wakes + int((path.reach(check.recordings_cepstra(word)) <= 1.0).sum())
-    if not path.active or with_templates > allowed_false_wakes(budget_per_hour, check.hours):
-        log.info("enrolment: the templates for %r would wake on %d held-back bank recordings: left out",
-                 word, with_templates - false_wakes)
-        return None, false_wakes, unheard
-    return path, with_templates, heard
 
 
 def checked_sequence(gated: WordHead, sequence: SequenceGate | None, check: Bank, check_scores: FloatArray, *,
@@ -645,11 +615,6 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
             check_false_wakes(entry, budget)
         heads.append(entry)
     return Adaptation(model.sha256, tuple(heads), bank.hours)
-
-
-def allowed_false_wakes(budget_per_hour: float, hours: float) -> int:
-    """The false-wake budget in whole events: how many wakes on ``hours`` of other speech it allows."""
-    return int(np.floor(budget_per_hour * hours))
 
 
 def check_false_wakes(entry: WordHead, budget: float) -> None:

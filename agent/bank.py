@@ -28,6 +28,11 @@ def run_starts(items: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
     return np.flatnonzero(np.r_[True, items[1:] != items[:-1]]) if len(items) else np.zeros(0, np.intp)
 
 
+def allowed_false_wakes(budget_per_hour: float, hours: float) -> int:
+    """The false-wake budget in whole events: how many wakes on ``hours`` of other speech it allows."""
+    return int(np.floor(budget_per_hour * hours))
+
+
 def bank_path(model_path: Path) -> Path:
     """The negative bank lives beside the model: ``models/kws.tflite`` -> ``models/kws.bank.npz``."""
     return model_path.with_name(model_path.stem + ".bank.npz")
@@ -69,6 +74,16 @@ class Bank:
             return []
         starts = run_starts(items)
         return [values[a:b] for a, b in zip(starts, [*starts[1:], len(items)], strict=True)]
+
+    def recording_peaks(self, scores: FloatArray, word: str) -> FloatArray:
+        """Per recording of :meth:`recordings_cepstra` (in its order), the highest of ``scores`` (one per row
+        here) over that recording's rows."""
+        others = np.isin(self.cepstra_items, np.unique(self.items[self.labels != word]))
+        owners = self.cepstra_items[others]
+        peaks = np.full(int(self.items.max(initial=-1)) + 1, -np.inf, np.float32)
+        np.maximum.at(peaks, self.items, np.asarray(scores, np.float32))
+        result: FloatArray = peaks[owners[run_starts(owners)]]
+        return result
 
     def held_back(self, word: str) -> npt.NDArray[np.bool_]:
         """The rows of every CHECK_EVERY-th recording of another label than ``word``: never trained on nor

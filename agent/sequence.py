@@ -21,7 +21,7 @@ Only numpy; the match runs only on a hop the head already scores at its threshol
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,12 +163,16 @@ class RecentHops:
         """Whether a word has templates: then every hop's mel frames must be handed to :meth:`raised`."""
         return bool(self._matches)
 
-    def raised(self, mel: npt.NDArray[np.floating[Any]]) -> frozenset[str]:
-        """The words a template match raises on this hop, given the hop's new mel frames."""
+    def raised(self, mel: npt.NDArray[np.floating[Any]],
+               scores: Mapping[str, float] | None = None) -> frozenset[str]:
+        """The words a template match raises on this hop, given the hop's new mel frames and, per word, the
+        household head's score of the hop (:meth:`agent.templates.TemplateState.hop`)."""
         if not self._matches:
             return frozenset()
         cepstra = self._cepstra.push(np.asarray(mel, np.float64))
-        return frozenset(word for word, state in self._matches.items() if state.hop(cepstra))
+        scores = scores or {}
+        return frozenset(word for word, state in self._matches.items()
+                         if state.hop(cepstra, scores.get(word, -np.inf)))
 
     def push(self, embedding: FloatArray) -> None:
         self._rows.append(np.array(embedding, np.float32).reshape(-1))

@@ -19,11 +19,13 @@ match sums about one cost per template frame, fast or slow), and the sum is divi
 The recursion needs only the previous column, so a live stream advances all templates together, one numpy
 step per frame; the same step, over a batch of recordings, gives the bank's distances at enrolment.
 
-Each template's limit is set at enrolment (:func:`agent.adaptation.fit_templates`) from the negative bank
+Each template's limit is set at enrolment (:func:`agent.template_fit.fit_templates`) from the negative bank
 (:mod:`agent.bank`: cepstra of training-side speech of other labels) and the household's not-word
 recordings: a fraction of the distance of the nearest of them. A hop whose new frames end a match within its
 template's limit raises the word (its posterior stands at RAISED for LATCH_HOPS hops,
-enough for the recognizer's smoothing to fire once).
+enough for the recognizer's smoothing to fire once). So does a match ending within ``near_limit`` of it on a
+hop the household's head (:mod:`agent.adaptation`) scores at ``near_score`` or more: the audio nearly
+matches and the embedding agrees (:mod:`agent.template_fit` sets both at enrolment).
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ class Templates:
     stacked: FloatArray  # (templates, longest, COEFFICIENTS), padded with zeros
     lengths: npt.NDArray[np.int64]
     limits: FloatArray  # (templates,)
+    near_limit: float = 1.0  # a match within this many limits raises the word when the head agrees ...
+    near_score: float = np.inf  # ... scoring the hop at this or more
     _rows: FloatArray = field(init=False, repr=False)  # the template frames as columns, for one product
     _norms: FloatArray = field(init=False, repr=False)  # their squared norms, +inf for padding
 
@@ -155,7 +159,8 @@ class Templates:
             if len(self.lengths) else np.zeros((0, COEFFICIENTS), np.float32)
         return {f"{prefix}cepstral_templates": rows,
                 f"{prefix}cepstral_lengths": self.lengths.astype(np.float32),
-                f"{prefix}cepstral_limits": self.limits.astype(np.float32)}
+                f"{prefix}cepstral_limits": self.limits.astype(np.float32),
+                f"{prefix}cepstral_near": np.array([self.near_limit, self.near_score], np.float32)}
 
     @classmethod
     def from_arrays(cls, arrays: Any, prefix: str) -> Templates | None:
@@ -163,16 +168,25 @@ class Templates:
         rows = np.asarray(arrays[f"{prefix}cepstral_templates"], np.float32)
         lengths = np.asarray(arrays[f"{prefix}cepstral_lengths"]).astype(int)
         limits = np.asarray(arrays[f"{prefix}cepstral_limits"], np.float32)
+        near = np.asarray(arrays[f"{prefix}cepstral_near"], np.float64)
+        if near.shape != (2,) or not near[0] >= 1.0 or np.isnan(near[1]):
+            raise ValueError(f"{prefix}cepstral_near: {near.tolist()}, not a limit >= 1 and a score")
         if rows.ndim != 2 or rows.shape[1] != COEFFICIENTS or lengths.sum() != len(rows) \
                 or len(limits) != len(lengths) or np.any(lengths < 2):
             raise ValueError(f"{prefix}cepstral_templates: {rows.shape} rows for lengths {lengths.tolist()} "
                              f"and {len(limits)} limits")
         result = cls.of(np.split(rows, np.cumsum(lengths)[:-1]) if len(lengths) else [], limits)
-        return result if result.active else None
+        return result.with_near(float(near[0]), float(near[1])) if result.active else None
 
     def with_limits(self, limits: float | FloatArray) -> Templates:
         return Templates(self.stacked, self.lengths,
-                         np.broadcast_to(np.asarray(limits, np.float32), self.lengths.shape).copy())
+                         np.broadcast_to(np.asarray(limits, np.float32), self.lengths.shape).copy(),
+                         self.near_limit, self.near_score)
+
+    def with_near(self, limit: float, score: float) -> Templates:
+        """These templates, a match within ``limit`` of its template's limit raising the word on a hop the
+        head scores at ``score`` or more (limit 1.0 or score inf: never)."""
+        return Templates(self.stacked, self.lengths, self.limits, limit, score)
 
     def __post_init__(self) -> None:
         rows = self.stacked.reshape(-1, COEFFICIENTS)
@@ -271,12 +285,15 @@ class TemplateState:
         self._totals = _advance(self._totals, cost)
         return float((templates._ends(self._totals) / templates.limits).min(initial=np.inf))
 
-    def hop(self, cepstra: FloatArray) -> bool:
-        """Advance by one hop's frames; whether the word is raised on this hop (a match within the limit
-        ended on one of its frames or on the LATCH_HOPS - 1 hops before)."""
+    def hop(self, cepstra: FloatArray, score: float = -np.inf) -> bool:
+        """Advance by one hop's frames; whether the word is raised on this hop (a match within the limit, or
+        within ``near_limit`` of it when the head's ``score`` of this hop reaches ``near_score``, ended on one
+        of its frames or on the LATCH_HOPS - 1 hops before)."""
+        templates = self.templates
+        limit = templates.near_limit if score >= templates.near_score else 1.0
         matched = False
-        for cost in self.templates._costs(cepstra):
-            matched = self.step(cost) <= 1.0 or matched
+        for cost in templates._costs(cepstra):
+            matched = self.step(cost) <= limit or matched
         if matched:
             self.raised_hops = LATCH_HOPS
         raised = self.raised_hops > 0

@@ -3,17 +3,27 @@ matched by open-begin dynamic time warping, frame by frame on a live stream and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agent.audio import read_audio_file
+from agent.bank import Bank
 from agent.config import VoiceSection
 from agent.features import FeatureParams
 from agent.kws import KwsModel, model_hop_seconds
 from agent.sequence import RecentHops
-from agent.templates import COEFFICIENTS, LATCH_HOPS, CepstralMean, Templates, hop_mel, recording_cepstra
+from agent.templates import (
+    COEFFICIENTS,
+    LATCH_HOPS,
+    CepstralMean,
+    Templates,
+    TemplateState,
+    hop_mel,
+    recording_cepstra,
+)
 from agent.voice import VoicePipeline
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +94,7 @@ def test_the_voice_path_hands_the_adaptation_the_mel_frames_a_recording_is_learn
     class Recording(RecentHops):
         matching = True
 
-        def raised(self, mel: np.ndarray) -> frozenset[str]:
+        def raised(self, mel: np.ndarray, scores: Mapping[str, float] | None = None) -> frozenset[str]:
             seen.append(np.array(mel))
             return frozenset()
 
@@ -115,3 +125,47 @@ def test_templates_survive_saving_and_a_corrupt_set_is_refused() -> None:
     arrays["h0_cepstral_lengths"] = np.array([30.0, 20.0], np.float32)
     with pytest.raises(ValueError, match="cepstral_templates"):
         Templates.from_arrays(arrays, "h0_")
+
+
+def test_a_near_match_raises_the_word_only_where_the_head_agrees() -> None:
+    """A match beyond its template's limit but within ``near_limit`` of it raises the word on a hop the head
+    scores at ``near_score`` or more, and on no other; without a near limit it never does."""
+    word = walk(40, 3)
+    stream = np.concatenate([np.zeros((10, COEFFICIENTS), np.float32), word + walk(40, 5) * 0.1])
+    distance = float(Templates.of([word], 1.0).distances(stream).min())
+    plain = Templates.of([word], distance / 1.1)  # the stream's best match: 1.1 limits
+    near = plain.with_near(1.2, 0.95)
+
+    def raised(templates: Templates, score: float) -> bool:
+        return TemplateState(templates).hop(stream, score)
+
+    assert not raised(plain, 1.0)
+    assert raised(near, 0.95) and raised(near, 1.0)
+    assert not raised(near, 0.9) and not raised(near, -np.inf)
+    assert not raised(Templates.of([word], distance / 1.3).with_near(1.2, 0.95), 1.0)  # beyond the near limit
+    live = RecentHops(1, {"computer": near})
+    assert not live.raised(np.zeros((5, 40)))  # the mel path: no score, no near match
+
+
+def test_the_near_rule_is_saved_with_the_templates_and_a_bad_one_is_refused() -> None:
+    templates = Templates.of([walk(30, 1), walk(24, 2)], 2.5).with_near(1.2, 0.95)
+    arrays = templates.arrays("h0_")
+    loaded = Templates.from_arrays(arrays, "h0_")
+    assert loaded is not None and (loaded.near_limit, loaded.near_score) == pytest.approx((1.2, 0.95))
+    assert loaded.with_limits(3.0).near_limit == pytest.approx(1.2)
+    off = Templates.from_arrays(Templates.of([walk(30, 1), walk(24, 2)], 2.5).arrays("h0_"), "h0_")
+    assert off is not None and off.near_limit == 1.0 and np.isinf(off.near_score)
+    arrays["h0_cepstral_near"] = np.array([0.5, 0.95], np.float32)
+    with pytest.raises(ValueError, match="cepstral_near"):
+        Templates.from_arrays(arrays, "h0_")
+
+
+def test_bank_recording_peaks_follow_the_recordings_order() -> None:
+    """Bank.recording_peaks: per recording of another label, in recordings_cepstra's order, its best row."""
+    bank = Bank(np.zeros((5, 4), np.float32), np.array(["computer", "_unknown_", "_unknown_", "on", "on"]),
+                np.array([0, 1, 1, 2, 2], np.int32), np.ones(3, np.float32), "sha",
+                cepstra=np.arange(18, dtype=np.float32).reshape(6, 3).repeat(4, axis=1)[:, :COEFFICIENTS],
+                cepstra_items=np.array([0, 0, 1, 1, 2, 2], np.int32))
+    scores = np.array([0.99, 0.2, 0.7, 0.4, 0.1], np.float32)
+    assert len(bank.recordings_cepstra("computer")) == 2
+    assert bank.recording_peaks(scores, "computer").tolist() == pytest.approx([0.7, 0.4])

@@ -140,14 +140,17 @@ def wakes(settings: RecognizerSettings, recorded: tuple[npt.NDArray[np.float32],
     return count
 
 
-def template_raised(adaptation: Adaptation | None, cepstra: dict[str, npt.NDArray[np.float32]]) -> set[str]:
-    """The clips (keys of ``cepstra``) in which a template path of the adaptation raises its word."""
+def template_raised(adaptation: Adaptation | None, cepstra: dict[str, npt.NDArray[np.float32]],
+                    near: bool = False) -> set[str]:
+    """The clips (keys of ``cepstra``) in which a template path of the adaptation raises its word; ``near``:
+    also those where it would with the head's agreement (a near match: replaying decides)."""
     result: set[str] = set()
     keys = list(cepstra)
     for entry in adaptation.heads if adaptation is not None else ():
         if entry.templates is not None and entry.templates.active:
+            limit = entry.templates.near_limit if near else 1.0
             reach = entry.templates.reach([cepstra[k] for k in keys])
-            result.update(k for k, d in zip(keys, reach, strict=True) if d <= 1.0)
+            result.update(k for k, d in zip(keys, reach, strict=True) if d <= limit)
     return result
 
 
@@ -338,12 +341,13 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
                 keys = [*tested, *(p for ps in confusable.values() for p in ps),
                         *(voice + p for ps in dev["same_voice"].values() for p in ps)]
                 templated = template_raised(adaptation, cepstra_of(keys))
+                candidates = template_raised(adaptation, cepstra_of(keys), near=True)
 
                 def adapted(key: str, adaptation: Adaptation | None = adaptation,
-                            templated: set[str] = templated) -> int:
+                            candidates: set[str] = candidates) -> int:
                     rec = recorded[key]
                     return wakes(settings, rec, adaptation) \
-                        if touched(adaptation, rec[1], key in templated) else shipped[key]
+                        if touched(adaptation, rec[1], key in candidates) else shipped[key]
 
                 before = sum(shipped[k] > 0 for k in tested)
                 after = sum(adapted(k) > 0 for k in tested)
@@ -450,8 +454,9 @@ def speaker_check(model: KwsModel, bank: Bank, dev: dict[str, Any], precise: dic
                 "gate_ratio": round(gate_ratio(entry, embeddings), 2)}
         for name, group in sets.items():
             templated = template_raised(adaptation, cepstra[name])
+            candidates = template_raised(adaptation, cepstra[name], near=True)
             added = {s: sum(wakes(settings, recorded[p], adaptation) - shipped[p] for p in ps
-                            if touched(adaptation, recorded[p][1], p in templated))
+                            if touched(adaptation, recorded[p][1], p in candidates))
                      for s, ps in group.items()}
             ratios = {p: gate_ratio(entry, recorded[p][1]) for ps in group.values() for p in ps}
             closest = min(ratios, key=lambda p: ratios[p])
