@@ -9,7 +9,10 @@ without the adaptation, over:
   words (``training.data.inventory`` validation split), each word's detection rate;
 - held-out confusable speech: the validation split of the other wake words (the model, the negative bank and
   the enrolment's development set use only their training split), the held-out quarter of ``real_long/`` and
-  ``noise/``: wake words per hour.
+  ``noise/``: wake words per hour;
+- for the changed voices (faster, child-like, child-like in noise): those held-out clips of the other wake
+  words changed alike (``*_same_voice`` sources: other speakers made to sound like the enrolled voice, in its
+  room), wakes added reported apart (``same_voice_wakes_added``; ``false_wakes_all`` stays the plain sources).
 
 Then ``enroll --not-word`` with up to 5 confusable recordings that woke the agent, and whether they still do.
 Besides the first five recordings, DRAWS more hash-chosen sets of five are enrolled per speaker (each tested
@@ -72,6 +75,7 @@ DRAWS = 2  # further enrolment draws per speaker (each costs a pass over the eva
 FASTER = 1.3
 CHILD = 1.3  # pitch and formants up by this factor (children's are 1.2-1.6x adults'), the tempo kept
 NOISE_SNR_DB = 20.0  # the noisy target: held-out noise this far below the speech
+SAME_VOICE = "_same_voice"  # a confusable source in a changed target's voice (and room): "alexa_same_voice"
 CPU_AUDIO = REPO_ROOT / "examples" / "demo_commands.wav"
 
 
@@ -113,14 +117,18 @@ def evaluate(config: Path | None, sets: dict[str, Any]) -> dict[str, Any]:
     target = detections(pipeline, sets["target_test"])
     others = detections(pipeline, sets["others"])
     confusable = {source: detections(pipeline, paths) for source, paths in sets["confusable"].items()}
+    plain = {p: w for source, heard in confusable.items() if not source.endswith(SAME_VOICE)
+             for p, w in heard.items()}
+    same_voice = {p: w for source, heard in confusable.items() if source.endswith(SAME_VOICE)
+                  for p, w in heard.items()}
     return {
         "target_detected": sum(WAKE in w for w in target.values()),
         "target_clips": len(target),
         "others": detection_rate(others, sets["labels"]),
         "false_wakes": {source: wakes_per_hour(heard, sets["durations"])
                         for source, heard in confusable.items()},
-        "false_wakes_all": wakes_per_hour({p: w for heard in confusable.values() for p, w in heard.items()},
-                                          sets["durations"]),
+        "false_wakes_all": wakes_per_hour(plain, sets["durations"]),
+        "false_wakes_same_voice": wakes_per_hour(same_voice, sets["durations"]),
         "waking_files": sorted(p for heard in confusable.values() for p, w in heard.items() if WAKE in w),
     }
 
@@ -211,10 +219,11 @@ def transformed_voice(paths: list[str], workdir: Path, name: str, transform: Any
     return result
 
 
-def faster_voice(paths: list[str], workdir: Path, factor: float = FASTER) -> list[str]:
+def faster_voice(paths: list[str], workdir: Path, factor: float = FASTER,
+                 folder: str = "faster") -> list[str]:
     """The recordings played ``factor`` times faster (higher and quicker, like a child): a voice the shipped
     model has never heard and mostly misses, for want of a real one in ../shared."""
-    return transformed_voice(paths, workdir, "faster",
+    return transformed_voice(paths, workdir, folder,
                              lambda s: changed_voice(s, factor, keep_tempo=False))
 
 
@@ -253,13 +262,13 @@ def stretch(samples: Any, factor: float, frame: int = 640, hop: int = 160, searc
     return (out / np.maximum(weight, 1e-3))[:length]
 
 
-def child_voice(paths: list[str], workdir: Path, factor: float = CHILD) -> list[str]:
+def child_voice(paths: list[str], workdir: Path, factor: float = CHILD, folder: str = "child") -> list[str]:
     """The recordings with pitch and formants ``factor`` times higher, the same tempo (``changed_voice``)."""
-    return transformed_voice(paths, workdir, "child", lambda s: changed_voice(s, factor, keep_tempo=True))
+    return transformed_voice(paths, workdir, folder, lambda s: changed_voice(s, factor, keep_tempo=True))
 
 
 def noisy_voice(paths: list[str], workdir: Path, noise_paths: list[str],
-                snr_db: float = NOISE_SNR_DB) -> list[str]:
+                snr_db: float = NOISE_SNR_DB, folder: str = "noisy") -> list[str]:
     """The recordings child-like (``child_voice``) with held-out noise added ``snr_db`` below their speech
     (its loud part), each its own stretch of the noise: a household that records and speaks in a room with a
     fan, a dishwasher or traffic, enrolment takes as noisy as the rest."""
@@ -275,7 +284,7 @@ def noisy_voice(paths: list[str], workdir: Path, noise_paths: list[str],
         start = int(rng.integers(0, len(noise) - len(voiced)))
         return with_noise(voiced, noise[start : start + len(voiced)], snr_db)
 
-    return transformed_voice(paths, workdir, "noisy", add)
+    return transformed_voice(paths, workdir, folder, add)
 
 
 def with_noise(speech: Any, noise: Any, snr_db: float) -> Any:
@@ -286,6 +295,23 @@ def with_noise(speech: Any, noise: Any, snr_db: float) -> Any:
     loud = speech[np.abs(speech) > 0.1 * np.abs(speech).max()]
     gain = np.sqrt(np.mean(loud**2) / (np.mean(noise**2) + 1e-9) / 10 ** (snr_db / 10))
     return speech + gain * noise
+
+
+def same_voice_sets(sets: dict[str, Any], transform: Callable[[list[str], str], list[str]],
+                    prefix: str) -> dict[str, Any]:
+    """``sets`` with the held-out clips of the other wake words in a changed target's voice (and room) as
+    confusable sources of their own (``alexa_same_voice``, ...): other speakers made to sound like the
+    enrolled voice, as the development split's same-voice confusables are. Reported apart from the plain
+    sources (``false_wakes_same_voice``); ``transform(paths, folder)`` writes the changed clips into
+    ``prefix`` + the source's name."""
+    import soundfile
+
+    confusable = dict(sets["confusable"])
+    durations = dict(sets["durations"])
+    for word in CONFUSABLE_WAKE_WORDS:
+        confusable[word + SAME_VOICE] = transform(sets["confusable"][word], prefix + word + SAME_VOICE)
+        durations.update({p: soundfile.info(p).duration for p in confusable[word + SAME_VOICE]})
+    return {**sets, "confusable": confusable, "durations": durations}
 
 
 def largest_cluster(sets: dict[str, Any]) -> tuple[str, list[str]]:
@@ -341,7 +367,9 @@ def draw_figures(shipped: dict[str, Any], adapted: dict[str, Any]) -> dict[str, 
             "target_shipped_percent": round(100 * shipped["target_detected"] / shipped["target_clips"], 1),
             "others_worst_drop_points": max(drops.values()), "false_wake_rise_per_hour": rise,
             "false_wake_rise_all_per_hour": round(adapted["false_wakes_all"]["per_hour"]
-                                                  - shipped["false_wakes_all"]["per_hour"], 2)}
+                                                  - shipped["false_wakes_all"]["per_hour"], 2),
+            "same_voice_wakes_added": adapted["false_wakes_same_voice"]["wakes"]
+            - shipped["false_wakes_same_voice"]["wakes"]}
 
 
 def run_target(workdir: Path, name: str, files: list[str], sets: dict[str, Any]) -> dict[str, Any]:
@@ -362,6 +390,7 @@ def run_target(workdir: Path, name: str, files: list[str], sets: dict[str, Any])
             "worst_others_drop_points": max(d["others_worst_drop_points"] for d in every),
             "worst_false_wake_rise_per_hour": max(max(d["false_wake_rise_per_hour"].values()) for d in every),
             "worst_false_wake_rise_all_per_hour": max(d["false_wake_rise_all_per_hour"] for d in every),
+            "worst_same_voice_wakes_added": max(d["same_voice_wakes_added"] for d in every),
             "max_enrol_seconds": max(d["enrol_seconds"] for d in every)}
     return result
 
@@ -448,19 +477,24 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
                                "quick": args.quick, "targets": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        faster = faster_voice(paths, Path(tmp))
-        sets["labels"].update({p: WAKE for p in faster})
-        targets[f"picovoice cluster {group} played {FASTER}x faster (a voice the model misses)"] = faster
+        work = Path(tmp)
+        noise = sets["confusable"]["noise_held_out"]
         largest, largest_paths = largest_cluster(sets)
-        child = child_voice(largest_paths, Path(tmp))
-        sets["labels"].update({p: WAKE for p in child})
-        targets[f"picovoice cluster {largest} as a child-like voice (the hard speaker)"] = child
-        noisy = noisy_voice(largest_paths, Path(tmp), sets["confusable"]["noise_held_out"])
-        sets["labels"].update({p: WAKE for p in noisy})
-        targets[f"picovoice cluster {largest} child-like, held-out noise {NOISE_SNR_DB:g} dB below"] = noisy
+        changed: dict[str, tuple[list[str], Callable[[list[str], str], list[str]]]] = {
+            f"picovoice cluster {group} played {FASTER}x faster (a voice the model misses)":
+                (paths, lambda ps, folder: faster_voice(ps, work, folder=folder)),
+            f"picovoice cluster {largest} as a child-like voice (the hard speaker)":
+                (largest_paths, lambda ps, folder: child_voice(ps, work, folder=folder)),
+            f"picovoice cluster {largest} child-like, held-out noise {NOISE_SNR_DB:g} dB below":
+                (largest_paths, lambda ps, folder: noisy_voice(ps, work, noise, folder=folder))}
+        target_sets: dict[str, dict[str, Any]] = {}
+        for number, (name, (source, transform)) in enumerate(changed.items()):
+            targets[name] = transform(source, f"target{number}")
+            sets["labels"].update({p: WAKE for p in targets[name]})
+            target_sets[name] = same_voice_sets(sets, transform, f"target{number}_")
         for name, files in targets.items():
             log.info("target %s: %d recordings", name, len(files))
-            results["targets"][name] = run_target(Path(tmp), name, files, sets)
+            results["targets"][name] = run_target(work, name, files, target_sets.get(name, sets))
             write_results(RESULTS, results)
     if not args.quick:
         record_in_voice_results(results)

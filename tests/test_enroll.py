@@ -565,3 +565,30 @@ def test_the_speaker_check_counts_his_own_other_wake_words_and_how_close_other_s
     assert draw["other speakers"] == {"wakes_added": 0, "by_source": {}, "near_miss_clips": 0,
                                       "edge_clips": 1, "closest": ["smart_mirror/m", 1.05]}
     assert list(draw["tested"]) == ["t5"] and draw["tested"]["t5"]["adapted"] is False
+
+
+def test_near_template_matches_are_kept_only_within_the_false_wake_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enrolment lets a template match within NEAR_LIMIT limits raise the word where the head is NEAR_SCORE
+    sure, and shows it in --list; where such matches would reach held-back bank recordings beyond the
+    budget, the template path stays with its plain limits only."""
+    from agent import template_fit
+    from agent.adaptation import learn
+
+    model = KwsModel.load(MODEL, embedding=True)
+    bank = Bank.load(bank_path(MODEL), model)
+    takes = [read_audio_file(child_voice(name, factor, tmp_path))
+             for name in WAKE_SOURCES[:2] for factor in (1.3, 1.4)]
+    near = learn(model, bank, {"computer": takes}, [], budget=0.0).heads[0]
+    assert near.templates is not None and near.templates.active
+    assert (near.templates.near_limit, near.templates.near_score) == \
+        (template_fit.NEAR_LIMIT, template_fit.NEAR_SCORE)
+    assert any(f"{template_fit.NEAR_LIMIT:g}x that" in line
+               for line in Adaptation(model.sha256, (near,), bank.hours).describe())
+    # Every held-back recording near and confirmed: the near matches would wake on them.
+    monkeypatch.setattr(template_fit, "NEAR_LIMIT", 50.0)
+    monkeypatch.setattr(template_fit, "NEAR_SCORE", 0.0)
+    plain = learn(model, bank, {"computer": takes}, [], budget=0.0).heads[0]
+    assert plain.templates is not None and plain.templates.near_limit == 1.0
+    assert np.isinf(plain.templates.near_score)
+    assert np.array_equal(plain.templates.limits, near.templates.limits)
