@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -592,3 +593,29 @@ def test_near_template_matches_are_kept_only_within_the_false_wake_budget(
     assert plain.templates is not None and plain.templates.near_limit == 1.0
     assert np.isinf(plain.templates.near_score)
     assert np.array_equal(plain.templates.limits, near.templates.limits)
+
+
+def test_the_bench_counts_same_voice_confusables_apart_from_the_plain_ones(tmp_path: Path) -> None:
+    """bench.enroll_bench: a changed target's other wake words in its own voice (``*_same_voice`` sources,
+    made by ``same_voice_sets``) are reported apart; the plain false-wake figures leave them out."""
+    from bench.enroll_bench import SAME_VOICE, evaluate, same_voice_sets
+    from training.enrol_bank import CONFUSABLE_WAKE_WORDS
+
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, np.zeros(SAMPLE_RATE, np.int16), SAMPLE_RATE)
+    waking = str(EXAMPLES / "computer_heat_up.wav")
+    sets: dict[str, Any] = {"confusable": {word: [str(quiet)] for word in CONFUSABLE_WAKE_WORDS},
+                            "durations": {str(quiet): 1.0}, "labels": {}, "target_test": [], "others": []}
+
+    def transform(paths: list[str], folder: str) -> list[str]:
+        (tmp_path / folder).mkdir()
+        return [waking] if folder.startswith("t0_alexa") else list(paths)
+
+    changed = same_voice_sets(sets, transform, "t0_")
+    assert changed["confusable"]["alexa" + SAME_VOICE] == [waking]
+    assert "alexa" + SAME_VOICE not in sets["confusable"]
+    assert changed["durations"][waking] == pytest.approx(sf.info(waking).duration)
+    figures = evaluate(None, changed)
+    assert figures["false_wakes_all"]["wakes"] == 0
+    assert figures["false_wakes_same_voice"]["wakes"] == 1
+    assert figures["false_wakes"]["alexa" + SAME_VOICE]["wakes"] == 1
