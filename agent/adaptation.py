@@ -301,11 +301,11 @@ class Adaptation:
                              + f"({entry.bank_false_wakes} false wakes in {entry.check_hours:.2f} h "
                              "of reference speech it was not trained on)")
             if entry.templates is not None and entry.templates.active:
-                limits, near = entry.templates.limits, entry.templates
-                parts.append(f"{len(limits)} templates of your recordings within "
-                             f"{limits.min():.2f}-{limits.max():.2f}" + (
-                                 f" ({near.near_limit:g}x that where the head is {near.near_score:g} sure)"
-                                 if np.isfinite(near.near_score) else ""))
+                templates = entry.templates
+                near = f" ({templates.near_limit:g}x that where the head is {templates.near_score:g} sure)" \
+                    if np.isfinite(templates.near_score) else ""
+                parts.append(f"{len(templates.limits)} templates of your recordings within "
+                             f"{templates.limits.min():.2f}-{templates.limits.max():.2f}{near}")
             if entry.veto is not None:
                 parts.append(f"veto below {entry.veto:.3f} or within {entry.veto_radius:.2f} of the "
                              "not-word recordings")

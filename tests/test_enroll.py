@@ -512,7 +512,7 @@ def test_the_development_split_counts_wakes_on_confusables_in_the_enrolled_voice
     adaptation = object()
     monkeypatch.setattr(enrol_dev, "learn", lambda *args, **kwargs: adaptation)
     monkeypatch.setattr(enrol_dev, "touched", lambda adapted, embeddings, templated: adapted is not None)
-    monkeypatch.setattr(enrol_dev, "template_raised", lambda adapted, cepstra, near=False: set())
+    monkeypatch.setattr(enrol_dev, "template_raised", lambda adapted, cepstra: (set(), set()))
     monkeypatch.setattr(enrol_dev, "raised", lambda adapted, embeddings: embeddings is in_voice[1])
     monkeypatch.setattr(enrol_dev, "wakes", lambda settings, rec, adapted: int(adapted is not None
                                                                                 and rec is in_voice))

@@ -140,18 +140,19 @@ def wakes(settings: RecognizerSettings, recorded: tuple[npt.NDArray[np.float32],
     return count
 
 
-def template_raised(adaptation: Adaptation | None, cepstra: dict[str, npt.NDArray[np.float32]],
-                    near: bool = False) -> set[str]:
-    """The clips (keys of ``cepstra``) in which a template path of the adaptation raises its word; ``near``:
-    also those where it would with the head's agreement (a near match: replaying decides)."""
-    result: set[str] = set()
+def template_raised(adaptation: Adaptation | None,
+                    cepstra: dict[str, npt.NDArray[np.float32]]) -> tuple[set[str], set[str]]:
+    """The clips (keys of ``cepstra``) in which a template path of the adaptation raises its word, and those
+    in which it would with the head's agreement too (a near match: replaying the clip decides)."""
+    raised: set[str] = set()
+    near: set[str] = set()
     keys = list(cepstra)
     for entry in adaptation.heads if adaptation is not None else ():
         if entry.templates is not None and entry.templates.active:
-            limit = entry.templates.near_limit if near else 1.0
             reach = entry.templates.reach([cepstra[k] for k in keys])
-            result.update(k for k, d in zip(keys, reach, strict=True) if d <= limit)
-    return result
+            raised.update(k for k, d in zip(keys, reach, strict=True) if d <= 1.0)
+            near.update(k for k, d in zip(keys, reach, strict=True) if d <= entry.templates.near_limit)
+    return raised, near
 
 
 def touched(adaptation: Adaptation | None, embeddings: npt.NDArray[np.float32],
@@ -340,8 +341,7 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
 
                 keys = [*tested, *(p for ps in confusable.values() for p in ps),
                         *(voice + p for ps in dev["same_voice"].values() for p in ps)]
-                templated = template_raised(adaptation, cepstra_of(keys))
-                candidates = template_raised(adaptation, cepstra_of(keys), near=True)
+                templated, candidates = template_raised(adaptation, cepstra_of(keys))
 
                 def adapted(key: str, adaptation: Adaptation | None = adaptation,
                             candidates: set[str] = candidates) -> int:
@@ -453,8 +453,7 @@ def speaker_check(model: KwsModel, bank: Bank, dev: dict[str, Any], precise: dic
                 "head_max": round(float(entry.head.score(embeddings).max()), 3),
                 "gate_ratio": round(gate_ratio(entry, embeddings), 2)}
         for name, group in sets.items():
-            templated = template_raised(adaptation, cepstra[name])
-            candidates = template_raised(adaptation, cepstra[name], near=True)
+            templated, candidates = template_raised(adaptation, cepstra[name])
             added = {s: sum(wakes(settings, recorded[p], adaptation) - shipped[p] for p in ps
                             if touched(adaptation, recorded[p][1], p in candidates))
                      for s, ps in group.items()}
