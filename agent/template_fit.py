@@ -54,13 +54,13 @@ def fit_templates(word: str, templates: Sequence[FloatArray], bank: Bank, check:
              for i, own in enumerate(templates)]
     reach = path.reach(check.recordings_cepstra(word))
     with_templates = false_wakes + int((reach <= 1.0).sum())
-    peaks = check.recording_peaks(check_scores, word)
-    confirmed = (reach > 1.0) & (reach <= NEAR_LIMIT) & (peaks >= NEAR_SCORE)
     allowed = allowed_false_wakes(budget_per_hour, check.hours)
     if not path.active or with_templates > allowed:
         log.info("enrolment: the templates for %r would wake on %d held-back bank recordings: left out",
                  word, with_templates - false_wakes)
         return None, false_wakes, unheard
+    peaks = check.recording_peaks(check_scores, word)
+    confirmed = (reach > 1.0) & (reach <= NEAR_LIMIT) & (peaks >= NEAR_SCORE)
     if with_templates + int(confirmed.sum()) > allowed:
         log.info("enrolment: near template matches for %r would wake on %d held-back bank recordings: left "
                  "out", word, int(confirmed.sum()))

@@ -219,10 +219,10 @@ def transformed_voice(paths: list[str], workdir: Path, name: str, transform: Any
     return result
 
 
-def faster_voice(paths: list[str], workdir: Path, factor: float = FASTER,
-                 folder: str = "faster") -> list[str]:
-    """The recordings played ``factor`` times faster (higher and quicker, like a child): a voice the shipped
-    model has never heard and mostly misses, for want of a real one in ../shared."""
+def faster_voice(paths: list[str], workdir: Path, folder: str, factor: float = FASTER) -> list[str]:
+    """The recordings played ``factor`` times faster (higher and quicker, like a child), into
+    ``workdir/folder``: a voice the shipped model has never heard and mostly misses, for want of a real one in
+    ../shared."""
     return transformed_voice(paths, workdir, folder,
                              lambda s: changed_voice(s, factor, keep_tempo=False))
 
@@ -262,16 +262,17 @@ def stretch(samples: Any, factor: float, frame: int = 640, hop: int = 160, searc
     return (out / np.maximum(weight, 1e-3))[:length]
 
 
-def child_voice(paths: list[str], workdir: Path, factor: float = CHILD, folder: str = "child") -> list[str]:
-    """The recordings with pitch and formants ``factor`` times higher, the same tempo (``changed_voice``)."""
+def child_voice(paths: list[str], workdir: Path, folder: str, factor: float = CHILD) -> list[str]:
+    """The recordings with pitch and formants ``factor`` times higher, the same tempo (``changed_voice``),
+    into ``workdir/folder``."""
     return transformed_voice(paths, workdir, folder, lambda s: changed_voice(s, factor, keep_tempo=True))
 
 
-def noisy_voice(paths: list[str], workdir: Path, noise_paths: list[str],
-                snr_db: float = NOISE_SNR_DB, folder: str = "noisy") -> list[str]:
-    """The recordings child-like (``child_voice``) with held-out noise added ``snr_db`` below their speech
-    (its loud part), each its own stretch of the noise: a household that records and speaks in a room with a
-    fan, a dishwasher or traffic, enrolment takes as noisy as the rest."""
+def noisy_voice(paths: list[str], workdir: Path, folder: str, noise_paths: list[str],
+                snr_db: float = NOISE_SNR_DB) -> list[str]:
+    """The recordings child-like (``child_voice``), into ``workdir/folder``, with held-out noise added
+    ``snr_db`` below their speech (its loud part), each its own stretch of the noise: a household that records
+    and speaks in a room with a fan, a dishwasher or traffic, enrolment takes as noisy as the rest."""
     import numpy as np
 
     from agent.audio import read_audio_file
@@ -482,11 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         largest, largest_paths = largest_cluster(sets)
         changed: dict[str, tuple[list[str], Callable[[list[str], str], list[str]]]] = {
             f"picovoice cluster {group} played {FASTER}x faster (a voice the model misses)":
-                (paths, lambda ps, folder: faster_voice(ps, work, folder=folder)),
+                (paths, lambda ps, folder: faster_voice(ps, work, folder)),
             f"picovoice cluster {largest} as a child-like voice (the hard speaker)":
-                (largest_paths, lambda ps, folder: child_voice(ps, work, folder=folder)),
+                (largest_paths, lambda ps, folder: child_voice(ps, work, folder)),
             f"picovoice cluster {largest} child-like, held-out noise {NOISE_SNR_DB:g} dB below":
-                (largest_paths, lambda ps, folder: noisy_voice(ps, work, noise, folder=folder))}
+                (largest_paths, lambda ps, folder: noisy_voice(ps, work, folder, noise))}
         target_sets: dict[str, dict[str, Any]] = {}
         for number, (name, (source, transform)) in enumerate(changed.items()):
             targets[name] = transform(source, f"target{number}")
