@@ -31,8 +31,9 @@ speaker ids), that cluster played 1.3x faster (higher and quicker), and the hard
 Picovoice cluster with the most recordings made child-like (pitch and formants 1.3x higher by resampling,
 its tempo kept: a voice the shipped model misses nearly always; ../shared holds no real speaker it misses
 often), and that child-like voice in a noisy room (held-out noise, the validation split of ``noise/``, 20 dB
-below the speech, in the enrolled recordings as in the rest; a recording ``enroll`` would refuse as a take
-is passed over for the speaker's next one, as a household records another take). The gate,
+below the speech, and in a noisier one, 15 dB below, in the enrolled recordings as in the rest; a recording
+``enroll`` would refuse as a take is passed over for the speaker's next one, as a household records another
+take). The gate,
 thresholds and weights of the enrolment are chosen on its development set (``python -m training.enrol_dev``:
 training speaker clusters and child-like versions of them, against the development half of the other wake
 words' training split), never here. Also the daemon's
@@ -75,6 +76,9 @@ DRAWS = 2  # further enrolment draws per speaker (each costs a pass over the eva
 FASTER = 1.3
 CHILD = 1.3  # pitch and formants up by this factor (children's are 1.2-1.6x adults'), the tempo kept
 NOISE_SNR_DB = 20.0  # the noisy target: held-out noise this far below the speech
+# The noisier room: the development split's same-voice wakes come mostly from 15 dB (11 in 33 draws, against
+# 1 at 20 dB), so the bench measures it too (session 17; nothing was chosen on it).
+NOISIER_SNR_DB = 15.0
 SAME_VOICE = "_same_voice"  # a confusable source in a changed target's voice (and room): "alexa_same_voice"
 CPU_AUDIO = REPO_ROOT / "examples" / "demo_commands.wav"
 
@@ -487,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
             f"picovoice cluster {largest} as a child-like voice (the hard speaker)":
                 (largest_paths, lambda ps, folder: child_voice(ps, work, folder)),
             f"picovoice cluster {largest} child-like, held-out noise {NOISE_SNR_DB:g} dB below":
-                (largest_paths, lambda ps, folder: noisy_voice(ps, work, folder, noise))}
+                (largest_paths, lambda ps, folder: noisy_voice(ps, work, folder, noise)),
+            f"picovoice cluster {largest} child-like, held-out noise {NOISIER_SNR_DB:g} dB below":
+                (largest_paths, lambda ps, folder: noisy_voice(ps, work, folder, noise, NOISIER_SNR_DB))}
         target_sets: dict[str, dict[str, Any]] = {}
         for number, (name, (source, transform)) in enumerate(changed.items()):
             targets[name] = transform(source, f"target{number}")
