@@ -20,9 +20,7 @@ MLP scores it. The head's score changes the model's posterior for that word befo
   Precise speaker of ``hey_computer`` raised held-out "smart mirror" false wakes from 6 to 9 in 0.2 h). The
   radius is the household recordings' own spread (each recording's distance to the others) times
   RADIUS_FACTOR (at least MIN_RADIUS), and stays below the nearest bank window of another label that the head
-  finds word-like, and below the nearest window of the recordings' room without the word (their background,
-  :func:`room_windows`): in a noisy room the household's windows lie near the noise itself, and other speech
-  in that noise fell inside the gate.
+  finds word-like.
 - *sequence gate* (:mod:`agent.sequence`): outside the radius, a window at the boost is still raised when
   the recent hops follow one of the household recordings' hop sequences (a template match over time, as
   Rhasspy's Raven does); its distance threshold is the median of each recording's distance to the others'
@@ -78,7 +76,6 @@ from agent.sequence import threshold as sequence_threshold
 from agent.template_fit import fit_templates
 from agent.templates import RAISED, Templates, recording_cepstra
 from agent.templates import template as cepstral_template
-from agent.utterance import room_background, utterance_span
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +85,12 @@ UNKNOWN = UNKNOWN_LABEL
 # 1 s window, so the head sees the word at every position the streaming model will.
 WINDOW_MARGIN_SECONDS = 0.1
 MIN_BOOST = 0.5  # the head must be at least this sure before it overrules the base model
+# A take's utterance (utterance_span): frames this far above the background, quiet gaps of up to this many
+# 10 ms frames bridged. On development takes (180, as recorded and child-like) it is speech_span's span in
+# every quiet one; with training-split noise 20 dB below, 1 % of takes ran over 2.5 s (speech_span: 32 %).
+UTTERANCE_ABOVE_NOISE_DB = 10.0
+UTTERANCE_GAP_FRAMES = 15
+SPAN_FRAME = 160  # speech_span's and utterance_span's frames: 10 ms
 # The boost threshold sits just above the highest bank recording of another label (allowing for the budget),
 # with no margin: on the development split (python -m training.enrol_dev: 12 enrolments of training speaker
 # clusters and child-like versions of them; 100 other recordings, 76 heard by the shipped model), a margin of
@@ -358,15 +361,13 @@ class Adaptation:
 def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_words: Iterable[FloatArray],
              budget_per_hour: float, *, streams: Sequence[FloatArray] = (),
              templates: Sequence[FloatArray] = (),
-             not_word_cepstra: Sequence[FloatArray] = (),
-             room: FloatArray | None = None) -> tuple[WordHead, list[float]]:
+             not_word_cepstra: Sequence[FloatArray] = ()) -> tuple[WordHead, list[float]]:
     """Train the head of one word and set its thresholds on the bank less its held-back recordings
     (:meth:`Bank.held_back`), then count the held-back recordings of other labels it would wake on.
     ``positives``: per household recording, its word windows; ``not_words``: per not-word recording, the
     windows that raised this word; ``streams``: per household recording, its embeddings at every hop of the
-    voice path (the sequence gate's templates); ``room``: the windows of the recordings' room without the word
-    (:func:`room_windows`). Returns the head and, per household recording, its best head score (to explain a
-    refusal)."""
+    voice path (the sequence gate's templates). Returns the head and, per household recording, its best head
+    score (to explain a refusal)."""
     held_back = full_bank.held_back(word)
     bank = full_bank.rows(~held_back)
     positive_sets = [p for p in positives if len(p)]
@@ -385,8 +386,7 @@ def fit_word(word: str, full_bank: Bank, positives: Iterable[FloatArray], not_wo
     bank_scores = head.score(bank.embeddings)
     best = [float(head.score(p).max()) for p in positive_sets]
     prototypes = head.standardise(user_pos) if len(user_pos) else np.zeros((0, others.shape[1]), np.float32)
-    radius = gate_radius(head, [head.standardise(p) for p in positive_sets], bank, bank_scores, word=word,
-                         room=head.standardise(room) if room is not None and len(room) else None)
+    radius = gate_radius(head, [head.standardise(p) for p in positive_sets], bank, bank_scores, word)
     boost: float | None = None
     false_wakes = 0
     check = full_bank.rows(held_back)
@@ -479,11 +479,10 @@ def _veto_radius(head: Head, bank_positives: FloatArray, prototypes: FloatArray,
     return float(radius) if np.isfinite(radius) else 0.0
 
 
-def gate_radius(head: Head, recordings: Sequence[FloatArray], bank: Bank, bank_scores: FloatArray, *,
-                word: str, room: FloatArray | None = None) -> float:
-    """The distance gate's radius (see RADIUS_FACTOR): the household recordings' spread, bounded by the bank
-    and by the room (:func:`room_windows`). ``recordings``: per household recording, its standardised word
-    windows; ``room``: the room's standardised windows."""
+def gate_radius(head: Head, recordings: Sequence[FloatArray], bank: Bank, bank_scores: FloatArray,
+                word: str) -> float:
+    """The distance gate's radius (see RADIUS_FACTOR): the household recordings' spread, bounded by the bank.
+    ``recordings``: per household recording, its standardised word windows."""
     if len(recordings) >= 2:
         spread = float(np.median([
             nearest_distance(own, np.concatenate([r for j, r in enumerate(recordings) if j != i])).min()
@@ -495,9 +494,6 @@ def gate_radius(head: Head, recordings: Sequence[FloatArray], bank: Bank, bank_s
     if word_like.any() and recordings:
         ceiling = GATE_BANK_MARGIN * float(nearest_distance(
             head.standardise(bank.embeddings[word_like]), np.concatenate(list(recordings))).min())
-    if room is not None and len(room) and recordings:
-        ceiling = min(ceiling, GATE_BANK_MARGIN * float(
-            nearest_distance(room, np.concatenate(list(recordings))).min()))
     return float(min(max(RADIUS_FACTOR * spread, MIN_RADIUS), ceiling))
 
 
@@ -513,21 +509,51 @@ def _item_peaks(scores: FloatArray, bank: Bank, word: str) -> FloatArray:
     return result
 
 
+def frame_energies(samples: npt.NDArray[np.int16]) -> npt.NDArray[np.float64]:
+    """The mean square of each whole 10 ms frame (SPAN_FRAME samples) of ``samples``."""
+    count = len(samples) // SPAN_FRAME
+    energy: npt.NDArray[np.float64] = \
+        (samples[: count * SPAN_FRAME].astype(np.float64).reshape(count, SPAN_FRAME) ** 2).mean(axis=1)
+    return energy
+
+
+def _loud_frames(energy: npt.NDArray[np.float64], floor_db: float,
+                 above_noise_db: float) -> npt.NDArray[np.intp]:
+    """The frames within ``floor_db`` of the loudest and ``above_noise_db`` above the background (the 10th
+    percentile frame); none for silence or a steady sound (a hum or tone, no utterance)."""
+    if not len(energy) or float(energy.max()) <= 0.0:
+        return np.zeros(0, np.intp)
+    level = max(float(energy.max()) * 10 ** (-floor_db / 10),
+                float(np.percentile(energy, 10)) * 10 ** (above_noise_db / 10))
+    return np.flatnonzero(energy >= level)
+
+
+def speech_span(samples: npt.NDArray[np.int16], floor_db: float = 30.0,
+                above_noise_db: float = 6.0) -> tuple[int, int] | None:
+    """(first, last + 1) sample of the loud 10 ms frames (:func:`_loud_frames`); None for silence or a
+    steady sound."""
+    loud = _loud_frames(frame_energies(samples), floor_db, above_noise_db)
+    return (int(loud[0]) * SPAN_FRAME, (int(loud[-1]) + 1) * SPAN_FRAME) if loud.size else None
+
+
+def utterance_span(samples: npt.NDArray[np.int16], above_noise_db: float = UTTERANCE_ABOVE_NOISE_DB,
+                   gap_frames: int = UTTERANCE_GAP_FRAMES) -> tuple[int, int] | None:
+    """The utterance of a take: the run of loud 10 ms frames (:func:`_loud_frames`, 30 dB from the loudest as
+    in :func:`speech_span`, here ``above_noise_db`` above the background) around the loudest one, bridging
+    quiet gaps of up to ``gap_frames``. In a quiet take it is speech_span's span; in a noisy room the noise's
+    own louder moments away from the word stay out (speech_span runs from the first to the last of them)."""
+    energy = frame_energies(samples)
+    loud = _loud_frames(energy, 30.0, above_noise_db)
+    if not loud.size:
+        return None
+    peak = int(np.searchsorted(loud, int(energy.argmax())))
+    breaks = np.flatnonzero(np.diff(loud) > gap_frames + 1)  # a gap of more than gap_frames quiet frames
+    first = loud[breaks[breaks < peak][-1] + 1] if (breaks < peak).any() else loud[0]
+    last = loud[breaks[breaks >= peak][0]] if (breaks >= peak).any() else loud[-1]
+    return int(first) * SPAN_FRAME, (int(last) + 1) * SPAN_FRAME
+
+
 # --------------------------------------------------------------------------------------------- learning
-
-
-def room_windows(model: KwsModel,
-                 takes: Sequence[tuple[npt.NDArray[np.int16], tuple[int, int]]]) -> FloatArray:
-    """The embeddings of every window (each feature hop, and the tail) of the takes' room without the word
-    (:func:`agent.utterance.room_background`); none when it is too short. The distance gate stays clear of
-    them (:func:`gate_radius`): in a noisy room the household's windows lie near its noise alone, and other
-    speech in that noise fell inside the gate (development split, noise 15 dB below: bench/enroll_rule.md,
-    session 17)."""
-    params = model.params
-    room = room_background(takes, params.sample_rate)
-    if room is None:
-        return np.zeros((0, 0), np.float32)
-    return stream_embeddings(model, room, params.hop_samples, tail_samples=params.window_samples)[2]
 
 
 def not_word_windows(model: KwsModel, samples: npt.NDArray[np.int16],
@@ -576,8 +602,7 @@ def learn(model: KwsModel, bank: Bank, positives: dict[str, list[npt.NDArray[np.
     for word in sorted(set(pos_windows) | set(neg_windows)):
         entry, best = fit_word(word, bank, pos_windows.get(word, []), neg_windows.get(word, []), budget,
                                streams=streams.get(word, []), templates=templates.get(word, []),
-                               not_word_cepstra=not_word_cepstra,
-                               room=room_windows(model, spoken[word]) if word in spoken else None)
+                               not_word_cepstra=not_word_cepstra)
         if word in check and entry.boost is not None:
             heard = sum(score >= entry.boost for score in best)
             if heard < MIN_HEARD_FRACTION * len(best):

@@ -21,11 +21,14 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.adaptation import (
+    SPAN_FRAME,
     Adaptation,
     EnrollError,
+    frame_energies,
     learn,
     load_model_and_bank,
     stream_embeddings,
+    utterance_span,
 )
 from agent.adaptation_store import Store
 from agent.audio import SAMPLE_RATE, read_audio_file
@@ -35,7 +38,6 @@ from agent.config import Config, load_config
 from agent.errors import AudioError
 from agent.features import INT16_SCALE
 from agent.kws import KwsModel
-from agent.utterance import SPAN_FRAME, frame_energies, utterance_span
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.adaptation import stream_embeddings, word_windows
+from agent.adaptation import speech_span, stream_embeddings, word_windows
 from agent.audio import read_audio_file
 from agent.bank import Bank, bank_path
 from agent.features import SILENCE_LABEL, UNKNOWN_LABEL, FeatureParams
 from agent.kws import KwsModel
 from agent.templates import recording_cepstra
-from agent.utterance import speech_span
 from training.common import stable_fraction
 from training.data import Clip, inventory, speaker_of
 
