@@ -516,14 +516,21 @@ def test_the_development_split_counts_wakes_on_confusables_in_the_enrolled_voice
     monkeypatch.setattr(enrol_dev, "raised", lambda adapted, embeddings: embeddings is in_voice[1])
     monkeypatch.setattr(enrol_dev, "wakes", lambda settings, rec, adapted: int(adapted is not None
                                                                                 and rec is in_voice))
-    results = enrol_dev.evaluate(model, Bank(np.zeros((0, 4), np.float32), np.array([], str),
-                                             np.zeros(0, np.int32), np.zeros(0, np.float32), "sha"),
-                                 dev, draws=1, voices=("child:",))
+    bank = Bank(np.zeros((0, 4), np.float32), np.array([], str), np.zeros(0, np.int32),
+                np.zeros(0, np.float32), "sha")
+    results = enrol_dev.evaluate(model, bank, dev, draws=1, voices=("child:",))
     child = results["summary"]["child"]
     assert child["wakes_added"] == 0 and child["near_miss_clips"] == 0
     assert child["same_voice_wakes_added"] == 1 and child["draws_adding_same_voice_wakes"] == 1
     assert child["same_voice_near_miss_clips"] == 1
     assert results["child:computer-x#0"]["same_voice_wakes_added"] == {"smart_mirror": 1}
+    # The wake is put down to the path that raised it: the head's gates here, a template when one reaches it.
+    assert (child["same_voice_wakes_by_gates"], child["same_voice_wakes_by_templates"]) == (1, 0)
+    monkeypatch.setattr(enrol_dev, "template_raised",
+                        lambda adapted, cepstra: ({"child:mirror.flac"}, {"child:mirror.flac"}))
+    child = enrol_dev.evaluate(model, bank, dev, draws=1, voices=("child:",))["summary"]["child"]
+    assert (child["same_voice_wakes_by_gates"], child["same_voice_wakes_by_templates"]) == (0, 1)
+    assert child["wakes_by_gates"] + child["wakes_by_templates"] + child["wakes_by_near"] == 0
 
 
 def test_the_speaker_check_counts_his_own_other_wake_words_and_how_close_other_speakers_come(

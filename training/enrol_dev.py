@@ -39,6 +39,9 @@ smoothing) with each candidate setting, so many settings can be compared in minu
 window closed (it counts wakes). Per draw: detection of the other recordings and wakes per confusable source;
 the summary counts the draws below TARGET_PERCENT, the draws that add a wake, and the near misses: confusable
 clips on which the head raised the word on any hop (a wake is rare on 0.8 h; a raised hop says how close).
+The wakes a clip gains are also put down to the path that raised them (``wakes_by_templates``, ``_near``,
+``_gates``, and the same for ``same_voice_wakes``): a template reaching the clip within its limit, a near
+template match, else the head's distance or sequence gate.
 """
 
 from __future__ import annotations
@@ -321,6 +324,8 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
                  "draws_below_target": 0, "draws_adding_wakes": 0, "near_miss_clips": 0, "refused": 0,
                  "same_voice_wakes_added": 0, "draws_adding_same_voice_wakes": 0,
                  "same_voice_near_miss_clips": 0,
+                 **{f"{kind}_by_{path}": 0 for kind in ("wakes", "same_voice_wakes")
+                    for path in ("templates", "near", "gates")},
                  "worst_percent": 100.0, "seconds": 0.0}
         for group, paths in dev["targets"].items():
             target_bank = bank if word_paths is None else without_clips(bank, word_paths, set(paths))
@@ -351,12 +356,21 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
 
                 before = sum(shipped[k] > 0 for k in tested)
                 after = sum(adapted(k) > 0 for k in tested)
-                added = {s: sum(adapted(p) for p in ps) - sum(shipped[p] for p in ps)
+                replayed = {k: adapted(k) for k in keys[len(tested):]}
+                added = {s: sum(replayed[p] for p in ps) - sum(shipped[p] for p in ps)
                          for s, ps in confusable.items()}
                 near = sum(raised(adaptation, recorded[p][1]) or p in templated
                            for ps in confusable.values() for p in ps)
-                same_voice = {s: sum(adapted(voice + p) for p in ps) - sum(shipped[voice + p] for p in ps)
+                same_voice = {s: sum(replayed[voice + p] for p in ps) - sum(shipped[voice + p] for p in ps)
                               for s, ps in dev["same_voice"].items()}
+                # The path that raised the wakes a clip gained: a template within its limit, a near template
+                # match (the head confirms it), else the head's gates (distance or sequence).
+                for kind, clips in (("wakes", [p for ps in confusable.values() for p in ps]),
+                                    ("same_voice_wakes", [voice + p for ps in dev["same_voice"].values()
+                                                          for p in ps])):
+                    for key in clips:
+                        path = "templates" if key in templated else "near" if key in candidates else "gates"
+                        total[f"{kind}_by_{path}"] += max(0, replayed[key] - shipped[key])
                 same_near = sum(raised(adaptation, recorded[voice + p][1]) or voice + p in templated
                                 for ps in dev["same_voice"].values() for p in ps)
                 percent = 100.0 * after / len(tested)
