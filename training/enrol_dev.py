@@ -344,9 +344,10 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
                     adaptation = None
                 total["seconds"] = max(total["seconds"], time.process_time() - started)
 
-                keys = [*tested, *(p for ps in confusable.values() for p in ps),
-                        *(voice + p for ps in dev["same_voice"].values() for p in ps)]
-                templated, candidates = template_raised(adaptation, cepstra_of(keys))
+                plain_clips = [p for ps in confusable.values() for p in ps]
+                voice_clips = [voice + p for ps in dev["same_voice"].values() for p in ps]
+                templated, candidates = template_raised(adaptation,
+                                                        cepstra_of([*tested, *plain_clips, *voice_clips]))
 
                 def adapted(key: str, adaptation: Adaptation | None = adaptation,
                             candidates: set[str] = candidates) -> int:
@@ -356,23 +357,19 @@ def evaluate(model: KwsModel, bank: Bank, dev: dict[str, Any], *, draws: int = D
 
                 before = sum(shipped[k] > 0 for k in tested)
                 after = sum(adapted(k) > 0 for k in tested)
-                replayed = {k: adapted(k) for k in keys[len(tested):]}
+                replayed = {k: adapted(k) for k in [*plain_clips, *voice_clips]}
                 added = {s: sum(replayed[p] for p in ps) - sum(shipped[p] for p in ps)
                          for s, ps in confusable.items()}
-                near = sum(raised(adaptation, recorded[p][1]) or p in templated
-                           for ps in confusable.values() for p in ps)
+                near = sum(raised(adaptation, recorded[p][1]) or p in templated for p in plain_clips)
                 same_voice = {s: sum(replayed[voice + p] for p in ps) - sum(shipped[voice + p] for p in ps)
                               for s, ps in dev["same_voice"].items()}
                 # The path that raised the wakes a clip gained: a template within its limit, a near template
                 # match (the head confirms it), else the head's gates (distance or sequence).
-                for kind, clips in (("wakes", [p for ps in confusable.values() for p in ps]),
-                                    ("same_voice_wakes", [voice + p for ps in dev["same_voice"].values()
-                                                          for p in ps])):
+                for kind, clips in (("wakes", plain_clips), ("same_voice_wakes", voice_clips)):
                     for key in clips:
                         path = "templates" if key in templated else "near" if key in candidates else "gates"
                         total[f"{kind}_by_{path}"] += max(0, replayed[key] - shipped[key])
-                same_near = sum(raised(adaptation, recorded[voice + p][1]) or voice + p in templated
-                                for ps in dev["same_voice"].values() for p in ps)
+                same_near = sum(raised(adaptation, recorded[k][1]) or k in templated for k in voice_clips)
                 percent = 100.0 * after / len(tested)
                 total["draws"] += 1
                 total["detected_shipped"] += before
