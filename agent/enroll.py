@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,14 +134,15 @@ def enroll_main(args: argparse.Namespace) -> int:
         return _usage("give --word WORD with FILE... or --record N (or --not-word, --list, --reset)")
     if args.word not in model.words:
         return _usage(f"{args.word!r} is not a word of the keyword model; it knows: {', '.join(model.words)}")
+    word = args.word
     if args.record is not None:
-        takes = record_takes(args.record, config)
+        takes = record_takes(args.record, config, lambda take: check_word(model, take, word, config))
     elif not args.files:
         return _usage("no recordings given: name one or more WAV/FLAC files, or use --record N")
     else:
         takes = [read_take(p) for p in args.files]
-    for take in takes:
-        _check_word(model, take, args.word, config)
+        for take in takes:
+            check_word(model, take, word, config)
     return _update(config, store, model, bank, positives=takes, negatives=[], word=args.word)
 
 
@@ -150,7 +151,8 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
-def _check_word(model: KwsModel, take: Take, word: str, config: Config) -> None:
+def check_word(model: KwsModel, take: Take, word: str, config: Config) -> None:
+    """Refuse a take the model hears as another of its words, or that holds another word besides ``word``."""
     _, posteriors, _ = stream_embeddings(model, take.samples, model.params.hop_samples * 5,
                                          tail_samples=model.params.window_samples)
     own = float(posteriors[:, model.labels.index(word)].max())
@@ -263,8 +265,10 @@ def level_meter(samples: npt.NDArray[np.int16], width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {db:5.0f} dBFS"
 
 
-def record_takes(count: int, config: Config) -> list[Take]:
-    """``count`` accepted takes from the microphone; a refused take is explained and asked for again."""
+def record_takes(count: int, config: Config,
+                 accept: Callable[[Take], None] = lambda take: None) -> list[Take]:
+    """``count`` accepted takes from the microphone; a take that :func:`check_take` or ``accept`` refuses (an
+    EnrollError) is explained and asked for again, so one bad take does not cost the others."""
     from agent.audio import MicSource
 
     if count < 1:
@@ -286,7 +290,9 @@ def record_takes(count: int, config: Config) -> list[Take]:
                     print(level_meter(chunk.samples), end="\r", file=sys.stderr)
             samples = np.concatenate(parts) if parts else np.zeros(0, np.int16)
             try:
-                takes.append(check_take(f"take {len(takes) + 1}", samples))
+                take = check_take(f"take {len(takes) + 1}", samples)
+                accept(take)
+                takes.append(take)
                 print("\nok", file=sys.stderr)
             except EnrollError as err:
                 print(f"\n{err}; again", file=sys.stderr)

@@ -250,6 +250,46 @@ def test_a_word_the_reference_speech_holds_as_another_label_is_refused_by_the_bu
     assert not (Store.of(load_config(config)).directory / "heads.npz").exists()
 
 
+class ScriptedMicrophone:
+    """Stands in for agent.audio.MicSource: each take's first read returns the next scripted recording."""
+
+    def __init__(self, recordings: list[np.ndarray]) -> None:
+        self.recordings = list(recordings)
+
+    def __call__(self, device: Any, buffer_seconds: float) -> ScriptedMicrophone:
+        return self
+
+    def __enter__(self) -> ScriptedMicrophone:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def read(self, seconds: float) -> Any:
+        time.sleep(0.06)  # longer than the take's recording time below: one read per take
+        return type("Chunk", (), {"samples": self.recordings.pop(0)})()
+
+
+def test_recording_asks_again_for_a_take_that_sounds_like_another_word(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``enroll --record N``: a take the model hears as another word is explained and asked for again, like a
+    clipped or silent one, instead of refusing the whole session after the last take."""
+    import agent.audio
+    import agent.enroll
+
+    another = read_audio_file(EXAMPLES / "heat_up_no_wake.wav")
+    takes = [read_audio_file(child_voice(name, 1.3, tmp_path)) for name in WAKE_SOURCES]
+    monkeypatch.setattr(agent.audio, "MicSource", ScriptedMicrophone([another, *takes]))
+    monkeypatch.setattr(agent.enroll, "RECORD_SECONDS", 0.05)
+    pause = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: None if s >= 1 else pause(s))  # no countdown
+    config = write_config(tmp_path)
+    assert enroll(config, "--word", "computer", "--record", "3") == 0
+    err = capsys.readouterr().err
+    assert "take 1: this sounds like 'up'" in err and "; again" in err
+    assert len(list((Store.of(load_config(config)).positive_dir / "computer").iterdir())) == 3
+
+
 def test_the_false_wake_budget_allows_whole_events_rounded_down() -> None:
     """Fitting a head and the activation check both count the budget this way: a part of a wake is none."""
     assert allowed_false_wakes(2.0, 0.74) == 1

@@ -6,8 +6,9 @@ Everything here is training-side, and none of it is in the negative bank or in w
 reports (see :func:`training.enrol_bank.bank_part`):
 
 - enrolment targets: training-split Picovoice ``computer`` speaker clusters with at least MIN_CLIPS recordings
-  (DRAWS choices of five recordings enrolled per cluster, as the bench draws them; the cluster's other
-  recordings tested), and the same clusters with their voice changed (VOICES: pitch and formants 1.3x higher,
+  (copies of one recording count once, :func:`training.data.recording_copies`; DRAWS choices of five
+  recordings enrolled per cluster, as the bench draws them; the cluster's other recordings tested), and the
+  same clusters with their voice changed (VOICES: pitch and formants 1.3x higher,
   a child-like voice the model misses; the recordings played 1.3x faster, the other voice it misses; 1.15x
   higher or lower, voices it misses sometimes, as it does a new speaker: the training clusters themselves are
   all heard by the model that was trained on them). The target cluster's own recordings are taken out of
@@ -15,7 +16,7 @@ reports (see :func:`training.enrol_bank.bank_part`):
   other recordings the head was trained on is heard too easily);
 - the child-like voice in a noisy room (NOISY_VOICES: the ``tune`` quarter of ``noise/`` at 20, 15 and 10 dB
   in every recording, enrolled, tested and same-voice confusable alike). Each draw passes over the takes
-  ``home-agent enroll`` refuses (:func:`agent.enroll.check_take`) for the cluster's next
+  ``home-agent enroll`` refuses (:func:`bench.enroll_bench.usable_take`) for the cluster's next
   recordings, as a household records another take, and enrols what is left;
 - confusable speech: the development half of the training-split clips of the five other wake words (the bank
   holds the other half; the bench holds out the validation split), and the ``tune`` quarter of
@@ -72,14 +73,14 @@ from agent.voice import VoicePipeline, tail_padding
 from bench.enroll_bench import CHILD, FASTER, NOISE_SNR_DB, usable_take, with_noise
 from bench.enroll_bench import changed_voice as bench_changed_voice
 from training.common import stable_fraction
-from training.data import inventory
+from training.data import inventory, recording_copies
 from training.enrol_bank import CONFUSABLE_WAKE_WORDS, bank_part
 
 log = logging.getLogger(__name__)
 
 WAKE = "computer"
 ENROL = 5
-MIN_CLIPS = 8  # 5 enrolled and at least 3 tested: 11 training clusters
+MIN_CLIPS = 8  # 5 enrolled and at least 3 tested: 7 training clusters (11 before copies counted once)
 DRAWS = 3  # the first five recordings, then hash-chosen sets of five (as bench/enroll_bench.py draws them)
 TARGET_PERCENT = 90.0  # a draw hears at least this much of the speaker's other recordings (the goal)
 # The changed voices: key prefix -> (pitch and formant factor, whether the tempo is kept). "faster:" is the
@@ -201,9 +202,14 @@ def dev_sets(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]
         elif clip.source == "real" and clip.label == WAKE and clip.split == "train" \
                 and clip.group.startswith("computer-"):
             clusters[clip.group].append(clip.path)
-    chosen = sorted((g for g, paths in clusters.items() if len(paths) >= MIN_CLIPS),
+    # Each recording once (several training clusters are copies of one or two recordings, which a draw that
+    # enrols one copy would "hear" in the rest).
+    copies = recording_copies([Path(p) for paths in clusters.values() for p in paths])
+    distinct = {g: sorted(p for p in paths if copies[Path(p).name] == Path(p).name)
+                for g, paths in clusters.items()}
+    chosen = sorted((g for g, paths in distinct.items() if len(paths) >= MIN_CLIPS),
                     key=lambda g: stable_fraction("dev-" + g))
-    return dict(confusable), {g: sorted(clusters[g]) for g in chosen}
+    return dict(confusable), {g: distinct[g] for g in chosen}
 
 
 def with_voices(path: str, samples: npt.NDArray[np.int16],
@@ -256,7 +262,7 @@ def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any
                 "recorded": recorded}
 
     return _cached(cache, {"model_sha256": model.sha256, "voices": VOICES, "noisy_voices": NOISY_VOICES,
-                           "min_clips": MIN_CLIPS,
+                           "min_clips": MIN_CLIPS, "recordings_once": True,
                            "same_voice_check": True, "mel": True}, build)
 
 

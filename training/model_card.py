@@ -221,7 +221,8 @@ def write_model_card(path: Path, result: dict[str, Any]) -> None:
         "digits, the Picovoice wake-word benchmark (`computer`; alexa, jarvis, smart mirror, snowboy, view "
         "glass as `_unknown_`), long negative speech (Picovoice speech-to-intent, Precise not-wake-word) cut "
         "into 1 s windows, background noise. Every Mycroft Precise speaker is held out (new voices, never "
-        "trained on).",
+        "trained on). The Picovoice corpus holds copies of one recording under several names: they stay on "
+        "one side of the split (`training.data.recording_copies`).",
         "- Synthetic: every vocabulary word and ~75 confusable and hard-negative words (come, cute, alexa, "
         "jarvis, ...) from espeak-ng, flite and piper voices (`.cache/synth`, made by `training/synth.py`); "
         "festival's voices and a hash-chosen share of the others are held out entirely; never used for "
