@@ -11,7 +11,7 @@ import soundfile as sf
 
 from agent.audio import read_audio_file
 from training.common import stable_fraction
-from training.data import VALIDATION_FRACTION, inventory, recording_copies
+from training.data import VALIDATION_FRACTION, inventory, recording_copies, recording_split
 
 RATE = 16000
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -79,3 +79,11 @@ def test_a_recording_is_held_out_only_when_no_copy_of_it_is_trained_on(tmp_path:
     assert clips[held[0]].group == clips[trained[0]].group
     assert clips[held[1]].split == clips[held[2]].split == "validation"
     assert clips[held[1]].group == clips[held[2]].group != clips[held[0]].group
+
+
+def test_a_recording_takes_the_split_of_its_copy_nearest_training() -> None:
+    """Long speech and noise are split three ways by file name: a copy in training puts the recording in
+    training, a copy among the threshold-tuning clips keeps it out of the held-out set."""
+    copies = {"a": "a", "b": "a", "c": "c", "d": "d", "e": "d"}
+    split_of = {"a": "validation", "b": "tune", "c": "validation", "d": "tune", "e": "train"}.__getitem__
+    assert recording_split(copies, split_of) == {"a": "tune", "c": "validation", "d": "train"}

@@ -24,7 +24,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -221,7 +221,9 @@ def _loudest(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     """The loudest COPY_SECONDS of a clip, zero mean and unit norm (zero-padded when shorter)."""
     size = round(COPY_SECONDS * SAMPLE_RATE) // COPY_COARSE_BLOCK * COPY_COARSE_BLOCK
     centred = samples.astype(np.float64) - float(np.mean(samples))
-    energy = np.convolve(centred**2, np.ones(SAMPLE_RATE // 10), "same")
+    width = SAMPLE_RATE // 10
+    cumulative = np.concatenate([np.zeros(width // 2), np.cumsum(centred**2), np.full(width, np.nan)])
+    energy = np.nan_to_num(cumulative[width:] - cumulative[:-width], nan=0.0)[: len(centred)]
     middle = int(np.argmax(energy))
     segment = centred[max(0, middle - size // 2) : middle + size // 2]
     segment = np.pad(segment, (0, size - len(segment)))
@@ -266,16 +268,32 @@ def recording_copies(paths: list[Path]) -> dict[str, str]:
     return {name: root(name) for name in names}
 
 
-def _recording_split(copies: dict[str, str]) -> dict[str, str]:
-    """{recording: split} for clips without speakers: held out only if every copy's file name is (so the
-    split of the models trained before copies were known keeps every held-out clip held out)."""
-    held: dict[str, bool] = {}
+SPLIT_ORDER = ("train", "tune", "validation")  # a recording takes the first of its copies' splits here
+
+
+def recording_split(copies: dict[str, str], split_of: Callable[[str], str]) -> dict[str, str]:
+    """{recording: split}: each copy's file name gives a split (``split_of``) and the recording takes the one
+    nearest training, so it is held out only if every copy is (and the models trained before copies were
+    known never trained on what is now held out)."""
+    splits: dict[str, str] = {}
     for name, recording in copies.items():
-        held[recording] = held.get(recording, True) and stable_fraction(name) < VALIDATION_FRACTION
-    return {recording: "validation" if kept else "train" for recording, kept in held.items()}
+        splits[recording] = min(splits.get(recording, SPLIT_ORDER[-1]), split_of(name), key=SPLIT_ORDER.index)
+    return splits
 
 
-def inventory(  # noqa: C901 - one branch per corpus folder and its labelling
+def _name_split(name: str) -> str:
+    """Clips of words without speaker ids: a quarter of the file names held out."""
+    return "validation" if stable_fraction(name) < VALIDATION_FRACTION else "train"
+
+
+def _recordings(paths: list[Path], split_of: Callable[[str], str]) -> dict[str, tuple[str, str]]:
+    """{file name: (recording, split)}, every copy of a recording on one side (:func:`recording_split`)."""
+    copies = recording_copies(paths)
+    splits = recording_split(copies, split_of)
+    return {name: (recording, splits[recording]) for name, recording in copies.items()}
+
+
+def inventory(
     data_dir: Path, synth_dir: Path | None = SYNTH_DIR, limit: int | None = None
 ) -> list[Clip]:
     """Every clip with label, group and split. ``limit`` keeps only a few files per folder (smoke runs)."""
@@ -306,8 +324,7 @@ def inventory(  # noqa: C901 - one branch per corpus folder and its labelling
                 clips.append(Clip(str(path), label, f"computer-{group}", split, "real"))
             continue
         chosen = _limit(files, limit)
-        copies = recording_copies([p for p in chosen if speaker_of(p.name) is None])
-        recording_split = _recording_split(copies)
+        recordings = _recordings([p for p in chosen if speaker_of(p.name) is None], _name_split)
         for path in chosen:
             speaker = speaker_of(path.name)
             if speaker is not None and speaker.startswith("precise"):
@@ -316,13 +333,12 @@ def inventory(  # noqa: C901 - one branch per corpus folder and its labelling
                 split = "validation" if stable_fraction(speaker) < VALIDATION_FRACTION else "train"
                 group = speaker
             else:
-                group = copies[path.name]
-                split = recording_split[group]
+                group, split = recordings[path.name]
             clips.append(Clip(str(path), label, group, split, "real"))
-    for path in _limit(sorted((data_dir / "real_long").rglob("*.flac")), limit):
-        clips.append(Clip(str(path), UNKNOWN_LABEL, path.name, _file_split(path.name), "long"))
-    for path in _limit(sorted((data_dir / "noise").rglob("*.flac")), limit):
-        clips.append(Clip(str(path), SILENCE_LABEL, path.name, _file_split(path.name), "noise"))
+    for subdir, label, source in (("real_long", UNKNOWN_LABEL, "long"), ("noise", SILENCE_LABEL, "noise")):
+        paths = _limit(sorted((data_dir / subdir).rglob("*.flac")), limit)
+        recordings = _recordings(paths, _file_split)
+        clips.extend(Clip(str(p), label, *recordings[p.name], source) for p in paths)
     if synth_dir is not None and synth_dir.is_dir():
         for folder in sorted(p for p in synth_dir.iterdir() if p.is_dir() and p.name not in EXCLUDED_SYNTH):
             label = folder.name if folder.name in VOCABULARY else UNKNOWN_LABEL

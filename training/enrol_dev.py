@@ -181,15 +181,15 @@ def changed_voice(samples: npt.NDArray[np.int16], factor: float,
     return np.asarray(changed.clip(-32768, 32767), dtype=np.int16)
 
 
-def dev_noise(data_dir: Path) -> npt.NDArray[np.float64]:
-    """The ``tune`` quarter of ``noise/``, end to end."""
-    paths = sorted(c.path for c in inventory(data_dir, synth_dir=None) if c.source == "noise"
-                   and c.split == "tune")
+def dev_noise(paths: list[str]) -> npt.NDArray[np.float64]:
+    """The noise recordings, end to end."""
     return np.concatenate([read_audio_file(p).astype(np.float64) for p in paths])
 
 
-def dev_sets(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def dev_sets(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """The confusable speech, the target clusters and the noise (the ``tune`` quarter of ``noise/``)."""
     clips = inventory(data_dir, synth_dir=None)
+    noise = sorted(c.path for c in clips if c.source == "noise" and c.split == "tune")
     confusable: dict[str, list[str]] = defaultdict(list)
     clusters: dict[str, list[str]] = defaultdict(list)
     for clip in clips:
@@ -209,7 +209,7 @@ def dev_sets(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]
                 for g, paths in clusters.items()}
     chosen = sorted((g for g, paths in distinct.items() if len(paths) >= MIN_CLIPS),
                     key=lambda g: stable_fraction("dev-" + g))
-    return dict(confusable), {g: distinct[g] for g in chosen}
+    return dict(confusable), {g: distinct[g] for g in chosen}, noise
 
 
 def with_voices(path: str, samples: npt.NDArray[np.int16],
@@ -243,9 +243,10 @@ def _cached(cache: Path, stamp: dict[str, Any], build: Callable[[], dict[str, An
 
 def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any]:
     """The development sets and every clip's recorded hops (kept in ``cache``)."""
+    confusable, targets, noise_paths = dev_sets(data_dir)
+
     def build() -> dict[str, Any]:
-        confusable, targets = dev_sets(data_dir)
-        noise = dev_noise(data_dir)
+        noise = dev_noise(noise_paths)
         audio: dict[str, npt.NDArray[np.int16]] = {}
         for paths in targets.values():
             for path in paths:
@@ -262,7 +263,7 @@ def load_recorded(model: KwsModel, data_dir: Path, cache: Path) -> dict[str, Any
                 "recorded": recorded}
 
     return _cached(cache, {"model_sha256": model.sha256, "voices": VOICES, "noisy_voices": NOISY_VOICES,
-                           "min_clips": MIN_CLIPS, "recordings_once": True,
+                           "min_clips": MIN_CLIPS, "sets": [confusable, targets, noise_paths],
                            "same_voice_check": True, "mel": True}, build)
 
 
