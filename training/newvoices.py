@@ -505,7 +505,7 @@ def card_section(reports: dict[str, dict[str, Any]]) -> str:
         "divide by the clips. The Picovoice corpus holds copies of one recording under several file names "
         "(`training.data.recording_copies`); since session 18 a recording any copy of which is trained on is "
         "not held out, which took out 62 of the other wake words' 349 held-out clips, 3 of long speech and "
-        "17 of noise (overlapping cuts of one noise recording); the copies of a held-out `computer` "
+        "17 of noise (overlapping cuts of the same noise recordings); the copies of a held-out `computer` "
         "recording were already in one cluster. Reports made before then include those clips.", "",
         '**Wake word "computer", detection rate** (clips)', "", head, rule,
     ]
