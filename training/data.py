@@ -221,10 +221,10 @@ def _loudest(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     """The loudest COPY_SECONDS of a clip, zero mean and unit norm (zero-padded when shorter)."""
     size = round(COPY_SECONDS * SAMPLE_RATE) // COPY_COARSE_BLOCK * COPY_COARSE_BLOCK
     centred = samples.astype(np.float64) - float(np.mean(samples))
-    width = SAMPLE_RATE // 10
-    cumulative = np.concatenate([np.zeros(width // 2), np.cumsum(centred**2), np.full(width, np.nan)])
-    energy = np.nan_to_num(cumulative[width:] - cumulative[:-width], nan=0.0)[: len(centred)]
-    middle = int(np.argmax(energy))
+    width = SAMPLE_RATE // 10  # the loudest 100 ms (its energy from a running sum) is the segment's middle
+    cumulative = np.concatenate([[0.0], np.cumsum(centred**2)])
+    energy = cumulative[width:] - cumulative[:-width]  # of the width samples from each start
+    middle = int(np.argmax(energy)) + width // 2 - 1 if len(energy) else 0
     segment = centred[max(0, middle - size // 2) : middle + size // 2]
     segment = np.pad(segment, (0, size - len(segment)))
     normalised: npt.NDArray[np.float64] = segment / (np.linalg.norm(segment) + 1e-12)
