@@ -93,7 +93,8 @@ def evidence_report(part: str, config: AnomalySection, tuning: Tuning = TUNING, 
     path), and of the windows it misses: how many rose above their own largest evidence before the window
     by more than 0.5 decade, reached 2 or 3 decades, or show a ``sustained_rise``."""
     labels = json.loads((SKAB / "labels" / "combined_windows.json").read_text(encoding="utf-8"))
-    runs, dev, held = split_runs(labels)
+    split = split_runs(labels)
+    runs, dev, held = split.runs, split.development, split.held_out
     files = [rel for run in (dev if part == "development" else held) for rel in runs[run]]
     nab = nab_module()
     entries: dict[str, Any] = {}
@@ -129,7 +130,8 @@ def diagnose(part: str, config: AnomalySection, tuning: Tuning = TUNING,
              group_tuning: GroupTuning = GROUP_TUNING, crop: int = 0, *,
              streams: bool = False) -> dict[str, Any]:
     labels = json.loads((SKAB / "labels" / "combined_windows.json").read_text(encoding="utf-8"))
-    runs, dev, held = split_runs(labels)
+    split = split_runs(labels)
+    runs, dev, held = split.runs, split.development, split.held_out
     names = dev if part == "development" else held
     files = [rel for run in names for rel in runs[run]]
     nab = nab_module()
