@@ -280,10 +280,11 @@ def child_voice(paths: list[str], workdir: Path, folder: str, factor: float = CH
 
 
 def noisy_voice(paths: list[str], workdir: Path, folder: str, noise_paths: list[str],
-                snr_db: float = NOISE_SNR_DB) -> list[str]:
-    """The recordings child-like (``child_voice``), into ``workdir/folder``, with held-out noise added
-    ``snr_db`` below their speech (its loud part), each its own stretch of the noise: a household that records
-    and speaks in a room with a fan, a dishwasher or traffic, enrolment takes as noisy as the rest."""
+                snr_db: float = NOISE_SNR_DB, *, child: bool = True) -> list[str]:
+    """The recordings child-like (``child_voice``; as recorded with ``child`` False), into
+    ``workdir/folder``, with held-out noise added ``snr_db`` below their speech (its loud part), each its own
+    stretch of the noise: a household that records and speaks in a room with a fan, a dishwasher or traffic,
+    enrolment takes as noisy as the rest."""
     import numpy as np
 
     from agent.audio import read_audio_file
@@ -292,7 +293,7 @@ def noisy_voice(paths: list[str], workdir: Path, folder: str, noise_paths: list[
     rng = np.random.default_rng(0)
 
     def add(samples: Any) -> Any:
-        voiced = changed_voice(samples, CHILD, keep_tempo=True)
+        voiced = changed_voice(samples, CHILD, keep_tempo=True) if child else samples.astype(np.float64)
         start = int(rng.integers(0, len(noise) - len(voiced)))
         return with_noise(voiced, noise[start : start + len(voiced)], snr_db)
 
@@ -514,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
             f"picovoice cluster {largest} child-like, held-out noise {NOISE_SNR_DB:g} dB below":
                 (largest_paths, lambda ps, folder: noisy_voice(ps, work, folder, noise)),
             f"picovoice cluster {largest} child-like, held-out noise {NOISIER_SNR_DB:g} dB below":
-                (largest_paths, lambda ps, folder: noisy_voice(ps, work, folder, noise, NOISIER_SNR_DB))}
+                (largest_paths, lambda ps, folder: noisy_voice(ps, work, folder, noise, NOISIER_SNR_DB)),
+            # The same room with the held-out speaker's own voice: an adult in a noisy kitchen (session 19).
+            f"picovoice cluster {group} (held out), held-out noise {NOISIER_SNR_DB:g} dB below":
+                (paths, lambda ps, folder: noisy_voice(ps, work, folder, noise, NOISIER_SNR_DB, child=False))}
         target_sets: dict[str, dict[str, Any]] = {}
         for number, (name, (source, transform)) in enumerate(changed.items()):
             targets[name] = transform(source, f"target{number}")
