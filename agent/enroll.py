@@ -119,9 +119,16 @@ def background_db(take: Take) -> float | None:
     return 10 * math.log10(voice / (float(np.median(background)) + 1e-9))
 
 
+def noisy_background_db(take: Take) -> float | None:
+    """:func:`background_db` of a take whose background lies less than NOISY_ROOM_DB below the voice, else
+    None."""
+    level = background_db(take)
+    return level if level is not None and level < NOISY_ROOM_DB else None
+
+
 def noisy_room_note(takes: Sequence[Take]) -> str | None:
     """What to tell a household whose takes hold a noisy background (:data:`NOISY_ROOM_DB`), or None."""
-    levels = [db for take in takes if (db := background_db(take)) is not None and db < NOISY_ROOM_DB]
+    levels = [db for take in takes if (db := noisy_background_db(take)) is not None]
     if not levels:
         return None
     return (f"note: in {len(levels)} of your {len(takes)} recordings the background is only "
@@ -325,9 +332,9 @@ def record_takes(count: int, config: Config,
                 take = check_take(f"take {len(takes) + 1}", samples)
                 accept(take)
                 takes.append(take)
-                level = background_db(take)
+                level = noisy_background_db(take)
                 noisy = f" (the background is only {level:.0f} dB below your voice: a noisy room)" \
-                    if level is not None and level < NOISY_ROOM_DB else ""
+                    if level is not None else ""
                 print(f"\nok{noisy}", file=sys.stderr)
             except EnrollError as err:
                 print(f"\n{err}; again", file=sys.stderr)

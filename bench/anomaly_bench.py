@@ -181,13 +181,18 @@ def run_spans(runs: dict[str, list[str]], data: Path) -> dict[str, tuple[float, 
     return spans
 
 
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> float | None:
+    """Seconds two closed time ranges share (0.0 for one shared timestamp: a shared row), None if none."""
+    return min(a[1], b[1]) - max(a[0], b[0]) if a[0] <= b[1] and b[0] <= a[1] else None
+
+
 def overlap_groups(spans: dict[str, tuple[float, float]]) -> list[list[str]]:
-    """Runs linked by overlapping time ranges (closed: a shared timestamp is a shared row), as connected
-    components of two or more runs, each sorted, in sorted order."""
+    """Runs linked by overlapping time ranges (:func:`overlap`), as connected components of two or more runs,
+    each sorted, in sorted order."""
     names = sorted(spans)
     linked: dict[str, set[str]] = {n: set() for n in names}
     for a, b in itertools.combinations(names, 2):
-        if spans[a][0] <= spans[b][1] and spans[b][0] <= spans[a][1]:
+        if overlap(spans[a], spans[b]) is not None:
             linked[a].add(b)
             linked[b].add(a)
     groups, seen = [], set()
@@ -226,9 +231,8 @@ def split_runs(labels: dict[str, Any], data: Path = SKAB / "data") -> Split:
     development = [n for n in names if n not in held]
     moved = {}
     for run in sorted(moved_runs):
-        lo, hi = spans[run]
-        shared = {n: min(hi, spans[n][1]) - max(lo, spans[n][0]) for n in development
-                  if n != run and spans[n][0] <= hi and lo <= spans[n][1]}
+        shared = {n: seconds for n in development
+                  if n != run and (seconds := overlap(spans[run], spans[n])) is not None}
         moved[run] = "overlaps development run(s) in time: " + ", ".join(
             f"{n} ({seconds / 60:.1f} min shared)" for n, seconds in shared.items())
     return Split(runs, development, held, moved, groups)
