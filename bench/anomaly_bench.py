@@ -340,6 +340,56 @@ def group_alerts(files: list[str], tuning: Tuning, group_tuning: GroupTuning, fo
     return alerts, counters
 
 
+def write_alerts(target: Path, rows: list[list[str]], alerts: list[int]) -> None:
+    """A result file for NAB's scorer: the input's ``timestamp,value`` rows, the ``alert`` column as the
+    score (1.0 where an alert is raised)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["timestamp", "value", "anomaly_score"])
+        writer.writerows((ts, value, float(a)) for (ts, value), a in zip(rows, alerts, strict=True))
+
+
+def nab_standard(nab: ModuleType, data: Path, folder: Path) -> dict[str, Any]:
+    """NAB's standard profile at threshold 0.5 (the ``alert`` column) for the results under ``folder/results``
+    against ``folder/labels.json`` (the files it lists, under ``data``)."""
+    summary_file = folder / "summary.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        nab.main(["--data", str(data), "--labels", str(folder / "labels.json"), "--results",
+                  str(folder / "results"), "--profile", "standard", "--threshold", "0.5", "--json",
+                  str(summary_file)])
+    standard: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))["standard"]
+    return standard
+
+
+def per_device(runs: dict[str, list[str]], labels: dict[str, Any], file_alerts: dict[str, list[int]],
+               folder: Path, nab: ModuleType, *, data: Path = SKAB / "data") -> dict[str, Any]:
+    """SKAB scored as its own benchmark scores it: one alert series per run (the pump), not per sensor. A
+    run's series (``runs``: run -> its sensor files) is 1 where any of its sensors' ``alert`` columns is 1
+    (``file_alerts``: a stream's own alert, or a device group's alert on the members it named), scored by
+    NAB's rules against the run's window, which SKAB's layout here copies to every sensor file; written as the
+    run's first sensor file. Measurement only: what a pump's operator gets from the device's alerts, beside
+    the per-file figure, where a sensor that does not show the fault (SKAB: "some sensors do not show every
+    fault") counts as a missed window."""
+    device_labels: dict[str, Any] = {}
+    for run, files in runs.items():
+        members = sorted(files)
+        first = members[0]
+        columns = [file_alerts[rel] for rel in members]
+        if len({len(c) for c in columns}) != 1:
+            raise ValueError(f"SKAB run {run}: its sensor files have different lengths")
+        union = np.max(np.array(columns), axis=0)
+        with (data / first).open(newline="", encoding="utf-8") as handle:
+            rows = [r[:2] for r in csv.reader(handle)][1:]
+        write_alerts(folder / "results" / first, rows, [int(a) for a in union])
+        device_labels[first] = labels[first]
+    (folder / "labels.json").write_text(json.dumps(device_labels), encoding="utf-8")
+    standard = nab_standard(nab, data, folder)
+    return {"runs": len(runs), "nab_standard": round(standard["normalized"], 2),
+            "windows_detected": f"{standard['windows_detected']}/{standard['windows_scorable']}",
+            "fp_alerts": standard["fp_alerts"]}
+
+
 def skab_part(part: list[str], runs: dict[str, list[str]], labels: dict[str, Any], tuning: Tuning,
               nab: ModuleType, *, group_tuning: GroupTuning | None = None) -> dict[str, Any]:
     files = [rel for run in part for rel in runs[run]]
@@ -351,28 +401,21 @@ def skab_part(part: list[str], runs: dict[str, list[str]], labels: dict[str, Any
         (folder / "labels.json").write_text(json.dumps({rel: labels[rel] for rel in files}), encoding="utf-8")
         grouped, counters = group_alerts(files, tuning, group_tuning, folder) if group_tuning is not None \
             else ({}, {})
+        file_alerts: dict[str, list[int]] = {}
         for rel in files:
             with (SKAB / "data" / rel).open(newline="", encoding="utf-8") as handle:
                 rows = [r[:2] for r in csv.reader(handle)][1:]
             scores, alerts, evidence = score_rows(rows, tuning)
             if group_tuning is not None:  # the scores are the streams' own; the alerts include the groups'
                 alerts = grouped[rel]
-            target = folder / "results" / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with target.open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["timestamp", "value", "anomaly_score"])
-                writer.writerows((ts, value, float(a)) for (ts, value), a in zip(rows, alerts, strict=True))
+            file_alerts[rel] = alerts
+            write_alerts(folder / "results" / rel, rows, alerts)
             windows = [(w[0][:19], w[1][:19]) for w in labels[rel]]
             in_window += [any(lo <= ts <= hi for lo, hi in windows) for ts, _ in rows]
             all_scores += scores
             all_evidence += evidence
-        summary_file = folder / "summary.json"
-        with contextlib.redirect_stdout(io.StringIO()):
-            nab.main(["--data", str(SKAB / "data"), "--labels", str(folder / "labels.json"), "--results",
-                      str(folder / "results"), "--profile", "standard", "--threshold", "0.5", "--json",
-                      str(summary_file)])
-        standard = json.loads(summary_file.read_text(encoding="utf-8"))["standard"]
+        standard = nab_standard(nab, SKAB / "data", folder)
+        device = per_device({run: runs[run] for run in part}, labels, file_alerts, folder / "per_device", nab)
     score_a, inside_a = np.array(all_scores), np.array(in_window)
     calibration = []
     gap = 0.0
@@ -389,6 +432,7 @@ def skab_part(part: list[str], runs: dict[str, list[str]], labels: dict[str, Any
         "nab_standard": round(standard["normalized"], 2),
         "windows_detected": f"{standard['windows_detected']}/{standard['windows_scorable']}",
         "fp_alerts": standard["fp_alerts"], "fp_alerts_per_day": round(standard["fp_alerts_per_day"], 2),
+        "per_device": device,
         "calibration": calibration,
         # mean absolute gap between a band's score and its share in a window, weighted by rows; Brier score
         "calibration_gap": round(gap / len(score_a), 4),
