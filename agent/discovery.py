@@ -26,7 +26,7 @@ What the agent must publish on the state topics these payloads point to:
   ``Topics.last_wake_false`` (a command topic only; a button has no state);
 - ``Topics.event``: ``{"event_type": <one of event_types>, ...}``, never retained;
 - ``Topics.anomaly(sensor)``: JSON with ``active`` (bool) and ``score`` (number), plus anything else
-  (shown as attributes).
+  (shown as attributes); the same for a device group (``Topics.anomaly(group)``, with ``streams``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from agent.anomaly.group import device_groups
 from agent.config import Config, TelemetryStream
 from agent.errors import ConfigError
 from agent.topics import Topics, topic_matches
@@ -193,6 +194,17 @@ def discovery_messages(
             "icon": "mdi:account-voice",
         })
 
+    def problem(state_topic: str) -> dict[str, Any]:
+        """A binary sensor of an anomaly topic: on while its alert lasts, the payload's keys as attributes."""
+        return {
+            "state_topic": state_topic,
+            "value_template": "{{ 'ON' if value_json.active else 'OFF' }}",
+            "payload_on": PAYLOAD_ON,
+            "payload_off": PAYLOAD_OFF,
+            "device_class": "problem",
+            "json_attributes_topic": state_topic,
+        }
+
     for stream in config.telemetry:
         label = _entity_name(stream.name or stream.sensor, device_name, stream.sensor)
         sensor_fields: dict[str, Any] = {"state_topic": topics.sensor_state(stream.sensor)}
@@ -206,18 +218,19 @@ def discovery_messages(
         if not (stream.anomaly and config.anomaly.enabled):
             continue
         anomaly_topic = topics.anomaly(stream.sensor)
-        add("binary_sensor", ANOMALY_PREFIX + stream.sensor, f"{label} anomaly", {
-            "state_topic": anomaly_topic,
-            "value_template": "{{ 'ON' if value_json.active else 'OFF' }}",
-            "payload_on": PAYLOAD_ON,
-            "payload_off": PAYLOAD_OFF,
-            "device_class": "problem",
-            "json_attributes_topic": anomaly_topic,
-        })
+        add("binary_sensor", ANOMALY_PREFIX + stream.sensor, f"{label} anomaly", problem(anomaly_topic))
         add("sensor", SCORE_PREFIX + stream.sensor, f"{label} anomaly score", {
             "state_topic": anomaly_topic,
             "value_template": "{{ value_json.score }}",
             "state_class": "measurement",
             "icon": "mdi:chart-bell-curve",
         })
+
+    # A device group's alert (its own topic; "streams" names the members that moved, an attribute). No score
+    # entity: a device's topic carries its alert starting and ending, not a running score.
+    if config.anomaly_active:
+        for group in device_groups(config):
+            label = _entity_name(group, device_name, group)
+            add("binary_sensor", ANOMALY_PREFIX + group, f"{label} device anomaly",
+                problem(topics.anomaly(group)))
     return messages

@@ -202,7 +202,29 @@ def test_nan_and_refused_readings_of_a_member_are_counted_not_grouped() -> None:
     detector.score(Reading("b", 2.0, T0, "t"))  # time going backwards
     assert detector.group_counters()["refused"] == 11
     assert detector.rejected() == {"invalid": 10, "time_backwards": 1}
-    assert detector.take_group_publications() == []
+    # no alert: only the device's state at its first tick (inactive)
+    assert [(p.event.sensor, p.event.active, p.started) for p in detector.take_group_publications()] == [
+        ("dev", False, False)]
+
+
+def test_a_device_state_is_published_at_its_first_tick_then_only_when_its_alert_starts_or_ends() -> None:
+    """Home Assistant's entity for the device (agent.discovery) reads the retained state on the device's
+    topic: published once at the first tick after start, so the entity shows off rather than unknown; after
+    that only an alert starting or ending is published (the device's topic carries no running score)."""
+    detector = AnomalyDetector(AnomalySection(), {"dev": ("a", "b")})
+    published = []
+    for i in range(400):
+        t = T0 + STEP * i
+        detector.score(Reading("a", 1.0 + 0.01 * (i % 3), t, "t"))
+        detector.score(Reading("b", 2.0 + 0.01 * (i % 2), t, "t"))
+        published += detector.take_group_publications()
+    first = published[0]
+    event = first.event
+    assert (event.sensor, event.active, first.started, event.streams) == ("dev", False, False, ())
+    assert first.event.time == T0  # the first tick: both members reported at T0
+    assert all(p.started or not p.event.active for p in published[1:])
+    assert [p for p in published[1:] if not p.started and p.event.active] == []
+    assert len([p for p in published if not p.started]) == 1 + len([p for p in published if p.started])
 
 
 def test_the_stage_counters_name_its_own_the_refused_and_the_groups_counts() -> None:
@@ -214,7 +236,8 @@ def test_the_stage_counters_name_its_own_the_refused_and_the_groups_counts() -> 
         stage.handle(Reading("b", 2.0, T0 + STEP * i, "t"))
     stage.handle(Reading("b", 2.0, T0, "t"))  # time going backwards
     counters = stage.counters()
-    assert counters["anomaly_readings"] == 7 and counters["anomaly_events"] == 2
+    # events: each stream's first score, and the device's first state
+    assert counters["anomaly_readings"] == 7 and counters["anomaly_events"] == 3
     assert counters["anomaly_rejected_time_backwards"] == 1
     assert counters["anomaly_group_refused"] == 1 and counters["anomaly_group_alerts"] == 0
     assert set(counters) >= {f"anomaly_group_{name}" for name in stage.detector.group_counters()}

@@ -179,6 +179,46 @@ def test_anomaly_entities_follow_the_anomaly_switch() -> None:
     assert not any("/binary_sensor/" in topic or "/score_" in topic for topic in messages_of(data))
 
 
+DEVICE_GROUPS: dict[str, Any] = {"groups": [{"name": "pump", "sensors": ["pump_power", "pump_current"]}]}
+DEVICES: dict[str, Any] = {
+    "agent": {"id": "kitchen"},
+    "mqtt": {},
+    "telemetry": [
+        {"topic": "zigbee2mqtt/hall_sensor", "field": "temperature", "sensor": "hall_temperature"},
+        {"topic": "zigbee2mqtt/hall_sensor", "field": "humidity", "sensor": "hall_humidity"},
+        {"topic": "tele/pump/SENSOR", "field": "ENERGY.Power", "sensor": "pump_power"},
+        {"topic": "tele/pump/SENSOR", "field": "ENERGY.Current", "sensor": "pump_current"},
+        {"topic": "tele/pump/SENSOR", "field": "ENERGY.Voltage", "sensor": "pump_voltage", "anomaly": False},
+    ],
+    "anomaly": DEVICE_GROUPS,
+}
+
+
+def test_a_device_group_has_a_problem_sensor_on_its_own_topic() -> None:
+    """A device group's alert (agent/anomaly/group.py) is published on ``Topics.anomaly(group)``: one binary
+    sensor per group, explicit ([[anomaly.groups]]) or found from a topic's fields; no score entity."""
+    config = config_of(DEVICES)
+    topics = Topics.from_config(config)
+    messages = messages_of(DEVICES)
+    groups = {t.split("/")[3]: m for t, m in messages.items() if "/binary_sensor/" in t and
+              t.split("/")[3] in ("anomaly_pump", "anomaly_zigbee2mqtt_hall_sensor")}
+    assert set(groups) == {"anomaly_pump", "anomaly_zigbee2mqtt_hall_sensor"}
+    pump = groups["anomaly_pump"]
+    assert pump["name"] == "pump device anomaly" and pump["device_class"] == "problem"
+    assert pump["state_topic"] == pump["json_attributes_topic"] == topics.anomaly("pump")
+    assert pump["unique_id"] == "home_agent_kitchen_anomaly_pump"
+    hall = groups["anomaly_zigbee2mqtt_hall_sensor"]
+    assert hall["state_topic"] == topics.anomaly("zigbee2mqtt_hall_sensor")
+    assert not any("/score_pump/" in t or "/score_zigbee2mqtt" in t for t in messages)
+    # the streams keep their own entities
+    assert "homeassistant/binary_sensor/kitchen/anomaly_hall_humidity/config" in messages
+    without_found = messages_of({**DEVICES, "anomaly": {**DEVICE_GROUPS, "device_groups": False}})
+    assert "homeassistant/binary_sensor/kitchen/anomaly_pump/config" in without_found
+    assert "homeassistant/binary_sensor/kitchen/anomaly_zigbee2mqtt_hall_sensor/config" not in without_found
+    off = messages_of({**DEVICES, "anomaly": {**DEVICE_GROUPS, "enabled": False}})
+    assert not any("/binary_sensor/" in t for t in off)
+
+
 def test_custom_prefixes() -> None:
     data = {"agent": {"id": "hall-2"}, "mqtt": {"topic_prefix": "ha-agents"},
             "homeassistant": {"discovery_prefix": "ha_disc"},

@@ -4,7 +4,7 @@ Python 3.11) and HA 2025.4.4 (the newest the harness runs, on Python 3.13), ever
 Proves what HA does with our discovery, not what we think it should do: HA creates the agent's device and
 entities with the right states; availability offline makes them unavailable and online brings them back;
 an HA service call on the mute switch reaches the agent, and so does a press of the "Last wake was false"
-button (``[voice] capture`` is on).
+button (``[voice] capture`` is on); a device group's problem sensor shows its state.
 
 Each HA venv is installed once into .cache/ (2024: .cache/ha-venv, about 100 s; 2025: .cache/ha2025-venv,
 about 120-170 s; both need PyPI) and reused; tests/ha_install.py starts the installs in the background at the
@@ -114,6 +114,9 @@ def agent(home_assistant: HomeAssistant) -> Iterator[Callable[[], Daemon]]:
     data["agent"]["name"] = "HA Test agent"
     data["voice"]["enabled"] = True
     data["voice"]["capture"] = True
+    # a second field of the sensor's topic: the two streams are a device group with an entity of its own
+    data["telemetry"].append({"topic": "zigbee2mqtt/living_room_sensor", "field": "humidity",
+                              "sensor": "living_room_humidity", "unit": "%", "device_class": "humidity"})
     config_path = home_assistant.workdir / "config.toml"
     config_path.write_text(toml_dumps(data), encoding="utf-8")
     daemons: list[Daemon] = []
@@ -163,7 +166,8 @@ def wait_for_entities(ha: HomeAssistant, expected: set[str], available: bool,
 def test_home_assistant_creates_device_and_entities_with_states(
         home_assistant: HomeAssistant, agent: Callable[[], Daemon]) -> None:
     probe = MqttProbe(home_assistant.broker)
-    probe.publish("zigbee2mqtt/living_room_sensor", b'{"temperature": 21.5, "linkquality": 90}', retain=True)
+    reading = b'{"temperature": 21.5, "humidity": 48, "linkquality": 90}'
+    probe.publish("zigbee2mqtt/living_room_sensor", reading, retain=True)
     probe.close()
     agent()
     expected = expected_unique_ids(home_assistant)
@@ -188,6 +192,11 @@ def test_home_assistant_creates_device_and_entities_with_states(
         home_assistant.ours()[temperature]["state"]
     attributes = ours[f"home_agent_{AGENT_ID}_sensor_living_room_temperature"]["attributes"]
     assert attributes["unit_of_measurement"] == "°C" and attributes["device_class"] == "temperature"
+    # The device group's problem sensor: off once the device's first reading (both fields) was scored.
+    device_anomaly = f"home_agent_{AGENT_ID}_anomaly_zigbee2mqtt_living_room_sensor"
+    assert ours[device_anomaly]["attributes"]["device_class"] == "problem"
+    assert wait_until(lambda: home_assistant.ours()[device_anomaly]["state"] == "off", 10), \
+        home_assistant.ours()[device_anomaly]
     assert state("mute") == "off"
     assert float(state("uptime")) >= 0
     # The diagnostics update every second (diagnostics_interval = 1 in the test config).

@@ -112,7 +112,7 @@ class AnomalyStage:
         publication = self.detector.score(reading)
         if publication is not None:
             self._emit(publication.event, started=publication.started)
-        if self.detector.group_publications:  # a device group's alert started or ended
+        if self.detector.group_publications:  # a device group's alert started or ended, or its first state
             for device in self.detector.take_group_publications():
                 self._emit(device.event, started=device.started)
 

@@ -59,6 +59,7 @@ class AnomalyDetector:
         self.groups = {name: GroupDetector(name, members, config) for name, members in (groups or {}).items()}
         self._group_of = {sensor: group for group in self.groups.values() for sensor in group.members}
         self.group_publications: list[Publication] = []
+        self._groups_published: set[str] = set()  # groups whose state was published since start
 
     def stream(self, sensor: str) -> StreamDetector:
         detector = self.streams.get(sensor)
@@ -76,7 +77,7 @@ class AnomalyDetector:
         return _summed(group.counters for group in self.groups.values())
 
     def take_group_publications(self) -> list[Publication]:
-        """The device alerts that started or ended since the last call."""
+        """The device alerts that started or ended since the last call, and each device's first state."""
         taken, self.group_publications = self.group_publications, []
         return taken
 
@@ -100,12 +101,18 @@ class AnomalyDetector:
         return None
 
     def _group_event(self, group: GroupDetector, closed: GroupOutcome | None) -> None:
-        if closed is None or not (closed.started or closed.ended):
+        """Publish a device's alert starting or ending, and its state at its first tick since start (so its
+        Home Assistant entity shows off, or on after a restart in alert, rather than unknown)."""
+        if closed is None:
             return
+        first = group.name not in self._groups_published
+        if not (closed.started or closed.ended or first):
+            return
+        self._groups_published.add(group.name)
         strongest = self.streams.get(closed.contributors[0]) if closed.contributors else None
         kind = KINDS[strongest.state.kind] if strongest is not None else "step"
         event = AnomalyEvent(sensor=group.name, score=closed.score, value=None, kind=kind,
-                             active=closed.started, time=closed.time, streams=closed.contributors)
+                             active=group.active, time=closed.time, streams=closed.contributors)
         self.group_publications.append(Publication(event, closed.started))
 
     def check_silence(self, now: float) -> list[AnomalyEvent]:
