@@ -166,6 +166,7 @@ def main() -> None:
     model = KwsModel.load(args.model, embedding=True)
     bank = build_bank(model, args.data)
     out = (args.out / bank_path(args.model).name) if args.out is not None else bank_path(args.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
     bank.save(out)
     log.info("wrote %s: %d windows of %d recordings (%.2f h), %d bytes, in %.0f s", out, len(bank.labels),
              bank.info["recordings"], bank.hours, out.stat().st_size, time.monotonic() - started)
