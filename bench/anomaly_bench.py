@@ -363,10 +363,12 @@ def nab_standard(nab: ModuleType, data: Path, folder: Path) -> dict[str, Any]:
 
 
 def per_device(runs: dict[str, list[str]], labels: dict[str, Any], file_alerts: dict[str, list[int]],
-               folder: Path, nab: ModuleType, *, data: Path = SKAB / "data") -> dict[str, Any]:
+               file_rows: dict[str, list[list[str]]], *, folder: Path, nab: ModuleType,
+               data: Path = SKAB / "data") -> dict[str, Any]:
     """SKAB scored as its own benchmark scores it: one alert series per run (the pump), not per sensor. A
     run's series (``runs``: run -> its sensor files) is 1 where any of its sensors' ``alert`` columns is 1
-    (``file_alerts``: a stream's own alert, or a device group's alert on the members it named), scored by
+    (``file_alerts``: a stream's own alert, or a device group's alert on the members it named; ``file_rows``:
+    each file's ``timestamp,value`` rows, as read for scoring), scored by
     NAB's rules against the run's window, which SKAB's layout here copies to every sensor file; written as the
     run's first sensor file. Measurement only: what a pump's operator gets from the device's alerts, beside
     the per-file figure, where a sensor that does not show the fault (SKAB: "some sensors do not show every
@@ -379,9 +381,7 @@ def per_device(runs: dict[str, list[str]], labels: dict[str, Any], file_alerts: 
         if len({len(c) for c in columns}) != 1:
             raise ValueError(f"SKAB run {run}: its sensor files have different lengths")
         union = np.max(np.array(columns), axis=0)
-        with (data / first).open(newline="", encoding="utf-8") as handle:
-            rows = [r[:2] for r in csv.reader(handle)][1:]
-        write_alerts(folder / "results" / first, rows, [int(a) for a in union])
+        write_alerts(folder / "results" / first, file_rows[first], [int(a) for a in union])
         device_labels[first] = labels[first]
     (folder / "labels.json").write_text(json.dumps(device_labels), encoding="utf-8")
     standard = nab_standard(nab, data, folder)
@@ -402,20 +402,22 @@ def skab_part(part: list[str], runs: dict[str, list[str]], labels: dict[str, Any
         grouped, counters = group_alerts(files, tuning, group_tuning, folder) if group_tuning is not None \
             else ({}, {})
         file_alerts: dict[str, list[int]] = {}
+        file_rows: dict[str, list[list[str]]] = {}
         for rel in files:
             with (SKAB / "data" / rel).open(newline="", encoding="utf-8") as handle:
                 rows = [r[:2] for r in csv.reader(handle)][1:]
             scores, alerts, evidence = score_rows(rows, tuning)
             if group_tuning is not None:  # the scores are the streams' own; the alerts include the groups'
                 alerts = grouped[rel]
-            file_alerts[rel] = alerts
+            file_alerts[rel], file_rows[rel] = alerts, rows
             write_alerts(folder / "results" / rel, rows, alerts)
             windows = [(w[0][:19], w[1][:19]) for w in labels[rel]]
             in_window += [any(lo <= ts <= hi for lo, hi in windows) for ts, _ in rows]
             all_scores += scores
             all_evidence += evidence
         standard = nab_standard(nab, SKAB / "data", folder)
-        device = per_device({run: runs[run] for run in part}, labels, file_alerts, folder / "per_device", nab)
+        device = per_device({run: runs[run] for run in part}, labels, file_alerts, file_rows,
+                            folder=folder / "per_device", nab=nab)
     score_a, inside_a = np.array(all_scores), np.array(in_window)
     calibration = []
     gap = 0.0

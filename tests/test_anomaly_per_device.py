@@ -23,6 +23,7 @@ def stamp(row: int) -> str:
 
 
 def fake_run(root: Path, sensors: tuple[str, ...]) -> tuple[dict[str, list[str]], dict[str, list[list[str]]]]:
+    """A run's sensor files under ``root`` (one row a second, ROWS rows) and their labels."""
     labels: dict[str, list[list[str]]] = {}
     for sensor in sensors:
         rel = f"x/1_{sensor}.csv"
@@ -31,9 +32,12 @@ def fake_run(root: Path, sensors: tuple[str, ...]) -> tuple[dict[str, list[str]]
         with path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["timestamp", "value"])
-            writer.writerows([stamp(i), "1.0"] for i in range(ROWS))
+            writer.writerows(ROW_VALUES)
         labels[rel] = [[stamp(WINDOW[0]) + ".000000", stamp(WINDOW[1]) + ".000000"]]
     return {"x/1": sorted(labels)}, labels
+
+
+ROW_VALUES = [[stamp(i), "1.0"] for i in range(ROWS)]
 
 
 def alerts_at(*rows: int) -> list[int]:
@@ -51,11 +55,13 @@ def test_a_fault_one_sensor_sees_is_one_detected_window_of_the_run(tmp_path: Pat
         pytest.skip(f"NAB's scorer not found at {NAB_SCORE}")
     runs, labels = fake_run(tmp_path / "data", ("Current", "Pressure"))
     file_alerts = {"x/1_Current.csv": alerts_at(300), "x/1_Pressure.csv": alerts_at(300, 510)}
-    device = per_device(runs, labels, file_alerts, tmp_path / "device", nab_module(), data=tmp_path / "data")
+    rows = dict.fromkeys(file_alerts, ROW_VALUES)
+    device = per_device(runs, labels, file_alerts, rows, folder=tmp_path / "device", nab=nab_module(),
+                        data=tmp_path / "data")
     assert device["runs"] == 1 and device["windows_detected"] == "1/1" and device["fp_alerts"] == 1
     assert 90.0 < device["nab_standard"] < 100.0
-    missed = per_device(runs, labels, {rel: alerts_at(300) for rel in file_alerts}, tmp_path / "missed",
-                        nab_module(), data=tmp_path / "data")
+    missed = per_device(runs, labels, {rel: alerts_at(300) for rel in file_alerts}, rows,
+                        folder=tmp_path / "missed", nab=nab_module(), data=tmp_path / "data")
     assert missed["windows_detected"] == "0/1" and missed["nab_standard"] < 0.0
     json.dumps(device)  # goes into bench/results/anomaly.json as it is
 
@@ -64,4 +70,5 @@ def test_sensor_files_of_unequal_length_are_an_error(tmp_path: Path) -> None:
     runs, labels = fake_run(tmp_path / "data", ("Current", "Pressure"))
     file_alerts = {"x/1_Current.csv": alerts_at(), "x/1_Pressure.csv": alerts_at()[:-1]}
     with pytest.raises(ValueError, match="different lengths"):
-        per_device(runs, labels, file_alerts, tmp_path / "device", object(), data=tmp_path / "data")  # type: ignore[arg-type]
+        per_device(runs, labels, file_alerts, dict.fromkeys(file_alerts, ROW_VALUES),
+                   folder=tmp_path / "device", nab=object(), data=tmp_path / "data")  # type: ignore[arg-type]
