@@ -22,6 +22,9 @@ def stamp(row: int) -> str:
     return (T0 + dt.timedelta(seconds=row)).strftime("%Y-%m-%d %H:%M:%S")
 
 
+ROW_VALUES = [[stamp(i), "1.0"] for i in range(ROWS)]  # every sensor file's rows, as the bench reads them
+
+
 def fake_run(root: Path, sensors: tuple[str, ...]) -> tuple[dict[str, list[str]], dict[str, list[list[str]]]]:
     """A run's sensor files under ``root`` (one row a second, ROWS rows) and their labels."""
     labels: dict[str, list[list[str]]] = {}
@@ -35,9 +38,6 @@ def fake_run(root: Path, sensors: tuple[str, ...]) -> tuple[dict[str, list[str]]
             writer.writerows(ROW_VALUES)
         labels[rel] = [[stamp(WINDOW[0]) + ".000000", stamp(WINDOW[1]) + ".000000"]]
     return {"x/1": sorted(labels)}, labels
-
-
-ROW_VALUES = [[stamp(i), "1.0"] for i in range(ROWS)]
 
 
 def alerts_at(*rows: int) -> list[int]:
